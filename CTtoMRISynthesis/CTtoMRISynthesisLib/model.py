@@ -1,0 +1,91 @@
+"""The U-Net of Dong et al. 2020, built from a config so that a weights file describes its own model.
+
+Five encoder levels of two 3×3 convolutions (the first four followed by 2×2 max-pooling), four decoder
+levels of a 2×2 transposed convolution, skip concatenation and two 3×3 convolutions, and a final 1×1
+convolution. ``base`` is the width of the first level (the paper uses 64); each level doubles it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of the U-Net; stored in every weights file."""
+
+    in_channels: int = 1  # 1 = the CT slice; 3 = the slice and its two neighbours (2.5D)
+    out_channels: int = 1
+    base: int = 64  # channels of the first level; the paper's width is 64
+    levels: int = 5  # encoder levels, the deepest one being the bottleneck
+    norm: str = "batch"  # "batch" or "none" (the paper does not say; batch norm trains faster here)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "UNetConfig":
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown U-Net config keys: {sorted(unknown)}")
+        return cls(**values)
+
+
+def _double_conv(in_ch: int, out_ch: int, norm: str) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for cin in (in_ch, out_ch):
+        layers.append(nn.Conv2d(cin, out_ch, 3, padding=1, bias=norm == "none"))
+        if norm == "batch":
+            layers.append(nn.BatchNorm2d(out_ch))
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class UNet(nn.Module):
+    """2D U-Net mapping a (N, in_channels, H, W) CT batch to (N, out_channels, H, W).
+
+    H and W must be divisible by 2**(levels-1) (16 for the paper's 5 levels; 256 is).
+    """
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        if config.norm not in ("batch", "none"):
+            raise ValueError(f"norm must be 'batch' or 'none', not {config.norm!r}")
+        self.config = config
+        widths = [config.base * 2**i for i in range(config.levels)]
+        self.encoders = nn.ModuleList()
+        cin = config.in_channels
+        for w in widths:
+            self.encoders.append(_double_conv(cin, w, config.norm))
+            cin = w
+        self.pool = nn.MaxPool2d(2)
+        self.ups = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for w_deep, w in zip(widths[:0:-1], widths[-2::-1]):
+            self.ups.append(nn.ConvTranspose2d(w_deep, w, 2, stride=2))
+            self.decoders.append(_double_conv(2 * w, w, config.norm))
+        self.head = nn.Conv2d(widths[0], config.out_channels, 1)
+
+    @property
+    def multiple(self) -> int:
+        """Input height and width must be multiples of this."""
+        return 2 ** (self.config.levels - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, encoder in enumerate(self.encoders):
+            x = encoder(x)
+            if i < len(self.encoders) - 1:
+                skips.append(x)
+                x = self.pool(x)
+        for up, decoder, skip in zip(self.ups, self.decoders, reversed(skips)):
+            x = decoder(torch.cat([skip, up(x)], dim=1))
+        return self.head(x)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
