@@ -1,0 +1,104 @@
+"""Reading and writing volumes: any format SimpleITK reads, checked, as a 3D scalar image.
+
+A 2D image (e.g. a PNG slice) becomes a one-slice volume. 4D, multi-component (RGB), empty and
+unreadable inputs are refused with a message that says what to do. Inputs are only ever read.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import CTMRIError
+
+
+def read_volume(path: str | Path, what: str = "image") -> sitk.Image:
+    """Read a file or DICOM folder as a 3D scalar image with its physical geometry."""
+    path = Path(path)
+    if not path.exists():
+        raise CTMRIError(f"{what} not found: {path}; check the path")
+    if path.is_dir():
+        image = _read_dicom_folder(path, what)
+    else:
+        if path.stat().st_size == 0:
+            raise CTMRIError(f"{what} file {path} is empty (0 bytes); give a complete image file")
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            raise CTMRIError(
+                f"cannot read {what} {path}: not an image SimpleITK can read, or the file is damaged "
+                "(.nrrd, .nii/.nii.gz, .mha/.mhd, .png and DICOM folders are supported)"
+            ) from exc
+    return as_scalar_3d(image, f"{what} {path.name}")
+
+
+def _read_dicom_folder(folder: Path, what: str) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise CTMRIError(f"{what} folder {folder} holds no DICOM series; give an image file or a DICOM folder")
+    if len(series) > 1:
+        raise CTMRIError(
+            f"{what} folder {folder} holds {len(series)} DICOM series; put one series per folder"
+        )
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise CTMRIError(f"cannot read the DICOM series in {folder}: {exc}".splitlines()[0]) from exc
+
+
+def as_scalar_3d(image: sitk.Image, what: str = "image") -> sitk.Image:
+    """Check that ``image`` is one-component 2D/3D with voxels, and return it as 3D."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise CTMRIError(
+            f"{what} has {image.GetNumberOfComponentsPerPixel()} components per voxel (colour or vector "
+            "image); give a single-channel grayscale CT/MRI"
+        )
+    dim = image.GetDimension()
+    if dim == 4:
+        size = image.GetSize()
+        if size[3] != 1:
+            raise CTMRIError(f"{what} is 4D ({size[3]} time points or volumes); give a single 3D volume")
+        image = image[:, :, :, 0]
+    elif dim == 2:
+        image = sitk.JoinSeries(image)
+    elif dim != 3:
+        raise CTMRIError(f"{what} is {dim}D; give a 2D slice or a 3D volume")
+    if 0 in image.GetSize():
+        raise CTMRIError(f"{what} has no voxels (size {image.GetSize()}); give a non-empty image")
+    return image
+
+
+def write_volume(image: sitk.Image, path: str | Path) -> None:
+    """Write with compression; raises CTMRIError (not a traceback) when the disk refuses."""
+    try:
+        sitk.WriteImage(image, str(path), True)
+    except RuntimeError as exc:
+        raise CTMRIError(f"cannot write {path}: {str(exc).strip().splitlines()[-1]}") from exc
+
+
+def describe(image: sitk.Image) -> dict:
+    """Size, spacing, origin and direction as JSON-able lists."""
+    return {
+        "size": list(image.GetSize()),
+        "spacing": [float(v) for v in image.GetSpacing()],
+        "origin": [float(v) for v in image.GetOrigin()],
+        "direction": [float(v) for v in image.GetDirection()],
+    }
+
+
+def array_of(image: sitk.Image) -> np.ndarray:
+    """A float32 (z, y, x) copy of the voxels."""
+    return sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+
+
+def is_writable_dir(path: Path) -> bool:
+    """True if ``path`` (or its nearest existing parent) can be written."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    return os.access(probe, os.W_OK)
