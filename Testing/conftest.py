@@ -47,3 +47,61 @@ def rire_mr_path(data_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def vh_dir(data_dir: Path) -> Path:
     return require(data_dir / "visible_human_head_ct_mr")
+
+
+def read_harvard_case(harvard: Path, case: str, modality: str):
+    """A Harvard case's slices of one modality stacked into a (z, 256, 256) uint8 array."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    files = sorted((harvard / modality).glob(f"{case}*.png"))
+    return np.stack([sitk.GetArrayFromImage(sitk.ReadImage(str(f))) for f in files])
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(harvard_dir: Path, tmp_path_factory) -> Path:
+    """A real (if small) model: a base-4 U-Net trained for a few dozen steps on real Harvard pairs.
+
+    Keeps the core tests independent of the shipped model; it is trained, saved and loaded through
+    the same weights format as any other model.
+    """
+    import numpy as np
+    import torch
+
+    from CTtoMRISynthesisLib.model import UNet, UNetConfig
+    from CTtoMRISynthesisLib.weights import save_weights
+
+    torch.manual_seed(0)
+    ct = np.concatenate([read_harvard_case(harvard_dir, c, "CT") for c in ("16", "20")]).astype(np.float32)
+    mr = np.concatenate([read_harvard_case(harvard_dir, c, "MRI") for c in ("16", "20")]).astype(np.float32)
+    x = torch.from_numpy(ct[:, None] / 255.0)
+    y = torch.from_numpy(mr[:, None] / 255.0)
+    config = UNetConfig(base=4)
+    net = UNet(config)
+    optimiser = torch.optim.Adam(net.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        idx = torch.randint(0, len(x), (8,), generator=generator)
+        loss = torch.nn.functional.mse_loss(net(x[idx]), y[idx])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    save_weights(
+        path,
+        net,
+        {
+            "format_version": 1,
+            "name": "test-tiny",
+            "model": config.to_dict(),
+            "preprocessing": {
+                "size": 256,
+                "context_slices": 0,
+                "ct_window": {"level": 45.0, "width": 140.0},
+                "mask_output": True,
+                "head_threshold": 10,
+            },
+            "training": {"steps": 30, "final_loss": float(loss)},
+        },
+    )
+    return path

@@ -1,0 +1,156 @@
+"""The ``ctmri`` command: synthesize | evaluate | train | report | demo.
+
+Heavy imports (torch, SimpleITK) happen inside the commands so that ``ctmri --help`` is instant.
+Errors a user can cause print one line ``error: …`` and exit 2; Ctrl-C exits 130 leaving no output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+EXIT_ERROR = 2
+EXIT_CANCELLED = 130
+
+
+def _progress_bar(enabled: bool):
+    """A tqdm bar driven by ``progress(fraction, message)``; None when not on a terminal."""
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=1000, unit="‰", bar_format="{l_bar}{bar}| {elapsed}<{remaining}", file=sys.stderr)
+
+    def progress(fraction: float, message: str) -> None:
+        bar.n = int(1000 * min(max(fraction, 0.0), 1.0))
+        bar.set_description_str(message[:40])
+        bar.refresh()
+
+    return progress, bar.close
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    from .pipeline import save_outputs, synthesize
+    from .volumes import read_volume
+
+    ct = read_volume(args.ct, "CT")
+    mri = read_volume(args.mri, "MRI") if args.mri else None
+    progress, close = _progress_bar(sys.stderr.isatty() and not args.quiet)
+    try:
+        result = synthesize(
+            ct, mri, weights=args.weights, device=args.device, registration=args.registration,
+            batch_size=args.batch_size, progress=progress,
+        )
+    finally:
+        close()
+    paths = save_outputs(result, args.out_dir)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"CT intensities: {result.normalisation.get('description')}")
+    if result.metrics is not None:
+        m = result.metrics
+        print(f"MAE {m['mae']:.2f}  SSIM {m['ssim']:.4f}  PSNR {m['psnr']:.2f} dB  (0..255 scale, foreground = MRI > 0)")
+    print(f"device {result.device}, {result.seconds:.1f} s; wrote {', '.join(p.name for p in paths.values())} to {args.out_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import SimpleITK as sitk
+
+    from . import geometry
+    from .intensity import minmax_255, normalise_mri
+    from .metrics import to_jsonable
+    from .pipeline import check_image, evaluate_images
+    from .volumes import read_volume
+
+    ref = check_image(read_volume(args.ref, "reference MRI"), "reference MRI")
+    pred = check_image(read_volume(args.pred, "prediction"), "prediction")
+    ref255 = geometry.array_on_grid(normalise_mri(sitk.GetArrayFromImage(ref)), ref)
+    pred_array = sitk.GetArrayFromImage(pred).astype("float32")
+    if args.pred_scale == "minmax":
+        pred_array = minmax_255(pred_array, "prediction")
+    pred255 = geometry.array_on_grid(pred_array, pred)
+    if not geometry.same_grid(pred255, ref255, tol=1e-4):
+        print("note: the prediction is on another grid; resampled onto the reference grid", file=sys.stderr)
+        pred255 = geometry.resample(pred255, ref255, None, default_value=0.0)
+    metrics = to_jsonable(evaluate_images(ref255, pred255))
+    print(f"MAE {metrics['mae']:.2f}  SSIM {metrics['ssim']:.4f}  PSNR {metrics['psnr']}  "
+          f"MAE(whole) {metrics['mae_whole']:.2f}  SSIM(foreground) {metrics['ssim_foreground']:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out_dir, device=args.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctmri", description="Synthesise a brain MRI from a head CT with a U-Net (CTtoMRISynthesis)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synthesize", help="CT (+ optional MRI) → synthetic MRI, difference map, metrics")
+    p.add_argument("--ct", required=True, help="CT volume: .nrrd, .nii(.gz), .mha/.mhd, .png or a DICOM folder")
+    p.add_argument("--mri", help="reference MRI of the same patient (enables registration and metrics)")
+    p.add_argument("--out-dir", required=True, help="folder for the outputs (created; files replaced)")
+    p.add_argument("--weights", help="model file (default: the shipped model_weights/ctmri_unet.pt)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--registration", default="rigid", choices=["rigid", "similarity", "none"],
+                   help="CT→MRI registration: rigid (default), similarity (adds scale) or none (already aligned)")
+    p.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: 16 CPU, 64 GPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("evaluate", help="metrics of a synthetic MRI against a reference MRI")
+    p.add_argument("--pred", required=True, help="synthetic MRI (0..255, e.g. synthetic_mri.nrrd)")
+    p.add_argument("--ref", required=True, help="reference MRI (min-max scaled to 0..255 as in the paper)")
+    p.add_argument("--pred-scale", default="as-is", choices=["as-is", "minmax"],
+                   help="use the prediction's values as they are (default) or min-max scale them too")
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.set_defaults(func=cmd_evaluate)
+
+    try:
+        from .training import commands as training_commands
+    except ImportError:  # the trainer is optional for inference-only installs
+        training_commands = None
+    if training_commands is not None:
+        p = sub.add_parser("train", help="train a model on paired CT/MRI data")
+        training_commands.add_train_arguments(p)
+        p.set_defaults(func=training_commands.run_train)
+        p = sub.add_parser("report", help="per-patient evaluation table, baselines and montages")
+        training_commands.add_report_arguments(p)
+        p.set_defaults(func=training_commands.run_report)
+
+    p = sub.add_parser("demo", help="run the whole pipeline on the sample case shipped in the repository")
+    p.add_argument("--out-dir", default="ctmri_demo_output", help="where to write the outputs")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .errors import CancelledError, CTMRIError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CancelledError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CANCELLED
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written", file=sys.stderr)
+        return EXIT_CANCELLED
+    except CTMRIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

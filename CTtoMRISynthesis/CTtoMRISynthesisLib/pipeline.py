@@ -1,0 +1,244 @@
+"""The one path from CT (and optional MRI) to synthetic MRI, difference map and metrics.
+
+The CLI, the Slicer Logic and the tests all call :func:`synthesize` (and :func:`save_outputs`), on
+SimpleITK images. Steps: register CT→MRI (if an MRI is given) → normalise the CT as the weights file
+says → resample onto the model's 256×256 axial grid → predict all slices in batches → put the result
+back on the reference grid → difference = MRI − synthetic (0..255) → metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import geometry
+from .errors import CTMRIError
+from .intensity import CTWindow, check_finite, normalise_ct, normalise_mri
+from .volumes import as_scalar_3d, write_volume
+
+Progress = Optional[Callable[[float, str], None]]
+Cancel = Optional[Callable[[], bool]]
+
+REGISTRATION_MODES = ("rigid", "similarity", "none")
+OUTPUT_FILES = {
+    "synthetic_mri": "synthetic_mri.nrrd",
+    "ct_registered": "ct_registered.nrrd",
+    "difference": "difference.nrrd",
+    "transform": "transform.tfm",
+    "metrics": "metrics.json",
+}
+
+
+@dataclass
+class SynthesisResult:
+    """Everything one synthesis produces. Images are on the reference grid (MRI's, or the CT's)."""
+
+    synthetic_mri: sitk.Image
+    ct_registered: Optional[sitk.Image] = None  # CT (original values) resampled onto the MRI grid
+    difference: Optional[sitk.Image] = None  # reference MRI (0..255) − synthetic MRI, float32
+    transform: Optional[sitk.Transform] = None  # maps MRI physical points to CT points (ITK convention)
+    metrics: Optional[dict] = None
+    registration: Optional[dict] = None
+    normalisation: dict = field(default_factory=dict)
+    device: str = "cpu"
+    seconds: float = 0.0
+    stage_seconds: dict = field(default_factory=dict)
+    weights: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """The content of ``metrics.json``: metrics (when an MRI was given) and how they were made."""
+        from .metrics import to_jsonable
+
+        out: dict = {}
+        if self.metrics is not None:
+            out.update(self.metrics)
+        out.update(
+            registration=self.registration,
+            device=self.device,
+            seconds=round(self.seconds, 3),
+            stage_seconds={k: round(v, 3) for k, v in self.stage_seconds.items()},
+            normalisation=self.normalisation,
+            weights=self.weights,
+            warnings=list(self.warnings),
+        )
+        return to_jsonable(out)
+
+
+class _Stages:
+    """Times named stages and maps their local progress onto the overall 0..1 range."""
+
+    def __init__(self, progress: Progress, cancel: Cancel) -> None:
+        self.progress, self.cancel, self.seconds = progress, cancel, {}
+
+    def run(self, name: str, start: float, end: float, fn: Callable, *args, **kwargs):
+        from .errors import CancelledError
+
+        if self.cancel is not None and self.cancel():
+            raise CancelledError()
+        self.report(start, name)
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        self.report(end, name)
+        return result
+
+    def sub(self, start: float, end: float) -> Progress:
+        if self.progress is None:
+            return None
+        return lambda f, msg: self.progress(start + (end - start) * float(f), msg)
+
+    def report(self, fraction: float, message: str) -> None:
+        if self.progress is not None:
+            self.progress(fraction, message)
+
+
+def check_image(image: sitk.Image, what: str) -> sitk.Image:
+    """Scalar 3D with finite, non-constant voxels; returns the 3D image."""
+    image = as_scalar_3d(image, what)
+    array = sitk.GetArrayViewFromImage(image)
+    check_finite(np.asarray(array, dtype=np.float64), what)
+    if float(array.min()) == float(array.max()):
+        raise CTMRIError(f"the {what} is constant (all voxels = {float(array.min()):g}); it holds no anatomy")
+    return image
+
+
+def synthesize(
+    ct: sitk.Image,
+    mri: Optional[sitk.Image] = None,
+    *,
+    weights: str | Path | None = None,
+    model=None,
+    device: str = "auto",
+    registration: str = "rigid",
+    batch_size: Optional[int] = None,
+    progress: Progress = None,
+    cancel: Cancel = None,
+) -> SynthesisResult:
+    """Synthesise an MRI from ``ct``; with ``mri``, also register, difference and evaluate.
+
+    ``weights`` is a model file (default: the shipped one) unless a loaded ``model`` is passed.
+    ``registration`` is 'rigid' (default), 'similarity' or 'none'. ``progress(fraction, message)``
+    is told how far it is; ``cancel()`` returning True stops it with ``CancelledError``.
+    Inputs are never modified.
+    """
+    from .synthesis import choose_device, predict_slices
+    from .weights import load_model, sha256_of
+
+    if registration not in REGISTRATION_MODES:
+        raise CTMRIError(f"unknown registration {registration!r}; choose one of {', '.join(REGISTRATION_MODES)}")
+    t_start = time.perf_counter()
+    stages = _Stages(progress, cancel)
+    ct = check_image(ct, "CT")
+    mri = check_image(mri, "MRI") if mri is not None else None
+    device = choose_device(device)
+    if model is None:
+        model = stages.run("load model", 0.0, 0.02, load_model, weights, device)
+    prep = model.config["preprocessing"]
+    size = int(prep["size"])
+    window = CTWindow(**prep["ct_window"])
+    result = SynthesisResult(synthetic_mri=None, device=device)  # type: ignore[arg-type]
+    result.weights = {"file": model.path.name if model.path else None, "name": model.config.get("name")}
+    if model.path is not None:
+        result.weights["sha256"] = sha256_of(model.path)
+
+    reference = ct
+    if mri is not None:
+        reference = mri
+        reg = stages.run("register", 0.02, 0.3, _register, mri, ct, registration, stages.sub(0.02, 0.3), cancel)
+        result.transform, result.registration = reg.transform, reg.to_dict()
+        result.ct_registered = stages.run(
+            "resample CT", 0.3, 0.32, geometry.resample, ct, mri, result.transform
+        )
+
+    ct_array = sitk.GetArrayFromImage(ct)
+    ct255, result.normalisation = stages.run("normalise", 0.32, 0.34, normalise_ct, ct_array, window)
+    ct255_image = geometry.array_on_grid(ct255, ct)
+    grid = geometry.model_grid(reference, size)
+    ct_grid = stages.run("resample to model grid", 0.34, 0.36, geometry.resample, ct255_image, grid, result.transform, default_value=0.0)
+    syn_grid = stages.run(
+        "synthesise",
+        0.36,
+        0.9,
+        predict_slices,
+        model.net,
+        sitk.GetArrayFromImage(ct_grid),
+        context=int(prep.get("context_slices", 0)),
+        mask_output=bool(prep.get("mask_output", True)),
+        device=device,
+        batch_size=batch_size,
+        progress=stages.sub(0.36, 0.9),
+        cancel=cancel,
+    )
+    syn_image = geometry.array_on_grid(syn_grid, grid)
+    result.synthetic_mri = stages.run("resample to reference", 0.9, 0.93, geometry.resample, syn_image, reference, None, default_value=0.0)
+
+    if mri is not None:
+        mri255 = geometry.array_on_grid(normalise_mri(sitk.GetArrayFromImage(mri)), mri)
+        result.difference = sitk.Subtract(mri255, result.synthetic_mri)
+        result.metrics = stages.run("metrics", 0.93, 1.0, evaluate_images, mri255, result.synthetic_mri)
+    result.stage_seconds = stages.seconds
+    result.seconds = time.perf_counter() - t_start
+    stages.report(1.0, "done")
+    return result
+
+
+def _register(mri, ct, mode, progress, cancel):
+    from .registration import register
+
+    return register(mri, ct, mode, progress=progress, cancel=cancel)
+
+
+def evaluate_images(reference255: sitk.Image, synthetic: sitk.Image) -> dict:
+    """Metrics of two 0..255 images on the same grid, over axial slices (canonical orientation)."""
+    from .metrics import compute_metrics
+
+    if not geometry.same_grid(reference255, synthetic, tol=1e-4):
+        raise CTMRIError("the two images are not on the same voxel grid; resample one onto the other first")
+    ref = sitk.GetArrayFromImage(geometry.canonical_axial(reference255))
+    syn = sitk.GetArrayFromImage(geometry.canonical_axial(synthetic))
+    return compute_metrics(ref, syn)
+
+
+def save_outputs(result: SynthesisResult, out_dir: str | Path) -> dict:
+    """Write the result's files into ``out_dir``; all or nothing.
+
+    Files are written into a temporary folder beside ``out_dir`` and moved in only when all were
+    written, so a failure or cancel never leaves half-written outputs. Returns {kind: path}.
+    """
+    out_dir = Path(out_dir)
+    parent = out_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=parent))
+    except OSError as exc:
+        raise CTMRIError(f"cannot write to {parent}: {exc.strerror}; choose a writable --out-dir") from exc
+    try:
+        written = {}
+        images = {"synthetic_mri": result.synthetic_mri, "ct_registered": result.ct_registered, "difference": result.difference}
+        for kind, image in images.items():
+            if image is not None:
+                write_volume(image, tmp / OUTPUT_FILES[kind])
+                written[kind] = OUTPUT_FILES[kind]
+        if result.transform is not None:
+            sitk.WriteTransform(result.transform, str(tmp / OUTPUT_FILES["transform"]))
+            written["transform"] = OUTPUT_FILES["transform"]
+        (tmp / OUTPUT_FILES["metrics"]).write_text(json.dumps(result.summary(), indent=2) + "\n")
+        written["metrics"] = OUTPUT_FILES["metrics"]
+        out_dir.mkdir(exist_ok=True)
+        for name in written.values():
+            os.replace(tmp / name, out_dir / name)
+    except OSError as exc:
+        raise CTMRIError(f"cannot write outputs to {out_dir}: {exc.strerror or exc}; free space or choose another --out-dir") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {kind: out_dir / name for kind, name in written.items()}
