@@ -6,7 +6,9 @@ unreadable inputs are refused with a message that says what to do. Inputs are on
 
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,8 @@ def read_volume(path: str | Path, what: str = "image") -> sitk.Image:
     else:
         if path.stat().st_size == 0:
             raise CTMRIError(f"{what} file {path} is empty (0 bytes); give a complete image file")
+        if path.suffix == ".gz":
+            _check_gzip_complete(path, what)
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
@@ -33,6 +37,18 @@ def read_volume(path: str | Path, what: str = "image") -> sitk.Image:
                 "(.nrrd, .nii/.nii.gz, .mha/.mhd, .png and DICOM folders are supported)"
             ) from exc
     return as_scalar_3d(image, f"{what} {path.name}")
+
+
+def _check_gzip_complete(path: Path, what: str) -> None:
+    """ITK reads a truncated .gz without complaint (the missing voxels come back as zeros): check first."""
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 24):
+                pass
+    except (EOFError, OSError, zlib.error) as exc:
+        raise CTMRIError(
+            f"cannot read {what} {path}: the compressed file is truncated or damaged ({exc}); copy it again"
+        ) from exc
 
 
 def _read_dicom_folder(folder: Path, what: str) -> sitk.Image:

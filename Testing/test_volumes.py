@@ -1,0 +1,116 @@
+"""Readers: every supported format gives the same voxels and physical geometry; bad files are refused."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from CTtoMRISynthesisLib.errors import CTMRIError
+from CTtoMRISynthesisLib.volumes import as_scalar_3d, read_volume
+
+
+@pytest.fixture(scope="module")
+def rire(rire_mr_path: Path) -> sitk.Image:
+    return sitk.ReadImage(str(rire_mr_path))
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii", ".nii.gz", ".mha", ".mhd"])
+def test_file_formats_round_trip(rire: sitk.Image, tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"volume{suffix}"
+    sitk.WriteImage(rire, str(path))
+    image = read_volume(path)
+    assert image.GetSize() == rire.GetSize()
+    np.testing.assert_allclose(image.GetSpacing(), rire.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(image.GetOrigin(), rire.GetOrigin(), atol=1e-4)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(rire))
+
+
+def _write_dicom_series(image: sitk.Image, folder: Path) -> None:
+    """Write a volume as a CT DICOM series with the position/orientation tags a reader needs."""
+    folder.mkdir()
+    image = sitk.Cast(image, sitk.sitkInt16)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    direction = image.GetDirection()
+    orientation = "\\".join(str(v) for v in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7]))
+    for k in range(image.GetDepth()):
+        slice_ = image[:, :, k]
+        for tag, value in [
+            ("0008|0060", "CT"),
+            ("0020|000e", "1.2.826.0.1.3680043.2.1125.1.1"),
+            ("0020|000d", "1.2.826.0.1.3680043.2.1125.1.2"),
+            ("0020|0037", orientation),
+            ("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k))))),
+            ("0020|0013", str(k + 1)),
+            ("0018|0050", str(image.GetSpacing()[2])),
+        ]:
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(slice_)
+
+
+def test_dicom_folder(rire: sitk.Image, tmp_path: Path) -> None:
+    _write_dicom_series(rire, tmp_path / "dicom")
+    image = read_volume(tmp_path / "dicom")
+    assert image.GetSize() == rire.GetSize()
+    np.testing.assert_allclose(image.GetSpacing(), rire.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(image.GetOrigin(), rire.GetOrigin(), atol=1e-3)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(rire))
+
+
+def test_png_is_a_one_slice_volume(harvard_dir: Path) -> None:
+    image = read_volume(harvard_dir / "CT" / "2010.png")
+    assert image.GetDimension() == 3 and image.GetSize() == (256, 256, 1)
+    direct = sitk.GetArrayFromImage(sitk.ReadImage(str(harvard_dir / "CT" / "2010.png")))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image)[0], direct)
+
+
+def test_input_file_is_not_modified(rire_mr_path: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "in.mha"
+    shutil.copy(rire_mr_path, copy)
+    before = copy.read_bytes()
+    read_volume(copy)
+    assert copy.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("missing.nrrd", None, "not found"),
+        ("empty.nrrd", b"", "empty"),
+        ("text.nrrd", b"this is not an image\n", "cannot read"),
+        ("volume.xyz", b"abc", "cannot read"),
+    ],
+    ids=["missing", "zero-bytes", "text-as-nrrd", "unsupported-format"],
+)
+def test_bad_files(tmp_path: Path, name: str, content, message: str) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(CTMRIError, match=message):
+        read_volume(path)
+
+
+def test_truncated_nii_gz(rire: sitk.Image, tmp_path: Path) -> None:
+    path = tmp_path / "v.nii.gz"
+    sitk.WriteImage(rire, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CTMRIError, match="cannot read"):
+        read_volume(path)
+
+
+def test_rgb_and_4d_are_refused() -> None:
+    rgb = sitk.Image([8, 8], sitk.sitkVectorUInt8, 3)
+    with pytest.raises(CTMRIError, match="components"):
+        as_scalar_3d(rgb)
+    four_d = sitk.Image([8, 8, 8, 3], sitk.sitkFloat32)
+    with pytest.raises(CTMRIError, match="4D"):
+        as_scalar_3d(four_d)
+    one_volume = sitk.Image([8, 8, 8, 1], sitk.sitkFloat32)
+    assert as_scalar_3d(one_volume).GetSize() == (8, 8, 8)
