@@ -101,7 +101,7 @@ def tiny_weights(harvard_dir: Path, tmp_path_factory) -> Path:
                 "mask_output": True,
                 "head_threshold": 10,
             },
-            "training": {"steps": 30, "final_loss": float(loss)},
+            "training": {"steps": 30, "final_loss": float(loss.detach())},
         },
     )
     return path

@@ -1,0 +1,131 @@
+"""The pipeline on real data with a really trained (tiny) model: outputs, geometry, invariance, cancel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import read_harvard_case
+from CTtoMRISynthesisLib import geometry
+from CTtoMRISynthesisLib.errors import CancelledError, CTMRIError
+from CTtoMRISynthesisLib.metrics import compute_metrics
+from CTtoMRISynthesisLib.pipeline import save_outputs, synthesize
+from CTtoMRISynthesisLib.weights import load_model
+
+
+def as_volume(array: np.ndarray, spacing=(0.9, 0.9, 5.0)) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    return image
+
+
+@pytest.fixture(scope="module")
+def case41(harvard_dir: Path) -> tuple[sitk.Image, sitk.Image]:
+    """Harvard case 41 stacked into a 256×256×20 CT and T2 MRI pair (pseudo-3D, co-registered)."""
+    return as_volume(read_harvard_case(harvard_dir, "41", "CT")), as_volume(read_harvard_case(harvard_dir, "41", "MRI"))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_weights: Path):
+    return load_model(tiny_weights)
+
+
+def test_without_mri_synthesises_on_the_ct_grid(case41, model) -> None:
+    ct, _ = case41
+    result = synthesize(ct, None, model=model, device="cpu")
+    assert geometry.same_grid(result.synthetic_mri, ct)
+    assert result.difference is None and result.metrics is None and result.transform is None
+    syn = sitk.GetArrayFromImage(result.synthetic_mri)
+    assert syn.dtype == np.float32 and syn.min() >= 0 and syn.max() <= 255
+    assert syn.max() > 20, "a trained model gives a visible head"
+    # Outside the head (CT air) the synthetic MRI is exactly 0, like the reference MRI background.
+    ct_array = sitk.GetArrayFromImage(ct)
+    assert np.all(syn[:, :8, :8] == 0) and np.all(ct_array[:, :8, :8] == 0)
+    assert result.normalisation["ct_path"] == "windowed8bit"
+    assert result.summary()["device"] == "cpu"
+
+
+def test_with_mri_difference_and_metrics(case41, model) -> None:
+    ct, mri = case41
+    result = synthesize(ct, mri, model=model, registration="none")
+    syn = sitk.GetArrayFromImage(result.synthetic_mri)
+    mri_array = sitk.GetArrayFromImage(mri).astype(np.float32)
+    mri255 = (mri_array - mri_array.min()) / (mri_array.max() - mri_array.min()) * 255
+    np.testing.assert_allclose(sitk.GetArrayFromImage(result.difference), mri255 - syn, atol=1e-3)
+    expected = compute_metrics(mri255, syn)
+    assert result.metrics["mae"] == pytest.approx(expected["mae"], rel=1e-6)
+    assert result.metrics["ssim"] == pytest.approx(expected["ssim"], rel=1e-6)
+    assert len(result.metrics["per_slice"]) == ct.GetDepth()
+    assert geometry.same_grid(result.ct_registered, mri)
+    # The trained model is better than predicting nothing.
+    assert result.metrics["mae"] < compute_metrics(mri255, np.zeros_like(syn))["mae"]
+
+
+@pytest.mark.parametrize("kind", ["flipped", "permuted"])
+def test_direction_matrix_does_not_change_the_result(case41, model, kind) -> None:
+    """The same CT re-expressed with another direction gives the same synthetic MRI in physical space."""
+    ct, _ = case41
+    other = sitk.Flip(ct, [True, True, False]) if kind == "flipped" else sitk.PermuteAxes(ct, [2, 0, 1])
+    reference = synthesize(ct, None, model=model).synthetic_mri
+    result = synthesize(other, None, model=model).synthetic_mri
+    assert geometry.same_grid(result, other)
+    back = geometry.canonical_axial(result)
+    assert geometry.same_grid(back, geometry.canonical_axial(reference), tol=1e-4)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(geometry.canonical_axial(reference)), atol=1e-3)
+
+
+def test_inputs_are_not_modified(case41, model) -> None:
+    ct, mri = case41
+    before = [(sitk.GetArrayFromImage(im).tobytes(), im.GetOrigin(), im.GetSpacing(), im.GetDirection()) for im in (ct, mri)]
+    synthesize(ct, mri, model=model, registration="none")
+    after = [(sitk.GetArrayFromImage(im).tobytes(), im.GetOrigin(), im.GetSpacing(), im.GetDirection()) for im in (ct, mri)]
+    assert before == after
+
+
+def test_progress_and_cancel(case41, model) -> None:
+    ct, mri = case41
+    seen: list[float] = []
+    synthesize(ct, mri, model=model, registration="none", batch_size=4, progress=lambda f, m: seen.append(f))
+    assert seen[-1] == 1.0 and all(b >= a for a, b in zip(seen, seen[1:]))
+    calls = []
+
+    def cancel() -> bool:
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(CancelledError):
+        synthesize(ct, mri, model=model, registration="none", batch_size=4, cancel=cancel)
+
+
+def test_constant_and_nan_inputs_are_refused(case41, model) -> None:
+    ct, _ = case41
+    constant = sitk.Image(ct.GetSize(), sitk.sitkFloat32) + 7.0
+    with pytest.raises(CTMRIError, match="constant"):
+        synthesize(constant, None, model=model)
+    nan = sitk.Cast(ct, sitk.sitkFloat32)
+    nan[10, 10, 3] = float("nan")
+    with pytest.raises(CTMRIError, match="NaN"):
+        synthesize(nan, None, model=model)
+
+
+def test_hounsfield_ct_takes_the_window_path(vh_dir: Path, model) -> None:
+    ct = sitk.ReadImage(str(vh_dir / "vm_head_ct.mha"))
+    result = synthesize(ct, None, model=model)
+    assert result.normalisation["ct_path"] == "hu+1024"
+    assert result.normalisation["window"] == model.config["preprocessing"]["ct_window"]
+    assert geometry.same_grid(result.synthetic_mri, ct)
+
+
+def test_save_outputs_all_or_nothing(case41, model, tmp_path: Path) -> None:
+    ct, mri = case41
+    result = synthesize(ct, mri, model=model, registration="none")
+    paths = save_outputs(result, tmp_path / "out")
+    assert sorted(p.name for p in paths.values()) == sorted(
+        ["synthetic_mri.nrrd", "ct_registered.nrrd", "difference.nrrd", "transform.tfm", "metrics.json"]
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temporary folder left behind"
+    back = sitk.ReadImage(str(paths["synthetic_mri"]))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(result.synthetic_mri))
