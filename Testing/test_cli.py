@@ -1,0 +1,146 @@
+"""The `ctmri` command: outputs read back by a second reader, errors as one line, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import read_harvard_case
+from CTtoMRISynthesisLib.cli import main
+
+
+@pytest.fixture(scope="module")
+def case_files(harvard_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """Harvard case 33 as a CT and an MRI .nrrd volume (256×256×17)."""
+    folder = tmp_path_factory.mktemp("case33")
+    paths = []
+    for modality in ("CT", "MRI"):
+        image = sitk.GetImageFromArray(read_harvard_case(harvard_dir, "33", modality))
+        image.SetSpacing((0.9, 0.9, 5.0))
+        path = folder / f"{modality.lower()}.nrrd"
+        sitk.WriteImage(image, str(path))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "CTtoMRISynthesisLib.cli", *args], capture_output=True, text=True)
+
+
+def test_synthesize_with_mri_writes_readable_outputs(case_files, tiny_weights: Path, tmp_path: Path) -> None:
+    ct, mri = case_files
+    before = {p: p.read_bytes() for p in (ct, mri)}
+    out = tmp_path / "out"
+    code = main(["synthesize", "--ct", str(ct), "--mri", str(mri), "--out-dir", str(out),
+                 "--weights", str(tiny_weights), "--registration", "none", "--device", "cpu", "--quiet"])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["synthetic_mri.nrrd", "ct_registered.nrrd", "difference.nrrd", "transform.tfm", "metrics.json"])
+    mri_image = sitk.ReadImage(str(mri))
+    for name in ("synthetic_mri.nrrd", "ct_registered.nrrd", "difference.nrrd"):
+        image = sitk.ReadImage(str(out / name))  # a second reader: SimpleITK from disk
+        assert image.GetSize() == mri_image.GetSize()
+        np.testing.assert_allclose(image.GetSpacing(), mri_image.GetSpacing())
+    sitk.ReadTransform(str(out / "transform.tfm"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("mae", "ssim", "psnr", "mae_whole", "ssim_foreground", "per_slice", "registration", "device", "seconds"):
+        assert key in metrics
+    assert metrics["device"] == "cpu" and metrics["registration"]["mode"] == "none"
+    assert [row["index"] for row in metrics["per_slice"]] == list(range(17))
+    assert {p: p.read_bytes() for p in (ct, mri)} == before, "inputs untouched"
+
+    # `evaluate` on the written synthetic MRI reproduces the same numbers.
+    code = main(["evaluate", "--pred", str(out / "synthetic_mri.nrrd"), "--ref", str(mri), "--json", str(tmp_path / "e.json")])
+    assert code == 0
+    evaluated = json.loads((tmp_path / "e.json").read_text())
+    for key in ("mae", "ssim", "psnr", "mae_whole", "ssim_foreground"):
+        assert evaluated[key] == pytest.approx(metrics[key], rel=1e-5)
+
+
+def test_synthesize_without_mri(case_files, tiny_weights: Path, tmp_path: Path) -> None:
+    ct, _ = case_files
+    out = tmp_path / "out"
+    assert main(["synthesize", "--ct", str(ct), "--out-dir", str(out), "--weights", str(tiny_weights), "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "synthetic_mri.nrrd"]
+    assert "mae" not in json.loads((out / "metrics.json").read_text())
+
+
+def test_help_is_fast_and_lists_commands() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("synthesize", "evaluate", "demo"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize(
+    "problem, expected",
+    [
+        ("missing-ct", "CT not found"),
+        ("text-ct", "cannot read CT"),
+        ("rgb-ct", "components"),
+        ("constant-ct", "constant"),
+        ("nan-ct", "NaN"),
+        ("bad-weights", "does not match its recorded sha256"),
+        ("missing-weights", "weights file not found"),
+    ],
+)
+def test_user_errors_are_one_line_and_leave_nothing(problem, expected, case_files, tiny_weights, tmp_path: Path) -> None:
+    ct, _ = case_files
+    weights = tiny_weights
+    if problem == "missing-ct":
+        ct = tmp_path / "nope.nrrd"
+    elif problem == "text-ct":
+        ct = tmp_path / "text.nrrd"
+        ct.write_text("not an image")
+    elif problem == "rgb-ct":
+        ct = tmp_path / "rgb.png"
+        sitk.WriteImage(sitk.Image([32, 32], sitk.sitkVectorUInt8, 3), str(ct))
+    elif problem in ("constant-ct", "nan-ct"):
+        array = np.full((4, 32, 32), 5.0, dtype=np.float32)
+        if problem == "nan-ct":
+            array[0, 0, 0] = np.nan
+            array[1] = 100
+        ct = tmp_path / f"{problem}.nrrd"
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(ct))
+    elif problem == "bad-weights":
+        weights = tmp_path / "w.pt"
+        data = bytearray(tiny_weights.read_bytes())
+        data[-50] ^= 1
+        weights.write_bytes(bytes(data))
+        (tmp_path / "w.pt.sha256").write_text(tiny_weights.with_name(tiny_weights.name + ".sha256").read_text())
+    elif problem == "missing-weights":
+        weights = tmp_path / "none.pt"
+    out = tmp_path / "out"
+    result = run_cli("synthesize", "--ct", str(ct), "--out-dir", str(out), "--weights", str(weights), "--quiet")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere; permission bits do not stop it")
+def test_unwritable_out_dir(case_files, tiny_weights, tmp_path: Path) -> None:
+    ct, _ = case_files
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    result = run_cli("synthesize", "--ct", str(ct), "--out-dir", str(locked / "out"), "--weights", str(tiny_weights), "--quiet")
+    assert result.returncode == 2 and result.stderr.startswith("error: ")
+
+
+def test_out_dir_that_is_a_file(case_files, tiny_weights, tmp_path: Path) -> None:
+    ct, _ = case_files
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run_cli("synthesize", "--ct", str(ct), "--out-dir", str(blocker / "out"), "--weights", str(tiny_weights), "--quiet")
+    assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
+    assert blocker.read_text() == "x"
