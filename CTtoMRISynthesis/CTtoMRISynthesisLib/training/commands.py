@@ -1,0 +1,218 @@
+"""Command-line entry points of the trainer (``ctmri train``) and of the report (``ctmri report``).
+
+``add_*_arguments`` fill an argparse parser; ``run_*`` take the parsed namespace and return an exit code.
+Heavy imports (torch) happen inside ``run_*`` so that ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from ..errors import CTMRIError
+
+DEFAULT_WINDOW = (40.0, 80.0)
+
+
+def _command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["ctmri"] + sys.argv[1:]) if sys.argv else ""
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser
+    p.add_argument("--data", nargs="+", required=True, metavar="DIR",
+                   help="paired data: CT/ + MRI/ slice folders, or folders of 3D cases holding ct.* and mr.*")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder: log.csv, checkpoint.pt, model.pt, …")
+    p.add_argument("--save", metavar="FILE", help="also copy the final model (+ .sha256) to FILE, e.g. model_weights/ctmri_unet.pt")
+    p.add_argument("--cache", metavar="DIR", help="cache of registered 3D cases (default: OUT/cache)")
+    p.add_argument("--case-rule", choices=["slice3", "first2"], default="slice3",
+                   help="2D case id: the file stem without its 3-digit slice number (default), or its first two characters")
+    split = p.add_argument_group("split (patients only, never slices)")
+    split.add_argument("--cv", choices=["none", "loo", "kfold"], default="none",
+                       help="cross-validation: leave-one-patient-out or k-fold; writes the Table-1 report")
+    split.add_argument("--folds", type=int, default=5, help="k for --cv kfold")
+    split.add_argument("--val-cases", nargs="*", default=[], metavar="ID", help="validation patients (select the best epoch)")
+    split.add_argument("--test-cases", nargs="*", default=[], metavar="ID", help="test patients, never trained on")
+    model = p.add_argument_group("model and training")
+    model.add_argument("--name", default="ctmri_unet")
+    model.add_argument("--base", type=int, default=16, help="channels of the first U-Net level (paper: 64)")
+    model.add_argument("--levels", type=int, default=5)
+    model.add_argument("--context", type=int, default=1, help="neighbouring slices each side as extra input channels")
+    model.add_argument("--epochs", type=int, default=30)
+    model.add_argument("--batch-size", type=int, default=16)
+    model.add_argument("--lr", type=float, default=1e-3)
+    model.add_argument("--lr-min", type=float, default=1e-5)
+    model.add_argument("--lr-schedule", choices=["cosine", "exponential", "constant"], default="cosine")
+    model.add_argument("--gamma", type=float, default=0.9, help="per-epoch factor of the exponential schedule")
+    model.add_argument("--loss", choices=["mse", "l1", "l1+ssim"], default="mse", help="paper: mse")
+    model.add_argument("--ssim-weight", type=float, default=0.5)
+    model.add_argument("--no-augment", action="store_true")
+    model.add_argument("--rotate", type=float, default=10.0, help="augmentation: max rotation, degrees")
+    model.add_argument("--scale", type=float, default=0.1, help="augmentation: max relative scale change")
+    model.add_argument("--select", choices=["last", "best"], default=None,
+                       help="model kept: last epoch, or best validation MAE (default: best with --val-cases, else last)")
+    model.add_argument("--ct-window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"), default=list(DEFAULT_WINDOW),
+                       help="Hounsfield window that makes a HU CT look like the training CT (recorded for inference)")
+    model.add_argument("--no-mask-output", action="store_true", help="do not zero the synthetic MRI outside the head")
+    run = p.add_argument_group("running")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--workers", type=int, default=4, help="DataLoader worker processes (paper: 4)")
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    run.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    run.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: all cores)")
+    run.add_argument("--max-steps", type=int, default=0, help="at most this many steps per epoch (smoke tests)")
+    run.add_argument("--resume", action="store_true", help="continue from OUT's checkpoints; finished folds are kept")
+    run.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    run.add_argument("--bone-threshold", type=float, default=200.0, help="report: bone = CT (0..255) above this")
+
+
+def settings_from_args(args) -> "object":
+    from ..intensity import CTWindow
+    from .dataset import Augment
+    from .loop import TrainSettings
+
+    augment = Augment(enabled=not args.no_augment, rotate_deg=args.rotate, scale=args.scale)
+    select = args.select or ("best" if args.val_cases else "last")
+    return TrainSettings(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_min=args.lr_min,
+        schedule=args.lr_schedule, gamma=args.gamma, loss=args.loss, ssim_weight=args.ssim_weight,
+        base=args.base, levels=args.levels, context=args.context, augment=augment, seed=args.seed,
+        num_workers=args.workers, device=args.device, amp=not args.no_amp, select=select,
+        mask_output=not args.no_mask_output, window=CTWindow(*args.ct_window), name=args.name,
+        threads=args.threads, max_steps=args.max_steps,
+    ).check()
+
+
+def _data_summary(cases, args) -> dict:
+    from .discovery import describe
+
+    summary = describe(cases)
+    summary["licence"] = (
+        "Harvard AANLIB (The Whole Brain Atlas, Johnson & Becker) via github.com/xianming-gu/"
+        "Havard-Medical-Image-Fusion-Datasets: no open licence stated; research/test use only"
+        if any("harvard" in s.lower() for s in summary["sources"])
+        else "see the data's own terms"
+    )
+    summary["case_rule"] = args.case_rule
+    return summary
+
+
+def run_train(args) -> int:
+    from . import split as splits
+    from .discovery import discover
+    from .loop import dist_from_env, train
+
+    try:
+        settings = settings_from_args(args)
+        out = Path(args.out)
+        cache = Path(args.cache) if args.cache else out / "cache"
+        cases = discover(args.data, settings.window, settings.size, cache, args.case_rule)
+        ids = [c.case_id for c in cases]
+        by_id = {c.case_id: c for c in cases}
+        data = _data_summary(cases, args)
+        command = _command_line()
+        dist = dist_from_env()
+        if dist.main:
+            print(f"{len(cases)} patients, {data['slices']} slices: " + ", ".join(f"{c.case_id} ({c.slices})" for c in cases), flush=True)
+        if args.cv != "none":
+            folds = splits.cross_validation(ids, 0 if args.cv == "loo" else args.folds, args.seed)
+            settings.select = "last"  # the held-out patient is logged, never used to pick an epoch
+            from .report import evaluate_fold, write_cv_report
+
+            for k, fold in enumerate(folds, start=1):
+                fold_dir = out / f"fold{k:02d}"
+                done = fold_dir / "fold.json"
+                if args.resume and done.exists():
+                    if dist.main:
+                        print(f"fold {k}/{len(folds)} already done ({fold.test_cases}); kept", flush=True)
+                    continue
+                if dist.main:
+                    print(f"fold {k}/{len(folds)}: held out {fold.test_cases}, training on {fold.train_cases}", flush=True)
+                train(
+                    [by_id[c] for c in fold.train_cases], settings, fold_dir,
+                    val_cases=[by_id[c] for c in fold.test_cases], split=fold.to_dict(), data=data,
+                    resume=args.resume, command=command, progress_bar=not args.no_progress,
+                )
+                if dist.main:
+                    evaluate_fold(fold_dir, cases, bone_threshold=args.bone_threshold)
+            if dist.main:
+                paths = write_cv_report(out, cases, command=command, bone_threshold=args.bone_threshold)
+                print("report: " + ", ".join(str(p) for p in paths), flush=True)
+            return 0
+        if args.val_cases or args.test_cases:
+            split = splits.holdout(ids, args.val_cases, args.test_cases, seed=args.seed)
+        else:
+            split = splits.all_cases(ids, args.seed)
+        result = train(
+            [by_id[c] for c in split.train_cases], settings, out,
+            val_cases=[by_id[c] for c in split.val_cases], split=split.to_dict(), data=data,
+            resume=args.resume, command=command, progress_bar=not args.no_progress,
+        )
+        if dist.main and args.save:
+            import shutil
+
+            from ..weights import checksum_path
+
+            target = Path(args.save)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(result["weights"], target)
+            checksum_path(target).write_text(checksum_path(result["weights"]).read_text().split()[0] + f"  {target.name}\n")
+            print(f"saved {target}", flush=True)
+        if dist.main:
+            print(f"model: {result['weights']}", flush=True)
+        return 0
+    except CTMRIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        from .loop import dist_from_env as _d
+
+        if _d().active:
+            import torch.distributed as td
+
+            if td.is_initialized():
+                td.destroy_process_group()
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser
+    p.add_argument("--data", nargs="+", required=True, metavar="DIR", help="paired data (as for train)")
+    p.add_argument("--weights", metavar="FILE", help="model file (default: the shipped model)")
+    p.add_argument("--out", required=True, metavar="DIR", help="report folder (Markdown, CSV, PNG montages)")
+    p.add_argument("--cache", metavar="DIR", help="cache of registered 3D cases (default: OUT/cache)")
+    p.add_argument("--case-rule", choices=["slice3", "first2"], default="slice3")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--bone-threshold", type=float, default=200.0, help="bone = CT (0..255) above this")
+    p.add_argument("--from-cv", metavar="DIR", help="rebuild the report of a finished `train --cv` run folder instead")
+
+
+def run_report(args) -> int:
+    from .report import report_model, write_cv_report
+    from .discovery import discover
+    from ..intensity import CTWindow
+
+    try:
+        if args.from_cv:
+            fold0 = sorted(Path(args.from_cv).glob("fold*/model.pt"))
+            if not fold0:
+                raise CTMRIError(f"{args.from_cv} holds no fold*/model.pt; run `ctmri train --cv loo` first")
+            from ..weights import read_weights_file
+
+            cfg = read_weights_file(fold0[0])["config"]
+            window = CTWindow(**cfg["preprocessing"]["ct_window"])
+            cases = discover(args.data, window, 256, args.cache or Path(args.out) / "cache", args.case_rule)
+            paths = write_cv_report(Path(args.from_cv), cases, command=_command_line(),
+                                    bone_threshold=args.bone_threshold, out_dir=Path(args.out))
+        else:
+            paths = report_model(args.data, args.weights, Path(args.out), device=args.device,
+                                 bone_threshold=args.bone_threshold, case_rule=args.case_rule,
+                                 cache=args.cache, command=_command_line())
+        for p in paths:
+            print(p)
+        return 0
+    except CTMRIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

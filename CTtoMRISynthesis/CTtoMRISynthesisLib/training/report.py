@@ -1,0 +1,387 @@
+"""The paper's Table 1 for our model: per-patient MAE, SSIM, PSNR, with baselines, as Markdown + CSV,
+plus a PNG montage per patient (CT | real MRI | synthetic MRI | difference).
+
+Two ways in:
+- :func:`write_cv_report` after ``train --cv``: each patient's numbers come from the fold in which it was
+  held out (its prediction is saved by :func:`evaluate_fold` as ``foldNN/pred_<id>.npz``).
+- :func:`report_model` (``ctmri report --data DIR --weights FILE --out DIR``): one model on every
+  patient of ``DIR``; patients the model was trained on are marked as such in every table.
+
+Every metric comes from :mod:`metrics` (foreground MAE, the paper's SSIM, PSNR, bone/soft-tissue MAE).
+Baselines, computed the same way on the same patients and fit on the same training patients as the
+model they sit beside:
+- **lookup table**: for each CT value 0..255 the mean MRI value over the training patients' head
+  voxels (CT head mask), values never seen interpolated; 0 outside the head mask;
+- **constant**: the training patients' mean MRI intensity inside the head, 0 outside.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..intensity import head_mask
+
+PAPER = {
+    "method": "Dong et al. 2020 (paper, Table 1)",
+    "mae": {"mean": 73.68, "sd": 10.99, "min": 47.81, "max": 122.08},
+    "ssim": {"mean": 0.91, "sd": None, "min": 0.74, "max": 0.95},
+}
+METHODS = ("model", "lookup_table", "constant")
+METHOD_NAMES = {
+    "model": "U-Net (ours)",
+    "lookup_table": "baseline: CT→MRI grey-level lookup table",
+    "constant": "baseline: constant (mean head intensity)",
+}
+METRIC_KEYS = ("mae", "ssim", "psnr", "ssim_foreground", "mae_whole", "mae_bone", "mae_soft_tissue")
+METRIC_NAMES = {
+    "mae": "MAE (foreground)",
+    "ssim": "SSIM",
+    "psnr": "PSNR (dB)",
+    "ssim_foreground": "SSIM in head",
+    "mae_whole": "MAE (whole slice)",
+    "mae_bone": "MAE bone",
+    "mae_soft_tissue": "MAE soft tissue",
+}
+TARGET_SSIM = 0.91
+TARGET_MAE_RATIO = 0.6
+
+
+# ------------------------------------------------------------------------------------------ baselines
+def fit_lookup_table(cases, threshold: float = 10.0) -> np.ndarray:
+    """Mean MRI per CT grey value (0..255) over the head voxels of ``cases``; unseen values interpolated."""
+    sums = np.zeros(256)
+    counts = np.zeros(256)
+    for case in cases:
+        mask = head_mask(case.ct, threshold)
+        idx = np.clip(np.rint(case.ct[mask]), 0, 255).astype(np.int64)
+        sums += np.bincount(idx, weights=case.mri[mask].astype(np.float64), minlength=256)
+        counts += np.bincount(idx, minlength=256)
+    seen = counts > 0
+    if not seen.any():
+        raise ValueError("no head voxels to fit the lookup table on")
+    values = np.arange(256)
+    return np.interp(values, values[seen], sums[seen] / counts[seen])
+
+
+def predict_lookup_table(table: np.ndarray, ct: np.ndarray, threshold: float = 10.0) -> np.ndarray:
+    out = table[np.clip(np.rint(ct), 0, 255).astype(np.int64)].astype(np.float32)
+    out[~head_mask(ct, threshold)] = 0.0
+    return out
+
+
+def fit_constant(cases, threshold: float = 10.0) -> float:
+    total, n = 0.0, 0
+    for case in cases:
+        mask = head_mask(case.ct, threshold)
+        total += float(case.mri[mask].sum())
+        n += int(mask.sum())
+    return total / max(1, n)
+
+
+def predict_constant(value: float, ct: np.ndarray, threshold: float = 10.0) -> np.ndarray:
+    return np.where(head_mask(ct, threshold), np.float32(value), np.float32(0.0)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def evaluate(ref: np.ndarray, syn: np.ndarray, ct: np.ndarray, bone_threshold: float) -> dict:
+    """Whole-volume metrics of one patient (per-slice entries dropped) plus bone / soft-tissue MAE."""
+    from ..metrics import bone_soft_tissue_mae, compute_metrics
+
+    m = compute_metrics(ref, syn)
+    m.pop("per_slice", None)
+    m.update(bone_soft_tissue_mae(ref, syn, ct, bone_threshold))
+    return m
+
+
+def predict_case(loaded, case, device: str = "cpu") -> np.ndarray:
+    from ..synthesis import predict_slices
+
+    pre = loaded.config["preprocessing"]
+    return predict_slices(
+        loaded.net, case.ct, context=int(pre["context_slices"]), mask_output=bool(pre["mask_output"]), device=device
+    )
+
+
+def evaluate_fold(fold_dir, cases, bone_threshold: float = 200.0, device: str = "cpu") -> dict:
+    """Predict a finished fold's held-out patients with its ``model.pt``; save predictions and ``fold.json``."""
+    from ..metrics import to_jsonable
+    from ..weights import load_model
+
+    fold_dir = Path(fold_dir)
+    loaded = load_model(fold_dir / "model.pt", device=device)
+    by_id = {c.case_id: c for c in cases}
+    out = {"split": loaded.config["split"], "cases": {}}
+    for cid in loaded.config["split"]["test_cases"]:
+        case = by_id[cid]
+        syn = predict_case(loaded, case, device)
+        np.savez_compressed(fold_dir / f"pred_{cid}.npz", syn=syn.astype(np.float32))
+        out["cases"][cid] = evaluate(case.mri, syn, case.ct, bone_threshold)
+    (fold_dir / "fold.json").write_text(json.dumps(to_jsonable(out), indent=1))
+    return out
+
+
+def _baseline_rows(case, train_cases, bone_threshold: float) -> dict:
+    table = fit_lookup_table(train_cases)
+    const = fit_constant(train_cases)
+    return {
+        "lookup_table": evaluate(case.mri, predict_lookup_table(table, case.ct), case.ct, bone_threshold),
+        "constant": evaluate(case.mri, predict_constant(const, case.ct), case.ct, bone_threshold),
+    }
+
+
+# --------------------------------------------------------------------------------------------- output
+def montage(ct: np.ndarray, mri: np.ndarray, syn: np.ndarray, n: int = 4) -> np.ndarray:
+    """uint8 image: one row per chosen slice, columns CT | MRI | synthetic MRI | difference (MRI − sMRI).
+
+    The difference column is mid-grey (128) for 0, brighter where the synthetic MRI is too dark and
+    darker where it is too bright, at half scale (±255 → ±127).
+    """
+    has_fg = np.flatnonzero((mri > 0).any(axis=(1, 2)))
+    if has_fg.size == 0:
+        has_fg = np.arange(ct.shape[0])
+    picks = has_fg[np.unique(np.linspace(0, has_fg.size - 1, min(n, has_fg.size)).round().astype(int))]
+    gap = 3
+    rows = []
+    for k in picks:
+        diff = np.clip(128.0 + (mri[k].astype(np.float32) - syn[k]) / 2.0, 0, 255)
+        tiles = [np.clip(ct[k], 0, 255), np.clip(mri[k], 0, 255), np.clip(syn[k], 0, 255), diff]
+        spacer = np.full((ct.shape[1], gap), 255.0)
+        row = np.concatenate(sum(([t, spacer] for t in tiles), [])[:-1], axis=1)
+        rows.append(row)
+        rows.append(np.full((gap, row.shape[1]), 255.0))
+    return np.concatenate(rows[:-1], axis=0).astype(np.uint8)
+
+
+def save_png(path: Path, image: np.ndarray) -> None:
+    from skimage.io import imsave
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imsave(str(path), image, check_contrast=False)
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def _digits(key: str) -> int:
+    return 3 if key.startswith("ssim") else 2
+
+
+def summarise_rows(rows: list[dict]) -> dict:
+    """{method: {metric: summarize(...)}} over patients."""
+    from ..metrics import summarize
+
+    out: dict = {}
+    for method in METHODS:
+        mrows = [r for r in rows if r["method"] == method]
+        if not mrows:
+            continue
+        out[method] = {}
+        for key in METRIC_KEYS:
+            values = [r[key] for r in mrows if r.get(key) is not None and math.isfinite(r[key])]
+            out[method][key] = summarize(values) if values else None
+    return out
+
+
+def write_tables(rows: list[dict], out_dir: Path, title: str, preamble: list[str], montages: dict) -> list[Path]:
+    """per_patient.csv, summary.csv and report.md from per-(patient, method) metric rows."""
+    from ..metrics import to_jsonable
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fields = ["patient", "slices", "held_out", "method"] + list(METRIC_KEYS)
+    per_patient = out_dir / "per_patient.csv"
+    with open(per_patient, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(fields)
+        for r in rows:
+            w.writerow([r["patient"], r["slices"], r["held_out"], r["method"]] + [
+                "" if r.get(k) is None else f"{r[k]:.6g}" for k in METRIC_KEYS])
+    summary = summarise_rows(rows)
+    summary_csv = out_dir / "summary.csv"
+    with open(summary_csv, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["method", "metric", "mean", "sd", "min", "max", "n"])
+        for metric in ("mae", "ssim"):
+            p = PAPER[metric]
+            w.writerow([PAPER["method"], metric, p["mean"], "" if p["sd"] is None else p["sd"], p["min"], p["max"], 19])
+        for method, stats in summary.items():
+            for key, s in stats.items():
+                if s:
+                    w.writerow([METHOD_NAMES[method], key, f"{s['mean']:.6g}", f"{s['sd']:.6g}", f"{s['min']:.6g}", f"{s['max']:.6g}", s["n"]])
+
+    patients = []
+    for r in rows:
+        if r["patient"] not in patients:
+            patients.append(r["patient"])
+    get = {(r["patient"], r["method"]): r for r in rows}
+    md = [f"# {title}", ""] + preamble + [""]
+    md += ["## Summary over patients: mean (SD) [min – max]", ""]
+    md += ["| method | " + " | ".join(METRIC_NAMES[k] for k in METRIC_KEYS) + " |",
+           "|---|" + "---|" * len(METRIC_KEYS)]
+    paper_cells = []
+    for k in METRIC_KEYS:
+        p = PAPER.get(k)
+        if p:
+            sd = f" ({p['sd']:.2f})" if p["sd"] is not None else ""
+            paper_cells.append(f"{p['mean']:.{_digits(k)}f}{sd} [{p['min']:.{_digits(k)}f} – {p['max']:.{_digits(k)}f}]")
+        else:
+            paper_cells.append("–")
+    md.append(f"| {PAPER['method']} (19 patients, T1, its own data) | " + " | ".join(paper_cells) + " |")
+    for method, stats in summary.items():
+        cells = []
+        for k in METRIC_KEYS:
+            s = stats.get(k)
+            d = _digits(k)
+            cells.append("–" if not s else f"{s['mean']:.{d}f} ({s['sd']:.{d}f}) [{s['min']:.{d}f} – {s['max']:.{d}f}]")
+        md.append(f"| **{METHOD_NAMES[method]}** | " + " | ".join(cells) + " |" if method == "model"
+                  else f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
+    md += ["", "## Per patient", ""]
+    md += ["| patient | slices | held out | MAE model | MAE lookup | MAE constant | model/lookup MAE | SSIM model | "
+           "SSIM lookup | SSIM constant | PSNR model | SSIM in head model | MAE bone / soft model | target met |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    met_all = True
+    for p in patients:
+        m, lut, con = get.get((p, "model")), get.get((p, "lookup_table")), get.get((p, "constant"))
+        if m is None:
+            continue
+        ratio = m["mae"] / lut["mae"] if lut else None
+        met = m["ssim"] > TARGET_SSIM and ratio is not None and ratio <= TARGET_MAE_RATIO
+        met_all &= met
+        md.append(
+            f"| {p} | {m['slices']} | {'yes' if m['held_out'] else '**no (trained on)**'} | {_fmt(m['mae'])} | "
+            f"{_fmt(lut and lut['mae'])} | {_fmt(con and con['mae'])} | {_fmt(ratio)} | {_fmt(m['ssim'], 3)} | "
+            f"{_fmt(lut and lut['ssim'], 3)} | {_fmt(con and con['ssim'], 3)} | {_fmt(m['psnr'])} | "
+            f"{_fmt(m['ssim_foreground'], 3)} | {_fmt(m['mae_bone'])} / {_fmt(m['mae_soft_tissue'])} | {'yes' if met else 'no'} |"
+        )
+    md += ["", f"Target (issue 4): on every held-out patient SSIM > {TARGET_SSIM} and foreground MAE ≤ "
+           f"{TARGET_MAE_RATIO} × the lookup table's: **{'met' if met_all else 'not met'}**.", ""]
+    if summary.get("model") and summary["model"].get("mae_bone"):
+        b, s = summary["model"]["mae_bone"], summary["model"].get("mae_soft_tissue")
+        md += [f"Bone vs soft tissue (the paper's observation; bone = CT above the threshold): model MAE "
+               f"{b['mean']:.2f} in bone vs {s['mean']:.2f} in soft tissue (means over patients).", ""]
+    if montages:
+        md += ["## Montages", "", "Columns: CT | real MRI | synthetic MRI | difference (MRI − sMRI, mid-grey = 0, "
+               "half scale); rows: slices evenly spread over the patient.", ""]
+        for p, path in montages.items():
+            md.append(f"- patient {p}: ![{p}]({Path(path).name})")
+    md.append("")
+    report_md = out_dir / "report.md"
+    report_md.write_text("\n".join(md))
+    (out_dir / "summary.json").write_text(json.dumps(to_jsonable({"summary": summary, "rows": rows}), indent=1))
+    return [report_md, per_patient, summary_csv]
+
+
+def _rows_for(case, results: dict, held_out: bool) -> list[dict]:
+    rows = []
+    for method in METHODS:
+        m = results[method]
+        rows.append({"patient": case.case_id, "slices": case.slices, "held_out": held_out, "method": method,
+                     **{k: m.get(k) for k in METRIC_KEYS}})
+    return rows
+
+
+def write_cv_report(run_dir, cases, command: str = "", bone_threshold: float = 200.0,
+                    out_dir: Optional[Path] = None, montage_slices: int = 4) -> list[Path]:
+    """Report of a finished cross-validation run folder (``foldNN/`` with ``model.pt`` and predictions)."""
+    from ..weights import read_weights_file
+
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir else run_dir / "report"
+    by_id = {c.case_id: c for c in cases}
+    rows, montages, fold_lines = [], {}, []
+    config = None
+    for fold_dir in sorted(run_dir.glob("fold*")):
+        if not (fold_dir / "model.pt").exists():
+            continue
+        config = read_weights_file(fold_dir / "model.pt")["config"]
+        split = config["split"]
+        train = [by_id[c] for c in split["train_cases"] if c in by_id]
+        tr = config["training"]
+        fold_lines.append(f"- {fold_dir.name}: held out {', '.join(split['test_cases'])}; "
+                          f"{tr['epochs']} epochs in {tr['seconds'] / 60:.1f} min")
+        for cid in split["test_cases"]:
+            case = by_id[cid]
+            pred = fold_dir / f"pred_{cid}.npz"
+            if not pred.exists():
+                evaluate_fold(fold_dir, cases, bone_threshold)
+            with np.load(pred) as blob:
+                syn = blob["syn"]
+            results = {"model": evaluate(case.mri, syn, case.ct, bone_threshold)}
+            results.update(_baseline_rows(case, train, bone_threshold))
+            rows += _rows_for(case, results, held_out=True)
+            path = out_dir / f"montage_{cid}.png"
+            save_png(path, montage(case.ct, case.mri, syn, montage_slices))
+            montages[cid] = path
+    if not rows:
+        from ..errors import CTMRIError
+
+        raise CTMRIError(f"{run_dir} holds no finished folds")
+    order = {c.case_id: i for i, c in enumerate(cases)}
+    rows.sort(key=lambda r: (order.get(r["patient"], 0), METHODS.index(r["method"])))
+    preamble = _model_preamble(config, command, bone_threshold)
+    preamble += ["", f"Cross-validation ({config['split']['mode'].split(':')[0]}): each patient's numbers come from "
+                 "the fold in which it was held out; baselines are fit on that fold's training patients. "
+                 "Each fold keeps its last epoch (the held-out patient never selects a model).", ""] + fold_lines
+    return write_tables(rows, out_dir, "Cross-validated results (Table 1 of Dong et al. 2020, for this model)",
+                        preamble, montages)
+
+
+def _model_preamble(config: dict, command: str, bone_threshold: float) -> list[str]:
+    m, pre, tr = config["model"], config["preprocessing"], config["training"]
+    return [
+        f"Command: `{command}`" if command else "",
+        "",
+        f"Model: U-Net, {m['levels']} levels, base {m['base']} channels, {m['in_channels']} input channel(s) "
+        f"(context {pre['context_slices']}), {tr.get('parameters', '?')} parameters; loss {tr['loss']}; "
+        f"{tr['epochs']} epochs, batch {tr['batch_size']}, Adam lr {tr['lr']:g} ({tr['lr_schedule']}); "
+        f"augmentation {'on' if tr['augmentation'].get('enabled') else 'off'}; output masked outside the head: "
+        f"{pre['mask_output']}.",
+        "",
+        "Metrics (metrics.py): MAE over foreground voxels (reference MRI > 0), 0..255 scale; SSIM = mean over "
+        "slices of whole-slice SSIM (Wang 2004, Gaussian σ 1.5, data range 255), as the paper; SSIM in head = "
+        "SSIM map averaged over foreground voxels only; PSNR over the whole volume; bone = CT (0..255) > "
+        f"{bone_threshold:g}. The paper's numbers are for its own 19 patients (T1 MRI), not this data.",
+    ]
+
+
+def report_model(data, weights, out_dir: Path, device: str = "auto", bone_threshold: float = 200.0,
+                 case_rule: str = "slice3", cache=None, command: str = "", montage_slices: int = 4) -> list[Path]:
+    """One model on every patient in ``data`` (``ctmri report``)."""
+    from ..intensity import CTWindow
+    from ..synthesis import choose_device
+    from ..weights import load_model
+    from .discovery import discover
+
+    device = choose_device(device)
+    loaded = load_model(weights, device=device)
+    config = loaded.config
+    pre = config["preprocessing"]
+    out_dir = Path(out_dir)
+    cases = discover(data, CTWindow(**pre["ct_window"]), int(pre["size"]), cache or out_dir / "cache", case_rule)
+    trained_on = set(config.get("split", {}).get("train_cases", []))
+    fit_on = [c for c in cases if c.case_id in trained_on]
+    rows, montages = [], {}
+    for case in cases:
+        syn = predict_case(loaded, case, device)
+        held_out = case.case_id not in trained_on
+        # Baselines learn from the same patients as the model; without any of them here, from the others.
+        train = fit_on or [c for c in cases if c.case_id != case.case_id]
+        results = {"model": evaluate(case.mri, syn, case.ct, bone_threshold)}
+        results.update(_baseline_rows(case, train, bone_threshold))
+        rows += _rows_for(case, results, held_out)
+        path = out_dir / f"montage_{case.case_id}.png"
+        save_png(path, montage(case.ct, case.mri, syn, montage_slices))
+        montages[case.case_id] = path
+    preamble = _model_preamble(config, command, bone_threshold) + [
+        "", f"Weights: `{loaded.path}`. Baselines are fit on the patients the model was trained on "
+        f"({', '.join(sorted(fit_on_ids)) if (fit_on_ids := [c.case_id for c in fit_on]) else 'none here: leave-one-out over the data'}). "
+        "Patients marked 'no (trained on)' were seen in training: their numbers are not a test."]
+    return write_tables(rows, out_dir, "Report: one model on paired data", preamble, montages)
