@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import CTMRIError
 
-DEFAULT_WINDOW = (40.0, 80.0)
+DEFAULT_WINDOW = (45.0, 120.0)  # chosen from the training CT, see model_weights/README.md
 
 
 def _command_line() -> str:
@@ -64,6 +64,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     run.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: all cores)")
     run.add_argument("--max-steps", type=int, default=0, help="at most this many steps per epoch (smoke tests)")
+    run.add_argument("--stop-after", type=int, default=0, metavar="EPOCH",
+                     help="leave after this epoch (checkpointed); continue later with --resume")
     run.add_argument("--resume", action="store_true", help="continue from OUT's checkpoints; finished folds are kept")
     run.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     run.add_argument("--bone-threshold", type=float, default=200.0, help="report: bone = CT (0..255) above this")
@@ -82,7 +84,7 @@ def settings_from_args(args) -> "object":
         base=args.base, levels=args.levels, context=args.context, augment=augment, seed=args.seed,
         num_workers=args.workers, device=args.device, amp=not args.no_amp, select=select,
         mask_output=not args.no_mask_output, window=CTWindow(*args.ct_window), name=args.name,
-        threads=args.threads, max_steps=args.max_steps,
+        threads=args.threads, max_steps=args.max_steps, stop_after=args.stop_after,
     ).check()
 
 
@@ -131,11 +133,13 @@ def run_train(args) -> int:
                     continue
                 if dist.main:
                     print(f"fold {k}/{len(folds)}: held out {fold.test_cases}, training on {fold.train_cases}", flush=True)
-                train(
+                res = train(
                     [by_id[c] for c in fold.train_cases], settings, fold_dir,
                     val_cases=[by_id[c] for c in fold.test_cases], split=fold.to_dict(), data=data,
                     resume=args.resume, command=command, progress_bar=not args.no_progress,
                 )
+                if res.get("stopped"):
+                    return 0
                 if dist.main:
                     evaluate_fold(fold_dir, cases, bone_threshold=args.bone_threshold)
             if dist.main:
@@ -151,6 +155,8 @@ def run_train(args) -> int:
             val_cases=[by_id[c] for c in split.val_cases], split=split.to_dict(), data=data,
             resume=args.resume, command=command, progress_bar=not args.no_progress,
         )
+        if result.get("stopped"):
+            return 0
         if dist.main and args.save:
             import shutil
 

@@ -64,10 +64,11 @@ class TrainSettings:
     mask_output: bool = True
     head_threshold: float = 10.0
     size: int = 256
-    window: CTWindow = field(default_factory=lambda: CTWindow(40.0, 80.0))
+    window: CTWindow = field(default_factory=lambda: CTWindow(45.0, 120.0))
     name: str = "ctmri_unet"
     threads: int = 0  # torch CPU threads; 0 = all cores (divided between ranks)
     max_steps: int = 0  # stop each epoch after this many steps (smoke tests); 0 = full epochs
+    stop_after: int = 0  # leave the run after this epoch (checkpointed, to be resumed); 0 = run to the end
 
     def check(self) -> "TrainSettings":
         from ..errors import CTMRIError
@@ -466,6 +467,10 @@ def train(
                 message += f" | held-out MAE {row['val_mae']:.2f} SSIM {row['val_ssim']:.4f} (fg {row['val_ssim_foreground']:.4f})"
             print(message, flush=True)
         barrier(dist)
+        if settings.stop_after and epoch + 1 >= settings.stop_after and epoch + 1 < settings.epochs:
+            if dist.main:
+                print(f"stopped after epoch {epoch + 1}; continue with --resume", flush=True)
+            return {"weights": None, "history": history, "best": best, "stopped": True}
 
     result = {"weights": out_dir / "model.pt", "history": history, "best": best}
     if dist.main:

@@ -1,0 +1,306 @@
+"""Trainer: pair discovery (2D slice folders and registered 3D cases), patient-level splits, training
+that lowers the loss and writes a loadable weights file, resume, torchrun/DDP on CPU, and the report.
+
+Everything runs on real data (Harvard AANLIB pairs, the RIRE MR) with tiny models and few steps, so the
+file stays well under two minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from CTtoMRISynthesisLib.errors import CTMRIError
+from CTtoMRISynthesisLib.intensity import CTWindow
+from CTtoMRISynthesisLib.training import discovery, split
+from CTtoMRISynthesisLib.training.dataset import Augment, SliceDataset
+from CTtoMRISynthesisLib.training.loop import TrainSettings, train
+
+REPO = Path(__file__).resolve().parents[1]
+WINDOW = CTWindow(45.0, 120.0)
+
+
+def _tiny_settings(**kw) -> TrainSettings:
+    values = dict(epochs=2, base=4, context=1, lr=3e-3, num_workers=0, max_steps=3, device="cpu",
+                  augment=Augment(enabled=False), threads=1, window=WINDOW)
+    values.update(kw)
+    return TrainSettings(**values)
+
+
+@pytest.fixture(scope="module")
+def harvard_cases(harvard_dir):
+    return discovery.discover([harvard_dir], WINDOW)
+
+
+@pytest.fixture(scope="module")
+def small_2d_dir(harvard_dir, tmp_path_factory) -> Path:
+    """Two patients, five slices each, copied into the 2D layout (for torchrun and the CLI)."""
+    root = tmp_path_factory.mktemp("small2d")
+    for sub in ("CT", "MRI"):
+        (root / sub).mkdir()
+    names = sorted(p.name for p in (harvard_dir / "CT").glob("16*.png"))[5:10]
+    names += sorted(p.name for p in (harvard_dir / "CT").glob("28*.png"))[5:10]
+    for name in names:
+        for sub in ("CT", "MRI"):
+            shutil.copyfile(harvard_dir / sub / name, root / sub / name)
+    return root
+
+
+# ------------------------------------------------------------------------------------------ discovery
+def test_discover_2d_harvard(harvard_cases):
+    ids = [c.case_id for c in harvard_cases]
+    # "2004.png" (case 2) and "20005.png" (case 20) are different patients: the slice number is the
+    # last three digits, so they are not merged by their shared first two characters.
+    assert ids == ["2", "16", "20", "28", "32", "33", "34", "41"]
+    assert sum(c.slices for c in harvard_cases) == 147
+    case16 = harvard_cases[1]
+    assert case16.ct.shape == case16.mri.shape == (18, 256, 256)
+    assert case16.slice_names[0] == "16003.png" and case16.slice_names[-1] == "16020.png"
+    case2 = harvard_cases[0]
+    assert case2.slice_names[:2] == ["2004.png", "2005.png"]
+    for c in harvard_cases:
+        assert c.ct.dtype == np.float32 and 0 <= c.ct.min() and c.ct.max() == 255
+        assert c.mri.min() == 0 and c.mri.max() == 255
+
+
+def test_discover_first_two_characters_rule(harvard_dir):
+    cases = discovery.discover([harvard_dir], WINDOW, case_rule="first2")
+    assert [c.case_id for c in cases] == ["16", "20", "28", "32", "33", "34", "41"]
+    assert {c.case_id: c.slices for c in cases}["20"] == 37
+
+
+def test_discover_refuses_unpaired_and_empty(tmp_path, harvard_dir):
+    for sub in ("CT", "MRI"):
+        (tmp_path / sub).mkdir()
+    shutil.copyfile(harvard_dir / "CT" / "16005.png", tmp_path / "CT" / "16005.png")
+    with pytest.raises(CTMRIError, match="no partner"):
+        discovery.discover([tmp_path], WINDOW)
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    with pytest.raises(CTMRIError, match="no paired data"):
+        discovery.discover([empty], WINDOW)
+
+
+def test_discover_3d_registers_and_caches(tmp_path, rire_mr_path):
+    """A SynthRAD-style case built from the real RIRE MR: 'ct' is a known rigid motion of the MR in HU-like
+    units; discovery must register it back onto the MR grid and cache the result."""
+    mr = sitk.ReadImage(str(rire_mr_path), sitk.sitkFloat32)
+    # Smaller grid keeps the registration quick: 128x128 in-plane, 2.5 mm.
+    ref = sitk.Image([128, 128, mr.GetSize()[2]], sitk.sitkFloat32)
+    ref.SetSpacing((2.5, 2.5, mr.GetSpacing()[2]))
+    ref.SetOrigin(mr.GetOrigin())
+    ref.SetDirection(mr.GetDirection())
+    mr_small = sitk.Resample(mr, ref, sitk.Transform(), sitk.sitkLinear, 0.0)
+    centre = mr_small.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in mr_small.GetSize()])
+    motion = sitk.Euler3DTransform(centre, 0.0, 0.0, np.deg2rad(6.0), (7.0, -5.0, 0.0))
+    ct = sitk.Resample(mr_small, mr_small, motion, sitk.sitkLinear, 0.0)
+    ct = sitk.Cast(ct * 1.5 - 1000.0, sitk.sitkInt16)  # HU-like: air -1000
+    case_dir = tmp_path / "data" / "patientA"
+    case_dir.mkdir(parents=True)
+    sitk.WriteImage(mr_small, str(case_dir / "mr.mha"))
+    sitk.WriteImage(ct, str(case_dir / "ct.nii.gz"))
+
+    cache = tmp_path / "cache"
+    cases = discovery.discover([tmp_path / "data"], CTWindow(200.0, 2400.0), size=64, cache_dir=cache)
+    assert len(cases) == 1
+    case = cases[0]
+    assert case.case_id == "patientA" and case.source == "3d-registered"
+    assert case.ct.shape == case.mri.shape == (mr.GetSize()[2], 64, 64)
+    assert case.info["cached"] is False and len(list(cache.glob("*.npz"))) == 1
+    # Registered: the CT lines up with the MR far better than before (it started 6 degrees and ~9 mm away).
+    # (The bar is relative: this checks discovery's use of registration, not the registration's precision.)
+    head = case.mri > np.percentile(case.mri, 50)
+    aligned = np.corrcoef(case.ct[head], case.mri[head])[0, 1]
+    ct0, mr0 = sitk.GetArrayFromImage(ct).astype(float), sitk.GetArrayFromImage(mr_small)
+    head0 = mr0 > np.percentile(mr0, 50)
+    before = np.corrcoef(ct0[head0], mr0[head0])[0, 1]
+    assert aligned > 0.8 and aligned > before + 0.05, (before, aligned)
+    again = discovery.discover([tmp_path / "data"], CTWindow(200.0, 2400.0), size=64, cache_dir=cache)[0]
+    assert again.info["cached"] is True
+    np.testing.assert_array_equal(again.ct, case.ct)
+
+
+# ---------------------------------------------------------------------------------------------- split
+def test_cross_validation_is_patient_level(harvard_cases):
+    ids = [c.case_id for c in harvard_cases]
+    for folds in (0, 3):
+        splits = split.cross_validation(ids, folds, seed=1)
+        held = [c for s in splits for c in s.test_cases]
+        assert sorted(held) == sorted(ids)  # every patient held out exactly once
+        for s in splits:
+            assert not set(s.train_cases) & set(s.test_cases)
+            assert sorted(s.train_cases + s.test_cases) == sorted(ids)
+    assert len(split.cross_validation(ids, 0)) == len(ids)
+    with pytest.raises(CTMRIError, match="both train and test"):
+        split.Split("bad", ["16", "20"], [], ["20"]).check()
+    # The slices of a split's training patients never include a held-out patient's slice.
+    s = split.cross_validation(ids, 0)[2]
+    ds = SliceDataset([c for c in harvard_cases if c.case_id in s.train_cases], context=1)
+    assert set(ds.case_of_slice) == set(s.train_cases) and s.test_cases[0] not in ds.case_of_slice
+
+
+def test_augmentation_is_deterministic_and_paired(harvard_cases):
+    ds = SliceDataset(harvard_cases[1:2], context=1, augment=Augment(), seed=3)
+    ds.set_epoch(2)
+    x1, y1 = ds[4]
+    x2, y2 = ds[4]
+    assert x1.shape == (3, 256, 256) and y1.shape == (1, 256, 256)
+    assert np.array_equal(x1.numpy(), x2.numpy()) and np.array_equal(y1.numpy(), y2.numpy())
+    ds.set_epoch(3)
+    x3, _ = ds[4]
+    assert not np.array_equal(x1.numpy(), x3.numpy())
+    # CT and MRI moved together: MRI signal where the CT is air is as rare as without augmentation
+    # (scalp fat is air-dark in the brain-windowed CT, so it is not zero even then).
+    def mismatch(x, y):
+        return ((y[0] > 0.1) & (x[1] == 0)).mean()
+
+    plain = SliceDataset(harvard_cases[1:2], context=1)
+    before = mismatch(*(a.numpy() for a in plain[4]))
+    assert abs(mismatch(x1.numpy(), y1.numpy()) - before) < 0.03
+
+
+# ------------------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def trained(harvard_cases, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    cases = [c for c in harvard_cases if c.case_id in ("16", "28")]
+    settings = _tiny_settings(epochs=3)
+    result = train(cases, settings, out, val_cases=[harvard_cases[2]], command="test", progress_bar=False)
+    return out, result, cases
+
+
+def test_training_lowers_loss_and_writes_loadable_weights(trained):
+    from CTtoMRISynthesisLib.weights import load_model, sha256_of
+
+    out, result, _ = trained
+    losses = [h["loss"] for h in result["history"]]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    with open(out / "log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert set(rows[0]) >= {"epoch", "loss", "val_mae", "val_ssim", "lr", "seconds"}
+    assert float(rows[-1]["lr"]) < float(rows[0]["lr"])  # decaying learning rate
+    loaded = load_model(out / "model.pt")
+    assert (out / "model.pt.sha256").read_text().split()[0] == sha256_of(out / "model.pt")
+    cfg = loaded.config
+    assert cfg["format_version"] == 1 and cfg["model"]["in_channels"] == 3
+    assert cfg["preprocessing"]["context_slices"] == 1 and cfg["preprocessing"]["size"] == 256
+    assert cfg["preprocessing"]["ct_window"] == {"level": 45.0, "width": 120.0}
+    assert cfg["split"]["train_cases"] == ["16", "28"]
+    assert cfg["training"]["loss"] == "mse" and cfg["training"]["seed"] == 0
+    assert cfg["training"]["command"] == "test" and cfg["training"]["seconds"] > 0
+    assert cfg["metrics"]["val_cases"] == ["20"] and cfg["metrics"]["val_mae"] > 0
+
+
+def test_resume_continues_and_matches_a_straight_run(trained, tmp_path):
+    import torch
+
+    out, result, cases = trained
+    # Three epochs interrupted after two, then resumed: the same weights as the straight run (CPU determinism).
+    part = tmp_path / "part"
+    stopped = train(cases, _tiny_settings(epochs=3, stop_after=2), part, val_cases=[], command="test", progress_bar=False)
+    assert stopped.get("stopped") and not (part / "model.pt").exists() and (part / "checkpoint.pt").exists()
+    resumed = train(cases, _tiny_settings(epochs=3), part, val_cases=[], resume=True, command="test", progress_bar=False)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    with open(part / "log.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 3
+    a = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(part / "model.pt", weights_only=True)["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks_on_cpu(small_2d_dir, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        "-m", "CTtoMRISynthesisLib.training", "train", "--data", str(small_2d_dir), "--out", str(out),
+        "--base", "4", "--epochs", "2", "--max-steps", "2", "--batch-size", "4", "--workers", "0",
+        "--threads", "1", "--device", "cpu", "--no-progress", "--no-augment",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    logs = {p.name: p.read_text() for p in (out / "ranks").glob("rank*.log")}
+    assert set(logs) == {"rank0.log", "rank1.log"}
+    for name, text in logs.items():
+        lines = text.strip().splitlines()
+        assert len(lines) == 2 and all("/2 epoch" in line for line in lines), text
+    # Rank 0 alone wrote the run's files: one checkpoint, one model, one log, and it says who wrote it.
+    import torch
+
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert files == ["checkpoint.pt", "log.csv", "model.pt", "model.pt.sha256"]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["rank"] == 0 and ckpt["world_size"] == 2
+    from CTtoMRISynthesisLib.weights import load_model
+
+    cfg = load_model(out / "model.pt").config
+    assert cfg["training"]["processes"] == 2 and cfg["split"]["train_cases"] == ["16", "28"]
+    with open(out / "log.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 2
+
+
+# --------------------------------------------------------------------------------------------- report
+def test_report_writes_tables_and_montages(trained, harvard_dir, tmp_path):
+    from skimage.io import imread
+
+    from CTtoMRISynthesisLib.training.commands import add_report_arguments, run_report
+
+    out, _, _ = trained
+    small = tmp_path / "data"
+    for sub in ("CT", "MRI"):
+        (small / sub).mkdir(parents=True)
+        for name in ["16005.png", "16006.png", "16007.png", "20010.png", "20011.png", "20012.png"]:
+            shutil.copyfile(harvard_dir / sub / name, small / sub / name)
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_report_arguments(parser)
+    args = parser.parse_args(["--data", str(small), "--weights", str(out / "model.pt"), "--out", str(tmp_path / "rep"), "--device", "cpu"])
+    assert run_report(args) == 0
+    rep = tmp_path / "rep"
+    md = (rep / "report.md").read_text()
+    assert "Dong et al. 2020" in md and "lookup table" in md and "constant" in md and "73.68" in md
+    assert "no (trained on)" in md  # patient 16 was a training patient of this model: flagged
+    with open(rep / "per_patient.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {(r["patient"], r["method"]) for r in rows} == {
+        (p, m) for p in ("16", "20") for m in ("model", "lookup_table", "constant")}
+    for r in rows:
+        assert 0 <= float(r["mae"]) <= 255 and -1 <= float(r["ssim"]) <= 1 and r["mae_bone"] != ""
+    summary = json.loads((rep / "summary.json").read_text())["summary"]
+    assert summary["model"]["mae"]["n"] == 2
+    image = imread(rep / "montage_20.png")
+    assert image.dtype == np.uint8 and image.shape == (3 * 256 + 2 * 3, 4 * 256 + 3 * 3)
+    # Column 2 of the first row is the real MRI slice, unchanged.
+    case20 = [c for c in discovery.discover([small], WINDOW) if c.case_id == "20"][0]
+    np.testing.assert_array_equal(image[:256, 256 + 3: 512 + 3], np.clip(case20.mri[0], 0, 255).astype(np.uint8))
+
+
+def test_lookup_table_baseline_on_known_mapping(harvard_cases):
+    from CTtoMRISynthesisLib.training.report import fit_lookup_table, predict_lookup_table
+
+    case = harvard_cases[1]
+    fake = discovery.Case("x", case.ct, np.where(case.ct > 10, 255.0 - case.ct, 0.0).astype(np.float32), "test")
+    table = fit_lookup_table([fake])
+    assert abs(table[100] - 155.0) < 1e-6 and abs(table[200] - 55.0) < 1e-6
+    pred = predict_lookup_table(table, case.ct)
+    assert pred[case.ct <= 1].max() == 0.0  # 0 outside the head
