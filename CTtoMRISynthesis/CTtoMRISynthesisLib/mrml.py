@@ -1,0 +1,642 @@
+"""MRML nodes in, MRML nodes out: the node-level side of the synthesis (the only file importing ``slicer``).
+
+It needs only MRML classes and ``slicer.util`` array helpers (what the ``slicer-core`` wheel provides):
+no ``slicer.app``, no Qt. Everything image-scientific goes through :func:`pipeline.synthesize`.
+
+Geometry conventions (checked numerically in ``Testing/test_mrml.py``):
+
+- Slicer volume nodes are RAS, SimpleITK images are LPS. With ``F = diag(-1, -1, 1, 1)``::
+
+      IJKToRAS = F @ [[Direction @ diag(Spacing), Origin], [0, 0, 0, 1]]
+
+  ``arrayFromVolume`` and ``sitk.GetArrayFromImage`` are both (k, j, i), so voxels are copied as they are;
+  any direction (flipped, permuted, oblique, left-handed) is kept exactly, nothing is resampled.
+- A volume under a *linear* parent transform is read in world coordinates (as Slicer shows it): its
+  IJKToRAS is composed with the parent's ToWorld matrix. A non-linear parent transform is refused.
+- The registration transform from the pipeline maps MRI points to CT points (ITK "resampling"
+  convention, LPS). The transform node stores exactly that in RAS as its *FromParent* matrix,
+  ``F @ A @ F``, so its *ToParent* matrix moves the CT onto the MRI: applied as the parent of the
+  (untransformed) CT node, the CT lines up with the MRI. Saved from Slicer as .tfm, it is the same
+  transform as the CLI's ``transform.tfm``.
+
+Outputs are new nodes only, added after the synthesis succeeded; if adding them fails, the ones
+already added are removed again, so the scene is left as it was. Input nodes are only read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import CTMRIError
+
+#: RAS ↔ LPS (its own inverse).
+FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+#: Attribute marking nodes this module made (value: the role), and the one holding metrics.json's content.
+ROLE_ATTRIBUTE = "CTtoMRISynthesis.role"
+SUMMARY_ATTRIBUTE = "CTtoMRISynthesis.summary"
+DIFFERENCE_COLOR_NAME = "CTtoMRISynthesis difference (blue-black-red)"
+
+OUTPUT_KEYS = ("ct_registered", "synthetic_mri", "difference", "transform", "table")
+
+# Table columns: (title, metrics.json key, unit, description)
+TABLE_COLUMNS = (
+    ("MAE", "mae", "0..255", "mean absolute error over foreground voxels (reference MRI > 0)"),
+    ("SSIM", "ssim", "", "structural similarity (Wang 2004, Gaussian sigma 1.5), whole slice"),
+    ("SSIM foreground", "ssim_foreground", "", "SSIM map averaged over foreground voxels"),
+    ("PSNR", "psnr", "dB", "peak signal-to-noise ratio, data range 255 (volume only)"),
+    ("MAE whole", "mae_whole", "0..255", "mean absolute error over all voxels"),
+)
+
+
+def _slicer():
+    import slicer
+
+    return slicer
+
+
+def _scene(scene=None):
+    if scene is not None:
+        return scene
+    scene = getattr(_slicer(), "mrmlScene", None)
+    if scene is None:
+        raise CTMRIError("no MRML scene: pass one, or set slicer.mrmlScene")
+    return scene
+
+
+def _vtk_matrix(array: np.ndarray):
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def _np_matrix(matrix) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Geometry: SimpleITK image (LPS) <-> IJKToRAS matrix
+
+
+def ijk_to_ras_of_image(image: sitk.Image) -> np.ndarray:
+    """The 4×4 IJKToRAS matrix of a 3D SimpleITK image."""
+    if image.GetDimension() != 3:
+        raise CTMRIError(f"expected a 3D image, got {image.GetDimension()}D")
+    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = direction @ np.diag(np.array(image.GetSpacing(), dtype=np.float64))
+    ijk_to_lps[:3, 3] = image.GetOrigin()
+    return FLIP @ ijk_to_lps
+
+
+def geometry_from_ijk_to_ras(ijk_to_ras: np.ndarray, what: str = "volume") -> tuple[tuple, tuple, tuple]:
+    """(spacing, origin, direction) in SimpleITK's LPS convention from an IJKToRAS matrix.
+
+    Refuses matrices whose axes are not orthogonal (sheared, e.g. by a non-rigid parent transform)
+    or have zero length: a SimpleITK image cannot represent them.
+    """
+    m = FLIP @ np.asarray(ijk_to_ras, dtype=np.float64)
+    columns = m[:3, :3]
+    spacing = np.linalg.norm(columns, axis=0)
+    if not np.all(np.isfinite(m)) or np.any(spacing <= 0):
+        raise CTMRIError(f"the {what} has an invalid voxel-to-world matrix (zero or non-finite spacing)")
+    direction = columns / spacing
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise CTMRIError(
+            f"the {what}'s voxel axes are not orthogonal (sheared by its transform); harden the transform "
+            "and resample the volume (Transforms module) first"
+        )
+    return tuple(float(v) for v in spacing), tuple(float(v) for v in m[:3, 3]), tuple(float(v) for v in direction.ravel())
+
+
+def ijk_to_world_of_node(node) -> np.ndarray:
+    """IJKToRAS of a volume node in world coordinates (including a linear parent transform)."""
+    import vtk
+
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(ijk_to_ras)
+    matrix = _np_matrix(ijk_to_ras)
+    parent = node.GetParentTransformNode()
+    if parent is not None:
+        if not parent.IsTransformToWorldLinear():
+            raise CTMRIError(
+                f"volume '{node.GetName()}' is under a non-linear transform ('{parent.GetName()}'); harden "
+                "the transform (Transforms module) or remove it first"
+            )
+        to_world = vtk.vtkMatrix4x4()
+        parent.GetMatrixTransformToWorld(to_world)
+        matrix = _np_matrix(to_world) @ matrix
+    return matrix
+
+
+# --------------------------------------------------------------------------------------------------
+# Volume node -> SimpleITK image
+
+
+def _check_volume_node(node, what: str) -> None:
+    slicer = _slicer()
+    if node is None:
+        raise CTMRIError(f"no {what} volume selected; choose a volume")
+    if not node.IsA("vtkMRMLVolumeNode"):
+        raise CTMRIError(f"'{node.GetName()}' ({node.GetClassName()}) is not a volume; choose a {what} volume")
+    name = node.GetName()
+    if node.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise CTMRIError(
+            f"'{name}' is a label map (segment labels, not intensities); choose the {what} image itself"
+        )
+    if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLVectorVolumeNode") or node.IsA("vtkMRMLTensorVolumeNode"):
+        raise CTMRIError(
+            f"'{name}' is a {node.GetClassName()} (colour, vector or tensor image); give a single-channel "
+            f"grayscale {what}"
+        )
+    image_data = node.GetImageData()
+    if image_data is None:
+        raise CTMRIError(f"'{name}' has no voxels (an empty volume node); load the {what} image into it")
+    dims = image_data.GetDimensions()
+    if min(dims) < 1 or image_data.GetNumberOfPoints() == 0 or image_data.GetPointData().GetScalars() is None:
+        raise CTMRIError(f"'{name}' has no voxels (size {tuple(dims)}); load the {what} image into it")
+    components = image_data.GetNumberOfScalarComponents()
+    if components != 1:
+        raise CTMRIError(
+            f"'{name}' has {components} components per voxel (colour or vector image); give a "
+            f"single-channel grayscale {what}"
+        )
+    scene = node.GetScene()
+    if scene is not None and hasattr(slicer, "vtkMRMLSequenceBrowserNode"):
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSequenceBrowserNode")):
+            browser = scene.GetNthNodeByClass(i, "vtkMRMLSequenceBrowserNode")
+            sequence = browser.GetSequenceNode(node) if browser.IsProxyNodeID(node.GetID()) else None
+            if sequence is not None and sequence.GetNumberOfDataNodes() > 1:
+                raise CTMRIError(
+                    f"'{name}' shows one frame of a {sequence.GetNumberOfDataNodes()}-frame sequence (4D); "
+                    f"give a single 3D {what} (e.g. clone the current frame in the Data module)"
+                )
+
+
+def image_from_volume_node(node, what: str = "volume") -> sitk.Image:
+    """A SimpleITK copy of a scalar volume node, with its physical (world) geometry in LPS.
+
+    Voxel values and type are copied unchanged; the node is only read. Refuses (``CTMRIError``)
+    label maps, colour/vector/tensor volumes, empty nodes, frames of 4D sequences and volumes under
+    non-linear transforms.
+    """
+    slicer = _slicer()
+    _check_volume_node(node, what)
+    array = np.array(slicer.util.arrayFromVolume(node), copy=True)  # (k, j, i), a copy: never a view
+    spacing, origin, direction = geometry_from_ijk_to_ras(ijk_to_world_of_node(node), f"{what} '{node.GetName()}'")
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
+    return image
+
+
+# --------------------------------------------------------------------------------------------------
+# SimpleITK image / transform / metrics -> new nodes
+
+
+def add_volume_node(scene, image: sitk.Image, name: str, role: Optional[str] = None):
+    """Add a new scalar volume node holding ``image`` (voxels copied, geometry converted to RAS)."""
+    slicer = _slicer()
+    image = image if image.GetDimension() == 3 else sitk.JoinSeries(image)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise CTMRIError(f"cannot make a scalar volume from a {image.GetNumberOfComponentsPerPixel()}-component image")
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    node.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras_of_image(image)))
+    slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(image))
+    node.CreateDefaultDisplayNodes()
+    if role:
+        node.SetAttribute(ROLE_ATTRIBUTE, role)
+    return node
+
+
+def affine_of_transform(transform: sitk.Transform) -> np.ndarray:
+    """The 4×4 LPS matrix of a 3D affine SimpleITK transform (of any class, composites included).
+
+    Found by mapping the origin and the unit points, then checked on other points; a transform that
+    is not affine (e.g. a displacement field) raises ``CTMRIError``.
+    """
+    if transform.GetDimension() != 3:
+        raise CTMRIError(f"expected a 3D transform, got {transform.GetDimension()}D")
+    t = np.array(transform.TransformPoint((0.0, 0.0, 0.0)))
+    a = np.column_stack([np.array(transform.TransformPoint(tuple(e))) - t for e in np.eye(3)])
+    probes = np.array([[100.0, -50.0, 30.0], [-120.0, 80.0, -60.0], [7.0, 13.0, 200.0]])
+    for p in probes:
+        if not np.allclose(transform.TransformPoint(tuple(p)), a @ p + t, atol=1e-4 * (1 + np.abs(p).max())):
+            raise CTMRIError("the registration transform is not linear; only rigid/similarity/affine transforms become a transform node")
+    matrix = np.eye(4)
+    matrix[:3, :3], matrix[:3, 3] = a, t
+    return matrix
+
+
+def ras_matrix_of_transform(transform: sitk.Transform) -> np.ndarray:
+    """The ITK transform (LPS, MRI point → CT point) as a 4×4 RAS matrix (still MRI point → CT point)."""
+    return FLIP @ affine_of_transform(transform) @ FLIP
+
+
+def add_transform_node(scene, transform: sitk.Transform, name: str):
+    """A new linear transform node whose ToParent matrix moves the CT onto the MRI.
+
+    ``transform`` maps MRI points to CT points (ITK, LPS); it is stored as the node's FromParent
+    matrix in RAS, the convention Slicer uses for ITK transforms it reads from files.
+    """
+    matrix = ras_matrix_of_transform(transform)
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    node.SetMatrixTransformFromParent(_vtk_matrix(matrix))
+    node.SetAttribute(ROLE_ATTRIBUTE, "transform")
+    return node
+
+
+def _nan(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def add_metrics_table(scene, summary: dict, name: str):
+    """A new table node: one row for the whole volume, then one row per axial slice.
+
+    Columns: Scope ("volume" / "slice"), Slice (index in canonical axial order, inferior → superior;
+    empty for the volume row), Foreground voxels, then MAE, SSIM, SSIM foreground, PSNR, MAE whole
+    (NaN where a value does not exist: slices without foreground, PSNR per slice). The node's
+    ``CTtoMRISynthesis.summary`` attribute holds the whole metrics.json content.
+    """
+    import vtk
+
+    per_slice = summary.get("per_slice") or []
+    rows = [("volume", "", summary.get("foreground_voxels"), {k: summary.get(k) for _, k, _, _ in TABLE_COLUMNS})]
+    for entry in per_slice:
+        values = {k: entry.get(k) for _, k, _, _ in TABLE_COLUMNS}
+        rows.append(("slice", str(entry["index"]), entry.get("foreground_voxels"), values))
+
+    table = vtk.vtkTable()
+    scope = vtk.vtkStringArray()
+    scope.SetName("Scope")
+    index = vtk.vtkStringArray()
+    index.SetName("Slice")
+    voxels = vtk.vtkIntArray()
+    voxels.SetName("Foreground voxels")
+    numeric = []
+    for title, _, _, _ in TABLE_COLUMNS:
+        column = vtk.vtkDoubleArray()
+        column.SetName(title)
+        numeric.append(column)
+    for row_scope, row_index, row_voxels, values in rows:
+        scope.InsertNextValue(row_scope)
+        index.InsertNextValue(row_index)
+        voxels.InsertNextValue(int(row_voxels or 0))
+        for column, (_, key, _, _) in zip(numeric, TABLE_COLUMNS):
+            column.InsertNextValue(_nan(values[key]))
+    for column in (scope, index, voxels, *numeric):
+        table.AddColumn(column)
+
+    node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    node.SetAndObserveTable(table)
+    node.SetUseColumnTitleAsColumnHeader(True)
+    node.SetColumnDescription("Slice", "axial slice index in canonical (LPS) order, inferior to superior")
+    node.SetColumnDescription("Foreground voxels", "voxels where the reference MRI > 0")
+    for title, _, unit, description in TABLE_COLUMNS:
+        node.SetColumnDescription(title, description)
+        if unit:
+            node.SetColumnUnitLabel(title, unit)
+    node.SetLocked(True)
+    node.SetAttribute(ROLE_ATTRIBUTE, "metrics")
+    node.SetAttribute(SUMMARY_ATTRIBUTE, json.dumps(summary))
+    return node
+
+
+def table_rows(table_node) -> list[dict]:
+    """The rows of a metrics table node as dicts (column title → value; NaN → None)."""
+    table = table_node.GetTable()
+    out = []
+    for r in range(table.GetNumberOfRows()):
+        row = {}
+        for c in range(table.GetNumberOfColumns()):
+            column = table.GetColumn(c)
+            value = column.GetValue(r)
+            if isinstance(value, float) and value != value:
+                value = None
+            row[column.GetName()] = value
+        out.append(row)
+    return out
+
+
+def _difference_colormap(scene, created: list):
+    """The diverging colour table for difference maps: reuse ours if the scene has it, else make it.
+
+    Blue (negative: synthetic brighter than the MRI) → black (0) → red (positive: synthetic darker),
+    256 entries. Black at zero keeps the background (both images 0) dark like the slice views.
+    """
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode")
+        if node.GetAttribute(ROLE_ATTRIBUTE) == "difference colormap":
+            return node
+    node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", DIFFERENCE_COLOR_NAME)
+    created.append(node)
+    node.SetTypeToUser()
+    node.SetNumberOfColors(256)
+    node.SetAttribute(ROLE_ATTRIBUTE, "difference colormap")
+    blue, red = np.array([0.25, 0.55, 1.0]), np.array([1.0, 0.3, 0.2])
+    for i in range(256):
+        x = (i - 127.5) / 127.5  # -1 .. 1
+        rgb = (blue if x < 0 else red) * abs(x) ** 0.8
+        node.SetColor(i, f"{x * 100:+.0f}%", float(rgb[0]), float(rgb[1]), float(rgb[2]), 1.0)
+    return node
+
+
+def difference_window(difference: sitk.Image) -> float:
+    """Half-width of a display window symmetric around 0 (99.5th percentile of |difference| ≠ 0, ≥ 1)."""
+    values = np.abs(sitk.GetArrayViewFromImage(difference))
+    values = values[values > 0]
+    if values.size == 0:
+        return 1.0
+    return float(max(1.0, np.ceil(np.percentile(values, 99.5))))
+
+
+def _set_window(node, window: float, level: float) -> None:
+    display = node.GetDisplayNode()
+    if display is not None:
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevel(float(window), float(level))
+
+
+def add_result_nodes(
+    scene,
+    *,
+    synthetic_mri: sitk.Image,
+    summary: dict,
+    base_name: str,
+    ct_registered: Optional[sitk.Image] = None,
+    difference: Optional[sitk.Image] = None,
+    transform: Optional[sitk.Transform] = None,
+    ct_display=None,
+) -> dict:
+    """Add the output nodes of one synthesis; all or nothing.
+
+    Returns ``{"synthetic_mri": node, and where available "ct_registered", "difference", "transform",
+    "table"}``. On any error every node added here is removed again and the error is raised.
+    ``ct_display`` (the input CT's display node, only read) gives the registered CT its window/level.
+    """
+    scene = _scene(scene)
+    created: list = []
+    outputs: dict = {}
+    summary_json = json.dumps(summary)
+    try:
+        if ct_registered is not None:
+            node = add_volume_node(scene, ct_registered, f"{base_name} registered", "ct_registered")
+            created.append(node)
+            outputs["ct_registered"] = node
+            if ct_display is not None and node.GetDisplayNode() is not None and not ct_display.GetAutoWindowLevel():
+                _set_window(node, ct_display.GetWindow(), ct_display.GetLevel())
+        node = add_volume_node(scene, synthetic_mri, f"{base_name} synthetic MRI", "synthetic_mri")
+        created.append(node)
+        outputs["synthetic_mri"] = node
+        node.SetAttribute(SUMMARY_ATTRIBUTE, summary_json)
+        _set_window(node, 255.0, 127.5)  # the model's 0..255 scale
+        if difference is not None:
+            node = add_volume_node(scene, difference, f"{base_name} difference", "difference")
+            created.append(node)
+            outputs["difference"] = node
+            colormap = _difference_colormap(scene, created)
+            if node.GetDisplayNode() is not None:
+                node.GetDisplayNode().SetAndObserveColorNodeID(colormap.GetID())
+                _set_window(node, 2.0 * difference_window(difference), 0.0)
+        if transform is not None:
+            node = add_transform_node(scene, transform, f"{base_name} registration")
+            created.append(node)
+            outputs["transform"] = node
+        if summary.get("mae") is not None or summary.get("per_slice"):
+            node = add_metrics_table(scene, summary, f"{base_name} synthesis metrics")
+            created.append(node)
+            outputs["table"] = node
+    except BaseException:
+        _remove_nodes(scene, created)
+        raise
+    return outputs
+
+
+def _remove_nodes(scene, nodes) -> None:
+    for node in reversed(nodes):
+        if node is None or node.GetScene() is None:
+            continue
+        if node.IsA("vtkMRMLDisplayableNode"):
+            for i in reversed(range(node.GetNumberOfDisplayNodes())):
+                display = node.GetNthDisplayNode(i)
+                if display is not None and display.GetScene() is not None:
+                    scene.RemoveNode(display)
+        if node.IsA("vtkMRMLStorableNode"):
+            storage = node.GetStorageNode()
+            if storage is not None and storage.GetScene() is not None:
+                scene.RemoveNode(storage)
+        scene.RemoveNode(node)
+
+
+def remove_outputs(scene, outputs: dict) -> None:
+    """Remove the nodes of a previous result (e.g. before re-running); the colour table stays."""
+    _remove_nodes(_scene(scene), [n for k, n in outputs.items() if k in OUTPUT_KEYS or k == "synthetic_mri"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The node-level synthesis
+
+
+def run_on_nodes(
+    scene,
+    ct_node,
+    mri_node=None,
+    *,
+    weights=None,
+    model=None,
+    device: str = "auto",
+    registration: str = "rigid",
+    batch_size: Optional[int] = None,
+    progress: Optional[Callable[[float, str], None]] = None,
+    cancel: Optional[Callable[[], bool]] = None,
+    base_name: Optional[str] = None,
+) -> dict:
+    """Synthesise an MRI from a CT volume node (and evaluate against an MRI node); add the outputs.
+
+    Runs :func:`pipeline.synthesize` (the same path as ``ctmri synthesize``) on copies of the
+    nodes' voxels in world coordinates, then adds NEW nodes only if everything succeeded:
+    "<CT> registered" and "<CT> difference" (with a reference MRI), "<CT> synthetic MRI",
+    "<CT> registration" (linear transform; its ToParent moves the CT onto the MRI) and the table
+    "<CT> synthesis metrics". Inputs are never modified. On an error or a cancel (``cancel()``
+    returning True) it raises ``CTMRIError`` / ``CancelledError`` and the scene is as it was.
+
+    Returns ``{"synthetic_mri": node, "ct_registered": node, "difference": node, "transform": node,
+    "table": node}`` (the last four only with an MRI). The synthetic MRI node's
+    ``CTtoMRISynthesis.summary`` attribute holds the content of metrics.json (device, time, metrics).
+    """
+    from .pipeline import synthesize
+
+    scene = _scene(scene)
+    ct = image_from_volume_node(ct_node, "CT")
+    mri = image_from_volume_node(mri_node, "MRI") if mri_node is not None else None
+    result = synthesize(
+        ct, mri, weights=weights, model=model, device=device, registration=registration,
+        batch_size=batch_size, progress=progress, cancel=cancel,
+    )
+    if cancel is not None and cancel():
+        from .errors import CancelledError
+
+        raise CancelledError()
+    return add_result_nodes(
+        scene,
+        synthetic_mri=result.synthetic_mri,
+        ct_registered=result.ct_registered,
+        difference=result.difference,
+        transform=result.transform,
+        summary=result.summary(),
+        base_name=base_name or ct_node.GetName() or "CT",
+        ct_display=ct_node.GetDisplayNode() if hasattr(ct_node, "GetDisplayNode") else None,
+    )
+
+
+def add_outputs_from_folder(scene, folder, base_name: str, ct_node=None) -> dict:
+    """Add the output nodes from a folder written by ``pipeline.save_outputs`` (the background worker, the CLI).
+
+    Same nodes, names and all-or-nothing rule as :func:`run_on_nodes`.
+    """
+    from .pipeline import OUTPUT_FILES
+    from .volumes import read_volume
+
+    folder = Path(folder)
+    metrics_path = folder / OUTPUT_FILES["metrics"]
+    synthetic_path = folder / OUTPUT_FILES["synthetic_mri"]
+    if not metrics_path.exists() or not synthetic_path.exists():
+        raise CTMRIError(f"no complete synthesis result in {folder}; run the synthesis again")
+    summary = json.loads(metrics_path.read_text())
+
+    def optional_volume(kind):
+        path = folder / OUTPUT_FILES[kind]
+        return read_volume(path, kind) if path.exists() else None
+
+    transform_path = folder / OUTPUT_FILES["transform"]
+    transform = sitk.ReadTransform(str(transform_path)) if transform_path.exists() else None
+    return add_result_nodes(
+        scene,
+        synthetic_mri=read_volume(synthetic_path, "synthetic MRI"),
+        ct_registered=optional_volume("ct_registered"),
+        difference=optional_volume("difference"),
+        transform=transform,
+        summary=summary,
+        base_name=base_name,
+        ct_display=ct_node.GetDisplayNode() if ct_node is not None else None,
+    )
+
+
+def write_node_for_worker(node, path, what: str) -> Path:
+    """Write a volume node's voxels with world geometry to ``path`` (.nrrd), for the background worker."""
+    image = image_from_volume_node(node, what)
+    path = Path(path)
+    try:
+        sitk.WriteImage(image, str(path), False)  # uncompressed: fast, read back at once
+    except RuntimeError as exc:
+        raise CTMRIError(f"cannot write {path}: {str(exc).strip().splitlines()[-1]}") from exc
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Review: what the module shows after a run (MRML only; the widget switches the layout)
+
+#: Custom layout ids (far from Slicer's built-in ones, which are < 1000).
+REVIEW_LAYOUT_3 = 86501
+REVIEW_LAYOUT_2 = 86502
+
+_VIEW_COLORS = {"Red": "#F34A33", "Yellow": "#EDD54C", "Green": "#6EB04B"}
+
+
+def review_plan(outputs: dict, reference_node=None, ct_node=None) -> list[dict]:
+    """Which volume goes into which linked axial view.
+
+    With a reference MRI: Red = reference MRI | Yellow = synthetic MRI | Green = difference map.
+    Without: Red = CT | Yellow = synthetic MRI. Each entry: view name, short label, background node.
+    """
+    plan = []
+    left = reference_node if reference_node is not None else ct_node
+    if left is not None:
+        plan.append({"view": "Red", "label": "MRI" if reference_node is not None else "CT", "background": left})
+    plan.append({"view": "Yellow", "label": "sMRI", "background": outputs["synthetic_mri"]})
+    if outputs.get("difference") is not None:
+        plan.append({"view": "Green", "label": "Diff", "background": outputs["difference"]})
+    return plan
+
+
+def review_layout_xml(plan: list[dict]) -> str:
+    """A Slicer layout description: the plan's views side by side in a row, all axial."""
+    items = []
+    for entry in plan:
+        view = entry["view"]
+        items.append(
+            f' <item><view class="vtkMRMLSliceNode" singletontag="{view}">'
+            f'<property name="orientation" action="default">Axial</property>'
+            f'<property name="viewlabel" action="default">{entry["label"]}</property>'
+            f'<property name="viewcolor" action="default">{_VIEW_COLORS.get(view, "#888888")}</property>'
+            "</view></item>"
+        )
+    return '<layout type="horizontal">\n' + "\n".join(items) + "\n</layout>"
+
+
+def apply_review_plan(scene, plan: list[dict]) -> list:
+    """Put each plan entry's volume into its view's slice composite node, axial, with linked control.
+
+    Only view (slice/composite) nodes are changed, never data nodes. Returns the composite nodes set.
+    """
+    scene = _scene(scene)
+    composites = {}
+    slices = {}
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+        composites[node.GetLayoutName()] = node
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLSliceNode")
+        slices[node.GetLayoutName()] = node
+    done = []
+    for entry in plan:
+        composite = composites.get(entry["view"])
+        if composite is None:
+            continue
+        composite.SetBackgroundVolumeID(entry["background"].GetID())
+        composite.SetForegroundVolumeID(None)
+        composite.SetLabelVolumeID(None)
+        composite.SetLinkedControl(True)
+        slice_node = slices.get(entry["view"])
+        if slice_node is not None:
+            slice_node.SetOrientation("Axial")
+        done.append(composite)
+    return done
+
+
+def summary_of(outputs: dict) -> dict:
+    """The metrics.json content stored on a result's synthetic MRI node."""
+    node = outputs.get("synthetic_mri")
+    text = node.GetAttribute(SUMMARY_ATTRIBUTE) if node is not None else None
+    return json.loads(text) if text else {}
+
+
+def metrics_panel_text(summary: dict) -> dict:
+    """Text for the module's metrics panel: mae, ssim, psnr, time, device ("-" where unknown)."""
+
+    def fmt(key, pattern):
+        value = summary.get(key)
+        return pattern.format(value) if isinstance(value, (int, float)) else "-"
+
+    psnr = summary.get("psnr")
+    if psnr is None and summary.get("mae") == 0:
+        psnr_text = "∞ (identical)"
+    else:
+        psnr_text = fmt("psnr", "{:.2f} dB")
+    return {
+        "mae": fmt("mae", "{:.2f} (0..255)"),
+        "ssim": fmt("ssim", "{:.4f}"),
+        "psnr": psnr_text,
+        "time": fmt("seconds", "{:.1f} s"),
+        "device": str(summary.get("device") or "-"),
+    }
