@@ -1,0 +1,142 @@
+"""The background worker the Slicer module runs: a real subprocess on real files, progress, errors,
+and cancel (the process ends within a second or two and no file is left behind)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import read_harvard_case
+from CTtoMRISynthesisLib import worker
+from CTtoMRISynthesisLib.worker import WorkerRun
+
+
+@pytest.fixture(scope="module")
+def case_images(harvard_dir: Path) -> tuple[sitk.Image, sitk.Image]:
+    images = []
+    for modality in ("CT", "MRI"):
+        image = sitk.GetImageFromArray(read_harvard_case(harvard_dir, "16", modality))
+        image.SetSpacing((0.9, 0.9, 5.0))
+        images.append(image)
+    return images[0], images[1]
+
+
+def _prepared(tmp_path: Path, ct: sitk.Image, mri: sitk.Image | None) -> WorkerRun:
+    run = WorkerRun(tmp_path)
+    sitk.WriteImage(ct, str(run.ct_path))
+    if mri is not None:
+        sitk.WriteImage(mri, str(run.mri_path))
+    return run
+
+
+def test_worker_run_writes_outputs_and_reports_progress(case_images, tiny_weights, tmp_path) -> None:
+    run = _prepared(tmp_path, *case_images)
+    fractions, steps = [], []
+    run.start(sys.executable, has_mri=True, weights=tiny_weights, device="cpu", registration="rigid")
+    deadline = time.monotonic() + 300
+    while run.poll():
+        fractions.append(run.fraction)
+        steps.append(run.step)
+        assert time.monotonic() < deadline, "worker took too long"
+        time.sleep(0.05)
+    assert run.returncode == 0 and run.succeeded, (run.error, run.log[-20:])
+    assert sorted(p.name for p in run.out_dir.iterdir()) == sorted(
+        ["synthetic_mri.nrrd", "ct_registered.nrrd", "difference.nrrd", "transform.tfm", "metrics.json"])
+    assert run.fraction == 1.0 and all(b >= a for a, b in zip(fractions, fractions[1:]))
+    assert any(s.startswith("register") for s in steps) and any(s.startswith("synthes") for s in steps)
+    assert json.loads((run.out_dir / "metrics.json").read_text())["device"] == "cpu"
+    assert any(line.startswith("DONE ") for line in run.log)
+    run.cleanup()
+    assert not run.folder.exists()
+
+
+def test_worker_reports_a_user_error_in_one_line(tmp_path, tiny_weights) -> None:
+    constant = sitk.Image([32, 32, 3], sitk.sitkInt16) + 5
+    run = _prepared(tmp_path, constant, None)
+    run.start(sys.executable, has_mri=False, weights=tiny_weights, device="cpu")
+    assert run.wait(timeout=120) == worker.EXIT_ERROR
+    assert not run.succeeded and "constant" in run.error and "\n" not in run.error
+    assert not run.out_dir.exists()
+    run.cleanup()
+    assert not run.folder.exists()
+
+
+def test_cancel_stops_the_worker_fast_and_leaves_nothing(case_images, tiny_weights, tmp_path) -> None:
+    run = _prepared(tmp_path, *case_images)
+    run.start(sys.executable, has_mri=True, weights=tiny_weights, device="cpu", registration="rigid")
+    deadline = time.monotonic() + 120
+    while run.poll() and run.fraction < 0.03:  # wait until it is really working (registering)
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert run.running, run.log
+    started = time.monotonic()
+    run.cancel()
+    assert time.monotonic() - started < 2.0
+    assert run.finished and run.cancelled and not run.succeeded
+    assert run.proc.poll() is not None
+    assert not run.out_dir.exists()
+    run.cleanup()
+    assert not run.folder.exists()
+    assert not list(tmp_path.iterdir()), "no temporary file left beside the run either"
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX process groups")
+def test_kill_process_tree_also_kills_the_launchers_child(tmp_path) -> None:
+    """PythonSlicer is a launcher that runs the interpreter as a child; cancel must stop both."""
+    pid_file = tmp_path / "child.pid"
+    launcher = (
+        "import subprocess, sys, time\n"
+        f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "child.wait()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", launcher], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    worker.kill_process_tree(proc)
+    proc.wait(timeout=5)
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        # a killed child stays a zombie until reaped by init; check its state
+        status = Path(f"/proc/{child}/status")
+        if status.exists() and "State:\tZ" in status.read_text():
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the launcher's child survived")
+
+
+def test_worker_script_imports_only_the_standard_library() -> None:
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import CTtoMRISynthesisLib.worker; "
+        "heavy = {'numpy', 'SimpleITK', 'torch', 'skimage', 'slicer'} & set(sys.modules); print(sorted(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(Path(worker.__file__).parents[1])],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_protocol_lines_are_parsed(tmp_path) -> None:
+    run = WorkerRun(tmp_path)
+    for line in ["PROGRESS 0.2500 register", "something else", "PROGRESS oops", "ERROR bad thing: do X", "CANCELLED"]:
+        run._handle(line)
+    assert run.fraction == 0.25 and run.step == "register"
+    assert run.error == "bad thing: do X" and run.cancelled
+    assert "something else" in run.log
+    run.cleanup()
+    assert not run.folder.exists()
+    np.testing.assert_equal(worker.EXIT_CANCELLED, 130)
