@@ -1,0 +1,487 @@
+"""CTtoMRISynthesis: a 3D Slicer module that turns a head CT into a synthetic brain MRI (2D U-Net).
+
+Thin by design: the widget turns GUI / parameter-node state into one call, and the node-level work
+lives in ``CTtoMRISynthesisLib/mrml.py`` (tested outside Slicer against real MRML). Heavy packages
+(torch, scikit-image) are imported only when a synthesis runs, after they were installed on request.
+"""
+
+import logging
+import pathlib
+from typing import Annotated, Optional
+
+import qt
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer import vtkMRMLLinearTransformNode, vtkMRMLScalarVolumeNode, vtkMRMLTableNode
+
+
+#
+# CTtoMRISynthesis
+#
+
+
+class CTtoMRISynthesis(ScriptedLoadableModule):
+    """Module description shown in Slicer."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("CT to MRI Synthesis")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Image Synthesis")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["CTtoMRISynthesis contributors"]
+        self.parent.helpText = _(
+            """
+Synthesize a brain MRI from a head CT with a 2D U-Net, slice by slice.
+Optionally give the patient's real MRI: the CT is then registered to it and a difference map and
+metrics (MAE, SSIM, PSNR) are made. The synthetic MRI is a research result, not a diagnostic image.
+See the <a href="https://github.com/ctmri/SlicerCTtoMRISynthesis">extension documentation</a>.
+"""
+        )
+        self.parent.acknowledgementText = _(
+            """
+Method after Dong et al. 2020 (CT to MRI synthesis with a U-Net). Uses PyTorch, SimpleITK and scikit-image.
+"""
+        )
+
+
+#
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class CTtoMRISynthesisParameterNode:
+    """Inputs, options and outputs, stored in the scene so the GUI and a saved scene agree.
+
+    ctVolume - the CT to synthesise from.
+    mriVolume - optional reference MRI (registration, difference map and metrics).
+    device, registration - options passed to the pipeline.
+    weightsPath - a model file; empty (".") means the model shipped with the extension.
+    syntheticVolume, registeredVolume, differenceVolume, registrationTransform, metricsTable - outputs.
+    """
+
+    ctVolume: vtkMRMLScalarVolumeNode
+    mriVolume: vtkMRMLScalarVolumeNode
+    device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
+    registration: Annotated[str, Choice(["rigid", "similarity", "none"])] = "rigid"
+    weightsPath: pathlib.Path
+    syntheticVolume: vtkMRMLScalarVolumeNode
+    registeredVolume: vtkMRMLScalarVolumeNode
+    differenceVolume: vtkMRMLScalarVolumeNode
+    registrationTransform: vtkMRMLLinearTransformNode
+    metricsTable: vtkMRMLTableNode
+
+
+#
+# Widget
+#
+
+
+class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel. The synthesis runs in a background PythonSlicer process (CTtoMRISynthesisLib/worker.py)
+    so that Slicer never freezes; a QTimer reads its progress, and Cancel stops it at once."""
+
+    POLL_INTERVAL_MS = 200
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._run = None  # worker.WorkerRun while a synthesis runs
+        self._runInputs = None
+        self._timer = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CTtoMRISynthesis.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = CTtoMRISynthesisLogic()
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(self.POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self.onPollWorker)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.showResultsButton.connect("clicked(bool)", self.onShowResults)
+        self.ui.progressBar.hide()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self._stopRun(cancel=True)
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self._stopRun(cancel=True)
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.ctVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.ctVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode: Optional[CTtoMRISynthesisParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._updateButtons()
+            self._showMetrics()
+
+    def _updateButtons(self, caller=None, event=None) -> None:
+        running = self._run is not None
+        if running:
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.toolTip = _("Stop the synthesis; nothing is added to the scene.")
+            self.ui.applyButton.enabled = True
+        else:
+            self.ui.applyButton.text = _("Synthesize MRI")
+            ready = bool(self._parameterNode and self._parameterNode.ctVolume)
+            self.ui.applyButton.toolTip = _("Synthesize an MRI from the CT.") if ready else _("Select a CT volume.")
+            self.ui.applyButton.enabled = ready
+        self.ui.inputsCollapsibleButton.enabled = not running
+        self.ui.optionsCollapsibleButton.enabled = not running
+        self.ui.showResultsButton.enabled = bool(
+            not running and self._parameterNode and self._parameterNode.syntheticVolume
+        )
+
+    # -- running --------------------------------------------------------------------------------
+
+    def onApplyButton(self) -> None:
+        if self._run is not None:
+            self.onCancel()
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the synthesis."), waitCursor=True):
+            self.logic.setupPythonRequirements(askConfirmation=True)
+            self._run = self.logic.startBackgroundRun(
+                p.ctVolume, p.mriVolume, device=p.device, registration=p.registration, weightsPath=p.weightsPath
+            )
+            self._runInputs = (p.ctVolume, p.mriVolume)
+            self.ui.progressBar.value = 0
+            self.ui.progressBar.format = _("starting") + " (%p%)"
+            self.ui.progressBar.show()
+            self.ui.statusLabel.text = _("Running in the background; Slicer stays usable.")
+            self._updateButtons()
+            self._timer.start()
+
+    def onPollWorker(self) -> None:
+        run = self._run
+        if run is None:
+            self._timer.stop()
+            return
+        run.poll()
+        self.ui.progressBar.value = int(round(100 * run.fraction))
+        self.ui.progressBar.format = f"{run.step} (%p%)"
+        if not run.finished:
+            return
+        self._timer.stop()
+        ctNode, mriNode = self._runInputs
+        try:
+            if run.succeeded:
+                with slicer.util.tryWithErrorDisplay(_("Failed to load the results."), waitCursor=True):
+                    outputs = self.logic.loadBackgroundResults(run, ctNode)
+                    self.logic.storeOutputs(self._parameterNode, outputs)
+                    self.ui.statusLabel.text = _("Done.")
+                    self.logic.showResults(outputs, mriNode, ctNode)
+            elif run.cancelled:
+                self.ui.statusLabel.text = _("Cancelled; nothing was added.")
+            else:
+                self.ui.statusLabel.text = _("Failed: ") + str(run.error)
+                slicer.util.errorDisplay(
+                    _("Synthesis failed: ") + str(run.error), detailedText="\n".join(run.log[-200:])
+                )
+        finally:
+            self._stopRun(cancel=False)
+            self._showMetrics()
+
+    def onCancel(self) -> None:
+        self._stopRun(cancel=True)
+        self.ui.statusLabel.text = _("Cancelled; nothing was added.")
+
+    def _stopRun(self, cancel: bool) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+        run, self._run, self._runInputs = self._run, None, None
+        if run is not None:
+            if cancel:
+                run.cancel()
+            run.cleanup()
+        if hasattr(self, "ui"):
+            self.ui.progressBar.hide()
+            self._updateButtons()
+
+    # -- results --------------------------------------------------------------------------------
+
+    def _showMetrics(self) -> None:
+        from CTtoMRISynthesisLib import mrml
+
+        node = self._parameterNode.syntheticVolume if self._parameterNode else None
+        text = mrml.metrics_panel_text(mrml.summary_of({"synthetic_mri": node}) if node else {})
+        self.ui.maeValueLabel.text = text["mae"]
+        self.ui.ssimValueLabel.text = text["ssim"]
+        self.ui.psnrValueLabel.text = text["psnr"]
+        self.ui.timeValueLabel.text = text["time"]
+        self.ui.deviceValueLabel.text = text["device"]
+
+    def onShowResults(self) -> None:
+        p = self._parameterNode
+        if p and p.syntheticVolume:
+            outputs = {"synthetic_mri": p.syntheticVolume, "difference": p.differenceVolume}
+            self.logic.showResults(outputs, p.mriVolume, p.ctVolume)
+
+
+#
+# Logic
+#
+
+
+class InstallError(Exception):
+    """A required Python package is missing and was not installed."""
+
+
+class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
+    """Everything the panel does, callable from scripts.
+
+    Console use (synchronous, blocks until done)::
+
+        logic = slicer.util.getModuleLogic("CTtoMRISynthesis")  # or CTtoMRISynthesisLogic()
+        outputs = logic.process(ctNode, mriNode)  # dict of the new output nodes
+    """
+
+    #: Python packages the library needs beyond what Slicer ships (import name, pip requirement).
+    PIP_REQUIREMENTS = (("skimage", "scikit-image>=0.21"), ("scipy", "scipy"))
+    MINIMUM_TORCH = "2.0"
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    def getParameterNode(self):
+        return CTtoMRISynthesisParameterNode(super().getParameterNode())
+
+    # -- dependencies ---------------------------------------------------------------------------
+
+    def setupPythonRequirements(self, askConfirmation: bool = True) -> None:
+        """Install what is missing, after asking: torch through the PyTorch extension, others with pip."""
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError as exc:
+                raise InstallError(
+                    _("This module needs the PyTorch extension: install it from the Extensions Manager and restart Slicer.")
+                ) from exc
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torchLogic.torchInstalled():
+                torch = torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=f">={self.MINIMUM_TORCH}")
+                if torch is None:
+                    raise InstallError(_("PyTorch is required to synthesize an MRI; it was not installed."))
+        missing = [requirement for module, requirement in self.PIP_REQUIREMENTS if importlib.util.find_spec(module) is None]
+        if missing:
+            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                _("CT to MRI Synthesis needs these Python packages, which will now be downloaded and installed:")
+                + "\n" + "\n".join(missing),
+                _("Install Python packages"),
+            ):
+                raise InstallError(_("The required Python packages were not installed."))
+            slicer.util.pip_install(missing)
+
+    # -- synchronous (console, tests) ------------------------------------------------------------
+
+    def process(self, ctNode, mriNode=None, device: str = "auto", registration: str = "rigid", weightsPath=None,
+                progress=None, cancel=None) -> dict:
+        """Synthesize an MRI from ``ctNode`` and add the results as new nodes; synchronous.
+
+        Does everything the "Synthesize MRI" button does, but in this thread (Slicer is busy until it
+        returns), through ``CTtoMRISynthesisLib.mrml.run_on_nodes`` and the same pipeline as the
+        ``ctmri`` command. Missing packages are installed first (after asking).
+
+        :param ctNode: the CT volume node (only read).
+        :param mriNode: optional reference MRI volume node (only read): enables registration,
+            the difference map and the metrics table.
+        :param device: "auto", "cpu", "cuda" or "mps".
+        :param registration: "rigid", "similarity" or "none".
+        :param weightsPath: a model file; None for the model shipped with the extension.
+        :param progress: optional ``progress(fraction, step)`` callback; ``cancel``: optional callable
+            returning True to stop (nothing is added then).
+        :return: dict of the new nodes: "synthetic_mri", and with an MRI also "ct_registered",
+            "difference", "transform" and "table". Raises ``CTMRIError`` (a message saying what to
+            do) on bad input; the scene is then unchanged.
+        """
+        from CTtoMRISynthesisLib import mrml
+
+        self.setupPythonRequirements(askConfirmation=True)
+        outputs = mrml.run_on_nodes(
+            slicer.mrmlScene, ctNode, mriNode, weights=self._weights(weightsPath), device=device,
+            registration=registration, progress=progress, cancel=cancel,
+        )
+        summary = mrml.summary_of(outputs)
+        logging.info(f"CT to MRI synthesis done in {summary.get('seconds')} s on {summary.get('device')}")
+        return outputs
+
+    @staticmethod
+    def _weights(weightsPath):
+        weightsPath = str(weightsPath or "").strip()
+        return weightsPath if weightsPath and weightsPath != "." else None
+
+    # -- background (the panel) -------------------------------------------------------------------
+
+    @staticmethod
+    def pythonExecutable() -> str:
+        """Slicer's console Python (``PythonSlicer``), which runs the worker with Slicer's packages."""
+        import shutil
+
+        executable = shutil.which("PythonSlicer")
+        if not executable:
+            raise RuntimeError(_("PythonSlicer was not found next to Slicer; reinstall Slicer."))
+        return executable
+
+    def startBackgroundRun(self, ctNode, mriNode=None, device="auto", registration="rigid", weightsPath=None):
+        """Write the inputs to a temporary folder and start the worker; returns its ``WorkerRun``."""
+        from CTtoMRISynthesisLib import mrml
+        from CTtoMRISynthesisLib.worker import WorkerRun
+
+        run = WorkerRun(slicer.app.temporaryPath)
+        try:
+            mrml.write_node_for_worker(ctNode, run.ct_path, "CT")
+            if mriNode is not None:
+                mrml.write_node_for_worker(mriNode, run.mri_path, "MRI")
+            run.start(
+                self.pythonExecutable(), has_mri=mriNode is not None, env=slicer.util.startupEnvironment(),
+                weights=self._weights(weightsPath), device=device, registration=registration,
+            )
+        except Exception:
+            run.cleanup()
+            raise
+        return run
+
+    def loadBackgroundResults(self, run, ctNode) -> dict:
+        """Add the nodes of a finished background run (same nodes as :meth:`process`)."""
+        from CTtoMRISynthesisLib import mrml
+
+        return mrml.add_outputs_from_folder(slicer.mrmlScene, run.out_dir, ctNode.GetName(), ctNode)
+
+    @staticmethod
+    def storeOutputs(parameterNode, outputs: dict) -> None:
+        if parameterNode is None:
+            return
+        parameterNode.syntheticVolume = outputs.get("synthetic_mri")
+        parameterNode.registeredVolume = outputs.get("ct_registered")
+        parameterNode.differenceVolume = outputs.get("difference")
+        parameterNode.registrationTransform = outputs.get("transform")
+        parameterNode.metricsTable = outputs.get("table")
+
+    @staticmethod
+    def showResults(outputs: dict, mriNode=None, ctNode=None) -> None:
+        """Reference MRI | synthetic MRI | difference in linked axial views (CT | synthetic without an MRI)."""
+        from CTtoMRISynthesisLib import mrml
+
+        plan = mrml.review_plan(outputs, mriNode, ctNode)
+        layoutId = mrml.REVIEW_LAYOUT_3 if len(plan) == 3 else mrml.REVIEW_LAYOUT_2
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is None:
+            return
+        layoutNode = layoutManager.layoutLogic().GetLayoutNode()
+        xml = mrml.review_layout_xml(plan)
+        if layoutNode.IsLayoutDescription(layoutId):
+            layoutNode.SetLayoutDescription(layoutId, xml)
+        else:
+            layoutNode.AddLayoutDescription(layoutId, xml)
+        layoutManager.setLayout(layoutId)
+        mrml.apply_review_plan(slicer.mrmlScene, plan)
+        for entry in plan:
+            sliceWidget = layoutManager.sliceWidget(entry["view"])
+            if sliceWidget is not None:
+                sliceWidget.sliceLogic().FitSliceToAll()
+
+
+#
+# Test
+#
+
+
+class CTtoMRISynthesisTest(ScriptedLoadableModuleTest):
+    """In-Slicer self-test: runs the Logic on Slicer's "CTMRBrain" sample (CT + T2 MRI of one head).
+
+    The node-level code is tested in depth outside Slicer (Testing/test_mrml.py); this checks that
+    it works inside the application with the shipped model.
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_ProcessWithReference()
+        self.setUp()
+        self.test_ProcessWithoutReference()
+
+    def _sample(self):
+        import SampleData
+
+        nodes = SampleData.SampleDataLogic().downloadSamples("CTMRBrain")
+        byName = {node.GetName(): node for node in nodes}
+        return byName["CTBrain"], byName["MRBrainT2"]
+
+    def test_ProcessWithReference(self):
+        import numpy as np
+
+        self.delayDisplay("Loading the CT-MR Brain sample")
+        ctNode, mriNode = self._sample()
+        ctBefore = slicer.util.arrayFromVolume(ctNode).copy()
+        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+        self.delayDisplay("Synthesizing (this takes a while on a CPU)")
+        outputs = CTtoMRISynthesisLogic().process(ctNode, mriNode)
+        for key in ("synthetic_mri", "ct_registered", "difference", "transform", "table"):
+            self.assertIn(key, outputs)
+        self.assertEqual(outputs["synthetic_mri"].GetName(), "CTBrain synthetic MRI")
+        synthetic = slicer.util.arrayFromVolume(outputs["synthetic_mri"])
+        self.assertEqual(synthetic.shape, slicer.util.arrayFromVolume(mriNode).shape)
+        self.assertGreaterEqual(float(synthetic.min()), 0.0)
+        self.assertLessEqual(float(synthetic.max()), 255.0)
+        self.assertTrue(np.array_equal(ctBefore, slicer.util.arrayFromVolume(ctNode)))
+        self.assertGreater(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+        self.assertGreater(outputs["table"].GetTable().GetNumberOfRows(), 1)
+        CTtoMRISynthesisLogic.showResults(outputs, mriNode, ctNode)
+        self.delayDisplay("Test passed")
+
+    def test_ProcessWithoutReference(self):
+        ctNode, _mri = self._sample()
+        outputs = CTtoMRISynthesisLogic().process(ctNode, None, registration="none")
+        self.assertEqual(set(outputs), {"synthetic_mri"})
+        self.delayDisplay("Test passed")
