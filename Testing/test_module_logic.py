@@ -1,0 +1,128 @@
+"""CTtoMRISynthesis.py's Logic, run outside Slicer: the console API and the panel's background path.
+
+slicer-core has MRML but not the application pieces the module file imports at file scope (qt,
+slicer.i18n, slicer.ScriptedLoadableModule, slicer.parameterNodeWrapper). Those are replaced here by
+minimal stand-ins, only for the import; everything the Logic does then runs for real: MRML nodes,
+mrml.run_on_nodes, the worker process, loading its outputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer")
+
+from conftest import REPO, read_harvard_case  # noqa: E402
+
+MODULE_PY = REPO / "CTtoMRISynthesis" / "CTtoMRISynthesis.py"
+
+
+class _Base:
+    def __init__(self, *args, **kwargs):
+        pass
+
+
+@pytest.fixture()
+def module(monkeypatch):
+    """Import CTtoMRISynthesis.py with stand-ins for the Slicer application modules."""
+    qt = types.ModuleType("qt")
+    qt.QTimer = type("QTimer", (), {})
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
+                 "ScriptedLoadableModuleWidget"):
+        setattr(slm, name, type(name, (_Base,), {}))
+    pnw = types.ModuleType("slicer.parameterNodeWrapper")
+    pnw.parameterNodeWrapper = lambda cls: cls
+    pnw.Choice = lambda choices: tuple(choices)
+    for name, stub in {"qt": qt, "slicer.i18n": i18n, "slicer.ScriptedLoadableModule": slm,
+                       "slicer.parameterNodeWrapper": pnw}.items():
+        if name not in sys.modules:
+            monkeypatch.setitem(sys.modules, name, stub)
+    spec = importlib.util.spec_from_file_location("CTtoMRISynthesis_under_test", MODULE_PY)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture()
+def scene(monkeypatch):
+    scene = slicer.vtkMRMLScene()
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    return scene
+
+
+@pytest.fixture(scope="module")
+def case(harvard_dir):
+    images = []
+    for modality in ("CT", "MRI"):
+        image = sitk.GetImageFromArray(read_harvard_case(harvard_dir, "28", modality))  # 16 slices
+        image.SetSpacing((0.9, 0.9, 5.0))
+        images.append(image)
+    return images
+
+
+def _node(image, name):
+    from CTtoMRISynthesisLib import mrml
+
+    return mrml.add_volume_node(slicer.mrmlScene, image, name)
+
+
+def test_console_process_returns_the_output_nodes(module, scene, case, tiny_weights) -> None:
+    ct, mri = _node(case[0], "CT28"), _node(case[1], "MR28")
+    outputs = module.CTtoMRISynthesisLogic().process(ct, mri, device="cpu", registration="none",
+                                                     weightsPath=str(tiny_weights))
+    assert set(outputs) == {"synthetic_mri", "ct_registered", "difference", "transform", "table"}
+    assert outputs["synthetic_mri"].GetName() == "CT28 synthetic MRI"
+    assert scene.IsNodePresent(outputs["table"])
+    assert module.CTtoMRISynthesisLogic._weights(Path(".")) is None  # an empty path box = the shipped model
+    assert module.CTtoMRISynthesisLogic._weights(Path("")) is None
+    assert module.CTtoMRISynthesisLogic._weights(tiny_weights) == str(tiny_weights)
+
+
+def test_background_run_then_load_gives_the_same_nodes(module, scene, case, tiny_weights, tmp_path, monkeypatch) -> None:
+    """What the panel does: write inputs, run the worker process, poll it, load its outputs."""
+    app = types.SimpleNamespace(temporaryPath=str(tmp_path))
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    monkeypatch.setattr(slicer.util, "startupEnvironment", lambda: dict(os.environ))
+    logic = module.CTtoMRISynthesisLogic()
+    monkeypatch.setattr(logic, "pythonExecutable", lambda: sys.executable)
+    ct, mri = _node(case[0], "CT28"), _node(case[1], "MR28")
+    before = slicer.util.arrayFromVolume(ct).copy()
+
+    run = logic.startBackgroundRun(ct, mri, device="cpu", registration="none", weightsPath=tiny_weights)
+    assert run.wait(timeout=300) == 0, (run.error, run.log[-10:])
+    outputs = logic.loadBackgroundResults(run, ct)
+    run.cleanup()
+    assert not run.folder.exists()
+    assert set(outputs) == {"synthetic_mri", "ct_registered", "difference", "transform", "table"}
+    assert np.array_equal(slicer.util.arrayFromVolume(ct), before)
+
+    direct = logic.process(ct, mri, device="cpu", registration="none", weightsPath=tiny_weights)
+    for key in ("synthetic_mri", "difference"):
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(outputs[key]),
+                                   slicer.util.arrayFromVolume(direct[key]), atol=1e-3)
+    parameters = types.SimpleNamespace()
+    logic.storeOutputs(parameters, outputs)
+    assert parameters.syntheticVolume is outputs["synthetic_mri"] and parameters.metricsTable is outputs["table"]
+
+
+def test_background_run_refuses_a_bad_input_before_starting(module, scene, tmp_path, monkeypatch) -> None:
+    from CTtoMRISynthesisLib.errors import CTMRIError
+
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(temporaryPath=str(tmp_path)), raising=False)
+    logic = module.CTtoMRISynthesisLogic()
+    label = slicer.util.addVolumeFromArray(np.ones((3, 8, 8), np.uint8), nodeClassName="vtkMRMLLabelMapVolumeNode")
+    with pytest.raises(CTMRIError, match="label map"):
+        logic.startBackgroundRun(label, None)
+    assert not list(tmp_path.iterdir()), "the temporary folder was removed"
