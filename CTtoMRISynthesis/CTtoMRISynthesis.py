@@ -356,8 +356,19 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _weights(weightsPath):
+        """The weights file to use: the given path, or None for the shipped model (checked to exist)."""
         weightsPath = str(weightsPath or "").strip()
-        return weightsPath if weightsPath and weightsPath != "." else None
+        if weightsPath and weightsPath != ".":
+            return weightsPath
+        from CTtoMRISynthesisLib.errors import CTMRIError
+        from CTtoMRISynthesisLib.weights import default_weights_path
+
+        if not default_weights_path().is_file():
+            raise CTMRIError(
+                _("The model shipped with the extension was not found ({path}); choose a weights file under "
+                  "Options, or reinstall the extension.").format(path=default_weights_path())
+            )
+        return None
 
     # -- background (the panel) -------------------------------------------------------------------
 

@@ -85,9 +85,18 @@ def test_console_process_returns_the_output_nodes(module, scene, case, tiny_weig
     assert set(outputs) == {"synthetic_mri", "ct_registered", "difference", "transform", "table"}
     assert outputs["synthetic_mri"].GetName() == "CT28 synthetic MRI"
     assert scene.IsNodePresent(outputs["table"])
-    assert module.CTtoMRISynthesisLogic._weights(Path(".")) is None  # an empty path box = the shipped model
-    assert module.CTtoMRISynthesisLogic._weights(Path("")) is None
     assert module.CTtoMRISynthesisLogic._weights(tiny_weights) == str(tiny_weights)
+
+
+def test_empty_weights_box_means_the_shipped_model(module, tiny_weights, monkeypatch, tmp_path) -> None:
+    from CTtoMRISynthesisLib.errors import CTMRIError
+
+    monkeypatch.setenv("CTMRI_WEIGHTS", str(tiny_weights))  # stands in for the shipped file
+    for empty in (Path("."), Path(""), None, ""):  # what the path box and the console give for "none"
+        assert module.CTtoMRISynthesisLogic._weights(empty) is None
+    monkeypatch.setenv("CTMRI_WEIGHTS", str(tmp_path / "missing.pt"))
+    with pytest.raises(CTMRIError, match="choose a weights file under Options"):
+        module.CTtoMRISynthesisLogic._weights(Path("."))
 
 
 def test_background_run_then_load_gives_the_same_nodes(module, scene, case, tiny_weights, tmp_path, monkeypatch) -> None:
