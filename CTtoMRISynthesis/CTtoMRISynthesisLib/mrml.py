@@ -138,6 +138,30 @@ def ijk_to_world_of_node(node) -> np.ndarray:
     return matrix
 
 
+def node_geometry(node, what: str = "volume") -> tuple[tuple, tuple, tuple]:
+    """(spacing, origin, direction) of a volume node in world coordinates, LPS (SimpleITK's convention).
+
+    Without a parent transform the node's own spacing, origin and directions are used as stored, so
+    they come back bit for bit as the file reader set them (no rounding through a matrix and its
+    column norms: results of a registration can depend on the last bit). Under a linear parent
+    transform the world IJKToRAS matrix is decomposed instead.
+    """
+    import vtk
+
+    if node.GetParentTransformNode() is not None:
+        return geometry_from_ijk_to_ras(ijk_to_world_of_node(node), what)
+    directions = vtk.vtkMatrix4x4()
+    node.GetIJKToRASDirectionMatrix(directions)
+    direction = FLIP[:3, :3] @ _np_matrix(directions)[:3, :3]
+    spacing = np.array(node.GetSpacing(), dtype=np.float64)
+    origin = np.array(node.GetOrigin(), dtype=np.float64) * np.array([-1.0, -1.0, 1.0])
+    if not (np.all(np.isfinite(spacing)) and np.all(spacing > 0) and np.all(np.isfinite(origin))):
+        raise CTMRIError(f"the {what} has an invalid geometry (spacing {tuple(spacing)}, origin {tuple(origin)})")
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise CTMRIError(f"the {what} has non-orthogonal voxel axes; resample it (Resample Scalar Volume) first")
+    return tuple(float(v) for v in spacing), tuple(float(v) for v in origin), tuple(float(v) for v in direction.ravel())
+
+
 # --------------------------------------------------------------------------------------------------
 # Volume node -> SimpleITK image
 
@@ -192,7 +216,7 @@ def image_from_volume_node(node, what: str = "volume") -> sitk.Image:
     slicer = _slicer()
     _check_volume_node(node, what)
     array = np.array(slicer.util.arrayFromVolume(node), copy=True)  # (k, j, i), a copy: never a view
-    spacing, origin, direction = geometry_from_ijk_to_ras(ijk_to_world_of_node(node), f"{what} '{node.GetName()}'")
+    spacing, origin, direction = node_geometry(node, f"{what} '{node.GetName()}'")
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
@@ -211,7 +235,13 @@ def add_volume_node(scene, image: sitk.Image, name: str, role: Optional[str] = N
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise CTMRIError(f"cannot make a scalar volume from a {image.GetNumberOfComponentsPerPixel()}-component image")
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    node.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras_of_image(image)))
+    # spacing, origin and directions set one by one (as Slicer's readers do): exact, no matrix round trip
+    directions = np.eye(4)
+    directions[:3, :3] = FLIP[:3, :3] @ np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    node.SetIJKToRASDirectionMatrix(_vtk_matrix(directions))
+    node.SetSpacing(*image.GetSpacing())
+    origin = image.GetOrigin()
+    node.SetOrigin(-origin[0], -origin[1], origin[2])
     slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(image))
     node.CreateDefaultDisplayNodes()
     if role:
