@@ -290,6 +290,16 @@ def test_report_writes_tables_and_montages(trained, harvard_dir, tmp_path):
     assert summary["model"]["mae"]["n"] == 2
     image = imread(rep / "montage_20.png")
     assert image.dtype == np.uint8 and image.shape == (3 * 256 + 2 * 3, 4 * 256 + 3 * 3)
+    # The summary can be attached to a weights file's config; the file stays loadable and checksummed.
+    from CTtoMRISynthesisLib.training.report import attach_cv_metrics
+    from CTtoMRISynthesisLib.weights import load_model, sha256_of
+
+    copy = tmp_path / "copy.pt"
+    shutil.copyfile(out / "model.pt", copy)
+    (tmp_path / "copy.pt.sha256").write_text(f"{sha256_of(copy)}  copy.pt\n")
+    attach_cv_metrics(copy, rep, command="test")
+    cv = load_model(copy).config["metrics"]["cross_validation"]
+    assert cv["summary"]["model"]["mae"]["n"] == 2 and set(cv["per_patient"]) == {"16", "20"}
     # Column 2 of the first row is the real MRI slice, unchanged.
     case20 = [c for c in discovery.discover([small], WINDOW) if c.case_id == "20"][0]
     np.testing.assert_array_equal(image[:256, 256 + 3: 512 + 3], np.clip(case20.mri[0], 0, 255).astype(np.uint8))

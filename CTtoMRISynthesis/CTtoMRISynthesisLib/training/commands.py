@@ -193,6 +193,9 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--bone-threshold", type=float, default=200.0, help="bone = CT (0..255) above this")
     p.add_argument("--from-cv", metavar="DIR", help="rebuild the report of a finished `train --cv` run folder instead")
+    p.add_argument("--attach", metavar="FILE",
+                   help="with --from-cv: write the cross-validated summary into this weights file's config "
+                        "(metrics.cross_validation; the all-patients model of the same recipe)")
 
 
 def run_report(args) -> int:
@@ -212,6 +215,11 @@ def run_report(args) -> int:
             cases = discover(args.data, window, 256, args.cache or Path(args.out) / "cache", args.case_rule)
             paths = write_cv_report(Path(args.from_cv), cases, command=_command_line(),
                                     bone_threshold=args.bone_threshold, out_dir=Path(args.out))
+            if args.attach:
+                from .report import attach_cv_metrics
+
+                attach_cv_metrics(args.attach, Path(args.out), command=_command_line())
+                paths.append(Path(args.attach))
         else:
             paths = report_model(args.data, args.weights, Path(args.out), device=args.device,
                                  bone_threshold=args.bone_threshold, case_rule=args.case_rule,

@@ -385,3 +385,38 @@ def report_model(data, weights, out_dir: Path, device: str = "auto", bone_thresh
         f"({', '.join(sorted(fit_on_ids)) if (fit_on_ids := [c.case_id for c in fit_on]) else 'none here: leave-one-out over the data'}). "
         "Patients marked 'no (trained on)' were seen in training: their numbers are not a test."]
     return write_tables(rows, out_dir, "Report: one model on paired data", preamble, montages)
+
+
+def attach_cv_metrics(weights, report_dir, command: str = "") -> dict:
+    """Copy a cross-validation report's summary into a weights file's ``config["metrics"]``.
+
+    For the all-patients model, whose recipe the cross-validation measured: the tensors are unchanged,
+    the config gains ``metrics.cross_validation`` and the file (and its .sha256) is rewritten.
+    """
+    import torch
+
+    from ..model import UNet, UNetConfig
+    from ..weights import read_weights_file, save_weights
+
+    blob = read_weights_file(weights)
+    config = blob["config"]
+    data = json.loads((Path(report_dir) / "summary.json").read_text())
+    keep = ("mae", "ssim", "psnr", "ssim_foreground", "mae_whole", "mae_bone", "mae_soft_tissue")
+    summary = {
+        method: {k: v for k, v in stats.items() if k in keep}
+        for method, stats in data["summary"].items()
+    }
+    per_patient = {
+        r["patient"]: {k: r[k] for k in ("mae", "ssim", "psnr", "ssim_foreground")}
+        for r in data["rows"] if r["method"] == "model"
+    }
+    config.setdefault("metrics", {})["cross_validation"] = {
+        "what": "held-out patients of a cross-validation of this recipe (each from the fold that held it out)",
+        "summary": summary,
+        "per_patient": per_patient,
+        "command": command,
+    }
+    net = UNet(UNetConfig.from_dict(config["model"]))
+    net.load_state_dict(blob["state_dict"])
+    save_weights(weights, net, config)
+    return config
