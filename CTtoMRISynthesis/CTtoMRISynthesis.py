@@ -447,7 +447,7 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
 
 
 class CTtoMRISynthesisTest(ScriptedLoadableModuleTest):
-    """In-Slicer self-test: runs the Logic on Slicer's "CTMRBrain" sample (CT + T2 MRI of one head).
+    """In-Slicer self-test: runs the Logic on the sample case shipped in Resources/SampleData.
 
     The node-level code is tested in depth outside Slicer (Testing/test_mrml.py); this checks that
     it works inside the application with the shipped model.
@@ -463,16 +463,18 @@ class CTtoMRISynthesisTest(ScriptedLoadableModuleTest):
         self.test_ProcessWithoutReference()
 
     def _sample(self):
-        import SampleData
+        """The sample case shipped with the module (no download: the self-test must run offline)."""
+        import os
 
-        nodes = SampleData.SampleDataLogic().downloadSamples("CTMRBrain")
-        byName = {node.GetName(): node for node in nodes}
-        return byName["CTBrain"], byName["MRBrainT2"]
+        folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources", "SampleData")
+        ctNode = slicer.util.loadVolume(os.path.join(folder, "ct.nrrd"), {"name": "SampleCT"})
+        mriNode = slicer.util.loadVolume(os.path.join(folder, "mri.nrrd"), {"name": "SampleMRI"})
+        return ctNode, mriNode
 
     def test_ProcessWithReference(self):
         import numpy as np
 
-        self.delayDisplay("Loading the CT-MR Brain sample")
+        self.delayDisplay("Loading the shipped sample case")
         ctNode, mriNode = self._sample()
         ctBefore = slicer.util.arrayFromVolume(ctNode).copy()
         nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
@@ -480,7 +482,7 @@ class CTtoMRISynthesisTest(ScriptedLoadableModuleTest):
         outputs = CTtoMRISynthesisLogic().process(ctNode, mriNode)
         for key in ("synthetic_mri", "ct_registered", "difference", "transform", "table"):
             self.assertIn(key, outputs)
-        self.assertEqual(outputs["synthetic_mri"].GetName(), "CTBrain synthetic MRI")
+        self.assertEqual(outputs["synthetic_mri"].GetName(), "SampleCT synthetic MRI")
         synthetic = slicer.util.arrayFromVolume(outputs["synthetic_mri"])
         self.assertEqual(synthetic.shape, slicer.util.arrayFromVolume(mriNode).shape)
         self.assertGreaterEqual(float(synthetic.min()), 0.0)
