@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import struct
 import zlib
 from pathlib import Path
 
@@ -29,12 +30,14 @@ def read_volume(path: str | Path, what: str = "image") -> sitk.Image:
             raise CTMRIError(f"{what} file {path} is empty (0 bytes); give a complete image file")
         if path.suffix == ".gz":
             _check_gzip_complete(path, what)
+        if path.suffix.lower() == ".nii":
+            _check_nifti_complete(path, what)
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
             raise CTMRIError(
-                f"cannot read {what} {path}: not an image SimpleITK can read, or the file is damaged "
-                "(.nrrd, .nii/.nii.gz, .mha/.mhd, .png and DICOM folders are supported)"
+                f"cannot read {what} {path}: not an image SimpleITK can read, or the file is damaged; give a "
+                ".nrrd, .nii/.nii.gz, .mha/.mhd or .png file or a DICOM folder, and copy it again if it was cut short"
             ) from exc
     return as_scalar_3d(image, f"{what} {path.name}")
 
@@ -49,6 +52,39 @@ def _check_gzip_complete(path: Path, what: str) -> None:
         raise CTMRIError(
             f"cannot read {what} {path}: the compressed file is truncated or damaged ({exc}); copy it again"
         ) from exc
+
+
+def _check_nifti_complete(path: Path, what: str) -> None:
+    """ITK reads an uncompressed .nii cut short without complaint (the missing voxels come back as
+    zeros or garbage): check that the file holds all the voxels its header promises."""
+    with open(path, "rb") as stream:
+        header = stream.read(540)
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:  # NIfTI-1
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = struct.unpack(endian + "f", header[108:112])[0]
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:  # NIfTI-2
+            dims = struct.unpack(endian + "8q", header[16:80])
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+            break
+    else:
+        return  # not a NIfTI header SimpleITK would accept either: its reader will say so
+    rank = int(dims[0])
+    if not 1 <= rank <= 7 or bitpix <= 0:
+        return
+    voxels = 1
+    for n in dims[1 : rank + 1]:
+        voxels *= max(int(n), 1)
+    expected = int(offset) + voxels * int(bitpix) // 8
+    actual = path.stat().st_size
+    if actual < expected:
+        raise CTMRIError(
+            f"cannot read {what} {path}: the file is truncated ({actual} of the {expected} bytes its header "
+            "promises); copy it again"
+        )
 
 
 def _read_dicom_folder(folder: Path, what: str) -> sitk.Image:
@@ -94,7 +130,10 @@ def write_volume(image: sitk.Image, path: str | Path) -> None:
     try:
         sitk.WriteImage(image, str(path), True)
     except RuntimeError as exc:
-        raise CTMRIError(f"cannot write {path}: {str(exc).strip().splitlines()[-1]}") from exc
+        raise CTMRIError(
+            f"cannot write {Path(path).name}: {str(exc).strip().splitlines()[-1]}; free disk space or choose "
+            "another output folder"
+        ) from exc
 
 
 def describe(image: sitk.Image) -> dict:
