@@ -57,6 +57,77 @@ def classify_ct(array: np.ndarray) -> str:
     return "hu"
 
 
+# Modality check thresholds, measured on the shared data (fraction of head/body voxels):
+#   8-bit brain-windowed CT (Harvard, 7 cases): 26-34 % of the head saturated at >= 250;
+#   8-bit T2 MRI (same cases): 0.1-3.1 %.
+#   HU CT (Visible Human): 18 % of the body > 300 HU, 47 % at -150..150 HU;
+#   MRIs read as "HU" (Visible Human MR, RIRE T1): <= 0.15 % "bone", <= 5 % "soft tissue".
+SATURATED_MIN_FRACTION = 0.08
+BONE_MIN_FRACTION = 0.01
+SOFT_TISSUE_MIN_FRACTION = 0.20
+
+
+def ct_likeness(array: np.ndarray) -> tuple[bool, str]:
+    """Whether a volume's intensities look like a head CT, and the evidence in words.
+
+    A heuristic on intensity statistics, for warnings only (never to refuse an input):
+    an 8-bit display-windowed CT has its bone saturated white (a large fraction of the head at the top
+    of the range), an MRI almost none; a CT in Hounsfield units (also stored +1024) has most of the
+    body at soft-tissue values and a bone-dense tail above 300 HU, an MRI's arbitrary units do not.
+    """
+    kind = classify_ct(array)
+    if kind == "windowed8bit":
+        head = int(np.count_nonzero(array > 10))
+        if head == 0:
+            return False, "nothing above the background"
+        saturated = np.count_nonzero(array >= 250) / head
+        if saturated >= SATURATED_MIN_FRACTION:
+            return True, f"{saturated:.0%} of the head is saturated white, like bone in a CT brain window"
+        return False, (
+            f"only {saturated:.1%} of the head is saturated white, where a brain-windowed CT shows its bone "
+            f"(>= {SATURATED_MIN_FRACTION:.0%})"
+        )
+    offset = HU_OFFSET if kind == "hu+1024" else 0.0
+    if kind == "hu" and float(array.min()) > -500:
+        return False, (
+            f"values {float(array.min()):g}..{float(array.max()):g} with nothing below -500, so no air as in a "
+            "CT in Hounsfield units, and not 8-bit windowed either"
+        )
+    body = int(np.count_nonzero(array > -500 + offset))
+    if body == 0:
+        return False, "no voxel above -500 HU (no body at all)"
+    bone = np.count_nonzero(array > 300 + offset) / body
+    soft = np.count_nonzero((array > -150 + offset) & (array < 150 + offset)) / body
+    units = "HU (stored +1024)" if offset else "HU"
+    evidence = f"{soft:.0%} of the body at soft-tissue values and {bone:.1%} bone-dense, read as {units}"
+    if bone >= BONE_MIN_FRACTION and soft >= SOFT_TISSUE_MIN_FRACTION:
+        return True, evidence
+    return False, f"{evidence}; a head CT has >= {SOFT_TISSUE_MIN_FRACTION:.0%} and >= {BONE_MIN_FRACTION:.0%}"
+
+
+def modality_warnings(ct: np.ndarray, mri: np.ndarray | None = None) -> list[str]:
+    """Warnings when the CT does not look like a CT or the MRI looks like one (a likely swap)."""
+    ct_ok, ct_evidence = ct_likeness(ct)
+    mri_is_ct, mri_evidence = ct_likeness(mri) if mri is not None else (False, "")
+    if not ct_ok and mri_is_ct:
+        return [
+            f"the CT and the reference MRI look swapped (the CT input: {ct_evidence}; the MRI input: "
+            f"{mri_evidence}); give the CT as the CT and the MRI as the reference, or the results are meaningless"
+        ]
+    warnings = []
+    if not ct_ok:
+        warnings.append(
+            f"the CT input does not look like a CT ({ct_evidence}); if it is an MRI, give the CT instead: "
+            "a synthetic MRI made from an MRI is meaningless"
+        )
+    if mri_is_ct:
+        warnings.append(
+            f"the reference MRI looks like a CT ({mri_evidence}); check that it is the MRI: the difference map "
+            "and metrics are meaningless otherwise"
+        )
+    return warnings
+
+
 def normalise_ct(array: np.ndarray, window: CTWindow) -> tuple[np.ndarray, dict]:
     """CT voxels → 0..255 the way the model was trained; returns the array and what was done."""
     check_finite(array, "CT")

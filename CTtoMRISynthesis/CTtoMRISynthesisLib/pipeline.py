@@ -22,7 +22,7 @@ import SimpleITK as sitk
 
 from . import geometry
 from .errors import CTMRIError
-from .intensity import CTWindow, check_finite, normalise_ct, normalise_mri
+from .intensity import CTWindow, check_finite, modality_warnings, normalise_ct, normalise_mri
 from .volumes import as_scalar_3d, write_volume
 
 Progress = Optional[Callable[[float, str], None]]
@@ -106,9 +106,16 @@ def check_image(image: sitk.Image, what: str) -> sitk.Image:
     """Scalar 3D with finite, non-constant voxels; returns the 3D image."""
     image = as_scalar_3d(image, what)
     array = sitk.GetArrayViewFromImage(image)
+    if array.size == 1:
+        raise CTMRIError(
+            f"the {what} has a single voxel (value {float(array.flat[0]):g}); give the whole {what} volume"
+        )
     check_finite(np.asarray(array, dtype=np.float64), what)
     if float(array.min()) == float(array.max()):
-        raise CTMRIError(f"the {what} is constant (all voxels = {float(array.min()):g}); it holds no anatomy")
+        raise CTMRIError(
+            f"the {what} is constant (all voxels = {float(array.min()):g}); it holds no anatomy: check that the "
+            f"right {what} was chosen"
+        )
     return image
 
 
@@ -147,6 +154,11 @@ def synthesize(
     size = int(prep["size"])
     window = CTWindow(**prep["ct_window"])
     result = SynthesisResult(synthetic_mri=None, device=device)  # type: ignore[arg-type]
+    result.warnings.extend(
+        modality_warnings(
+            sitk.GetArrayViewFromImage(ct), sitk.GetArrayViewFromImage(mri) if mri is not None else None
+        )
+    )
     result.weights = {"file": model.path.name if model.path else None, "name": model.config.get("name")}
     if model.path is not None:
         result.weights["sha256"] = sha256_of(model.path)
