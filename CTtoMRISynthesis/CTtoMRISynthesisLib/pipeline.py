@@ -177,6 +177,7 @@ def synthesize(
     ct255_image = geometry.array_on_grid(ct255, ct)
     grid = geometry.model_grid(reference, size)
     ct_grid = stages.run("resample to model grid", 0.34, 0.36, geometry.resample, ct255_image, grid, result.transform, default_value=0.0)
+    run_info: dict = {}
     syn_grid = stages.run(
         "synthesise",
         0.36,
@@ -190,7 +191,10 @@ def synthesize(
         batch_size=batch_size,
         progress=stages.sub(0.36, 0.9),
         cancel=cancel,
+        info=run_info,
     )
+    result.warnings.extend(run_info.get("warnings", []))
+    result.device = run_info.get("device", device)
     syn_image = geometry.array_on_grid(syn_grid, grid)
     result.synthetic_mri = stages.run("resample to reference", 0.9, 0.93, geometry.resample, syn_image, reference, None, default_value=0.0)
 

@@ -2,7 +2,9 @@
 
 Input is the normalised CT on the model grid as a (z, size, size) float32 array in 0..255; output is
 the synthetic MRI on the same grid, 0..255. Slices go through the network in batches with no Python
-work per slice; between batches the progress callback is told and the cancel check is asked.
+work per slice; between batches the progress callback is told and the cancel check is asked. When memory
+runs out (``torch.cuda.OutOfMemoryError`` and its MPS/CPU equivalents) the batch is halved and retried; a
+GPU too small even for one slice hands the rest to the CPU. Both are reported as warnings.
 """
 
 from __future__ import annotations
@@ -51,6 +53,32 @@ def stack_context(volume: np.ndarray, context: int) -> np.ndarray:
     return volume[index]
 
 
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the RuntimeError MPS and the CPU allocator raise when memory runs out."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _batch_to(batch: np.ndarray, device: str, memory_format):
+    """A numpy batch as a tensor on ``device`` (one place, so tests can simulate a GPU on a CPU machine)."""
+    import torch
+
+    return torch.from_numpy(batch).to(device, non_blocking=True).contiguous(memory_format=memory_format)
+
+
+def _free_device_memory(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    elif device == "mps" and getattr(torch, "mps", None) is not None and hasattr(torch.mps, "empty_cache"):
+        torch.mps.empty_cache()
+
+
 def predict_slices(
     net,
     ct255: np.ndarray,
@@ -61,31 +89,76 @@ def predict_slices(
     batch_size: int | None = None,
     progress: Progress = None,
     cancel: Cancel = None,
+    info: Optional[dict] = None,
 ) -> np.ndarray:
-    """Run ``net`` over every axial slice of ``ct255`` (z, H, W) and return 0..255 float32 (z, H, W)."""
+    """Run ``net`` over every axial slice of ``ct255`` (z, H, W) and return 0..255 float32 (z, H, W).
+
+    Out of memory: the batch is halved and the same slices tried again; on a GPU that fails even with
+    one slice per batch, the rest is done on the CPU. Each step is announced through ``progress`` and
+    summarised in ``info`` (when a dict is given): ``info["device"]`` and ``info["batch_size"]`` as
+    finally used, ``info["warnings"]`` (list of messages).
+    """
     import torch
 
     if ct255.ndim != 3:
         raise CTMRIError(f"expected a (z, H, W) CT array, got shape {ct255.shape}")
-    batch_size = batch_size or default_batch_size(device)
+    info = {} if info is None else info
+    notes = info.setdefault("warnings", [])
+    batch_size = max(1, int(batch_size or default_batch_size(device)))
+    first_device, first_batch = device, min(batch_size, max(ct255.shape[0], 1))
     inputs = stack_context(ct255.astype(np.float32) / 255.0, context)
     out = np.empty(ct255.shape, dtype=np.float32)
-    cuda = device.startswith("cuda")
     memory_format = torch.channels_last  # faster for convolutions on both CPU (oneDNN) and GPU
     net = net.to(device=device, memory_format=memory_format).eval()
     n = ct255.shape[0]
+    start = 0
     with torch.inference_mode():
-        for start in range(0, n, batch_size):
+        while start < n:
             if cancel is not None and cancel():
                 raise CancelledError()
             stop = min(start + batch_size, n)
-            batch = torch.from_numpy(inputs[start:stop]).to(device, non_blocking=True)
-            batch = batch.contiguous(memory_format=memory_format)
-            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=cuda):
-                pred = net(batch)
-            out[start:stop] = pred[:, 0].float().mul_(255.0).clamp_(0.0, 255.0).cpu().numpy()
+            out_of_memory = False
+            try:
+                batch = _batch_to(inputs[start:stop], device, memory_format)
+                cuda = device.startswith("cuda") and torch.cuda.is_available()
+                with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=cuda):
+                    pred = net(batch)
+                out[start:stop] = pred[:, 0].float().mul_(255.0).clamp_(0.0, 255.0).cpu().numpy()
+            except (RuntimeError, MemoryError) as exc:
+                if not (isinstance(exc, MemoryError) or _is_out_of_memory(exc)):
+                    raise
+                out_of_memory = True  # handled below, once the exception (and the tensors it holds) is gone
+            batch = pred = None
+            if out_of_memory:
+                _free_device_memory(device)
+                if stop - start > 1:
+                    batch_size = max(1, (stop - start) // 2)
+                    if progress is not None:
+                        progress(start / n, f"out of memory on {device}: retrying with {batch_size} slices per batch")
+                    continue
+                if device == "cpu":
+                    raise CTMRIError(
+                        "out of memory even with one slice per batch on the CPU; close other programs or use a "
+                        "machine with more memory"
+                    )
+                notes.append(
+                    f"out of {device} memory even with one slice per batch; the remaining slices "
+                    f"({start}..{n - 1}) were synthesised on the CPU (slower)"
+                )
+                device, batch_size = "cpu", default_batch_size("cpu")
+                net = net.to(device="cpu", memory_format=memory_format)
+                if progress is not None:
+                    progress(start / n, "out of GPU memory: continuing on the CPU")
+                continue
+            start = stop
             if progress is not None:
                 progress(stop / n, f"synthesised {stop}/{n} slices")
+    if device == first_device and batch_size < first_batch:
+        notes.append(
+            f"out of {device} memory with {first_batch} slices per batch; finished with {batch_size} per batch "
+            f"(--batch-size {batch_size} starts there)"
+        )
+    info["device"], info["batch_size"] = device, batch_size
     if mask_output:
         out[~head_mask(ct255)] = 0.0
     return out
