@@ -33,9 +33,10 @@ def _progress_bar(enabled: bool):
 
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
-    from .pipeline import save_outputs, synthesize
+    from .pipeline import check_out_dir, save_outputs, synthesize
     from .volumes import read_volume
 
+    check_out_dir(args.out_dir)  # before minutes of work, not after
     ct = read_volume(args.ct, "CT")
     mri = read_volume(args.mri, "MRI") if args.mri else None
     progress, close = _progress_bar(sys.stderr.isatty() and not args.quiet)

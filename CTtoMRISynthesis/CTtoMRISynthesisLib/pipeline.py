@@ -8,6 +8,7 @@ back on the reference grid → difference = MRI − synthetic (0..255) → metri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -225,36 +226,145 @@ def evaluate_images(reference255: sitk.Image, synthetic: sitk.Image) -> dict:
     return compute_metrics(ref, syn)
 
 
-def save_outputs(result: SynthesisResult, out_dir: str | Path) -> dict:
-    """Write the result's files into ``out_dir``; all or nothing.
+def check_out_dir(out_dir: str | Path) -> None:
+    """Fail early, before any work, when ``out_dir`` obviously cannot be created or written.
 
-    Files are written into a temporary folder beside ``out_dir`` and moved in only when all were
-    written, so a failure or cancel never leaves half-written outputs. Returns {kind: path}.
+    Writes nothing. Catches an output folder that is an existing file or lies under one, a folder name
+    longer than the file system allows, and (for users other than root) a folder without write
+    permission. Anything else (a full disk, a read-only mount) still fails cleanly in :func:`save_outputs`.
     """
     out_dir = Path(out_dir)
-    parent = out_dir.parent
+    for part in out_dir.parts:
+        if len(os.fsencode(part)) > 255:  # NAME_MAX of every common file system
+            raise CTMRIError(
+                f"cannot create the output folder: the name {part[:24]}... is longer than the 255 bytes file "
+                "systems allow; choose a shorter --out-dir"
+            )
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=parent))
-    except OSError as exc:
-        raise CTMRIError(f"cannot write to {parent}: {exc.strerror}; choose a writable --out-dir") from exc
+        if out_dir.exists() and not out_dir.is_dir():
+            raise CTMRIError(f"the output folder {out_dir} is an existing file; choose a folder for --out-dir")
+        existing = _nearest_existing(out_dir)
+        if not existing.is_dir():
+            raise CTMRIError(
+                f"cannot create the output folder {out_dir}: {existing} is a file, not a folder; choose another --out-dir"
+            )
+    except OSError as exc:  # e.g. a path too long as a whole, a broken mount
+        raise CTMRIError(f"cannot use {out_dir} as the output folder: {exc.strerror or exc}; choose another --out-dir") from exc
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CTMRIError(f"cannot write in {existing} (no permission); choose a writable --out-dir")
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def save_outputs(result: SynthesisResult, out_dir: str | Path) -> dict:
+    """Write the result's files into ``out_dir``; all or nothing, nothing written anywhere else.
+
+    Files are written into a temporary folder inside ``out_dir`` and moved into place only when all
+    were written, so a failure or cancel never leaves half-written outputs; the temporary folder, and
+    ``out_dir`` itself if this call created it, are removed on failure. Output files of an earlier run
+    that this run does not produce (e.g. ``difference.nrrd`` of a run with an MRI) are removed, so the
+    folder never mixes two runs; if moving in fails, the earlier files are put back. Ctrl-C during the
+    few renames is held until they are done. Returns {kind: path}.
+    """
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    existing = _nearest_existing(out_dir)
+    tmp = None
+    written: dict = {}
     try:
-        written = {}
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
+        except OSError as exc:
+            raise CTMRIError(f"cannot create {out_dir}: {exc.strerror or exc}; choose a writable --out-dir") from exc
         images = {"synthetic_mri": result.synthetic_mri, "ct_registered": result.ct_registered, "difference": result.difference}
         for kind, image in images.items():
             if image is not None:
                 write_volume(image, tmp / OUTPUT_FILES[kind])
                 written[kind] = OUTPUT_FILES[kind]
         if result.transform is not None:
-            sitk.WriteTransform(result.transform, str(tmp / OUTPUT_FILES["transform"]))
+            try:
+                sitk.WriteTransform(result.transform, str(tmp / OUTPUT_FILES["transform"]))
+            except RuntimeError as exc:
+                raise CTMRIError(
+                    f"cannot write {OUTPUT_FILES['transform']}: {str(exc).strip().splitlines()[-1]}; free disk "
+                    "space or choose another --out-dir"
+                ) from exc
             written["transform"] = OUTPUT_FILES["transform"]
         (tmp / OUTPUT_FILES["metrics"]).write_text(json.dumps(result.summary(), indent=2) + "\n")
         written["metrics"] = OUTPUT_FILES["metrics"]
-        out_dir.mkdir(exist_ok=True)
-        for name in written.values():
-            os.replace(tmp / name, out_dir / name)
-    except OSError as exc:
-        raise CTMRIError(f"cannot write outputs to {out_dir}: {exc.strerror or exc}; free space or choose another --out-dir") from exc
+        _commit(tmp, out_dir, list(written.values()))
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp = None
+        _remove_created_folders(out_dir, existing)
+        if isinstance(exc, OSError):
+            raise CTMRIError(
+                f"cannot write outputs to {out_dir}: {exc.strerror or exc}; free disk space or choose another --out-dir"
+            ) from exc
+        raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return {kind: out_dir / name for kind, name in written.items()}
+
+
+def _remove_created_folders(out_dir: Path, existing: Path) -> None:
+    """Remove ``out_dir`` and the parents created for it (up to ``existing``), where they are empty."""
+    folder = out_dir
+    while folder != existing and folder != folder.parent:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
+
+
+def _commit(tmp: Path, out_dir: Path, names: list) -> None:
+    """Move ``names`` from ``tmp`` into ``out_dir``, replacing this module's earlier outputs; all or nothing."""
+    previous = tmp / ".previous"
+    previous.mkdir()
+    set_aside: list = []  # earlier outputs moved into `previous`
+    moved: list = []  # new outputs moved into out_dir
+    with _sigint_held():
+        try:
+            for name in OUTPUT_FILES.values():
+                if (out_dir / name).exists() or (out_dir / name).is_symlink():
+                    os.replace(out_dir / name, previous / name)
+                    set_aside.append(name)
+            for name in names:
+                os.replace(tmp / name, out_dir / name)
+                moved.append(name)
+        except BaseException:
+            for name in moved:
+                with contextlib.suppress(OSError):
+                    os.unlink(out_dir / name)
+            for name in set_aside:
+                with contextlib.suppress(OSError):
+                    os.replace(previous / name, out_dir / name)
+            raise
+
+
+@contextlib.contextmanager
+def _sigint_held():
+    """Hold Ctrl-C (SIGINT) in the main thread for the duration; it is dropped: the work it guards is whole."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    except (ValueError, OSError):  # not in the main interpreter / signals unavailable
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
