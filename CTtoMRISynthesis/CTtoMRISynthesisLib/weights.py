@@ -20,6 +20,10 @@ from .errors import CTMRIError
 FORMAT = "ctmri-unet-v1"
 SHIPPED_NAME = "ctmri_unet.pt"
 
+#: ``torch.load(weights_only=True)`` is only safe from this PyTorch on: before 2.6 it could run code
+#: (CVE-2025-32434), before 2.10 its unpickler could corrupt memory (CVE-2026-24747, GHSA-63cw-57p8-fm3p).
+MIN_SAFE_TORCH = (2, 10)
+
 
 @dataclass
 class LoadedModel:
@@ -116,6 +120,7 @@ def read_weights_file(path: str | Path, verify: bool = True) -> dict:
                 f"weights file {path.name} does not match its recorded sha256 (expected {expected[:12]}…, "
                 f"got {actual[:12]}…): the file is corrupt or was altered; restore it from the repository"
             )
+    _check_torch_is_safe(torch.__version__)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
@@ -126,6 +131,19 @@ def read_weights_file(path: str | Path, verify: bool = True) -> dict:
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CTMRIError(f"{path.name} is not a CTtoMRISynthesis weights file (format {FORMAT!r} expected)")
     return blob
+
+
+def _check_torch_is_safe(version: str) -> None:
+    """Refuse to unpickle anything with a PyTorch whose ``weights_only`` loader has known flaws."""
+    import re
+
+    match = re.match(r"(\d+)\.(\d+)", str(version))
+    if match is None or (int(match.group(1)), int(match.group(2))) < MIN_SAFE_TORCH:
+        minimum = ".".join(map(str, MIN_SAFE_TORCH))
+        raise CTMRIError(
+            f"PyTorch {version} cannot load model files safely (its weights_only loader can run code: "
+            f"CVE-2025-32434, CVE-2026-24747); update PyTorch to {minimum} or later"
+        )
 
 
 def load_model(path: str | Path | None = None, device: str = "cpu", verify: bool = True) -> LoadedModel:
