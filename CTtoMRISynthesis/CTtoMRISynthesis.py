@@ -257,6 +257,8 @@ class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.psnrValueLabel.text = text["psnr"]
         self.ui.timeValueLabel.text = text["time"]
         self.ui.deviceValueLabel.text = text["device"]
+        if text["warnings"]:  # e.g. a likely CT/MRI swap or a GPU→CPU fallback: the user must see it
+            self.ui.statusLabel.text = self.ui.statusLabel.text + "\n" + text["warnings"]
 
     def onShowResults(self) -> None:
         p = self._parameterNode
@@ -285,7 +287,7 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
 
     #: Python packages the library needs beyond what Slicer ships (import name, pip requirement).
     PIP_REQUIREMENTS = (("skimage", "scikit-image>=0.21"), ("scipy", "scipy"))
-    MINIMUM_TORCH = "2.0"
+    MINIMUM_TORCH = "2.10"  # weights.py refuses older torch: weights_only loading had code-execution flaws
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)

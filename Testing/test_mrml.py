@@ -593,3 +593,9 @@ def test_screenshot_script_renders_the_outputs(tiny_weights, tmp_path, monkeypat
     module.render_pil([rgb] * 3, ["a", "b", "c"], "caption", [1.0] * 3, tmp_path / "pil.png")
     with Image.open(tmp_path / "pil.png") as picture:
         assert picture.size == (3 * module.PANEL, module.PANEL + module.CAPTION_H)
+
+
+def test_metrics_panel_shows_warnings() -> None:
+    text = mrml.metrics_panel_text({"mae": 1.0, "warnings": ["the CT looks like an MRI", "fell back to CPU"]})
+    assert text["warnings"] == "Warning: the CT looks like an MRI\nWarning: fell back to CPU"
+    assert mrml.metrics_panel_text({"mae": 1.0})["warnings"] == ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import locale
 import shutil
 from pathlib import Path
 
@@ -55,8 +56,13 @@ def _write_dicom_series(image: sitk.Image, folder: Path) -> None:
 
 
 def test_dicom_folder(rire: sitk.Image, tmp_path: Path) -> None:
-    _write_dicom_series(rire, tmp_path / "dicom")
-    image = read_volume(tmp_path / "dicom")
+    # GDCM's writer switches the process locale to "C"; put it back so later tests decode UTF-8 as usual.
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_dicom_series(rire, tmp_path / "dicom")
+        image = read_volume(tmp_path / "dicom")
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
     assert image.GetSize() == rire.GetSize()
     np.testing.assert_allclose(image.GetSpacing(), rire.GetSpacing(), atol=1e-4)
     np.testing.assert_allclose(image.GetOrigin(), rire.GetOrigin(), atol=1e-3)

@@ -652,7 +652,8 @@ def summary_of(outputs: dict) -> dict:
 
 
 def metrics_panel_text(summary: dict) -> dict:
-    """Text for the module's metrics panel: mae, ssim, psnr, time, device ("-" where unknown)."""
+    """Text for the module's metrics panel: mae, ssim, psnr, time, device ("-" where unknown), and
+    warnings (one per line; "" when there are none: e.g. a likely CT/MRI swap or a CPU fallback)."""
 
     def fmt(key, pattern):
         value = summary.get(key)
@@ -669,4 +670,5 @@ def metrics_panel_text(summary: dict) -> dict:
         "psnr": psnr_text,
         "time": fmt("seconds", "{:.1f} s"),
         "device": str(summary.get("device") or "-"),
+        "warnings": "\n".join(f"Warning: {w}" for w in summary.get("warnings") or []),
     }
