@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -140,6 +141,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .errors import CancelledError, CTMRIError
 
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        # As in `python -m CTtoMRISynthesisLib.training`: on a shared CPU, spinning OpenMP threads made
+        # training steps 2-3x slower. Must be set before torch is first imported.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         return int(args.func(args) or 0)
     except CancelledError as exc:
