@@ -43,7 +43,7 @@ def matmul_peak_gflops(device: str, dtype: torch.dtype, n: int = 4096) -> float:
     """Measured peak: a large square matmul (2·n³ FLOPs) on ``device`` in ``dtype``."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = best_time(lambda: a @ b, repeats=3, sync=device == "cuda")
+    seconds = best_time(lambda: a @ b, repeats=5, sync=device == "cuda")
     return 2 * n**3 / seconds / 1e9
 
 
