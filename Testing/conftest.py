@@ -49,6 +49,17 @@ def vh_dir(data_dir: Path) -> Path:
     return require(data_dir / "visible_human_head_ct_mr")
 
 
+@pytest.fixture()
+def scene():
+    """A fresh real MRML scene (slicer-core), registered as ``slicer.mrmlScene`` for the test."""
+    slicer = pytest.importorskip("slicer")
+    previous = getattr(slicer, "mrmlScene", None)
+    new = slicer.vtkMRMLScene()
+    slicer.mrmlScene = new
+    yield new
+    slicer.mrmlScene = previous
+
+
 def read_harvard_case(harvard: Path, case: str, modality: str):
     """A Harvard case's slices of one modality stacked into a (z, 256, 256) uint8 array."""
     import numpy as np

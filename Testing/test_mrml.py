@@ -113,15 +113,6 @@ def reorient(image: sitk.Image, kind: str) -> sitk.Image:
 # fixtures
 
 
-@pytest.fixture()
-def scene():
-    previous = getattr(slicer, "mrmlScene", None)
-    scene = slicer.vtkMRMLScene()
-    slicer.mrmlScene = scene
-    yield scene
-    slicer.mrmlScene = previous
-
-
 @pytest.fixture(scope="module")
 def case_files(harvard_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
     """Harvard case 16 as CT and MRI .nrrd files (the same files the CLI reads)."""

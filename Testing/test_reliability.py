@@ -112,15 +112,6 @@ def data(harvard_dir: Path, vh_dir: Path, tiny_weights: Path) -> Data:
     return Data(harvard_dir, vh_dir, tiny_weights)
 
 
-@pytest.fixture()
-def scene():
-    previous = getattr(slicer, "mrmlScene", None)
-    new = slicer.vtkMRMLScene()
-    slicer.mrmlScene = new
-    yield new
-    slicer.mrmlScene = previous
-
-
 # ------------------------------------------------------------------------------------------------
 # nodes and fingerprints
 

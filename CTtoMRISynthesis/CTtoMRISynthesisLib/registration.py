@@ -574,17 +574,10 @@ def _run_level(
     label: str,
 ) -> tuple[float, str]:
     """One regular-step gradient descent run at one resolution; updates ``transform`` in place."""
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins)
-    method.SetMetricFixedMask(mask)
-    # Image gradients by central differences at the sampled points only, instead of gradient
-    # images of both whole volumes at every run (same accuracy here, less setup per run).
-    method.MetricUseFixedImageGradientFilterOff()
-    method.MetricUseMovingImageGradientFilterOff()
+    method = _mattes_method(bins, mask)
     method.SetMetricSamplingStrategy(method.RANDOM)
     # The fixed seed makes the random sample, hence the result, reproducible.
     method.SetMetricSamplingPercentage(percentage, seed)
-    method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
         learningRate=learning_rate,
         minStep=min_step,
@@ -788,6 +781,22 @@ def _head_scales(fixed_mask: sitk.Image, transform: sitk.Transform, seed: int, n
     return out
 
 
+def _mattes_method(bins: int, mask: sitk.Image) -> sitk.ImageRegistrationMethod:
+    """A registration method with the masked Mattes MI metric that both optimising and evaluating use.
+
+    Image gradients are taken by central differences at the sampled points only, instead of gradient
+    images of both whole volumes at every run (same accuracy here, less setup per run; an evaluation
+    needs no gradient at all).
+    """
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins)
+    method.SetMetricFixedMask(mask)
+    method.MetricUseFixedImageGradientFilterOff()
+    method.MetricUseMovingImageGradientFilterOff()
+    method.SetInterpolator(sitk.sitkLinear)
+    return method
+
+
 def _metric_at(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image, transform: sitk.Transform, bins: int) -> float:
     """Mattes MI of ``transform`` over the head voxels (no random sampling, no pyramid)."""
     # MetricEvaluate uses every voxel; halving large in-plane sizes makes it 4x cheaper while
@@ -795,13 +804,7 @@ def _metric_at(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image, transfor
     factors = [2 if (d < 2 and n >= 128) else 1 for d, n in enumerate(fixed.GetSize())]
     if any(f > 1 for f in factors):
         fixed, mask = sitk.Shrink(fixed, factors), sitk.Shrink(mask, factors)
-    evaluator = sitk.ImageRegistrationMethod()
-    evaluator.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins)
-    evaluator.SetMetricFixedMask(mask)
-    # Only the value is needed: skip the gradient images ITK would otherwise build first.
-    evaluator.MetricUseFixedImageGradientFilterOff()
-    evaluator.MetricUseMovingImageGradientFilterOff()
-    evaluator.SetInterpolator(sitk.sitkLinear)
+    evaluator = _mattes_method(bins, mask)
     evaluator.SetInitialTransform(_clone(transform), inPlace=False)
     try:
         with _single_threaded():
