@@ -65,7 +65,8 @@ def read_harvard_case(harvard: Path, case: str, modality: str):
     import numpy as np
     import SimpleITK as sitk
 
-    files = sorted((harvard / modality).glob(f"{case}*.png"))
+    # A name is <case><3-digit slice>: "2004" is case 2, "20005" case 20 (a prefix glob would mix them).
+    files = sorted(f for f in (harvard / modality).glob("*.png") if f.stem[:-3] == case)
     return np.stack([sitk.GetArrayFromImage(sitk.ReadImage(str(f))) for f in files])
 
 

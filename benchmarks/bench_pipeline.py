@@ -1,7 +1,7 @@
 """End-to-end `ctmri synthesize` cost: stage times and peak memory, for a small and a clinical-size CT.
 
 Cases (each run in a fresh subprocess so that its peak RSS is its own):
-  small    — Harvard case 20 (37 slices; CT + MRI, 256×256) → the first 32 slices, with registration
+  small    — Harvard case 20 (18 slices; CT + MRI, 256×256), with rigid registration
   large    — the Visible Human CT resampled to 512×512×300 (real values, anatomy stretched in z), no MRI
   volume256 — the same CT resampled to 256×256×256, no MRI (the 256-slice end-to-end target)
 
@@ -35,7 +35,7 @@ def make_inputs(case: str, folder: Path) -> tuple[Path, Path | None]:
         harvard = DATA / "harvard_aanlib_ct_mri_2d"
         paths = []
         for modality in ("CT", "MRI"):
-            files = sorted((harvard / modality).glob("20*.png"))[:32]
+            files = sorted(f for f in (harvard / modality).glob("*.png") if f.stem[:-3] == "20")
             image = sitk.GetImageFromArray(np.stack([sitk.GetArrayFromImage(sitk.ReadImage(str(f))) for f in files]))
             image.SetSpacing((0.9, 0.9, 5.0))
             paths.append(folder / f"{modality.lower()}.nrrd")
