@@ -1025,9 +1025,10 @@ def test_out_of_memory_halves_the_batch(data: Data, tmp_path: Path, capsys, monk
     reference = data.reference("plain+mri", data.ct, data.mri)
     for outcome in outcomes:
         assert outcome.summary["device"] == "cpu"
-        assert len(outcome.warnings) == 1 and "with 6 slices per batch; finished with 3 per batch" in outcome.warnings[0], outcome.warnings
+        # The CPU default batch is 4 (synthesis.default_batch_size): 4 fails, 2 fits.
+        assert len(outcome.warnings) == 1 and "with 4 slices per batch; finished with 2 per batch" in outcome.warnings[0], outcome.warnings
         same_image(outcome.synthetic, reference.synthetic_mri, atol=1e-3)  # batching does not change the result
-    assert [size for _, size in wrapper.calls] == [6, 3, 3] * 2  # CLI, then nodes: 6 fails, 3 + 3 fit
+    assert [size for _, size in wrapper.calls] == [4, 2, 2, 2] * 2  # CLI, then nodes: 4 fails, 2 + 2 + 2 fit
 
 
 def test_out_of_memory_falls_back_to_the_cpu(data: Data, tmp_path: Path, capsys, monkeypatch) -> None:

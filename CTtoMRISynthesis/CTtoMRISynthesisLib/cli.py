@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--registration", default="rigid", choices=["rigid", "similarity", "none"],
                    help="CT→MRI registration: rigid (default), similarity (adds scale) or none (already aligned)")
-    p.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: 16 CPU, 64 GPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: 4 CPU, 64 GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synthesize)
 

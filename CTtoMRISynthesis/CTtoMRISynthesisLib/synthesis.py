@@ -40,8 +40,12 @@ def choose_device(name: str = "auto") -> str:
 
 
 def default_batch_size(device: str) -> int:
-    """Batch that keeps the CPU's cores busy without large memory; bigger on a GPU."""
-    return 64 if device == "cuda" else 16
+    """Slices per batch: 4 on a CPU, 64 on a GPU.
+
+    On the CPU, small batches keep the activations in cache: bench_inference.py measured the shipped
+    model at 70 slices/s with batch 4 against 50 with batch 16 (2-core EPYC, quiet machine).
+    """
+    return 64 if device == "cuda" else 4
 
 
 def stack_context(volume: np.ndarray, context: int) -> np.ndarray:
