@@ -117,6 +117,15 @@ def run_train(args) -> int:
         data = _data_summary(cases, args)
         command = _command_line()
         dist = dist_from_env()
+
+        def train_split(train_ids, val_ids, split_record: dict, run_dir: Path) -> dict:
+            """One training run on these patients, validated on those (the CV fold or the single split)."""
+            return train(
+                [by_id[c] for c in train_ids], settings, run_dir,
+                val_cases=[by_id[c] for c in val_ids], split=split_record, data=data,
+                resume=args.resume, command=command, progress_bar=not args.no_progress,
+            )
+
         if dist.main:
             print(f"{len(cases)} patients, {data['slices']} slices: " + ", ".join(f"{c.case_id} ({c.slices})" for c in cases), flush=True)
         if args.cv != "none":
@@ -133,11 +142,7 @@ def run_train(args) -> int:
                     continue
                 if dist.main:
                     print(f"fold {k}/{len(folds)}: held out {fold.test_cases}, training on {fold.train_cases}", flush=True)
-                res = train(
-                    [by_id[c] for c in fold.train_cases], settings, fold_dir,
-                    val_cases=[by_id[c] for c in fold.test_cases], split=fold.to_dict(), data=data,
-                    resume=args.resume, command=command, progress_bar=not args.no_progress,
-                )
+                res = train_split(fold.train_cases, fold.test_cases, fold.to_dict(), fold_dir)
                 if res.get("stopped"):
                     return 0
                 if dist.main:
@@ -150,11 +155,7 @@ def run_train(args) -> int:
             split = splits.holdout(ids, args.val_cases, args.test_cases, seed=args.seed)
         else:
             split = splits.all_cases(ids, args.seed)
-        result = train(
-            [by_id[c] for c in split.train_cases], settings, out,
-            val_cases=[by_id[c] for c in split.val_cases], split=split.to_dict(), data=data,
-            resume=args.resume, command=command, progress_bar=not args.no_progress,
-        )
+        result = train_split(split.train_cases, split.val_cases, split.to_dict(), out)
         if result.get("stopped"):
             return 0
         if dist.main and args.save:
