@@ -111,7 +111,7 @@ def check_image(image: sitk.Image, what: str) -> sitk.Image:
         raise CTMRIError(
             f"the {what} has a single voxel (value {float(array.flat[0]):g}); give the whole {what} volume"
         )
-    check_finite(np.asarray(array, dtype=np.float64), what)
+    check_finite(array, what)  # on the view itself: a float64 copy of a clinical CT would cost gigabytes
     if float(array.min()) == float(array.max()):
         raise CTMRIError(
             f"the {what} is constant (all voxels = {float(array.min()):g}); it holds no anatomy: check that the "
