@@ -282,12 +282,15 @@ def test_report_writes_tables_and_montages(trained, harvard_dir, tmp_path):
     assert "no (trained on)" in md  # patient 16 was a training patient of this model: flagged
     with open(rep / "per_patient.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert {(r["patient"], r["method"]) for r in rows} == {
-        (p, m) for p in ("16", "20") for m in ("model", "lookup_table", "constant")}
+    methods = ("model", "lookup_table", "constant", "ref_shift1", "ref_blur1", "ref_own_lookup")
+    assert {(r["patient"], r["method"]) for r in rows} == {(p, m) for p in ("16", "20") for m in methods}
     for r in rows:
         assert 0 <= float(r["mae"]) <= 255 and -1 <= float(r["ssim"]) <= 1 and r["mae_bone"] != ""
     summary = json.loads((rep / "summary.json").read_text())["summary"]
     assert summary["model"]["mae"]["n"] == 2
+    # Reference rows see the real MRI: a one-pixel blur of the truth is far closer than any baseline.
+    assert summary["ref_blur1"]["mae"]["max"] < summary["lookup_table"]["mae"]["min"]
+    assert "Reachability: the real MRI itself, shifted by one pixel" in md
     image = imread(rep / "montage_20.png")
     assert image.dtype == np.uint8 and image.shape == (3 * 256 + 2 * 3, 4 * 256 + 3 * 3)
     # The summary can be attached to a weights file's config; the file stays loadable and checksummed.
@@ -303,6 +306,19 @@ def test_report_writes_tables_and_montages(trained, harvard_dir, tmp_path):
     # Column 2 of the first row is the real MRI slice, unchanged.
     case20 = [c for c in discovery.discover([small], WINDOW) if c.case_id == "20"][0]
     np.testing.assert_array_equal(image[:256, 256 + 3: 512 + 3], np.clip(case20.mri[0], 0, 255).astype(np.uint8))
+
+
+def test_reference_predictions_are_the_real_mri_shifted_blurred_and_own_lookup(harvard_cases):
+    from CTtoMRISynthesisLib.intensity import head_mask
+    from CTtoMRISynthesisLib.training.report import fit_lookup_table, predict_lookup_table, reference_predictions
+
+    case = harvard_cases[0]
+    refs = reference_predictions(case)
+    np.testing.assert_array_equal(refs["ref_shift1"][:, :, :-1], case.mri[:, :, 1:])
+    assert refs["ref_blur1"][~head_mask(case.ct)].max() == 0.0
+    inside = head_mask(case.ct)
+    assert 0 < np.abs(refs["ref_blur1"] - case.mri)[inside].mean() < 20  # blurred, not replaced
+    np.testing.assert_array_equal(refs["ref_own_lookup"], predict_lookup_table(fit_lookup_table([case]), case.ct))
 
 
 def test_lookup_table_baseline_on_known_mapping(harvard_cases):
