@@ -144,3 +144,24 @@ def test_out_dir_that_is_a_file(case_files, tiny_weights, tmp_path: Path) -> Non
     result = run_cli("synthesize", "--ct", str(ct), "--out-dir", str(blocker / "out"), "--weights", str(tiny_weights), "--quiet")
     assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
     assert blocker.read_text() == "x"
+
+
+def test_disjoint_ct_and_mri_are_refused_unless_allowed(case_files, tiny_weights: Path, tmp_path: Path, capsys) -> None:
+    """An MRI with scanner coordinates 1 m away: refused with the flag to use; with it, aligned by centres."""
+    ct, mri = case_files
+    far = sitk.ReadImage(str(mri))
+    far.SetOrigin(tuple(np.add(far.GetOrigin(), (1000.0, 0.0, 0.0))))
+    far_path = tmp_path / "far_mri.nrrd"
+    sitk.WriteImage(far, str(far_path))
+    args = ["synthesize", "--ct", str(ct), "--mri", str(far_path), "--weights", str(tiny_weights), "--device", "cpu",
+            "--quiet"]
+    assert main(args + ["--out-dir", str(tmp_path / "refused")]) == 2
+    assert "--allow-disjoint" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+    assert main(args + ["--out-dir", str(tmp_path / "out"), "--allow-disjoint"]) == 0
+    registration = json.loads((tmp_path / "out" / "metrics.json").read_text())["registration"]
+    assert registration["overlap"] > 0.9
+    # The CT lands on the MRI: the centre translation undoes the 1 m shift (within a few millimetres).
+    offset = np.asarray(sitk.ReadTransform(str(tmp_path / "out" / "transform.tfm")).TransformPoint(far.TransformContinuousIndexToPhysicalPoint((128, 128, 8))))
+    expected = np.asarray(far.TransformContinuousIndexToPhysicalPoint((128, 128, 8))) - (1000.0, 0.0, 0.0)
+    assert np.linalg.norm(offset - expected) < 5.0

@@ -44,7 +44,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     try:
         result = synthesize(
             ct, mri, weights=args.weights, device=args.device, registration=args.registration,
-            batch_size=args.batch_size, progress=progress,
+            allow_disjoint=args.allow_disjoint, batch_size=args.batch_size, progress=progress,
         )
     finally:
         close()
@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--registration", default="rigid", choices=["rigid", "similarity", "none"],
                    help="CT→MRI registration: rigid (default), similarity (adds scale) or none (already aligned)")
+    p.add_argument("--allow-disjoint", action="store_true",
+                   help="CT and MRI do not overlap at all (unrelated scanner coordinates): start the registration "
+                        "from aligned centres instead of refusing")
     p.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: 4 CPU, 64 GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synthesize)

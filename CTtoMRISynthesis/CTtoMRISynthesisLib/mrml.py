@@ -486,6 +486,7 @@ def run_on_nodes(
     model=None,
     device: str = "auto",
     registration: str = "rigid",
+    allow_disjoint: bool = False,
     batch_size: Optional[int] = None,
     progress: Optional[Callable[[float, str], None]] = None,
     cancel: Optional[Callable[[], bool]] = None,
@@ -511,7 +512,7 @@ def run_on_nodes(
     mri = image_from_volume_node(mri_node, "MRI") if mri_node is not None else None
     result = synthesize(
         ct, mri, weights=weights, model=model, device=device, registration=registration,
-        batch_size=batch_size, progress=progress, cancel=cancel,
+        allow_disjoint=allow_disjoint, batch_size=batch_size, progress=progress, cancel=cancel,
     )
     if cancel is not None and cancel():
         from .errors import CancelledError

@@ -128,6 +128,7 @@ def synthesize(
     model=None,
     device: str = "auto",
     registration: str = "rigid",
+    allow_disjoint: bool = False,
     batch_size: Optional[int] = None,
     progress: Progress = None,
     cancel: Cancel = None,
@@ -135,7 +136,9 @@ def synthesize(
     """Synthesise an MRI from ``ct``; with ``mri``, also register, difference and evaluate.
 
     ``weights`` is a model file (default: the shipped one) unless a loaded ``model`` is passed.
-    ``registration`` is 'rigid' (default), 'similarity' or 'none'. ``progress(fraction, message)``
+    ``registration`` is 'rigid' (default), 'similarity' or 'none'; ``allow_disjoint`` lets it start
+    from aligned centres when CT and MRI do not overlap at all (unrelated scanner coordinates) instead
+    of refusing. ``progress(fraction, message)``
     is told how far it is; ``cancel()`` returning True stops it with ``CancelledError``.
     Inputs are never modified.
     """
@@ -167,7 +170,9 @@ def synthesize(
     reference = ct
     if mri is not None:
         reference = mri
-        reg = stages.run("register", 0.02, 0.3, _register, mri, ct, registration, stages.sub(0.02, 0.3), cancel)
+        reg = stages.run(
+            "register", 0.02, 0.3, _register, mri, ct, registration, allow_disjoint, stages.sub(0.02, 0.3), cancel
+        )
         result.transform, result.registration = reg.transform, reg.to_dict()
         result.ct_registered = stages.run(
             "resample CT", 0.3, 0.32, geometry.resample, ct, mri, result.transform
@@ -209,10 +214,10 @@ def synthesize(
     return result
 
 
-def _register(mri, ct, mode, progress, cancel):
+def _register(mri, ct, mode, allow_disjoint, progress, cancel):
     from .registration import register
 
-    return register(mri, ct, mode, progress=progress, cancel=cancel)
+    return register(mri, ct, mode, allow_disjoint=allow_disjoint, progress=progress, cancel=cancel)
 
 
 def evaluate_images(reference255: sitk.Image, synthetic: sitk.Image) -> dict:

@@ -296,7 +296,8 @@ def register(
         raise CTMRIError(
             "the CT and the MRI do not overlap in physical space (no part of the MRI's head lies inside "
             "the CT). Check that they are the same patient and the same body region; if they come from "
-            "scanners with unrelated coordinate systems, allow centre alignment (allow_disjoint=True)."
+            "scanners with unrelated coordinate systems, allow centre alignment (ctmri synthesize --allow-disjoint; "
+            "in Python allow_disjoint=True)."
         )
 
     if mode == "none":
