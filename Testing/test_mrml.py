@@ -434,6 +434,26 @@ def test_without_mri_only_the_synthetic_mri_is_added(scene, case_files, tiny_wei
     assert text["mae"] == "-" and text["device"] == "cpu" and text["time"].endswith(" s")
 
 
+def test_outputs_are_gathered_in_a_folder_in_the_ct_study(scene, case_files, tiny_weights) -> None:
+    """The outputs sit in "<CT> synthesis" inside the CT's study (Data module); removing them removes it."""
+    ct_node, mri_node = load_node(case_files[0], "CT"), load_node(case_files[1], "MRI")
+    sh = slicer.vtkMRMLSubjectHierarchyNode.ResolveSubjectHierarchy(scene)
+    patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient 33")
+    study = sh.CreateStudyItem(patient, "Study")
+    for node in (ct_node, mri_node):
+        sh.CreateItem(study, node)
+    outputs = mrml.run_on_nodes(scene, ct_node, mri_node, weights=tiny_weights, device="cpu", registration="none")
+    folders = {sh.GetItemParent(sh.GetItemByDataNode(node)) for node in outputs.values()}
+    assert len(folders) == 1
+    folder = folders.pop()
+    assert sh.GetItemName(folder) == "CT synthesis" and sh.GetItemParent(folder) == study
+    assert sh.GetNumberOfItemChildren(folder) == len(outputs) == 5
+    assert sh.GetItemParent(sh.GetItemByDataNode(ct_node)) == study  # the input stays where it was
+    mrml.remove_outputs(scene, outputs)
+    assert sh.GetItemChildWithName(study, "CT synthesis") == 0
+    assert all(node.GetScene() is None for node in outputs.values())
+
+
 # ------------------------------------------------------------------------------------------------
 # failures and cancel leave the scene as it was
 

@@ -406,15 +406,18 @@ def add_result_nodes(
     ct_registered: Optional[sitk.Image] = None,
     difference: Optional[sitk.Image] = None,
     transform: Optional[sitk.Transform] = None,
-    ct_display=None,
+    ct_node=None,
 ) -> dict:
     """Add the output nodes of one synthesis; all or nothing.
 
     Returns ``{"synthetic_mri": node, and where available "ct_registered", "difference", "transform",
     "table"}``. On any error every node added here is removed again and the error is raised.
-    ``ct_display`` (the input CT's display node, only read) gives the registered CT its window/level.
+    ``ct_node`` (the input CT, only read) gives the registered CT its window/level, and the outputs are
+    gathered in a subject-hierarchy folder "<base_name> synthesis" beside it (in its patient/study),
+    so they show up with the patient in the Data module.
     """
     scene = _scene(scene)
+    ct_display = ct_node.GetDisplayNode() if ct_node is not None and hasattr(ct_node, "GetDisplayNode") else None
     created: list = []
     outputs: dict = {}
     summary_json = json.dumps(summary)
@@ -446,16 +449,63 @@ def add_result_nodes(
             node = add_metrics_table(scene, summary, f"{base_name} synthesis metrics")
             created.append(node)
             outputs["table"] = node
+        _gather_in_folder(scene, list(outputs.values()), f"{base_name} synthesis", ct_node)  # not the shared colours
     except BaseException:
         _remove_nodes(scene, created)
         raise
     return outputs
 
 
+def _existing_hierarchy(scene):
+    """The scene's subject-hierarchy node, or None (unlike Slicer's getter, this never creates one)."""
+    return scene.GetFirstNodeByClass("vtkMRMLSubjectHierarchyNode")
+
+
+def _gather_in_folder(scene, nodes, folder_name: str, ct_node=None) -> int:
+    """Put ``nodes`` in a new subject-hierarchy folder under ``ct_node``'s parent item; return the folder id.
+
+    Slicer's subject-hierarchy logic files new nodes at the scene level by itself; plain MRML (slicer-core)
+    does not, so an item is created for a node that has none.
+    """
+    sh = _slicer().vtkMRMLSubjectHierarchyNode.ResolveSubjectHierarchy(scene)
+    if sh is None:
+        return 0
+    parent = sh.GetSceneItemID()
+    if ct_node is not None and ct_node.GetScene() is scene:
+        ct_item = sh.GetItemByDataNode(ct_node)
+        if ct_item:
+            parent = sh.GetItemParent(ct_item)
+    folder = sh.CreateFolderItem(parent, folder_name)
+    try:
+        for node in nodes:
+            item = sh.GetItemByDataNode(node)
+            if item:
+                sh.SetItemParent(item, folder)
+            else:
+                sh.CreateItem(folder, node)
+    except BaseException:
+        sh.RemoveItem(folder, False, False)
+        raise
+    return folder
+
+
+def _remove_empty_folders(scene, folders) -> None:
+    sh = _existing_hierarchy(scene)
+    if sh is None:
+        return
+    for folder in folders:
+        if folder and sh.GetItemDataNode(folder) is None and sh.GetNumberOfItemChildren(folder) == 0:
+            sh.RemoveItem(folder, False, False)
+
+
 def _remove_nodes(scene, nodes) -> None:
+    sh = _existing_hierarchy(scene)
     for node in reversed(nodes):
         if node is None or node.GetScene() is None:
             continue
+        item = sh.GetItemByDataNode(node) if sh is not None else 0
+        if item:  # Slicer's subject-hierarchy logic would drop it with the node; plain MRML does not
+            sh.RemoveItem(item, False, False)
         if node.IsA("vtkMRMLDisplayableNode"):
             for i in reversed(range(node.GetNumberOfDisplayNodes())):
                 display = node.GetNthDisplayNode(i)
@@ -469,8 +519,20 @@ def _remove_nodes(scene, nodes) -> None:
 
 
 def remove_outputs(scene, outputs: dict) -> None:
-    """Remove the nodes of a previous result (e.g. before re-running); the colour table stays."""
-    _remove_nodes(_scene(scene), [n for k, n in outputs.items() if k in OUTPUT_KEYS or k == "synthetic_mri"])
+    """Remove the nodes of a previous result (e.g. before re-running) and their emptied folder; the colour
+    table stays."""
+    scene = _scene(scene)
+    nodes = [n for k, n in outputs.items() if k in OUTPUT_KEYS or k == "synthetic_mri"]
+    sh = _existing_hierarchy(scene)
+    folders = set()
+    if sh is not None:
+        for node in nodes:
+            item = sh.GetItemByDataNode(node) if node is not None else 0
+            if item:
+                folders.add(sh.GetItemParent(item))
+        folders.discard(sh.GetSceneItemID())
+    _remove_nodes(scene, nodes)
+    _remove_empty_folders(scene, folders)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -526,7 +588,7 @@ def run_on_nodes(
         transform=result.transform,
         summary=result.summary(),
         base_name=base_name or ct_node.GetName() or "CT",
-        ct_display=ct_node.GetDisplayNode() if hasattr(ct_node, "GetDisplayNode") else None,
+        ct_node=ct_node,
     )
 
 
@@ -559,7 +621,7 @@ def add_outputs_from_folder(scene, folder, base_name: str, ct_node=None) -> dict
         transform=transform,
         summary=summary,
         base_name=base_name,
-        ct_display=ct_node.GetDisplayNode() if ct_node is not None else None,
+        ct_node=ct_node,
     )
 
 
