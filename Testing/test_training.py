@@ -330,3 +330,39 @@ def test_lookup_table_baseline_on_known_mapping(harvard_cases):
     assert abs(table[100] - 155.0) < 1e-6 and abs(table[200] - 55.0) < 1e-6
     pred = predict_lookup_table(table, case.ct)
     assert pred[case.ct <= 1].max() == 0.0  # 0 outside the head
+
+
+# ------------------------------------------------------------------------------- lookup-table residual
+def test_lookup_residual_model_adds_the_table_of_the_centre_slice():
+    import torch
+
+    from CTtoMRISynthesisLib.model import UNet, UNetConfig
+
+    net = UNet(UNetConfig(in_channels=3, base=4, lookup_residual=True)).eval()
+    torch.nn.init.zeros_(net.head.weight)
+    torch.nn.init.zeros_(net.head.bias)
+    net.set_lookup(torch.linspace(1.0, 0.0, 256))  # an inverting table
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        out = net(x)
+    expected = 1.0 - torch.round(x[:, 1:2] * 255) / 255  # the centre channel, not its neighbours
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="256 values"):
+        net.set_lookup(torch.zeros(10))
+
+
+def test_lookup_residual_training_stores_the_training_patients_table(harvard_cases, tmp_path):
+    from CTtoMRISynthesisLib.training.report import fit_lookup_table
+    from CTtoMRISynthesisLib.weights import load_model
+
+    cases = [c for c in harvard_cases if c.case_id in ("16", "28")]
+    settings = _tiny_settings(epochs=1)
+    settings.lookup_residual = True
+    train(cases, settings, tmp_path / "run", command="test", progress_bar=False)
+    loaded = load_model(tmp_path / "run" / "model.pt")
+    assert loaded.config["model"]["lookup_residual"] is True
+    np.testing.assert_allclose(loaded.net.lookup.numpy(), fit_lookup_table(cases) / 255.0, atol=1e-6)
+    # Resuming that run with the plain model is refused (another architecture).
+    plain = _tiny_settings(epochs=2)
+    with pytest.raises(CTMRIError, match="lookup_residual"):
+        train(cases, plain, tmp_path / "run", resume=True, command="test", progress_bar=False)

@@ -3,6 +3,11 @@
 Five encoder levels of two 3×3 convolutions (the first four followed by 2×2 max-pooling), four decoder
 levels of a 2×2 transposed convolution, skip concatenation and two 3×3 convolutions, and a final 1×1
 convolution. ``base`` is the width of the first level (the paper uses 64); each level doubles it.
+
+Optional ``lookup_residual`` (not in the paper): the network's output is added to a CT→MRI grey-level
+lookup table applied to the centre CT slice, ``out = lookup[round(255·ct)] + unet(x)``. The table (256
+values on the 0..1 scale, fit on the training patients by the trainer) is a buffer of the model, so it
+travels in the weights file with the tensors; the U-Net then learns only what a pointwise mapping misses.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ class UNetConfig:
     base: int = 64  # channels of the first level; the paper's width is 64
     levels: int = 5  # encoder levels, the deepest one being the bottleneck
     norm: str = "batch"  # "batch" or "none" (the paper does not say; batch norm trains faster here)
+    lookup_residual: bool = False  # add a CT→MRI grey-level lookup of the centre slice to the output
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,13 +74,23 @@ class UNet(nn.Module):
             self.ups.append(nn.ConvTranspose2d(w_deep, w, 2, stride=2))
             self.decoders.append(_double_conv(2 * w, w, config.norm))
         self.head = nn.Conv2d(widths[0], config.out_channels, 1)
+        if config.lookup_residual:
+            # Zero until the trainer fits the table; load_state_dict fills it from a weights file.
+            self.register_buffer("lookup", torch.zeros(256))
+
+    def set_lookup(self, table) -> None:
+        """Set the grey-level table: 256 MRI values (0..1 scale) indexed by CT value 0..255."""
+        values = torch.as_tensor(table, dtype=torch.float32).reshape(-1)
+        if values.numel() != 256:
+            raise ValueError(f"the lookup table needs 256 values, not {values.numel()}")
+        self.lookup.copy_(values.to(self.lookup.device))
 
     @property
     def multiple(self) -> int:
         """Input height and width must be multiples of this."""
         return 2 ** (self.config.levels - 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _unet(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
         for i, encoder in enumerate(self.encoders):
             x = encoder(x)
@@ -84,6 +100,14 @@ class UNet(nn.Module):
         for up, decoder, skip in zip(self.ups, self.decoders, reversed(skips)):
             x = decoder(torch.cat([skip, up(x)], dim=1))
         return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._unet(x)
+        if self.config.lookup_residual:
+            centre = x[:, self.config.in_channels // 2 : self.config.in_channels // 2 + 1]
+            index = (centre.float() * 255.0).round().clamp(0, 255).long()
+            out = out + self.lookup[index].to(out.dtype)
+        return out
 
 
 def count_parameters(model: nn.Module) -> int:

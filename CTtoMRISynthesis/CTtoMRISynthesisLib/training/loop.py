@@ -54,6 +54,7 @@ class TrainSettings:
     base: int = 16
     levels: int = 5
     norm: str = "batch"
+    lookup_residual: bool = False  # U-Net output added to a CT→MRI lookup table fit on the training cases
     context: int = 1
     augment: Augment = field(default_factory=Augment)
     seed: int = 0
@@ -199,6 +200,16 @@ def hardware_summary(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def model_config(settings: TrainSettings):
+    """The U-Net architecture a run trains (stored in its weights config)."""
+    from ..model import UNetConfig
+
+    return UNetConfig(
+        in_channels=2 * settings.context + 1, base=settings.base, levels=settings.levels, norm=settings.norm,
+        lookup_residual=settings.lookup_residual,
+    )
+
+
 def build_config(
     settings: TrainSettings,
     split: dict,
@@ -207,11 +218,7 @@ def build_config(
     training_extra: dict,
 ) -> dict:
     """The weights config (schema: see weights.py / the model card)."""
-    from ..model import UNetConfig
-
-    model = UNetConfig(
-        in_channels=2 * settings.context + 1, base=settings.base, levels=settings.levels, norm=settings.norm
-    )
+    model = model_config(settings)
     return {
         "format_version": 1,
         "name": settings.name,
@@ -271,13 +278,17 @@ def _mean_metrics(cases, net, settings: TrainSettings, device: str) -> dict:
     }
 
 
+# Settings added after checkpoints already existed: an older checkpoint was made with these values.
+_SAVED_DEFAULTS = {"lookup_residual": False}
+
+
 def _check_resumable(saved: dict, settings: TrainSettings, path: Path) -> None:
     """Refuse to resume a checkpoint made with another model or data recipe (epochs may grow)."""
     from ..errors import CTMRIError
 
     now = json.loads(json.dumps(asdict(settings), default=str))
-    keys = ("base", "levels", "norm", "context", "loss", "batch_size", "seed", "size")
-    differ = [k for k in keys if k in saved and saved[k] != now[k]]
+    keys = ("base", "levels", "norm", "lookup_residual", "context", "loss", "batch_size", "seed", "size")
+    differ = [k for k in keys if (k in saved or k in _SAVED_DEFAULTS) and saved.get(k, _SAVED_DEFAULTS.get(k)) != now[k]]
     if differ:
         raise CTMRIError(
             f"{path} was made with different settings ({', '.join(f'{k}: {saved[k]} vs {now[k]}' for k in differ)}); "
@@ -314,7 +325,7 @@ def train(
     import torch
     from torch.utils.data import DataLoader
 
-    from ..model import UNet, UNetConfig, count_parameters
+    from ..model import UNet, count_parameters
     from ..synthesis import choose_device
     from ..weights import save_weights
 
@@ -335,10 +346,12 @@ def train(
 
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)
-    model_config = UNetConfig(
-        in_channels=2 * settings.context + 1, base=settings.base, levels=settings.levels, norm=settings.norm
-    )
-    net = UNet(model_config).to(device=device, memory_format=torch.channels_last)
+    net = UNet(model_config(settings))
+    if settings.lookup_residual:
+        from .report import fit_lookup_table
+
+        net.set_lookup(fit_lookup_table(train_cases, settings.head_threshold) / 255.0)
+    net = net.to(device=device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(net.parameters(), lr=settings.lr)
     loss_fn = make_loss(settings)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and settings.amp)

@@ -379,7 +379,9 @@ def _model_preamble(config: dict, command: str, bone_threshold: float) -> list[s
         f"Command: `{command}`" if command else "",
         "",
         f"Model: U-Net, {m['levels']} levels, base {m['base']} channels, {m['in_channels']} input channel(s) "
-        f"(context {pre['context_slices']}), {tr.get('parameters', '?')} parameters; loss {tr['loss']}; "
+        f"(context {pre['context_slices']}), {tr.get('parameters', '?')} parameters"
+        f"{', output = training-patient lookup table + U-Net residual' if m.get('lookup_residual') else ''}; "
+        f"loss {tr['loss']}; "
         f"{tr['epochs']} epochs, batch {tr['batch_size']}, Adam lr {tr['lr']:g} ({tr['lr_schedule']}); "
         f"augmentation {'on' if tr['augmentation'].get('enabled') else 'off'}; output masked outside the head: "
         f"{pre['mask_output']}.",
