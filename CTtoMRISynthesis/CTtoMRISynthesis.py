@@ -326,7 +326,7 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
     # -- synchronous (console, tests) ------------------------------------------------------------
 
     def process(self, ctNode, mriNode=None, device: str = "auto", registration: str = "rigid", weightsPath=None,
-                progress=None, cancel=None) -> dict:
+                progress=None, cancel=None, allowDisjoint: bool = False) -> dict:
         """Synthesize an MRI from ``ctNode`` and add the results as new nodes; synchronous.
 
         Does everything the "Synthesize MRI" button does, but in this thread (Slicer is busy until it
@@ -338,6 +338,8 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
             the difference map and the metrics table.
         :param device: "auto", "cpu", "cuda" or "mps".
         :param registration: "rigid", "similarity" or "none".
+        :param allowDisjoint: CT and MRI in unrelated scanner coordinates that do not overlap at all: start
+            the registration from aligned centres instead of refusing.
         :param weightsPath: a model file; None for the model shipped with the extension.
         :param progress: optional ``progress(fraction, step)`` callback; ``cancel``: optional callable
             returning True to stop (nothing is added then).
@@ -350,7 +352,7 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
         self.setupPythonRequirements(askConfirmation=True)
         outputs = mrml.run_on_nodes(
             slicer.mrmlScene, ctNode, mriNode, weights=self._weights(weightsPath), device=device,
-            registration=registration, progress=progress, cancel=cancel,
+            registration=registration, allow_disjoint=allowDisjoint, progress=progress, cancel=cancel,
         )
         summary = mrml.summary_of(outputs)
         logging.info(f"CT to MRI synthesis done in {summary.get('seconds')} s on {summary.get('device')}")

@@ -88,6 +88,22 @@ def test_console_process_returns_the_output_nodes(module, scene, case, tiny_weig
     assert module.CTtoMRISynthesisLogic._weights(tiny_weights) == str(tiny_weights)
 
 
+def test_console_process_refuses_disjoint_images_unless_allowed(module, scene, case, tiny_weights) -> None:
+    from CTtoMRISynthesisLib import mrml
+    from CTtoMRISynthesisLib.errors import CTMRIError
+
+    far = sitk.Image(case[1])
+    far.SetOrigin((1000.0, 0.0, 0.0))
+    ct, mri = _node(case[0], "CT28"), _node(far, "MR28 far")
+    logic = module.CTtoMRISynthesisLogic()
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(CTMRIError, match="allowDisjoint=True"):
+        logic.process(ct, mri, device="cpu", weightsPath=str(tiny_weights))
+    assert scene.GetNumberOfNodes() == before
+    outputs = logic.process(ct, mri, device="cpu", weightsPath=str(tiny_weights), allowDisjoint=True)
+    assert mrml.summary_of(outputs)["registration"]["overlap"] > 0.9
+
+
 def test_empty_weights_box_means_the_shipped_model(module, tiny_weights, monkeypatch, tmp_path) -> None:
     from CTtoMRISynthesisLib.errors import CTMRIError
 
