@@ -351,17 +351,45 @@ def test_lookup_residual_model_adds_the_table_of_the_centre_slice():
         net.set_lookup(torch.zeros(10))
 
 
+def test_lookup_blur_is_a_normalised_gaussian_and_the_fit_uses_it(harvard_cases):
+    import torch
+    from scipy import ndimage
+
+    from CTtoMRISynthesisLib.model import UNet, UNetConfig, gaussian_blur
+    from CTtoMRISynthesisLib.training.report import fit_lookup_table
+
+    case = harvard_cases[0]
+    x = torch.from_numpy(case.ct[:3, None] / 255.0)
+    blurred = gaussian_blur(x, 1.0)
+    # Away from the border it is scipy's Gaussian (same sigma, same 3-sigma radius).
+    ref = ndimage.gaussian_filter(case.ct[:3] / 255.0, sigma=(0, 1, 1), truncate=3.0)
+    np.testing.assert_allclose(blurred[:, 0, 5:-5, 5:-5].numpy(), ref[:, 5:-5, 5:-5], atol=1e-5)
+    assert torch.equal(gaussian_blur(x, 0.0), x)
+    const = torch.full((1, 1, 16, 16), 0.4)
+    torch.testing.assert_close(gaussian_blur(const, 2.0), const)  # weights sum to 1, edges replicated
+    # The model indexes its table with the blurred centre slice: the fit on blurred CT agrees with it.
+    net = UNet(UNetConfig(in_channels=1, base=4, lookup_residual=True, lookup_sigma=1.0)).eval()
+    torch.nn.init.zeros_(net.head.weight)
+    torch.nn.init.zeros_(net.head.bias)
+    table = fit_lookup_table([case], sigma=1.0)
+    assert not np.allclose(table, fit_lookup_table([case]))
+    net.set_lookup(table / 255.0)
+    with torch.inference_mode():
+        out = net(x.float())[:, 0].numpy() * 255.0
+    index = np.clip(np.rint(blurred[:, 0].numpy() * 255.0), 0, 255).astype(int)
+    np.testing.assert_allclose(out, table[index], atol=1e-3)
+
+
 def test_lookup_residual_training_stores_the_training_patients_table(harvard_cases, tmp_path):
     from CTtoMRISynthesisLib.training.report import fit_lookup_table
     from CTtoMRISynthesisLib.weights import load_model
 
     cases = [c for c in harvard_cases if c.case_id in ("16", "28")]
-    settings = _tiny_settings(epochs=1)
-    settings.lookup_residual = True
+    settings = _tiny_settings(epochs=1, lookup_residual=True, lookup_sigma=1.0)
     train(cases, settings, tmp_path / "run", command="test", progress_bar=False)
     loaded = load_model(tmp_path / "run" / "model.pt")
-    assert loaded.config["model"]["lookup_residual"] is True
-    np.testing.assert_allclose(loaded.net.lookup.numpy(), fit_lookup_table(cases) / 255.0, atol=1e-6)
+    assert loaded.config["model"]["lookup_residual"] is True and loaded.config["model"]["lookup_sigma"] == 1.0
+    np.testing.assert_allclose(loaded.net.lookup.numpy(), fit_lookup_table(cases, sigma=1.0) / 255.0, atol=1e-6)
     # Resuming that run with the plain model is refused (another architecture).
     plain = _tiny_settings(epochs=2)
     with pytest.raises(CTMRIError, match="lookup_residual"):

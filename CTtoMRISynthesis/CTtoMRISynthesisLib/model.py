@@ -8,10 +8,13 @@ Optional ``lookup_residual`` (not in the paper): the network's output is added t
 lookup table applied to the centre CT slice, ``out = lookup[round(255·ct)] + unet(x)``. The table (256
 values on the 0..1 scale, fit on the training patients by the trainer) is a buffer of the model, so it
 travels in the weights file with the tensors; the U-Net then learns only what a pointwise mapping misses.
+With ``lookup_sigma`` > 0 the table is indexed by the centre slice blurred by a Gaussian of that many
+pixels (and fit the same way), so that CT noise is not turned into MRI speckle.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -28,6 +31,7 @@ class UNetConfig:
     levels: int = 5  # encoder levels, the deepest one being the bottleneck
     norm: str = "batch"  # "batch" or "none" (the paper does not say; batch norm trains faster here)
     lookup_residual: bool = False  # add a CT→MRI grey-level lookup of the centre slice to the output
+    lookup_sigma: float = 0.0  # Gaussian blur (pixels) of the centre slice before the lookup; 0 = none
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,10 +108,25 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._unet(x)
         if self.config.lookup_residual:
-            centre = x[:, self.config.in_channels // 2 : self.config.in_channels // 2 + 1]
-            index = (centre.float() * 255.0).round().clamp(0, 255).long()
+            centre = x[:, self.config.in_channels // 2 : self.config.in_channels // 2 + 1].float()
+            centre = gaussian_blur(centre, self.config.lookup_sigma)
+            index = (centre * 255.0).round().clamp(0, 255).long()
             out = out + self.lookup[index].to(out.dtype)
         return out
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Blur (N, 1, H, W) images in-plane by a Gaussian of ``sigma`` pixels (separable, radius 3σ, edge
+    replicated); ``sigma`` 0 returns them unchanged. The trainer fits the lookup table with this same blur."""
+    if sigma <= 0:
+        return images
+    radius = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    padded = nn.functional.pad(images, (radius, radius, radius, radius), mode="replicate")
+    out = nn.functional.conv2d(padded, kernel.view(1, 1, 1, -1))
+    return nn.functional.conv2d(out, kernel.view(1, 1, -1, 1))
 
 
 def count_parameters(model: nn.Module) -> int:

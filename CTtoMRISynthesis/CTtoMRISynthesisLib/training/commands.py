@@ -43,6 +43,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--lookup-residual", action="store_true",
                        help="learn the residual over a CT→MRI grey-level lookup table fit on the training patients "
                             "(not in the paper; the table is stored in the weights)")
+    model.add_argument("--lookup-sigma", type=float, default=0.0, metavar="PIXELS",
+                       help="with --lookup-residual: blur the CT slice by a Gaussian of this sigma before the lookup")
     model.add_argument("--context", type=int, default=1, help="neighbouring slices each side as extra input channels")
     model.add_argument("--epochs", type=int, default=30)
     model.add_argument("--batch-size", type=int, default=16)
@@ -84,7 +86,8 @@ def settings_from_args(args) -> "object":
     return TrainSettings(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_min=args.lr_min,
         schedule=args.lr_schedule, gamma=args.gamma, loss=args.loss, ssim_weight=args.ssim_weight,
-        base=args.base, levels=args.levels, lookup_residual=args.lookup_residual, context=args.context, augment=augment, seed=args.seed,
+        base=args.base, levels=args.levels, lookup_residual=args.lookup_residual,
+        lookup_sigma=args.lookup_sigma, context=args.context, augment=augment, seed=args.seed,
         num_workers=args.workers, device=args.device, amp=not args.no_amp, select=select,
         mask_output=not args.no_mask_output, window=CTWindow(*args.ct_window), name=args.name,
         threads=args.threads, max_steps=args.max_steps, stop_after=args.stop_after,

@@ -55,6 +55,7 @@ class TrainSettings:
     levels: int = 5
     norm: str = "batch"
     lookup_residual: bool = False  # U-Net output added to a CT→MRI lookup table fit on the training cases
+    lookup_sigma: float = 0.0  # blur (pixels) of the CT slice indexing that table
     context: int = 1
     augment: Augment = field(default_factory=Augment)
     seed: int = 0
@@ -206,7 +207,7 @@ def model_config(settings: TrainSettings):
 
     return UNetConfig(
         in_channels=2 * settings.context + 1, base=settings.base, levels=settings.levels, norm=settings.norm,
-        lookup_residual=settings.lookup_residual,
+        lookup_residual=settings.lookup_residual, lookup_sigma=settings.lookup_sigma if settings.lookup_residual else 0.0,
     )
 
 
@@ -279,7 +280,7 @@ def _mean_metrics(cases, net, settings: TrainSettings, device: str) -> dict:
 
 
 # Settings added after checkpoints already existed: an older checkpoint was made with these values.
-_SAVED_DEFAULTS = {"lookup_residual": False}
+_SAVED_DEFAULTS = {"lookup_residual": False, "lookup_sigma": 0.0}
 
 
 def _check_resumable(saved: dict, settings: TrainSettings, path: Path) -> None:
@@ -287,7 +288,7 @@ def _check_resumable(saved: dict, settings: TrainSettings, path: Path) -> None:
     from ..errors import CTMRIError
 
     now = json.loads(json.dumps(asdict(settings), default=str))
-    keys = ("base", "levels", "norm", "lookup_residual", "context", "loss", "batch_size", "seed", "size")
+    keys = ("base", "levels", "norm", "lookup_residual", "lookup_sigma", "context", "loss", "batch_size", "seed", "size")
     differ = [k for k in keys if (k in saved or k in _SAVED_DEFAULTS) and saved.get(k, _SAVED_DEFAULTS.get(k)) != now[k]]
     if differ:
         raise CTMRIError(
@@ -350,7 +351,7 @@ def train(
     if settings.lookup_residual:
         from .report import fit_lookup_table
 
-        net.set_lookup(fit_lookup_table(train_cases, settings.head_threshold) / 255.0)
+        net.set_lookup(fit_lookup_table(train_cases, settings.head_threshold, settings.lookup_sigma) / 255.0)
     net = net.to(device=device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(net.parameters(), lr=settings.lr)
     loss_fn = make_loss(settings)

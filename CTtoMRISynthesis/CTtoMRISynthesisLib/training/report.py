@@ -66,13 +66,18 @@ TARGET_MAE_RATIO = 0.6
 
 
 # ------------------------------------------------------------------------------------------ baselines
-def fit_lookup_table(cases, threshold: float = 10.0) -> np.ndarray:
-    """Mean MRI per CT grey value (0..255) over the head voxels of ``cases``; unseen values interpolated."""
+def fit_lookup_table(cases, threshold: float = 10.0, sigma: float = 0.0) -> np.ndarray:
+    """Mean MRI per CT grey value (0..255) over the head voxels of ``cases``; unseen values interpolated.
+
+    With ``sigma`` > 0 the CT is first blurred in-plane as the lookup-residual model does
+    (:func:`model.gaussian_blur`); the baseline rows use the plain CT.
+    """
     sums = np.zeros(256)
     counts = np.zeros(256)
     for case in cases:
         mask = head_mask(case.ct, threshold)
-        idx = np.clip(np.rint(case.ct[mask]), 0, 255).astype(np.int64)
+        ct = _blurred(case.ct, sigma) if sigma > 0 else case.ct
+        idx = np.clip(np.rint(ct[mask]), 0, 255).astype(np.int64)
         sums += np.bincount(idx, weights=case.mri[mask].astype(np.float64), minlength=256)
         counts += np.bincount(idx, minlength=256)
     seen = counts > 0
@@ -80,6 +85,16 @@ def fit_lookup_table(cases, threshold: float = 10.0) -> np.ndarray:
         raise ValueError("no head voxels to fit the lookup table on")
     values = np.arange(256)
     return np.interp(values, values[seen], sums[seen] / counts[seen])
+
+
+def _blurred(ct: np.ndarray, sigma: float) -> np.ndarray:
+    import torch
+
+    from ..model import gaussian_blur
+
+    with torch.inference_mode():
+        blurred = gaussian_blur(torch.from_numpy(np.ascontiguousarray(ct, dtype=np.float32))[:, None] / 255.0, sigma)
+    return blurred[:, 0].numpy() * 255.0
 
 
 def predict_lookup_table(table: np.ndarray, ct: np.ndarray, threshold: float = 10.0) -> np.ndarray:
@@ -373,6 +388,14 @@ def write_cv_report(run_dir, cases, command: str = "", bone_threshold: float = 2
                         preamble, montages)
 
 
+def _lookup_words(model: dict) -> str:
+    if not model.get("lookup_residual"):
+        return ""
+    sigma = float(model.get("lookup_sigma", 0.0))
+    blur = f" of the CT blurred by a Gaussian of σ {sigma:g} px" if sigma > 0 else ""
+    return f", output = training-patient lookup table{blur} + U-Net residual"
+
+
 def _model_preamble(config: dict, command: str, bone_threshold: float) -> list[str]:
     m, pre, tr = config["model"], config["preprocessing"], config["training"]
     return [
@@ -380,7 +403,7 @@ def _model_preamble(config: dict, command: str, bone_threshold: float) -> list[s
         "",
         f"Model: U-Net, {m['levels']} levels, base {m['base']} channels, {m['in_channels']} input channel(s) "
         f"(context {pre['context_slices']}), {tr.get('parameters', '?')} parameters"
-        f"{', output = training-patient lookup table + U-Net residual' if m.get('lookup_residual') else ''}; "
+        f"{_lookup_words(m)}; "
         f"loss {tr['loss']}; "
         f"{tr['epochs']} epochs, batch {tr['batch_size']}, Adam lr {tr['lr']:g} ({tr['lr_schedule']}); "
         f"augmentation {'on' if tr['augmentation'].get('enabled') else 'off'}; output masked outside the head: "
