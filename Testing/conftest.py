@@ -54,10 +54,23 @@ def scene():
     """A fresh real MRML scene (slicer-core), registered as ``slicer.mrmlScene`` for the test."""
     slicer = pytest.importorskip("slicer")
     previous = getattr(slicer, "mrmlScene", None)
-    new = slicer.vtkMRMLScene()
+    new = new_scene()
     slicer.mrmlScene = new
     yield new
     slicer.mrmlScene = previous
+
+
+def new_scene():
+    """A real MRML scene as Slicer's application has it: with its subject-hierarchy node.
+
+    (Slicer creates that node at startup; plain slicer-core does not, and the module's outputs are
+    filed in it, so a scene without one would gain it on the first run.)
+    """
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    slicer.vtkMRMLSubjectHierarchyNode.ResolveSubjectHierarchy(scene)
+    return scene
 
 
 def read_harvard_case(harvard: Path, case: str, modality: str):

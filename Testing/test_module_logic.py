@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer")
 
-from conftest import REPO, read_harvard_case  # noqa: E402
+from conftest import REPO, new_scene, read_harvard_case  # noqa: E402
 
 MODULE_PY = REPO / "CTtoMRISynthesis" / "CTtoMRISynthesis.py"
 
@@ -57,7 +57,7 @@ def module(monkeypatch):
 
 @pytest.fixture()
 def scene(monkeypatch):
-    scene = slicer.vtkMRMLScene()
+    scene = new_scene()
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
     return scene
 

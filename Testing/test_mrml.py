@@ -19,7 +19,7 @@ import SimpleITK as sitk
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from conftest import read_harvard_case  # noqa: E402
+from conftest import new_scene, read_harvard_case  # noqa: E402
 from CTtoMRISynthesisLib import mrml  # noqa: E402
 from CTtoMRISynthesisLib.cli import main as cli_main  # noqa: E402
 from CTtoMRISynthesisLib.errors import CancelledError, CTMRIError  # noqa: E402
@@ -136,7 +136,7 @@ def rire_image(rire_mr_path: Path) -> sitk.Image:
 @pytest.fixture(scope="module")
 def run_with_mri(case_files, tiny_weights, tmp_path_factory):
     """One node-level run (rigid registration) shared by the read-only checks below."""
-    scene = slicer.vtkMRMLScene()
+    scene = new_scene()
     previous = getattr(slicer, "mrmlScene", None)
     slicer.mrmlScene = scene
     try:
@@ -325,7 +325,7 @@ def test_table_matches_the_cli_metrics_json(run_with_mri, case_files, tiny_weigh
         np.testing.assert_allclose(summary["registration"][key], metrics["registration"][key], atol=1e-6)
 
     # The module's background path (worker output folder → nodes) gives the same nodes.
-    scene = slicer.vtkMRMLScene()
+    scene = new_scene()
     from_folder = mrml.add_outputs_from_folder(scene, out, "CT16")
     assert set(from_folder) == set(run_with_mri["outputs"])
     for key in ("ct_registered", "synthetic_mri", "difference"):
@@ -390,7 +390,7 @@ def test_transform_node_as_parent_of_the_ct_reproduces_the_registered_ct(scene, 
 
 @pytest.fixture(scope="module")
 def plain_run(case_files, tiny_weights):
-    scene = slicer.vtkMRMLScene()
+    scene = new_scene()
     ct_file, mri_file = (sitk.ReadImage(str(p)) for p in case_files)
     previous, slicer.mrmlScene = getattr(slicer, "mrmlScene", None), scene
     try:

@@ -45,7 +45,7 @@ slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 torch = pytest.importorskip("torch")
 
-from conftest import read_harvard_case  # noqa: E402
+from conftest import new_scene, read_harvard_case  # noqa: E402
 from CTtoMRISynthesisLib import mrml, pipeline, synthesis  # noqa: E402
 from CTtoMRISynthesisLib import weights as weights_module  # noqa: E402
 from CTtoMRISynthesisLib.cli import main as cli_main  # noqa: E402
@@ -344,7 +344,7 @@ def run_row(case: Case, data: Data, tmp: Path, capsys) -> list[Outcome]:
     node_path = case.node_path if case.node_path is not None else not isinstance(case.ct, Path)
     if node_path:
         previous = getattr(slicer, "mrmlScene", None)
-        scene = slicer.vtkMRMLScene()
+        scene = new_scene()
         slicer.mrmlScene = scene
         try:
             outcomes.append(run_node_case(case, weights, scene))
@@ -998,7 +998,7 @@ def _oom_case(data: Data, tmp_path: Path, capsys, monkeypatch, wrapper: OOMNet, 
         assert captured.err.strip().splitlines() == [f"warning: {w}" for w in outcomes[0].warnings]
     else:
         assert listing(work) == []
-    scene = slicer.vtkMRMLScene()
+    scene = new_scene()
     previous, slicer.mrmlScene = getattr(slicer, "mrmlScene", None), scene
     try:
         ct_node, mri_node = node_from_image(scene, data.ct, "CT"), node_from_image(scene, data.mri, "MRI")
@@ -1212,7 +1212,7 @@ def test_twenty_runs_keep_memory_flat_and_outputs_identical(data: Data, tmp_path
     out = tmp_path / "out"
     argv = ["synthesize", "--ct", str(ct), "--mri", str(mri), "--out-dir", str(out), "--weights", str(data.weights),
             "--registration", "none", "--device", "cpu", "--quiet"]
-    scene = slicer.vtkMRMLScene()
+    scene = new_scene()
     previous_scene, slicer.mrmlScene = getattr(slicer, "mrmlScene", None), scene
     volatile = {"seconds", "stage_seconds", "registration"}
     rss = []

@@ -6,6 +6,8 @@ patients, and on how many patients the model beats the lookup-table baseline of 
 
     python experiments/compare_cv.py NAME=RUN [NAME=RUN ...]
 """
+from __future__ import annotations
+
 import csv
 import sys
 from pathlib import Path
@@ -23,16 +25,21 @@ def load(run: Path) -> dict:
 
 runs = {arg.split("=", 1)[0]: load(Path(arg.split("=", 1)[1])) for arg in sys.argv[1:]}
 patients = sorted({p for rows in runs.values() for p, m in rows if m == "model"}, key=int)
-print(f"{'recipe':14s} {'MAE':>6s} {'SSIM':>6s} {'SSIM in head':>12s}  beats lookup (MAE / SSIM)  per patient MAE")
+print("| recipe | MAE | SSIM | SSIM in head | MAE < lookup table | SSIM > lookup table | MAE per patient (" + ", ".join(patients) + ") |")
+print("|---|---|---|---|---|---|---|")
+
+
+def row(name: str, rows: dict, method: str, lut: np.ndarray | None) -> str:
+    v = np.array([[rows[(p, method)][k] for k in ("mae", "ssim", "ssim_foreground")] for p in patients])
+    wins = ("–", "–") if lut is None else (f"{int((v[:, 0] < lut[:, 0]).sum())}/{len(patients)}",
+                                          f"{int((v[:, 1] > lut[:, 1]).sum())}/{len(patients)}")
+    return (f"| {name} | {v[:, 0].mean():.2f} | {v[:, 1].mean():.3f} | {v[:, 2].mean():.3f} | {wins[0]} | {wins[1]} | "
+            + " ".join(f"{x:.1f}" for x in v[:, 0]) + " |")
+
+
 for name, rows in runs.items():
-    m = np.array([[rows[(p, 'model')][k] for k in ('mae', 'ssim', 'ssim_foreground')] for p in patients])
-    lut = np.array([[rows[(p, 'lookup_table')][k] for k in ('mae', 'ssim')] for p in patients])
-    wins = f"{int((m[:, 0] < lut[:, 0]).sum())}/{len(patients)} / {int((m[:, 1] > lut[:, 1]).sum())}/{len(patients)}"
-    print(f"{name:14s} {m[:, 0].mean():6.2f} {m[:, 1].mean():6.3f} {m[:, 2].mean():12.3f}  {wins:>25s}  "
-          + " ".join(f"{v:.1f}" for v in m[:, 0]))
+    lut = np.array([[rows[(p, "lookup_table")][k] for k in ("mae", "ssim")] for p in patients])
+    print(row(name, rows, "model", lut))
 first = next(iter(runs.values()))
 for method in ("lookup_table", "constant"):
-    v = np.array([[first[(p, method)][k] for k in ("mae", "ssim", "ssim_foreground")] for p in patients])
-    print(f"{method:14s} {v[:, 0].mean():6.2f} {v[:, 1].mean():6.3f} {v[:, 2].mean():12.3f}  "
-          f"{'':>25s}  " + " ".join(f"{x:.1f}" for x in v[:, 0]))
-print("patients:", " ".join(patients))
+    print(row(f"baseline: {method.replace('_', ' ')}", first, method, None))

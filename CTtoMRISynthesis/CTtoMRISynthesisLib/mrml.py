@@ -20,7 +20,9 @@ Geometry conventions (checked numerically in ``Testing/test_mrml.py``):
   transform as the CLI's ``transform.tfm``.
 
 Outputs are new nodes only, added after the synthesis succeeded; if adding them fails, the ones
-already added are removed again, so the scene is left as it was. Input nodes are only read.
+already added are removed again, so the scene is left as it was. Input nodes are only read. The outputs
+are filed in a subject-hierarchy folder beside the CT; a bare MRML scene without a subject-hierarchy node
+(Slicer itself always has one) gets one on the first successful run.
 """
 
 from __future__ import annotations
