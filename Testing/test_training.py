@@ -394,3 +394,46 @@ def test_lookup_residual_training_stores_the_training_patients_table(harvard_cas
     plain = _tiny_settings(epochs=2)
     with pytest.raises(CTMRIError, match="lookup_residual"):
         train(cases, plain, tmp_path / "run", resume=True, command="test", progress_bar=False)
+
+
+# ------------------------------------------------------------------------------- CT standardisation
+def test_standardise_ct_maps_the_brain_median_and_keeps_air_and_bone(harvard_cases):
+    from CTtoMRISynthesisLib.intensity import brain_median, standardise_ct
+
+    case20 = {c.case_id: c for c in harvard_cases}["20"]  # the brightly windowed CT (brain median ~154)
+    before = brain_median(case20.ct)
+    assert 140 < before < 170
+    out, note = standardise_ct(case20.ct, 105.0)
+    assert "mapped to 105" in note["ct_standardise"]
+    # The same brain voxels now have median 105 (re-measuring on the mapped CT samples other voxels,
+    # as the air and bone cut-offs then fall elsewhere).
+    sample = (case20.ct > 10) & (case20.ct < 200)
+    assert abs(np.median(out[sample]) - 105.0) < abs(np.median(case20.ct[sample]) - 105.0) / 5
+    assert np.all(out[case20.ct == 0] == 0) and np.all(out[case20.ct == 255] == 255)
+    order = np.argsort(case20.ct.ravel(), kind="stable")
+    assert np.all(np.diff(out.ravel()[order]) >= 0)  # monotone: no contrast inverted
+    empty = np.zeros((2, 32, 32), np.float32)
+    same, note = standardise_ct(empty, 105.0)
+    assert same is empty and "skipped" in note["ct_standardise"]
+
+
+def test_ct_standardise_is_applied_in_training_and_at_inference(harvard_cases, tmp_path):
+    import torch
+
+    from CTtoMRISynthesisLib.intensity import head_mask, standardise_ct
+    from CTtoMRISynthesisLib.synthesis import predict_slices
+    from CTtoMRISynthesisLib.weights import load_model
+
+    cases = [c for c in harvard_cases if c.case_id in ("16", "20")]
+    ds = SliceDataset(cases, context=0, ct_standardise=105.0)
+    np.testing.assert_allclose(ds.inputs[: cases[0].slices, 0], standardise_ct(cases[0].ct, 105.0)[0] / 255.0, atol=1e-6)
+    train(cases, _tiny_settings(epochs=1, ct_standardise=105.0), tmp_path / "run", command="test", progress_bar=False)
+    loaded = load_model(tmp_path / "run" / "model.pt")
+    assert loaded.config["preprocessing"]["ct_standardise"] == 105.0
+    ct = cases[1].ct[:4]
+    info = {}
+    got = predict_slices(loaded.net, ct, context=1, ct_standardise=105.0, info=info)
+    plain = predict_slices(loaded.net, standardise_ct(ct, 105.0)[0], context=1, mask_output=False)
+    plain[~head_mask(ct)] = 0.0  # the mask comes from the CT as given
+    np.testing.assert_allclose(got, plain, atol=1e-4)
+    assert "mapped to 105" in info["ct_standardise"]

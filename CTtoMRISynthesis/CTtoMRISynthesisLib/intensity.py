@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Optional
+
 import numpy as np
 
 from .errors import CTMRIError
@@ -157,6 +159,42 @@ def normalise_ct(array: np.ndarray, window: CTWindow) -> tuple[np.ndarray, dict]
 def normalise_mri(array: np.ndarray) -> np.ndarray:
     """Reference MRI → 0..255 by per-volume min-max (the paper's Eq. 1)."""
     return minmax_255(array, "MRI")
+
+
+BRAIN_EROSION = 15  # pixels of the 256-pixel model grid (~13 mm) between the skull and the "brain" sample
+BRAIN_RANGE = (10.0, 200.0)  # CT values (0..255) kept in that sample: not air, not bone
+
+
+def brain_median(ct255: np.ndarray, threshold: float = 10.0) -> Optional[float]:
+    """Median CT value (0..255) of the brain: head mask eroded in-plane, values inside BRAIN_RANGE.
+
+    Falls back to the whole head when erosion leaves nothing (small or thin images); None without a head.
+    """
+    from scipy import ndimage
+
+    mask = head_mask(ct255, threshold)
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    inner = ndimage.binary_erosion(mask, in_plane, iterations=BRAIN_EROSION)
+    lo, hi = BRAIN_RANGE
+    for region in (inner, mask):
+        sample = ct255[region & (ct255 > lo) & (ct255 < hi)]
+        if sample.size:
+            return float(np.median(sample))
+    return None
+
+
+def standardise_ct(ct255: np.ndarray, target: float) -> tuple[np.ndarray, dict]:
+    """Map the CT's brain median to ``target`` with a piecewise-linear [0, median, 255] → [0, target, 255].
+
+    Air stays 0 and saturated bone 255; the values in between are stretched or compressed so that CTs
+    windowed differently (the training data's are) look alike. Returns the array and what was done.
+    """
+    median = brain_median(ct255)
+    if median is None or not 0.0 < median < 255.0:
+        return ct255, {"ct_standardise": f"skipped: no brain found to measure (target {target:g})"}
+    out = np.interp(ct255, [0.0, median, 255.0], [0.0, float(target), 255.0]).astype(np.float32)
+    return out, {"ct_standardise": f"brain median {median:.1f} mapped to {target:g}"}
 
 
 def head_mask(ct255: np.ndarray, threshold: float = 10.0) -> np.ndarray:

@@ -193,6 +193,7 @@ def synthesize(
         sitk.GetArrayFromImage(ct_grid),
         context=int(prep.get("context_slices", 0)),
         mask_output=bool(prep.get("mask_output", True)),
+        ct_standardise=prep.get("ct_standardise"),
         device=device,
         batch_size=batch_size,
         progress=stages.sub(0.36, 0.9),

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .errors import CancelledError, CTMRIError
-from .intensity import head_mask
+from .intensity import head_mask, standardise_ct
 
 Progress = Optional[Callable[[float, str], None]]
 Cancel = Optional[Callable[[], bool]]
@@ -89,6 +89,7 @@ def predict_slices(
     *,
     context: int = 0,
     mask_output: bool = True,
+    ct_standardise: Optional[float] = None,
     device: str = "cpu",
     batch_size: int | None = None,
     progress: Progress = None,
@@ -100,7 +101,9 @@ def predict_slices(
     Out of memory: the batch is halved and the same slices tried again; on a GPU that fails even with
     one slice per batch, the rest is done on the CPU. Each step is announced through ``progress`` and
     summarised in ``info`` (when a dict is given): ``info["device"]`` and ``info["batch_size"]`` as
-    finally used, ``info["warnings"]`` (list of messages).
+    finally used, ``info["warnings"]`` (list of messages). ``ct_standardise`` (from the weights config)
+    maps the CT's brain median to that value first (:func:`intensity.standardise_ct`); the output mask
+    is always taken from the CT as given.
     """
     import torch
 
@@ -110,6 +113,10 @@ def predict_slices(
     notes = info.setdefault("warnings", [])
     batch_size = max(1, int(batch_size or default_batch_size(device)))
     first_device, first_batch = device, min(batch_size, max(ct255.shape[0], 1))
+    mask_source = ct255
+    if ct_standardise is not None:
+        ct255, note = standardise_ct(ct255, ct_standardise)
+        info.update(note)
     inputs = stack_context(ct255.astype(np.float32) / 255.0, context)
     out = np.empty(ct255.shape, dtype=np.float32)
     memory_format = torch.channels_last  # faster for convolutions on both CPU (oneDNN) and GPU
@@ -164,5 +171,5 @@ def predict_slices(
         )
     info["device"], info["batch_size"] = device, batch_size
     if mask_output:
-        out[~head_mask(ct255)] = 0.0
+        out[~head_mask(mask_source)] = 0.0
     return out

@@ -61,6 +61,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                        help="model kept: last epoch, or best validation MAE (default: best with --val-cases, else last)")
     model.add_argument("--ct-window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"), default=list(DEFAULT_WINDOW),
                        help="Hounsfield window that makes a HU CT look like the training CT (recorded for inference)")
+    model.add_argument("--ct-standardise", type=float, default=None, metavar="TARGET",
+                       help="map each CT's brain median to TARGET (0..255) before the network, in training and "
+                            "at inference (recorded in the weights); for CTs windowed differently per patient")
     model.add_argument("--no-mask-output", action="store_true", help="do not zero the synthetic MRI outside the head")
     run = p.add_argument_group("running")
     run.add_argument("--seed", type=int, default=0)
@@ -89,7 +92,7 @@ def settings_from_args(args) -> "object":
         base=args.base, levels=args.levels, lookup_residual=args.lookup_residual,
         lookup_sigma=args.lookup_sigma, context=args.context, augment=augment, seed=args.seed,
         num_workers=args.workers, device=args.device, amp=not args.no_amp, select=select,
-        mask_output=not args.no_mask_output, window=CTWindow(*args.ct_window), name=args.name,
+        mask_output=not args.no_mask_output, ct_standardise=args.ct_standardise, window=CTWindow(*args.ct_window), name=args.name,
         threads=args.threads, max_steps=args.max_steps, stop_after=args.stop_after,
     ).check()
 

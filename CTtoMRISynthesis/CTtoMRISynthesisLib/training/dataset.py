@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import numpy as np
 
+from ..intensity import standardise_ct
 from ..synthesis import stack_context
 
 
@@ -65,7 +67,8 @@ def _affine(arrays: np.ndarray, angle_deg: float, scale: float, flip: bool) -> n
 class SliceDataset:
     """A torch-style map dataset (``__len__``/``__getitem__``) over the slices of some cases."""
 
-    def __init__(self, cases, context: int = 0, augment: Augment = NO_AUGMENT, seed: int = 0) -> None:
+    def __init__(self, cases, context: int = 0, augment: Augment = NO_AUGMENT, seed: int = 0,
+                 ct_standardise: Optional[float] = None) -> None:
         if not cases:
             raise ValueError("no cases to train on")
         self.context = int(context)
@@ -74,7 +77,8 @@ class SliceDataset:
         self.epoch = 0
         inputs, targets, owners = [], [], []
         for case in cases:
-            inputs.append(stack_context(case.ct.astype(np.float32) / 255.0, self.context))
+            ct = case.ct if ct_standardise is None else standardise_ct(case.ct, ct_standardise)[0]
+            inputs.append(stack_context(ct.astype(np.float32) / 255.0, self.context))
             targets.append(case.mri.astype(np.float32)[:, None] / 255.0)
             owners += [case.case_id] * case.slices
         self.inputs = np.concatenate(inputs)

@@ -64,6 +64,7 @@ class TrainSettings:
     amp: bool = True  # on CUDA only
     select: str = "last"
     mask_output: bool = True
+    ct_standardise: Optional[float] = None  # map each CT's brain median to this value (intensity.standardise_ct)
     head_threshold: float = 10.0
     size: int = 256
     window: CTWindow = field(default_factory=lambda: CTWindow(45.0, 120.0))
@@ -233,6 +234,7 @@ def build_config(
             "mri_normalisation": "per-volume min-max to 0..255",
             "input_scaling": "ct255/255 in, mri255/255 out",
             "mask_output": bool(settings.mask_output),
+            "ct_standardise": settings.ct_standardise,
             "head_threshold": settings.head_threshold,
         },
         "training": {
@@ -269,7 +271,8 @@ def _mean_metrics(cases, net, settings: TrainSettings, device: str) -> dict:
 
     rows = []
     for case in cases:
-        syn = predict_slices(net, case.ct, context=settings.context, mask_output=settings.mask_output, device=device)
+        syn = predict_slices(net, case.ct, context=settings.context, mask_output=settings.mask_output,
+                             ct_standardise=settings.ct_standardise, device=device)
         m = compute_metrics(case.mri, syn)
         rows.append(m)
     return {
@@ -280,7 +283,7 @@ def _mean_metrics(cases, net, settings: TrainSettings, device: str) -> dict:
 
 
 # Settings added after checkpoints already existed: an older checkpoint was made with these values.
-_SAVED_DEFAULTS = {"lookup_residual": False, "lookup_sigma": 0.0}
+_SAVED_DEFAULTS = {"lookup_residual": False, "lookup_sigma": 0.0, "ct_standardise": None}
 
 
 def _check_resumable(saved: dict, settings: TrainSettings, path: Path) -> None:
@@ -288,7 +291,7 @@ def _check_resumable(saved: dict, settings: TrainSettings, path: Path) -> None:
     from ..errors import CTMRIError
 
     now = json.loads(json.dumps(asdict(settings), default=str))
-    keys = ("base", "levels", "norm", "lookup_residual", "lookup_sigma", "context", "loss", "batch_size", "seed", "size")
+    keys = ("base", "levels", "norm", "lookup_residual", "lookup_sigma", "ct_standardise", "context", "loss", "batch_size", "seed", "size")
     differ = [k for k in keys if (k in saved or k in _SAVED_DEFAULTS) and saved.get(k, _SAVED_DEFAULTS.get(k)) != now[k]]
     if differ:
         raise CTMRIError(
@@ -374,7 +377,7 @@ def train(
         if dist.main:
             print(f"resuming {out_dir} at epoch {start_epoch + 1} of {settings.epochs}", flush=True)
 
-    dataset = SliceDataset(train_cases, settings.context, settings.augment, settings.seed)
+    dataset = SliceDataset(train_cases, settings.context, settings.augment, settings.seed, settings.ct_standardise)
     sampler = None
     if dist.active:
         from torch.utils.data.distributed import DistributedSampler

@@ -132,7 +132,8 @@ def predict_case(loaded, case, device: str = "cpu") -> np.ndarray:
 
     pre = loaded.config["preprocessing"]
     return predict_slices(
-        loaded.net, case.ct, context=int(pre["context_slices"]), mask_output=bool(pre["mask_output"]), device=device
+        loaded.net, case.ct, context=int(pre["context_slices"]), mask_output=bool(pre["mask_output"]),
+        ct_standardise=pre.get("ct_standardise"), device=device,
     )
 
 
