@@ -425,7 +425,9 @@ def test_ct_standardise_is_applied_in_training_and_at_inference(harvard_cases, t
     from CTtoMRISynthesisLib.weights import load_model
 
     cases = [c for c in harvard_cases if c.case_id in ("16", "20")]
-    ds = SliceDataset(cases, context=0, ct_standardise=105.0)
+    from CTtoMRISynthesisLib.training.dataset import as_network_sees
+
+    ds = SliceDataset(as_network_sees(cases, 105.0), context=0)
     np.testing.assert_allclose(ds.inputs[: cases[0].slices, 0], standardise_ct(cases[0].ct, 105.0)[0] / 255.0, atol=1e-6)
     train(cases, _tiny_settings(epochs=1, ct_standardise=105.0), tmp_path / "run", command="test", progress_bar=False)
     loaded = load_model(tmp_path / "run" / "model.pt")
@@ -437,3 +439,26 @@ def test_ct_standardise_is_applied_in_training_and_at_inference(harvard_cases, t
     plain[~head_mask(ct)] = 0.0  # the mask comes from the CT as given
     np.testing.assert_allclose(got, plain, atol=1e-4)
     assert "mapped to 105" in info["ct_standardise"]
+
+
+def test_lookup_table_is_fit_on_the_standardised_ct_when_both_are_asked(harvard_cases, tmp_path):
+    from CTtoMRISynthesisLib.training.dataset import as_network_sees
+    from CTtoMRISynthesisLib.training.report import fit_lookup_table
+    from CTtoMRISynthesisLib.weights import load_model
+
+    cases = [c for c in harvard_cases if c.case_id in ("16", "20")]
+    settings = _tiny_settings(epochs=1, lookup_residual=True, ct_standardise=105.0)
+    train(cases, settings, tmp_path / "run", command="test", progress_bar=False)
+    table = load_model(tmp_path / "run" / "model.pt").net.lookup.numpy()
+    np.testing.assert_allclose(table, fit_lookup_table(as_network_sees(cases, 105.0)) / 255.0, atol=1e-6)
+    assert not np.allclose(table, fit_lookup_table(cases) / 255.0, atol=1e-3)
+
+
+def test_resuming_a_checkpoint_older_than_a_setting_names_the_difference(tmp_path):
+    from CTtoMRISynthesisLib.training.loop import _check_resumable
+
+    old = {"base": 4, "levels": 5, "norm": "batch", "context": 1, "loss": "mse", "batch_size": 16, "seed": 0,
+           "size": 256}  # written before lookup_residual existed
+    _check_resumable(old, _tiny_settings(batch_size=16), tmp_path / "checkpoint.pt")  # same recipe: fine
+    with pytest.raises(CTMRIError, match="lookup_residual: False vs True"):
+        _check_resumable(old, _tiny_settings(batch_size=16, lookup_residual=True), tmp_path / "checkpoint.pt")

@@ -18,7 +18,7 @@ DDP, which makes training deterministic on CPU.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -64,11 +64,18 @@ def _affine(arrays: np.ndarray, angle_deg: float, scale: float, flip: bool) -> n
     return out.numpy()
 
 
+def as_network_sees(cases, ct_standardise: Optional[float] = None) -> list:
+    """The cases with their CT as the network gets it: standardised (:func:`intensity.standardise_ct`)
+    when ``ct_standardise`` is set, else unchanged. Training data and the lookup table are built from these."""
+    if ct_standardise is None:
+        return list(cases)
+    return [replace(case, ct=standardise_ct(case.ct, ct_standardise)[0]) for case in cases]
+
+
 class SliceDataset:
     """A torch-style map dataset (``__len__``/``__getitem__``) over the slices of some cases."""
 
-    def __init__(self, cases, context: int = 0, augment: Augment = NO_AUGMENT, seed: int = 0,
-                 ct_standardise: Optional[float] = None) -> None:
+    def __init__(self, cases, context: int = 0, augment: Augment = NO_AUGMENT, seed: int = 0) -> None:
         if not cases:
             raise ValueError("no cases to train on")
         self.context = int(context)
@@ -77,8 +84,7 @@ class SliceDataset:
         self.epoch = 0
         inputs, targets, owners = [], [], []
         for case in cases:
-            ct = case.ct if ct_standardise is None else standardise_ct(case.ct, ct_standardise)[0]
-            inputs.append(stack_context(ct.astype(np.float32) / 255.0, self.context))
+            inputs.append(stack_context(case.ct.astype(np.float32) / 255.0, self.context))
             targets.append(case.mri.astype(np.float32)[:, None] / 255.0)
             owners += [case.case_id] * case.slices
         self.inputs = np.concatenate(inputs)

@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 
 from ..intensity import CTWindow
-from .dataset import Augment, SliceDataset
+from .dataset import Augment, SliceDataset, as_network_sees
 
 LOSSES = ("mse", "l1", "l1+ssim")
 SCHEDULES = ("cosine", "exponential", "constant")
@@ -291,11 +291,13 @@ def _check_resumable(saved: dict, settings: TrainSettings, path: Path) -> None:
     from ..errors import CTMRIError
 
     now = json.loads(json.dumps(asdict(settings), default=str))
-    keys = ("base", "levels", "norm", "lookup_residual", "lookup_sigma", "ct_standardise", "context", "loss", "batch_size", "seed", "size")
-    differ = [k for k in keys if (k in saved or k in _SAVED_DEFAULTS) and saved.get(k, _SAVED_DEFAULTS.get(k)) != now[k]]
+    keys = ("base", "levels", "norm", "lookup_residual", "lookup_sigma", "ct_standardise", "context", "loss",
+            "batch_size", "seed", "size")
+    then = {**_SAVED_DEFAULTS, **saved}  # a key an older checkpoint lacks had its default value then
+    differ = [k for k in keys if k in then and then[k] != now[k]]
     if differ:
         raise CTMRIError(
-            f"{path} was made with different settings ({', '.join(f'{k}: {saved[k]} vs {now[k]}' for k in differ)}); "
+            f"{path} was made with different settings ({', '.join(f'{k}: {then[k]} vs {now[k]}' for k in differ)}); "
             "use another --out folder or the original settings"
         )
 
@@ -350,11 +352,13 @@ def train(
 
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)
+    seen = as_network_sees(train_cases, settings.ct_standardise)  # what the network trains on
     net = UNet(model_config(settings))
     if settings.lookup_residual:
         from .report import fit_lookup_table
 
-        net.set_lookup(fit_lookup_table(train_cases, settings.head_threshold, settings.lookup_sigma) / 255.0)
+        # fit on the CT the network indexes the table with (standardised, when asked)
+        net.set_lookup(fit_lookup_table(seen, settings.head_threshold, settings.lookup_sigma) / 255.0)
     net = net.to(device=device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(net.parameters(), lr=settings.lr)
     loss_fn = make_loss(settings)
@@ -377,7 +381,7 @@ def train(
         if dist.main:
             print(f"resuming {out_dir} at epoch {start_epoch + 1} of {settings.epochs}", flush=True)
 
-    dataset = SliceDataset(train_cases, settings.context, settings.augment, settings.seed, settings.ct_standardise)
+    dataset = SliceDataset(seen, settings.context, settings.augment, settings.seed)
     sampler = None
     if dist.active:
         from torch.utils.data.distributed import DistributedSampler
