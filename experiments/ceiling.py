@@ -21,7 +21,7 @@ from scipy import ndimage
 from CTtoMRISynthesisLib.intensity import CTWindow, head_mask
 from CTtoMRISynthesisLib.metrics import compute_metrics
 from CTtoMRISynthesisLib.training.discovery import discover
-from CTtoMRISynthesisLib.training.report import fit_constant, fit_lookup_table, predict_lookup_table
+from CTtoMRISynthesisLib.training.report import reference_predictions
 
 DATA = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parents[2] / "shared" / "data")
 cases = discover([DATA / "harvard_aanlib_ct_mri_2d"], CTWindow(45, 120))
@@ -35,14 +35,16 @@ def score(case, syn):
 rows = {}
 for case in cases:
     mask = head_mask(case.ct)
+    refs = reference_predictions(case)  # the report's rows: own lookup table, blur σ 1 px, shift 1 px
     r = {}
     r["oracle_constant"] = score(case, np.where(mask, float(case.mri[mask].mean()), 0.0))
-    r["oracle_lut"] = score(case, predict_lookup_table(fit_lookup_table([case]), case.ct))
-    for s in (1, 2, 4):
+    r["oracle_lut"] = score(case, refs["ref_own_lookup"])
+    r["mri_blur_1"] = score(case, refs["ref_blur1"])
+    for s in (2, 4):
         blurred = ndimage.gaussian_filter(case.mri, sigma=(0, s, s))
         r[f"mri_blur_{s}"] = score(case, np.where(mask, blurred, 0.0))
-    for p in (1, 2):
-        r[f"mri_shift_{p}"] = score(case, np.roll(case.mri, -p, axis=2))
+    r["mri_shift_1"] = score(case, refs["ref_shift1"])
+    r["mri_shift_2"] = score(case, np.roll(case.mri, -2, axis=2))
     rows[case.case_id] = r
     fg = case.mri > 0
     print(f"patient {case.case_id}: MRI head mean {case.mri[fg].mean():.1f} median {np.median(case.mri[fg]):.1f}; "

@@ -8,7 +8,6 @@ training CT, then used as is (the window already spans 0..255). Which path was t
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Optional
 
 import numpy as np
@@ -173,9 +172,7 @@ def brain_median(ct255: np.ndarray, threshold: float = 10.0) -> Optional[float]:
     from scipy import ndimage
 
     mask = head_mask(ct255, threshold)
-    in_plane = np.zeros((3, 3, 3), dtype=bool)
-    in_plane[1] = ndimage.generate_binary_structure(2, 1)
-    inner = ndimage.binary_erosion(mask, in_plane, iterations=BRAIN_EROSION)
+    inner = ndimage.binary_erosion(mask, _in_plane_structure(), iterations=BRAIN_EROSION)
     lo, hi = BRAIN_RANGE
     for region in (inner, mask):
         sample = ct255[region & (ct255 > lo) & (ct255 < hi)]
@@ -206,6 +203,13 @@ def head_mask(ct255: np.ndarray, threshold: float = 10.0) -> np.ndarray:
     from scipy import ndimage
 
     mask = ct255 > threshold
-    in_plane = np.zeros((3, 3, 3), dtype=bool)
-    in_plane[1] = ndimage.generate_binary_structure(2, 1)  # fill holes within each axial slice only
-    return ndimage.binary_fill_holes(mask, structure=in_plane)
+    return ndimage.binary_fill_holes(mask, structure=_in_plane_structure())  # holes within each axial slice only
+
+
+def _in_plane_structure() -> np.ndarray:
+    """3D structuring element that connects voxels within an axial slice only (4-neighbourhood)."""
+    from scipy import ndimage
+
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = ndimage.generate_binary_structure(2, 1)
+    return structure

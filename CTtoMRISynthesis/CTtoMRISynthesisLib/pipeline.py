@@ -142,7 +142,7 @@ def synthesize(
     is told how far it is; ``cancel()`` returning True stops it with ``CancelledError``.
     Inputs are never modified.
     """
-    from .synthesis import choose_device, predict_slices
+    from .synthesis import choose_device, predict_slices, preprocessing_options
     from .weights import load_model, sha256_of
 
     if registration not in REGISTRATION_MODES:
@@ -191,9 +191,7 @@ def synthesize(
         predict_slices,
         model.net,
         sitk.GetArrayFromImage(ct_grid),
-        context=int(prep.get("context_slices", 0)),
-        mask_output=bool(prep.get("mask_output", True)),
-        ct_standardise=prep.get("ct_standardise"),
+        **preprocessing_options(prep),
         device=device,
         batch_size=batch_size,
         progress=stages.sub(0.36, 0.9),

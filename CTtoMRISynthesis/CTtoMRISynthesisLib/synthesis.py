@@ -83,6 +83,16 @@ def _free_device_memory(device: str) -> None:
         torch.mps.empty_cache()
 
 
+def preprocessing_options(prep: dict) -> dict:
+    """:func:`predict_slices` keyword arguments recorded in a weights config's ``preprocessing`` (one place,
+    so every caller applies a model the way it was trained; older files lack the newer keys)."""
+    return {
+        "context": int(prep.get("context_slices", 0)),
+        "mask_output": bool(prep.get("mask_output", True)),
+        "ct_standardise": prep.get("ct_standardise"),
+    }
+
+
 def predict_slices(
     net,
     ct255: np.ndarray,

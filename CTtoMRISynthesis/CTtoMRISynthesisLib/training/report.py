@@ -128,13 +128,9 @@ def evaluate(ref: np.ndarray, syn: np.ndarray, ct: np.ndarray, bone_threshold: f
 
 
 def predict_case(loaded, case, device: str = "cpu") -> np.ndarray:
-    from ..synthesis import predict_slices
+    from ..synthesis import predict_slices, preprocessing_options
 
-    pre = loaded.config["preprocessing"]
-    return predict_slices(
-        loaded.net, case.ct, context=int(pre["context_slices"]), mask_output=bool(pre["mask_output"]),
-        ct_standardise=pre.get("ct_standardise"), device=device,
-    )
+    return predict_slices(loaded.net, case.ct, **preprocessing_options(loaded.config["preprocessing"]), device=device)
 
 
 def evaluate_fold(fold_dir, cases, bone_threshold: float = 200.0, device: str = "cpu") -> dict:
@@ -458,17 +454,14 @@ def attach_cv_metrics(weights, report_dir, command: str = "") -> dict:
     For the all-patients model, whose recipe the cross-validation measured: the tensors are unchanged,
     the config gains ``metrics.cross_validation`` and the file (and its .sha256) is rewritten.
     """
-    import torch
-
     from ..model import UNet, UNetConfig
     from ..weights import read_weights_file, save_weights
 
     blob = read_weights_file(weights)
     config = blob["config"]
     data = json.loads((Path(report_dir) / "summary.json").read_text())
-    keep = ("mae", "ssim", "psnr", "ssim_foreground", "mae_whole", "mae_bone", "mae_soft_tissue")
     summary = {
-        method: {k: v for k, v in stats.items() if k in keep}
+        method: {k: v for k, v in stats.items() if k in METRIC_KEYS}
         for method, stats in data["summary"].items()
     }
     per_patient = {
