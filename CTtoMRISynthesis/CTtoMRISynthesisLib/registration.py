@@ -48,6 +48,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import CancelledError, CTMRIError
+from .geometry import same_grid
 
 ProgressCallback = Callable[[float, str], None]
 CancelCallback = Callable[[], bool]
@@ -185,7 +186,7 @@ def mean_displacement_mm(
     """
     dist = np.linalg.norm(_displacements(t1, reference) - _displacements(t2, reference), axis=-1)
     if mask is not None:
-        if not _same_grid(mask, reference):
+        if not same_grid(mask, reference):
             mask = resample_to(mask, reference, interpolator="nearest")
         inside = sitk.GetArrayViewFromImage(mask) > 0
         if not inside.any():
@@ -896,15 +897,6 @@ def _direction(image: sitk.Image) -> np.ndarray:
 def _physical_center(image: sitk.Image) -> np.ndarray:
     size = np.array(image.GetSize(), dtype=float)
     return np.array(image.TransformContinuousIndexToPhysicalPoint(tuple((size - 1.0) / 2.0)))
-
-
-def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-6)
-        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-6)
-        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
-    )
 
 
 def _affine_of(tx: sitk.Transform) -> tuple[np.ndarray, np.ndarray]:
