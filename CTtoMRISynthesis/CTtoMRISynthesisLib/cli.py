@@ -17,38 +17,19 @@ EXIT_ERROR = 2
 EXIT_CANCELLED = 130
 
 
-def _progress_bar(enabled: bool):
-    """A tqdm bar driven by ``progress(fraction, message)``; None when not on a terminal."""
-    if not enabled:
-        return None, lambda: None
-    from tqdm import tqdm
-
-    bar = tqdm(total=1000, unit="‰", bar_format="{l_bar}{bar}| {elapsed}<{remaining}", file=sys.stderr)
-
-    def progress(fraction: float, message: str) -> None:
-        bar.n = int(1000 * min(max(fraction, 0.0), 1.0))
-        bar.set_description_str(message[:40])
-        bar.refresh()
-
-    return progress, bar.close
-
-
 def cmd_synthesize(args: argparse.Namespace) -> int:
-    from .pipeline import check_out_dir, save_outputs, synthesize
-    from .volumes import read_volume
+    from .case import CaseOptions, run_case
+    from .progress import progress_bar
 
-    check_out_dir(args.out_dir)  # before minutes of work, not after
-    ct = read_volume(args.ct, "CT")
-    mri = read_volume(args.mri, "MRI") if args.mri else None
-    progress, close = _progress_bar(sys.stderr.isatty() and not args.quiet)
+    options = CaseOptions(
+        weights=args.weights, device=args.device, registration=args.registration,
+        allow_disjoint=args.allow_disjoint, batch_size=args.batch_size,
+    )
+    progress, close = progress_bar(sys.stderr.isatty() and not args.quiet)
     try:
-        result = synthesize(
-            ct, mri, weights=args.weights, device=args.device, registration=args.registration,
-            allow_disjoint=args.allow_disjoint, batch_size=args.batch_size, progress=progress,
-        )
+        result, paths = run_case(args.ct, args.mri, args.out_dir, options, progress=progress)
     finally:
         close()
-    paths = save_outputs(result, args.out_dir)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"CT intensities: {result.normalisation.get('description')}")

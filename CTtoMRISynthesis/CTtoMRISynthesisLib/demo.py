@@ -54,8 +54,8 @@ def run_demo(out_dir: str | Path = "ctmri_demo_output", device: str = "auto", qu
     Returns 0. Errors a user can cause (missing weights or sample, unwritable folder, unavailable
     device) raise :class:`CTMRIError`, which the CLI prints as one ``error:`` line.
     """
-    from .cli import _progress_bar
     from .pipeline import save_outputs, synthesize
+    from .progress import progress_bar
     from .volumes import read_volume
 
     paths = sample_paths()
@@ -69,7 +69,7 @@ def run_demo(out_dir: str | Path = "ctmri_demo_output", device: str = "auto", qu
 
     if quiet is None:
         quiet = not sys.stderr.isatty()
-    progress, close = _progress_bar(not quiet)
+    progress, close = progress_bar(not quiet)
     try:
         result = synthesize(ct, mri, weights=weights, device=device, registration=DEMO_REGISTRATION, progress=progress)
     finally:
