@@ -34,6 +34,7 @@ OUTPUT_FILES = {
     "synthetic_mri": "synthetic_mri.nrrd",
     "ct_registered": "ct_registered.nrrd",
     "difference": "difference.nrrd",
+    "uncertainty": "uncertainty.nrrd",
     "transform": "transform.tfm",
     "metrics": "metrics.json",
 }
@@ -46,6 +47,7 @@ class SynthesisResult:
     synthetic_mri: sitk.Image
     ct_registered: Optional[sitk.Image] = None  # CT (original values) resampled onto the MRI grid
     difference: Optional[sitk.Image] = None  # reference MRI (0..255) − synthetic MRI, float32
+    uncertainty: Optional[sitk.Image] = None  # per-voxel spread of the prediction, 0..255 scale, 0 outside the head
     transform: Optional[sitk.Transform] = None  # maps MRI physical points to CT points (ITK convention)
     metrics: Optional[dict] = None
     registration: Optional[dict] = None
@@ -55,6 +57,17 @@ class SynthesisResult:
     stage_seconds: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
+    #: where the inputs came from and how the run was asked for (e.g. ``ct_series``, ``made_from``);
+    #: callers above the pipeline (DICOM input, batch) fill it; it is written into ``metrics.json``.
+    provenance: dict = field(default_factory=dict)
+
+    def output_images(self) -> dict:
+        """{kind: image} of every volume this result holds (synthetic MRI first), for writers of all kinds."""
+        images = {
+            "synthetic_mri": self.synthetic_mri, "ct_registered": self.ct_registered,
+            "difference": self.difference, "uncertainty": self.uncertainty,
+        }
+        return {kind: image for kind, image in images.items() if image is not None}
 
     def summary(self) -> dict:
         """The content of ``metrics.json``: metrics (when an MRI was given) and how they were made."""
@@ -72,6 +85,7 @@ class SynthesisResult:
             weights=self.weights,
             warnings=list(self.warnings),
         )
+        out.update(self.provenance)
         return to_jsonable(out)
 
 
@@ -285,11 +299,9 @@ def save_outputs(result: SynthesisResult, out_dir: str | Path) -> dict:
             tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
         except OSError as exc:
             raise CTMRIError(f"cannot create {out_dir}: {exc.strerror or exc}; choose a writable --out-dir") from exc
-        images = {"synthetic_mri": result.synthetic_mri, "ct_registered": result.ct_registered, "difference": result.difference}
-        for kind, image in images.items():
-            if image is not None:
-                write_volume(image, tmp / OUTPUT_FILES[kind])
-                written[kind] = OUTPUT_FILES[kind]
+        for kind, image in result.output_images().items():
+            write_volume(image, tmp / OUTPUT_FILES[kind])
+            written[kind] = OUTPUT_FILES[kind]
         if result.transform is not None:
             try:
                 sitk.WriteTransform(result.transform, str(tmp / OUTPUT_FILES["transform"]))
