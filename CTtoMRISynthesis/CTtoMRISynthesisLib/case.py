@@ -34,11 +34,14 @@ def run_case(
     model=None,
     progress: Optional[Callable[[float, str], None]] = None,
     cancel: Optional[Callable[[], bool]] = None,
+    provenance: Optional[dict] = None,
 ) -> tuple[SynthesisResult, dict]:
     """Synthesise one case into ``out_dir``; return the result and {kind: written path}.
 
     ``model`` (a loaded :class:`weights.LoadedModel`) lets a caller that runs many cases load it once.
     Raises :class:`CTMRIError` for anything the user can fix; nothing is left half-written.
+    ``provenance`` is merged into the result's provenance before writing (batch's ``made_from``), so it
+    lands in ``metrics.json``, which is moved into place last.
     """
     from .pipeline import check_out_dir, save_outputs, synthesize
     from .volumes import read_volume
@@ -51,5 +54,6 @@ def run_case(
         registration=options.registration, allow_disjoint=options.allow_disjoint,
         batch_size=options.batch_size, progress=progress, cancel=cancel,
     )
+    result.provenance.update(provenance or {})
     paths = save_outputs(result, out_dir)
     return result, paths
