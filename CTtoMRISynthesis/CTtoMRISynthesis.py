@@ -285,10 +285,6 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
         outputs = logic.process(ctNode, mriNode)  # dict of the new output nodes
     """
 
-    #: Python packages the library needs beyond what Slicer ships (import name, pip requirement).
-    PIP_REQUIREMENTS = (("skimage", "scikit-image>=0.21"), ("scipy", "scipy"))
-    MINIMUM_TORCH = "2.10"  # weights.py refuses older torch: weights_only loading had code-execution flaws
-
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
 
@@ -298,30 +294,57 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
     # -- dependencies ---------------------------------------------------------------------------
 
     def setupPythonRequirements(self, askConfirmation: bool = True) -> None:
-        """Install what is missing, after asking: torch through the PyTorch extension, others with pip."""
-        import importlib.util
+        """Make sure what the synthesis needs is installed, asking first; raise ``InstallError`` if not.
 
-        if importlib.util.find_spec("torch") is None:
-            try:
-                import PyTorchUtils
-            except ModuleNotFoundError as exc:
-                raise InstallError(
-                    _("This module needs the PyTorch extension: install it from the Extensions Manager and restart Slicer.")
-                ) from exc
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled():
-                torch = torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=f">={self.MINIMUM_TORCH}")
-                if torch is None:
-                    raise InstallError(_("PyTorch is required to synthesize an MRI; it was not installed."))
-        missing = [requirement for module, requirement in self.PIP_REQUIREMENTS if importlib.util.find_spec(module) is None]
+        PyTorch comes through the PyTorch extension (``PyTorchUtils`` picks a build for the GPU/CPU);
+        an installed PyTorch older than ``dependencies.MINIMUM_TORCH`` is refused with what to do. The
+        other packages (``dependencies.PIP_REQUIREMENTS``) are installed with ``slicer.util.pip_install``.
+        """
+        from CTtoMRISynthesisLib import dependencies
+
+        problem = dependencies.torch_problem(self._torchVersion(askConfirmation))
+        if problem:
+            raise InstallError(problem)
+        missing = dependencies.missing_requirements()
         if missing:
             if askConfirmation and not slicer.util.confirmOkCancelDisplay(
                 _("CT to MRI Synthesis needs these Python packages, which will now be downloaded and installed:")
                 + "\n" + "\n".join(missing),
                 _("Install Python packages"),
             ):
-                raise InstallError(_("The required Python packages were not installed."))
+                raise InstallError(dependencies.packages_not_installed_message(missing))
             slicer.util.pip_install(missing)
+            missing = dependencies.missing_requirements()
+            if missing:
+                raise InstallError(dependencies.packages_not_installed_message(missing))
+
+    @staticmethod
+    def _torchVersion(askConfirmation: bool) -> str:
+        """The version of the PyTorch Slicer has, installing it through PyTorchUtils (after asking) if absent.
+
+        As SlicerTotalSegmentator does: ``torchLogic.torch.__version__``. Without the PyTorch extension a
+        PyTorch installed otherwise (e.g. pip from the Python console) is accepted if it is new enough.
+        """
+        import importlib.util
+
+        from CTtoMRISynthesisLib import dependencies
+
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError as exc:
+            if importlib.util.find_spec("torch") is None:
+                raise InstallError(dependencies.NO_PYTORCH_EXTENSION) from exc
+            import torch
+
+            return torch.__version__
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torchLogic.torchInstalled():
+            torch = torchLogic.installTorch(
+                askConfirmation=askConfirmation, torchVersionRequirement=dependencies.torch_requirement()
+            )
+            if torch is None:
+                raise InstallError(dependencies.TORCH_NOT_INSTALLED)
+        return torchLogic.torch.__version__
 
     # -- synchronous (console, tests) ------------------------------------------------------------
 

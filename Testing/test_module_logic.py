@@ -13,6 +13,7 @@ import os
 import sys
 import types
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -151,3 +152,57 @@ def test_background_run_refuses_a_bad_input_before_starting(module, scene, tmp_p
     with pytest.raises(CTMRIError, match="label map"):
         logic.startBackgroundRun(label, None)
     assert not list(tmp_path.iterdir()), "the temporary folder was removed"
+
+
+# ------------------------------------------------------------------------------------------------
+# dependencies: the PyTorch check before a run (PyTorchUtils is a Slicer extension: a stand-in here)
+
+
+def _pytorch_utils(monkeypatch, version: Optional[str], install_returns=True) -> list:
+    """A stand-in for the PyTorch extension's ``PyTorchUtils`` with torch ``version`` installed (None: absent).
+
+    Returns the list of ``installTorch`` calls (their keyword arguments)."""
+    calls: list = []
+
+    class PyTorchUtilsLogic:
+        torch = types.SimpleNamespace(__version__=version)
+
+        @staticmethod
+        def torchInstalled():
+            return version is not None
+
+        def installTorch(self, **kwargs):
+            calls.append(kwargs)
+            return self.torch if install_returns else None
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    return calls
+
+
+def test_requirements_pass_with_this_environment(module) -> None:
+    """Here everything is installed (torch 2.13, scikit-image, scipy, safetensors): nothing to ask or install."""
+    module.CTtoMRISynthesisLogic().setupPythonRequirements(askConfirmation=False)
+
+
+def test_old_torch_in_slicer_is_refused_with_instructions(module, monkeypatch) -> None:
+    calls = _pytorch_utils(monkeypatch, "2.3.1+cu121")
+    with pytest.raises(module.InstallError, match=r"PyTorch 2.3.1\+cu121 is installed, but this module needs PyTorch 2.4") as info:
+        module.CTtoMRISynthesisLogic().setupPythonRequirements(askConfirmation=False)
+    assert "PyTorch Utils" in str(info.value)
+    assert calls == [], "an installed PyTorch is never replaced without the user"
+
+
+@pytest.mark.parametrize("version", ["2.8.0+cu126", "2.4.0"])
+def test_torch_that_python_39_can_have_is_accepted(module, monkeypatch, version) -> None:
+    """Slicer 5.6/5.8 (Python 3.9) can install at most PyTorch 2.8: that must be enough."""
+    _pytorch_utils(monkeypatch, version)
+    module.CTtoMRISynthesisLogic().setupPythonRequirements(askConfirmation=False)
+
+
+def test_missing_torch_is_installed_with_the_real_minimum(module, monkeypatch) -> None:
+    from CTtoMRISynthesisLib import dependencies
+
+    calls = _pytorch_utils(monkeypatch, None, install_returns=False)
+    with pytest.raises(module.InstallError, match="PyTorch is needed"):
+        module.CTtoMRISynthesisLogic().setupPythonRequirements(askConfirmation=True)
+    assert calls == [{"askConfirmation": True, "torchVersionRequirement": ">=" + dependencies.MINIMUM_TORCH}]

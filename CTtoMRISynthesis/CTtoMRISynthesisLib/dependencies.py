@@ -1,0 +1,105 @@
+"""What the Slicer module needs installed, and what to tell the user when it is not (plain Python).
+
+The module (``CTtoMRISynthesis.py``) asks before installing anything: PyTorch through the PyTorch
+extension (``PyTorchUtils``), the other packages with ``slicer.util.pip_install``. The decisions and the
+messages live here so that they can be tested without Slicer.
+
+Why PyTorch 2.4: the weights are safetensors files (tensors only, nothing unpickled), so no PyTorch
+version is needed for safety. What the code itself uses sets the floor: ``torch.OutOfMemoryError``
+(``synthesis.py``, catching out-of-memory on any device) exists from PyTorch 2.4 (pytorch/pytorch#121702);
+everything else the inference path uses (``inference_mode``, ``autocast(device_type=...)``,
+``channels_last``, ``torch.backends.mps``) is older. Slicer 5.6 and 5.8 (Python 3.9) can install up to
+PyTorch 2.8, Slicer 5.10 (Python 3.12) the newest.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from typing import Callable, Iterable, Optional, Sequence, Tuple
+
+#: The oldest PyTorch the library runs with (see the module docstring).
+MINIMUM_TORCH = "2.4"
+
+#: Packages the library needs beyond what Slicer ships: (import name, pip requirement).
+#: scipy ships with Slicer (5.6: 1.11.3), so it is only installed where it is missing.
+PIP_REQUIREMENTS: Tuple[Tuple[str, str], ...] = (
+    ("skimage", "scikit-image>=0.21"),
+    ("scipy", "scipy"),
+    ("safetensors", "safetensors>=0.4"),
+)
+
+NO_PYTORCH_EXTENSION = (
+    "This module needs the PyTorch extension: install 'PyTorch' from the Extensions Manager, restart Slicer, "
+    "then click Synthesize MRI again (PyTorch itself is then installed after asking)."
+)
+TORCH_NOT_INSTALLED = (
+    "PyTorch is needed to synthesize an MRI and was not installed. Click Synthesize MRI again and confirm the "
+    "installation, or install it in the PyTorch Utils module (Modules > Utilities > PyTorch Utils)."
+)
+PACKAGES_NOT_INSTALLED = (
+    "The required Python packages were not installed: {packages}. Click Synthesize MRI again and confirm, or "
+    "install them from Slicer's Python console: slicer.util.pip_install({quoted})"
+)
+
+
+def torch_requirement(minimum: str = MINIMUM_TORCH) -> str:
+    """The version requirement given to ``PyTorchUtilsLogic.installTorch`` (e.g. ``">=2.4"``)."""
+    return f">={minimum}"
+
+
+def _release(version: str) -> Optional[tuple]:
+    """The release numbers of a version string, e.g. "2.8.0+cu126" → (2, 8, 0); None if unreadable.
+
+    ``packaging`` (shipped with Slicer 5.6 and later) does the parsing; the fallback reads the leading
+    numbers, so that this module also works where ``packaging`` is missing.
+    """
+    try:
+        from packaging.version import InvalidVersion, Version
+
+        try:
+            return tuple(Version(version).release)
+        except InvalidVersion:
+            return None
+    except ImportError:
+        match = re.match(r"\s*v?(\d+(?:\.\d+)*)", version)
+        return tuple(int(part) for part in match.group(1).split(".")) if match else None
+
+
+def _padded(release: tuple, length: int = 3) -> tuple:
+    return tuple(release) + (0,) * max(0, length - len(release))
+
+
+def torch_problem(version: Optional[str], minimum: str = MINIMUM_TORCH) -> Optional[str]:
+    """Why the installed PyTorch cannot be used, with what to do; None if it is new enough.
+
+    A pre-release of the minimum (e.g. "2.4.0a0") counts as the minimum: only the release numbers are
+    compared, as a development build of 2.4 has what 2.4 has.
+    """
+    how = (
+        f"Open the PyTorch Utils module (Modules > Utilities > PyTorch Utils), uninstall PyTorch and restart "
+        f"Slicer; then click Synthesize MRI again and confirm: PyTorch {torch_requirement(minimum)} is installed. "
+        f"(In PyTorch Utils you can also install it yourself with the version requirement "
+        f"'{torch_requirement(minimum)}'.)"
+    )
+    if not version:
+        return "The installed PyTorch does not report its version; it may be damaged. " + how
+    release, wanted = _release(str(version)), _release(minimum)
+    if release is None:
+        return f"Cannot read the installed PyTorch version ({version!r}); it may be damaged. " + how
+    if _padded(release) < _padded(wanted):
+        return f"PyTorch {version} is installed, but this module needs PyTorch {minimum} or newer. " + how
+    return None
+
+
+def missing_requirements(
+    requirements: Iterable[Tuple[str, str]] = PIP_REQUIREMENTS,
+    find_spec: Callable[[str], object] = importlib.util.find_spec,
+) -> list:
+    """The pip requirements whose module cannot be imported (found without importing it)."""
+    return [requirement for module, requirement in requirements if find_spec(module) is None]
+
+
+def packages_not_installed_message(missing: Sequence[str]) -> str:
+    """The message for a declined (or failed) installation of ``missing``."""
+    return PACKAGES_NOT_INSTALLED.format(packages=", ".join(missing), quoted=repr(list(missing)))
