@@ -1,4 +1,4 @@
-"""The ``ctmri`` command: synthesize | evaluate | train | report | demo.
+"""The ``ctmri`` command: synthesize | evaluate | batch | train | report | demo.
 
 Heavy imports (torch, SimpleITK) happen inside the commands so that ``ctmri --help`` is instant.
 Errors a user can cause print one line ``error: …`` and exit 2; Ctrl-C exits 130 leaving no output.
@@ -67,6 +67,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .batch import run_batch
+    from .case import CaseOptions
+    from .errors import CTMRIError
+
+    names = {f.name for f in dataclasses.fields(CaseOptions)}
+    if args.dicom and "dicom" not in names:
+        raise CTMRIError("--dicom is not available in this version; run without it")
+    options = CaseOptions(**{k: v for k, v in vars(args).items() if k in names})
+    outcome = run_batch(args.manifest, args.out_dir, options, jobs=args.jobs, shard=args.shard,
+                        progress=False if args.quiet else None)
+    return outcome.exit_code
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -113,6 +129,27 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser("report", help="per-patient evaluation table, baselines and montages")
         training_commands.add_report_arguments(p)
         p.set_defaults(func=training_commands.run_report)
+
+    p = sub.add_parser("batch", help="a cohort from a manifest CSV: one folder per case, resumable, shardable",
+                       description="Run `synthesize` on every case of a manifest (CSV columns id,ct,mri; mri may be "
+                                   "empty; paths relative to the CSV). Writes OUT/<id>/, OUT/summary.csv, "
+                                   "summary.json and report.md. A rerun skips finished cases. Exit status: 0 all "
+                                   "cases ok, 1 some case failed (see summary.csv), 2 the batch could not run, "
+                                   "130 interrupted.")
+    p.add_argument("--manifest", required=True, help="CSV with columns id,ct,mri (id: the case's folder name)")
+    p.add_argument("--out-dir", required=True, help="folder for the case folders and the summary (shared by shards)")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes on this machine (default 1); each gets "
+                                                       "cores/N threads and loads the model once")
+    p.add_argument("--shard", metavar="I/N", help="run only shard I of N (1-based), e.g. from a SLURM job array")
+    p.add_argument("--dicom", action="store_true", help="also write the outputs as DICOM series (as synthesize --dicom)")
+    p.add_argument("--weights", help="model file (default: the shipped model)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--registration", default="rigid", choices=["rigid", "similarity", "none"],
+                   help="CT→MRI registration for the cases with an MRI (as synthesize)")
+    p.add_argument("--allow-disjoint", action="store_true", help="as synthesize --allow-disjoint")
+    p.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: 4 CPU, 64 GPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (one line per case is still printed)")
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("demo", help="run the whole pipeline on the sample case shipped in the repository")
     p.add_argument("--out-dir", default="ctmri_demo_output", help="where to write the outputs")

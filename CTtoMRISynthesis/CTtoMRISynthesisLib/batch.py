@@ -1,0 +1,729 @@
+"""``ctmri batch``: a cohort of cases from a manifest, one output folder each; resumable, shardable, parallel.
+
+A manifest is a CSV with columns ``id,ct,mri`` (``mri`` may be empty; paths relative to the CSV's
+folder). Each case runs through :func:`case.run_case` (exactly what ``ctmri synthesize`` does) into
+``OUT/<id>/``. Beside the case folders:
+
+- ``OUT/.ctmri-batch/<id>.json``: the case's record (status, one-line message, seconds, metrics, the
+  files written, and ``made_from``), written atomically when the case ends;
+- ``OUT/summary.csv``, ``OUT/summary.json`` and ``OUT/report.md``: merged from all records on disk.
+
+Resume: ``made_from`` (the inputs' path + size + mtime, the options that change outputs, the weights'
+sha256) is written into the case's ``metrics.json`` (moved into place last by ``save_outputs``) and
+into its record. A case is skipped when both agree with what this run would make it from and its files
+are there; anything else (an error, an interrupted case, a changed input or option) is redone.
+Inputs are identified by path + size + mtime, not by a content hash: hashing a cohort of CT volumes or
+DICOM folders would read every byte again on every rerun (minutes per shard), while a rewritten file
+gets a new mtime; the rare misses go the safe way (a touched or copied file is redone, never wrongly kept).
+
+Shards: ``--shard I/N`` takes every N-th case of the ids in sorted order (balanced to within one case,
+the same on every machine). Shards write disjoint case folders and records; each merges the summary
+from all records on disk and repeats the merge until the records it read are unchanged after writing,
+so the last shard to finish always leaves a complete summary (no lock needed, which NFS may not honour).
+
+``--jobs N``: N worker processes (spawn), each with cores // N torch and ITK threads, each loading the
+model once. Ctrl-C (or SIGTERM from a scheduler) stops cleanly: a case in progress is discarded
+(``save_outputs`` is all or nothing), finished cases are kept, the summary is merged, exit 130.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import signal
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
+
+from .errors import CancelledError, CTMRIError
+
+if TYPE_CHECKING:  # only for type hints: keeps the worker's first import free of numpy/torch
+    from .case import CaseOptions
+
+MANIFEST_COLUMNS = ("id", "ct", "mri")
+STATE_DIR = ".ctmri-batch"
+SUMMARY_CSV, SUMMARY_JSON, REPORT_MD = "summary.csv", "summary.json", "report.md"
+METRIC_COLUMNS = ("mae", "ssim", "psnr", "ssim_foreground", "mae_whole", "uncertainty_mean")
+ALWAYS_COLUMNS = ("id", "status", "message", "seconds")
+#: CaseOptions fields that change how a case is run, not what it produces: not part of ``made_from``.
+RUN_ONLY_OPTIONS = ("weights", "device", "batch_size")  # (weights: its sha256 is recorded instead)
+EXIT_OK, EXIT_CASES_FAILED = 0, 1
+
+_ID_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,126}[A-Za-z0-9_-])?\Z")
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL"} | {f"{p}{i}" for p in ("COM", "LPT") for i in range(1, 10)}
+_RESERVED_IDS = {SUMMARY_CSV, SUMMARY_JSON, REPORT_MD}
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifest and shards
+
+
+@dataclass(frozen=True)
+class Case:
+    """One manifest row: an id (its output folder's name) and its input paths (absolute or CSV-relative resolved)."""
+
+    id: str
+    ct: Path
+    mri: Optional[Path]
+    line: int
+
+
+def read_manifest(path: str | Path) -> list:
+    """The cases of a manifest CSV (columns ``id,ct,mri``), validated; CTMRIError saying what to fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise CTMRIError(f"manifest not found: {path}; give a CSV file with columns id,ct,mri")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets often prepend a byte-order mark
+    except UnicodeDecodeError as exc:
+        raise CTMRIError(f"manifest {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV") from exc
+    except OSError as exc:
+        raise CTMRIError(f"cannot read manifest {path}: {exc.strerror or exc}") from exc
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        rows = [(reader.line_num, row) for row in reader]
+    except csv.Error as exc:
+        raise CTMRIError(f"manifest {path} line {reader.line_num}: not valid CSV ({exc})") from exc
+    rows = [(n, [cell.strip() for cell in row]) for n, row in rows if any(cell.strip() for cell in row)]
+    if not rows:
+        raise CTMRIError(f"manifest {path} is empty; its first line must be the header id,ct,mri")
+    columns = _header(path, rows[0][1])
+    cases: list = []
+    seen: dict = {}  # lower-cased id -> line: case-insensitive file systems would merge 'P1' and 'p1'
+    for line, row in rows[1:]:
+        if len(row) > len(columns):
+            raise CTMRIError(f"manifest {path} line {line}: {len(row)} fields but the header has {len(columns)}; "
+                             "quote paths that contain commas")
+        values = dict(zip(columns, row + [""] * (len(columns) - len(row))))
+        case_id = values["id"]
+        _check_id(path, line, case_id)
+        if case_id.lower() in seen:
+            raise CTMRIError(f"manifest {path} line {line}: id {case_id!r} already used on line "
+                             f"{seen[case_id.lower()]} (ids must be unique, ignoring case); rename one")
+        seen[case_id.lower()] = line
+        if not values["ct"]:
+            raise CTMRIError(f"manifest {path} line {line}: case {case_id!r} has no ct path")
+        cases.append(Case(case_id, _input_path(path, values["ct"]),
+                          _input_path(path, values.get("mri", "")) if values.get("mri") else None, line))
+    if not cases:
+        raise CTMRIError(f"manifest {path} has a header but no cases; add one line per case: id,ct,mri")
+    return cases
+
+
+def _header(path: Path, row: list) -> list:
+    columns = [cell.lower() for cell in row]
+    unknown = [c for c in columns if c not in MANIFEST_COLUMNS]
+    missing = [c for c in ("id", "ct") if c not in columns]
+    if unknown or missing or len(set(columns)) != len(columns):
+        problem = (f"unknown column(s) {', '.join(map(repr, unknown))}" if unknown else
+                   f"missing column(s) {', '.join(missing)}" if missing else "a repeated column")
+        raise CTMRIError(f"manifest {path}: {problem} in the header {','.join(row)!r}; "
+                         "the first line must be id,ct,mri (mri optional)")
+    return columns
+
+
+def _check_id(path: Path, line: int, case_id: str) -> None:
+    """An id names a folder: refuse what is unsafe or unportable as a folder name, saying why."""
+    where = f"manifest {path} line {line}"
+    if not case_id:
+        raise CTMRIError(f"{where}: the id is empty; give every case an id (its output folder's name)")
+    if not _ID_PATTERN.match(case_id):
+        raise CTMRIError(
+            f"{where}: id {case_id!r} is not a safe folder name; use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit and not ending with '.'"
+        )
+    if case_id.lower() in _RESERVED_IDS or case_id.split(".")[0].upper() in _WINDOWS_RESERVED:
+        raise CTMRIError(f"{where}: id {case_id!r} is a reserved name (the batch's own files, or a device name "
+                         "on Windows); rename the case")
+
+
+def _input_path(manifest: Path, value: str) -> Path:
+    """A manifest path: absolute as given (``~`` expanded), else relative to the manifest's folder."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else manifest.parent / path
+
+
+def parse_shard(text: Optional[str]) -> tuple:
+    """``'I/N'`` (1-based) → (I, N); ``None`` → (1, 1)."""
+    if text is None:
+        return 1, 1
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
+        raise CTMRIError(f"--shard {text!r}: give I/N with 1 <= I <= N, e.g. --shard 3/10 "
+                         "(SLURM: --shard ${SLURM_ARRAY_TASK_ID}/${SLURM_ARRAY_TASK_COUNT} with --array=1-N)")
+    return int(match.group(1)), int(match.group(2))
+
+
+def shard_cases(cases: Sequence, index: int, count: int) -> list:
+    """Shard ``index`` of ``count``: every ``count``-th case of the ids in sorted order, kept in manifest order.
+
+    Sorted ids (not manifest order) so that reordering the manifest moves no case between shards; round
+    robin (not a hash) so that shards differ by at most one case even for small cohorts.
+    """
+    ordered = sorted(c.id for c in cases)
+    mine = {case_id for k, case_id in enumerate(ordered) if k % count == index - 1}
+    return [c for c in cases if c.id in mine]
+
+
+def check_inputs_outside_outputs(cases: Sequence, out_dir: Path) -> None:
+    """Refuse inputs inside a case folder or the batch's state folder: writing outputs could replace them."""
+    out = out_dir.resolve()
+    owned = {(out / c.id) for c in cases} | {out / STATE_DIR}
+    for case in cases:
+        for path in (case.ct, case.mri):
+            if path is None:
+                continue
+            resolved = path.resolve()
+            inside = next((p for p in (resolved, *resolved.parents) if p in owned), None)
+            if inside is not None:
+                raise CTMRIError(
+                    f"case {case.id!r}: input {path} lies inside the output folder {inside}, which the batch "
+                    "writes into; move the input or choose another --out-dir"
+                )
+
+
+# --------------------------------------------------------------------------------------------------
+# What a case is made from, and its record
+
+
+def input_fingerprint(path: Optional[Path]) -> Optional[dict]:
+    """Absolute path + size + mtime of a file; for a folder (DICOM), a digest of its files' listing."""
+    if path is None:
+        return None
+    absolute = os.path.abspath(path)
+    try:
+        st = os.stat(absolute)
+    except OSError:
+        return {"path": absolute, "missing": True}
+    if not os.path.isdir(absolute):
+        return {"path": absolute, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    digest, files, size = hashlib.sha256(), 0, 0
+    for root, dirs, names in os.walk(absolute):
+        dirs.sort()
+        for name in sorted(names):
+            full = os.path.join(root, name)
+            try:
+                fst = os.stat(full)
+            except OSError:
+                continue
+            digest.update(f"{os.path.relpath(full, absolute)}\0{fst.st_size}\0{fst.st_mtime_ns}\n".encode())
+            files, size = files + 1, size + fst.st_size
+    return {"path": absolute, "files": files, "size": size, "listing_sha256": digest.hexdigest()}
+
+
+def made_from(case: Case, options: "CaseOptions", weights_sha256: str) -> dict:
+    """What a case's outputs depend on: inputs, the options that change outputs, the model."""
+    chosen = {k: v for k, v in dataclasses.asdict(options).items() if k not in RUN_ONLY_OPTIONS}
+    record = {"ct": input_fingerprint(case.ct), "mri": input_fingerprint(case.mri),
+              "options": chosen, "weights_sha256": weights_sha256}
+    return json.loads(json.dumps(record, default=str))  # as it will read back from JSON, for comparison
+
+
+def record_path(out_dir: Path, case_id: str) -> Path:
+    return out_dir / STATE_DIR / f"{case_id}.json"
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to a unique temporary name beside ``path`` and rename it over ``path``."""
+    _write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def complete_record(out_dir: Path, case: Case, expected: dict) -> Optional[dict]:
+    """The case's record if it finished ``ok`` from exactly ``expected`` and its files are all there."""
+    record = _read_json(record_path(out_dir, case.id))
+    if not record or record.get("status") != "ok" or record.get("made_from") != expected:
+        return None
+    folder = out_dir / case.id
+    metrics = _read_json(folder / "metrics.json")
+    if not metrics or metrics.get("made_from") != expected:
+        return None
+    if not all((folder / name).exists() for name in record.get("files", [])):
+        return None
+    return record
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def process_case(case: Case, out_dir: Path, options: "CaseOptions", expected: dict, *, model=None,
+                 cancel: Optional[Callable[[], bool]] = None) -> dict:
+    """Run one case into ``out_dir/<id>``, write and return its record; a failure is recorded, not raised.
+
+    Only a cancel (CancelledError, KeyboardInterrupt) propagates; it leaves the case folder as it was.
+    """
+    import traceback
+
+    from .case import run_case
+
+    start = time.perf_counter()
+    record: dict = {"id": case.id, "ct": str(case.ct), "mri": str(case.mri) if case.mri else None}
+    try:
+        result, paths = run_case(case.ct, case.mri, out_dir / case.id, options, model=model, cancel=cancel,
+                                 provenance={"made_from": expected})
+    except CancelledError:
+        raise
+    except CTMRIError as exc:
+        record.update(status="error", message=_one_line(str(exc)))
+    except Exception as exc:  # noqa: BLE001 - one case's bug must not stop a cohort; the traceback is kept
+        record.update(status="error", message=_one_line(f"unexpected {type(exc).__name__}: {exc} "
+                                                        "(a bug? traceback in the case's record)"),
+                      traceback=traceback.format_exc())
+    else:
+        summary = result.summary()
+        record.update(status="ok", message="; ".join(_one_line(w) for w in result.warnings),
+                      metrics={k: summary[k] for k in METRIC_COLUMNS if k in summary},
+                      files=sorted(p.name for p in paths.values()))
+    record.update(seconds=round(time.perf_counter() - start, 3), made_from=expected,
+                  finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), host=socket.gethostname())
+    try:
+        write_json_atomic(record_path(out_dir, case.id), record)
+    except OSError as exc:
+        raise CTMRIError(f"cannot write the record of case {case.id!r} in {out_dir / STATE_DIR}: "
+                         f"{exc.strerror or exc}; free disk space and rerun (finished cases are kept)") from exc
+    return record
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker processes (--jobs N)
+
+_WORKER: dict = {}
+
+
+def worker_threads(jobs: int) -> int:
+    """Threads per worker so that ``jobs`` workers fill the cores this process may use (SLURM's cpuset too)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, jobs))
+
+
+def _init_worker(threads: int, weights: str, device: str, cancel_event) -> None:
+    """Runs once in each worker: ignore Ctrl-C (the parent decides), divide the threads, load the model."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: _WORKER.__setitem__("stop", True))
+    # Before torch/numpy load their thread pools (the worker imported only this module so far).
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads must not spin on shared cores
+    import SimpleITK as sitk
+    import torch
+
+    from .synthesis import choose_device
+    from .weights import load_model
+
+    torch.set_num_threads(threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    _WORKER.update(stop=False, event=cancel_event, model=load_model(weights, choose_device(device)))
+
+
+def _worker_cancelled() -> bool:
+    return bool(_WORKER.get("stop")) or _WORKER["event"].is_set()
+
+
+def _run_in_worker(case: Case, out_dir: Path, options: "CaseOptions", expected: dict) -> dict:
+    try:
+        return process_case(case, out_dir, options, expected, model=_WORKER["model"], cancel=_worker_cancelled)
+    except CancelledError:
+        return {"id": case.id, "status": "cancelled"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary and report
+
+
+@dataclass
+class Summary:
+    """The merged summary: one row per case that has a current record, and the ids still without one."""
+
+    rows: list
+    columns: list
+    not_run: list
+    stats: dict = field(default_factory=dict)
+
+    def count(self, status: str) -> int:
+        return sum(1 for row in self.rows if row["status"] == status)
+
+
+def merge_summary(out_dir: Path, cases: Sequence, expected: dict, about: dict, attempts: int = 20) -> Summary:
+    """Write ``summary.csv``, ``summary.json`` and ``report.md`` from all records on disk; return the summary.
+
+    Several shards may merge at once: each write is atomic (rename), and the merge is repeated until the
+    records read before writing are still the records on disk after writing, so the last writer always
+    leaves a summary that includes every finished case.
+    """
+    summary = None
+    for _ in range(attempts):
+        snapshot = _read_records(out_dir, cases)
+        summary = _build_summary(out_dir, cases, expected, snapshot)
+        _write_summary(out_dir, summary, about)
+        if _read_records(out_dir, cases) == snapshot:
+            break
+    return summary
+
+
+def _read_records(out_dir: Path, cases: Sequence) -> dict:
+    raw = {}
+    for case in cases:
+        try:
+            raw[case.id] = record_path(out_dir, case.id).read_bytes()
+        except OSError:
+            raw[case.id] = None
+    return raw
+
+
+def _build_summary(out_dir: Path, cases: Sequence, expected: dict, raw: dict) -> Summary:
+    rows, not_run = [], []
+    for case in cases:
+        record = None
+        if raw.get(case.id) is not None:
+            try:
+                record = json.loads(raw[case.id])
+            except ValueError:
+                record = None
+        # A record made from other inputs/options/weights is not a result of this configuration.
+        current = (isinstance(record, dict) and record.get("status") in ("ok", "error")
+                   and record.get("made_from") == expected[case.id]
+                   and (record["status"] == "error" or (out_dir / case.id / "metrics.json").is_file()))
+        if not current:
+            not_run.append(case.id)
+            continue
+        row = {"id": case.id, "status": record["status"], "message": record.get("message", ""),
+               "seconds": record.get("seconds")}
+        row.update((record.get("metrics") or {}))
+        rows.append(row)
+    present = [m for m in METRIC_COLUMNS if m != "uncertainty_mean" or any(m in r for r in rows)]
+    columns = list(ALWAYS_COLUMNS) + present
+    rows = [{c: row.get(c) for c in columns} for row in rows]
+    return Summary(rows=rows, columns=columns, not_run=not_run, stats=_metric_stats(rows, present))
+
+
+def _metric_stats(rows: list, metrics: Iterable[str]) -> dict:
+    """Mean, sample SD (n−1), min, max and n of each metric over the ok cases that have it."""
+    stats = {}
+    for metric in metrics:
+        values = [float(r[metric]) for r in rows if r["status"] == "ok" and isinstance(r.get(metric), (int, float))
+                  and math.isfinite(r[metric])]
+        if not values:
+            continue
+        mean = sum(values) / len(values)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+        stats[metric] = {"mean": mean, "sd": sd, "min": min(values), "max": max(values), "n": len(values)}
+    return stats
+
+
+def _write_summary(out_dir: Path, summary: Summary, about: dict) -> None:
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=summary.columns, lineterminator="\n")
+    writer.writeheader()
+    for row in summary.rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    _write_text_atomic(out_dir / SUMMARY_CSV, buffer.getvalue())
+    write_json_atomic(out_dir / SUMMARY_JSON, {
+        **about, "cases_in_manifest": len(summary.rows) + len(summary.not_run),
+        "ok": summary.count("ok"), "error": summary.count("error"), "not_run": summary.not_run,
+        "metric_stats": summary.stats, "columns": summary.columns, "cases": summary.rows,
+    })
+    _write_text_atomic(out_dir / REPORT_MD, render_report(summary, about))
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or value == "":
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def render_report(summary: Summary, about: dict) -> str:
+    """The cohort report (Markdown): counts, mean/SD of each metric, and the per-case table."""
+    total = len(summary.rows) + len(summary.not_run)
+    lines = [
+        "# Batch report", "",
+        f"Manifest `{about.get('manifest')}`; weights sha256 `{str(about.get('weights_sha256'))[:16]}…`; "
+        f"options `{json.dumps(about.get('options', {}), sort_keys=True)}`.", "",
+        f"{total} cases: **{summary.count('ok')} ok**, **{summary.count('error')} failed**, "
+        f"{len(summary.not_run)} without a result yet.", "",
+    ]
+    if summary.stats:
+        lines += ["## Metrics over the ok cases with an MRI (0..255 scale, foreground = MRI > 0)", "",
+                  "| metric | mean | SD | min | max | n |", "|---|---|---|---|---|---|"]
+        for metric, s in summary.stats.items():
+            lines.append(f"| {metric} | {_fmt(s['mean'])} | {_fmt(s['sd'])} | {_fmt(s['min'])} | "
+                         f"{_fmt(s['max'])} | {s['n']} |")
+        lines += ["", "SD is the sample standard deviation (n − 1); – where n = 1.", ""]
+    columns = [c for c in summary.columns if c != "message"] + ["message"]
+    lines += ["## Cases", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in summary.rows:
+        cells = [_fmt(row.get(c)).replace("|", "\\|") for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    if summary.not_run:
+        lines += ["", f"## Without a result yet ({len(summary.not_run)})", "",
+                  "Not run with these inputs, options and weights (another shard, interrupted, or not started): "
+                  + ", ".join(f"`{i}`" for i in summary.not_run)]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class BatchOutcome:
+    """What one ``ctmri batch`` invocation did (this shard) and the merged summary (all shards)."""
+
+    ran: list = field(default_factory=list)  # records of the cases run now
+    skipped: list = field(default_factory=list)  # ids already complete
+    summary: Optional[Summary] = None
+
+    @property
+    def failed(self) -> list:
+        return [r["id"] for r in self.ran if r.get("status") == "error"]
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CASES_FAILED if self.failed else EXIT_OK
+
+
+class _Reporter:
+    """One line per finished case (to stdout) and, on a terminal, an overall bar: done, failed, time left."""
+
+    def __init__(self, total: int, bar: bool) -> None:
+        self.failed = 0
+        self.bar = None
+        if bar and total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="case", desc="cases", file=sys.stderr, dynamic_ncols=True,
+                            bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {postfix} {elapsed}<{remaining}")
+            self.bar.set_postfix_str("0 failed")
+
+    def case_done(self, record: dict) -> None:
+        if record["status"] == "error":
+            self.failed += 1
+        metrics = record.get("metrics") or {}
+        detail = (f"MAE {metrics['mae']:.2f} SSIM {metrics['ssim']:.4f}" if metrics.get("mae") is not None
+                  and metrics.get("ssim") is not None else "")
+        line = f"{record['status']:5s} {record['id']}  {record.get('seconds') or 0:.1f} s  {detail or record.get('message', '')}"
+        if self.bar is not None:
+            self.bar.write(line.rstrip(), file=sys.stdout)
+            self.bar.set_postfix_str(f"{self.failed} failed")
+            self.bar.update(1)
+        else:
+            print(line.rstrip(), flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_batch(manifest: str | Path, out_dir: str | Path, options: "CaseOptions", *, jobs: int = 1,
+              shard: Optional[str] = None, progress: Optional[bool] = None) -> BatchOutcome:
+    """Run (this shard of) a manifest into ``out_dir``; print one line per case; merge the summary.
+
+    Returns the outcome (``exit_code`` 1 if a case of this shard failed). Raises CTMRIError for a bad
+    manifest/option/weights before any case runs, and CancelledError after a clean stop on Ctrl-C/SIGTERM.
+    """
+    from .pipeline import check_out_dir
+    from .weights import default_weights_path, sha256_of
+
+    if jobs < 1:
+        raise CTMRIError(f"--jobs {jobs}: give a number of worker processes >= 1")
+    index, count = parse_shard(shard)
+    out_dir = Path(out_dir)
+    cases = read_manifest(manifest)
+    check_inputs_outside_outputs(cases, out_dir)
+    check_out_dir(out_dir)
+    weights = Path(options.weights) if options.weights else default_weights_path()
+    if not weights.is_file():
+        raise CTMRIError(f"weights file not found: {weights}; pass --weights with a model file")
+    weights_sha = sha256_of(weights)
+    try:
+        (out_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CTMRIError(f"cannot create {out_dir / STATE_DIR}: {exc.strerror or exc}; choose a writable --out-dir") from exc
+
+    expected = {c.id: made_from(c, options, weights_sha) for c in cases}
+    mine = shard_cases(cases, index, count)
+    outcome = BatchOutcome()
+    todo = []
+    for case in mine:
+        if complete_record(out_dir, case, expected[case.id]) is not None:
+            outcome.skipped.append(case.id)
+        else:
+            todo.append(case)
+    shard_note = f" (shard {index}/{count}: {len(mine)} cases)" if count > 1 else ""
+    print(f"batch: {len(cases)} cases in {manifest}{shard_note}; {len(outcome.skipped)} already complete, "
+          f"{len(todo)} to run with {min(jobs, max(1, len(todo)))} job(s)", flush=True)
+
+    about = {"manifest": str(manifest), "weights": str(weights), "weights_sha256": weights_sha,
+             "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "weights"}}
+    reporter = _Reporter(len(todo), sys.stderr.isatty() if progress is None else progress)
+    interrupted = False
+    try:
+        if todo:
+            runner = _run_here if jobs == 1 or len(todo) == 1 else _run_pool
+            runner(todo, out_dir, options, expected, weights, min(jobs, len(todo)), outcome, reporter)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        reporter.close()
+    with _signals_held():  # a second Ctrl-C must not cut the summary short
+        outcome.summary = merge_summary(out_dir, cases, expected, about)
+    _print_end(out_dir, outcome)
+    if interrupted:
+        raise CancelledError(
+            f"interrupted: {len(outcome.ran)} case(s) finished in this run and were kept, the case(s) in progress "
+            f"were discarded; the summary covers what is done; rerun the same command to resume"
+        )
+    return outcome
+
+
+def _run_here(todo, out_dir, options, expected, weights, jobs, outcome, reporter) -> None:
+    """``--jobs 1``: in this process, the model loaded once. SIGTERM stops like Ctrl-C."""
+    from .synthesis import choose_device
+    from .weights import load_model
+
+    model = load_model(weights, choose_device(options.device))
+    with _sigterm_as_interrupt():
+        for case in todo:
+            record = process_case(case, out_dir, options, expected[case.id], model=model)
+            outcome.ran.append(record)
+            reporter.case_done(record)
+
+
+def _run_pool(todo, out_dir, options, expected, weights, jobs, outcome, reporter) -> None:
+    """``--jobs N``: N spawned workers; Ctrl-C/SIGTERM set a shared event that cancels cases in progress."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    from .synthesis import choose_device
+    from .weights import load_model
+
+    load_model(weights, "cpu")  # a bad weights file is one clear error here, not one per case in the workers
+    context = multiprocessing.get_context("spawn")
+    cancel_event = context.Event()
+    init = (worker_threads(jobs), str(weights), options.device, cancel_event)
+    choose_device(options.device)  # an unavailable device: one error before the workers start
+    # The submits start the workers; with Ctrl-C ignored here at that moment, they start with it ignored
+    # (an ignored signal stays ignored across exec, and Python then installs no handler): a Ctrl-C while
+    # a worker imports torch would otherwise kill it and break the pool instead of stopping cleanly.
+    with _signals_held():
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=init)
+        futures = {pool.submit(_run_in_worker, case, out_dir, options, expected[case.id]): case for case in todo}
+    taken: set = set()
+
+    def take(future) -> None:
+        taken.add(future)
+        record = _future_record(future, futures[future], out_dir, expected, BrokenProcessPool)
+        if record["status"] != "cancelled":
+            outcome.ran.append(record)
+            reporter.case_done(record)
+
+    try:
+        with _sigterm_as_interrupt():
+            for future in as_completed(futures):
+                take(future)
+    except BaseException:
+        # Ctrl-C, SIGTERM, or an error that ends the batch: cases in progress stop at their next cancel
+        # check and discard their outputs; cases not started are dropped.
+        cancel_event.set()
+        with _signals_held():
+            pool.shutdown(wait=True, cancel_futures=True)
+            for future in futures:  # cases that finished while the others were stopping are kept
+                if future not in taken and future.done() and not future.cancelled():
+                    try:
+                        take(future)
+                    except Exception:  # noqa: BLE001 - the error that ended the batch is the one to report
+                        pass
+        raise
+    pool.shutdown(wait=True)
+
+
+def _future_record(future, case: Case, out_dir: Path, expected: dict, broken: type) -> dict:
+    """A worker's record; a worker that died (killed, out of memory) is recorded as that case's error."""
+    try:
+        return future.result()
+    except broken:
+        record = {"id": case.id, "status": "error", "seconds": None, "made_from": expected[case.id],
+                  "message": "the worker process died (killed, or out of memory?); rerun to retry, with fewer --jobs"}
+        write_json_atomic(record_path(out_dir, case.id), record)
+        return record
+
+
+class _signals_held:
+    """Ignore Ctrl-C and SIGTERM for the duration (main thread only)."""
+
+    def __enter__(self):
+        self.saved = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.saved[sig] = signal.signal(sig, signal.SIG_IGN)
+            except (ValueError, OSError):  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+
+class _sigterm_as_interrupt:
+    """Turn SIGTERM (a scheduler's stop, e.g. SLURM at the time limit) into KeyboardInterrupt: one clean stop path."""
+
+    def __enter__(self):
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        try:
+            self.saved = signal.signal(signal.SIGTERM, interrupt)
+        except (ValueError, OSError):
+            self.saved = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is not None:
+            signal.signal(signal.SIGTERM, self.saved)
+
+
+def _print_end(out_dir: Path, outcome: BatchOutcome) -> None:
+    summary = outcome.summary
+    ran_ok = sum(1 for r in outcome.ran if r["status"] == "ok")
+    print(f"this run: {ran_ok} ok, {len(outcome.failed)} failed, {len(outcome.skipped)} skipped (already complete)")
+    if summary is not None:
+        pending = f", {len(summary.not_run)} without a result yet" if summary.not_run else ""
+        print(f"summary: {summary.count('ok')} ok, {summary.count('error')} failed{pending} -> "
+              f"{out_dir / SUMMARY_CSV}, {SUMMARY_JSON}, {REPORT_MD}")
+    if outcome.failed:
+        print(f"failed: {', '.join(outcome.failed)} (messages in {out_dir / SUMMARY_CSV})", file=sys.stderr)
