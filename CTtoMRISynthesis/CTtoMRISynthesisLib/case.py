@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from .errors import CTMRIError
 from .pipeline import SynthesisResult
 
 
@@ -23,6 +24,9 @@ class CaseOptions:
     registration: str = "rigid"
     allow_disjoint: bool = False
     batch_size: Optional[int] = None
+    dicom: bool = False  # also write OUT/dicom/<kind>/ series (dicom.py)
+    ct_series: Optional[str] = None  # series number or UID when the CT is a DICOM folder (None: by the rule)
+    mri_series: Optional[str] = None
 
 
 def run_case(
@@ -35,25 +39,39 @@ def run_case(
     progress: Optional[Callable[[float, str], None]] = None,
     cancel: Optional[Callable[[], bool]] = None,
     provenance: Optional[dict] = None,
+    notify: Optional[Callable[[str], None]] = None,
 ) -> tuple[SynthesisResult, dict]:
     """Synthesise one case into ``out_dir``; return the result and {kind: written path}.
 
     ``model`` (a loaded :class:`weights.LoadedModel`) lets a caller that runs many cases load it once.
     Raises :class:`CTMRIError` for anything the user can fix; nothing is left half-written.
     ``provenance`` is merged into the result's provenance before writing (batch's ``made_from``), so it
-    lands in ``metrics.json``, which is moved into place last.
+    lands in ``metrics.json``, which is moved into place last. A DICOM folder is read through
+    :mod:`dicom`'s series choice; ``notify(line)`` is told which series was taken and why (also recorded
+    as ``ct_series`` / ``mri_series`` in ``metrics.json``).
     """
+    from .dicom import dicom_writer, read_input
     from .pipeline import check_out_dir, save_outputs, synthesize
-    from .volumes import read_volume
 
     check_out_dir(out_dir)  # before minutes of work, not after
-    ct = read_volume(ct_path, "CT")
-    mri = read_volume(mri_path, "MRI") if mri_path else None
+    if options.mri_series and not mri_path:
+        raise CTMRIError("--mri-series chooses a series of the MRI folder; give --mri too, or leave it out")
+    ct, ct_source = read_input(ct_path, "CT", options.ct_series)
+    if ct_source is not None and notify is not None:
+        notify(ct_source.message("CT"))
+    mri, mri_source = read_input(mri_path, "MRI", options.mri_series) if mri_path else (None, None)
+    if mri_source is not None and notify is not None:
+        notify(mri_source.message("MRI"))
     result = synthesize(
         ct, mri, weights=options.weights, model=model, device=options.device,
         registration=options.registration, allow_disjoint=options.allow_disjoint,
         batch_size=options.batch_size, progress=progress, cancel=cancel,
     )
+    for key, source in (("ct_series", ct_source), ("mri_series", mri_source)):
+        if source is not None:
+            result.provenance[key] = source.provenance()
     result.provenance.update(provenance or {})
-    paths = save_outputs(result, out_dir)
+    # The outputs lie on the reference grid: the MRI's when one was given, else the CT's.
+    writer = dicom_writer(result, ct_source, mri_source if mri_path else ct_source) if options.dicom else None
+    paths = save_outputs(result, out_dir, extra_writer=writer)
     return result, paths

@@ -1,4 +1,4 @@
-"""The ``ctmri`` command: synthesize | evaluate | batch | train | report | demo.
+"""The ``ctmri`` command: synthesize | evaluate | series | batch | train | report | demo.
 
 Heavy imports (torch, SimpleITK) happen inside the commands so that ``ctmri --help`` is instant.
 Errors a user can cause print one line ``error: …`` and exit 2; Ctrl-C exits 130 leaving no output.
@@ -24,10 +24,11 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     options = CaseOptions(
         weights=args.weights, device=args.device, registration=args.registration,
         allow_disjoint=args.allow_disjoint, batch_size=args.batch_size,
+        dicom=args.dicom, ct_series=args.ct_series, mri_series=args.mri_series,
     )
     progress, close = progress_bar(sys.stderr.isatty() and not args.quiet)
     try:
-        result, paths = run_case(args.ct, args.mri, args.out_dir, options, progress=progress)
+        result, paths = run_case(args.ct, args.mri, args.out_dir, options, progress=progress, notify=print)
     finally:
         close()
     for warning in result.warnings:
@@ -64,6 +65,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
           f"MAE(whole) {metrics['mae_whole']:.2f}  SSIM(foreground) {metrics['ssim_foreground']:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def cmd_series(args: argparse.Namespace) -> int:
+    from .dicom import describe_folder
+
+    print(describe_folder(args.folder), end="")
     return 0
 
 
@@ -107,8 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CT and MRI do not overlap at all (unrelated scanner coordinates): start the registration "
                         "from aligned centres instead of refusing")
     p.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: 4 CPU, 64 GPU)")
+    p.add_argument("--ct-series", metavar="N|UID", help="series number or SeriesInstanceUID to take when --ct is a "
+                   "DICOM folder with several series (default: chosen by the rule; see `ctmri series`)")
+    p.add_argument("--mri-series", metavar="N|UID", help="the same for --mri")
+    p.add_argument("--dicom", action="store_true", help="also write every output volume as a DICOM series "
+                   "(OUT/dicom/<kind>/, one file per slice; in the CT's study when the CT is DICOM)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("series", help="list the DICOM series of a folder and which one --ct/--mri would take")
+    p.add_argument("folder", help="folder searched recursively for DICOM files (e.g. a scanner's study export)")
+    p.set_defaults(func=cmd_series)
 
     p = sub.add_parser("evaluate", help="metrics of a synthetic MRI against a reference MRI")
     p.add_argument("--pred", required=True, help="synthetic MRI (0..255, e.g. synthetic_mri.nrrd)")

@@ -38,6 +38,8 @@ OUTPUT_FILES = {
     "transform": "transform.tfm",
     "metrics": "metrics.json",
 }
+#: folders an extra writer of save_outputs may add (e.g. DICOM series); replaced like the files above
+OUTPUT_FOLDERS = {"dicom": "dicom"}
 
 
 @dataclass
@@ -278,8 +280,13 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def save_outputs(result: SynthesisResult, out_dir: str | Path) -> dict:
+def save_outputs(
+    result: SynthesisResult, out_dir: str | Path, extra_writer: Optional[Callable[[Path], dict]] = None
+) -> dict:
     """Write the result's files into ``out_dir``; all or nothing, nothing written anywhere else.
+
+    ``extra_writer(tmp)`` (optional) writes more outputs into the temporary folder and returns
+    {kind: name} of what it wrote there (names from ``OUTPUT_FOLDERS``); they are committed with the rest.
 
     Files are written into a temporary folder inside ``out_dir`` and moved into place only when all
     were written, so a failure or cancel never leaves half-written outputs; the temporary folder, and
@@ -311,6 +318,8 @@ def save_outputs(result: SynthesisResult, out_dir: str | Path) -> dict:
                     "space or choose another --out-dir"
                 ) from exc
             written["transform"] = OUTPUT_FILES["transform"]
+        if extra_writer is not None:
+            written.update(extra_writer(tmp))
         (tmp / OUTPUT_FILES["metrics"]).write_text(json.dumps(result.summary(), indent=2) + "\n")
         written["metrics"] = OUTPUT_FILES["metrics"]
         _commit(tmp, out_dir, list(written.values()))
@@ -349,7 +358,7 @@ def _commit(tmp: Path, out_dir: Path, names: list) -> None:
     moved: list = []  # new outputs moved into out_dir
     with _sigint_held():
         try:
-            for name in OUTPUT_FILES.values():
+            for name in list(OUTPUT_FILES.values()) + list(OUTPUT_FOLDERS.values()):
                 if (out_dir / name).exists() or (out_dir / name).is_symlink():
                     os.replace(out_dir / name, previous / name)
                     set_aside.append(name)
@@ -359,7 +368,10 @@ def _commit(tmp: Path, out_dir: Path, names: list) -> None:
         except BaseException:
             for name in moved:
                 with contextlib.suppress(OSError):
-                    os.unlink(out_dir / name)
+                    if (out_dir / name).is_dir() and not (out_dir / name).is_symlink():
+                        shutil.rmtree(out_dir / name)  # an output folder (OUTPUT_FOLDERS)
+                    else:
+                        os.unlink(out_dir / name)
             for name in set_aside:
                 with contextlib.suppress(OSError):
                     os.replace(previous / name, out_dir / name)

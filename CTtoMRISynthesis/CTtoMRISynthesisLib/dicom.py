@@ -1,0 +1,907 @@
+"""DICOM studies in, derived DICOM series out: the project's one room for DICOM.
+
+In: :func:`list_series` reads the headers of every file under a folder (pydicom) and describes each
+series (number, modality, image type, plane, slices, spacing, uniformity); :func:`choose_series` takes
+one by the stated rule (or by number/UID); :func:`read_series` reads its pixels (SimpleITK/GDCM, which
+decodes the compressed transfer syntaxes scanners write) onto a regular grid. Slice geometry comes from
+ImagePositionPatient/ImageOrientationPatient: a gantry tilt (slices sheared along the stack) or
+non-uniform spacing is resampled onto a regular grid; missing slices, mixed orientations and repeated
+positions are refused — never a silently warped volume.
+
+Out: :func:`dicom_writer` writes every output volume as a DERIVED\\SECONDARY series (MR; CT for the
+registered CT), one file per slice, in the CT's study when the CT came from DICOM.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import CTMRIError
+
+#: slice steps within this (mm, or fraction of the median step, whichever is larger) count as uniform
+STEP_TOLERANCE_MM = 0.01
+STEP_TOLERANCE_FRACTION = 0.01
+#: in-plane drift of a slice's origin (fraction of a pixel) above which the stack counts as sheared
+SHEAR_TOLERANCE_PIXELS = 0.1
+#: a series whose slice normal is further than this from every patient axis is "oblique"
+OBLIQUE_DEGREES = 30.0
+MODALITY_OF = {"CT": "CT", "MRI": "MR"}
+FLAG_OF = {"CT": "--ct-series", "MRI": "--mri-series"}
+
+
+# ----------------------------------------------------------------------------------------- listing
+
+
+@dataclass
+class SliceFile:
+    """One image file of a series: where it is and where its slice lies."""
+
+    path: Path
+    position: Optional[Tuple[float, float, float]]
+    orientation: Optional[Tuple[float, ...]]
+    instance: Optional[int]
+    rows: int = 0
+    columns: int = 0
+    frames: int = 1
+    thickness: Optional[float] = None
+    image_type: Tuple[str, ...] = ()
+
+
+@dataclass
+class Series:
+    """One DICOM series (by SeriesInstanceUID) and what its headers say about its geometry."""
+
+    uid: str
+    number: Optional[int]
+    modality: str
+    image_type: Tuple[str, ...]
+    description: str
+    study_uid: str
+    rows: int
+    columns: int
+    pixel_spacing: Optional[Tuple[float, float]]  # DICOM order: (between rows, between columns)
+    thickness: Optional[float]
+    header: object  # the first file's pydicom Dataset (no pixels): patient, study, frame of reference
+    files: List[SliceFile] = field(default_factory=list)
+    # Filled by _analyse:
+    plane: str = "unknown"
+    steps: List[float] = field(default_factory=list)  # distances between consecutive slices (mm)
+    uniform: bool = False
+    shear_degrees: float = 0.0
+    sheared: bool = False
+    problem: Optional[str] = None  # why it cannot be read as one volume (None: it can)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def slices(self) -> int:
+        return sum(f.frames for f in self.files)
+
+    @property
+    def step(self) -> Optional[float]:
+        return float(np.median(self.steps)) if self.steps else None
+
+    @property
+    def is_localizer(self) -> bool:
+        return "LOCALIZER" in self.image_type or self.plane == "localizer"
+
+    @property
+    def is_original_primary(self) -> bool:
+        return tuple(self.image_type[:2]) == ("ORIGINAL", "PRIMARY")
+
+    @property
+    def is_reformat(self) -> bool:
+        return "REFORMATTED" in self.image_type or "MPR" in self.image_type
+
+    @property
+    def effective_thickness(self) -> Optional[float]:
+        """SliceThickness, or the slice step where the header does not give it."""
+        return self.thickness if self.thickness else self.step
+
+    @property
+    def needs_resampling(self) -> bool:
+        return self.problem is None and (self.sheared or (len(self.steps) > 1 and not self.uniform))
+
+    def label(self) -> str:
+        """'series 3' or, without a number, the UID."""
+        return f"series {self.number}" if self.number is not None else f"series {self.uid}"
+
+    def short(self) -> str:
+        """One phrase: modality, plane, slices and spacing (for choice messages)."""
+        thick = self.effective_thickness
+        spacing = f" of {thick:g} mm" if thick else ""
+        return f"{self.modality} {self.plane}, {self.slices} slices{spacing}"
+
+
+def list_series(folder: str | Path, what: str = "image") -> List[Series]:
+    """Every image series in ``folder`` (recursively), sorted by study, then series number.
+
+    Reads headers only. Files that are not DICOM (or hold no image, e.g. a DICOMDIR) are skipped.
+    Raises CTMRIError when the folder holds no DICOM image at all.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CTMRIError(f"{what} folder not found: {folder}; check the path")
+    groups: Dict[str, Series] = {}
+    for path in _files_under(folder):
+        header = _read_header(path)
+        if header is None:
+            continue
+        uid = str(header.get("SeriesInstanceUID", "") or "")
+        series = groups.get(uid)
+        if series is None:
+            series = groups[uid] = _new_series(uid, header)
+        series.files.append(_slice_file(path, header))
+    if not groups:
+        raise CTMRIError(f"{what} folder {folder} holds no DICOM series; give an image file or a DICOM folder")
+    listed = list(groups.values())
+    for series in listed:
+        # A series may carry an odd image (e.g. a reformat's reference image): describe it by most of its files.
+        series.image_type = _most_common([f.image_type for f in series.files])
+        series.thickness = _most_common([f.thickness for f in series.files])
+        _analyse(series)
+    listed.sort(key=lambda s: (s.study_uid, s.number if s.number is not None else 1 << 30, s.uid))
+    return listed
+
+
+def _most_common(values: list):
+    counts: Dict[object, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return max(counts, key=lambda v: counts[v])
+
+
+def _files_under(folder: Path):
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            yield Path(root) / name
+
+
+def _read_header(path: Path):
+    """The file's pydicom header without pixels, or None when it is not a DICOM image."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        header = pydicom.dcmread(str(path), stop_before_pixels=True)
+    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError, KeyError):
+        return None
+    if "Rows" not in header or "SeriesInstanceUID" not in header:
+        return None  # DICOMDIR, structured reports, presentation states...
+    return header
+
+
+def _new_series(uid: str, header) -> Series:
+    spacing = _floats(header.get("PixelSpacing"))
+    return Series(
+        uid=uid,
+        number=_int(header.get("SeriesNumber")),
+        modality=str(header.get("Modality", "") or ""),
+        image_type=tuple(str(v).upper() for v in _values(header.get("ImageType"))),
+        description=str(header.get("SeriesDescription", "") or ""),
+        study_uid=str(header.get("StudyInstanceUID", "") or ""),
+        rows=int(header.Rows),
+        columns=int(header.get("Columns", 0) or 0),
+        pixel_spacing=(spacing[0], spacing[1]) if spacing and len(spacing) == 2 and min(spacing) > 0 else None,
+        thickness=_float(header.get("SliceThickness")),
+        header=header,
+    )
+
+
+def _slice_file(path: Path, header) -> SliceFile:
+    position = _floats(header.get("ImagePositionPatient"))
+    orientation = _floats(header.get("ImageOrientationPatient"))
+    return SliceFile(
+        path=path,
+        position=tuple(position) if position and len(position) == 3 else None,
+        orientation=tuple(orientation) if orientation and len(orientation) == 6 else None,
+        instance=_int(header.get("InstanceNumber")),
+        rows=int(header.get("Rows", 0) or 0),
+        columns=int(header.get("Columns", 0) or 0),
+        frames=_int(header.get("NumberOfFrames")) or 1,
+        thickness=_float(header.get("SliceThickness")),
+        image_type=tuple(str(v).upper() for v in _values(header.get("ImageType"))),
+    )
+
+
+def _values(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return list(value)
+    return [value]
+
+
+def _float(value) -> Optional[float]:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _floats(value) -> Optional[List[float]]:
+    numbers = [_float(v) for v in _values(value)]
+    return numbers if numbers and all(n is not None for n in numbers) else None
+
+
+def _int(value) -> Optional[int]:
+    number = _float(value)
+    return int(number) if number is not None else None
+
+
+# ---------------------------------------------------------------------------------------- geometry
+
+
+def _analyse(series: Series) -> None:
+    """Fill plane, sorted files, steps, uniformity, shear and (if any) the reason it cannot be read."""
+    files = series.files
+    if "LOCALIZER" in series.image_type:
+        series.plane = "localizer"
+        series.problem = "it is a localizer (scout), not a volume"
+        return
+    if any(f.frames > 1 for f in files):
+        series.problem = (
+            "it is a multi-frame (enhanced) DICOM, which ctmri does not read; convert it to NIfTI (e.g. with "
+            "dcm2niix) and give the .nii.gz"
+        )
+        series.notes.append("multi-frame")
+        return
+    if any(f.position is None or f.orientation is None for f in files) or series.pixel_spacing is None:
+        series.problem = "its images lack position, orientation or pixel spacing tags, so their geometry is unknown"
+        series.notes.append("no geometry tags")
+        return
+    orientations = [_rounded(f.orientation) for f in files]
+    if len(set(orientations)) > 1:
+        planes = [_plane_name(_axes(o)[2]) for o in orientations]
+        series.plane = _most_common(planes)
+        counts = ", ".join(f"{planes.count(p)} {p}" for p in sorted(set(planes), key=planes.count, reverse=True))
+        series.problem = f"its images lie in different orientations ({counts}: a localizer or several stacks in one series)"
+        series.notes.append(f"mixed orientations ({counts})")
+        return
+    if len({(f.rows, f.columns) for f in files}) > 1:
+        series.problem = "its images have different sizes"
+        series.notes.append("mixed image sizes")
+        return
+    row, col, normal = _axes(files[0].orientation)
+    series.plane = _plane_name(normal)
+    files.sort(key=lambda f: float(np.dot(f.position, normal)))
+    series.steps = [float(v) for v in np.diff([np.dot(f.position, normal) for f in files])]
+    if series.steps and min(series.steps) < STEP_TOLERANCE_MM:
+        same = sum(1 for s in series.steps if s < STEP_TOLERANCE_MM) + 1
+        series.problem = (
+            f"{same} of its images share a slice position (several acquisitions, echoes or phases in one series)"
+        )
+        series.notes.append("repeated positions")
+        return
+    series.uniform = _is_uniform(series.steps)
+    if not series.uniform and len(series.steps) > 1:
+        missing = _missing_slices(series, files)
+        if missing:
+            series.problem = missing
+            series.notes.append("missing slices")
+            return
+        series.notes.append(f"non-uniform steps {min(series.steps):.3g}-{max(series.steps):.3g} mm")
+    _find_shear(series, row, col, normal)
+    if series.needs_resampling:
+        series.notes.append("resampled on reading")
+
+
+def _find_shear(series: Series, row: np.ndarray, col: np.ndarray, normal: np.ndarray) -> None:
+    """Mark a stack whose slice origins drift in-plane (gantry tilt) and measure the tilt angle."""
+    files = series.files
+    offsets = _inplane_offsets(series, row, col)
+    if len(files) < 2 or float(np.abs(offsets - offsets[0]).max()) <= SHEAR_TOLERANCE_PIXELS:
+        return
+    series.sheared = True
+    span = np.array(files[-1].position) - np.array(files[0].position)
+    along = float(np.dot(span, normal))
+    across = float(np.linalg.norm(span - along * normal))
+    series.shear_degrees = math.degrees(math.atan2(across, along))
+    series.notes.append(f"gantry tilt/shear {series.shear_degrees:.1f}°")
+
+
+def _rounded(orientation: Sequence[float]) -> tuple:
+    return tuple(round(v, 3) for v in orientation)
+
+
+def _axes(orientation: Sequence[float]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row and column directions (made orthonormal: headers round them) and the slice normal."""
+    row = np.array(orientation[:3], dtype=float)
+    col = np.array(orientation[3:], dtype=float)
+    row /= np.linalg.norm(row)
+    col -= np.dot(col, row) * row
+    col /= np.linalg.norm(col)
+    return row, col, np.cross(row, col)
+
+
+def _plane_name(normal: np.ndarray) -> str:
+    axis = int(np.argmax(np.abs(normal)))
+    angle = math.degrees(math.acos(min(1.0, abs(float(normal[axis])))))
+    if angle > OBLIQUE_DEGREES:
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
+
+
+def _tolerance(step: float) -> float:
+    return max(STEP_TOLERANCE_MM, STEP_TOLERANCE_FRACTION * step)
+
+
+def _is_uniform(steps: Sequence[float]) -> bool:
+    if not steps:
+        return False
+    median = float(np.median(steps))
+    return max(abs(s - median) for s in steps) <= _tolerance(median)
+
+
+def _missing_slices(series: Series, files: List[SliceFile]) -> Optional[str]:
+    """A message when the stack has holes where slices were lost, else None.
+
+    A step that is a whole multiple (≥ 2) of the usual one is a lost slice when the instance numbers
+    skip there too (files went missing), or, without usable instance numbers, when the steps on both
+    sides are the usual one. A series that changes its spacing on purpose (numbers consecutive) is not.
+    """
+    median = float(np.median(series.steps))
+    numbers = [f.instance for f in files]
+    numbered = None not in numbers and len(set(numbers)) == len(numbers) and _monotonic(numbers)
+    holes = []
+    for i, step in enumerate(series.steps):
+        ratio = step / median
+        if ratio < 1.5 or abs(ratio - round(ratio)) > 0.1:
+            continue
+        if numbered:
+            lost = abs(numbers[i + 1] - numbers[i]) > 1
+        else:
+            near = [series.steps[j] for j in (i - 1, i + 1) if 0 <= j < len(series.steps)]
+            lost = all(abs(s - median) <= _tolerance(median) for s in near)
+        if lost:
+            holes.append((i, int(round(ratio)) - 1))
+    if not holes:
+        return None
+    count = sum(n for _, n in holes)
+    where = ", ".join(
+        f"between {_depth(series, files[i]):.2f} and {_depth(series, files[i + 1]):.2f} mm" for i, _ in holes[:3]
+    )
+    return (
+        f"{count} slice{'s' if count > 1 else ''} missing ({where}; the other slices are {median:g} mm apart)"
+    )
+
+
+def _monotonic(numbers: List[int]) -> bool:
+    diffs = np.diff(numbers)
+    return bool(np.all(diffs > 0) or np.all(diffs < 0))
+
+
+def _depth(series: Series, file: SliceFile) -> float:
+    return float(np.dot(file.position, _axes(file.orientation)[2]))
+
+
+def _inplane_offsets(series: Series, row: np.ndarray, col: np.ndarray) -> np.ndarray:
+    """Each slice's origin in pixels along (row, column) directions: equal for a straight stack."""
+    dy, dx = series.pixel_spacing
+    positions = np.array([f.position for f in series.files])
+    return np.stack([positions @ row / dx, positions @ col / dy], axis=1)
+
+
+# ------------------------------------------------------------------------------------------ choice
+
+
+@dataclass
+class Choice:
+    """The series taken for an input and why."""
+
+    series: Series
+    reason: str
+    folder: Path
+    others: List[Series] = field(default_factory=list)
+
+    def message(self, what: str) -> str:
+        """The line printed for the user."""
+        s = self.series
+        text = f"{what}: DICOM {s.label()} ({s.short()}) — {self.reason}"
+        if s.needs_resampling:
+            text += f"; {', '.join(n for n in s.notes if n != 'resampled on reading')}: resampled onto a regular grid"
+        return text
+
+    def provenance(self) -> dict:
+        """What ``metrics.json`` records under ``ct_series`` / ``mri_series``."""
+        s = self.series
+        return {
+            "number": s.number,
+            "uid": s.uid,
+            "description": s.description,
+            "modality": s.modality,
+            "image_type": "\\".join(s.image_type),
+            "slices": s.slices,
+            "reason": self.reason,
+            "resampled": ", ".join(n for n in s.notes if n != "resampled on reading") if s.needs_resampling else None,
+            "folder": str(self.folder),
+        }
+
+
+def choose_series(
+    series: List[Series], what: str, requested: Optional[str] = None, folder: str | Path = "."
+) -> Choice:
+    """The series to read for ``what`` ('CT' or 'MRI'): ``requested`` (number or UID) or by the rule.
+
+    The rule: modality CT (MR for the MRI), ImageType ORIGINAL\\PRIMARY, axial, uniformly spaced and
+    readable; among those the thinnest slices, ties → more slices. Localizers and reformats never.
+    A folder holding a single series gives that series (as before), unless it cannot be read.
+    """
+    folder = Path(folder)
+    if requested is not None and str(requested).strip():
+        return _requested(series, what, str(requested).strip(), folder)
+    if len(series) == 1:
+        only = series[0]
+        _check_readable(only, what, folder)
+        return Choice(only, "the only series in the folder", folder)
+    modality = MODALITY_OF.get(what, what)
+    rejected = {s.uid: _rejection(s, modality) for s in series}
+    candidates = [s for s in series if rejected[s.uid] is None]
+    if not candidates:
+        raise CTMRIError(
+            f"{what} folder {folder} holds {len(series)} DICOM series and none is an original axial {modality} "
+            f"series with uniform spacing ({_listing(series, rejected)}); choose one with "
+            f"{FLAG_OF.get(what, '--ct-series')} NUMBER or UID (see `ctmri series {folder}`)"
+        )
+    studies = {s.study_uid for s in candidates}
+    if len(studies) > 1:
+        raise CTMRIError(
+            f"{what} folder {folder} holds {modality} series of {len(studies)} different studies; give one "
+            f"study's folder, or choose a series with {FLAG_OF.get(what, '--ct-series')} NUMBER or UID "
+            f"(see `ctmri series {folder}`)"
+        )
+    candidates.sort(key=lambda s: (round(s.effective_thickness or 1e9, 3), -s.slices, s.number or 0))
+    best = candidates[0]
+    for s in candidates[1:]:
+        if round(s.effective_thickness or 1e9, 3) > round(best.effective_thickness or 1e9, 3):
+            rejected[s.uid] = f"thicker slices ({s.effective_thickness:g} mm)"
+        else:
+            rejected[s.uid] = f"fewer slices ({s.slices})"
+    others = [s for s in series if s is not best]
+    reason = f"the thinnest uniformly spaced ORIGINAL/PRIMARY axial {modality} series"
+    if others:
+        reason += f"; not taken: {_listing(others, rejected)}"
+    return Choice(best, reason, folder, others)
+
+
+def _rejection(series: Series, modality: str) -> Optional[str]:
+    """Why the rule does not take this series (None: it is a candidate)."""
+    if series.is_localizer:
+        return "localizer"
+    if series.is_reformat:
+        return "reformat"
+    if series.modality != modality:
+        return f"modality {series.modality or 'unknown'}"
+    if not series.is_original_primary:
+        return f"not ORIGINAL/PRIMARY ({'/'.join(series.image_type[:2]) or 'no ImageType'})"
+    if series.plane != "axial":
+        return series.plane
+    if series.problem is not None:
+        return "cannot be read as one volume"
+    if not series.uniform:
+        return "non-uniform slice spacing" if len(series.steps) > 1 else "a single slice"
+    return None
+
+
+def _listing(series: List[Series], why: Dict[str, Optional[str]]) -> str:
+    return ", ".join(f"{s.number if s.number is not None else s.uid} ({why.get(s.uid) or s.short()})" for s in series)
+
+
+def _requested(series: List[Series], what: str, requested: str, folder: Path) -> Choice:
+    matches = [s for s in series if s.uid == requested]
+    if not matches and requested.lstrip("+-").isdigit():
+        matches = [s for s in series if s.number == int(requested)]
+    flag = FLAG_OF.get(what, "--ct-series")
+    if not matches:
+        there = ", ".join(
+            f"{s.number if s.number is not None else '-'} ({s.modality} {s.plane}, {s.slices} slices, {s.uid})"
+            for s in series
+        )
+        raise CTMRIError(
+            f"{what} series {requested} is not in {folder}; it holds: {there}; give one of these numbers or "
+            f"UIDs to {flag}"
+        )
+    if len(matches) > 1:
+        uids = ", ".join(s.uid for s in matches)
+        raise CTMRIError(
+            f"series number {requested} names {len(matches)} series in {folder} ({uids}); give the "
+            f"SeriesInstanceUID to {flag} instead"
+        )
+    chosen = matches[0]
+    _check_readable(chosen, what, folder)
+    return Choice(chosen, f"chosen with {flag} {requested}", folder, [s for s in series if s is not chosen])
+
+
+def _check_readable(series: Series, what: str, folder: Path) -> None:
+    if series.problem is not None:
+        raise CTMRIError(
+            f"cannot read {what} DICOM {series.label()} in {folder}: {series.problem}; "
+            f"{'copy the series again completely, or ' if 'missing' in series.problem else ''}"
+            f"choose another series with {FLAG_OF.get(what, '--ct-series')} (see `ctmri series {folder}`)"
+        )
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def read_series(series: Series, what: str = "image") -> sitk.Image:
+    """The series as a 3D image with its physical geometry, on a regular grid.
+
+    A straight, uniformly spaced stack is returned as stored (no interpolation). A sheared stack
+    (gantry tilt) or non-uniform spacing is resampled (linear) onto a regular grid in the slices' own
+    orientation: in-plane it covers every slice, along the normal it steps by the smallest spacing.
+    """
+    if series.problem is not None:
+        raise CTMRIError(f"cannot read {what} DICOM {series.label()}: {series.problem}")
+    planes = _read_pixels(series, what)
+    row, col, normal = _axes(series.files[0].orientation)
+    dy, dx = series.pixel_spacing
+    if series.needs_resampling:
+        return _regularise(series, planes, row, col, normal)
+    array = np.stack(planes)
+    image = sitk.GetImageFromArray(array)
+    step = series.step or series.effective_thickness or 1.0
+    image.SetSpacing((float(dx), float(dy), float(step)))
+    image.SetOrigin(tuple(float(v) for v in series.files[0].position))
+    image.SetDirection(tuple(float(v) for v in np.stack([row, col, normal], axis=1).ravel()))
+    return image
+
+
+def _read_pixels(series: Series, what: str) -> List[np.ndarray]:
+    """Each file's (rows, columns) pixels, rescaled (GDCM applies slope/intercept), in stack order."""
+    planes = []
+    reader = sitk.ImageFileReader()
+    for file in series.files:
+        reader.SetFileName(str(file.path))
+        try:
+            array = sitk.GetArrayFromImage(reader.Execute())
+        except RuntimeError as exc:
+            raise CTMRIError(
+                f"cannot read {what} DICOM file {file.path}: {str(exc).strip().splitlines()[-1]}; copy the series again"
+            ) from exc
+        array = np.squeeze(array)
+        if array.shape != (series.rows, series.columns):
+            raise CTMRIError(
+                f"cannot read {what} DICOM {series.label()}: {file.path.name} holds {array.shape} pixels where the "
+                f"series has {series.rows}×{series.columns} (colour or mixed sizes); choose another series"
+            )
+        planes.append(array)
+    dtypes = {p.dtype for p in planes}
+    if len(dtypes) > 1:  # e.g. one slice rescaled to float: keep every value exactly
+        planes = [p.astype(np.float32) for p in planes]
+    return planes
+
+
+def _regularise(series: Series, planes: List[np.ndarray], row, col, normal) -> sitk.Image:
+    """Resample slices lying on parallel planes (sheared and/or unevenly spaced) onto a regular grid.
+
+    Every output plane lies between two input planes; each is sampled (bilinearly) at the output's
+    in-plane points and the two are blended linearly by distance. An output plane that coincides
+    with an input plane reproduces it exactly (up to the in-plane shift).
+    """
+    dy, dx = series.pixel_spacing
+    positions = np.array([f.position for f in series.files], dtype=float)
+    depth = positions @ normal
+    u, v = positions @ row, positions @ col
+    step = float(min(series.steps))
+    count = int(math.floor((depth[-1] - depth[0]) / step + 1e-3)) + 1
+    i0, j0 = math.floor((u.min() - u[0]) / dx + 1e-6), math.floor((v.min() - v[0]) / dy + 1e-6)
+    i1, j1 = math.ceil((u.max() - u[0]) / dx - 1e-6), math.ceil((v.max() - v[0]) / dy - 1e-6)
+    size = (series.columns + i1 - i0, series.rows + j1 - j0)
+    plane_origin = (u[0] + i0 * dx, v[0] + j0 * dy)
+    pad = float(min(float(p.min()) for p in planes))
+    grid = sitk.Image(size, sitk.sitkFloat32)
+    grid.SetSpacing((dx, dy))
+    grid.SetOrigin(plane_origin)
+    cache: Dict[int, np.ndarray] = {}
+
+    def shifted(k: int) -> np.ndarray:
+        if k not in cache:
+            image = sitk.GetImageFromArray(planes[k].astype(np.float32))
+            image.SetSpacing((dx, dy))
+            image.SetOrigin((float(u[k]), float(v[k])))
+            if len(cache) > 2:  # the walk only ever needs the two planes around the current depth
+                cache.clear()
+            cache[k] = sitk.GetArrayFromImage(sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, pad))
+        return cache[k]
+
+    out = np.empty((count, size[1], size[0]), dtype=np.float32)
+    for k in range(count):
+        z = depth[0] + k * step
+        below = int(np.clip(np.searchsorted(depth, z + 1e-6, side="right") - 1, 0, len(depth) - 2))
+        w = float(np.clip((z - depth[below]) / (depth[below + 1] - depth[below]), 0.0, 1.0))
+        out[k] = shifted(below) if w < 1e-6 else (1 - w) * shifted(below) + w * shifted(below + 1)
+    image = sitk.GetImageFromArray(out)
+    image.SetSpacing((float(dx), float(dy), step))
+    origin = plane_origin[0] * row + plane_origin[1] * col + depth[0] * normal
+    image.SetOrigin(tuple(float(c) for c in origin))
+    image.SetDirection(tuple(float(c) for c in np.stack([row, col, normal], axis=1).ravel()))
+    return image
+
+
+def read_input(path: str | Path, what: str, requested: Optional[str] = None) -> Tuple[sitk.Image, Optional[Choice]]:
+    """An input volume: a DICOM folder through the chooser, anything else through ``volumes.read_volume``.
+
+    Returns the image and, for DICOM folders, the :class:`Choice` (None for files).
+    """
+    from .volumes import as_scalar_3d, read_volume
+
+    path = Path(path)
+    if path.is_dir():
+        choice = choose_series(list_series(path, what), what, requested, path)
+        return as_scalar_3d(read_series(choice.series, what), f"{what} {path.name}"), choice
+    if requested is not None and str(requested).strip():
+        raise CTMRIError(
+            f"{FLAG_OF.get(what, '--ct-series')} chooses a series in a DICOM folder, but the {what} {path} is a "
+            "file; give the DICOM folder, or leave the option out"
+        )
+    return read_volume(path, what), None
+
+
+# -------------------------------------------------------------------------------------------- table
+
+
+def format_table(series: List[Series]) -> str:
+    """A readable table of the series, grouped by study."""
+    header = ("series", "modality", "image type", "description", "plane", "slices", "in-plane mm",
+              "step mm", "thick mm", "uniform", "notes", "SeriesInstanceUID")
+    lines = []
+    studies: Dict[str, List[Series]] = {}
+    for s in series:
+        studies.setdefault(s.study_uid, []).append(s)
+    for study_uid, members in studies.items():
+        first = members[0].header
+        lines.append(
+            f"study {study_uid or '(no StudyInstanceUID)'}  patient {first.get('PatientID', '') or '-'}  "
+            f"date {first.get('StudyDate', '') or '-'}  ({len(members)} series)"
+        )
+        rows = [header] + [_row(s) for s in members]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        for r in rows:
+            lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _row(s: Series) -> tuple:
+    in_plane = f"{s.pixel_spacing[1]:.3g}×{s.pixel_spacing[0]:.3g}" if s.pixel_spacing else "-"
+    step = "-" if not s.steps else (f"{s.step:.3g}" if s.uniform else f"{min(s.steps):.3g}-{max(s.steps):.3g}")
+    uniform = "-" if not s.steps else ("yes" if s.uniform else "no")
+    notes = "; ".join(s.notes) or ("" if s.problem is None else s.problem)
+    return (
+        str(s.number) if s.number is not None else "-", s.modality or "-", "\\".join(s.image_type) or "-",
+        s.description or "-", s.plane, str(s.slices), in_plane, step,
+        f"{s.thickness:.3g}" if s.thickness else "-", uniform, notes or "-", s.uid,
+    )
+
+
+def describe_folder(folder: str | Path) -> str:
+    """``ctmri series DIR``: the table, then which series --ct / --mri would take and why."""
+    folder = Path(folder)
+    series = list_series(folder, "DICOM")
+    lines = [format_table(series)]
+    for what, modality in MODALITY_OF.items():
+        if not any(s.modality == modality for s in series):
+            continue
+        option = "--ct" if what == "CT" else "--mri"
+        try:
+            choice = choose_series(series, what, None, folder)
+        except CTMRIError as exc:
+            lines.append(f"{option} {folder} would stop: {exc}")
+            continue
+        lines.append(f"{option} {folder} takes {choice.series.label()} ({choice.series.short()}): {choice.reason}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+NOT_FOR_DIAGNOSIS = "Synthetic MRI — not for diagnosis"
+#: kind → (modality, SeriesDescription, series number). The registered CT holds CT values (HU), so it
+#: is written as a CT series: an MR label would give it MR window presets and hanging protocols.
+OUTPUT_SERIES = {
+    "synthetic_mri": ("MR", NOT_FOR_DIAGNOSIS, 9001),
+    "difference": ("MR", f"{NOT_FOR_DIAGNOSIS} (difference MRI − sMRI)", 9002),
+    "uncertainty": ("MR", f"{NOT_FOR_DIAGNOSIS} (uncertainty)", 9003),
+    "ct_registered": ("CT", "CT resampled onto the MRI grid — not for diagnosis", 9004),
+}
+PATIENT_TAGS = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+    "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+)
+STUDY_TAGS = (
+    "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName",
+    "StudyDescription",
+)
+DICOM_FOLDER = "dicom"
+
+
+@dataclass
+class OutputContext:
+    """What every written series shares: patient and study, frame of reference, provenance text."""
+
+    common: object  # pydicom Dataset with the patient, study, equipment and frame-of-reference attributes
+    thickness: Optional[float]
+    derivation: str
+
+
+def output_context(result, ct_source: Optional[Choice], reference_source: Optional[Choice]) -> OutputContext:
+    """The shared attributes: the CT's patient and study when the CT came from DICOM (else a new study),
+    and the reference grid's frame of reference (the MRI's when given, else the CT's) when it came from
+    DICOM (else a new one)."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    from . import __version__
+
+    now = datetime.datetime.now()
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: the descriptions hold an em dash; copied names keep their letters
+    for keyword in PATIENT_TAGS + STUDY_TAGS:
+        if ct_source is not None and keyword in ct_source.series.header:
+            setattr(ds, keyword, ct_source.series.header.data_element(keyword).value)
+    if ct_source is None:
+        ds.StudyInstanceUID = generate_uid()
+        ds.StudyDate, ds.StudyTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+        ds.StudyDescription = NOT_FOR_DIAGNOSIS
+        ds.StudyID = "CTMRI"
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                    "StudyID", "AccessionNumber", "ReferringPhysicianName"):  # type 2: present, may be empty
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    reference = reference_source.series.header if reference_source is not None else None
+    ds.FrameOfReferenceUID = (
+        str(reference.FrameOfReferenceUID) if reference is not None and reference.get("FrameOfReferenceUID")
+        else generate_uid()
+    )
+    ds.PositionReferenceIndicator = str(reference.get("PositionReferenceIndicator", "") or "") if reference else ""
+    ds.PatientPosition = str(reference.get("PatientPosition", "") or "") if reference else ""
+    ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = now.strftime("%H%M%S")
+    sha = (result.weights or {}).get("sha256")
+    ds.Manufacturer = "CTtoMRISynthesis (research software)"
+    ds.ManufacturerModelName = "ctmri"
+    ds.SoftwareVersions = [f"ctmri {__version__}"] + ([str(sha)] if sha else [])  # LO: a sha256 is exactly 64
+    derivation = (
+        f"Synthetic MRI predicted from CT by a U-Net (ctmri {__version__}; weights "
+        f"{(result.weights or {}).get('file') or 'unknown'}, sha256 {sha or 'unknown'}). Not for diagnosis."
+    )
+    thickness = reference_source.series.thickness if reference_source is not None else None
+    return OutputContext(common=ds, thickness=thickness, derivation=derivation)
+
+
+def write_image_series(image: sitk.Image, folder: Path, kind: str, context: OutputContext) -> int:
+    """Write one 3D image as a DERIVED\\SECONDARY series, one file per slice; returns the file count."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import generate_uid
+
+    modality = OUTPUT_SERIES[kind][0]
+    array = sitk.GetArrayViewFromImage(image)
+    slope = _slope_for(array)
+    stored = np.clip(np.rint(np.asarray(array, dtype=np.float64) / slope), -32768, 32767).astype("<i2")
+    series = _series_dataset(image, kind, context, slope, array)
+    sop_class = MR_IMAGE_STORAGE if modality == "MR" else CT_IMAGE_STORAGE
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    normal = np.cross(direction[:, 0], direction[:, 1])
+    folder.mkdir(parents=True)
+    for k in range(stored.shape[0]):
+        ds = Dataset()
+        ds.update(series)
+        ds.SOPClassUID = sop_class
+        ds.SOPInstanceUID = generate_uid()
+        ds.InstanceNumber = k + 1
+        position = np.array(image.TransformIndexToPhysicalPoint((0, 0, k)))
+        ds.ImagePositionPatient = [_ds(v) for v in position]
+        ds.SliceLocation = _ds(float(position @ normal))
+        ds.PixelData = stored[k].tobytes()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = sop_class
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = EXPLICIT_VR_LITTLE_ENDIAN
+        _save(ds, folder / f"IM{k + 1:05d}.dcm")
+    return int(stored.shape[0])
+
+
+def _series_dataset(image: sitk.Image, kind: str, context: OutputContext, slope: float, array) -> object:
+    """The attributes every slice of one output series shares."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    modality, description, number = OUTPUT_SERIES[kind]
+    ds = Dataset()
+    ds.update(context.common)
+    ds.Modality = modality
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = number
+    ds.SeriesDescription = description
+    ds.ImageLaterality = "U"  # the head is unpaired (and with ImageLaterality, Laterality is not required)
+    ds.BodyPartExamined = "HEAD"
+    # Value 3 is required: CT's is AXIAL (it is a transverse stack), MR's "OTHER" (none of the defined maps).
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL" if modality == "CT" else "OTHER"]
+    ds.DerivationDescription = context.derivation
+    ds.ImageComments = f"{description}. {context.derivation}"
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    sx, sy, sz = image.GetSpacing()
+    ds.ImageOrientationPatient = [_ds(v) for v in list(direction[:, 0]) + list(direction[:, 1])]
+    ds.PixelSpacing = [_ds(sy), _ds(sx)]  # DICOM: between rows (y), then between columns (x)
+    ds.SliceThickness = _ds(context.thickness or sz)
+    ds.SpacingBetweenSlices = _ds(sz)
+    ds.Rows, ds.Columns = int(image.GetSize()[1]), int(image.GetSize()[0])
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope = "0", _ds(slope)
+    ds.RescaleType = "HU" if modality == "CT" else "US"
+    low, high = float(np.min(array)), float(np.max(array))
+    if kind == "difference":  # signed: centre the window on 0
+        low, high = -max(abs(low), abs(high)), max(abs(low), abs(high))
+    ds.WindowCenter, ds.WindowWidth = _ds((low + high) / 2), _ds(max(high - low, 1.0))
+    if modality == "MR":
+        # MR Image module: "RM" (research mode) says honestly that no MR sequence made these pixels.
+        ds.ScanningSequence, ds.SequenceVariant = "RM", "NONE"
+        ds.ScanOptions = ds.MRAcquisitionType = ds.EchoTime = ds.EchoTrainLength = ""
+        ds.RepetitionTime = ""
+    else:
+        ds.KVP = ""
+        ds.AcquisitionNumber = ""
+    return ds
+
+
+def _slope_for(array) -> float:
+    """A power-of-two rescale slope (exact in a DS string) so that the values fit int16 with 15 bits.
+
+    0..255 images get 1/128 (steps of 0.008 grey levels); HU images 1/8 HU; never finer than 2^-12.
+    """
+    peak = float(np.max(np.abs(array))) if array.size else 0.0
+    if peak <= 0:
+        return 1.0
+    return float(2.0 ** max(-12, math.ceil(math.log2(peak / 32767.0))))
+
+
+def _ds(value: float) -> str:
+    """A decimal string (DS, at most 16 characters) as precise as it allows."""
+    from pydicom.valuerep import format_number_as_ds
+
+    return format_number_as_ds(float(value) + 0.0)  # + 0.0: never "-0"
+
+
+def _save(ds, path: Path) -> None:
+    """Write a DICOM file with preamble and file meta (pydicom 2.4 on Slicer 5.6, and 3.x)."""
+    import pydicom
+
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        pydicom.dcmwrite(str(path), ds, enforce_file_format=True)
+    else:  # pydicom 2.x needs the encoding stated on the dataset
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        pydicom.dcmwrite(str(path), ds, write_like_original=False)
+
+
+def dicom_writer(
+    result, ct_source: Optional[Choice] = None, reference_source: Optional[Choice] = None
+) -> Callable[[Path], Dict[str, str]]:
+    """A writer for :func:`pipeline.save_outputs`: ``dicom/<kind>/`` series of every output volume.
+
+    Called with the run's temporary folder (so the series are committed with the other outputs, all
+    or nothing); returns {"dicom": "dicom"}.
+    """
+
+    def write(tmp: Path) -> Dict[str, str]:
+        context = output_context(result, ct_source, reference_source)
+        for kind, image in result.output_images().items():
+            write_image_series(image, Path(tmp) / DICOM_FOLDER / kind, kind, context)
+        return {DICOM_FOLDER: DICOM_FOLDER}
+
+    return write
