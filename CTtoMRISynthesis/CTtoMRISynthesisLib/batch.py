@@ -472,8 +472,8 @@ def render_report(summary: Summary, about: dict) -> str:
         "# Batch report", "",
         f"Manifest `{about.get('manifest')}`; weights sha256 `{str(about.get('weights_sha256'))[:16]}…`; "
         f"options `{json.dumps(about.get('options', {}), sort_keys=True)}`.", "",
-        f"{total} cases: **{summary.count('ok')} ok**, **{summary.count('error')} failed**, "
-        f"{len(summary.not_run)} without a result yet.", "",
+        f"{total} cases: **{summary.count('ok')} ok**, **{summary.count('error')} failed**"
+        + (f", {len(summary.not_run)} without a result yet." if summary.not_run else "."), "",
     ]
     if summary.stats:
         lines += ["## Metrics over the ok cases with an MRI (0..255 scale, foreground = MRI > 0)", "",

@@ -1,0 +1,350 @@
+"""`ctmri batch`: manifest checks, per-case outputs equal to `synthesize`, failures, resume, shards, jobs, Ctrl-C.
+
+Runs without the shared data: the cases are the in-repository sample (Visible Human CT + MR, 8 slices)
+and variants written to tmp_path (a cropped copy, a file that is not an image), with the shipped model.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from CTtoMRISynthesisLib import batch
+from CTtoMRISynthesisLib.batch import Case, parse_shard, read_manifest, shard_cases
+from CTtoMRISynthesisLib.cli import main
+from CTtoMRISynthesisLib.demo import sample_paths
+from CTtoMRISynthesisLib.errors import CTMRIError
+from CTtoMRISynthesisLib.weights import default_weights_path
+
+FAST = ["--registration", "none", "--device", "cpu", "--quiet"]  # the sample's MR is already on the CT grid
+IMAGES = ("synthetic_mri.nrrd", "ct_registered.nrrd", "difference.nrrd")
+
+
+def write_manifest(path: Path, rows, header: str = "id,ct,mri") -> Path:
+    path.write_text(header + "\n" + "".join(",".join(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    """A cohort folder: the sample (ct/mri), a cropped copy (6 slices), a file that is not an image."""
+    pytest.importorskip("torch")
+    assert default_weights_path().is_file(), "the shipped model must be in the repository"
+    folder = tmp_path_factory.mktemp("cohort")
+    paths = sample_paths()
+    shutil.copy(paths["ct"], folder / "ct.nrrd")
+    shutil.copy(paths["mri"], folder / "mri.nrrd")
+    (folder / "crop").mkdir()
+    for name in ("ct", "mri"):
+        image = sitk.ReadImage(str(paths[name]))
+        sitk.WriteImage(image[:, :, 1:7], str(folder / "crop" / f"{name}.nrrd"), True)
+    (folder / "broken.nrrd").write_bytes(b"NRRD0004\nthis is not an image\n")
+    write_manifest(folder / "cases.csv", [("a", "ct.nrrd", "mri.nrrd"), ("b", "crop/ct.nrrd", ""),
+                                          ("bad", "broken.nrrd", "mri.nrrd")])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def jobs1(cohort: Path, tmp_path_factory) -> tuple:
+    """The cohort run once with --jobs 1: (exit code, output folder)."""
+    out = tmp_path_factory.mktemp("batch") / "out"
+    code = main(["batch", "--manifest", str(cohort / "cases.csv"), "--out-dir", str(out), *FAST])
+    return code, out
+
+
+def read_summary(out: Path) -> dict:
+    with open(out / "summary.csv", newline="") as handle:
+        return {row["id"]: row for row in csv.DictReader(handle)}
+
+
+def mtimes(folder: Path) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.iterdir())}
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifest, shards (no synthesis)
+
+
+def test_manifest_paths_are_relative_to_the_csv(tmp_path: Path) -> None:
+    folder = tmp_path / "study"
+    folder.mkdir()
+    absolute = tmp_path / "elsewhere" / "ct.nrrd"
+    # Byte-order mark, upper-case header, spaces, blank lines, a missing trailing mri field: all as spreadsheets write.
+    (folder / "m.csv").write_text(f"\ufeffID, CT ,MRI\n\np-01 , scans/ct.nrrd, scans/mr.nrrd\nP2,{absolute},\n"
+                                  "p3,x.nrrd\n", encoding="utf-8")
+    cases = read_manifest(folder / "m.csv")
+    assert [c.id for c in cases] == ["p-01", "P2", "p3"]
+    assert cases[0].ct == folder / "scans" / "ct.nrrd" and cases[0].mri == folder / "scans" / "mr.nrrd"
+    assert cases[1].ct == absolute and cases[1].mri is None and cases[2].mri is None
+    assert [c.line for c in cases] == [3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "is empty"),
+        ("id,ct,mri\n", "no cases"),
+        ("id,mri\na,x.nrrd\n", "missing column.*ct"),
+        ("id,ct,mr\na,x.nrrd,y.nrrd\n", "unknown column.*'mr'"),
+        ("a,ct.nrrd,mri.nrrd\n", "unknown column"),  # no header line
+        ("id,ct,mri\na,x.nrrd,\nA,y.nrrd,\n", "line 3: id 'A' already used on line 2"),
+        ("id,ct,mri\n../up,x.nrrd,\n", "line 2: id '../up' is not a safe folder name"),
+        ("id,ct,mri\na/b,x.nrrd,\n", "not a safe folder name"),
+        ("id,ct,mri\n.hidden,x.nrrd,\n", "not a safe folder name"),
+        ("id,ct,mri\nname.,x.nrrd,\n", "not a safe folder name"),
+        ("id,ct,mri\nCON,x.nrrd,\n", "reserved name"),
+        ("id,ct,mri\nsummary.csv,x.nrrd,\n", "reserved name"),
+        ("id,ct,mri\n,x.nrrd,\n", "line 2: the id is empty"),
+        ("id,ct,mri\na,,y.nrrd\n", "line 2: case 'a' has no ct path"),
+        ("id,ct,mri\na,x,y,z\n", "line 2: 4 fields but the header has 3"),
+    ],
+)
+def test_manifest_errors_say_what_to_fix(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "m.csv"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(CTMRIError, match=message):
+        read_manifest(path)
+
+
+def test_manifest_missing_or_not_text(tmp_path: Path) -> None:
+    with pytest.raises(CTMRIError, match="manifest not found"):
+        read_manifest(tmp_path / "nope.csv")
+    (tmp_path / "latin1.csv").write_bytes("id,ct,mri\nb\xe9b\xe9,x.nrrd,\n".encode("latin-1"))
+    with pytest.raises(CTMRIError, match="not UTF-8"):
+        read_manifest(tmp_path / "latin1.csv")
+
+
+def test_shards_are_disjoint_covering_balanced_and_order_independent() -> None:
+    cases = [Case(f"c{k:02d}", Path("x"), None, k) for k in (7, 3, 11, 0, 5, 9, 1, 2, 10, 4, 8, 6, 12)]
+    for count in range(1, 6):
+        shards = [shard_cases(cases, i, count) for i in range(1, count + 1)]
+        ids = [c.id for shard in shards for c in shard]
+        assert sorted(ids) == sorted(c.id for c in cases), "every case in exactly one shard"
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1
+        for shard in shards:  # manifest order kept within a shard
+            assert [c.line for c in shard] == [c.line for c in cases if c in shard]
+        reordered = [shard_cases(cases[::-1], i, count) for i in range(1, count + 1)]
+        assert [{c.id for c in s} for s in reordered] == [{c.id for c in s} for s in shards]
+    assert parse_shard("2/5") == (2, 5) and parse_shard(None) == (1, 1)
+    for bad in ("0/3", "4/3", "1", "a/b", "1/0", "-1/2"):
+        with pytest.raises(CTMRIError, match="give I/N"):
+            parse_shard(bad)
+
+
+def test_inputs_inside_a_case_folder_are_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cases = [Case("a", out / "a" / "synthetic_mri.nrrd", None, 2), Case("b", tmp_path / "ct.nrrd", None, 3)]
+    with pytest.raises(CTMRIError, match="lies inside the output folder"):
+        batch.check_inputs_outside_outputs(cases, out)
+    batch.check_inputs_outside_outputs(cases[1:], out)  # beside the case folders is fine
+
+
+def test_folder_fingerprint_changes_with_its_files(tmp_path: Path) -> None:
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    (folder / "1.dcm").write_bytes(b"a" * 10)
+    first = batch.input_fingerprint(folder)
+    assert first["files"] == 1 and first["size"] == 10
+    assert batch.input_fingerprint(folder) == first
+    (folder / "2.dcm").write_bytes(b"b")
+    assert batch.input_fingerprint(folder) != first
+    assert batch.input_fingerprint(tmp_path / "gone.nrrd")["missing"] is True
+
+
+def test_worker_threads_divide_the_cores() -> None:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert batch.worker_threads(1) == cores
+    assert batch.worker_threads(cores) == 1 and batch.worker_threads(cores * 4) == 1
+
+
+def test_concurrent_merges_end_with_every_record(tmp_path: Path) -> None:
+    """Two shards merging while records appear: the last merge includes all (no lock)."""
+    cases = [Case(f"c{k}", tmp_path / "x", None, k) for k in range(40)]
+    (tmp_path / batch.STATE_DIR).mkdir()
+    expected = {c.id: {"ct": c.id} for c in cases}
+
+    def shard(part: list) -> None:
+        for case in part:
+            batch.write_json_atomic(batch.record_path(tmp_path, case.id), {
+                "id": case.id, "status": "error", "message": "m", "seconds": 0.0, "made_from": expected[case.id]})
+            batch.merge_summary(tmp_path, cases, expected, {})
+
+    threads = [threading.Thread(target=shard, args=(cases[i::2],)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(read_summary(tmp_path)) == sorted(c.id for c in cases)
+    assert not list(tmp_path.glob(".*.tmp")), "no temporary files left"
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs on the sample
+
+
+def test_cases_equal_synthesize_and_a_failure_is_recorded(jobs1, cohort: Path, tmp_path: Path) -> None:
+    code, out = jobs1
+    assert code == batch.EXIT_CASES_FAILED, "a failed case makes the exit status non-zero"
+    rows = read_summary(out)
+    assert list(rows) == ["a", "b", "bad"]
+    assert rows["a"]["status"] == "ok" and float(rows["a"]["mae"]) > 0 and float(rows["a"]["ssim"]) > 0
+    assert rows["b"]["status"] == "ok" and rows["b"]["mae"] == "", "no MRI, no metrics"
+    assert rows["bad"]["status"] == "error" and "broken.nrrd" in rows["bad"]["message"]
+    assert "\n" not in rows["bad"]["message"] and not (out / "bad").exists(), "nothing written for a failed case"
+    assert set(json.loads((out / "summary.json").read_text())["cases"][0]) >= {"id", "status", "message", "seconds"}
+
+    # Each case folder holds exactly what `ctmri synthesize` writes for that case, with the same content.
+    for case, ct, mri in (("a", "ct.nrrd", "mri.nrrd"), ("b", "crop/ct.nrrd", None)):
+        alone = tmp_path / case
+        args = ["synthesize", "--ct", str(cohort / ct), "--out-dir", str(alone), *FAST]
+        assert main(args + (["--mri", str(cohort / mri)] if mri else [])) == 0
+        assert sorted(p.name for p in (out / case).iterdir()) == sorted(p.name for p in alone.iterdir())
+        for name in IMAGES:
+            if (alone / name).exists():
+                a, b = sitk.ReadImage(str(out / case / name)), sitk.ReadImage(str(alone / name))
+                assert a.GetSize() == b.GetSize() and a.GetOrigin() == b.GetOrigin()
+                np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+        batch_metrics = json.loads((out / case / "metrics.json").read_text())
+        alone_metrics = json.loads((alone / "metrics.json").read_text())
+        assert batch_metrics["made_from"]["ct"]["path"] == str((cohort / ct).resolve())
+        for key in ("mae", "ssim", "psnr", "mae_whole", "ssim_foreground", "per_slice", "weights"):
+            assert batch_metrics.get(key) == alone_metrics.get(key)
+
+    report = (out / "report.md").read_text()
+    assert "| mae |" in report and "1 failed" in report and "| bad | error |" in report
+
+
+def test_resume_skips_complete_cases_and_redoes_changed_ones(cohort: Path, tmp_path: Path, capsys) -> None:
+    work = tmp_path / "in"
+    work.mkdir()
+    for name in ("ct.nrrd", "mri.nrrd"):
+        shutil.copy(cohort / name, work / name)
+    shutil.copy(cohort / "crop" / "ct.nrrd", work / "ct_crop.nrrd")
+    manifest = write_manifest(work / "cases.csv", [("a", "ct.nrrd", "mri.nrrd"), ("b", "ct_crop.nrrd", "")])
+    out = tmp_path / "out"
+    run = ["batch", "--manifest", str(manifest), "--out-dir", str(out), *FAST]
+    assert main(run) == 0
+    before = {c: mtimes(out / c) for c in ("a", "b")}
+
+    capsys.readouterr()
+    assert main(run) == 0
+    assert "2 already complete, 0 to run" in capsys.readouterr().out
+    assert {c: mtimes(out / c) for c in ("a", "b")} == before, "finished cases are not rewritten"
+
+    # A changed input (new content, so new size/mtime) redoes that case only.
+    image = sitk.ReadImage(str(work / "ct_crop.nrrd"))
+    sitk.WriteImage(image[:, :, 1:], str(work / "ct_crop.nrrd"), True)
+    assert main(run) == 0
+    assert mtimes(out / "a") == before["a"]
+    assert mtimes(out / "b") != before["b"]
+    assert sitk.ReadImage(str(out / "b" / "synthetic_mri.nrrd")).GetSize()[2] == 5
+
+    # An incomplete case (its metrics.json, moved in last, missing) is redone.
+    (out / "a" / "metrics.json").unlink()
+    capsys.readouterr()
+    assert main(run) == 0
+    assert "1 already complete, 1 to run" in capsys.readouterr().out
+    assert (out / "a" / "metrics.json").is_file()
+
+    # A changed option that changes outputs redoes all; how a case runs (--batch-size) does not.
+    capsys.readouterr()
+    assert main(run + ["--batch-size", "2"]) == 0
+    assert "0 to run" in capsys.readouterr().out
+    assert main(run + ["--allow-disjoint"]) == 0
+    assert "2 to run" in capsys.readouterr().out
+    assert json.loads((out / "a" / "metrics.json").read_text())["made_from"]["options"]["allow_disjoint"] is True
+
+
+def test_failed_case_is_retried_on_rerun(cohort: Path, tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "cases.csv", [("a", str(cohort / "ct.nrrd"), str(tmp_path / "mri.nrrd"))])
+    out = tmp_path / "out"
+    run = ["batch", "--manifest", str(manifest), "--out-dir", str(out), *FAST]
+    assert main(run) == 1
+    assert read_summary(out)["a"]["status"] == "error" and "MRI not found" in read_summary(out)["a"]["message"]
+    shutil.copy(cohort / "mri.nrrd", tmp_path / "mri.nrrd")  # the user fixes the input
+    assert main(run) == 0
+    assert read_summary(out)["a"]["status"] == "ok"
+
+
+def test_shards_write_one_folder_and_merge_one_summary(cohort: Path, tmp_path: Path) -> None:
+    rows = [("a", "ct.nrrd", "mri.nrrd"), ("b", "crop/ct.nrrd", ""), ("c", "crop/ct.nrrd", "crop/mri.nrrd")]
+    manifest = write_manifest(tmp_path / "cases.csv", [(i, str(cohort / ct), str(cohort / m) if m else "")
+                                                        for i, ct, m in rows])
+    out = tmp_path / "out"
+    run = ["batch", "--manifest", str(manifest), "--out-dir", str(out), *FAST]
+    assert main(run + ["--shard", "2/2"]) == 0
+    first = json.loads((out / "summary.json").read_text())
+    assert [r["id"] for r in first["cases"]] == ["b"] and first["not_run"] == ["a", "c"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")) == ["b"]
+    assert main(run + ["--shard", "1/2"]) == 0
+    merged = read_summary(out)
+    assert list(merged) == ["a", "b", "c"] and {r["status"] for r in merged.values()} == {"ok"}
+    assert json.loads((out / "summary.json").read_text())["not_run"] == []
+    assert "3 ok" in (out / "report.md").read_text() and "without a result" not in (out / "report.md").read_text()
+
+
+def test_jobs_2_gives_the_results_of_jobs_1(jobs1, cohort: Path, tmp_path: Path) -> None:
+    _, out1 = jobs1
+    out2 = tmp_path / "out"
+    assert main(["batch", "--manifest", str(cohort / "cases.csv"), "--out-dir", str(out2), "--jobs", "2", *FAST]) == 1
+    rows1, rows2 = read_summary(out1), read_summary(out2)
+    assert list(rows2) == list(rows1)
+    for case in rows1:
+        assert rows2[case]["status"] == rows1[case]["status"] and rows2[case]["message"] == rows1[case]["message"]
+        for metric in ("mae", "ssim", "psnr", "mae_whole", "ssim_foreground"):
+            if rows1[case][metric]:
+                assert float(rows2[case][metric]) == pytest.approx(float(rows1[case][metric]), rel=1e-4)
+    for case in ("a", "b"):
+        assert sorted(p.name for p in (out2 / case).iterdir()) == sorted(p.name for p in (out1 / case).iterdir())
+        # One thread per worker instead of two: float sums may round differently, nothing more.
+        np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(out2 / case / "synthetic_mri.nrrd"))),
+                                   sitk.GetArrayFromImage(sitk.ReadImage(str(out1 / case / "synthetic_mri.nrrd"))),
+                                   atol=1e-2)
+
+
+def test_ctrl_c_stops_cleanly_leaving_only_complete_cases(cohort: Path, tmp_path: Path) -> None:
+    """Ctrl-C at a terminal (SIGINT to the whole process group) while two workers run cases."""
+    rows = [(f"r{k}", str(cohort / "ct.nrrd"), str(cohort / "mri.nrrd")) for k in range(6)]
+    manifest = write_manifest(tmp_path / "cases.csv", rows)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "CTtoMRISynthesisLib.cli", "batch", "--manifest", str(manifest),
+               "--out-dir", str(out), "--jobs", "2", "--registration", "rigid", "--device", "cpu", "--quiet"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob(batch.STATE_DIR + "/r*.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)  # wait until the first case has finished
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode in (130, 0), stderr  # 0 only if every case had finished already
+    if proc.returncode == 130:
+        assert "interrupted" in stderr and "rerun the same command to resume" in stderr
+    finished = {r["id"] for r in json.loads((out / "summary.json").read_text())["cases"]}
+    assert finished, "the case finished before Ctrl-C is kept"
+    for case in (out / f"r{k}" for k in range(6)):
+        if case.name in finished:
+            assert (case / "metrics.json").is_file() and (case / "synthetic_mri.nrrd").is_file()
+        else:
+            assert not case.exists(), f"half-written case folder {case.name}: {list(case.iterdir())}"
+    assert not list(out.rglob(".partial-*")) and not list(out.rglob("*.tmp"))
+    # What was kept is complete: a rerun with the same command skips it.
+    from CTtoMRISynthesisLib.case import CaseOptions
+    from CTtoMRISynthesisLib.weights import sha256_of
+
+    options = CaseOptions(registration="rigid", device="cpu")
+    sha = sha256_of(default_weights_path())
+    for case in read_manifest(manifest):
+        if case.id in finished:
+            assert batch.complete_record(out, case, batch.made_from(case, options, sha)) is not None
