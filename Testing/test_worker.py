@@ -140,3 +140,35 @@ def test_protocol_lines_are_parsed(tmp_path) -> None:
     run.cleanup()
     assert not run.folder.exists()
     np.testing.assert_equal(worker.EXIT_CANCELLED, 130)
+
+
+class _StartupInfo:
+    """Stands in for ``subprocess.STARTUPINFO``, which exists only on Windows (same fields, same defaults)."""
+
+    def __init__(self) -> None:
+        self.dwFlags = 0
+        self.wShowWindow = 0
+
+
+def test_taskkill_runs_without_a_console_window_on_windows(monkeypatch) -> None:
+    """The kwargs built for Windows: a hidden STARTUPINFO and CREATE_NO_WINDOW (documented Win32 values)."""
+    monkeypatch.setattr(subprocess, "STARTUPINFO", _StartupInfo, raising=False)
+    command, options = worker.taskkill_call(4321, platform="nt")
+    assert command == ["taskkill", "/F", "/T", "/PID", "4321"]
+    assert options["capture_output"] is True and options["check"] is False
+    info = options["startupinfo"]
+    assert info.dwFlags & 0x00000001, "STARTF_USESHOWWINDOW"
+    assert info.wShowWindow == 0, "SW_HIDE"
+    assert options["creationflags"] & 0x08000000, "CREATE_NO_WINDOW"
+    # the worker itself: hidden console (its interpreter child shares it) in its own process group
+    started = worker.hidden_window_options("nt", new_process_group=True)
+    assert started["startupinfo"].wShowWindow == 0 and started["startupinfo"].dwFlags & 0x00000001
+    assert started["creationflags"] == 0x00000200, "CREATE_NEW_PROCESS_GROUP, and not CREATE_NO_WINDOW"
+
+
+def test_no_windows_options_elsewhere() -> None:
+    assert worker.hidden_window_options("posix", no_console=True) == {}
+    command, options = worker.taskkill_call(12, platform="posix")
+    assert options == {"capture_output": True, "check": False}
+    if os.name != "nt":
+        assert worker.hidden_window_options() == {}

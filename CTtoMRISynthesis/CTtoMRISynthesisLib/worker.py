@@ -20,8 +20,8 @@ within 0.1 s and ends the process at once (``os._exit``, even in the middle of a
 pipeline's own cancel check sees it too. If the process is still alive after a second, the whole
 process tree is killed: ``PythonSlicer`` is a launcher that runs the real interpreter as a child, so
 killing only the launcher would leave the work running. For that the worker is started in its own
-process group (POSIX) / with a new process group and ``taskkill /T`` (Windows); ``psutil`` is used when
-it is installed. Outputs are written by ``pipeline.save_outputs`` (all or nothing) inside the run's
+process group (POSIX) / with a new process group and ``taskkill /T``, run without a console window
+(Windows); ``psutil`` is used when it is installed. Outputs are written by ``pipeline.save_outputs`` (all or nothing) inside the run's
 temporary folder, which :meth:`WorkerRun.cleanup` removes: a cancel leaves no files behind.
 
 This file uses only the standard library at import time; the worker imports the pipeline when it runs.
@@ -159,11 +159,47 @@ def kill_process_tree(proc: subprocess.Popen) -> None:
     except ImportError:
         pass
     if os.name == "nt":
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True, check=False)
+        command, options = taskkill_call(proc.pid)
+        subprocess.run(command, **options)
     else:
         _killpg(proc)
     if proc.poll() is None:
         proc.kill()
+
+
+# Windows constants (documented values; the subprocess module defines them only on Windows).
+STARTF_USESHOWWINDOW, SW_HIDE = 0x00000001, 0
+CREATE_NEW_PROCESS_GROUP, CREATE_NO_WINDOW = 0x00000200, 0x08000000
+
+
+def hidden_window_options(platform: Optional[str] = None, *, no_console: bool = False,
+                          new_process_group: bool = False) -> dict:
+    """Keyword arguments for ``subprocess`` that keep a console window from flashing up on Windows.
+
+    Slicer is a GUI application without a console: a console program it starts (PythonSlicer, taskkill)
+    would get a new console window. A STARTUPINFO with ``SW_HIDE`` hides that window; ``no_console``
+    (CREATE_NO_WINDOW) gives the process no console at all (right for taskkill, which starts nothing; not for
+    the PythonSlicer launcher, whose interpreter child would then get a visible console of its own).
+    ``platform`` defaults to ``os.name``; on other systems the result is empty.
+    """
+    if (platform or os.name) != "nt":
+        return {}
+    info = subprocess.STARTUPINFO()
+    info.dwFlags |= getattr(subprocess, "STARTF_USESHOWWINDOW", STARTF_USESHOWWINDOW)
+    info.wShowWindow = getattr(subprocess, "SW_HIDE", SW_HIDE)
+    flags = 0
+    if no_console:
+        flags |= getattr(subprocess, "CREATE_NO_WINDOW", CREATE_NO_WINDOW)
+    if new_process_group:
+        flags |= getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", CREATE_NEW_PROCESS_GROUP)
+    return {"startupinfo": info, "creationflags": flags}
+
+
+def taskkill_call(pid: int, platform: Optional[str] = None) -> tuple[list, dict]:
+    """The ``subprocess.run`` call that kills process ``pid`` and its children on Windows, without a window."""
+    options = dict(capture_output=True, check=False)
+    options.update(hidden_window_options(platform, no_console=True))
+    return ["taskkill", "/F", "/T", "/PID", str(int(pid))], options
 
 
 def _killpg(proc: subprocess.Popen) -> None:
@@ -221,11 +257,8 @@ class WorkerRun:
         if self.proc is not None:
             raise RuntimeError("this run was already started")
         kwargs: dict = {}
-        if os.name == "nt":
-            info = subprocess.STARTUPINFO()
-            info.dwFlags = 1  # STARTF_USESHOWWINDOW: no console window
-            info.wShowWindow = 0
-            kwargs.update(startupinfo=info, creationflags=subprocess.CREATE_NEW_PROCESS_GROUP)
+        if os.name == "nt":  # a hidden console (shared with the launcher's child), its own process group
+            kwargs.update(hidden_window_options(new_process_group=True))
         else:
             kwargs.update(start_new_session=True)  # own process group: the whole tree can be killed
         environment = dict(os.environ if env is None else env)
