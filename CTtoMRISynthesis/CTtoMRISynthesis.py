@@ -145,11 +145,14 @@ class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
+        from CTtoMRISynthesisLib import mrml
+
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.ctVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode:
-                self._parameterNode.ctVolume = firstVolumeNode
+            # not a label map (also a vtkMRMLScalarVolumeNode, but the selector cannot show it), not the MRI
+            ctNode = mrml.default_ct_node(slicer.mrmlScene, exclude=[self._parameterNode.mriVolume])
+            if ctNode:
+                self._parameterNode.ctVolume = ctNode
 
     def setParameterNode(self, inputParameterNode: Optional[CTtoMRISynthesisParameterNode]) -> None:
         if self._parameterNode:

@@ -480,7 +480,7 @@ def test_constant_ct_fails_and_leaves_the_scene(scene, loaded, tiny_weights) -> 
 
 def test_bad_weights_checksum_fails_and_leaves_the_scene(scene, loaded, tiny_weights, tmp_path) -> None:
     ct_node, mri_node = loaded
-    bad = tmp_path / "tampered.pt"
+    bad = tmp_path / "tampered.safetensors"
     shutil.copy(tiny_weights, bad)
     shutil.copy(str(tiny_weights) + ".sha256", str(bad) + ".sha256")
     data = bytearray(bad.read_bytes())
@@ -610,3 +610,26 @@ def test_metrics_panel_shows_warnings() -> None:
     text = mrml.metrics_panel_text({"mae": 1.0, "warnings": ["the CT looks like an MRI", "fell back to CPU"]})
     assert text["warnings"] == "Warning: the CT looks like an MRI\nWarning: fell back to CPU"
     assert mrml.metrics_panel_text({"mae": 1.0})["warnings"] == ""
+
+
+# ------------------------------------------------------------------------------------------------
+# the panel's default CT
+
+
+def test_default_ct_skips_label_maps_the_mri_outputs_and_hidden_nodes(scene, harvard_dir) -> None:
+    ct_array, mri_array = (read_harvard_case(harvard_dir, CASE, modality) for modality in ("CT", "MRI"))
+    assert mrml.default_ct_node(scene) is None
+    label = slicer.util.addVolumeFromArray((ct_array > 100).astype(np.uint8), name="brain mask",
+                                           nodeClassName="vtkMRMLLabelMapVolumeNode")
+    assert label.IsA("vtkMRMLScalarVolumeNode"), "why GetFirstNodeByClass returned label maps"
+    assert scene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode") is label
+    assert mrml.default_ct_node(scene) is None
+    mri = slicer.util.addVolumeFromArray(mri_array, name="MR16")
+    hidden = slicer.util.addVolumeFromArray(ct_array, name="hidden")
+    hidden.SetHideFromEditors(True)
+    output = mrml.add_volume_node(scene, sitk.GetImageFromArray(mri_array), "CT16 synthetic MRI", "synthetic_mri")
+    ct = slicer.util.addVolumeFromArray(ct_array, name="CT16")
+    assert mrml.default_ct_node(scene) is mri, "the first selectable scalar volume"
+    assert mrml.default_ct_node(scene, exclude=[mri]) is ct, "not the node chosen as MRI"
+    assert mrml.default_ct_node(scene, exclude=[None, mri, ct]) is None
+    assert output.GetAttribute(mrml.ROLE_ATTRIBUTE) == "synthetic_mri"

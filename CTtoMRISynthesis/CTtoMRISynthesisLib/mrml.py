@@ -639,6 +639,30 @@ def write_node_for_worker(node, path, what: str) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
+# The panel's default input
+
+
+def default_ct_node(scene, exclude=()):
+    """The volume the panel preselects as CT: the first plain scalar volume in the scene, or None.
+
+    Only nodes the CT selector can show qualify: exactly ``vtkMRMLScalarVolumeNode`` (its subclasses, label
+    maps above all, are not listed there), not hidden from editors, not an output of this module, and not one
+    of ``exclude`` (e.g. the node chosen as MRI).
+    """
+    excluded = {node.GetID() for node in exclude if node is not None}
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+        if (
+            node.GetClassName() == "vtkMRMLScalarVolumeNode"
+            and not node.GetHideFromEditors()
+            and node.GetAttribute(ROLE_ATTRIBUTE) is None
+            and node.GetID() not in excluded
+        ):
+            return node
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
 # Review: what the module shows after a run (MRML only; the widget switches the layout)
 
 #: Custom layout ids (far from Slicer's built-in ones, which are < 1000).
