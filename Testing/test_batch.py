@@ -314,6 +314,7 @@ def test_jobs_2_gives_the_results_of_jobs_1(jobs1, cohort: Path, tmp_path: Path)
                                    atol=1e-2)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_leaving_only_complete_cases(cohort: Path, tmp_path: Path) -> None:
     """Ctrl-C at a terminal (SIGINT to the whole process group) while two workers run cases."""
     rows = [(f"r{k}", str(cohort / "ct.nrrd"), str(cohort / "mri.nrrd")) for k in range(6)]
