@@ -449,21 +449,16 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def showResults(outputs: dict, mriNode=None, ctNode=None) -> None:
-        """Reference MRI | synthetic MRI | difference in linked axial views (CT | synthetic without an MRI)."""
+        """Reference MRI | synthetic MRI | difference (| uncertainty) in linked axial views of this module's own
+        (CT | synthetic MRI without an MRI); the user's Red/Yellow/Green views are left as they are."""
         from CTtoMRISynthesisLib import mrml
 
-        plan = mrml.review_plan(outputs, mriNode, ctNode)
-        layoutId = mrml.REVIEW_LAYOUT_3 if len(plan) == 3 else mrml.REVIEW_LAYOUT_2
         layoutManager = slicer.app.layoutManager()
         if layoutManager is None:
             return
-        layoutNode = layoutManager.layoutLogic().GetLayoutNode()
-        xml = mrml.review_layout_xml(plan)
-        if layoutNode.IsLayoutDescription(layoutId):
-            layoutNode.SetLayoutDescription(layoutId, xml)
-        else:
-            layoutNode.AddLayoutDescription(layoutId, xml)
-        layoutManager.setLayout(layoutId)
+        plan = mrml.review_plan(outputs, mriNode, ctNode)
+        layoutId = mrml.register_review_layout(layoutManager.layoutLogic().GetLayoutNode(), plan)
+        layoutManager.setLayout(layoutId)  # creates the review views the first time, with labels and colours
         mrml.apply_review_plan(slicer.mrmlScene, plan)
         for entry in plan:
             sliceWidget = layoutManager.sliceWidget(entry["view"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import types
 from pathlib import Path
 
 import numpy as np
@@ -527,42 +528,114 @@ def test_error_while_adding_nodes_removes_the_ones_added(scene, loaded, tiny_wei
 # review views and panel text
 
 
-def test_review_plan_layout_and_views(run_with_mri) -> None:
+def _view_state(scene, tag: str) -> tuple:
+    """What a slice view shows and how: orientation, label, colour, view group, volumes, linking."""
+    slice_node = scene.GetSingletonNode(tag, "vtkMRMLSliceNode")
+    composite = scene.GetSingletonNode(tag, "vtkMRMLSliceCompositeNode")
+    return (
+        slice_node.GetOrientation(), slice_node.GetLayoutLabel(), tuple(round(c, 4) for c in slice_node.GetLayoutColor()),
+        slice_node.GetViewGroup(), composite.GetBackgroundVolumeID(), composite.GetForegroundVolumeID(),
+        composite.GetLinkedControl(),
+    )
+
+
+def _rgb(hex_colour: str) -> tuple:
+    return tuple(round(int(hex_colour[i:i + 2], 16) / 255.0, 4) for i in (1, 3, 5))
+
+
+@pytest.fixture()
+def review_scene(scene, harvard_dir):
+    """A scene laid out as Slicer does it: a real vtkMRMLLayoutLogic (Red/Yellow/Green made by it, the
+    conventional layout), a slice logic per view as the application's slice widgets have (they make the
+    composite nodes), the user's CT in Red; and a result's nodes."""
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+    layout_logic = slicer.vtkMRMLLayoutLogic()
+    layout_logic.SetMRMLScene(scene)
+    layout_node = layout_logic.GetLayoutNode()
+    layout_node.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutConventionalView)
+    slice_logics = {}
+
+    def make_slice_logics():
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
+            node = scene.GetNthNodeByClass(i, "vtkMRMLSliceNode")
+            if node.GetLayoutName() not in slice_logics:
+                logic = slicer.vtkMRMLSliceLogic()
+                logic.SetMRMLScene(scene)
+                logic.SetSliceNode(node)
+                slice_logics[node.GetLayoutName()] = logic
+
+    make_slice_logics()
+    arrays = [read_harvard_case(harvard_dir, CASE, modality) for modality in ("CT", "MRI")]
+    ct = mrml.add_volume_node(scene, sitk.GetImageFromArray(arrays[0]), "CT16")
+    mri = mrml.add_volume_node(scene, sitk.GetImageFromArray(arrays[1]), "MR16")
+    outputs = {
+        name: mrml.add_volume_node(scene, sitk.GetImageFromArray(arrays[1].astype(np.float32)), f"CT16 {name}", name)
+        for name in ("synthetic_mri", "difference", "uncertainty")
+    }
+    red = scene.GetSingletonNode("Red", "vtkMRMLSliceCompositeNode")
+    red.SetBackgroundVolumeID(ct.GetID())
+    yield types.SimpleNamespace(scene=scene, layout_node=layout_node, layout_logic=layout_logic, ct=ct, mri=mri,
+                                outputs=outputs, make_slice_logics=make_slice_logics)
+    del slice_logics
+
+
+def test_review_layout_uses_its_own_views_and_leaves_the_users_views(review_scene) -> None:
     import xml.etree.ElementTree as ET
 
-    scene, outputs = run_with_mri["scene"], run_with_mri["outputs"]
-    plan = mrml.review_plan(outputs, run_with_mri["mri"], run_with_mri["ct"])
-    assert [(e["view"], e["background"].GetID()) for e in plan] == [
-        ("Red", run_with_mri["mri"].GetID()),
-        ("Yellow", outputs["synthetic_mri"].GetID()),
-        ("Green", outputs["difference"].GetID()),
+    r = review_scene
+    scene = r.scene
+    user_views = {tag: _view_state(scene, tag) for tag in ("Red", "Yellow", "Green")}
+    assert user_views["Red"][0] == "Axial" and user_views["Yellow"][0] == "Sagittal"
+
+    plan = mrml.review_plan(r.outputs, r.mri, r.ct)
+    assert [(e["role"], e["background"].GetID()) for e in plan] == [
+        ("reference", r.mri.GetID()), ("synthetic", r.outputs["synthetic_mri"].GetID()),
+        ("difference", r.outputs["difference"].GetID()), ("uncertainty", r.outputs["uncertainty"].GetID()),
     ]
     root = ET.fromstring(mrml.review_layout_xml(plan))
-    views = root.findall("./item/view")
-    assert [v.get("singletontag") for v in views] == ["Red", "Yellow", "Green"]
-    assert all(v.find("./property[@name='orientation']").text == "Axial" for v in views)
+    tags = [v.get("singletontag") for v in root.iter("view")]
+    assert tags == ["CTMRIReference", "CTMRISynthetic", "CTMRIDifference", "CTMRIUncertainty"]
+    assert not set(tags) & {"Red", "Yellow", "Green"}
+    assert len(root.findall("./item/layout")) == 2, "four views: two rows of two"
 
-    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)  # the application does this in Slicer
-    composites = {}
-    for name in ("Red", "Yellow", "Green"):
-        slice_node = scene.AddNewNodeByClass("vtkMRMLSliceNode")
-        slice_node.SetLayoutName(name)
-        slice_node.SetOrientation("Sagittal")
-        composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
-        composite.SetLayoutName(name)
-        composites[name] = (composite, slice_node)
-    try:
-        assert len(mrml.apply_review_plan(scene, plan)) == 3
-        for entry in plan:
-            composite, slice_node = composites[entry["view"]]
-            assert composite.GetBackgroundVolumeID() == entry["background"].GetID()
-            assert composite.GetLinkedControl()
-            assert slice_node.GetOrientation() == "Axial"
-    finally:
-        for composite, slice_node in composites.values():
-            scene.RemoveNode(composite)
-            scene.RemoveNode(slice_node)
-    assert mrml.review_plan({"synthetic_mri": outputs["synthetic_mri"]}, None, run_with_mri["ct"])[0]["label"] == "CT"
+    layout_id = mrml.register_review_layout(r.layout_node, plan)
+    assert layout_id == mrml.review_layout_id(plan) > 1000
+    r.layout_node.SetViewArrangement(layout_id)  # what layoutManager.setLayout does
+    r.make_slice_logics()  # the application makes a slice widget (and its composite node) per new view
+    assert len(mrml.apply_review_plan(scene, plan)) == 4
+
+    for entry in plan:
+        tag, label, colour = mrml.REVIEW_VIEWS[entry["role"]]
+        state = _view_state(scene, tag)
+        assert state[:4] == ("Axial", label, _rgb(colour), mrml.REVIEW_VIEW_GROUP), "labels and colours apply"
+        assert state[4] == entry["background"].GetID() and state[5] is None and state[6]
+    assert {tag: _view_state(scene, tag) for tag in user_views} == user_views, "Red/Yellow/Green untouched"
+
+    # Back to the user's layout and to the review again: the same views, re-oriented, nothing else changed.
+    n_slice_nodes = scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")
+    scene.GetSingletonNode("CTMRISynthetic", "vtkMRMLSliceNode").SetOrientation("Sagittal")
+    r.layout_node.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutConventionalView)
+    assert {tag: _view_state(scene, tag) for tag in user_views} == user_views
+    assert mrml.register_review_layout(r.layout_node, plan) == layout_id
+    r.layout_node.SetViewArrangement(layout_id)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSliceNode") == n_slice_nodes, "views made once"
+    assert scene.GetSingletonNode("CTMRISynthetic", "vtkMRMLSliceNode").GetOrientation() == "Axial"
+    assert scene.GetSingletonNode("CTMRISynthetic", "vtkMRMLSliceNode").GetLayoutLabel() == "sMRI"
+
+
+def test_review_without_an_mri(review_scene) -> None:
+    r = review_scene
+    outputs = {"synthetic_mri": r.outputs["synthetic_mri"]}
+    plan = mrml.review_plan(outputs, None, r.ct)
+    assert [(e["role"], e["label"]) for e in plan] == [("ct", "CT"), ("synthetic", "sMRI")]
+    assert mrml.review_layout_id(plan) != mrml.review_layout_id(mrml.review_plan(r.outputs, r.mri, r.ct))
+    r.layout_node.SetViewArrangement(mrml.register_review_layout(r.layout_node, plan))
+    r.make_slice_logics()
+    mrml.apply_review_plan(r.scene, plan)
+    assert _view_state(r.scene, "CTMRIInputCT")[:2] == ("Axial", "CT")
+    assert r.scene.GetSingletonNode("CTMRIReference", "vtkMRMLSliceNode") is None, "only the views shown are made"
+    with pytest.raises(CTMRIError, match="not a review view"):
+        mrml.apply_review_plan(r.scene, [{"view": "Red", "background": r.ct}])
 
 
 def test_metrics_panel_text(run_with_mri) -> None:

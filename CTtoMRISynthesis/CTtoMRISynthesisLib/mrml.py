@@ -664,69 +664,109 @@ def default_ct_node(scene, exclude=()):
 
 # --------------------------------------------------------------------------------------------------
 # Review: what the module shows after a run (MRML only; the widget switches the layout)
+#
+# The review uses slice views of its own, never Red/Yellow/Green. vtkMRMLLayoutLogic applies a layout's
+# ``action="default"`` view properties (label, colour, view group) only when it creates a view
+# (CreateMissingViews → ApplyProperties); Red/Yellow/Green always exist, so a layout naming them could not
+# label them, and whatever the review set on them (orientation, linking, volumes) would stay after it.
+# Views with their own singleton tags are created once, with their labels and colours, in their own view
+# group (linked scrolling stays among them); the user's views are not touched.
 
-#: Custom layout ids (far from Slicer's built-in ones, which are < 1000).
-REVIEW_LAYOUT_3 = 86501
-REVIEW_LAYOUT_2 = 86502
-
-_VIEW_COLORS = {"Red": "#F34A33", "Yellow": "#EDD54C", "Green": "#6EB04B"}
+#: role → (singleton tag / layout name, view label, view colour)
+REVIEW_VIEWS = {
+    "reference": ("CTMRIReference", "MRI", "#4A90D9"),
+    "ct": ("CTMRIInputCT", "CT", "#9A9A9A"),
+    "synthetic": ("CTMRISynthetic", "sMRI", "#E5A23C"),
+    "difference": ("CTMRIDifference", "Diff", "#C94FC9"),
+    "uncertainty": ("CTMRIUncertainty", "Unc", "#3CB371"),
+}
+#: The review views' view group (Red/Yellow/Green and the 3D view are in group 0).
+REVIEW_VIEW_GROUP = 86
+#: Layout ids: this base plus one bit per role shown (far from Slicer's built-in ids, which are < 1000).
+REVIEW_LAYOUT_BASE = 86500
+_ROLE_BITS = {role: 1 << i for i, role in enumerate(REVIEW_VIEWS)}
 
 
 def review_plan(outputs: dict, reference_node=None, ct_node=None) -> list[dict]:
-    """Which volume goes into which linked axial view.
+    """Which volume goes into which review view, left to right.
 
-    With a reference MRI: Red = reference MRI | Yellow = synthetic MRI | Green = difference map.
-    Without: Red = CT | Yellow = synthetic MRI. Each entry: view name, short label, background node.
+    With a reference MRI: reference MRI | synthetic MRI | difference map (| uncertainty). Without: CT |
+    synthetic MRI (| uncertainty). Each entry: role, view (its singleton tag), label, background node.
     """
-    plan = []
-    left = reference_node if reference_node is not None else ct_node
-    if left is not None:
-        plan.append({"view": "Red", "label": "MRI" if reference_node is not None else "CT", "background": left})
-    plan.append({"view": "Yellow", "label": "sMRI", "background": outputs["synthetic_mri"]})
-    if outputs.get("difference") is not None:
-        plan.append({"view": "Green", "label": "Diff", "background": outputs["difference"]})
-    return plan
+    entries = []
+    if reference_node is not None:
+        entries.append(("reference", reference_node))
+    elif ct_node is not None:
+        entries.append(("ct", ct_node))
+    entries.append(("synthetic", outputs["synthetic_mri"]))
+    for role, key in (("difference", "difference"), ("uncertainty", "uncertainty")):
+        if outputs.get(key) is not None:
+            entries.append((role, outputs[key]))
+    return [
+        {"role": role, "view": REVIEW_VIEWS[role][0], "label": REVIEW_VIEWS[role][1], "background": node}
+        for role, node in entries
+    ]
+
+
+def review_layout_id(plan: list[dict]) -> int:
+    """The layout id of a plan: one per set of roles, so each id always means the same views."""
+    return REVIEW_LAYOUT_BASE + sum(_ROLE_BITS[entry["role"]] for entry in plan)
+
+
+def _view_xml(role: str) -> str:
+    tag, label, colour = REVIEW_VIEWS[role]
+    # orientation without an action: applied when the view is made and each time the layout is shown again
+    return (
+        f'<item><view class="vtkMRMLSliceNode" singletontag="{tag}">'
+        '<property name="orientation">Axial</property>'
+        f'<property name="viewlabel" action="default">{label}</property>'
+        f'<property name="viewcolor" action="default">{colour}</property>'
+        f'<property name="viewgroup" action="default">{REVIEW_VIEW_GROUP}</property>'
+        "</view></item>"
+    )
 
 
 def review_layout_xml(plan: list[dict]) -> str:
-    """A Slicer layout description: the plan's views side by side in a row, all axial."""
-    items = []
-    for entry in plan:
-        view = entry["view"]
-        items.append(
-            f' <item><view class="vtkMRMLSliceNode" singletontag="{view}">'
-            f'<property name="orientation" action="default">Axial</property>'
-            f'<property name="viewlabel" action="default">{entry["label"]}</property>'
-            f'<property name="viewcolor" action="default">{_VIEW_COLORS.get(view, "#888888")}</property>'
-            "</view></item>"
-        )
-    return '<layout type="horizontal">\n' + "\n".join(items) + "\n</layout>"
+    """A Slicer layout description of the plan's own views, all axial: one row, or 2×2 for four views."""
+    views = [_view_xml(entry["role"]) for entry in plan]
+    if len(views) == 4:
+        rows = [views[:2], views[2:]]
+        inner = "\n".join(f' <item><layout type="horizontal">{"".join(row)}</layout></item>' for row in rows)
+        return '<layout type="vertical">\n' + inner + "\n</layout>"
+    return '<layout type="horizontal">\n' + "\n".join(f" {v}" for v in views) + "\n</layout>"
+
+
+def register_review_layout(layout_node, plan: list[dict]) -> int:
+    """Add (or update) the plan's layout description in ``layout_node``; return its id (to switch to)."""
+    layout_id = review_layout_id(plan)
+    xml = review_layout_xml(plan)
+    if layout_node.IsLayoutDescription(layout_id):
+        layout_node.SetLayoutDescription(layout_id, xml)
+    else:
+        layout_node.AddLayoutDescription(layout_id, xml)
+    return layout_id
 
 
 def apply_review_plan(scene, plan: list[dict]) -> list:
-    """Put each plan entry's volume into its view's slice composite node, axial, with linked control.
+    """Show each plan entry's volume in its own review view: background only, axial, linked.
 
-    Only view (slice/composite) nodes are changed, never data nodes. Returns the composite nodes set.
+    Only this module's review view nodes (slice and slice-composite nodes with its singleton tags) are
+    changed, never data nodes or other views. Views that do not exist yet (the layout was not shown) are
+    skipped. Returns the composite nodes set.
     """
     scene = _scene(scene)
-    composites = {}
-    slices = {}
-    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
-        node = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
-        composites[node.GetLayoutName()] = node
-    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
-        node = scene.GetNthNodeByClass(i, "vtkMRMLSliceNode")
-        slices[node.GetLayoutName()] = node
     done = []
     for entry in plan:
-        composite = composites.get(entry["view"])
+        if entry["view"] not in {tag for tag, _, _ in REVIEW_VIEWS.values()}:
+            raise CTMRIError(f"not a review view of this module: {entry['view']}")
+        composite = scene.GetSingletonNode(entry["view"], "vtkMRMLSliceCompositeNode")
         if composite is None:
             continue
         composite.SetBackgroundVolumeID(entry["background"].GetID())
         composite.SetForegroundVolumeID(None)
         composite.SetLabelVolumeID(None)
-        composite.SetLinkedControl(True)
-        slice_node = slices.get(entry["view"])
+        composite.SetLinkedControl(True)  # these views are alone in their view group: linked among themselves
+        slice_node = scene.GetSingletonNode(entry["view"], "vtkMRMLSliceNode")
         if slice_node is not None:
             slice_node.SetOrientation("Axial")
         done.append(composite)
