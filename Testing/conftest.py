@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import phantoms
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -84,49 +86,59 @@ def read_harvard_case(harvard: Path, case: str, modality: str):
 
 
 @pytest.fixture(scope="session")
-def tiny_weights(harvard_dir: Path, tmp_path_factory) -> Path:
-    """A real (if small) model: a base-4 U-Net trained for a few dozen steps on real Harvard pairs.
+def tiny_weights(tmp_path_factory) -> Path:
+    """A real (if small) model: a base-4 U-Net trained for a few dozen steps on phantom slice pairs.
 
-    Keeps the core tests independent of the shipped model; it is trained, saved and loaded through
-    the same weights format as any other model.
+    Needs no licensed data and keeps the tests independent of the shipped model; it is trained, saved
+    and loaded through the same weights format as any other model (:func:`phantoms.train_tiny_model`).
     """
-    import numpy as np
-    import torch
+    pytest.importorskip("torch")  # absent only in the Slicer-stack CI jobs (.ci/run)
+    return phantoms.train_tiny_model(tmp_path_factory.mktemp("weights") / "tiny.safetensors")
 
-    from CTtoMRISynthesisLib.model import UNet, UNetConfig
-    from CTtoMRISynthesisLib.weights import save_weights
 
-    torch.manual_seed(0)
-    ct = np.concatenate([read_harvard_case(harvard_dir, c, "CT") for c in ("16", "20")]).astype(np.float32)
-    mr = np.concatenate([read_harvard_case(harvard_dir, c, "MRI") for c in ("16", "20")]).astype(np.float32)
-    x = torch.from_numpy(ct[:, None] / 255.0)
-    y = torch.from_numpy(mr[:, None] / 255.0)
-    config = UNetConfig(base=4)
-    net = UNet(config)
-    optimiser = torch.optim.Adam(net.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(30):
-        idx = torch.randint(0, len(x), (8,), generator=generator)
-        loss = torch.nn.functional.mse_loss(net(x[idx]), y[idx])
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    save_weights(
-        path,
-        net,
-        {
-            "format_version": 1,
-            "name": "test-tiny",
-            "model": config.to_dict(),
-            "preprocessing": {
-                "size": 256,
-                "context_slices": 0,
-                "ct_window": {"level": 45.0, "width": 140.0},
-                "mask_output": True,
-                "head_threshold": 10,
-            },
-            "training": {"steps": 30, "final_loss": float(loss.detach())},
-        },
-    )
-    return path
+# ------------------------------------------------------------------------------------------------
+# Synthetic phantoms (Testing/phantoms.py): what runs on a fresh clone without the licensed data.
+# Session-scoped and shared: tests must not modify them in place (SimpleITK operations return copies).
+
+
+@pytest.fixture(scope="session")
+def phantom_pair():
+    """A Harvard-like co-registered pair of one synthetic patient as volumes: 8-bit windowed CT and T2 MRI
+    (uint8, background 0), 256×256×20 at 0.9×0.9×5 mm, from below the ventricles to above them."""
+    ct, mri = phantoms.slice_pair(seed=7, slices=20, first_z=-45.0)
+    return phantoms.volume(ct), phantoms.volume(mri)
+
+
+@pytest.fixture(scope="session")
+def phantom_mr():
+    """A RIRE-like 3D MR head: 256×256×26 at 1.25×1.25×4 mm, int16, the T2-like phantom ×4 (0..about 950)."""
+    import SimpleITK as sitk
+
+    reference = phantoms.grid((256, 256, 26), (1.25, 1.25, 4.0), centre=(2.0, -3.0, 5.0))
+    return sitk.Cast(phantoms.mri_t2(reference, phantoms.Head.patient(3), seed=31) * 4.0, sitk.sitkInt16)
+
+
+@pytest.fixture(scope="session")
+def phantom_hu_ct():
+    """A Visible-Human-like CT: 512×512×8 at 0.49×0.49×1 mm through the ventricles, stored as HU + 1024
+    (int16, air about 24, no negative value), with a head holder behind the head."""
+    reference = phantoms.grid((512, 512, 8), (0.48828125, 0.48828125, 1.0), centre=(0.0, 5.0, 12.0))
+    return phantoms.stored_plus_1024(phantoms.ct_hu(reference, phantoms.Head.patient(5, holder=True), seed=51))
+
+
+@pytest.fixture(scope="session")
+def phantom_slices(tmp_path_factory) -> Path:
+    """Harvard-like 2D training data: ``CT/`` and ``MRI/`` PNG slices of four synthetic patients, named
+    ``<case><3-digit slice>`` as the Harvard folder is: cases "2" (``2004.png``…) and "20" (``20005.png``…)
+    share their first two characters but are different patients. 6 slices each; case "20" is windowed
+    brightly (its brain near 150 of 255, as Harvard case 20)."""
+    cases = {
+        "2": (phantoms.slice_pair(seed=2, slices=6, first_z=-10.0), 4),
+        "16": (phantoms.slice_pair(seed=16, slices=6, first_z=-15.0), 3),
+        "20": (phantoms.slice_pair(seed=20, slices=6, first_z=-5.0, window=(15.0, 100.0)), 5),
+        "28": (phantoms.slice_pair(seed=28, slices=6, first_z=-20.0), 3),
+    }
+    root = tmp_path_factory.mktemp("phantom_slices")
+    for case_id, (pair, first) in cases.items():
+        phantoms.write_slice_folders(root, {case_id: pair}, first_slice=first)
+    return root

@@ -1,15 +1,16 @@
-"""Tests for CTtoMRISynthesisLib.metrics: hand-computed values, scikit-image agreement, validation, real data."""
+"""Tests for CTtoMRISynthesisLib.metrics: hand-computed values, scikit-image agreement, validation, a T2 slice
+(synthetic phantom; the real Harvard slice too where the data is available)."""
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+import phantoms
 from CTtoMRISynthesisLib.errors import CTMRIError
 from CTtoMRISynthesisLib.metrics import (
     MIN_INPLANE,
@@ -267,15 +268,23 @@ def test_to_jsonable_converts_nonfinite_and_numpy():
     json.dumps(out, allow_nan=False)
 
 
-# ---------------------------------------------------------------- real data
+# ---------------------------------------------------------------- a T2 slice: phantom, and real data
 
 
-def test_real_mri_slice_self_and_blurred(harvard_dir: Path):
+def _t2_slice(source: str, request) -> np.ndarray:
+    """A 256×256 T2 MRI slice with an exactly-zero background: the phantom's, or Harvard's 2004.png."""
+    if source == "phantom":
+        _, mri = phantoms.slice_pair(seed=4, slices=1, first_z=10.0)
+        return mri[0].astype(np.float64)
     skimage_io = pytest.importorskip("skimage.io")
+    return skimage_io.imread(str(request.getfixturevalue("harvard_dir") / "MRI" / "2004.png")).astype(np.float64)
+
+
+@pytest.mark.parametrize("source", ["phantom", "harvard"])
+def test_mri_slice_self_and_blurred(source: str, request):
     from skimage.filters import gaussian
 
-    path = harvard_dir / "MRI" / "2004.png"
-    mri = skimage_io.imread(str(path)).astype(np.float64)
+    mri = _t2_slice(source, request)
     assert mri.shape == (256, 256)
     same = compute_metrics(mri, mri.copy())
     assert same["ssim"] == pytest.approx(1.0) and same["mae"] == 0.0
@@ -288,5 +297,5 @@ def test_real_mri_slice_self_and_blurred(harvard_dir: Path):
     assert m["ssim_foreground"] < m["ssim"]  # the exact zero background lifts whole-slice SSIM
     assert 10.0 < m["psnr"] < 60.0
     assert m["foreground_voxels"] == int((mri > 0).sum()) > 1000
-    # Paper parameters, checked against scikit-image directly on the real slice.
+    # Paper parameters, checked against scikit-image directly on the slice.
     assert m["ssim"] == pytest.approx(structural_similarity(mri, blurred, **PAPER_SSIM), abs=1e-12)

@@ -1,4 +1,8 @@
-"""The pipeline on real data with a really trained (tiny) model: outputs, geometry, invariance, cancel."""
+"""The pipeline with a really trained (tiny) model: outputs, geometry, invariance, cancel.
+
+On a synthetic head phantom (no licensed data needed); the last two tests repeat the end-to-end checks on
+the real data (Harvard case 41, the Visible Human HU CT) where it is available.
+"""
 
 from __future__ import annotations
 
@@ -23,9 +27,9 @@ def as_volume(array: np.ndarray, spacing=(0.9, 0.9, 5.0)) -> sitk.Image:
 
 
 @pytest.fixture(scope="module")
-def case41(harvard_dir: Path) -> tuple[sitk.Image, sitk.Image]:
-    """Harvard case 41 stacked into a 256×256×20 CT and T2 MRI pair (pseudo-3D, co-registered)."""
-    return as_volume(read_harvard_case(harvard_dir, "41", "CT")), as_volume(read_harvard_case(harvard_dir, "41", "MRI"))
+def case41(phantom_pair) -> tuple[sitk.Image, sitk.Image]:
+    """A synthetic patient as a 256×256×20 8-bit windowed CT and T2 MRI pair (co-registered), like Harvard case 41."""
+    return phantom_pair
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +52,8 @@ def test_without_mri_synthesises_on_the_ct_grid(case41, model) -> None:
     assert result.summary()["device"] == "cpu"
 
 
-def test_with_mri_difference_and_metrics(case41, model) -> None:
-    ct, mri = case41
+def check_with_mri(ct: sitk.Image, mri: sitk.Image, model) -> None:
+    """Difference map and metrics of a co-registered pair are exactly what they say, and the model helps."""
     result = synthesize(ct, mri, model=model, registration="none")
     syn = sitk.GetArrayFromImage(result.synthetic_mri)
     mri_array = sitk.GetArrayFromImage(mri).astype(np.float32)
@@ -62,6 +66,10 @@ def test_with_mri_difference_and_metrics(case41, model) -> None:
     assert geometry.same_grid(result.ct_registered, mri)
     # The trained model is better than predicting nothing.
     assert result.metrics["mae"] < compute_metrics(mri255, np.zeros_like(syn))["mae"]
+
+
+def test_with_mri_difference_and_metrics(case41, model) -> None:
+    check_with_mri(*case41, model)
 
 
 @pytest.mark.parametrize("kind", ["flipped", "permuted"])
@@ -111,12 +119,16 @@ def test_constant_and_nan_inputs_are_refused(case41, model) -> None:
         synthesize(nan, None, model=model)
 
 
-def test_hounsfield_ct_takes_the_window_path(vh_dir: Path, model) -> None:
-    ct = sitk.ReadImage(str(vh_dir / "vm_head_ct.mha"))
+def check_hounsfield_path(ct: sitk.Image, model) -> None:
     result = synthesize(ct, None, model=model)
     assert result.normalisation["ct_path"] == "hu+1024"
     assert result.normalisation["window"] == model.config["preprocessing"]["ct_window"]
     assert geometry.same_grid(result.synthetic_mri, ct)
+    assert sitk.GetArrayFromImage(result.synthetic_mri).max() > 20, "the windowed head is seen"
+
+
+def test_hounsfield_ct_takes_the_window_path(phantom_hu_ct: sitk.Image, model) -> None:
+    check_hounsfield_path(phantom_hu_ct, model)
 
 
 def test_save_outputs_all_or_nothing(case41, model, tmp_path: Path) -> None:
@@ -129,3 +141,17 @@ def test_save_outputs_all_or_nothing(case41, model, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temporary folder left behind"
     back = sitk.ReadImage(str(paths["synthetic_mri"]))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(result.synthetic_mri))
+
+
+# ---------------------------------------------------------------------------------------- real data
+
+
+def test_real_harvard_case_with_mri(harvard_dir: Path, model) -> None:
+    """Harvard case 41 stacked into a 256×256×20 CT and T2 MRI pair (pseudo-3D, co-registered)."""
+    ct = as_volume(read_harvard_case(harvard_dir, "41", "CT"))
+    mri = as_volume(read_harvard_case(harvard_dir, "41", "MRI"))
+    check_with_mri(ct, mri, model)
+
+
+def test_real_hounsfield_ct_takes_the_window_path(vh_dir: Path, model) -> None:
+    check_hounsfield_path(sitk.ReadImage(str(vh_dir / "vm_head_ct.mha")), model)

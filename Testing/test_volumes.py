@@ -16,19 +16,27 @@ from CTtoMRISynthesisLib.volumes import as_scalar_3d, read_volume
 
 
 @pytest.fixture(scope="module")
-def rire(rire_mr_path: Path) -> sitk.Image:
-    return sitk.ReadImage(str(rire_mr_path))
+def mr(phantom_mr: sitk.Image) -> sitk.Image:
+    """A RIRE-like int16 MR head (synthetic, no licensed data): 256×256×26 at 1.25×1.25×4 mm."""
+    return phantom_mr
+
+
+@pytest.fixture(scope="module")
+def mr_path(mr: sitk.Image, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("mr") / "mr.mha"
+    sitk.WriteImage(mr, str(path))
+    return path
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".nii", ".nii.gz", ".mha", ".mhd"])
-def test_file_formats_round_trip(rire: sitk.Image, tmp_path: Path, suffix: str) -> None:
+def test_file_formats_round_trip(mr: sitk.Image, tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"volume{suffix}"
-    sitk.WriteImage(rire, str(path))
+    sitk.WriteImage(mr, str(path))
     image = read_volume(path)
-    assert image.GetSize() == rire.GetSize()
-    np.testing.assert_allclose(image.GetSpacing(), rire.GetSpacing(), atol=1e-5)
-    np.testing.assert_allclose(image.GetOrigin(), rire.GetOrigin(), atol=1e-4)
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(rire))
+    assert image.GetSize() == mr.GetSize()
+    np.testing.assert_allclose(image.GetSpacing(), mr.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(image.GetOrigin(), mr.GetOrigin(), atol=1e-4)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(mr))
 
 
 def _write_dicom_series(image: sitk.Image, folder: Path) -> None:
@@ -55,30 +63,31 @@ def _write_dicom_series(image: sitk.Image, folder: Path) -> None:
         writer.Execute(slice_)
 
 
-def test_dicom_folder(rire: sitk.Image, tmp_path: Path) -> None:
+def test_dicom_folder(mr: sitk.Image, tmp_path: Path) -> None:
     # GDCM's writer switches the process locale to "C"; put it back so later tests decode UTF-8 as usual.
     saved = locale.setlocale(locale.LC_ALL)
     try:
-        _write_dicom_series(rire, tmp_path / "dicom")
+        _write_dicom_series(mr, tmp_path / "dicom")
         image = read_volume(tmp_path / "dicom")
     finally:
         locale.setlocale(locale.LC_ALL, saved)
-    assert image.GetSize() == rire.GetSize()
-    np.testing.assert_allclose(image.GetSpacing(), rire.GetSpacing(), atol=1e-4)
-    np.testing.assert_allclose(image.GetOrigin(), rire.GetOrigin(), atol=1e-3)
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(rire))
+    assert image.GetSize() == mr.GetSize()
+    np.testing.assert_allclose(image.GetSpacing(), mr.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(image.GetOrigin(), mr.GetOrigin(), atol=1e-3)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(mr))
 
 
-def test_png_is_a_one_slice_volume(harvard_dir: Path) -> None:
-    image = read_volume(harvard_dir / "CT" / "2010.png")
+def test_png_is_a_one_slice_volume(phantom_slices: Path) -> None:
+    image = read_volume(phantom_slices / "CT" / "2006.png")
     assert image.GetDimension() == 3 and image.GetSize() == (256, 256, 1)
-    direct = sitk.GetArrayFromImage(sitk.ReadImage(str(harvard_dir / "CT" / "2010.png")))
+    direct = sitk.GetArrayFromImage(sitk.ReadImage(str(phantom_slices / "CT" / "2006.png")))
+    assert direct.max() == 255 and direct.min() == 0, "a windowed CT slice: air 0, bone 255"
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image)[0], direct)
 
 
-def test_input_file_is_not_modified(rire_mr_path: Path, tmp_path: Path) -> None:
+def test_input_file_is_not_modified(mr_path: Path, tmp_path: Path) -> None:
     copy = tmp_path / "in.mha"
-    shutil.copy(rire_mr_path, copy)
+    shutil.copy(mr_path, copy)
     before = copy.read_bytes()
     read_volume(copy)
     assert copy.read_bytes() == before
@@ -102,9 +111,9 @@ def test_bad_files(tmp_path: Path, name: str, content, message: str) -> None:
         read_volume(path)
 
 
-def test_truncated_nii_gz(rire: sitk.Image, tmp_path: Path) -> None:
+def test_truncated_nii_gz(mr: sitk.Image, tmp_path: Path) -> None:
     path = tmp_path / "v.nii.gz"
-    sitk.WriteImage(rire, str(path))
+    sitk.WriteImage(mr, str(path))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CTMRIError, match="cannot read"):
