@@ -6,7 +6,6 @@ lives in ``CTtoMRISynthesisLib/mrml.py`` (tested outside Slicer against real MRM
 """
 
 import logging
-import pathlib
 from typing import Annotated, Optional
 
 import qt
@@ -67,7 +66,10 @@ class CTtoMRISynthesisParameterNode:
     ctVolume - the CT to synthesise from.
     mriVolume - optional reference MRI (registration, difference map and metrics).
     device, registration - options passed to the pipeline.
-    weightsPath - a model file; empty (".") means the model shipped with the extension.
+    useShippedModel - True: the model shipped with the extension; False: the file in weightsPath.
+    weightsPath - the model file chosen in the panel ("" for none). Plain text kept in step with the path box
+        by the widget, not bound to it: ctkPathLineEdit emits currentPathChanged only for a path its filters
+        accept (never for an empty box), and a pathlib.Path parameter would show "." for "none".
     syntheticVolume, registeredVolume, differenceVolume, registrationTransform, metricsTable - outputs.
     """
 
@@ -75,7 +77,8 @@ class CTtoMRISynthesisParameterNode:
     mriVolume: vtkMRMLScalarVolumeNode
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     registration: Annotated[str, Choice(["rigid", "similarity", "none"])] = "rigid"
-    weightsPath: pathlib.Path
+    useShippedModel: bool = True
+    weightsPath: str = ""
     syntheticVolume: vtkMRMLScalarVolumeNode
     registeredVolume: vtkMRMLScalarVolumeNode
     differenceVolume: vtkMRMLScalarVolumeNode
@@ -120,6 +123,7 @@ class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.showResultsButton.connect("clicked(bool)", self.onShowResults)
+        self.ui.weightsPathLineEdit.connect("currentPathChanged(QString)", self.onWeightsPathChanged)
         self.ui.progressBar.hide()
         self.initializeParameterNode()
 
@@ -161,6 +165,7 @@ class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.ui.weightsPathLineEdit.currentPath = CTtoMRISynthesisLogic.displayedWeightsPath(self._parameterNode.weightsPath)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
             self._updateButtons()
             self._showMetrics()
@@ -173,14 +178,21 @@ class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.enabled = True
         else:
             self.ui.applyButton.text = _("Synthesize MRI")
-            ready = bool(self._parameterNode and self._parameterNode.ctVolume)
+            p = self._parameterNode
+            ready = bool(p and p.ctVolume)
             self.ui.applyButton.toolTip = _("Synthesize an MRI from the CT.") if ready else _("Select a CT volume.")
             self.ui.applyButton.enabled = ready
         self.ui.inputsCollapsibleButton.enabled = not running
         self.ui.optionsCollapsibleButton.enabled = not running
+        self.ui.weightsPathLineEdit.enabled = bool(self._parameterNode and not self._parameterNode.useShippedModel)
         self.ui.showResultsButton.enabled = bool(
             not running and self._parameterNode and self._parameterNode.syntheticVolume
         )
+
+    def onWeightsPathChanged(self, path: str) -> None:
+        """The path box accepted a path (it emits only for existing files its filter accepts)."""
+        if self._parameterNode and self._parameterNode.weightsPath != path:
+            self._parameterNode.weightsPath = path
 
     # -- running --------------------------------------------------------------------------------
 
@@ -190,9 +202,11 @@ class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Failed to start the synthesis."), waitCursor=True):
+            # the box's text as it stands (a path typed but not accepted by the box never reached p.weightsPath)
+            weights = self.logic.weightsForRun(p.useShippedModel, self.ui.weightsPathLineEdit.currentPath)
             self.logic.setupPythonRequirements(askConfirmation=True)
             self._run = self.logic.startBackgroundRun(
-                p.ctVolume, p.mriVolume, device=p.device, registration=p.registration, weightsPath=p.weightsPath
+                p.ctVolume, p.mriVolume, device=p.device, registration=p.registration, weightsPath=weights
             )
             self._runInputs = (p.ctVolume, p.mriVolume)
             self.ui.progressBar.value = 0
@@ -385,18 +399,38 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
         return outputs
 
     @staticmethod
+    def displayedWeightsPath(weightsPath) -> str:
+        """What the path box shows for a stored path: "" for none (also "." from scenes saved by older versions)."""
+        text = str(weightsPath or "").strip()
+        return "" if text == "." else text
+
+    @staticmethod
+    def weightsForRun(useShippedModel: bool, weightsPath) -> Optional[str]:
+        """The panel's model choice as the pipeline takes it: None for the shipped model (checked to exist),
+        else the chosen file; no file chosen raises ``CTMRIError`` saying what to do."""
+        if useShippedModel:
+            return CTtoMRISynthesisLogic._weights(None)
+        path = CTtoMRISynthesisLogic.displayedWeightsPath(weightsPath)
+        if not path:
+            from CTtoMRISynthesisLib.errors import CTMRIError
+
+            raise CTMRIError(_("No model file is chosen: choose one under Options > Model file, or tick "
+                               "Shipped model."))
+        return path
+
+    @staticmethod
     def _weights(weightsPath):
         """The weights file to use: the given path, or None for the shipped model (checked to exist)."""
-        weightsPath = str(weightsPath or "").strip()
-        if weightsPath and weightsPath != ".":
+        weightsPath = CTtoMRISynthesisLogic.displayedWeightsPath(weightsPath)
+        if weightsPath:
             return weightsPath
         from CTtoMRISynthesisLib.errors import CTMRIError
         from CTtoMRISynthesisLib.weights import default_weights_path
 
         if not default_weights_path().is_file():
             raise CTMRIError(
-                _("The model shipped with the extension was not found ({path}); choose a weights file under "
-                  "Options, or reinstall the extension.").format(path=default_weights_path())
+                _("The model shipped with the extension was not found ({path}); untick Shipped model and choose "
+                  "a model file under Options, or reinstall the extension.").format(path=default_weights_path())
             )
         return None
 

@@ -62,7 +62,7 @@ def test_every_widget_the_python_names_exists_in_the_ui() -> None:
     missing = sorted(named - set(widgets))
     assert not missing, f"CTtoMRISynthesis.py uses widgets missing from the .ui: {missing}"
     for required in ("ctSelector", "mriSelector", "applyButton", "progressBar", "deviceComboBox", "registrationComboBox",
-                     "weightsPathLineEdit", "maeValueLabel", "ssimValueLabel", "psnrValueLabel", "timeValueLabel",
+                     "weightsPathLineEdit", "shippedModelCheckBox", "maeValueLabel", "ssimValueLabel", "psnrValueLabel", "timeValueLabel",
                      "deviceValueLabel"):
         assert required in widgets
 
@@ -83,7 +83,13 @@ def test_parameter_names_in_the_ui_match_the_parameter_node() -> None:
     assert bound["ctVolume"] == bound["mriVolume"] == "qMRMLNodeComboBox"
     assert bound["device"] == bound["registration"] == "QComboBox"
     assert "Choice(" in fields["device"] and "Choice(" in fields["registration"]
-    assert bound["weightsPath"] == "ctkPathLineEdit" and fields["weightsPath"] == "pathlib.Path"
+    # the model choice: an explicit checkbox; the path box is not bound (it never emits for an empty box, and a
+    # pathlib.Path parameter shows "." for none), the widget keeps the plain-text parameter in step with it
+    assert bound["useShippedModel"] == "QCheckBox" and fields["useShippedModel"] == "bool"
+    assert "weightsPath" not in bound and fields["weightsPath"] == "str"
+    defaults = {s.target.id: ast.literal_eval(s.value) for s in wrapper.body
+                if isinstance(s, ast.AnnAssign) and s.value is not None and s.target.id in ("useShippedModel", "weightsPath")}
+    assert defaults == {"useShippedModel": True, "weightsPath": ""}
     # the choices are the ones the pipeline accepts
     from CTtoMRISynthesisLib.pipeline import REGISTRATION_MODES
     from CTtoMRISynthesisLib.synthesis import DEVICES
@@ -93,6 +99,19 @@ def test_parameter_names_in_the_ui_match_the_parameter_node() -> None:
 
     assert choices(fields["registration"]) == list(REGISTRATION_MODES)
     assert choices(fields["device"]) == list(DEVICES)
+
+
+def test_model_file_box_accepts_the_model_files_the_library_writes() -> None:
+    """The path box's name filter lets the shipped model's kind of file through (else it never emits)."""
+    from CTtoMRISynthesisLib import weights
+
+    root = ET.parse(UI).getroot()
+    box = next(w for w in root.iter("widget") if w.get("name") == "weightsPathLineEdit")
+    filters = [s.text for p in box.findall("property") if p.get("name") == "nameFilters" for s in p.iter("string")]
+    suffix = Path(weights.SHIPPED_NAME).suffix
+    assert any(f"*{suffix}" in f for f in filters), (filters, weights.SHIPPED_NAME)
+    enabled = [p.findtext("bool") for p in box.findall("property") if p.get("name") == "enabled"]
+    assert enabled == ["false"], "disabled while Shipped model is ticked (the default)"
 
 
 def _file_scope_imports(tree: ast.Module) -> set[str]:

@@ -111,9 +111,27 @@ def test_empty_weights_box_means_the_shipped_model(module, tiny_weights, monkeyp
     monkeypatch.setenv("CTMRI_WEIGHTS", str(tiny_weights))  # stands in for the shipped file
     for empty in (Path("."), Path(""), None, ""):  # what the path box and the console give for "none"
         assert module.CTtoMRISynthesisLogic._weights(empty) is None
-    monkeypatch.setenv("CTMRI_WEIGHTS", str(tmp_path / "missing.pt"))
-    with pytest.raises(CTMRIError, match="choose a weights file under Options"):
+    monkeypatch.setenv("CTMRI_WEIGHTS", str(tmp_path / "missing.safetensors"))
+    with pytest.raises(CTMRIError, match="untick Shipped model and choose a model file under Options"):
         module.CTtoMRISynthesisLogic._weights(Path("."))
+
+
+def test_the_panel_model_choice(module, tiny_weights, monkeypatch) -> None:
+    """Shipped model ticked: the shipped file whatever the box holds; unticked: the box's file, never "."."""
+    from CTtoMRISynthesisLib.errors import CTMRIError
+    from CTtoMRISynthesisLib.weights import default_weights_path
+
+    logic = module.CTtoMRISynthesisLogic
+    monkeypatch.setenv("CTMRI_WEIGHTS", str(tiny_weights))  # stands in for the shipped file
+    assert default_weights_path() == tiny_weights
+    for box in ("", ".", "/elsewhere/model.safetensors"):
+        assert logic.weightsForRun(True, box) is None
+    assert logic.weightsForRun(False, f"  {tiny_weights} ") == str(tiny_weights)
+    for empty in ("", ".", "  ", None):
+        with pytest.raises(CTMRIError, match="No model file is chosen.*tick Shipped model"):
+            logic.weightsForRun(False, empty)
+    assert logic.displayedWeightsPath(".") == "" and logic.displayedWeightsPath("") == ""
+    assert logic.displayedWeightsPath(str(tiny_weights)) == str(tiny_weights)
 
 
 def test_background_run_then_load_gives_the_same_nodes(module, scene, case, tiny_weights, tmp_path, monkeypatch) -> None:
