@@ -110,13 +110,13 @@ def test_user_errors_are_one_line_and_leave_nothing(problem, expected, case_file
         ct = tmp_path / f"{problem}.nrrd"
         sitk.WriteImage(sitk.GetImageFromArray(array), str(ct))
     elif problem == "bad-weights":
-        weights = tmp_path / "w.pt"
+        weights = tmp_path / "w.safetensors"
         data = bytearray(tiny_weights.read_bytes())
         data[-50] ^= 1
         weights.write_bytes(bytes(data))
-        (tmp_path / "w.pt.sha256").write_text(tiny_weights.with_name(tiny_weights.name + ".sha256").read_text())
+        (tmp_path / "w.safetensors.sha256").write_text(tiny_weights.with_name(tiny_weights.name + ".sha256").read_text())
     elif problem == "missing-weights":
-        weights = tmp_path / "none.pt"
+        weights = tmp_path / "none.safetensors"
     out = tmp_path / "out"
     result = run_cli("synthesize", "--ct", str(ct), "--out-dir", str(out), "--weights", str(weights), "--quiet")
     assert result.returncode == 2

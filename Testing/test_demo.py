@@ -99,7 +99,7 @@ def test_run_demo_writes_outputs_and_prints_metrics(tiny_weights: Path, tmp_path
 
 
 def test_demo_without_weights_says_so_in_one_error_line(tmp_path: Path, monkeypatch, capsys) -> None:
-    missing = tmp_path / "nowhere" / "ctmri_unet.pt"
+    missing = tmp_path / "nowhere" / "ctmri_unet.safetensors"
     monkeypatch.setenv("CTMRI_WEIGHTS", str(missing))
     out = tmp_path / "demo"
     assert main(["demo", "--out-dir", str(out), "--device", "cpu"]) == 2

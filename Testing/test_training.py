@@ -190,8 +190,8 @@ def test_training_lowers_loss_and_writes_loadable_weights(trained):
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert set(rows[0]) >= {"epoch", "loss", "val_mae", "val_ssim", "lr", "seconds"}
     assert float(rows[-1]["lr"]) < float(rows[0]["lr"])  # decaying learning rate
-    loaded = load_model(out / "model.pt")
-    assert (out / "model.pt.sha256").read_text().split()[0] == sha256_of(out / "model.pt")
+    loaded = load_model(out / "model.safetensors")
+    assert (out / "model.safetensors.sha256").read_text().split()[0] == sha256_of(out / "model.safetensors")
     cfg = loaded.config
     assert cfg["format_version"] == 1 and cfg["model"]["in_channels"] == 3
     assert cfg["preprocessing"]["context_slices"] == 1 and cfg["preprocessing"]["size"] == 256
@@ -209,13 +209,15 @@ def test_resume_continues_and_matches_a_straight_run(trained, tmp_path):
     # Three epochs interrupted after two, then resumed: the same weights as the straight run (CPU determinism).
     part = tmp_path / "part"
     stopped = train(cases, _tiny_settings(epochs=3, stop_after=2), part, val_cases=[], command="test", progress_bar=False)
-    assert stopped.get("stopped") and not (part / "model.pt").exists() and (part / "checkpoint.pt").exists()
+    assert stopped.get("stopped") and not (part / "model.safetensors").exists() and (part / "checkpoint.pt").exists()
     resumed = train(cases, _tiny_settings(epochs=3), part, val_cases=[], resume=True, command="test", progress_bar=False)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     with open(part / "log.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 3
-    a = torch.load(out / "model.pt", weights_only=True)["state_dict"]
-    b = torch.load(part / "model.pt", weights_only=True)["state_dict"]
+    from CTtoMRISynthesisLib.weights import read_weights_file
+
+    a = read_weights_file(out / "model.safetensors")["state_dict"]
+    b = read_weights_file(part / "model.safetensors")["state_dict"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
@@ -247,12 +249,12 @@ def test_torchrun_two_ranks_on_cpu(small_2d_dir, tmp_path):
     import torch
 
     files = sorted(p.name for p in out.iterdir() if p.is_file())
-    assert files == ["checkpoint.pt", "log.csv", "model.pt", "model.pt.sha256"]
+    assert files == ["checkpoint.pt", "log.csv", "model.safetensors", "model.safetensors.sha256"]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["rank"] == 0 and ckpt["world_size"] == 2
     from CTtoMRISynthesisLib.weights import load_model
 
-    cfg = load_model(out / "model.pt").config
+    cfg = load_model(out / "model.safetensors").config
     assert cfg["training"]["processes"] == 2 and cfg["split"]["train_cases"] == ["16", "28"]
     with open(out / "log.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 2
@@ -274,7 +276,7 @@ def test_report_writes_tables_and_montages(trained, harvard_dir, tmp_path):
 
     parser = argparse.ArgumentParser()
     add_report_arguments(parser)
-    args = parser.parse_args(["--data", str(small), "--weights", str(out / "model.pt"), "--out", str(tmp_path / "rep"), "--device", "cpu"])
+    args = parser.parse_args(["--data", str(small), "--weights", str(out / "model.safetensors"), "--out", str(tmp_path / "rep"), "--device", "cpu"])
     assert run_report(args) == 0
     rep = tmp_path / "rep"
     md = (rep / "report.md").read_text()
@@ -295,14 +297,18 @@ def test_report_writes_tables_and_montages(trained, harvard_dir, tmp_path):
     assert image.dtype == np.uint8 and image.shape == (3 * 256 + 2 * 3, 4 * 256 + 3 * 3)
     # The summary can be attached to a weights file's config; the file stays loadable and checksummed.
     from CTtoMRISynthesisLib.training.report import attach_cv_metrics
-    from CTtoMRISynthesisLib.weights import load_model, sha256_of
+    from CTtoMRISynthesisLib.weights import load_model, read_weights_file, sha256_of
 
-    copy = tmp_path / "copy.pt"
-    shutil.copyfile(out / "model.pt", copy)
-    (tmp_path / "copy.pt.sha256").write_text(f"{sha256_of(copy)}  copy.pt\n")
+    copy = tmp_path / "copy.safetensors"
+    shutil.copyfile(out / "model.safetensors", copy)
+    (tmp_path / "copy.safetensors.sha256").write_text(f"{sha256_of(copy)}  copy.safetensors\n")
+    tensors_before = read_weights_file(copy)["state_dict"]
     attach_cv_metrics(copy, rep, command="test")
     cv = load_model(copy).config["metrics"]["cross_validation"]
     assert cv["summary"]["model"]["mae"]["n"] == 2 and set(cv["per_patient"]) == {"16", "20"}
+    tensors_after = read_weights_file(copy)["state_dict"]  # only the config changed
+    assert set(tensors_after) == set(tensors_before)
+    assert all(tensors_after[k].dtype == v.dtype and (tensors_after[k] == v).all() for k, v in tensors_before.items())
     # Column 2 of the first row is the real MRI slice, unchanged.
     case20 = [c for c in discovery.discover([small], WINDOW) if c.case_id == "20"][0]
     np.testing.assert_array_equal(image[:256, 256 + 3: 512 + 3], np.clip(case20.mri[0], 0, 255).astype(np.uint8))
@@ -387,7 +393,7 @@ def test_lookup_residual_training_stores_the_training_patients_table(harvard_cas
     cases = [c for c in harvard_cases if c.case_id in ("16", "28")]
     settings = _tiny_settings(epochs=1, lookup_residual=True, lookup_sigma=1.0)
     train(cases, settings, tmp_path / "run", command="test", progress_bar=False)
-    loaded = load_model(tmp_path / "run" / "model.pt")
+    loaded = load_model(tmp_path / "run" / "model.safetensors")
     assert loaded.config["model"]["lookup_residual"] is True and loaded.config["model"]["lookup_sigma"] == 1.0
     np.testing.assert_allclose(loaded.net.lookup.numpy(), fit_lookup_table(cases, sigma=1.0) / 255.0, atol=1e-6)
     # Resuming that run with the plain model is refused (another architecture).
@@ -430,7 +436,7 @@ def test_ct_standardise_is_applied_in_training_and_at_inference(harvard_cases, t
     ds = SliceDataset(as_network_sees(cases, 105.0), context=0)
     np.testing.assert_allclose(ds.inputs[: cases[0].slices, 0], standardise_ct(cases[0].ct, 105.0)[0] / 255.0, atol=1e-6)
     train(cases, _tiny_settings(epochs=1, ct_standardise=105.0), tmp_path / "run", command="test", progress_bar=False)
-    loaded = load_model(tmp_path / "run" / "model.pt")
+    loaded = load_model(tmp_path / "run" / "model.safetensors")
     assert loaded.config["preprocessing"]["ct_standardise"] == 105.0
     ct = cases[1].ct[:4]
     info = {}
@@ -449,7 +455,7 @@ def test_lookup_table_is_fit_on_the_standardised_ct_when_both_are_asked(harvard_
     cases = [c for c in harvard_cases if c.case_id in ("16", "20")]
     settings = _tiny_settings(epochs=1, lookup_residual=True, ct_standardise=105.0)
     train(cases, settings, tmp_path / "run", command="test", progress_bar=False)
-    table = load_model(tmp_path / "run" / "model.pt").net.lookup.numpy()
+    table = load_model(tmp_path / "run" / "model.safetensors").net.lookup.numpy()
     np.testing.assert_allclose(table, fit_lookup_table(as_network_sees(cases, 105.0)) / 255.0, atol=1e-6)
     assert not np.allclose(table, fit_lookup_table(cases) / 255.0, atol=1e-3)
 

@@ -1,62 +1,175 @@
-"""Model files: checksum verified before loading, tensors only, clear errors on any mismatch."""
+"""Model files: safetensors with the config in its metadata, checksum verified before parsing, no pickle.
+
+The format tests at the top need no PyTorch (they write files with ``safetensors.numpy`` and read them
+with ``framework="numpy"``), so the Slicer-stack CI jobs without torch run them too; the rest import
+torch through ``pytest.importorskip``.
+"""
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
-import torch
 
+from conftest import REPO
 from CTtoMRISynthesisLib.errors import CTMRIError
-from CTtoMRISynthesisLib.model import UNet, UNetConfig
-from CTtoMRISynthesisLib.weights import checksum_path, load_model, save_weights, sha256_of
+from CTtoMRISynthesisLib.weights import (
+    FORMAT,
+    SHIPPED_NAME,
+    checksum_path,
+    default_weights_path,
+    read_config,
+    read_weights_file,
+    save_state,
+    sha256_of,
+)
 
-CONFIG = {"model": UNetConfig(base=2, levels=3).to_dict(), "preprocessing": {"size": 256, "ct_window": {"level": 45, "width": 140}}}
+SHIPPED = REPO / "model_weights" / SHIPPED_NAME
+CONFIG = {"model": {"base": 2, "levels": 3}, "preprocessing": {"size": 256, "ct_window": {"level": 45, "width": 140}}}
+TENSORS = {"a.weight": np.arange(12, dtype=np.float32).reshape(3, 4), "a.count": np.array(7, dtype=np.int64)}
 
 
-@pytest.fixture()
-def small_file(tmp_path: Path) -> Path:
-    path = tmp_path / "m.pt"
-    save_weights(path, UNet(UNetConfig(base=2, levels=3)), CONFIG)
+def _with_checksum(path: Path) -> Path:
+    checksum_path(path).write_text(f"{sha256_of(path)}  {path.name}\n")
     return path
 
 
-def test_round_trip_gives_identical_tensors(small_file: Path) -> None:
-    loaded = load_model(small_file)
-    blob = torch.load(small_file, weights_only=True)
-    for key, value in loaded.net.state_dict().items():
-        assert torch.equal(value, blob["state_dict"][key])
-    assert loaded.config == CONFIG
-    assert checksum_path(small_file).read_text().split()[0] == sha256_of(small_file)
+def _raw_safetensors(path: Path, metadata) -> Path:
+    """A valid safetensors file with arbitrary metadata (what another tool could write)."""
+    from safetensors.numpy import save_file
+
+    save_file(TENSORS, str(path), metadata=metadata)
+    return _with_checksum(path)
 
 
-def test_altered_file_is_refused(small_file: Path) -> None:
-    data = bytearray(small_file.read_bytes())
-    data[-100] ^= 0xFF
-    small_file.write_bytes(bytes(data))
+# --------------------------------------------------------------------------- format (no torch needed)
+
+
+def test_round_trip_without_torch(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    digest = save_state(path, TENSORS, CONFIG)
+    assert checksum_path(path).read_text() == f"{digest}  m.safetensors\n" and digest == sha256_of(path)
+    blob = read_weights_file(path, framework="numpy")
+    assert blob["config"] == CONFIG and blob["format"] == FORMAT
+    assert set(blob["state_dict"]) == set(TENSORS)
+    for key, value in TENSORS.items():
+        assert blob["state_dict"][key].dtype == value.dtype
+        np.testing.assert_array_equal(blob["state_dict"][key], value)
+    assert read_config(path) == CONFIG
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "m.safetensors.sha256"]
+
+
+def test_checksum_mismatch_is_refused_before_parsing(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    save_state(path, TENSORS, CONFIG)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # one tensor byte: the file still parses, only the checksum can tell
+    path.write_bytes(bytes(data))
     with pytest.raises(CTMRIError, match="does not match its recorded sha256"):
-        load_model(small_file)
+        read_weights_file(path, framework="numpy")
+    path.write_bytes(b"\xff" * 100)  # garbage: still the checksum message, the header is never read
+    with pytest.raises(CTMRIError, match="does not match its recorded sha256"):
+        read_config(path)
 
 
-def test_missing_checksum_and_missing_file(small_file: Path, tmp_path: Path) -> None:
-    checksum_path(small_file).unlink()
-    with pytest.raises(CTMRIError, match="no checksum file"):
-        load_model(small_file)
-    with pytest.raises(CTMRIError, match="not found"):
-        load_model(tmp_path / "nope.pt")
+def test_missing_checksum_and_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    save_state(path, TENSORS, CONFIG)
+    checksum_path(path).unlink()
+    with pytest.raises(CTMRIError, match="no checksum file m.safetensors.sha256"):
+        read_weights_file(path, framework="numpy")
+    checksum_path(path).write_text("not a digest\n")
+    with pytest.raises(CTMRIError, match="does not hold a sha256 digest"):
+        read_config(path)
+    with pytest.raises(CTMRIError, match="weights file not found"):
+        read_config(tmp_path / "nope.safetensors")
 
 
-def test_other_architecture_is_refused(small_file: Path, tmp_path: Path) -> None:
-    """Tensors of one U-Net under the config of another: a clear error, not a crash."""
-    blob = torch.load(small_file, weights_only=True)
-    blob["config"]["model"]["base"] = 4
-    other = tmp_path / "other.pt"
-    torch.save(blob, other)
-    checksum_path(other).write_text(sha256_of(other) + "  other.pt\n")
-    with pytest.raises(CTMRIError, match="does not match the U-Net"):
-        load_model(other)
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        (b"", "only 0 bytes"),
+        (b"hello, I am a text file that is not a model at all", "no valid header length"),
+        (struct.pack("<Q", 5) + b"{nope" + b"\0" * 8, "header is not JSON"),
+        (struct.pack("<Q", 2) + b"[]" + b"\0" * 8, "not a JSON object"),
+        # a header whose tensor points past the end of the file: the safetensors library refuses it
+        (lambda: _lying_header(), "SafetensorError"),
+    ],
+)
+def test_a_file_that_is_not_safetensors_is_refused(tmp_path: Path, content, why: str) -> None:
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(content() if callable(content) else content)
+    _with_checksum(path)
+    with pytest.raises(CTMRIError, match=f"not a safetensors model file.*{why}"):
+        read_weights_file(path, framework="numpy")
+
+
+def _lying_header() -> bytes:
+    header = json.dumps({"__metadata__": {"format": FORMAT, "config": json.dumps(CONFIG)},
+                         "w": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}).encode()
+    return struct.pack("<Q", len(header)) + header + b"\0" * 16
+
+
+def test_other_safetensors_and_metadata_without_config_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(CTMRIError, match="not a CTtoMRISynthesis model"):
+        read_weights_file(_raw_safetensors(tmp_path / "other.safetensors", None), framework="numpy")
+    with pytest.raises(CTMRIError, match="not a CTtoMRISynthesis model .format 'ctmri-unet-v1'"):
+        read_config(_raw_safetensors(tmp_path / "v1.safetensors", {"format": "ctmri-unet-v1", "config": "{}"}))
+    for name, metadata in [("none", {"format": FORMAT}), ("text", {"format": FORMAT, "config": "not json"}),
+                           ("list", {"format": FORMAT, "config": "[1, 2]"}),
+                           ("nomodel", {"format": FORMAT, "config": json.dumps({"preprocessing": {}})})]:
+        with pytest.raises(CTMRIError, match="holds no model config in its metadata"):
+            read_weights_file(_raw_safetensors(tmp_path / f"{name}.safetensors", metadata), framework="numpy")
+
+
+def test_pickles_are_refused_without_unpickling(tmp_path: Path) -> None:
+    """An old-format (pickle) file gets the conversion command; its payload never runs."""
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as handle:
+        pickle.dump({"format": "ctmri-unet-v1", "config": CONFIG, "state_dict": _Exploit(marker)}, handle)
+    _with_checksum(evil)  # even with a correct checksum beside it
+    with pytest.raises(CTMRIError, match="never unpickled.*weights convert .*evil.pt .*evil.safetensors"):
+        read_weights_file(evil, framework="numpy")
+    assert not marker.exists()
+
+
+def test_a_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path: Path) -> None:
+    """A 640-byte header's length begins 0x80 0x02, as a protocol-2 pickle does: read as the model it is."""
+    path = tmp_path / "m.safetensors"
+    for pad in range(0, 800, 8):  # safetensors pads the header to a multiple of 8
+        config = {**CONFIG, "note": "x" * pad}
+        save_state(path, TENSORS, config)
+        if path.read_bytes()[:2] == b"\x80\x02":
+            break
+    assert path.read_bytes()[:2] == b"\x80\x02"
+    assert read_weights_file(path, framework="numpy")["config"] == config
+
+
+def test_no_half_written_file_on_failure(tmp_path: Path) -> None:
+    with pytest.raises(TypeError):
+        save_state(tmp_path / "bad.safetensors", TENSORS, {"x": object()})
+    with pytest.raises(CTMRIError, match="must end in .safetensors"):
+        save_state(tmp_path / "bad.pt", TENSORS, CONFIG)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_shipped_model_file_and_its_config_without_torch(monkeypatch) -> None:
+    """The shipped file is where default_weights_path() looks, checksummed, and describes itself."""
+    monkeypatch.delenv("CTMRI_WEIGHTS", raising=False)
+    assert default_weights_path() == SHIPPED
+    assert SHIPPED.read_bytes()[8:9] == b"{"  # safetensors, not a pickle
+    config = read_config(SHIPPED)
+    assert config["model"]["in_channels"] == 3 and config["preprocessing"]["size"] == 256
+    assert config["metrics"]["cross_validation"]["summary"]["model"]["mae"]["n"] == 8
+    arrays = read_weights_file(SHIPPED, framework="numpy")["state_dict"]
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    assert sum(a.size for k, a in arrays.items() if not k.endswith(buffers)) == config["training"]["parameters"]
 
 
 class _Exploit:
@@ -69,42 +182,120 @@ class _Exploit:
         return (Path.touch, (self.marker,))
 
 
-def test_pickle_with_code_is_refused_without_running_it(tmp_path: Path) -> None:
-    marker = tmp_path / "pwned"
-    evil = tmp_path / "evil.pt"
-    with open(evil, "wb") as handle:
-        pickle.dump({"format": "ctmri-unet-v1", "config": CONFIG, "state_dict": _Exploit(marker)}, handle)
-    # Even with a correct checksum beside it, the loader must not execute the payload.
-    checksum_path(evil).write_text(sha256_of(evil) + "  evil.pt\n")
-    with pytest.raises(CTMRIError, match="never executed"):
-        load_model(evil)
-    assert not marker.exists()
-    # And the same file through torch.save's zip format.
-    evil_zip = tmp_path / "evil_zip.pt"
-    torch.save({"format": "ctmri-unet-v1", "config": CONFIG, "state_dict": _Exploit(marker)}, evil_zip)
-    checksum_path(evil_zip).write_text(sha256_of(evil_zip) + "  evil_zip.pt\n")
-    with pytest.raises(CTMRIError, match="never executed"):
-        load_model(evil_zip)
-    assert not marker.exists()
+# ------------------------------------------------------------------------------------ with torch
 
 
-def test_not_a_weights_file(tmp_path: Path) -> None:
-    path = tmp_path / "dict.pt"
-    torch.save({"hello": torch.zeros(2)}, path)
-    checksum_path(path).write_text(sha256_of(path) + "  dict.pt\n")
-    with pytest.raises(CTMRIError, match="not a CTtoMRISynthesis weights file"):
-        load_model(path)
+@pytest.fixture()
+def torch():
+    return pytest.importorskip("torch")
 
 
-def test_no_half_written_file_on_failure(tmp_path: Path) -> None:
-    with pytest.raises(TypeError):
-        save_weights(tmp_path / "bad.pt", UNet(UNetConfig(base=2, levels=3)), {"x": object()})
-    assert list(tmp_path.iterdir()) == []
+@pytest.fixture()
+def small_file(tmp_path: Path, torch) -> Path:
+    from CTtoMRISynthesisLib.model import UNet, UNetConfig
+    from CTtoMRISynthesisLib.weights import save_weights
+
+    path = tmp_path / "m.safetensors"
+    torch.manual_seed(0)
+    save_weights(path, UNet(UNetConfig(base=2, levels=3)), {**CONFIG, "model": UNetConfig(base=2, levels=3).to_dict()})
+    return path
+
+
+def test_round_trip_gives_identical_tensors(small_file: Path, torch) -> None:
+    from CTtoMRISynthesisLib.weights import load_model
+
+    loaded = load_model(small_file)
+    stored = read_weights_file(small_file)["state_dict"]
+    state = loaded.net.state_dict()
+    assert set(state) == set(stored)
+    for key, value in state.items():
+        assert value.dtype == stored[key].dtype and torch.equal(value, stored[key])
+    assert loaded.config["preprocessing"] == CONFIG["preprocessing"] and loaded.path == small_file
+
+
+def test_tensor_shape_mismatch_is_refused(small_file: Path, tmp_path: Path, torch) -> None:
+    """Tensors of one U-Net under the config of another: a clear error, not a crash."""
+    from CTtoMRISynthesisLib.weights import load_model
+
+    blob = read_weights_file(small_file)
+    config = json.loads(json.dumps(blob["config"]))
+    config["model"]["base"] = 4
+    other = tmp_path / "other.safetensors"
+    save_state(other, blob["state_dict"], config)
+    with pytest.raises(CTMRIError, match="does not match the U-Net its config describes.*size mismatch"):
+        load_model(other)
+    state = dict(blob["state_dict"])
+    state.pop(sorted(state)[0])
+    save_state(other, state, blob["config"])
+    with pytest.raises(CTMRIError, match="does not match the U-Net.*Missing key"):
+        load_model(other)
+
+
+def test_shipped_weights_load_when_torch_reports_2_8(monkeypatch, torch) -> None:
+    """PyTorch 2.8 is the newest Python 3.9 (Slicer 5.6/5.8) can have: nothing gates on the version."""
+    from CTtoMRISynthesisLib.weights import load_model
+
+    calls = []
+    monkeypatch.setattr(torch, "__version__", "2.8.0")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a))  # nothing may unpickle
+    monkeypatch.delenv("CTMRI_WEIGHTS", raising=False)
+    loaded = load_model(None)
+    assert loaded.path == SHIPPED and calls == []
+    x = torch.rand(2, loaded.in_channels, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        y = loaded.net(x)
+    assert y.shape == (2, 1, 64, 64) and bool(torch.isfinite(y).all())
 
 
 def test_shipped_path_default(monkeypatch, small_file: Path) -> None:
+    from CTtoMRISynthesisLib.weights import load_model
+
     monkeypatch.setenv("CTMRI_WEIGHTS", str(small_file))
     assert load_model(None).path == small_file
-    shutil.copy(small_file, small_file.with_name("copy.pt"))  # a copy without its checksum is refused
+    copy = small_file.with_name("copy.safetensors")
+    shutil.copy(small_file, copy)  # a copy without its checksum is refused
     with pytest.raises(CTMRIError, match="no checksum"):
-        load_model(small_file.with_name("copy.pt"))
+        load_model(copy)
+
+
+# ------------------------------------------------------------------------- converting the old format
+
+
+def _legacy_file(path: Path, torch, state, config) -> Path:
+    torch.save({"format": "ctmri-unet-v1", "config": config, "state_dict": state}, path)
+    return _with_checksum(path)
+
+
+def test_convert_old_pt_gives_the_same_tensors(small_file: Path, tmp_path: Path, torch) -> None:
+    from CTtoMRISynthesisLib.weights import load_model, main
+
+    blob = read_weights_file(small_file)
+    old = _legacy_file(tmp_path / "old.pt", torch, blob["state_dict"], blob["config"])
+    with pytest.raises(CTMRIError, match="never unpickled.*convert"):
+        load_model(old)
+    new = tmp_path / "new.safetensors"
+    assert main(["convert", str(old), str(new)]) == 0
+    converted = read_weights_file(new)
+    assert converted["config"] == blob["config"]
+    for key, value in blob["state_dict"].items():
+        assert torch.equal(converted["state_dict"][key], value) and converted["state_dict"][key].dtype == value.dtype
+    assert load_model(new).config == blob["config"]
+    assert main(["convert", str(old), str(new)]) == 2  # never overwrites
+
+
+def test_convert_refuses_old_torch_and_payloads(small_file: Path, tmp_path: Path, torch, monkeypatch, capsys) -> None:
+    from CTtoMRISynthesisLib.weights import convert_legacy, main
+
+    blob = read_weights_file(small_file)
+    old = _legacy_file(tmp_path / "old.pt", torch, blob["state_dict"], blob["config"])
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "__version__", "2.8.0")
+        with pytest.raises(CTMRIError, match="PyTorch 2.8.0 cannot unpickle old model files safely.*2.10 or later"):
+            convert_legacy(old, tmp_path / "new.safetensors")
+    marker = tmp_path / "pwned"
+    evil = _legacy_file(tmp_path / "evil.pt", torch, _Exploit(marker), blob["config"])
+    assert main(["convert", str(evil), str(tmp_path / "evil.safetensors")]) == 2
+    assert "never executed" in capsys.readouterr().err and not marker.exists()
+    assert not (tmp_path / "evil.safetensors").exists()
+    with pytest.raises(CTMRIError, match="nothing to convert"):
+        convert_legacy(small_file, tmp_path / "again.safetensors")

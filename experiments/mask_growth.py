@@ -15,6 +15,7 @@ def read_harvard_case(h, case, mod):
     fs = sorted(f for f in (h / mod).glob('*.png') if f.stem[:-3] == case)
     return np.stack([sitk.GetArrayFromImage(sitk.ReadImage(str(f))) for f in fs])
 from CTtoMRISynthesisLib.weights import load_model
+from CTtoMRISynthesisLib.training.report import fold_model
 from CTtoMRISynthesisLib.synthesis import predict_slices
 from CTtoMRISynthesisLib.intensity import head_mask
 from CTtoMRISynthesisLib.metrics import compute_metrics
@@ -24,7 +25,7 @@ rows = []
 for fold in sorted(RUN.glob('fold*')):
     info = json.loads((fold / 'fold.json').read_text())
     case = info['split']['test_cases'][0]
-    m = load_model(fold / 'model.pt')
+    m = load_model(fold_model(fold))
     ct = read_harvard_case(H, case, 'CT').astype(np.float32)
     mr = read_harvard_case(H, case, 'MRI').astype(np.float32)
     raw = predict_slices(m.net, ct, context=m.config['preprocessing']['context_slices'], mask_output=False)

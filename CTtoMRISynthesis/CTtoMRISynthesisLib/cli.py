@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ct", required=True, help="CT volume: .nrrd, .nii(.gz), .mha/.mhd, .png or a DICOM folder")
     p.add_argument("--mri", help="reference MRI of the same patient (enables registration and metrics)")
     p.add_argument("--out-dir", required=True, help="folder for the outputs (created; files replaced)")
-    p.add_argument("--weights", help="model file (default: the shipped model_weights/ctmri_unet.pt)")
+    p.add_argument("--weights", help="model file (default: the shipped model_weights/ctmri_unet.safetensors)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--registration", default="rigid", choices=["rigid", "similarity", "none"],
                    help="CT→MRI registration: rigid (default), similarity (adds scale) or none (already aligned)")

@@ -42,7 +42,7 @@ def _weights_or_error() -> Path:
     if not path.is_file():
         raise CTMRIError(
             f"the model weights are missing: {path} does not exist. The demo uses the shipped model; "
-            "get model_weights/ctmri_unet.pt (and its .sha256) from the repository, train one with "
+            "get model_weights/ctmri_unet.safetensors (and its .sha256) from the repository, train one with "
             "`ctmri train` (see model_weights/README.md), or set CTMRI_WEIGHTS to a model file"
         )
     return path

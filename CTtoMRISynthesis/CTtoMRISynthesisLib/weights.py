@@ -1,28 +1,46 @@
-"""Model files: a config (architecture, preprocessing, provenance) plus tensors, checked before loading.
+"""Model files: tensors plus a config (architecture, preprocessing, provenance), checked before loading.
 
-A weights file ``NAME.pt`` is a ``torch.save`` of ``{"format": ..., "config": <JSON-able dict>,
-"state_dict": <tensors>}``. It is read with ``torch.load(weights_only=True)``, which refuses anything
-but tensors and plain containers, so a file cannot run code when loaded. Before that, its sha256 is
-compared with the one recorded beside it in ``NAME.pt.sha256``.
+A weights file ``NAME.safetensors`` is a `safetensors <https://github.com/huggingface/safetensors>`_
+file: a JSON header listing each tensor's name, dtype, shape and byte range, then the raw tensor bytes.
+Its header metadata holds ``{"format": "ctmri-unet-v2", "config": <the config as JSON>}``. Reading it
+parses JSON and copies bytes; nothing is unpickled, so a model file cannot run code whatever the
+installed PyTorch (no version gate is needed: any PyTorch the rest of the library runs on will do).
+Before anything is parsed, the file's sha256 is compared with the one recorded beside it in
+``NAME.safetensors.sha256``; the bytes that were checked are the bytes that are parsed (read once).
+
+Files of the old format (``ctmri-unet-v1``: a ``torch.save`` pickle, ``NAME.pt``) are refused with the
+command that converts them once: ``python -m CTtoMRISynthesisLib.weights convert OLD.pt NEW.safetensors``.
+That converter is the only code here that unpickles, with ``torch.load(weights_only=True)``, and only
+on a PyTorch whose weights-only unpickler has no known code-execution flaw (2.10 or later).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import io
 import json
 import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Optional
 
 from .errors import CTMRIError
 
-FORMAT = "ctmri-unet-v1"
-SHIPPED_NAME = "ctmri_unet.pt"
+FORMAT = "ctmri-unet-v2"
+SHIPPED_NAME = "ctmri_unet.safetensors"
+SUFFIX = ".safetensors"
 
-#: ``torch.load(weights_only=True)`` is only safe from this PyTorch on: before 2.6 it could run code
-#: (CVE-2025-32434), before 2.10 its unpickler could corrupt memory (CVE-2026-24747, GHSA-63cw-57p8-fm3p).
-MIN_SAFE_TORCH = (2, 10)
+#: The pickle format this project wrote before (read only by :func:`convert_legacy`).
+LEGACY_FORMAT = "ctmri-unet-v1"
+#: ``torch.load(weights_only=True)`` could run code before 2.6 (CVE-2025-32434) and its unpickler could
+#: corrupt memory before 2.10 (CVE-2026-24747): the one-off legacy conversion refuses older PyTorch.
+LEGACY_MIN_TORCH = (2, 10)
+
+_PICKLE_MAGIC = (b"PK\x03\x04",) + tuple(bytes([0x80, p]) for p in range(2, 6))  # torch.save's zip; a raw pickle
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit on the JSON header
 
 
 @dataclass
@@ -71,23 +89,61 @@ def default_weights_path() -> Path:
     return candidates[0]
 
 
+# ------------------------------------------------------------------------------------------ writing
+
+
 def save_weights(path: str | Path, net: Any, config: dict) -> str:
-    """Write ``net``'s tensors and ``config`` to ``path`` plus its ``.sha256``; return the digest.
+    """Write ``net``'s tensors and ``config`` to ``path`` (``.safetensors``) plus its ``.sha256``; return
+    the digest."""
+    return save_state(path, net.state_dict(), config)
+
+
+def save_state(path: str | Path, tensors: Mapping[str, Any], config: dict) -> str:
+    """Write named tensors (torch tensors or numpy arrays) and ``config`` as a model file; return its sha256.
 
     Written to a temporary name first and renamed, so a crash never leaves a half-written model.
     """
-    import torch
-
-    json.dumps(config)  # the config must be plain JSON data: fail here, not at load time
     path = Path(path)
+    if path.suffix != SUFFIX:
+        raise CTMRIError(f"a model file name must end in {SUFFIX} (got {path.name}); choose e.g. "
+                         f"{path.with_suffix(SUFFIX).name}")
+    metadata = {"format": FORMAT, "config": json.dumps(config)}  # plain JSON data only: fails here, not at load
+    blob = _serialise(tensors, metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, "config": config, "state_dict": state}, tmp)
-    digest = sha256_of(tmp)
-    os.replace(tmp, path)
-    checksum_path(path).write_text(f"{digest}  {path.name}\n")
+    digest = hashlib.sha256(blob).hexdigest()
+    _write_atomically(path, blob)
+    _write_atomically(checksum_path(path), f"{digest}  {path.name}\n".encode())
     return digest
+
+
+def _serialise(tensors: Mapping[str, Any], metadata: dict) -> bytes:
+    """safetensors bytes of the tensors (torch or numpy; torch only imported when given torch tensors)."""
+    if all(hasattr(value, "__array_interface__") for value in tensors.values()):
+        from safetensors.numpy import save as save_numpy
+
+        return save_numpy({k: _contiguous_array(v) for k, v in tensors.items()}, metadata=metadata)
+    from safetensors.torch import save as save_torch
+
+    return save_torch({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def _contiguous_array(value: Any) -> Any:
+    import numpy as np
+
+    return np.ascontiguousarray(value)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ------------------------------------------------------------------------------------------ reading
 
 
 def _recorded_checksum(path: Path) -> str:
@@ -103,47 +159,112 @@ def _recorded_checksum(path: Path) -> str:
     return text[0].lower()
 
 
-def read_weights_file(path: str | Path, verify: bool = True) -> dict:
-    """Read a weights file safely (checksum, then ``weights_only`` load) and return its raw dict."""
-    import pickle
-
-    import torch
-
-    path = Path(path)
+def _read_checked_bytes(path: Path, verify: bool) -> bytes:
+    """The file's bytes, after comparing their sha256 with the recorded one (the same bytes get parsed)."""
     if not path.is_file():
-        raise CTMRIError(f"weights file not found: {path}; pass --weights with an existing .pt file")
+        raise CTMRIError(f"weights file not found: {path}; pass --weights with an existing {SUFFIX} file "
+                         "(or leave it out to use the shipped model)")
+    data = path.read_bytes()
     if verify:
         expected = _recorded_checksum(path)
-        actual = sha256_of(path)
+        actual = hashlib.sha256(data).hexdigest()
         if actual != expected:
             raise CTMRIError(
                 f"weights file {path.name} does not match its recorded sha256 (expected {expected[:12]}…, "
                 f"got {actual[:12]}…): the file is corrupt or was altered; restore it from the repository"
             )
-    _check_torch_is_safe(torch.__version__)
+    return data
+
+
+def _header_size(data: bytes) -> int:
+    """The length of a safetensors JSON header (the first 8 bytes, little-endian), 0 if implausible."""
+    size = int.from_bytes(data[:8], "little") if len(data) >= 10 else 0
+    return size if 2 <= size <= min(_MAX_HEADER, len(data) - 8) else 0
+
+
+def _is_pickle(data: bytes) -> bool:
+    """A torch.save zip or a raw pickle (checked after safetensors: a header of 128 bytes also starts 0x80)."""
+    return not (_header_size(data) and data[8:9] == b"{") and data.startswith(_PICKLE_MAGIC)
+
+
+def _legacy_refusal(path: Path) -> CTMRIError:
+    target = path.with_suffix(SUFFIX)
+    return CTMRIError(
+        f"{path.name} is a PyTorch pickle file (the old {LEGACY_FORMAT} format), which is never unpickled "
+        f"here (pickled code could run); convert it once with `python -m CTtoMRISynthesisLib.weights convert "
+        f"{path} {target}` (needs PyTorch 2.10 or later) and use the {SUFFIX} file it writes"
+    )
+
+
+def _not_safetensors(path: Path, why: str) -> CTMRIError:
+    return CTMRIError(f"{path.name} is not a safetensors model file ({why}); use a {SUFFIX} file written by "
+                      "`ctmri train`, or the shipped weights")
+
+
+def _header(data: bytes, path: Path) -> dict:
+    """The safetensors JSON header (8-byte little-endian length, then JSON), checked for shape, not trust."""
+    if _is_pickle(data):
+        raise _legacy_refusal(path)
+    if len(data) < 10:
+        raise _not_safetensors(path, f"only {len(data)} bytes")
+    size = _header_size(data)
+    if not size:
+        raise _not_safetensors(path, "no valid header length")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise CTMRIError(
-            f"{path.name} is not a loadable weights file ({type(exc).__name__}); it may hold code, which is "
-            "never executed: use a file written by `ctmri train`"
-        ) from exc
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise CTMRIError(f"{path.name} is not a CTtoMRISynthesis weights file (format {FORMAT!r} expected)")
-    return blob
+        header = json.loads(data[8 : 8 + size].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise _not_safetensors(path, "its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _not_safetensors(path, "its header is not a JSON object")
+    return header
 
 
-def _check_torch_is_safe(version: str) -> None:
-    """Refuse to unpickle anything with a PyTorch whose ``weights_only`` loader has known flaws."""
-    import re
+def _config_from_header(header: dict, path: Path) -> dict:
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        found = metadata.get("format") if isinstance(metadata, dict) else None
+        raise CTMRIError(f"{path.name} is a safetensors file but not a CTtoMRISynthesis model (format {found!r}, "
+                         f"{FORMAT!r} expected); use a file written by `ctmri train`, or the shipped weights")
+    try:
+        config = json.loads(metadata["config"])
+    except (KeyError, TypeError, ValueError):
+        config = None
+    if not isinstance(config, dict) or "model" not in config:
+        raise CTMRIError(f"{path.name} holds no model config in its metadata (architecture and preprocessing); "
+                         "retrain with `ctmri train` or restore the file")
+    return config
 
-    match = re.match(r"(\d+)\.(\d+)", str(version))
-    if match is None or (int(match.group(1)), int(match.group(2))) < MIN_SAFE_TORCH:
-        minimum = ".".join(map(str, MIN_SAFE_TORCH))
-        raise CTMRIError(
-            f"PyTorch {version} cannot load model files safely (its weights_only loader can run code: "
-            f"CVE-2025-32434, CVE-2026-24747); update PyTorch to {minimum} or later"
-        )
+
+def read_config(path: str | Path, verify: bool = True) -> dict:
+    """A model file's config, checksum verified, without reading its tensors (and without PyTorch)."""
+    path = Path(path)
+    data = _read_checked_bytes(path, verify)
+    return _config_from_header(_header(data, path), path)
+
+
+def read_weights_file(path: str | Path, verify: bool = True, framework: str = "pt") -> dict:
+    """Read a model file safely: checksum, then the safetensors header and tensors (no unpickling).
+
+    Returns ``{"format", "config", "state_dict"}`` with torch tensors (``framework="pt"``) or numpy
+    arrays (``"numpy"``, which needs no PyTorch).
+    """
+    from safetensors import SafetensorError
+
+    path = Path(path)
+    data = _read_checked_bytes(path, verify)
+    config = _config_from_header(_header(data, path), path)
+    if framework == "numpy":
+        from safetensors.numpy import load as load_tensors
+    elif framework == "pt":
+        from safetensors.torch import load as load_tensors
+    else:
+        raise ValueError(f"framework must be 'pt' or 'numpy', not {framework!r}")
+    try:
+        state = load_tensors(data)
+    except (SafetensorError, ValueError, TypeError) as exc:
+        detail = (str(exc).splitlines() or [""])[0]
+        raise _not_safetensors(path, f"{type(exc).__name__}: {detail}") from exc
+    return {"format": FORMAT, "config": config, "state_dict": state}
 
 
 def load_model(path: str | Path | None = None, device: str = "cpu", verify: bool = True) -> LoadedModel:
@@ -158,7 +279,7 @@ def load_model(path: str | Path | None = None, device: str = "cpu", verify: bool
         net.load_state_dict(blob["state_dict"], strict=True)
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise CTMRIError(
-            f"{path.name} does not match the U-Net its config describes ({str(exc).splitlines()[0]}); "
+            f"{path.name} does not match the U-Net its config describes ({_first_detail(exc)}); "
             "the file is from another model or version: retrain or use the shipped weights"
         ) from exc
     for key in ("preprocessing",):
@@ -166,3 +287,86 @@ def load_model(path: str | Path | None = None, device: str = "cpu", verify: bool
             raise CTMRIError(f"{path.name} has no {key!r} section in its config; retrain with `ctmri train`")
     net.eval().to(device)
     return LoadedModel(net=net, config=config, path=path)
+
+
+def _first_detail(exc: BaseException, limit: int = 200) -> str:
+    """The first informative line of an error (load_state_dict's first line is only a heading)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    line = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+# ------------------------------------------------------------------------------ old format, converted
+
+
+def _check_torch_can_unpickle(version: str) -> None:
+    """Refuse to unpickle with a PyTorch whose ``weights_only`` loader has known flaws (conversion only)."""
+    match = re.match(r"(\d+)\.(\d+)", str(version))
+    if match is None or (int(match.group(1)), int(match.group(2))) < LEGACY_MIN_TORCH:
+        minimum = ".".join(map(str, LEGACY_MIN_TORCH))
+        raise CTMRIError(
+            f"PyTorch {version} cannot unpickle old model files safely (its weights_only loader can run code: "
+            f"CVE-2025-32434, CVE-2026-24747); convert the file with PyTorch {minimum} or later (any machine), "
+            f"then use the {SUFFIX} file here"
+        )
+
+
+def convert_legacy(source: str | Path, target: str | Path) -> str:
+    """Convert an old ``ctmri-unet-v1`` pickle (with its ``.sha256``) to a model file; return the new sha256.
+
+    The tensors are written unchanged (checked: the new file reads back bit-identical) with the same config.
+    """
+    import torch
+
+    source, target = Path(source), Path(target)
+    if target.suffix != SUFFIX:
+        raise CTMRIError(f"the converted file's name must end in {SUFFIX}; choose e.g. {source.with_suffix(SUFFIX).name}")
+    if target.exists():
+        raise CTMRIError(f"{target} already exists; choose another name or remove it first")
+    data = _read_checked_bytes(source, verify=True)
+    if not _is_pickle(data):
+        raise CTMRIError(f"{source.name} is not an old PyTorch model file, so there is nothing to convert; "
+                         "use it with --weights as it is")
+    _check_torch_can_unpickle(torch.__version__)
+    try:
+        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a foreign pickle can fail in any way; none of its code runs
+        raise CTMRIError(f"{source.name} is not a loadable old model file ({type(exc).__name__}); it may hold "
+                         "code, which is never executed: use a file written by `ctmri train`") from exc
+    ok = isinstance(blob, dict) and blob.get("format") == LEGACY_FORMAT and isinstance(blob.get("config"), dict)
+    state = blob.get("state_dict") if ok else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CTMRIError(f"{source.name} is not a CTtoMRISynthesis model file (format {LEGACY_FORMAT!r} expected); "
+                         "use a file written by `ctmri train`")
+    digest = save_state(target, state, blob["config"])
+    written = read_weights_file(target)
+    same = written["config"] == blob["config"] and set(written["state_dict"]) == set(state) and all(
+        written["state_dict"][k].dtype == v.dtype and torch.equal(written["state_dict"][k], v) for k, v in state.items()
+    )
+    if not same:  # never expected; a converted file that differs must not be left to be used
+        target.unlink()
+        checksum_path(target).unlink()
+        raise CTMRIError(f"converting {source.name} did not reproduce its tensors; keep using the old file and report this")
+    return digest
+
+
+def main(argv: Optional[list] = None) -> int:
+    """``python -m CTtoMRISynthesisLib.weights convert OLD.pt NEW.safetensors``."""
+    parser = argparse.ArgumentParser(prog="python -m CTtoMRISynthesisLib.weights",
+                                     description="CTtoMRISynthesis model files")
+    commands = parser.add_subparsers(dest="command", required=True)
+    convert = commands.add_parser("convert", help="convert an old .pt model (with its .pt.sha256) to .safetensors")
+    convert.add_argument("source", help="old model file (ctmri-unet-v1, torch.save)")
+    convert.add_argument("target", help=f"new model file ({SUFFIX}); its .sha256 is written beside it")
+    args = parser.parse_args(argv)
+    try:
+        digest = convert_legacy(args.source, args.target)
+    except CTMRIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.target} (sha256 {digest}): the same tensors and config as {args.source}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

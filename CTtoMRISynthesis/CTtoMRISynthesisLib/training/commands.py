@@ -25,8 +25,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser
     p.add_argument("--data", nargs="+", required=True, metavar="DIR",
                    help="paired data: CT/ + MRI/ slice folders, or folders of 3D cases holding ct.* and mr.*")
-    p.add_argument("--out", required=True, metavar="DIR", help="run folder: log.csv, checkpoint.pt, model.pt, …")
-    p.add_argument("--save", metavar="FILE", help="also copy the final model (+ .sha256) to FILE, e.g. model_weights/ctmri_unet.pt")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder: log.csv, checkpoint.pt, model.safetensors, …")
+    p.add_argument("--save", metavar="FILE", help="also copy the final model (+ .sha256) to FILE, e.g. model_weights/ctmri_unet.safetensors")
     p.add_argument("--cache", metavar="DIR", help="cache of registered 3D cases (default: OUT/cache)")
     p.add_argument("--case-rule", choices=["slice3", "first2"], default="slice3",
                    help="2D case id: the file stem without its 3-digit slice number (default), or its first two characters")
@@ -118,6 +118,9 @@ def run_train(args) -> int:
 
     try:
         settings = settings_from_args(args)
+        if args.save and Path(args.save).suffix != ".safetensors":  # before training, not after it
+            raise CTMRIError(f"--save {args.save}: a model file name must end in .safetensors; choose e.g. "
+                             f"{Path(args.save).with_suffix('.safetensors')}")
         out = Path(args.out)
         cache = Path(args.cache) if args.cache else out / "cache"
         cases = discover(args.data, settings.window, settings.size, cache, args.case_rule)
@@ -215,9 +218,11 @@ def run_report(args) -> int:
 
     try:
         if args.from_cv:
-            fold0 = sorted(Path(args.from_cv).glob("fold*/model.pt"))
+            from .report import fold_model
+
+            fold0 = [m for m in map(fold_model, sorted(Path(args.from_cv).glob("fold*"))) if m.exists()]
             if not fold0:
-                raise CTMRIError(f"{args.from_cv} holds no fold*/model.pt; run `ctmri train --cv loo` first")
+                raise CTMRIError(f"{args.from_cv} holds no fold*/model.safetensors; run `ctmri train --cv loo` first")
             from ..weights import read_weights_file
 
             cfg = read_weights_file(fold0[0])["config"]

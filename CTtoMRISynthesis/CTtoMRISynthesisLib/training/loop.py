@@ -3,9 +3,10 @@ workers, a CSV log per epoch, checkpoints, ``--resume``, model selection, determ
 CUDA, and DistributedDataParallel when launched by ``torchrun``.
 
 One call of :func:`train` trains one model on the slices of some patients and writes, in ``out_dir``:
-``log.csv`` (one row per epoch), ``checkpoint.pt`` (everything needed to resume), ``model.pt`` (+
-``.sha256``; the selected model as a weights file :func:`weights.load_model` accepts) and, when a
-validation set selects the model, ``best.pt``. Under torchrun every rank appends a line per epoch to
+``log.csv`` (one row per epoch), ``checkpoint.pt`` (everything needed to resume: a torch file of this
+run's own, read back with ``weights_only=True``), ``model.safetensors`` (+ ``.sha256``; the selected
+model as a weights file :func:`weights.load_model` accepts) and, when a validation set selects the
+model, ``best.safetensors``. Under torchrun every rank appends a line per epoch to
 ``ranks/rank<k>.log``; only rank 0 writes everything else.
 """
 
@@ -30,6 +31,8 @@ from .dataset import Augment, SliceDataset, as_network_sees
 LOSSES = ("mse", "l1", "l1+ssim")
 SCHEDULES = ("cosine", "exponential", "constant")
 SELECTIONS = ("last", "best")
+MODEL_FILE = "model.safetensors"  # the run's selected model (weights.py format, + .sha256)
+BEST_FILE = "best.safetensors"  # the best validation epoch, when a validation set selects it
 LOG_FIELDS = ["epoch", "loss", "val_mae", "val_ssim", "val_ssim_foreground", "lr", "seconds"]
 
 CT_NORMALISATION = (
@@ -326,7 +329,7 @@ def train(
     """Train one model; return ``{"weights": path, "config": ..., "history": [...]}`` (rank 0's view).
 
     ``val_cases`` are evaluated after every epoch (logged); with ``settings.select == "best"`` the
-    epoch with the lowest validation MAE is the one saved as ``model.pt``, otherwise the last epoch.
+    epoch with the lowest validation MAE is the one saved as ``model.safetensors``, otherwise the last epoch.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -493,7 +496,7 @@ def train(
                 print(f"stopped after epoch {epoch + 1}; continue with --resume", flush=True)
             return {"weights": None, "history": history, "best": best, "stopped": True}
 
-    result = {"weights": out_dir / "model.pt", "history": history, "best": best}
+    result = {"weights": out_dir / MODEL_FILE, "history": history, "best": best}
     if dist.main:
         seconds = seconds_before + (time.time() - start_time) if start_epoch < settings.epochs else seconds_before
         selected_epoch = settings.epochs
@@ -534,9 +537,9 @@ def train(
             metrics,
             extra,
         )
-        save_weights(out_dir / "model.pt", net, config)
+        save_weights(out_dir / MODEL_FILE, net, config)
         if settings.select == "best" and best_state is not None:
-            save_weights(out_dir / "best.pt", net, config)
+            save_weights(out_dir / BEST_FILE, net, config)
         result["config"] = config
     barrier(dist)
     return result

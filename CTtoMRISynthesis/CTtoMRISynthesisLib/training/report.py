@@ -133,13 +133,23 @@ def predict_case(loaded, case, device: str = "cpu") -> np.ndarray:
     return predict_slices(loaded.net, case.ct, **preprocessing_options(loaded.config["preprocessing"]), device=device)
 
 
+def fold_model(fold_dir) -> Path:
+    """A fold's model file: ``model.safetensors``; an old run's ``model.pt`` when only that exists (loading
+    it then says how to convert it)."""
+    from .loop import MODEL_FILE
+
+    fold_dir = Path(fold_dir)
+    legacy = fold_dir / "model.pt"
+    return legacy if legacy.exists() and not (fold_dir / MODEL_FILE).exists() else fold_dir / MODEL_FILE
+
+
 def evaluate_fold(fold_dir, cases, bone_threshold: float = 200.0, device: str = "cpu") -> dict:
-    """Predict a finished fold's held-out patients with its ``model.pt``; save predictions and ``fold.json``."""
+    """Predict a finished fold's held-out patients with its model; save predictions and ``fold.json``."""
     from ..metrics import to_jsonable
     from ..weights import load_model
 
     fold_dir = Path(fold_dir)
-    loaded = load_model(fold_dir / "model.pt", device=device)
+    loaded = load_model(fold_model(fold_dir), device=device)
     by_id = {c.case_id: c for c in cases}
     out = {"split": loaded.config["split"], "cases": {}}
     for cid in loaded.config["split"]["test_cases"]:
@@ -341,8 +351,8 @@ def _rows_for(case, results: dict, held_out: bool) -> list[dict]:
 
 def write_cv_report(run_dir, cases, command: str = "", bone_threshold: float = 200.0,
                     out_dir: Optional[Path] = None, montage_slices: int = 4) -> list[Path]:
-    """Report of a finished cross-validation run folder (``foldNN/`` with ``model.pt`` and predictions)."""
-    from ..weights import read_weights_file
+    """Report of a finished cross-validation run folder (``foldNN/`` with its model and predictions)."""
+    from ..weights import read_config
 
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir / "report"
@@ -350,9 +360,9 @@ def write_cv_report(run_dir, cases, command: str = "", bone_threshold: float = 2
     rows, montages, fold_lines = [], {}, []
     config = None
     for fold_dir in sorted(run_dir.glob("fold*")):
-        if not (fold_dir / "model.pt").exists():
+        if not fold_model(fold_dir).exists():
             continue
-        config = read_weights_file(fold_dir / "model.pt")["config"]
+        config = read_config(fold_model(fold_dir))
         split = config["split"]
         train = [by_id[c] for c in split["train_cases"] if c in by_id]
         tr = config["training"]
@@ -454,10 +464,9 @@ def attach_cv_metrics(weights, report_dir, command: str = "") -> dict:
     For the all-patients model, whose recipe the cross-validation measured: the tensors are unchanged,
     the config gains ``metrics.cross_validation`` and the file (and its .sha256) is rewritten.
     """
-    from ..model import UNet, UNetConfig
-    from ..weights import read_weights_file, save_weights
+    from ..weights import read_weights_file, save_state
 
-    blob = read_weights_file(weights)
+    blob = read_weights_file(weights, framework="numpy")  # tensors passed through byte for byte
     config = blob["config"]
     data = json.loads((Path(report_dir) / "summary.json").read_text())
     summary = {
@@ -474,7 +483,5 @@ def attach_cv_metrics(weights, report_dir, command: str = "") -> dict:
         "per_patient": per_patient,
         "command": command,
     }
-    net = UNet(UNetConfig.from_dict(config["model"]))
-    net.load_state_dict(blob["state_dict"])
-    save_weights(weights, net, config)
+    save_state(weights, blob["state_dict"], config)
     return config
