@@ -89,6 +89,7 @@ def test_manifest_paths_are_relative_to_the_csv(tmp_path: Path) -> None:
     assert cases[0].ct == folder / "scans" / "ct.nrrd" and cases[0].mri == folder / "scans" / "mr.nrrd"
     assert cases[1].ct == absolute and cases[1].mri is None and cases[2].mri is None
     assert [c.line for c in cases] == [3, 4, 5]
+    assert cases[0].ct_entry == "scans/ct.nrrd" and cases[1].ct_entry == str(absolute)
 
 
 @pytest.mark.parametrize(
@@ -218,7 +219,8 @@ def test_cases_equal_synthesize_and_a_failure_is_recorded(jobs1, cohort: Path, t
                 np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
         batch_metrics = json.loads((out / case / "metrics.json").read_text())
         alone_metrics = json.loads((alone / "metrics.json").read_text())
-        assert batch_metrics["made_from"]["ct"]["path"] == str((cohort / ct).resolve())
+        assert batch_metrics["made_from"]["ct"] == {"path": ct, "size": (cohort / ct).stat().st_size,
+                                                    "mtime_ns": (cohort / ct).stat().st_mtime_ns}
         for key in ("mae", "ssim", "psnr", "mae_whole", "ssim_foreground", "per_slice", "weights"):
             assert batch_metrics.get(key) == alone_metrics.get(key)
 
@@ -242,6 +244,12 @@ def test_resume_skips_complete_cases_and_redoes_changed_ones(cohort: Path, tmp_p
     assert main(run) == 0
     assert "2 already complete, 0 to run" in capsys.readouterr().out
     assert {c: mtimes(out / c) for c in ("a", "b")} == before, "finished cases are not rewritten"
+
+    # The same cohort mounted elsewhere (another node of a cluster; times kept): still complete.
+    moved = tmp_path / "mounted_elsewhere"
+    shutil.copytree(work, moved)  # copy2: sizes and modification times kept
+    assert main(["batch", "--manifest", str(moved / "cases.csv"), *run[3:]]) == 0
+    assert "2 already complete, 0 to run" in capsys.readouterr().out
 
     # A changed input (new content, so new size/mtime) redoes that case only.
     image = sitk.ReadImage(str(work / "ct_crop.nrrd"))

@@ -8,13 +8,13 @@ folder). Each case runs through :func:`case.run_case` (exactly what ``ctmri synt
   files written, and ``made_from``), written atomically when the case ends;
 - ``OUT/summary.csv``, ``OUT/summary.json`` and ``OUT/report.md``: merged from all records on disk.
 
-Resume: ``made_from`` (the inputs' path + size + mtime, the options that change outputs, the weights'
+Resume: ``made_from`` (the inputs' manifest path + size + mtime, the options that change outputs, the weights'
 sha256) is written into the case's ``metrics.json`` (moved into place last by ``save_outputs``) and
 into its record. A case is skipped when both agree with what this run would make it from and its files
 are there; anything else (an error, an interrupted case, a changed input or option) is redone.
 Inputs are identified by path + size + mtime, not by a content hash: hashing a cohort of CT volumes or
 DICOM folders would read every byte again on every rerun (minutes per shard), while a rewritten file
-gets a new mtime; the rare misses go the safe way (a touched or copied file is redone, never wrongly kept).
+gets a new mtime. A touched file is redone; only a different file with the same size and mtime is missed.
 
 Shards: ``--shard I/N`` takes every N-th case of the ids in sorted order (balanced to within one case,
 the same on every machine). Shards write disjoint case folders and records; each merges the summary
@@ -70,12 +70,15 @@ _RESERVED_IDS = {SUMMARY_CSV, SUMMARY_JSON, REPORT_MD}
 
 @dataclass(frozen=True)
 class Case:
-    """One manifest row: an id (its output folder's name) and its input paths (absolute or CSV-relative resolved)."""
+    """One manifest row: an id (its output folder's name), its input paths (CSV-relative ones resolved against
+    the CSV's folder) and the paths as written in the manifest (what ``made_from`` records)."""
 
     id: str
     ct: Path
     mri: Optional[Path]
     line: int
+    ct_entry: str = ""
+    mri_entry: str = ""
 
 
 def read_manifest(path: str | Path) -> list:
@@ -113,8 +116,9 @@ def read_manifest(path: str | Path) -> list:
         seen[case_id.lower()] = line
         if not values["ct"]:
             raise CTMRIError(f"manifest {path} line {line}: case {case_id!r} has no ct path")
-        cases.append(Case(case_id, _input_path(path, values["ct"]),
-                          _input_path(path, values.get("mri", "")) if values.get("mri") else None, line))
+        mri = values.get("mri", "")
+        cases.append(Case(case_id, _input_path(path, values["ct"]), _input_path(path, mri) if mri else None, line,
+                          ct_entry=values["ct"], mri_entry=mri))
     if not cases:
         raise CTMRIError(f"manifest {path} has a header but no cases; add one line per case: id,ct,mri")
     return cases
@@ -196,17 +200,22 @@ def check_inputs_outside_outputs(cases: Sequence, out_dir: Path) -> None:
 # What a case is made from, and its record
 
 
-def input_fingerprint(path: Optional[Path]) -> Optional[dict]:
-    """Absolute path + size + mtime of a file; for a folder (DICOM), a digest of its files' listing."""
+def input_fingerprint(path: Optional[Path], entry: str = "") -> Optional[dict]:
+    """The manifest's path (``entry``) + size + mtime of a file; for a folder (DICOM), a digest of its listing.
+
+    The path as the manifest writes it, not the absolute one: shards on machines that mount the cohort
+    at different places must agree on what a case was made from.
+    """
     if path is None:
         return None
     absolute = os.path.abspath(path)
+    named = entry or str(path)
     try:
         st = os.stat(absolute)
     except OSError:
-        return {"path": absolute, "missing": True}
+        return {"path": named, "missing": True}
     if not os.path.isdir(absolute):
-        return {"path": absolute, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return {"path": named, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     digest, files, size = hashlib.sha256(), 0, 0
     for root, dirs, names in os.walk(absolute):
         dirs.sort()
@@ -218,13 +227,13 @@ def input_fingerprint(path: Optional[Path]) -> Optional[dict]:
                 continue
             digest.update(f"{os.path.relpath(full, absolute)}\0{fst.st_size}\0{fst.st_mtime_ns}\n".encode())
             files, size = files + 1, size + fst.st_size
-    return {"path": absolute, "files": files, "size": size, "listing_sha256": digest.hexdigest()}
+    return {"path": named, "files": files, "size": size, "listing_sha256": digest.hexdigest()}
 
 
 def made_from(case: Case, options: "CaseOptions", weights_sha256: str) -> dict:
     """What a case's outputs depend on: inputs, the options that change outputs, the model."""
     chosen = {k: v for k, v in dataclasses.asdict(options).items() if k not in RUN_ONLY_OPTIONS}
-    record = {"ct": input_fingerprint(case.ct), "mri": input_fingerprint(case.mri),
+    record = {"ct": input_fingerprint(case.ct, case.ct_entry), "mri": input_fingerprint(case.mri, case.mri_entry),
               "options": chosen, "weights_sha256": weights_sha256}
     return json.loads(json.dumps(record, default=str))  # as it will read back from JSON, for comparison
 
