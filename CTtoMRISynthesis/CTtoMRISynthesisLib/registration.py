@@ -708,7 +708,9 @@ def _initial_transform(
     else:
         f, m = fixed, moving
         kind = sitk.CenteredTransformInitializerFilter.GEOMETRY
-    return sitk.CenteredTransformInitializer(f, m, transform, kind)
+    # SimpleITK 2.2/2.3 (Slicer 5.6/5.8) return a base sitk.Transform here, without GetCenter & co.;
+    # Downcast() gives the concrete Euler/Similarity type on every version.
+    return sitk.CenteredTransformInitializer(f, m, transform, kind).Downcast()
 
 
 def _center_on_head(transform: sitk.Transform, fixed_mask: sitk.Image) -> None:
