@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import read_harvard_case
+import phantoms
 from CTtoMRISynthesisLib.cli import main
 
 
 @pytest.fixture(scope="module")
-def case_files(harvard_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
-    """Harvard case 33 as a CT and an MRI .nrrd volume (256×256×17)."""
+def case_files(tmp_path_factory) -> tuple[Path, Path]:
+    """A synthetic patient (phantom) as an 8-bit windowed CT and a T2 MRI .nrrd volume (256×256×17)."""
     folder = tmp_path_factory.mktemp("case33")
     paths = []
-    for modality in ("CT", "MRI"):
-        image = sitk.GetImageFromArray(read_harvard_case(harvard_dir, "33", modality))
+    for modality, array in zip(("CT", "MRI"), phantoms.slice_pair(seed=33, slices=17, first_z=-40.0)):
+        image = sitk.GetImageFromArray(array)
         image.SetSpacing((0.9, 0.9, 5.0))
         path = folder / f"{modality.lower()}.nrrd"
         sitk.WriteImage(image, str(path))
