@@ -229,22 +229,45 @@ class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.stop()
         ctNode, mriNode = self._runInputs
         try:
-            if run.succeeded:
-                with slicer.util.tryWithErrorDisplay(_("Failed to load the results."), waitCursor=True):
-                    outputs = self.logic.loadBackgroundResults(run, ctNode)
-                    self.logic.storeOutputs(self._parameterNode, outputs)
-                    self.ui.statusLabel.text = _("Done.")
-                    self.logic.showResults(outputs, mriNode, ctNode)
-            elif run.cancelled:
-                self.ui.statusLabel.text = _("Cancelled; nothing was added.")
-            else:
-                self.ui.statusLabel.text = _("Failed: ") + str(run.error)
-                slicer.util.errorDisplay(
-                    _("Synthesis failed: ") + str(run.error), detailedText="\n".join(run.log[-200:])
-                )
+            self.ui.statusLabel.text = self._finishRun(run, ctNode, mriNode)
         finally:
             self._stopRun(cancel=False)
             self._showMetrics()
+
+    def _finishRun(self, run, ctNode, mriNode) -> str:
+        """Add the results of a finished run (or report why there are none); return the status line.
+
+        Runs from the poll timer, where a raised error would reach only the Python console: every error is
+        shown to the user instead, and a result that cannot be loaded leaves the scene as it was.
+        """
+        if not run.succeeded:
+            if run.cancelled:
+                return _("Cancelled; nothing was added.")
+            slicer.util.errorDisplay(_("Synthesis failed: ") + str(run.error), detailedText="\n".join(run.log[-200:]))
+            return _("Failed: ") + str(run.error)
+        outputs = {}
+        try:
+            outputs = self.logic.loadBackgroundResults(run, ctNode)  # all or nothing
+            self.logic.storeOutputs(self._parameterNode, outputs)
+        except Exception as exc:
+            from CTtoMRISynthesisLib import mrml
+
+            mrml.remove_outputs(slicer.mrmlScene, outputs)
+            self._showError(_("Failed to load the results; nothing was added."), exc)
+            return _("Failed to load the results; nothing was added: ") + str(exc)
+        try:
+            self.logic.showResults(outputs, mriNode, ctNode)
+        except Exception as exc:
+            self._showError(_("The results were added but could not be shown side by side."), exc)
+            return _("Done, but the results could not be shown side by side: ") + str(exc)
+        return _("Done.")
+
+    @staticmethod
+    def _showError(message: str, exc: BaseException) -> None:
+        """An error dialog with the traceback under "Show details" (not in the console)."""
+        import traceback
+
+        slicer.util.errorDisplay(f"{message}\n\n{exc}", detailedText=traceback.format_exc())
 
     def onCancel(self) -> None:
         self._stopRun(cancel=True)
@@ -274,8 +297,9 @@ class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.psnrValueLabel.text = text["psnr"]
         self.ui.timeValueLabel.text = text["time"]
         self.ui.deviceValueLabel.text = text["device"]
-        if text["warnings"]:  # e.g. a likely CT/MRI swap or a GPU→CPU fallback: the user must see it
-            self.ui.statusLabel.text = self.ui.statusLabel.text + "\n" + text["warnings"]
+        # e.g. a likely CT/MRI swap or a GPU→CPU fallback: the user must see it; replaced, never appended
+        self.ui.warningsLabel.text = text["warnings"]
+        self.ui.warningsLabel.visible = bool(text["warnings"])
 
     def onShowResults(self) -> None:
         p = self._parameterNode

@@ -224,3 +224,113 @@ def test_missing_torch_is_installed_with_the_real_minimum(module, monkeypatch) -
     with pytest.raises(module.InstallError, match="PyTorch is needed"):
         module.CTtoMRISynthesisLogic().setupPythonRequirements(askConfirmation=True)
     assert calls == [{"askConfirmation": True, "torchVersionRequirement": ">=" + dependencies.MINIMUM_TORCH}]
+
+
+# ------------------------------------------------------------------------------------------------
+# the panel's reactions (Qt is not here: its labels and buttons are stood in for by plain attributes)
+
+
+class _QtStandIn:
+    """A label / button / progress bar: the attributes the widget sets, and show/hide."""
+
+    def __init__(self) -> None:
+        self.text, self.toolTip, self.format, self.value, self.enabled, self.visible = "", "", "", 0, True, True
+
+    def show(self) -> None:
+        self.visible = True
+
+    def hide(self) -> None:
+        self.visible = False
+
+
+class _Ui:
+    def __getattr__(self, name):
+        widget = _QtStandIn()
+        setattr(self, name, widget)
+        return widget
+
+
+@pytest.fixture()
+def widget(module, scene, monkeypatch):
+    """The module's widget object, its Qt parts stood in for; errorDisplay records what the user would see."""
+    shown: list = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kwargs: shown.append((text, kwargs)))
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(layoutManager=lambda: None), raising=False)
+    w = module.CTtoMRISynthesisWidget()
+    w.ui = _Ui()
+    w.logic = module.CTtoMRISynthesisLogic()
+    w._timer = types.SimpleNamespace(stop=lambda: None, start=lambda: None)
+    w._parameterNode = types.SimpleNamespace(ctVolume=None, syntheticVolume=None, useShippedModel=True)
+    w.shown = shown
+    return w
+
+
+def _finished_run(tmp_path, outputs_from=None):
+    """A WorkerRun whose process ended with status 0; its output folder as given (copied) or empty."""
+    import shutil
+
+    from CTtoMRISynthesisLib.worker import WorkerRun
+
+    run = WorkerRun(tmp_path)
+    if outputs_from is not None:
+        shutil.copytree(outputs_from, run.out_dir)
+    run.returncode = 0
+    return run
+
+
+def test_results_that_cannot_be_loaded_are_reported_not_raised(widget, scene, case, tmp_path) -> None:
+    ct = _node(case[0], "CT28")
+    run = _finished_run(tmp_path)
+    run.out_dir.mkdir()
+    (run.out_dir / "metrics.json").write_text("{}")
+    (run.out_dir / "synthetic_mri.nrrd").write_bytes(b"NRRD0004\nnot a volume\n")
+    widget._run, widget._runInputs = run, (ct, None)
+    widget.ui.statusLabel.text = "Running in the background; Slicer stays usable."
+    before = scene.GetNumberOfNodes()
+
+    widget.onPollWorker()  # raises nothing: the timer's slot must not leave a traceback in the console
+
+    assert widget.ui.statusLabel.text.startswith("Failed to load the results; nothing was added: ")
+    assert len(widget.shown) == 1 and widget.shown[0][0].startswith("Failed to load the results")
+    assert "Traceback" in widget.shown[0][1]["detailedText"], "the details are in the dialog"
+    assert scene.GetNumberOfNodes() == before, "the scene is as it was"
+    assert widget._run is None and not run.folder.exists()
+    assert widget.ui.applyButton.text == "Synthesize MRI" and not widget.ui.progressBar.visible
+
+
+def test_loaded_results_and_warnings_in_their_own_label(widget, scene, case, tiny_weights, tmp_path) -> None:
+    """A run's outputs are added; its warnings go to their own label, replaced (not appended) at each refresh."""
+    from CTtoMRISynthesisLib.pipeline import save_outputs, synthesize
+
+    ct, mri = _node(case[0], "CT28"), _node(case[1], "MR28")
+    result = synthesize(case[0], case[1], weights=tiny_weights, device="cpu", registration="none")
+    result.warnings = ["the CT looks like an MRI"]
+    save_outputs(result, tmp_path / "made")
+    run = _finished_run(tmp_path, tmp_path / "made")
+    widget._run, widget._runInputs = run, (ct, mri)
+
+    widget.onPollWorker()
+
+    assert widget.ui.statusLabel.text == "Done." and widget.shown == []
+    assert widget._parameterNode.syntheticVolume.GetName() == "CT28 synthetic MRI"
+    for _ in range(3):  # module entry, scene close, another run: the same warnings, once
+        widget._showMetrics()
+    assert widget.ui.warningsLabel.text == "Warning: the CT looks like an MRI" and widget.ui.warningsLabel.visible
+    assert widget.ui.statusLabel.text == "Done."
+    widget._parameterNode.syntheticVolume = None  # e.g. a new scene
+    widget._showMetrics()
+    assert widget.ui.warningsLabel.text == "" and not widget.ui.warningsLabel.visible
+
+
+def test_failed_and_cancelled_runs_say_so(widget, case, tmp_path) -> None:
+    ct = _node(case[0], "CT28")
+    run = _finished_run(tmp_path)
+    run.returncode, run.error = 2, "the CT is constant"
+    widget._run, widget._runInputs = run, (ct, None)
+    widget.onPollWorker()
+    assert widget.ui.statusLabel.text == "Failed: the CT is constant" and len(widget.shown) == 1
+    run = _finished_run(tmp_path)
+    run.returncode, run.cancelled = 130, True
+    widget._run, widget._runInputs = run, (ct, None)
+    widget.onPollWorker()
+    assert widget.ui.statusLabel.text == "Cancelled; nothing was added." and len(widget.shown) == 1
