@@ -606,12 +606,9 @@ def _regularise(series: Series, planes: List[np.ndarray], row, col, normal) -> s
 
     def shifted(k: int) -> np.ndarray:
         if k not in cache:
-            image = sitk.GetImageFromArray(planes[k].astype(np.float32))
-            image.SetSpacing((dx, dy))
-            image.SetOrigin((float(u[k]), float(v[k])))
             if len(cache) > 2:  # the walk only ever needs the two planes around the current depth
                 cache.clear()
-            cache[k] = sitk.GetArrayFromImage(sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, pad))
+            cache[k] = _place(planes[k], (u[k] - plane_origin[0]) / dx, (v[k] - plane_origin[1]) / dy, grid, pad)
         return cache[k]
 
     out = np.empty((count, size[1], size[0]), dtype=np.float32)
@@ -626,6 +623,20 @@ def _regularise(series: Series, planes: List[np.ndarray], row, col, normal) -> s
     image.SetOrigin(tuple(float(c) for c in origin))
     image.SetDirection(tuple(float(c) for c in np.stack([row, col, normal], axis=1).ravel()))
     return image
+
+
+def _place(plane: np.ndarray, di: float, dj: float, grid: sitk.Image, pad: float) -> np.ndarray:
+    """``plane`` put on ``grid`` (2D) at an offset of (di, dj) pixels: copied when the offset is whole
+    (no interpolation, exact values), else resampled bilinearly."""
+    if abs(di - round(di)) < 1e-6 and abs(dj - round(dj)) < 1e-6:
+        out = np.full(grid.GetSize()[::-1], pad, dtype=np.float32)
+        i, j = int(round(di)), int(round(dj))
+        out[j : j + plane.shape[0], i : i + plane.shape[1]] = plane
+        return out
+    image = sitk.GetImageFromArray(plane.astype(np.float32))
+    image.SetSpacing(grid.GetSpacing())
+    image.SetOrigin((grid.GetOrigin()[0] + di * grid.GetSpacing()[0], grid.GetOrigin()[1] + dj * grid.GetSpacing()[1]))
+    return sitk.GetArrayFromImage(sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, pad))
 
 
 def read_input(path: str | Path, what: str, requested: Optional[str] = None) -> Tuple[sitk.Image, Optional[Choice]]:
