@@ -275,6 +275,31 @@ def test_resume_skips_complete_cases_and_redoes_changed_ones(cohort: Path, tmp_p
     assert json.loads((out / "a" / "metrics.json").read_text())["made_from"]["options"]["allow_disjoint"] is True
 
 
+def test_dicom_outputs_like_synthesize_and_resumed(cohort: Path, tmp_path: Path, capsys) -> None:
+    """--dicom: each case folder also holds synthesize --dicom's series; a rerun keeps them as they are."""
+    pytest.importorskip("pydicom")
+    manifest = write_manifest(tmp_path / "cases.csv", [("a", str(cohort / "ct.nrrd"), str(cohort / "mri.nrrd"))])
+    out = tmp_path / "out"
+    run = ["batch", "--manifest", str(manifest), "--out-dir", str(out), "--dicom", *FAST]
+    assert main(run) == 0
+    alone = tmp_path / "alone"
+    assert main(["synthesize", "--ct", str(cohort / "ct.nrrd"), "--mri", str(cohort / "mri.nrrd"),
+                 "--out-dir", str(alone), "--dicom", *FAST]) == 0
+
+    def tree(folder: Path) -> list:
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+    assert tree(out / "a") == tree(alone) and (out / "a" / "dicom").is_dir()
+    before = {str(p): p.stat().st_mtime_ns for p in (out / "a").rglob("*")}
+    capsys.readouterr()
+    assert main(run) == 0
+    assert "1 already complete, 0 to run" in capsys.readouterr().out
+    assert {str(p): p.stat().st_mtime_ns for p in (out / "a").rglob("*")} == before
+    (out / "a" / "dicom").rename(tmp_path / "dicom_moved_away")  # an output gone: the case is redone
+    assert main(run) == 0
+    assert (out / "a" / "dicom").is_dir()
+
+
 def test_failed_case_is_retried_on_rerun(cohort: Path, tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "cases.csv", [("a", str(cohort / "ct.nrrd"), str(tmp_path / "mri.nrrd"))])
     out = tmp_path / "out"

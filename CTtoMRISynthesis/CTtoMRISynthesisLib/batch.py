@@ -299,9 +299,10 @@ def process_case(case: Case, out_dir: Path, options: "CaseOptions", expected: di
 
     start = time.perf_counter()
     record: dict = {"id": case.id, "ct": str(case.ct), "mri": str(case.mri) if case.mri else None}
+    notes: list = []  # e.g. which DICOM series was taken and why
     try:
         result, paths = run_case(case.ct, case.mri, out_dir / case.id, options, model=model, cancel=cancel,
-                                 provenance={"made_from": expected})
+                                 provenance={"made_from": expected}, notify=notes.append)
     except CancelledError:
         raise
     except CTMRIError as exc:
@@ -315,7 +316,7 @@ def process_case(case: Case, out_dir: Path, options: "CaseOptions", expected: di
         record.update(status="ok", message="; ".join(_one_line(w) for w in result.warnings),
                       metrics={k: summary[k] for k in METRIC_COLUMNS if k in summary},
                       files=sorted(p.name for p in paths.values()))
-    record.update(seconds=round(time.perf_counter() - start, 3), made_from=expected,
+    record.update(seconds=round(time.perf_counter() - start, 3), notes=notes, made_from=expected,
                   finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), host=socket.gethostname())
     try:
         write_json_atomic(record_path(out_dir, case.id), record)

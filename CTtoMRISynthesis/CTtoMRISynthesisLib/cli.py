@@ -80,11 +80,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     from .batch import run_batch
     from .case import CaseOptions
-    from .errors import CTMRIError
 
+    # Every synthesize option batch offers has a CaseOptions field of the same name.
     names = {f.name for f in dataclasses.fields(CaseOptions)}
-    if args.dicom and "dicom" not in names:
-        raise CTMRIError("--dicom is not available in this version; run without it")
     options = CaseOptions(**{k: v for k, v in vars(args).items() if k in names})
     outcome = run_batch(args.manifest, args.out_dir, options, jobs=args.jobs, shard=args.shard,
                         progress=False if args.quiet else None)
