@@ -268,6 +268,17 @@ def test_result_serialises_to_json(rire, rire_moved) -> None:
     assert np.allclose(data["matrix"], np.eye(3))
 
 
+@pytest.mark.parametrize("initializer", ["geometry", "moments"])
+@pytest.mark.parametrize("kind", [sitk.Euler3DTransform, sitk.Similarity3DTransform])
+def test_initial_transform_is_the_concrete_type(rire, rire_moved, rire_head, initializer, kind) -> None:
+    """SimpleITK 2.2/2.3 (Slicer 5.6/5.8) return a base sitk.Transform from CenteredTransformInitializer;
+    the registration needs the concrete type (GetCenter, SetTranslation) on every version."""
+    fixed, moving = (sitk.Cast(image, sitk.sitkFloat32) for image in (rire, rire_moved))  # as register() casts
+    start = reg._initial_transform(fixed, moving, rire_head, kind(), initializer)
+    assert type(start) is kind
+    assert len(start.GetCenter()) == 3
+
+
 # ----------------------------------------------------------------------------------------------
 # Loud failures
 # ----------------------------------------------------------------------------------------------
