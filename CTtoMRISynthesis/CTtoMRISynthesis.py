@@ -201,20 +201,26 @@ class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onCancel()
             return
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Failed to start the synthesis."), waitCursor=True):
-            # the box's text as it stands (a path typed but not accepted by the box never reached p.weightsPath)
-            weights = self.logic.weightsForRun(p.useShippedModel, self.ui.weightsPathLineEdit.currentPath)
-            self.logic.setupPythonRequirements(askConfirmation=True)
-            self._run = self.logic.startBackgroundRun(
-                p.ctVolume, p.mriVolume, device=p.device, registration=p.registration, weightsPath=weights
-            )
-            self._runInputs = (p.ctVolume, p.mriVolume)
-            self.ui.progressBar.value = 0
-            self.ui.progressBar.format = _("starting") + " (%p%)"
-            self.ui.progressBar.show()
-            self.ui.statusLabel.text = _("Running in the background; Slicer stays usable.")
-            self._updateButtons()
-            self._timer.start()
+        try:
+            # shows the error (details under "Show details"), then re-raises: caught below, so that a user's
+            # error (no model file, PyTorch declined, a label map as CT) leaves no traceback in the console
+            with slicer.util.tryWithErrorDisplay(_("Failed to start the synthesis."), waitCursor=True):
+                # the box's text as it stands (a path typed but not accepted by the box never reached p.weightsPath)
+                weights = self.logic.weightsForRun(p.useShippedModel, self.ui.weightsPathLineEdit.currentPath)
+                self.logic.setupPythonRequirements(askConfirmation=True)
+                self._run = self.logic.startBackgroundRun(
+                    p.ctVolume, p.mriVolume, device=p.device, registration=p.registration, weightsPath=weights
+                )
+        except Exception as exc:
+            self.ui.statusLabel.text = _("Not started: ") + str(exc)
+            return
+        self._runInputs = (p.ctVolume, p.mriVolume)
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.format = _("starting") + " (%p%)"
+        self.ui.progressBar.show()
+        self.ui.statusLabel.text = _("Running in the background; Slicer stays usable.")
+        self._updateButtons()
+        self._timer.start()
 
     def onPollWorker(self) -> None:
         run = self._run

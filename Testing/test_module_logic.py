@@ -334,3 +334,25 @@ def test_failed_and_cancelled_runs_say_so(widget, case, tmp_path) -> None:
     widget._run, widget._runInputs = run, (ct, None)
     widget.onPollWorker()
     assert widget.ui.statusLabel.text == "Cancelled; nothing was added." and len(widget.shown) == 1
+
+
+def test_a_run_that_cannot_start_says_why_without_raising(widget, scene, monkeypatch, tmp_path) -> None:
+    """E.g. no model file chosen: the dialog (via tryWithErrorDisplay) and the status line; nothing raised."""
+    import contextlib
+
+    shown = widget.shown
+
+    @contextlib.contextmanager
+    def try_with_error_display(message, waitCursor=False):  # Slicer's: show the error, then re-raise
+        try:
+            yield
+        except Exception as exc:
+            shown.append((f"{message}\n\n{exc}", {}))
+            raise
+
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", try_with_error_display)
+    widget._parameterNode.useShippedModel = False
+    widget.ui.weightsPathLineEdit.currentPath = ""
+    widget.onApplyButton()
+    assert widget.ui.statusLabel.text.startswith("Not started: No model file is chosen")
+    assert len(shown) == 1 and widget._run is None
