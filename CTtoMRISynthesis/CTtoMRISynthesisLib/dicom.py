@@ -884,9 +884,12 @@ def _slope_for(array) -> float:
 
 def _ds(value: float) -> str:
     """A decimal string (DS, at most 16 characters) as precise as it allows."""
-    from pydicom.valuerep import format_number_as_ds
-
-    return format_number_as_ds(float(value) + 0.0)  # + 0.0: never "-0"
+    value = float(value) + 0.0  # + 0.0: never "-0"
+    for digits in range(15, 0, -1):
+        text = f"{value:.{digits}g}"
+        if len(text) <= 16:
+            return text
+    raise ValueError(f"{value} cannot be written as a DICOM decimal string")
 
 
 def _save(ds, path: Path) -> None:
