@@ -350,11 +350,11 @@ def test_jobs_2_gives_the_results_of_jobs_1(jobs1, cohort: Path, tmp_path: Path)
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_leaving_only_complete_cases(cohort: Path, tmp_path: Path) -> None:
     """Ctrl-C at a terminal (SIGINT to the whole process group) while two workers run cases."""
-    rows = [(f"r{k}", str(cohort / "ct.nrrd"), str(cohort / "mri.nrrd")) for k in range(6)]
+    rows = [(f"r{k}", str(cohort / "ct.nrrd"), str(cohort / "mri.nrrd")) for k in range(8)]
     manifest = write_manifest(tmp_path / "cases.csv", rows)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "CTtoMRISynthesisLib.cli", "batch", "--manifest", str(manifest),
-               "--out-dir", str(out), "--jobs", "2", "--registration", "rigid", "--device", "cpu", "--quiet"]
+               "--out-dir", str(out), "--jobs", "2", *FAST]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + 120
@@ -367,7 +367,7 @@ def test_ctrl_c_stops_cleanly_leaving_only_complete_cases(cohort: Path, tmp_path
         assert "interrupted" in stderr and "rerun the same command to resume" in stderr
     finished = {r["id"] for r in json.loads((out / "summary.json").read_text())["cases"]}
     assert finished, "the case finished before Ctrl-C is kept"
-    for case in (out / f"r{k}" for k in range(6)):
+    for case in (out / f"r{k}" for k in range(8)):
         if case.name in finished:
             assert (case / "metrics.json").is_file() and (case / "synthetic_mri.nrrd").is_file()
         else:
@@ -377,7 +377,7 @@ def test_ctrl_c_stops_cleanly_leaving_only_complete_cases(cohort: Path, tmp_path
     from CTtoMRISynthesisLib.case import CaseOptions
     from CTtoMRISynthesisLib.weights import sha256_of
 
-    options = CaseOptions(registration="rigid", device="cpu")
+    options = CaseOptions(registration="none", device="cpu")
     sha = sha256_of(default_weights_path())
     for case in read_manifest(manifest):
         if case.id in finished:
