@@ -70,7 +70,8 @@ class CTtoMRISynthesisParameterNode:
     weightsPath - the model file chosen in the panel ("" for none). Plain text kept in step with the path box
         by the widget, not bound to it: ctkPathLineEdit emits currentPathChanged only for a path its filters
         accept (never for an empty box), and a pathlib.Path parameter would show "." for "none".
-    syntheticVolume, registeredVolume, differenceVolume, registrationTransform, metricsTable - outputs.
+    syntheticVolume, registeredVolume, differenceVolume, uncertaintyVolume, registrationTransform,
+        metricsTable - outputs (uncertaintyVolume: when the model estimates its per-voxel spread).
     """
 
     ctVolume: vtkMRMLScalarVolumeNode
@@ -82,6 +83,7 @@ class CTtoMRISynthesisParameterNode:
     syntheticVolume: vtkMRMLScalarVolumeNode
     registeredVolume: vtkMRMLScalarVolumeNode
     differenceVolume: vtkMRMLScalarVolumeNode
+    uncertaintyVolume: vtkMRMLScalarVolumeNode
     registrationTransform: vtkMRMLLinearTransformNode
     metricsTable: vtkMRMLTableNode
 
@@ -303,6 +305,7 @@ class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.psnrValueLabel.text = text["psnr"]
         self.ui.timeValueLabel.text = text["time"]
         self.ui.deviceValueLabel.text = text["device"]
+        self.ui.uncertaintyValueLabel.text = text["uncertainty"]
         # e.g. a likely CT/MRI swap or a GPU→CPU fallback: the user must see it; replaced, never appended
         self.ui.warningsLabel.text = text["warnings"]
         self.ui.warningsLabel.visible = bool(text["warnings"])
@@ -310,7 +313,8 @@ class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onShowResults(self) -> None:
         p = self._parameterNode
         if p and p.syntheticVolume:
-            outputs = {"synthetic_mri": p.syntheticVolume, "difference": p.differenceVolume}
+            outputs = {"synthetic_mri": p.syntheticVolume, "difference": p.differenceVolume,
+                       "uncertainty": p.uncertaintyVolume}
             self.logic.showResults(outputs, p.mriVolume, p.ctVolume)
 
 
@@ -414,7 +418,7 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
         :param progress: optional ``progress(fraction, step)`` callback; ``cancel``: optional callable
             returning True to stop (nothing is added then).
         :return: dict of the new nodes: "synthetic_mri", and with an MRI also "ct_registered",
-            "difference", "transform" and "table". Raises ``CTMRIError`` (a message saying what to
+            "difference", "transform" and "table"; "uncertainty" when the model estimates its spread. Raises ``CTMRIError`` (a message saying what to
             do) on bad input; the scene is then unchanged.
         """
         from CTtoMRISynthesisLib import mrml
@@ -508,6 +512,7 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
         parameterNode.syntheticVolume = outputs.get("synthetic_mri")
         parameterNode.registeredVolume = outputs.get("ct_registered")
         parameterNode.differenceVolume = outputs.get("difference")
+        parameterNode.uncertaintyVolume = outputs.get("uncertainty")
         parameterNode.registrationTransform = outputs.get("transform")
         parameterNode.metricsTable = outputs.get("table")
 
@@ -585,5 +590,5 @@ class CTtoMRISynthesisTest(ScriptedLoadableModuleTest):
     def test_ProcessWithoutReference(self):
         ctNode, _mri = self._sample()
         outputs = CTtoMRISynthesisLogic().process(ctNode, None, registration="none")
-        self.assertEqual(set(outputs), {"synthetic_mri"})
+        self.assertEqual(set(outputs) - {"uncertainty"}, {"synthetic_mri"})
         self.delayDisplay("Test passed")

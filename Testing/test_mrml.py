@@ -68,6 +68,12 @@ def load_node(path: Path, name: str):
     return node_from_image(sitk.ReadImage(str(path)), name)
 
 
+def expected_keys(base: set, outputs: dict) -> set:
+    """``base`` plus "uncertainty" when the pipeline's model estimated its spread (metrics.json then has
+    ``uncertainty_mean``): the nodes follow the result."""
+    return set(base) | ({"uncertainty"} if mrml.summary_of(outputs).get("uncertainty_mean") is not None else set())
+
+
 def scene_state(scene) -> list[tuple]:
     return [
         (scene.GetNthNode(i).GetID(), scene.GetNthNode(i).GetClassName(), scene.GetNthNode(i).GetName())
@@ -243,7 +249,7 @@ def test_unsuitable_nodes_are_refused(scene, rire_image, case) -> None:
 def test_run_adds_named_outputs_on_the_mri_grid(run_with_mri, case_files) -> None:
     outputs, scene = run_with_mri["outputs"], run_with_mri["scene"]
     base = "CT16"
-    assert set(outputs) == {"ct_registered", "synthetic_mri", "difference", "transform", "table"}
+    assert set(outputs) == expected_keys({"ct_registered", "synthetic_mri", "difference", "transform", "table"}, outputs)
     assert outputs["ct_registered"].GetName() == f"{base} registered"
     assert outputs["synthetic_mri"].GetName() == f"{base} synthetic MRI"
     assert outputs["difference"].GetName() == f"{base} difference"
@@ -427,7 +433,7 @@ def test_without_mri_only_the_synthetic_mri_is_added(scene, case_files, tiny_wei
     ct_file = sitk.ReadImage(str(case_files[0]))
     ct_node = node_from_image(ct_file, "CT only")
     outputs = mrml.run_on_nodes(scene, ct_node, None, weights=tiny_weights, device="cpu")
-    assert set(outputs) == {"synthetic_mri"}
+    assert set(outputs) == expected_keys({"synthetic_mri"}, outputs)
     np.testing.assert_allclose(node_matrix(outputs["synthetic_mri"]), expected_ijk_to_ras(ct_file), atol=1e-9)
     summary = mrml.summary_of(outputs)
     assert summary["device"] == "cpu" and "mae" not in summary
@@ -448,7 +454,8 @@ def test_outputs_are_gathered_in_a_folder_in_the_ct_study(scene, case_files, tin
     assert len(folders) == 1
     folder = folders.pop()
     assert sh.GetItemName(folder) == "CT synthesis" and sh.GetItemParent(folder) == study
-    assert sh.GetNumberOfItemChildren(folder) == len(outputs) == 5
+    assert sh.GetNumberOfItemChildren(folder) == len(outputs) == len(
+        expected_keys({"ct_registered", "synthetic_mri", "difference", "transform", "table"}, outputs))
     assert sh.GetItemParent(sh.GetItemByDataNode(ct_node)) == study  # the input stays where it was
     mrml.remove_outputs(scene, outputs)
     assert sh.GetItemChildWithName(study, "CT synthesis") == 0
@@ -706,3 +713,97 @@ def test_default_ct_skips_label_maps_the_mri_outputs_and_hidden_nodes(scene, har
     assert mrml.default_ct_node(scene, exclude=[mri]) is ct, "not the node chosen as MRI"
     assert mrml.default_ct_node(scene, exclude=[None, mri, ct]) is None
     assert output.GetAttribute(mrml.ROLE_ATTRIBUTE) == "synthetic_mri"
+
+
+# ------------------------------------------------------------------------------------------------
+# the uncertainty map (issue 11): a result whose `uncertainty` is set
+
+
+@pytest.fixture(scope="module")
+def result_with_uncertainty(case_files, tiny_weights):
+    """A real run's result with an uncertainty map made from its own output where the pipeline has none yet:
+    the gradient magnitude of the synthetic MRI (0..255 scale, ≥ 0, zero outside the head), and its mean in
+    the head as metrics.json's ``uncertainty_mean``."""
+    from CTtoMRISynthesisLib.pipeline import synthesize
+
+    ct, mri = (sitk.ReadImage(str(path)) for path in case_files)
+    result = synthesize(ct, mri, weights=tiny_weights, device="cpu", registration="none")
+    if result.uncertainty is None:
+        synthetic = sitk.Cast(result.synthetic_mri, sitk.sitkFloat32)
+        head = sitk.Cast(synthetic > 0, sitk.sitkFloat32)
+        spread = sitk.Clamp(sitk.GradientMagnitude(synthetic) * head, sitk.sitkFloat32, 0.0, 255.0)
+        spread.CopyInformation(result.synthetic_mri)
+        result.uncertainty = spread
+        values = sitk.GetArrayFromImage(spread)[sitk.GetArrayFromImage(head) > 0]
+        result.metrics["uncertainty_mean"] = float(values.mean())
+    return result
+
+
+def _luminance(rgb) -> float:
+    return 0.30 * rgb[0] + 0.59 * rgb[1] + 0.11 * rgb[2]  # the weights cubehelix is built on
+
+
+def _check_uncertainty_node(scene, outputs, result, base: str) -> None:
+    node = outputs["uncertainty"]
+    assert node.GetName() == f"{base} uncertainty" and node.GetAttribute(mrml.ROLE_ATTRIBUTE) == "uncertainty"
+    assert scene.IsNodePresent(node)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(node), sitk.GetArrayFromImage(result.uncertainty))
+    np.testing.assert_allclose(node_matrix(node), node_matrix(outputs["synthetic_mri"]), atol=1e-9)
+    colours = node.GetDisplayNode().GetColorNode()
+    assert colours.GetName() == mrml.UNCERTAINTY_COLOR_NAME and colours.GetNumberOfColors() == 256
+    assert colours.GetAttribute(mrml.ROLE_ATTRIBUTE) == "uncertainty colormap"
+    table = [colours.GetLookupTable().GetTableValue(i)[:3] for i in range(256)]
+    assert table[0] == (0.0, 0.0, 0.0), "black where there is no spread (and outside the head)"
+    lum = [_luminance(c) for c in table]
+    assert all(b >= a - 1e-3 for a, b in zip(lum, lum[1:])) and lum[-1] > 0.95, "sequential: brightness rises"
+    display = node.GetDisplayNode()
+    top = mrml.uncertainty_window(result.uncertainty)
+    assert not display.GetAutoWindowLevel() and display.GetWindow() == pytest.approx(top)
+    assert display.GetLevel() == pytest.approx(top / 2)
+    summary = mrml.summary_of(outputs)
+    assert summary["uncertainty_mean"] == pytest.approx(result.summary()["uncertainty_mean"])
+    assert mrml.metrics_panel_text(summary)["uncertainty"] == f"{summary['uncertainty_mean']:.2f} (0..255)"
+    volume_row = mrml.table_rows(outputs["table"])[0]
+    assert volume_row["Scope"] == "volume" and volume_row["Uncertainty mean"] == pytest.approx(summary["uncertainty_mean"])
+    sh = slicer.vtkMRMLSubjectHierarchyNode.ResolveSubjectHierarchy(scene)
+    folder = sh.GetItemParent(sh.GetItemByDataNode(outputs["synthetic_mri"]))
+    assert sh.GetItemParent(sh.GetItemByDataNode(node)) == folder and sh.GetItemName(folder) == f"{base} synthesis"
+
+
+def test_uncertainty_node_is_added_coloured_and_removed_with_the_outputs(scene, case_files, result_with_uncertainty,
+                                                                         tiny_weights, monkeypatch) -> None:
+    from CTtoMRISynthesisLib import pipeline
+
+    ct_node, mri_node = load_node(case_files[0], "CT16"), load_node(case_files[1], "MR16")
+    monkeypatch.setattr(pipeline, "synthesize", lambda *args, **kwargs: result_with_uncertainty)  # the run above
+    before = scene_state(scene)
+    outputs = mrml.run_on_nodes(scene, ct_node, mri_node, weights=tiny_weights, device="cpu", registration="none")
+    assert set(outputs) == {"ct_registered", "synthetic_mri", "difference", "uncertainty", "transform", "table"}
+    _check_uncertainty_node(scene, outputs, result_with_uncertainty, "CT16")
+    colour_id = outputs["uncertainty"].GetDisplayNode().GetColorNodeID()
+
+    again = mrml.run_on_nodes(scene, ct_node, mri_node, weights=tiny_weights, device="cpu", registration="none")
+    assert again["uncertainty"].GetDisplayNode().GetColorNodeID() == colour_id, "the colour table is made once"
+    mrml.remove_outputs(scene, again)
+    mrml.remove_outputs(scene, outputs)
+    assert all(node.GetScene() is None for node in outputs.values())
+    colour = scene.GetNodeByID(colour_id)
+    assert colour is not None, "the shared colour table stays"
+    left = [state for state in scene_state(scene) if state not in before]
+    assert {cls for _, cls, _ in left} == {"vtkMRMLColorTableNode"}, left
+
+
+def test_uncertainty_from_the_worker_folder(scene, case_files, result_with_uncertainty, tmp_path) -> None:
+    """What the panel loads: save_outputs writes uncertainty.nrrd, add_outputs_from_folder adds the same node."""
+    from CTtoMRISynthesisLib.pipeline import OUTPUT_FILES, save_outputs
+
+    save_outputs(result_with_uncertainty, tmp_path / "out")
+    assert (tmp_path / "out" / OUTPUT_FILES["uncertainty"]).is_file()
+    ct_node = load_node(case_files[0], "CT16")
+    outputs = mrml.add_outputs_from_folder(scene, tmp_path / "out", "CT16", ct_node)
+    _check_uncertainty_node(scene, outputs, result_with_uncertainty, "CT16")
+    n_before = scene.GetNumberOfNodes()
+    mrml.remove_outputs(scene, outputs)
+    assert outputs["uncertainty"].GetScene() is None and scene.GetNumberOfNodes() < n_before
+    plan = mrml.review_plan(outputs, None, ct_node)
+    assert [e["role"] for e in plan] == ["ct", "synthetic", "difference", "uncertainty"]

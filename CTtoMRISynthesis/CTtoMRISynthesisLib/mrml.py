@@ -43,8 +43,9 @@ FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
 ROLE_ATTRIBUTE = "CTtoMRISynthesis.role"
 SUMMARY_ATTRIBUTE = "CTtoMRISynthesis.summary"
 DIFFERENCE_COLOR_NAME = "CTtoMRISynthesis difference (blue-black-red)"
+UNCERTAINTY_COLOR_NAME = "CTtoMRISynthesis uncertainty (cubehelix)"
 
-OUTPUT_KEYS = ("ct_registered", "synthetic_mri", "difference", "transform", "table")
+OUTPUT_KEYS = ("ct_registered", "synthetic_mri", "difference", "uncertainty", "transform", "table")
 
 # Table columns: (title, metrics.json key, unit, description)
 TABLE_COLUMNS = (
@@ -53,6 +54,10 @@ TABLE_COLUMNS = (
     ("SSIM foreground", "ssim_foreground", "", "SSIM map averaged over foreground voxels"),
     ("PSNR", "psnr", "dB", "peak signal-to-noise ratio, data range 255 (volume only)"),
     ("MAE whole", "mae_whole", "0..255", "mean absolute error over all voxels"),
+)
+# Columns added only when metrics.json has the value (a model that estimates its own spread).
+OPTIONAL_TABLE_COLUMNS = (
+    ("Uncertainty mean", "uncertainty_mean", "0..255", "mean per-voxel spread of the prediction inside the head"),
 )
 
 
@@ -297,15 +302,17 @@ def add_metrics_table(scene, summary: dict, name: str):
 
     Columns: Scope ("volume" / "slice"), Slice (index in canonical axial order, inferior → superior;
     empty for the volume row), Foreground voxels, then MAE, SSIM, SSIM foreground, PSNR, MAE whole
-    (NaN where a value does not exist: slices without foreground, PSNR per slice). The node's
-    ``CTtoMRISynthesis.summary`` attribute holds the whole metrics.json content.
+    (NaN where a value does not exist: slices without foreground, PSNR per slice), and Uncertainty mean
+    when metrics.json has ``uncertainty_mean``. The node's ``CTtoMRISynthesis.summary`` attribute holds the
+    whole metrics.json content.
     """
     import vtk
 
+    columns = TABLE_COLUMNS + tuple(c for c in OPTIONAL_TABLE_COLUMNS if summary.get(c[1]) is not None)
     per_slice = summary.get("per_slice") or []
-    rows = [("volume", "", summary.get("foreground_voxels"), {k: summary.get(k) for _, k, _, _ in TABLE_COLUMNS})]
+    rows = [("volume", "", summary.get("foreground_voxels"), {k: summary.get(k) for _, k, _, _ in columns})]
     for entry in per_slice:
-        values = {k: entry.get(k) for _, k, _, _ in TABLE_COLUMNS}
+        values = {k: entry.get(k) for _, k, _, _ in columns}
         rows.append(("slice", str(entry["index"]), entry.get("foreground_voxels"), values))
 
     table = vtk.vtkTable()
@@ -316,7 +323,7 @@ def add_metrics_table(scene, summary: dict, name: str):
     voxels = vtk.vtkIntArray()
     voxels.SetName("Foreground voxels")
     numeric = []
-    for title, _, _, _ in TABLE_COLUMNS:
+    for title, _, _, _ in columns:
         column = vtk.vtkDoubleArray()
         column.SetName(title)
         numeric.append(column)
@@ -324,7 +331,7 @@ def add_metrics_table(scene, summary: dict, name: str):
         scope.InsertNextValue(row_scope)
         index.InsertNextValue(row_index)
         voxels.InsertNextValue(int(row_voxels or 0))
-        for column, (_, key, _, _) in zip(numeric, TABLE_COLUMNS):
+        for column, (_, key, _, _) in zip(numeric, columns):
             column.InsertNextValue(_nan(values[key]))
     for column in (scope, index, voxels, *numeric):
         table.AddColumn(column)
@@ -334,7 +341,7 @@ def add_metrics_table(scene, summary: dict, name: str):
     node.SetUseColumnTitleAsColumnHeader(True)
     node.SetColumnDescription("Slice", "axial slice index in canonical (LPS) order, inferior to superior")
     node.SetColumnDescription("Foreground voxels", "voxels where the reference MRI > 0")
-    for title, _, unit, description in TABLE_COLUMNS:
+    for title, _, unit, description in columns:
         node.SetColumnDescription(title, description)
         if unit:
             node.SetColumnUnitLabel(title, unit)
@@ -383,6 +390,49 @@ def _difference_colormap(scene, created: list):
     return node
 
 
+def cubehelix(fraction: float, start: float = 0.5, rotations: float = -1.5, hue: float = 1.2) -> tuple:
+    """Colour of D. A. Green's cubehelix scheme (2011) at ``fraction`` 0..1: brightness rises monotonically
+    from black to white while the hue turns, so the map reads as an ordered quantity, also in grey print."""
+    angle = 2.0 * np.pi * (start / 3.0 + 1.0 + rotations * fraction)
+    amplitude = hue * fraction * (1.0 - fraction) / 2.0
+    cos, sin = np.cos(angle), np.sin(angle)
+    rgb = (
+        fraction + amplitude * (-0.14861 * cos + 1.78277 * sin),
+        fraction + amplitude * (-0.29227 * cos - 0.90649 * sin),
+        fraction + amplitude * (1.97294 * cos),
+    )
+    return tuple(float(min(max(c, 0.0), 1.0)) for c in rgb)
+
+
+def _uncertainty_colormap(scene, created: list):
+    """The sequential colour table for uncertainty maps: reuse ours if the scene has it, else make it once.
+
+    Black at 0 (no spread, and everywhere outside the head) rising to white at the window's top.
+    """
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode")
+        if node.GetAttribute(ROLE_ATTRIBUTE) == "uncertainty colormap":
+            return node
+    node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", UNCERTAINTY_COLOR_NAME)
+    created.append(node)
+    node.SetTypeToUser()
+    node.SetNumberOfColors(256)
+    node.SetAttribute(ROLE_ATTRIBUTE, "uncertainty colormap")
+    for i in range(256):
+        r, g, b = cubehelix(i / 255.0)
+        node.SetColor(i, f"{i / 2.55:.0f}%", r, g, b, 1.0)
+    return node
+
+
+def uncertainty_window(uncertainty: sitk.Image) -> float:
+    """Top of the uncertainty display window: the 99.5th percentile of the values > 0 (at least 1)."""
+    values = sitk.GetArrayViewFromImage(uncertainty)
+    values = values[values > 0]
+    if values.size == 0:
+        return 1.0
+    return float(max(1.0, np.ceil(np.percentile(values, 99.5))))
+
+
 def difference_window(difference: sitk.Image) -> float:
     """Half-width of a display window symmetric around 0 (99.5th percentile of |difference| ≠ 0, ≥ 1)."""
     values = np.abs(sitk.GetArrayViewFromImage(difference))
@@ -407,13 +457,15 @@ def add_result_nodes(
     base_name: str,
     ct_registered: Optional[sitk.Image] = None,
     difference: Optional[sitk.Image] = None,
+    uncertainty: Optional[sitk.Image] = None,
     transform: Optional[sitk.Transform] = None,
     ct_node=None,
 ) -> dict:
     """Add the output nodes of one synthesis; all or nothing.
 
-    Returns ``{"synthetic_mri": node, and where available "ct_registered", "difference", "transform",
-    "table"}``. On any error every node added here is removed again and the error is raised.
+    Returns ``{"synthetic_mri": node, and where available "ct_registered", "difference", "uncertainty",
+    "transform", "table"}``. The uncertainty node gets its own sequential colour table (made once per scene,
+    like the difference map's diverging one). On any error every node added here is removed again and the error is raised.
     ``ct_node`` (the input CT, only read) gives the registered CT its window/level, and the outputs are
     gathered in a subject-hierarchy folder "<base_name> synthesis" beside it (in its patient/study),
     so they show up with the patient in the Data module.
@@ -443,6 +495,15 @@ def add_result_nodes(
             if node.GetDisplayNode() is not None:
                 node.GetDisplayNode().SetAndObserveColorNodeID(colormap.GetID())
                 _set_window(node, 2.0 * difference_window(difference), 0.0)
+        if uncertainty is not None:
+            node = add_volume_node(scene, uncertainty, f"{base_name} uncertainty", "uncertainty")
+            created.append(node)
+            outputs["uncertainty"] = node
+            colormap = _uncertainty_colormap(scene, created)
+            if node.GetDisplayNode() is not None:
+                node.GetDisplayNode().SetAndObserveColorNodeID(colormap.GetID())
+                top = uncertainty_window(uncertainty)
+                _set_window(node, top, top / 2.0)  # 0 (black) .. top (white)
         if transform is not None:
             node = add_transform_node(scene, transform, f"{base_name} registration")
             created.append(node)
@@ -561,12 +622,13 @@ def run_on_nodes(
     Runs :func:`pipeline.synthesize` (the same path as ``ctmri synthesize``) on copies of the
     nodes' voxels in world coordinates, then adds NEW nodes only if everything succeeded:
     "<CT> registered" and "<CT> difference" (with a reference MRI), "<CT> synthetic MRI",
-    "<CT> registration" (linear transform; its ToParent moves the CT onto the MRI) and the table
-    "<CT> synthesis metrics". Inputs are never modified. On an error or a cancel (``cancel()``
-    returning True) it raises ``CTMRIError`` / ``CancelledError`` and the scene is as it was.
+    "<CT> uncertainty" (when the model estimates its spread), "<CT> registration" (linear transform; its
+    ToParent moves the CT onto the MRI) and the table "<CT> synthesis metrics". Inputs are never modified.
+    On an error or a cancel (``cancel()`` returning True) it raises ``CTMRIError`` / ``CancelledError`` and
+    the scene is as it was.
 
     Returns ``{"synthetic_mri": node, "ct_registered": node, "difference": node, "transform": node,
-    "table": node}`` (the last four only with an MRI). The synthetic MRI node's
+    "table": node}`` (the last four only with an MRI), plus "uncertainty" when the result has one. The synthetic MRI node's
     ``CTtoMRISynthesis.summary`` attribute holds the content of metrics.json (device, time, metrics).
     """
     from .pipeline import synthesize
@@ -587,6 +649,7 @@ def run_on_nodes(
         synthetic_mri=result.synthetic_mri,
         ct_registered=result.ct_registered,
         difference=result.difference,
+        uncertainty=getattr(result, "uncertainty", None),
         transform=result.transform,
         summary=result.summary(),
         base_name=base_name or ct_node.GetName() or "CT",
@@ -620,6 +683,7 @@ def add_outputs_from_folder(scene, folder, base_name: str, ct_node=None) -> dict
         synthetic_mri=read_volume(synthetic_path, "synthetic MRI"),
         ct_registered=optional_volume("ct_registered"),
         difference=optional_volume("difference"),
+        uncertainty=optional_volume("uncertainty") if "uncertainty" in OUTPUT_FILES else None,
         transform=transform,
         summary=summary,
         base_name=base_name,
@@ -781,8 +845,8 @@ def summary_of(outputs: dict) -> dict:
 
 
 def metrics_panel_text(summary: dict) -> dict:
-    """Text for the module's metrics panel: mae, ssim, psnr, time, device ("-" where unknown), and
-    warnings (one per line; "" when there are none: e.g. a likely CT/MRI swap or a CPU fallback)."""
+    """Text for the module's metrics panel: mae, ssim, psnr, time, device, uncertainty (mean in the head; "-"
+    where unknown), and warnings (one per line; "" when there are none: e.g. a likely CT/MRI swap or a CPU fallback)."""
 
     def fmt(key, pattern):
         value = summary.get(key)
@@ -799,5 +863,6 @@ def metrics_panel_text(summary: dict) -> dict:
         "psnr": psnr_text,
         "time": fmt("seconds", "{:.1f} s"),
         "device": str(summary.get("device") or "-"),
+        "uncertainty": fmt("uncertainty_mean", "{:.2f} (0..255)"),
         "warnings": "\n".join(f"Warning: {w}" for w in summary.get("warnings") or []),
     }
