@@ -247,6 +247,7 @@ def _analyse(series: Series) -> None:
     if "LOCALIZER" in series.image_type:
         series.plane = "localizer"
         series.problem = "it is a localizer (scout), not a volume"
+        series.notes.append("scout: not a volume")
         return
     if any(f.frames > 1 for f in files):
         series.problem = (
