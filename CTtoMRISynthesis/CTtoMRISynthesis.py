@@ -348,12 +348,15 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
         """Make sure what the synthesis needs is installed, asking first; raise ``InstallError`` if not.
 
         PyTorch comes through the PyTorch extension (``PyTorchUtils`` picks a build for the GPU/CPU);
-        an installed PyTorch older than ``dependencies.MINIMUM_TORCH`` is refused with what to do. The
-        other packages (``dependencies.PIP_REQUIREMENTS``) are installed with ``slicer.util.pip_install``.
+        an installed PyTorch older than ``dependencies.minimum_torch(numpy.__version__)`` is refused with what
+        to do. The other packages (``dependencies.PIP_REQUIREMENTS``) are installed with ``slicer.util.pip_install``.
         """
+        import numpy
+
         from CTtoMRISynthesisLib import dependencies
 
-        problem = dependencies.torch_problem(self._torchVersion(askConfirmation))
+        minimum = dependencies.minimum_torch(numpy.__version__)  # NumPy 2 (Slicer 5.10) needs a newer PyTorch
+        problem = dependencies.torch_problem(self._torchVersion(askConfirmation, minimum), minimum)
         if problem:
             raise InstallError(problem)
         missing = dependencies.missing_requirements()
@@ -370,7 +373,7 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
                 raise InstallError(dependencies.packages_not_installed_message(missing))
 
     @staticmethod
-    def _torchVersion(askConfirmation: bool) -> str:
+    def _torchVersion(askConfirmation: bool, minimum: str) -> str:
         """The version of the PyTorch Slicer has, installing it through PyTorchUtils (after asking) if absent.
 
         As SlicerTotalSegmentator does: ``torchLogic.torch.__version__``. Without the PyTorch extension a
@@ -391,7 +394,7 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         if not torchLogic.torchInstalled():
             torch = torchLogic.installTorch(
-                askConfirmation=askConfirmation, torchVersionRequirement=dependencies.torch_requirement()
+                askConfirmation=askConfirmation, torchVersionRequirement=dependencies.torch_requirement(minimum)
             )
             if torch is None:
                 raise InstallError(dependencies.TORCH_NOT_INSTALLED)

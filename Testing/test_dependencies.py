@@ -17,16 +17,30 @@ from CTtoMRISynthesisLib import dependencies
 LIB = REPO / "CTtoMRISynthesis" / "CTtoMRISynthesisLib"
 
 
-@pytest.mark.parametrize("version", ["2.4.0", "2.4.1+cpu", "2.8.0+cu126", "2.8.0", "2.13.0", "3.0", "2.4.0a0+git1234"])
-def test_usable_torch_versions_pass(version: str) -> None:
-    assert dependencies.torch_problem(version) is None
+@pytest.mark.parametrize("numpy_version, minimum", [
+    ("1.26.1", "2.0"),  # Slicer 5.6
+    ("1.26.4", "2.0"),  # Slicer 5.8
+    ("2.0.2", "2.4"),  # Slicer 5.10
+    ("2.3.5", "2.4"),
+    (None, "2.0"),
+])
+def test_minimum_torch_follows_numpy(numpy_version, minimum) -> None:
+    assert dependencies.minimum_torch(numpy_version) == minimum
 
 
-@pytest.mark.parametrize("version", ["2.3.1", "2.0.0+cpu", "1.13.1", "2.3.1+cu121"])
-def test_old_torch_is_refused_with_what_to_do(version: str) -> None:
-    message = dependencies.torch_problem(version)
-    assert message.startswith(f"PyTorch {version} is installed, but this module needs PyTorch 2.4 or newer")
-    assert "PyTorch Utils" in message and "'>=2.4'" in message and "restart" in message
+@pytest.mark.parametrize("version", ["2.0.0", "2.2.2", "2.4.1+cpu", "2.8.0+cu126", "2.13.0", "3.0", "2.0.0a0+git1234"])
+def test_usable_torch_versions_pass_beside_numpy_1(version: str) -> None:
+    """Slicer 5.6 / 5.8: up to 2.8 (Python 3.9), 2.2.2 on macOS (x86_64) – all must be accepted."""
+    assert dependencies.torch_problem(version, dependencies.minimum_torch("1.26.1")) is None
+
+
+@pytest.mark.parametrize("version, numpy_version", [("1.13.1", "1.26.1"), ("2.3.1+cu121", "2.0.2"), ("2.2.2", "2.0.2")])
+def test_old_torch_is_refused_with_what_to_do(version: str, numpy_version: str) -> None:
+    minimum = dependencies.minimum_torch(numpy_version)
+    message = dependencies.torch_problem(version, minimum)
+    assert message.startswith(f"PyTorch {version} is installed, but this module needs PyTorch {minimum} or newer")
+    assert "PyTorch Utils" in message and f"'>={minimum}'" in message and "restart" in message
+    assert ("NumPy 2" in message) == numpy_version.startswith("2")
 
 
 @pytest.mark.parametrize("version", [None, "", "not-a-version"])
@@ -39,13 +53,15 @@ def test_version_reading_without_packaging(monkeypatch) -> None:
     """The fallback parser (where `packaging` is missing) reaches the same decisions."""
     monkeypatch.setitem(sys.modules, "packaging", None)  # makes `import packaging...` raise ImportError
     monkeypatch.setitem(sys.modules, "packaging.version", None)
-    assert dependencies.torch_problem("2.8.0+cu126") is None
-    assert dependencies.torch_problem("2.3.1") is not None
-    assert dependencies.torch_problem("2.4") is None
+    assert dependencies.torch_problem("2.8.0+cu126", "2.4") is None
+    assert dependencies.torch_problem("2.3.1", "2.4") is not None
+    assert dependencies.torch_problem("2.4", "2.4") is None
+    assert dependencies.minimum_torch("2.0.2") == "2.4" and dependencies.minimum_torch("1.26.1") == "2.0"
 
 
 def test_install_requirement_matches_the_minimum() -> None:
     assert dependencies.torch_requirement() == ">=" + dependencies.MINIMUM_TORCH
+    assert dependencies.torch_requirement("2.4") == ">=2.4"
     assert dependencies.torch_problem(dependencies.MINIMUM_TORCH) is None
 
 
@@ -69,13 +85,13 @@ def _torch_attributes_used(path) -> set:
 
 
 def test_minimum_torch_covers_what_the_inference_code_uses() -> None:
-    """No torch API the inference path uses is newer than ``MINIMUM_TORCH``.
+    """No torch API the inference path uses (as ``torch.<name>``) is newer than ``MINIMUM_TORCH``.
 
     The table lists first-level torch names added after PyTorch 2.0, with the release that added them
-    (PyTorch release notes / pull requests); the code's use of ``torch.OutOfMemoryError`` is what sets 2.4.
+    (PyTorch release notes / pull requests). Newer APIs are used only through ``getattr`` with a fallback.
     """
     introduced = {
-        "OutOfMemoryError": (2, 4),  # pytorch/pytorch#121702
+        "OutOfMemoryError": (2, 4),  # pytorch/pytorch#121702; torch.cuda.OutOfMemoryError is the 2.0 name
         "get_default_device": (2, 3),
         "uint16": (2, 3), "uint32": (2, 3), "uint64": (2, 3),
         "float8_e4m3fn": (2, 1), "float8_e5m2": (2, 1),
@@ -85,6 +101,6 @@ def test_minimum_torch_covers_what_the_inference_code_uses() -> None:
     used = set()
     for name in ("synthesis.py", "model.py", "weights.py", "pipeline.py"):
         used |= _torch_attributes_used(LIB / name)
-    assert "OutOfMemoryError" in used or minimum < (2, 4), "the reason for 2.4 went away: lower MINIMUM_TORCH"
+    assert "cuda" in used, "the scan sees the library's torch uses"
     for name in sorted(used & set(introduced)):
         assert introduced[name] <= minimum, f"torch.{name} needs PyTorch {introduced[name]}, above MINIMUM_TORCH"

@@ -203,8 +203,14 @@ def test_requirements_pass_with_this_environment(module) -> None:
 
 
 def test_old_torch_in_slicer_is_refused_with_instructions(module, monkeypatch) -> None:
-    calls = _pytorch_utils(monkeypatch, "2.3.1+cu121")
-    with pytest.raises(module.InstallError, match=r"PyTorch 2.3.1\+cu121 is installed, but this module needs PyTorch 2.4") as info:
+    import numpy
+
+    from CTtoMRISynthesisLib import dependencies
+
+    minimum = dependencies.minimum_torch(numpy.__version__)
+    calls = _pytorch_utils(monkeypatch, "1.13.1+cu117")
+    with pytest.raises(module.InstallError,
+                       match=rf"PyTorch 1.13.1\+cu117 is installed, but this module needs PyTorch {minimum}") as info:
         module.CTtoMRISynthesisLogic().setupPythonRequirements(askConfirmation=False)
     assert "PyTorch Utils" in str(info.value)
     assert calls == [], "an installed PyTorch is never replaced without the user"
@@ -212,7 +218,7 @@ def test_old_torch_in_slicer_is_refused_with_instructions(module, monkeypatch) -
 
 @pytest.mark.parametrize("version", ["2.8.0+cu126", "2.4.0"])
 def test_torch_that_python_39_can_have_is_accepted(module, monkeypatch, version) -> None:
-    """Slicer 5.6/5.8 (Python 3.9) can install at most PyTorch 2.8: that must be enough."""
+    """Slicer 5.6/5.8 (Python 3.9) can install at most PyTorch 2.8: that must be enough (with any NumPy)."""
     _pytorch_utils(monkeypatch, version)
     module.CTtoMRISynthesisLogic().setupPythonRequirements(askConfirmation=False)
 
@@ -223,7 +229,10 @@ def test_missing_torch_is_installed_with_the_real_minimum(module, monkeypatch) -
     calls = _pytorch_utils(monkeypatch, None, install_returns=False)
     with pytest.raises(module.InstallError, match="PyTorch is needed"):
         module.CTtoMRISynthesisLogic().setupPythonRequirements(askConfirmation=True)
-    assert calls == [{"askConfirmation": True, "torchVersionRequirement": ">=" + dependencies.MINIMUM_TORCH}]
+    import numpy
+
+    minimum = dependencies.minimum_torch(numpy.__version__)
+    assert calls == [{"askConfirmation": True, "torchVersionRequirement": ">=" + minimum}]
 
 
 # ------------------------------------------------------------------------------------------------

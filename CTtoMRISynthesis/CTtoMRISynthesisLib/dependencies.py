@@ -4,12 +4,16 @@ The module (``CTtoMRISynthesis.py``) asks before installing anything: PyTorch th
 extension (``PyTorchUtils``), the other packages with ``slicer.util.pip_install``. The decisions and the
 messages live here so that they can be tested without Slicer.
 
-Why PyTorch 2.4: the weights are safetensors files (tensors only, nothing unpickled), so no PyTorch
-version is needed for safety. What the code itself uses sets the floor: ``torch.OutOfMemoryError``
-(``synthesis.py``, catching out-of-memory on any device) exists from PyTorch 2.4 (pytorch/pytorch#121702);
-everything else the inference path uses (``inference_mode``, ``autocast(device_type=...)``,
-``channels_last``, ``torch.backends.mps``) is older. Slicer 5.6 and 5.8 (Python 3.9) can install up to
-PyTorch 2.8, Slicer 5.10 (Python 3.12) the newest.
+Which PyTorch: the weights are safetensors files (tensors only, nothing unpickled), so no PyTorch version
+is needed for safety; what the inference code uses is all in PyTorch 2.0 (``inference_mode``,
+``autocast(device_type=...)``, ``channels_last``, ``torch.backends.mps``, ``torch.cuda.OutOfMemoryError``;
+``torch.OutOfMemoryError`` of 2.4 only where it exists). The NumPy beside it sets the other bound:
+PyTorch ≤ 2.2 is built against NumPy 1.x and cannot exchange arrays with NumPy 2 (pytorch/pytorch#107302);
+2.4 is taken as the first built for NumPy 2. So:
+
+- Slicer 5.6 / 5.8 (Python 3.9, NumPy 1.26): PyTorch 2.0 – 2.8 (2.8 is the newest for Python 3.9); on
+  macOS, where Slicer runs as x86_64, 2.2.2 is the newest there is.
+- Slicer 5.10 (Python 3.12, NumPy 2.0.2): PyTorch 2.4 or newer (none for macOS x86_64).
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import importlib.util
 import re
 from typing import Callable, Iterable, Optional, Sequence, Tuple
 
-#: The oldest PyTorch the library runs with (see the module docstring).
-MINIMUM_TORCH = "2.4"
+#: The oldest PyTorch the library runs with beside NumPy 1.x, and beside NumPy 2 (see the module docstring).
+MINIMUM_TORCH = "2.0"
+MINIMUM_TORCH_NUMPY2 = "2.4"
 
 #: Packages the library needs beyond what Slicer ships: (import name, pip requirement).
 #: scipy ships with Slicer (5.6: 1.11.3), so it is only installed where it is missing.
@@ -43,8 +48,14 @@ PACKAGES_NOT_INSTALLED = (
 )
 
 
+def minimum_torch(numpy_version: Optional[str] = None) -> str:
+    """The oldest usable PyTorch beside this NumPy (``numpy.__version__``; None: NumPy 1.x)."""
+    release = _release(numpy_version) if numpy_version else None
+    return MINIMUM_TORCH_NUMPY2 if release is not None and release[0] >= 2 else MINIMUM_TORCH
+
+
 def torch_requirement(minimum: str = MINIMUM_TORCH) -> str:
-    """The version requirement given to ``PyTorchUtilsLogic.installTorch`` (e.g. ``">=2.4"``)."""
+    """The version requirement given to ``PyTorchUtilsLogic.installTorch`` (e.g. ``">=2.0"``)."""
     return f">={minimum}"
 
 
@@ -73,8 +84,8 @@ def _padded(release: tuple, length: int = 3) -> tuple:
 def torch_problem(version: Optional[str], minimum: str = MINIMUM_TORCH) -> Optional[str]:
     """Why the installed PyTorch cannot be used, with what to do; None if it is new enough.
 
-    A pre-release of the minimum (e.g. "2.4.0a0") counts as the minimum: only the release numbers are
-    compared, as a development build of 2.4 has what 2.4 has.
+    ``minimum``: from :func:`minimum_torch`. A pre-release of the minimum (e.g. "2.4.0a0") counts as the
+    minimum: only the release numbers are compared, as a development build of 2.4 has what 2.4 has.
     """
     how = (
         f"Open the PyTorch Utils module (Modules > Utilities > PyTorch Utils), uninstall PyTorch and restart "
@@ -88,7 +99,8 @@ def torch_problem(version: Optional[str], minimum: str = MINIMUM_TORCH) -> Optio
     if release is None:
         return f"Cannot read the installed PyTorch version ({version!r}); it may be damaged. " + how
     if _padded(release) < _padded(wanted):
-        return f"PyTorch {version} is installed, but this module needs PyTorch {minimum} or newer. " + how
+        why = " beside Slicer's NumPy 2" if minimum == MINIMUM_TORCH_NUMPY2 else ""
+        return f"PyTorch {version} is installed, but this module needs PyTorch {minimum} or newer{why}. " + how
     return None
 
 

@@ -61,7 +61,8 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the RuntimeError MPS and the CPU allocator raise when memory runs out."""
     import torch
 
-    if isinstance(exc, torch.OutOfMemoryError):
+    # torch.OutOfMemoryError exists from PyTorch 2.4; torch.cuda.OutOfMemoryError (its older name) since 1.13
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError):
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
