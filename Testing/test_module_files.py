@@ -202,6 +202,18 @@ def test_module_cmake_lists_every_python_file_and_resource() -> None:
     assert "Resources\" / \"model_weights\"" in Path(weights.__file__).read_text().replace("'", '"')
 
 
+def test_extension_installs_the_shipped_model_file() -> None:
+    """The model-file glob in the module's CMakeLists matches the shipped model and its checksum file."""
+    import fnmatch
+
+    from CTtoMRISynthesisLib import weights
+
+    block = re.search(r"file\(GLOB MODULE_MODEL_FILES(.*?)\)", (MODULE / "CMakeLists.txt").read_text(), re.S).group(1)
+    patterns = [Path(p).name for p in re.findall(r"\.\./model_weights/(\S+)", block)]
+    for name in (weights.SHIPPED_NAME, weights.checksum_path(weights.SHIPPED_NAME).name):
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), (name, patterns)
+
+
 def test_extension_cmake_and_license() -> None:
     text = (REPO / "CMakeLists.txt").read_text()
     fields = dict(re.findall(r'set\((EXTENSION_\w+)\s+"([^"]*)"\)', text))
