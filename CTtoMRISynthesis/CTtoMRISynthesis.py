@@ -167,7 +167,9 @@ class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.ui.weightsPathLineEdit.currentPath = CTtoMRISynthesisLogic.displayedWeightsPath(self._parameterNode.weightsPath)
+            # the path box is not bound (see the parameter node): show the stored path ("" for none)
+            weightsPath = CTtoMRISynthesisLogic.displayedWeightsPath(self._parameterNode.weightsPath)
+            self.ui.weightsPathLineEdit.currentPath = weightsPath
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
             self._updateButtons()
             self._showMetrics()
@@ -421,8 +423,8 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
         :param progress: optional ``progress(fraction, step)`` callback; ``cancel``: optional callable
             returning True to stop (nothing is added then).
         :return: dict of the new nodes: "synthetic_mri", and with an MRI also "ct_registered",
-            "difference", "transform" and "table"; "uncertainty" when the model estimates its spread. Raises ``CTMRIError`` (a message saying what to
-            do) on bad input; the scene is then unchanged.
+            "difference", "transform" and "table"; "uncertainty" when the model estimates its spread.
+            Raises ``CTMRIError`` (a message saying what to do) on bad input; the scene is then unchanged.
         """
         from CTtoMRISynthesisLib import mrml
 

@@ -628,8 +628,9 @@ def run_on_nodes(
     the scene is as it was.
 
     Returns ``{"synthetic_mri": node, "ct_registered": node, "difference": node, "transform": node,
-    "table": node}`` (the last four only with an MRI), plus "uncertainty" when the result has one. The synthetic MRI node's
-    ``CTtoMRISynthesis.summary`` attribute holds the content of metrics.json (device, time, metrics).
+    "table": node}`` (the last four only with an MRI), plus "uncertainty" when the result has one. The
+    synthetic MRI node's ``CTtoMRISynthesis.summary`` attribute holds the content of metrics.json (device,
+    time, metrics).
     """
     from .pipeline import synthesize
 

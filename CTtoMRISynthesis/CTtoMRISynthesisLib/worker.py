@@ -21,8 +21,9 @@ pipeline's own cancel check sees it too. If the process is still alive after a s
 process tree is killed: ``PythonSlicer`` is a launcher that runs the real interpreter as a child, so
 killing only the launcher would leave the work running. For that the worker is started in its own
 process group (POSIX) / with a new process group and ``taskkill /T``, run without a console window
-(Windows); ``psutil`` is used when it is installed. Outputs are written by ``pipeline.save_outputs`` (all or nothing) inside the run's
-temporary folder, which :meth:`WorkerRun.cleanup` removes: a cancel leaves no files behind.
+(Windows); ``psutil`` is used when it is installed. Outputs are written by ``pipeline.save_outputs``
+(all or nothing) inside the run's temporary folder, which :meth:`WorkerRun.cleanup` removes: a cancel
+leaves no files behind.
 
 This file uses only the standard library at import time; the worker imports the pipeline when it runs.
 """
