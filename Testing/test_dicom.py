@@ -60,7 +60,8 @@ def pixel_points(position, row, col, size, pixel) -> np.ndarray:
 
 def write_series(folder: Path, positions, *, number: int, row=(1, 0, 0), col=(0, 1, 0), size=(64, 64),
                  pixel=(4.0, 4.0), modality="CT", image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
-                 thickness=None, study_uid=STUDY_UID, description="", instances=None, tilt=None) -> str:
+                 thickness=None, study_uid=STUDY_UID, description="", instances=None, tilt=None,
+                 for_uid=FOR_UID) -> str:
     """Write one series (one file per slice, CT stored as HU + 1024 with intercept −1024); its UID."""
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = generate_uid()
@@ -74,7 +75,7 @@ def write_series(folder: Path, positions, *, number: int, row=(1, 0, 0), col=(0,
         ds.AccessionNumber = ds.ReferringPhysicianName = ""
         ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = modality, series_uid, number
         ds.SeriesDescription = description
-        ds.FrameOfReferenceUID, ds.PositionReferenceIndicator, ds.PatientPosition = FOR_UID, "", "HFS"
+        ds.FrameOfReferenceUID, ds.PositionReferenceIndicator, ds.PatientPosition = for_uid, "", "HFS"
         ds.ImageType = list(image_type)
         ds.InstanceNumber = instances[k] if instances is not None else k + 1
         ds.ImagePositionPatient = [dicom._ds(v) for v in position]
@@ -315,7 +316,8 @@ def test_tilted_image_planes_are_placed_correctly(tmp_path: Path) -> None:
     assert series.sheared and series.plane == "axial"
     assert abs(series.shear_degrees - 15.0) < 1e-6
     image, choice = dicom.read_input(tmp_path, "CT")
-    assert "gantry tilt/shear 15.0°" in choice.message("CT") and "resampled onto a regular grid" in choice.message("CT")
+    message = choice.message("CT")
+    assert "gantry tilt/shear 15.0°" in message and "resampled onto a regular grid" in message
     assert choice.provenance()["resampled"].startswith("gantry tilt/shear 15.0°")
     np.testing.assert_allclose(image.GetSpacing()[2], 3.0 * math.cos(tilt), atol=1e-9)
     # Truth: the phantom at every output voxel. The planes coincide with the input planes; each is
@@ -578,6 +580,29 @@ def test_synthesize_with_an_mri_writes_difference_and_registered_ct(study: Path,
         assert datasets[0].StudyInstanceUID == STUDY_UID  # the CT's study...
         assert datasets[0].FrameOfReferenceUID != FOR_UID  # ...on the MRI's grid, whose frame is not known
     assert read_back(out / "dicom" / "ct_registered")[1][0].Modality == "CT"
+
+
+def test_synthesize_with_a_dicom_mri_uses_its_frame_of_reference(study: Path, tmp_path: Path, capsys) -> None:
+    pytest.importorskip("torch")
+    from CTtoMRISynthesisLib import cli
+
+    mr_for = "1.2.826.0.1.3680043.8.498.1000003"
+    write_series(tmp_path / "mr", axial(10, 8.0), number=5, modality="MR", for_uid=mr_for,
+                 study_uid="1.2.826.0.1.3680043.8.498.1000004", image_type=("ORIGINAL", "PRIMARY", "M"))
+    write_series(tmp_path / "mr" / "scout", [(0.0, -126.0, 126.0)], number=1, modality="MR", for_uid=mr_for,
+                 study_uid="1.2.826.0.1.3680043.8.498.1000004", row=(0, 1, 0), col=(0, 0, -1),
+                 image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    out = tmp_path / "out"
+    assert cli.main(["synthesize", "--ct", str(study), "--mri", str(tmp_path / "mr"), "--registration", "none",
+                     "--out-dir", str(out), "--dicom", "--quiet"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("CT: DICOM series 3") and printed[1].startswith("MRI: DICOM series 5")
+    summary = json.loads((out / "metrics.json").read_text())
+    assert (summary["ct_series"]["number"], summary["mri_series"]["number"]) == (3, 5)
+    first = read_back(out / "dicom" / "synthetic_mri")[1][0]
+    assert first.StudyInstanceUID == STUDY_UID  # the CT's study, on the MRI's grid and frame of reference
+    assert first.FrameOfReferenceUID == mr_for and first.Rows == 64
+    assert len(list((out / "dicom" / "synthetic_mri").iterdir())) == 10  # the MRI's 10 slices
 
 
 # ------------------------------------------------------------------------ the real scanner study

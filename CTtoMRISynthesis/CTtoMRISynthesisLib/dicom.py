@@ -265,7 +265,9 @@ def _analyse(series: Series) -> None:
         planes = [_plane_name(_axes(o)[2]) for o in orientations]
         series.plane = _most_common(planes)
         counts = ", ".join(f"{planes.count(p)} {p}" for p in sorted(set(planes), key=planes.count, reverse=True))
-        series.problem = f"its images lie in different orientations ({counts}: a localizer or several stacks in one series)"
+        series.problem = (
+            f"its images lie in different orientations ({counts}: a localizer or several stacks in one series)"
+        )
         series.notes.append(f"mixed orientations ({counts})")
         return
     if len({(f.rows, f.columns) for f in files}) > 1:
