@@ -534,8 +534,9 @@ class _Reporter:
         if bar and total:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="case", desc="cases", file=sys.stderr, dynamic_ncols=True,
-                            bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {postfix} {elapsed}<{remaining}")
+            # tqdm writes the postfix as ", 0 failed": "3/10 cases, 0 failed |███   | 00:42<01:38 left"
+            self.bar = tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True,
+                            bar_format="{n_fmt}/{total_fmt} cases{postfix} |{bar}| {elapsed}<{remaining} left")
             self.bar.set_postfix_str("0 failed")
 
     def case_done(self, record: dict) -> None:
