@@ -339,6 +339,10 @@ def test_jobs_2_gives_the_results_of_jobs_1(jobs1, cohort: Path, tmp_path: Path)
         for metric in ("mae", "ssim", "psnr", "mae_whole", "ssim_foreground"):
             if rows1[case][metric]:
                 assert float(rows2[case][metric]) == pytest.approx(float(rows1[case][metric]), rel=1e-4)
+    # Worker processes (not this one; which worker takes which case is up to the pool), each with half the cores.
+    runners = [json.loads(batch.record_path(out2, case).read_text())["runner"] for case in rows2]
+    assert 1 <= len({r["pid"] for r in runners}) <= 2 and os.getpid() not in {r["pid"] for r in runners}
+    assert {r["torch_threads"] for r in runners} == {batch.worker_threads(2)}
     for case in ("a", "b"):
         assert sorted(p.name for p in (out2 / case).iterdir()) == sorted(p.name for p in (out1 / case).iterdir())
         # One thread per worker instead of two: float sums may round differently, nothing more.

@@ -288,10 +288,11 @@ def _one_line(text: str, limit: int = 400) -> str:
 
 
 def process_case(case: Case, out_dir: Path, options: "CaseOptions", expected: dict, *, model=None,
-                 cancel: Optional[Callable[[], bool]] = None) -> dict:
+                 cancel: Optional[Callable[[], bool]] = None, runner: Optional[dict] = None) -> dict:
     """Run one case into ``out_dir/<id>``, write and return its record; a failure is recorded, not raised.
 
     Only a cancel (CancelledError, KeyboardInterrupt) propagates; it leaves the case folder as it was.
+    ``runner`` (process id, threads) is recorded as where the case ran.
     """
     import traceback
 
@@ -317,7 +318,7 @@ def process_case(case: Case, out_dir: Path, options: "CaseOptions", expected: di
                       metrics={k: summary[k] for k in METRIC_COLUMNS if k in summary},
                       files=sorted(p.name for p in paths.values()))
     record.update(seconds=round(time.perf_counter() - start, 3), notes=notes, made_from=expected,
-                  finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), host=socket.gethostname())
+                  finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), host=socket.gethostname(), runner=runner or {})
     try:
         write_json_atomic(record_path(out_dir, case.id), record)
     except OSError as exc:
@@ -357,13 +358,20 @@ def _init_worker(threads: int, weights: str, device: str, cancel_event) -> None:
     _WORKER.update(stop=False, event=cancel_event, model=load_model(weights, choose_device(device)))
 
 
+def _runner() -> dict:
+    import torch
+
+    return {"pid": os.getpid(), "torch_threads": torch.get_num_threads()}
+
+
 def _worker_cancelled() -> bool:
     return bool(_WORKER.get("stop")) or _WORKER["event"].is_set()
 
 
 def _run_in_worker(case: Case, out_dir: Path, options: "CaseOptions", expected: dict) -> dict:
     try:
-        return process_case(case, out_dir, options, expected, model=_WORKER["model"], cancel=_worker_cancelled)
+        return process_case(case, out_dir, options, expected, model=_WORKER["model"], cancel=_worker_cancelled,
+                            runner=_runner())
     except CancelledError:
         return {"id": case.id, "status": "cancelled"}
 
@@ -628,7 +636,7 @@ def _run_here(todo, out_dir, options, expected, weights, jobs, outcome, reporter
     model = load_model(weights, choose_device(options.device))
     with _sigterm_as_interrupt():
         for case in todo:
-            record = process_case(case, out_dir, options, expected[case.id], model=model)
+            record = process_case(case, out_dir, options, expected[case.id], model=model, runner=_runner())
             outcome.ran.append(record)
             reporter.case_done(record)
 
