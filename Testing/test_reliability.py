@@ -12,9 +12,10 @@ Each row gives either a correct result (checked against an independent expectati
 
 The rows are listed in ``Testing/README.md``. Rows sharing the uniform harness are the parameters of
 :func:`test_matrix`; rows needing their own set-up (Ctrl-C, out of memory, unwritable folder, disk
-full, repeated runs) are their own tests below it. Real data: Harvard AANLIB case 16 (8-bit windowed CT
-and T2 MRI, 6 slices) and the Visible Human head CT (HU + 1024, 8 slices); the model is the really
-trained ``tiny_weights`` of conftest.
+full, repeated runs) are their own tests below it. Inputs are synthetic head phantoms (``phantoms.py``), so
+the matrix runs without the licensed data: a Harvard-like pair (8-bit windowed CT and T2 MRI, 6 slices
+through the ventricles) and a Visible-Human-like CT (HU + 1024, 8 slices of 512², with a head holder); the
+model is the really trained ``tiny_weights`` of conftest.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 torch = pytest.importorskip("torch")
 
-from conftest import new_scene, read_harvard_case  # noqa: E402
+import phantoms  # noqa: E402
+from conftest import new_scene  # noqa: E402
 from CTtoMRISynthesisLib import mrml, pipeline, synthesis  # noqa: E402
 from CTtoMRISynthesisLib import weights as weights_module  # noqa: E402
 from CTtoMRISynthesisLib.cli import main as cli_main  # noqa: E402
@@ -55,7 +57,6 @@ from CTtoMRISynthesisLib.weights import LoadedModel, checksum_path, load_model, 
 
 SPACING = (0.9, 0.9, 5.0)
 ORIGIN = (-115.0, -115.0, -40.0)
-SLICES = slice(6, 12)  # 6 slices of Harvard case 16 with brain, skull and ventricles
 ALL_OUTPUTS = {"synthetic_mri.nrrd", "ct_registered.nrrd", "difference.nrrd", "transform.tfm", "metrics.json"}
 CT_ONLY_OUTPUTS = {"synthetic_mri.nrrd", "metrics.json"}
 # an error message must say what to do: one of these verbs
@@ -77,16 +78,15 @@ def image(array: np.ndarray, spacing=SPACING, origin=ORIGIN, direction=None) -> 
 
 
 class Data:
-    """Real inputs and reference results, computed once per module (module-scoped fixture)."""
+    """The inputs (phantoms) and reference results, computed once per module (module-scoped fixture)."""
 
-    def __init__(self, harvard_dir: Path, vh_dir: Path, weights: Path) -> None:
+    def __init__(self, vh: sitk.Image, weights: Path) -> None:
         self.weights = weights
-        self.ct8 = read_harvard_case(harvard_dir, "16", "CT")[SLICES]  # uint8, (6, 256, 256)
-        self.mr8 = read_harvard_case(harvard_dir, "16", "MRI")[SLICES]
+        # 6 axial slices of a synthetic patient with brain, skull and ventricles, as uint8 (6, 256, 256)
+        self.ct8, self.mr8 = phantoms.slice_pair(seed=16, slices=6, first_z=0.0)
         self.ct = image(self.ct8)
         self.mri = image(self.mr8)
-        vh = sitk.ReadImage(str(vh_dir / "vm_head_ct.mha"))  # int16, HU + 1024, 512×512×8
-        self.vh = vh
+        self.vh = vh  # int16, HU + 1024, 512×512×8
         self.vh_stored = sitk.GetArrayFromImage(vh)  # (8, 512, 512), air ≈ 0, water ≈ 1024
         self.model = load_model(weights)
         self._cache: dict = {}
@@ -108,8 +108,8 @@ class Data:
 
 
 @pytest.fixture(scope="module")
-def data(harvard_dir: Path, vh_dir: Path, tiny_weights: Path) -> Data:
-    return Data(harvard_dir, vh_dir, tiny_weights)
+def data(phantom_hu_ct: sitk.Image, tiny_weights: Path) -> Data:
+    return Data(phantom_hu_ct, tiny_weights)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -573,7 +573,7 @@ def _ct_path(path: str, text: str, reference: pipeline.SynthesisResult, exact: b
 
 @row("content/ct-hounsfield")
 def _(d: Data, tmp: Path) -> Case:
-    """Real HU CT (signed): the window path; identical to the same CT stored as HU + 1024."""
+    """A HU CT (signed): the window path; identical to the same CT stored as HU + 1024."""
     stored = d.reference("vh-stored", d.vh)  # the file as it is: HU + 1024
     assert stored.normalisation["ct_path"] == "hu+1024"
     hu = d.vh_like((d.vh_stored.astype(np.int32) - 1024).astype(np.int16))
