@@ -265,6 +265,20 @@ def physical_points(image: sitk.Image) -> np.ndarray:
     return np.array(image.GetOrigin()) + np.stack([i, j, k], -1) @ d.T
 
 
+def test_positions_rounded_to_a_tenth_of_a_mm_are_a_regular_stack(tmp_path: Path) -> None:
+    # 0.625 mm slices whose positions the scanner rounded to 0.1 mm (steps 0.6 / 0.7), x and y too:
+    # neither uneven spacing nor a tilt, so read as stored, on the regular 0.625 mm grid.
+    rng = np.random.default_rng(3)
+    positions = [(round(-126.0 + rng.uniform(-0.04, 0.04), 1), -126.0, round(-10.0 + 0.625 * k, 1))
+                 for k in range(24)]
+    write_series(tmp_path, positions, number=3)
+    series = dicom.list_series(tmp_path)[0]
+    assert sorted({round(s, 3) for s in series.steps}) == [0.6, 0.7]
+    assert series.uniform and not series.sheared and not series.needs_resampling and series.notes == []
+    image, _ = dicom.read_input(tmp_path, "CT")
+    assert image.GetSize()[2] == 24 and abs(image.GetSpacing()[2] - 0.625) < 0.01
+
+
 def test_missing_slice_is_refused(study: Path, tmp_path: Path) -> None:
     files = copy_series(study, 3, tmp_path / "ct")
     files[17].unlink()

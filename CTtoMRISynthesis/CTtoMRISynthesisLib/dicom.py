@@ -26,11 +26,15 @@ import SimpleITK as sitk
 
 from .errors import CTMRIError
 
-#: slice steps within this (mm, or fraction of the median step, whichever is larger) count as uniform
-STEP_TOLERANCE_MM = 0.01
-STEP_TOLERANCE_FRACTION = 0.01
-#: in-plane drift of a slice's origin (fraction of a pixel) above which the stack counts as sheared
-SHEAR_TOLERANCE_PIXELS = 0.1
+#: a stack is uniform when every slice lies within this of a regular grid (mm, or fraction of the step,
+#: whichever is larger): scanners often round ImagePositionPatient to 0.1 mm
+POSITION_TOLERANCE_MM = 0.08
+POSITION_TOLERANCE_FRACTION = 0.02
+#: slices closer than this (mm) share one position
+SAME_POSITION_MM = 0.01
+#: in-plane drift of a slice's origin (pixels) above which the stack counts as sheared (gantry tilt); below
+#: it, the position rounding above is not mistaken for a tilt (it misplaces a slice by at most half a pixel)
+SHEAR_TOLERANCE_PIXELS = 0.5
 #: a series whose slice normal is further than this from every patient axis is "oblique"
 OBLIQUE_DEGREES = 30.0
 MODALITY_OF = {"CT": "CT", "MRI": "MR"}
@@ -75,6 +79,7 @@ class Series:
     plane: str = "unknown"
     steps: List[float] = field(default_factory=list)  # distances between consecutive slices (mm)
     uniform: bool = False
+    spacing: Optional[float] = None  # the regular step of a uniform stack (mm)
     shear_degrees: float = 0.0
     sheared: bool = False
     problem: Optional[str] = None  # why it cannot be read as one volume (None: it can)
@@ -86,6 +91,9 @@ class Series:
 
     @property
     def step(self) -> Optional[float]:
+        """The slice step: the regular one of a uniform stack, else the median step (mm)."""
+        if self.spacing:
+            return self.spacing
         return float(np.median(self.steps)) if self.steps else None
 
     @property
@@ -278,14 +286,16 @@ def _analyse(series: Series) -> None:
     series.plane = _plane_name(normal)
     files.sort(key=lambda f: float(np.dot(f.position, normal)))
     series.steps = [float(v) for v in np.diff([np.dot(f.position, normal) for f in files])]
-    if series.steps and min(series.steps) < STEP_TOLERANCE_MM:
-        same = sum(1 for s in series.steps if s < STEP_TOLERANCE_MM) + 1
+    if series.steps and min(series.steps) < SAME_POSITION_MM:
+        same = sum(1 for s in series.steps if s < SAME_POSITION_MM) + 1
         series.problem = (
             f"{same} of its images share a slice position (several acquisitions, echoes or phases in one series)"
         )
         series.notes.append("repeated positions")
         return
     series.uniform = _is_uniform(series.steps)
+    if series.uniform:  # the regular grid's step (not any one rounded step)
+        series.spacing = _fitted_step(series.steps)
     if not series.uniform and len(series.steps) > 1:
         missing = _missing_slices(series, files)
         if missing:
@@ -335,14 +345,22 @@ def _plane_name(normal: np.ndarray) -> str:
 
 
 def _tolerance(step: float) -> float:
-    return max(STEP_TOLERANCE_MM, STEP_TOLERANCE_FRACTION * step)
+    return max(POSITION_TOLERANCE_MM, POSITION_TOLERANCE_FRACTION * step)
+
+
+def _fitted_step(steps: Sequence[float]) -> float:
+    """The regular grid's step: first to last slice over the slice count (rounding errors averaged out)."""
+    return float(sum(steps) / len(steps))
 
 
 def _is_uniform(steps: Sequence[float]) -> bool:
+    """Every slice within the tolerance of the best-fitting regular grid."""
     if not steps:
         return False
-    median = float(np.median(steps))
-    return max(abs(s - median) for s in steps) <= _tolerance(median)
+    depths = np.concatenate([[0.0], np.cumsum(steps)])
+    index = np.arange(len(depths))
+    slope, offset = np.polyfit(index, depths, 1)
+    return float(np.abs(depths - (offset + slope * index)).max()) <= _tolerance(float(slope))
 
 
 def _missing_slices(series: Series, files: List[SliceFile]) -> Optional[str]:
@@ -358,7 +376,7 @@ def _missing_slices(series: Series, files: List[SliceFile]) -> Optional[str]:
     holes = []
     for i, step in enumerate(series.steps):
         ratio = step / median
-        if ratio < 1.5 or abs(ratio - round(ratio)) > 0.1:
+        if ratio < 1.5 or abs(ratio - round(ratio)) > 0.25:  # loose: rounded positions make steps uneven
             continue
         if numbered:
             lost = abs(numbers[i + 1] - numbers[i]) > 1
@@ -552,7 +570,7 @@ def read_series(series: Series, what: str = "image") -> sitk.Image:
         return _regularise(series, planes, row, col, normal)
     array = np.stack(planes)
     image = sitk.GetImageFromArray(array)
-    step = series.step or series.effective_thickness or 1.0
+    step = series.spacing or series.effective_thickness or 1.0
     image.SetSpacing((float(dx), float(dy), float(step)))
     image.SetOrigin(tuple(float(v) for v in series.files[0].position))
     image.SetDirection(tuple(float(v) for v in np.stack([row, col, normal], axis=1).ravel()))
