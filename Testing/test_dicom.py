@@ -477,6 +477,19 @@ def test_every_output_volume_becomes_a_series_in_the_ct_study(study: Path, tmp_p
     assert choice.series.uid not in all_uids
 
 
+@pytest.mark.parametrize("ct_path, intercept, rescale_type", [("hu", 0, "HU"), ("hu+1024", -1024, "HU"),
+                                                             ("windowed8bit", 0, "US")])
+def test_registered_ct_is_labelled_hu_only_when_it_is(tmp_path: Path, ct_path, intercept, rescale_type) -> None:
+    result = oblique_result()
+    result.normalisation = {"ct_path": ct_path}
+    out = tmp_path / "out"
+    save_outputs(result, out, extra_writer=dicom.dicom_writer(result))
+    written, datasets = read_back(out / "dicom" / "ct_registered")
+    assert (float(datasets[0].RescaleIntercept), datasets[0].RescaleType) == (intercept, rescale_type)
+    nrrd = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "ct_registered.nrrd")))
+    assert np.abs(sitk.GetArrayFromImage(written) - (nrrd + intercept)).max() <= 0.0625 + 1e-4  # slope 1/8
+
+
 def test_without_a_dicom_ct_the_series_go_into_a_new_study(tmp_path: Path) -> None:
     result = oblique_result()
     out = tmp_path / "out"

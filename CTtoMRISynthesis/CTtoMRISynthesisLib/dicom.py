@@ -766,6 +766,9 @@ class OutputContext:
     common: object  # pydicom Dataset with the patient, study, equipment and frame-of-reference attributes
     thickness: Optional[float]
     derivation: str
+    #: the registered CT's values → (RescaleIntercept, RescaleType): HU as they are, HU + 1024 shifted
+    #: back to HU, anything else (an 8-bit windowed CT) "US": never labelled HU when it is not
+    ct_rescale: Tuple[float, str] = (0.0, "US")
 
 
 def output_context(result, ct_source: Optional[Choice], reference_source: Optional[Choice]) -> OutputContext:
@@ -810,7 +813,10 @@ def output_context(result, ct_source: Optional[Choice], reference_source: Option
         f"{(result.weights or {}).get('file') or 'unknown'}, sha256 {sha or 'unknown'}). Not for diagnosis."
     )
     thickness = reference_source.series.thickness if reference_source is not None else None
-    return OutputContext(common=ds, thickness=thickness, derivation=derivation)
+    ct_rescale = {"hu": (0.0, "HU"), "hu+1024": (-1024.0, "HU")}.get(
+        str((result.normalisation or {}).get("ct_path")), (0.0, "US")
+    )
+    return OutputContext(common=ds, thickness=thickness, derivation=derivation, ct_rescale=ct_rescale)
 
 
 def write_image_series(image: sitk.Image, folder: Path, kind: str, context: OutputContext) -> int:
@@ -875,11 +881,13 @@ def _series_dataset(image: sitk.Image, kind: str, context: OutputContext, slope:
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.RescaleIntercept, ds.RescaleSlope = "0", _ds(slope)
-    ds.RescaleType = "HU" if modality == "CT" else "US"
+    intercept, ds.RescaleType = context.ct_rescale if modality == "CT" else (0.0, "US")
+    ds.RescaleIntercept, ds.RescaleSlope = _ds(intercept), _ds(slope)
     low, high = float(np.min(array)), float(np.max(array))
     if kind == "difference":  # signed: centre the window on 0
         low, high = -max(abs(low), abs(high)), max(abs(low), abs(high))
+    if modality == "CT" and ds.RescaleType == "HU":
+        low, high = -160.0, 240.0  # a brain window (level 40, width 400 HU)
     ds.WindowCenter, ds.WindowWidth = _ds((low + high) / 2), _ds(max(high - low, 1.0))
     if modality == "MR":
         # MR Image module: "RM" (research mode) says honestly that no MR sequence made these pixels.
