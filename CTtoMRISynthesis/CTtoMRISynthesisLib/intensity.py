@@ -195,15 +195,30 @@ def standardise_ct(ct255: np.ndarray, target: float) -> tuple[np.ndarray, dict]:
 
 
 def head_mask(ct255: np.ndarray, threshold: float = 10.0) -> np.ndarray:
-    """Head region of a normalised (z, y, x) CT: above ``threshold``, holes filled slice by slice.
+    """Head region of a normalised (z, y, x) CT: the largest connected object above ``threshold``, holes
+    filled slice by slice.
 
     Outside the head the synthetic MRI is set to 0, as the reference MRI's background is 0; a faint
-    grey background costs a lot of whole-slice SSIM for nothing.
+    grey background costs a lot of whole-slice SSIM for nothing. Only the largest 3D object is kept
+    (face-connected): head holders, tables, pillows and the scan-field edge are separate objects in a
+    clinical CT, and nothing is to be synthesised on them.
     """
     from scipy import ndimage
 
-    mask = ct255 > threshold
+    mask = largest_component(ct255 > threshold)
     return ndimage.binary_fill_holes(mask, structure=_in_plane_structure())  # holes within each axial slice only
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest face-connected object of a boolean volume (all False when there is none)."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask.astype(bool, copy=True)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
 
 
 def _in_plane_structure() -> np.ndarray:

@@ -26,7 +26,7 @@ class UNetConfig:
     """Architecture of the U-Net; stored in every weights file."""
 
     in_channels: int = 1  # 1 = the CT slice; 3 = the slice and its two neighbours (2.5D)
-    out_channels: int = 1
+    out_channels: int = 1  # 1 = the MRI; 2 = the MRI and a raw Laplace scale (its uncertainty, see laplace_scale)
     base: int = 64  # channels of the first level; the paper's width is 64
     levels: int = 5  # encoder levels, the deepest one being the bottleneck
     norm: str = "batch"  # "batch" or "none" (the paper does not say; batch norm trains faster here)
@@ -111,7 +111,10 @@ class UNet(nn.Module):
             centre = x[:, self.config.in_channels // 2 : self.config.in_channels // 2 + 1].float()
             centre = gaussian_blur(centre, self.config.lookup_sigma)
             index = (centre * 255.0).round().clamp(0, 255).long()
-            out = out + self.lookup[index].to(out.dtype)
+            table = self.lookup[index].to(out.dtype)
+            if out.shape[1] > 1:  # only the MRI channel is a residual; a scale channel stays as predicted
+                table = torch.cat([table, torch.zeros_like(out[:, 1:])], dim=1)
+            out = out + table
         return out
 
 
@@ -127,6 +130,16 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     padded = nn.functional.pad(images, (radius, radius, radius, radius), mode="replicate")
     out = nn.functional.conv2d(padded, kernel.view(1, 1, 1, -1))
     return nn.functional.conv2d(out, kernel.view(1, 1, -1, 1))
+
+
+#: Smallest Laplace scale (0..1 intensity scale, ≈ 0.25 grey level): keeps log b and 1/b finite where the
+#: target is exactly predictable (the zero background).
+MIN_LAPLACE_SCALE = 1e-3
+
+
+def laplace_scale(raw: torch.Tensor) -> torch.Tensor:
+    """The Laplace scale b > 0 from the network's raw second output channel (softplus, floored)."""
+    return nn.functional.softplus(raw.float()) + MIN_LAPLACE_SCALE
 
 
 def count_parameters(model: nn.Module) -> int:

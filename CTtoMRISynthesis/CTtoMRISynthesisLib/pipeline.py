@@ -62,6 +62,7 @@ class SynthesisResult:
     #: where the inputs came from and how the run was asked for (e.g. ``ct_series``, ``made_from``);
     #: callers above the pipeline (DICOM input, batch) fill it; it is written into ``metrics.json``.
     provenance: dict = field(default_factory=dict)
+    uncertainty_mean: Optional[float] = None  # mean of the uncertainty over the head (model grid), 0..255
 
     def output_images(self) -> dict:
         """{kind: image} of every volume this result holds (synthetic MRI first), for writers of all kinds."""
@@ -78,6 +79,7 @@ class SynthesisResult:
         out: dict = {}
         if self.metrics is not None:
             out.update(self.metrics)
+        out["uncertainty_mean"] = self.uncertainty_mean
         out.update(
             registration=self.registration,
             device=self.device,
@@ -158,7 +160,7 @@ def synthesize(
     is told how far it is; ``cancel()`` returning True stops it with ``CancelledError``.
     Inputs are never modified.
     """
-    from .synthesis import choose_device, predict_slices, preprocessing_options
+    from .synthesis import choose_device, predict_volume, preprocessing_options
     from .weights import load_model, sha256_of
 
     if registration not in REGISTRATION_MODES:
@@ -200,11 +202,11 @@ def synthesize(
     grid = geometry.model_grid(reference, size)
     ct_grid = stages.run("resample to model grid", 0.34, 0.36, geometry.resample, ct255_image, grid, result.transform, default_value=0.0)
     run_info: dict = {}
-    syn_grid = stages.run(
+    prediction = stages.run(
         "synthesise",
         0.36,
         0.9,
-        predict_slices,
+        predict_volume,
         model.net,
         sitk.GetArrayFromImage(ct_grid),
         **preprocessing_options(prep),
@@ -216,8 +218,10 @@ def synthesize(
     )
     result.warnings.extend(run_info.get("warnings", []))
     result.device = run_info.get("device", device)
-    syn_image = geometry.array_on_grid(syn_grid, grid)
-    result.synthetic_mri = stages.run("resample to reference", 0.9, 0.93, geometry.resample, syn_image, reference, None, default_value=0.0)
+    result.synthetic_mri, result.uncertainty = stages.run(
+        "resample to reference", 0.9, 0.93, _to_reference, prediction, grid, reference
+    )
+    result.uncertainty_mean = _mean_in_head(prediction)
 
     if mri is not None:
         mri255 = geometry.array_on_grid(normalise_mri(sitk.GetArrayFromImage(mri)), mri)
@@ -227,6 +231,21 @@ def synthesize(
     result.seconds = time.perf_counter() - t_start
     stages.report(1.0, "done")
     return result
+
+
+def _to_reference(prediction, grid: sitk.Image, reference: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
+    """The synthetic MRI and its uncertainty moved from the model grid onto the reference grid (0 outside)."""
+    images = []
+    for array in (prediction.mean, prediction.spread):
+        images.append(geometry.resample(geometry.array_on_grid(array, grid), reference, None, default_value=0.0))
+    return images[0], images[1]
+
+
+def _mean_in_head(prediction) -> Optional[float]:
+    """Mean uncertainty over the head voxels of the model grid (None when there is no head)."""
+    if not prediction.head.any():
+        return None
+    return float(prediction.spread[prediction.head].mean())
 
 
 def _register(mri, ct, mode, allow_disjoint, progress, cancel):

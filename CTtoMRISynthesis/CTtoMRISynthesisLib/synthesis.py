@@ -5,10 +5,17 @@ the synthetic MRI on the same grid, 0..255. Slices go through the network in bat
 work per slice; between batches the progress callback is told and the cancel check is asked. When memory
 runs out (``torch.cuda.OutOfMemoryError`` and its MPS/CPU equivalents) the batch is halved and retried; a
 GPU too small even for one slice hands the rest to the CPU. Both are reported as warnings.
+
+Uncertainty: :func:`predict_volume` also returns a per-voxel spread (0..255 scale, 0 outside the head).
+It adds what the model says of itself — a model trained with the Laplace likelihood predicts a scale b
+per pixel, whose variance is 2·b² — and, with left-right flip test-time augmentation, the variance of
+the two predictions: ``spread = sqrt(mean(2·b²) + var(predictions))``. A one-channel model without flip
+has no spread to give (zeros).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -20,6 +27,7 @@ Progress = Optional[Callable[[float, str], None]]
 Cancel = Optional[Callable[[], bool]]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+MAX_SPREAD = 127.5  # the largest SD a quantity confined to 0..255 can have
 
 
 def choose_device(name: str = "auto") -> str:
@@ -91,23 +99,57 @@ def preprocessing_options(prep: dict) -> dict:
         "context": int(prep.get("context_slices", 0)),
         "mask_output": bool(prep.get("mask_output", True)),
         "ct_standardise": prep.get("ct_standardise"),
+        "flip_tta": bool(prep.get("flip_tta", False)),
     }
 
 
-def predict_slices(
+@dataclass
+class Prediction:
+    """A volume's synthetic MRI and the spread of that prediction, both (z, H, W) float32 on 0..255."""
+
+    mean: np.ndarray
+    spread: np.ndarray
+    head: np.ndarray  # bool (z, H, W): where the output may be non-zero
+
+
+def _predict_batch(net, batch, flip_tta: bool):
+    """(mean, spread) of one batch on the 0..1 scale: flip TTA and the model's own Laplace scale combined."""
+    import torch
+
+    from .model import laplace_scale
+
+    outputs = [net(batch)]
+    if flip_tta:
+        outputs.append(torch.flip(net(torch.flip(batch, dims=[-1])), dims=[-1]))
+    mus = torch.stack([o[:, 0].float() for o in outputs])
+    mean = mus.mean(0)
+    variance = mus.var(0, unbiased=False) if len(outputs) > 1 else torch.zeros_like(mean)
+    if outputs[0].shape[1] > 1:
+        scales = torch.stack([laplace_scale(o[:, 1]) for o in outputs])
+        variance = variance + (2.0 * scales**2).mean(0)
+    return mean, variance.sqrt()
+
+
+def predict_slices(net, ct255: np.ndarray, **kwargs) -> np.ndarray:
+    """The synthetic MRI alone: :func:`predict_volume`'s ``mean`` (same arguments)."""
+    return predict_volume(net, ct255, **kwargs).mean
+
+
+def predict_volume(
     net,
     ct255: np.ndarray,
     *,
     context: int = 0,
     mask_output: bool = True,
     ct_standardise: Optional[float] = None,
+    flip_tta: bool = False,
     device: str = "cpu",
     batch_size: int | None = None,
     progress: Progress = None,
     cancel: Cancel = None,
     info: Optional[dict] = None,
-) -> np.ndarray:
-    """Run ``net`` over every axial slice of ``ct255`` (z, H, W) and return 0..255 float32 (z, H, W).
+) -> Prediction:
+    """Run ``net`` over every axial slice of ``ct255`` (z, H, W): the synthetic MRI and its spread, 0..255.
 
     Out of memory: the batch is halved and the same slices tried again; on a GPU that fails even with
     one slice per batch, the rest is done on the CPU. Each step is announced through ``progress`` and
@@ -130,6 +172,7 @@ def predict_slices(
         info.update(note)
     inputs = stack_context(ct255.astype(np.float32) / 255.0, context)
     out = np.empty(ct255.shape, dtype=np.float32)
+    spread = np.empty(ct255.shape, dtype=np.float32)
     memory_format = torch.channels_last  # faster for convolutions on both CPU (oneDNN) and GPU
     net = net.to(device=device, memory_format=memory_format).eval()
     n = ct255.shape[0]
@@ -144,13 +187,15 @@ def predict_slices(
                 batch = _batch_to(inputs[start:stop], device, memory_format)
                 cuda = device.startswith("cuda") and torch.cuda.is_available()
                 with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=cuda):
-                    pred = net(batch)
-                out[start:stop] = pred[:, 0].float().mul_(255.0).clamp_(0.0, 255.0).cpu().numpy()
+                    pred, pred_spread = _predict_batch(net, batch, flip_tta)
+                out[start:stop] = pred.mul_(255.0).clamp_(0.0, 255.0).cpu().numpy()
+                # an SD of values confined to 0..255 cannot exceed half that range
+                spread[start:stop] = pred_spread.mul_(255.0).clamp_(0.0, MAX_SPREAD).cpu().numpy()
             except (RuntimeError, MemoryError) as exc:
                 if not (isinstance(exc, MemoryError) or _is_out_of_memory(exc)):
                     raise
                 out_of_memory = True  # handled below, once the exception (and the tensors it holds) is gone
-            batch = pred = None
+            batch = pred = pred_spread = None
             if out_of_memory:
                 _free_device_memory(device)
                 if stop - start > 1:
@@ -181,6 +226,7 @@ def predict_slices(
             f"(--batch-size {batch_size} starts there)"
         )
     info["device"], info["batch_size"] = device, batch_size
-    if mask_output:
-        out[~head_mask(mask_source)] = 0.0
-    return out
+    head = head_mask(mask_source) if mask_output else np.ones(out.shape, dtype=bool)
+    out[~head] = 0.0
+    spread[~head] = 0.0
+    return Prediction(mean=out, spread=spread, head=head)

@@ -52,11 +52,23 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--lr-min", type=float, default=1e-5)
     model.add_argument("--lr-schedule", choices=["cosine", "exponential", "constant"], default="cosine")
     model.add_argument("--gamma", type=float, default=0.9, help="per-epoch factor of the exponential schedule")
-    model.add_argument("--loss", choices=["mse", "l1", "l1+ssim"], default="mse", help="paper: mse")
+    model.add_argument("--loss", choices=["mse", "l1", "l1+ssim", "laplace"], default="mse",
+                       help="paper: mse; laplace = Laplace likelihood with a predicted per-pixel scale (the "
+                            "model's uncertainty output)")
     model.add_argument("--ssim-weight", type=float, default=0.5)
     model.add_argument("--no-augment", action="store_true")
     model.add_argument("--rotate", type=float, default=10.0, help="augmentation: max rotation, degrees")
     model.add_argument("--scale", type=float, default=0.1, help="augmentation: max relative scale change")
+    model.add_argument("--aug-intensity", nargs=2, type=float, metavar=("GAIN", "SHIFT"), default=[0.05, 0.02],
+                       help="augmentation: CT x(1±GAIN) + (±SHIFT) on the 0..1 scale (another window)")
+    model.add_argument("--aug-gamma", type=float, default=0.0, metavar="LOG",
+                       help="augmentation: CT gamma curve with |log gamma| up to LOG")
+    model.add_argument("--aug-blur", type=float, default=0.0, metavar="PIXELS",
+                       help="augmentation: CT Gaussian blur of sigma up to PIXELS (smoother reconstructions)")
+    model.add_argument("--aug-noise", type=float, default=0.0, metavar="SD",
+                       help="augmentation: CT noise of SD up to this (0..1 scale), white or correlated")
+    model.add_argument("--no-flip-tta", action="store_true",
+                       help="record that inference must not average the left-right flipped prediction")
     model.add_argument("--select", choices=["last", "best"], default=None,
                        help="model kept: last epoch, or best validation MAE (default: best with --val-cases, else last)")
     model.add_argument("--ct-window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"), default=list(DEFAULT_WINDOW),
@@ -84,7 +96,11 @@ def settings_from_args(args) -> "object":
     from .dataset import Augment
     from .loop import TrainSettings
 
-    augment = Augment(enabled=not args.no_augment, rotate_deg=args.rotate, scale=args.scale)
+    augment = Augment(
+        enabled=not args.no_augment, rotate_deg=args.rotate, scale=args.scale,
+        intensity_scale=args.aug_intensity[0], intensity_shift=args.aug_intensity[1],
+        gamma=args.aug_gamma, blur=args.aug_blur, noise=args.aug_noise,
+    )
     select = args.select or ("best" if args.val_cases else "last")
     return TrainSettings(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_min=args.lr_min,
@@ -93,7 +109,7 @@ def settings_from_args(args) -> "object":
         lookup_sigma=args.lookup_sigma, context=args.context, augment=augment, seed=args.seed,
         num_workers=args.workers, device=args.device, amp=not args.no_amp, select=select,
         mask_output=not args.no_mask_output, ct_standardise=args.ct_standardise, window=CTWindow(*args.ct_window), name=args.name,
-        threads=args.threads, max_steps=args.max_steps, stop_after=args.stop_after,
+        threads=args.threads, max_steps=args.max_steps, stop_after=args.stop_after, flip_tta=not args.no_flip_tta,
     ).check()
 
 

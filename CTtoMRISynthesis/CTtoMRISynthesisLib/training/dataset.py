@@ -8,7 +8,12 @@ Augmentation (all parameters recorded in the weights config by :meth:`Augment.to
 - a small in-plane rotation (± ``rotate_deg``) and isotropic scale (1 ± ``scale``) about the image
   centre, the same for CT and MRI, bilinear, zero padding,
 - CT intensity jitter: ``ct·a + b`` with a in 1 ± ``intensity_scale`` and b in ± ``intensity_shift``,
-  clipped to 0..1 (makes the model tolerant of slightly different CT windows).
+  clipped to 0..1 (makes the model tolerant of slightly different CT windows),
+- optional CT "scanner" changes (off by default, on for the shipped recipe): a gamma curve
+  (|log γ| ≤ ``gamma``), a Gaussian blur of σ ≤ ``blur`` pixels (smoother kernels, thicker slices) and
+  additive noise of SD ≤ ``noise`` (0..1 scale), white or, half of the time, spatially correlated (as
+  the noise of thin slices after reconstruction), so that the same head imaged another way gives
+  nearly the same synthetic MRI. The air stays exactly 0.
 
 Randomness is drawn from ``numpy.random.default_rng((seed, epoch, index))``, so an item's augmentation
 depends only on the seed, epoch and index — the same with 0 or 4 loader workers, on resume, and under
@@ -35,6 +40,9 @@ class Augment:
     scale: float = 0.1
     intensity_scale: float = 0.05
     intensity_shift: float = 0.02
+    gamma: float = 0.0  # max |log gamma| of a gamma curve on the CT
+    blur: float = 0.0  # max Gaussian sigma (pixels) of a CT blur
+    noise: float = 0.0  # max SD (0..1 scale) of additive CT noise
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,6 +70,25 @@ def _affine(arrays: np.ndarray, angle_deg: float, scale: float, flip: bool) -> n
     if flip:
         out = torch.flip(out, dims=[-1])
     return out.numpy()
+
+
+def _scanner_change(x: np.ndarray, rng: np.random.Generator, aug: Augment) -> np.ndarray:
+    """Gamma, blur and noise on CT channels (C, H, W) in 0..1, as another scanner or window might give."""
+    from scipy import ndimage
+
+    if aug.gamma > 0:
+        x = np.power(x, float(np.exp(rng.uniform(-aug.gamma, aug.gamma))))
+    if aug.blur > 0:
+        sigma = float(rng.uniform(0.0, aug.blur))
+        if sigma > 0.2:
+            x = ndimage.gaussian_filter(x, sigma=(0.0, sigma, sigma))
+    if aug.noise > 0:
+        noise = rng.standard_normal(x.shape).astype(np.float32)
+        if rng.random() < 0.5:  # correlated: blurred white noise brought back to unit SD
+            noise = ndimage.gaussian_filter(noise, sigma=(0.0, 1.0, 1.0))
+            noise /= max(float(noise.std()), 1e-6)
+        x = x + float(rng.uniform(0.0, aug.noise)) * noise
+    return x
 
 
 def as_network_sees(cases, ct_standardise: Optional[float] = None) -> list:
@@ -112,5 +139,7 @@ class SliceDataset:
             both = _affine(np.concatenate([x, y]), angle, scale, flip)
             x, y = both[:-1], both[-1:]
             x = np.clip(x * gain + shift, 0.0, 1.0)
+            if aug.gamma > 0 or aug.blur > 0 or aug.noise > 0:
+                x = np.clip(_scanner_change(x, rng, aug), 0.0, 1.0)
             x = np.where(both[:-1] > 0, x, 0.0).astype(np.float32)  # keep the air exactly 0
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))

@@ -28,7 +28,7 @@ import numpy as np
 from ..intensity import CTWindow
 from .dataset import Augment, SliceDataset, as_network_sees
 
-LOSSES = ("mse", "l1", "l1+ssim")
+LOSSES = ("mse", "l1", "l1+ssim", "laplace")
 SCHEDULES = ("cosine", "exponential", "constant")
 SELECTIONS = ("last", "best")
 MODEL_FILE = "model.safetensors"  # the run's selected model (weights.py format, + .sha256)
@@ -67,6 +67,7 @@ class TrainSettings:
     amp: bool = True  # on CUDA only
     select: str = "last"
     mask_output: bool = True
+    flip_tta: bool = True  # inference averages the prediction with that of the left-right flipped CT
     ct_standardise: Optional[float] = None  # map each CT's brain median to this value (intensity.standardise_ct)
     head_threshold: float = 10.0
     size: int = 256
@@ -172,6 +173,8 @@ def make_loss(settings: TrainSettings):
         return F.mse_loss
     if settings.loss == "l1":
         return F.l1_loss
+    if settings.loss == "laplace":
+        return laplace_nll
     c1, c2 = 0.01**2, 0.03**2
     weight = settings.ssim_weight
 
@@ -184,6 +187,22 @@ def make_loss(settings: TrainSettings):
         return (1 - weight) * F.l1_loss(x, y) + weight * (1 - ssim.mean())
 
     return l1_ssim
+
+
+def laplace_nll(pred, target):
+    """Negative log-likelihood of a Laplace distribution whose location and scale the network predicts.
+
+    ``pred`` is (N, 2, H, W): channel 0 the location μ (the synthetic MRI, 0..1), channel 1 the raw scale,
+    mapped by :func:`model.laplace_scale` to b > 0. ``|y − μ| / b + log b`` per pixel, averaged: the
+    location is pulled towards the conditional median (what the MAE metric rewards) and b learns how far
+    off it tends to be, which is the per-voxel uncertainty (a Laplace's SD is √2·b).
+    """
+    import torch
+
+    from ..model import laplace_scale
+
+    mu, b = pred[:, :1], laplace_scale(pred[:, 1:2])
+    return (torch.abs(target - mu) / b + torch.log(b)).mean()
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -210,7 +229,7 @@ def model_config(settings: TrainSettings):
     from ..model import UNetConfig
 
     return UNetConfig(
-        in_channels=2 * settings.context + 1, base=settings.base, levels=settings.levels, norm=settings.norm,
+        in_channels=2 * settings.context + 1, out_channels=2 if settings.loss == "laplace" else 1, base=settings.base, levels=settings.levels, norm=settings.norm,
         lookup_residual=settings.lookup_residual, lookup_sigma=settings.lookup_sigma if settings.lookup_residual else 0.0,
     )
 
@@ -237,6 +256,8 @@ def build_config(
             "mri_normalisation": "per-volume min-max to 0..255",
             "input_scaling": "ct255/255 in, mri255/255 out",
             "mask_output": bool(settings.mask_output),
+            "flip_tta": bool(settings.flip_tta),
+            "head_mask": "largest connected object of CT > head_threshold, holes filled per slice",
             "ct_standardise": settings.ct_standardise,
             "head_threshold": settings.head_threshold,
         },
