@@ -1,0 +1,232 @@
+"""Synthetic MRI on CT the model never saw: is it T2-like, is it confined to the head, is it robust?
+
+Issue 11, aims 2 and 3, measured on the external data in ``../shared/data`` (internal use only: nothing
+this script makes may be committed except the numbers it prints):
+
+- ``real_hu_head_ct_dicom``: both ORIGINAL/PRIMARY axial series (5 mm and 2.5 mm) of a real scanner's
+  head CT in Hounsfield units, with its head holder;
+- ``clinical_ct_t1_flair_2d``: the CT slices of 6 patients from another hospital (8-bit screenshots of a
+  narrow, noisy brain window; stacked per patient, no spacing).
+
+**CSF / brain ratio** (aim 2: T2 makes CSF brighter than brain tissue; real T2 gives 1.3–2.3, median 1.7 on
+the Harvard pairs): mean synthetic MRI in CSF over mean synthetic MRI in brain tissue, masks from the CT:
+- intracranial = inside the skull (bone filled per axial slice, minus the bone), eroded ~3 mm from it;
+- HU CT: CSF = intracranial voxels at 0..15 HU, brain tissue = 25..45 HU (the issue's definition);
+- 8-bit CT (no HU): the CT smoothed by a Gaussian of 2 px, then split inside the intracranial mask by
+  Otsu's threshold (per patient): below = CSF, above = brain tissue. Bone = 250 or above (saturated).
+
+**Outside the head** (aim 2, ≤ 0.5 %): the share of the synthetic MRI's total signal lying outside the
+head's largest connected component (HU CT > −300 HU; 8-bit CT > 10), holes filled per slice.
+
+**Robustness** (aim 3): the same CT made another way — re-windowed / exported as an 8-bit brain window,
+with the noise of thinner slices (white and correlated), reconstructed smoother (Gaussian blur) — and the
+mean absolute difference between the two synthetic MRIs inside the head (0..255 scale), also as a share
+of the original's mean in the head.
+
+    python experiments/external_ct.py [--weights FILE] [--data ../shared/data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "CTtoMRISynthesis"))
+
+from CTtoMRISynthesisLib.intensity import largest_component  # noqa: E402
+from CTtoMRISynthesisLib.pipeline import synthesize  # noqa: E402
+from CTtoMRISynthesisLib.weights import load_model  # noqa: E402
+
+HU_CSF, HU_BRAIN = (0.0, 15.0), (25.0, 45.0)
+EROSION_MM = 3.0
+
+
+def _slices(mask: np.ndarray) -> np.ndarray:
+    """2D structuring element per axial slice (z untouched)."""
+    s = np.zeros((3, 3, 3), bool)
+    s[1] = ndimage.generate_binary_structure(2, 1)
+    return s
+
+
+def head_of(ct: np.ndarray, threshold: float) -> np.ndarray:
+    return ndimage.binary_fill_holes(largest_component(ct > threshold), structure=_slices(ct))
+
+
+def intracranial(bone: np.ndarray, head: np.ndarray, erosion_px: int) -> np.ndarray:
+    inside = ndimage.binary_fill_holes(bone, structure=_slices(bone)) & ~bone & head
+    return ndimage.binary_erosion(inside, _slices(bone), iterations=max(1, erosion_px))
+
+
+def masks_hu(hu: np.ndarray, spacing_xy: float) -> dict:
+    head = head_of(hu, -300.0)
+    brain_box = intracranial(hu > 300.0, head, int(round(EROSION_MM / spacing_xy)))
+    return {"head": head, "csf": brain_box & (hu >= HU_CSF[0]) & (hu <= HU_CSF[1]),
+            "brain": brain_box & (hu >= HU_BRAIN[0]) & (hu <= HU_BRAIN[1])}
+
+
+def masks_8bit(ct: np.ndarray) -> dict:
+    from skimage.filters import threshold_otsu
+
+    head = head_of(ct, 10.0)
+    brain_box = intracranial(ct >= 250, head, 6)
+    smooth = ndimage.gaussian_filter(ct.astype(np.float32), sigma=(0, 2, 2))
+    values = smooth[brain_box]
+    cut = threshold_otsu(values) if values.size else 0.0
+    return {"head": head, "csf": brain_box & (smooth < cut), "brain": brain_box & (smooth >= cut), "otsu": cut}
+
+
+def contrast(syn: np.ndarray, masks: dict) -> dict:
+    total = float(syn.sum())
+    csf, brain = masks["csf"], masks["brain"]
+    ratio = float(syn[csf].mean() / syn[brain].mean()) if csf.any() and brain.any() and syn[brain].mean() > 0 else float("nan")
+    return {"csf_voxels": int(csf.sum()), "brain_voxels": int(brain.sum()), "csf_over_brain": ratio,
+            "outside_share": float(syn[~masks["head"]].sum() / total) if total > 0 else 0.0}
+
+
+def robustness(model, image: sitk.Image, head: np.ndarray, variants: dict, base: np.ndarray) -> dict:
+    """{variant: (MAE in head vs the original's synthetic MRI, as a share of its mean in the head)}."""
+    out = {}
+    ref = base[head]
+    for name, make in variants.items():
+        syn = _syn(model, make(image))
+        diff = float(np.abs(syn[head] - ref).mean())
+        out[name] = (diff, diff / max(float(ref.mean()), 1e-6))
+    return out
+
+
+def _syn(model, image: sitk.Image) -> np.ndarray:
+    result = synthesize(image, None, model=model, device="cpu")
+    return sitk.GetArrayFromImage(result.synthetic_mri).astype(np.float32)
+
+
+def _with_array(image: sitk.Image, array: np.ndarray) -> sitk.Image:
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(image)
+    return out
+
+
+def hu_variants(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+
+    def noisy(image, correlated=False):
+        a = sitk.GetArrayFromImage(image).astype(np.float32)
+        noise = rng.standard_normal(a.shape).astype(np.float32)
+        if correlated:
+            noise = ndimage.gaussian_filter(noise, sigma=(0, 1.5, 1.5))
+            noise /= noise.std()
+        return _with_array(image, a + 12.0 * noise * (a > -500))  # ~12 HU: a thin-slice brain CT's noise
+
+    def smooth(image):
+        sigma = 0.75 / image.GetSpacing()[0]  # 0.75 mm in-plane: a softer reconstruction kernel
+        return _with_array(image, ndimage.gaussian_filter(sitk.GetArrayFromImage(image).astype(np.float32), (0, sigma, sigma)))
+
+    def exported(image, level=40.0, width=80.0):
+        a = sitk.GetArrayFromImage(image).astype(np.float32)  # an 8-bit export in a brain window W80/L40
+        return _with_array(image, np.clip((a - (level - width / 2)) / width * 255.0, 0, 255).astype(np.uint8))
+
+    return {"white noise 12 HU": noisy, "correlated noise 12 HU": lambda im: noisy(im, True),
+            "smoother kernel (0.75 mm blur)": smooth, "8-bit export W80/L40": exported}
+
+
+def _as_8bit(array: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(array), 0, 255).astype(np.uint8)
+
+
+def bit8_variants(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+
+    def rewindow(image, gain=1.15, shift=-10.0):
+        a = sitk.GetArrayFromImage(image).astype(np.float32)
+        return _with_array(image, _as_8bit(np.where(a > 0, a * gain + shift, 0)))
+
+    def noisy(image):
+        a = sitk.GetArrayFromImage(image).astype(np.float32)
+        return _with_array(image, _as_8bit(np.where(a > 0, a + 6.0 * rng.standard_normal(a.shape), 0)))
+
+    def smooth(image):
+        return _with_array(image, _as_8bit(ndimage.gaussian_filter(sitk.GetArrayFromImage(image).astype(np.float32), (0, 1.0, 1.0))))
+
+    # an 8-bit CT stays 8-bit (as another export of it would be): a float array would be read as Hounsfield units
+    return {"re-windowed (x1.15 − 10)": rewindow, "noise SD 6": noisy, "blur 1 px": smooth}
+
+
+def dicom_axial_series(folder: Path) -> list:
+    """[(series number, description, image)] of the ORIGINAL/PRIMARY axial series of a DICOM folder."""
+    reader = sitk.ImageSeriesReader()
+    found = []
+    for uid in reader.GetGDCMSeriesIDs(str(folder)):
+        files = reader.GetGDCMSeriesFileNames(str(folder), uid)
+        info = sitk.ImageFileReader()
+        info.SetFileName(files[0])
+        info.ReadImageInformation()
+        tag = lambda k: info.GetMetaData(k).strip() if info.HasMetaDataKey(k) else ""  # noqa: E731
+        kind = tag("0008|0008").upper()
+        if "ORIGINAL" in kind and "PRIMARY" in kind and "LOCALIZER" not in kind and len(files) > 3:
+            reader.SetFileNames(files)
+            found.append((tag("0020|0011"), tag("0008|103e"), reader.Execute()))
+    return sorted(found, key=lambda t: int(t[0] or 0))
+
+
+def clinical_cases(folder: Path) -> list:
+    """[(patient, image)]: each patient's CT slices stacked in order, grey (first channel), spacing 1."""
+    out = []
+    for patient in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = sorted(patient.glob("*.png"), key=lambda f: int(re.search(r"\((\d+)\)", f.name).group(1)))
+        stack = np.stack([sitk.GetArrayFromImage(sitk.ReadImage(str(f)))[..., 0] for f in files]).astype(np.uint8)
+        out.append((patient.name, sitk.GetImageFromArray(stack)))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", help="model file (default: the shipped model)")
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--no-robustness", action="store_true")
+    args = parser.parse_args()
+    model = load_model(args.weights)
+    data = Path(args.data)
+    print(f"model: {model.path}")
+    print("\n| CT | CSF voxels | brain voxels | CSF / brain (aim ≥ 1.6) | signal outside the head (aim ≤ 0.5 %) |")
+    print("|---|---|---|---|---|")
+    rows, robust = [], []
+    for number, description, image in dicom_axial_series(data / "real_hu_head_ct_dicom" / "DICOM"):
+        hu = sitk.GetArrayFromImage(image).astype(np.float32)
+        syn = _syn(model, image)
+        masks = masks_hu(hu, image.GetSpacing()[0])
+        c = contrast(syn, masks)
+        name = f"real HU CT, series {number} ({description}, {image.GetSpacing()[2]:g} mm)"
+        rows.append((name, c))
+        print(f"| {name} | {c['csf_voxels']} | {c['brain_voxels']} | {c['csf_over_brain']:.2f} | {100 * c['outside_share']:.2f} % |")
+        if not args.no_robustness:
+            robust.append((name, robustness(model, image, masks["head"], hu_variants(), syn)))
+    for patient, image in clinical_cases(data / "clinical_ct_t1_flair_2d" / "CT"):
+        ct = sitk.GetArrayFromImage(image)
+        syn = _syn(model, image)
+        masks = masks_8bit(ct)
+        c = contrast(syn, masks)
+        name = f"clinical CT {patient} (8-bit)"
+        rows.append((name, c))
+        print(f"| {name} | {c['csf_voxels']} | {c['brain_voxels']} | {c['csf_over_brain']:.2f} | {100 * c['outside_share']:.2f} % |")
+        if not args.no_robustness:
+            robust.append((name, robustness(model, image, masks["head"], bit8_variants(), syn)))
+    ratios = [c["csf_over_brain"] for _, c in rows if np.isfinite(c["csf_over_brain"])]
+    print(f"\nCSF / brain: min {min(ratios):.2f}, median {np.median(ratios):.2f}; on ≥ 1.6: {sum(r >= 1.6 for r in ratios)} of "
+          f"{len(ratios)}; outside the head: max {100 * max(c['outside_share'] for _, c in rows):.2f} %")
+    if robust:
+        print("\n| CT | variant | MAE in head vs original output | share of its mean |")
+        print("|---|---|---|---|")
+        for name, res in robust:
+            for variant, (mae, share) in res.items():
+                print(f"| {name} | {variant} | {mae:.2f} | {100 * share:.1f} % |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
