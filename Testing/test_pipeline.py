@@ -136,7 +136,7 @@ def test_save_outputs_all_or_nothing(case41, model, tmp_path: Path) -> None:
     result = synthesize(ct, mri, model=model, registration="none")
     paths = save_outputs(result, tmp_path / "out")
     assert sorted(p.name for p in paths.values()) == sorted(
-        ["synthetic_mri.nrrd", "ct_registered.nrrd", "difference.nrrd", "transform.tfm", "metrics.json"]
+        ["synthetic_mri.nrrd", "ct_registered.nrrd", "difference.nrrd", "uncertainty.nrrd", "transform.tfm", "metrics.json"]
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temporary folder left behind"
     back = sitk.ReadImage(str(paths["synthetic_mri"]))

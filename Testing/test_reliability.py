@@ -825,7 +825,7 @@ CANCEL_DRIVER = textwrap.dedent(
     """
     import sys, time
     import CTtoMRISynthesisLib.synthesis as synthesis
-    original = synthesis.predict_slices
+    original = synthesis.predict_volume
 
     def slow_predict(*args, **kwargs):
         outer = kwargs.get("progress")
@@ -839,7 +839,7 @@ CANCEL_DRIVER = textwrap.dedent(
         kwargs.update(progress=progress, batch_size=1)
         return original(*args, **kwargs)
 
-    synthesis.predict_slices = slow_predict
+    synthesis.predict_volume = slow_predict
     from CTtoMRISynthesisLib.cli import main
     sys.exit(main(sys.argv[1:]))
     """
