@@ -19,7 +19,7 @@ gets a new mtime. A touched file is redone; only a different file with the same 
 Shards: ``--shard I/N`` takes every N-th case of the ids in sorted order (balanced to within one case,
 the same on every machine). Shards write disjoint case folders and records; each merges the summary
 from all records on disk and repeats the merge until the records it read are unchanged after writing,
-so the last shard to finish always leaves a complete summary (no lock needed, which NFS may not honour).
+so the last shard to finish always leaves a complete summary, without a file lock (NFS may not honour one).
 
 ``--jobs N``: N worker processes (spawn), each with cores // N torch and ITK threads, each loading the
 model once. Ctrl-C (or SIGTERM from a scheduler) stops cleanly: a case in progress is discarded
@@ -355,7 +355,8 @@ def _init_worker(threads: int, weights: str, device: str, cancel_event) -> None:
 
     torch.set_num_threads(threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    _WORKER.update(stop=False, event=cancel_event, model=load_model(weights, choose_device(device)))
+    _WORKER.setdefault("stop", False)  # (a SIGTERM during start-up has set it already)
+    _WORKER.update(event=cancel_event, model=load_model(weights, choose_device(device)))
 
 
 def _runner() -> dict:
