@@ -125,6 +125,8 @@ def _file_scope_imports(tree: ast.Module) -> set[str]:
 
 
 def test_module_file_has_no_heavy_imports_and_no_code_at_file_scope() -> None:
+    if not hasattr(sys, "stdlib_module_names"):  # Python 3.10+; the Slicer-stack job on 3.9 cannot run this check
+        pytest.skip("needs sys.stdlib_module_names (Python 3.10+); the main CI job runs it")
     tree = module_tree()
     stdlib = set(sys.stdlib_module_names)
     for name in _file_scope_imports(tree):
@@ -167,7 +169,8 @@ def test_library_files_keep_the_walls() -> None:
         if path.name != "mrml.py":
             assert "slicer" not in imported, f"{path.relative_to(REPO)} imports slicer; only mrml.py may"
     worker_tree = ast.parse((LIB / "worker.py").read_text())
-    assert _file_scope_imports(worker_tree) <= set(sys.stdlib_module_names) | {"__future__"}
+    if hasattr(sys, "stdlib_module_names"):  # Python 3.10+: checked by the main CI job, not the 3.9 one
+        assert _file_scope_imports(worker_tree) <= set(sys.stdlib_module_names) | {"__future__"}
 
 
 def _cmake_list(text: str, variable: str) -> list[str]:

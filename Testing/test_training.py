@@ -8,6 +8,7 @@ file stays well under two minutes on two cores.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import shutil
@@ -28,6 +29,9 @@ from CTtoMRISynthesisLib.training.loop import TrainSettings, train
 
 REPO = Path(__file__).resolve().parents[1]
 WINDOW = CTWindow(45.0, 120.0)
+# Discovery, splits and the baselines need no PyTorch and run in the Slicer-stack CI jobs too (.ci/run);
+# the main job has torch, so there these never skip.
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch is not installed")
 
 
 def _tiny_settings(**kw) -> TrainSettings:
@@ -149,6 +153,7 @@ def test_cross_validation_is_patient_level(harvard_cases):
     assert set(ds.case_of_slice) == set(s.train_cases) and s.test_cases[0] not in ds.case_of_slice
 
 
+@needs_torch
 def test_augmentation_is_deterministic_and_paired(harvard_cases):
     ds = SliceDataset(harvard_cases[1:2], context=1, augment=Augment(), seed=3)
     ds.set_epoch(2)
@@ -179,6 +184,7 @@ def trained(harvard_cases, tmp_path_factory):
     return out, result, cases
 
 
+@needs_torch
 def test_training_lowers_loss_and_writes_loadable_weights(trained):
     from CTtoMRISynthesisLib.weights import load_model, sha256_of
 
@@ -202,6 +208,7 @@ def test_training_lowers_loss_and_writes_loadable_weights(trained):
     assert cfg["metrics"]["val_cases"] == ["20"] and cfg["metrics"]["val_mae"] > 0
 
 
+@needs_torch
 def test_resume_continues_and_matches_a_straight_run(trained, tmp_path):
     import torch
 
@@ -228,6 +235,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@needs_torch
 def test_torchrun_two_ranks_on_cpu(small_2d_dir, tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -261,6 +269,7 @@ def test_torchrun_two_ranks_on_cpu(small_2d_dir, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- report
+@needs_torch
 def test_report_writes_tables_and_montages(trained, harvard_dir, tmp_path):
     from skimage.io import imread
 
@@ -339,6 +348,7 @@ def test_lookup_table_baseline_on_known_mapping(harvard_cases):
 
 
 # ------------------------------------------------------------------------------- lookup-table residual
+@needs_torch
 def test_lookup_residual_model_adds_the_table_of_the_centre_slice():
     import torch
 
@@ -357,6 +367,7 @@ def test_lookup_residual_model_adds_the_table_of_the_centre_slice():
         net.set_lookup(torch.zeros(10))
 
 
+@needs_torch
 def test_lookup_blur_is_a_normalised_gaussian_and_the_fit_uses_it(harvard_cases):
     import torch
     from scipy import ndimage
@@ -386,6 +397,7 @@ def test_lookup_blur_is_a_normalised_gaussian_and_the_fit_uses_it(harvard_cases)
     np.testing.assert_allclose(out, table[index], atol=1e-3)
 
 
+@needs_torch
 def test_lookup_residual_training_stores_the_training_patients_table(harvard_cases, tmp_path):
     from CTtoMRISynthesisLib.training.report import fit_lookup_table
     from CTtoMRISynthesisLib.weights import load_model
@@ -423,6 +435,7 @@ def test_standardise_ct_maps_the_brain_median_and_keeps_air_and_bone(harvard_cas
     assert same is empty and "skipped" in note["ct_standardise"]
 
 
+@needs_torch
 def test_ct_standardise_is_applied_in_training_and_at_inference(harvard_cases, tmp_path):
     import torch
 
@@ -447,6 +460,7 @@ def test_ct_standardise_is_applied_in_training_and_at_inference(harvard_cases, t
     assert "mapped to 105" in info["ct_standardise"]
 
 
+@needs_torch
 def test_lookup_table_is_fit_on_the_standardised_ct_when_both_are_asked(harvard_cases, tmp_path):
     from CTtoMRISynthesisLib.training.dataset import as_network_sees
     from CTtoMRISynthesisLib.training.report import fit_lookup_table
