@@ -40,7 +40,7 @@ LEGACY_FORMAT = "ctmri-unet-v1"
 LEGACY_MIN_TORCH = (2, 10)
 
 _PICKLE_MAGIC = (b"PK\x03\x04",) + tuple(bytes([0x80, p]) for p in range(2, 6))  # torch.save's zip; a raw pickle
-_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit on the JSON header
+_MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header (bytes)
 
 
 @dataclass
