@@ -22,14 +22,14 @@ from typing import Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-AIR, SCALP, SKULL, CSF_RIM, GREY, WHITE, VENTRICLE, HOLDER = range(8)
+AIR, SCALP, SKULL, CSF_RIM, GREY, WHITE, VENTRICLE, HOLDER, EYE, SINUS = range(10)
 
 #: CT values (HU) of each label: skull ≈ cortical bone, brain ≈ 30, CSF ≈ 5, a plastic head holder.
 CT_HU = {AIR: -1000.0, SCALP: 40.0, SKULL: 1000.0, CSF_RIM: 8.0, GREY: 38.0, WHITE: 25.0, VENTRICLE: 5.0,
-         HOLDER: 200.0}
+         HOLDER: 200.0, EYE: 12.0, SINUS: -1000.0}
 #: T2-like MRI values: CSF bright, grey > white, skull dark, air (and the holder, which gives no signal) 0.
 T2 = {AIR: 0.0, SCALP: 100.0, SKULL: 15.0, CSF_RIM: 220.0, GREY: 130.0, WHITE: 85.0, VENTRICLE: 235.0,
-      HOLDER: 0.0}
+      HOLDER: 0.0, EYE: 240.0, SINUS: 0.0}
 
 #: The CT window of the test models (level, width in HU), the one the shipped model uses too.
 WINDOW = (45.0, 140.0)
@@ -37,7 +37,13 @@ WINDOW = (45.0, 140.0)
 
 @dataclass(frozen=True)
 class Head:
-    """An ellipsoidal head in its own frame (mm, LPS axes: x to the left, y posterior, z superior)."""
+    """An ellipsoidal head in its own frame (mm, LPS axes: x to the left, y posterior, z superior).
+
+    Besides the nested shells it has features that fix its position along every axis, as a real head's
+    anatomy does (a bare ellipsoid cut by the slab of an MRI barely changes when shifted along z): two
+    eyes in front and low (bright in T2), an air-filled frontal sinus in the bone above them, and two
+    unequal ventricles.
+    """
 
     semi_axes: tuple = (72.0, 92.0, 88.0)  # outer surface of the scalp
     scalp_mm: float = 5.0
@@ -47,6 +53,8 @@ class Head:
     # (centre, semi-axes) of the ventricles: the left one larger and both anterior of the centre, so that
     # no rotation or mirror of the head maps it onto itself (a registration has one right answer).
     ventricles: tuple = (((-11.0, -8.0, 14.0), (6.5, 22.0, 11.0)), ((10.0, -5.0, 12.0), (4.5, 16.0, 8.0)))
+    eyes: tuple = (((-31.0, -70.0, -34.0), 12.0), ((31.0, -70.0, -34.0), 12.0))  # (centre, radius)
+    sinus: tuple = ((0.0, -82.0, -8.0), (14.0, 4.0, 8.0))  # (centre, semi-axes)
     holder: bool = False  # a curved plastic shell below/behind the head, separate from it (CT only)
 
     @classmethod
@@ -58,7 +66,10 @@ class Head:
         ventricles = tuple(
             (tuple(np.multiply(c, scale[:3])), tuple(np.multiply(a, grow))) for c, a in cls.ventricles
         )
-        return cls(semi_axes=tuple(np.multiply(cls.semi_axes, scale)), ventricles=ventricles, holder=holder)
+        eyes = tuple((tuple(np.multiply(c, scale)), r) for c, r in cls.eyes)
+        sinus = (tuple(np.multiply(cls.sinus[0], scale)), cls.sinus[1])
+        return cls(semi_axes=tuple(np.multiply(cls.semi_axes, scale)), ventricles=ventricles, eyes=eyes,
+                   sinus=sinus, holder=holder)
 
     def with_holder(self) -> "Head":
         return replace(self, holder=True)
@@ -85,6 +96,9 @@ def labels_at(points: np.ndarray, head: Head = Head()) -> np.ndarray:
         labels[_inside(points, axes - depth)] = label
     for centre, semi in head.ventricles:
         labels[_inside(points, semi, centre)] = VENTRICLE
+    labels[_inside(points, head.sinus[1], head.sinus[0])] = SINUS
+    for centre, radius in head.eyes:
+        labels[_inside(points, (radius,) * 3, centre)] = EYE
     return labels
 
 
@@ -114,17 +128,21 @@ def rigid(angles_deg: Sequence[float] = (0.0, 0.0, 0.0), shift_mm: Sequence[floa
     return motion
 
 
-def _slice_points(image: sitk.Image, k: int) -> np.ndarray:
-    """Physical points (y, x, 3) of the voxel centres of slice ``k``."""
+def _slice_points(image: sitk.Image, k: float, offset: Sequence[float] = (0.0, 0.0)) -> np.ndarray:
+    """Physical points (y, x, 3) at continuous index (i + offset[0], j + offset[1], k) of slice ``k``."""
     nx, ny = image.GetSize()[:2]
     d = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
-    j, i = np.mgrid[0:ny, 0:nx]
-    ijk = np.stack([i, j, np.full_like(i, k)], axis=-1).astype(float)
+    j, i = np.mgrid[0:ny, 0:nx].astype(float)
+    ijk = np.stack([i + offset[0], j + offset[1], np.full_like(i, k)], axis=-1)
     return np.asarray(image.GetOrigin()) + ijk @ d.T
 
 
+def _head_points(points: np.ndarray, back: Optional[sitk.Transform]) -> np.ndarray:
+    return points if back is None else _transform_points(back, points)
+
+
 def labels_on(reference: sitk.Image, head: Head = Head(), motion: Optional[sitk.Transform] = None) -> np.ndarray:
-    """Labels (z, y, x) of ``head`` on the grid of ``reference``, the head moved by ``motion``.
+    """Labels (z, y, x) of ``head`` at the voxel centres of ``reference``'s grid, the head moved by ``motion``.
 
     ``motion`` maps a point of the head (as an unmoved image shows it) to where it is now, the way
     ``registration.register(fixed, moving)`` reports its result: an image made with ``motion`` registered
@@ -133,11 +151,31 @@ def labels_on(reference: sitk.Image, head: Head = Head(), motion: Optional[sitk.
     back = motion.GetInverse() if motion is not None else None
     out = np.empty(reference.GetSize()[::-1], dtype=np.uint8)
     for k in range(reference.GetDepth()):
-        points = _slice_points(reference, k)
-        if back is not None:
-            points = _transform_points(back, points)
-        out[k] = labels_at(points, head)
+        out[k] = labels_at(_head_points(_slice_points(reference, k), back), head)
     return out
+
+
+def values_on(reference: sitk.Image, values: dict, head: Head = Head(), motion: Optional[sitk.Transform] = None,
+              step_mm: float = 1.5) -> np.ndarray:
+    """Label ``values`` averaged over each voxel of ``reference`` (z, y, x float32): partial volume.
+
+    Each voxel is sampled on a sub-grid no coarser than ``step_mm``, so a thick slice shows the mean of what
+    it covers, as a scanner's does, instead of aliasing thin structures (a 7-mm skull in 4-mm slices).
+    """
+    lookup = np.zeros(max(values) + 1, dtype=np.float32)
+    for label, value in values.items():
+        lookup[label] = value
+    counts = [max(1, int(np.ceil(s / step_mm))) for s in reference.GetSpacing()]
+    offsets = [(np.arange(n) + 0.5) / n - 0.5 for n in counts]
+    back = motion.GetInverse() if motion is not None else None
+    out = np.zeros(reference.GetSize()[::-1], dtype=np.float32)
+    for k in range(reference.GetDepth()):
+        for dk in offsets[2]:
+            for dj in offsets[1]:
+                for di in offsets[0]:
+                    points = _head_points(_slice_points(reference, k + dk, (di, dj)), back)
+                    out[k] += lookup[labels_at(points, head)]
+    return out / float(np.prod(counts))
 
 
 def _transform_points(transform: sitk.Transform, points: np.ndarray) -> np.ndarray:
@@ -152,18 +190,12 @@ def _transform_points(transform: sitk.Transform, points: np.ndarray) -> np.ndarr
 # ----------------------------------------------------------------------------------------- intensities
 
 
-def _render(labels: np.ndarray, values: dict, spacing: Sequence[float], blur_mm: float, noise: float,
-            seed: int) -> np.ndarray:
-    """Label values, blurred by ``blur_mm`` (partial volume), plus seeded Gaussian noise; float32 (z, y, x)."""
+def _blurred_noisy(array: np.ndarray, spacing: Sequence[float], blur_mm: float, noise: float, seed: int) -> np.ndarray:
+    """``array`` blurred by a Gaussian of ``blur_mm`` (the scanner's resolution) plus seeded Gaussian noise."""
     from scipy import ndimage
 
-    lookup = np.zeros(max(values) + 1, dtype=np.float32)
-    for label, value in values.items():
-        lookup[label] = value
-    array = lookup[labels]
     if blur_mm > 0:
-        sigma = [blur_mm / s for s in spacing[::-1]]
-        array = ndimage.gaussian_filter(array, sigma=sigma, mode="nearest")
+        array = ndimage.gaussian_filter(array, sigma=[blur_mm / s for s in spacing[::-1]], mode="nearest")
     if noise > 0:
         array = array + np.random.default_rng(seed).normal(0.0, noise, array.shape).astype(np.float32)
     return array.astype(np.float32)
@@ -176,20 +208,18 @@ def _image_like(array: np.ndarray, reference: sitk.Image, pixel: int) -> sitk.Im
 
 
 def ct_hu(reference: sitk.Image, head: Head = Head(), motion: Optional[sitk.Transform] = None,
-          noise_hu: float = 6.0, blur_mm: float = 0.6, seed: int = 0) -> sitk.Image:
+          noise_hu: float = 6.0, blur_mm: float = 0.5, seed: int = 0) -> sitk.Image:
     """A head CT in Hounsfield units (int16, −1024..) on ``reference``'s grid."""
-    labels = labels_on(reference, head, motion)
-    hu = _render(labels, CT_HU, reference.GetSpacing(), blur_mm, noise_hu, seed)
+    hu = _blurred_noisy(values_on(reference, CT_HU, head, motion), reference.GetSpacing(), blur_mm, noise_hu, seed)
     return _image_like(np.clip(np.round(hu), -1024, 3071).astype(np.int16), reference, sitk.sitkInt16)
 
 
 def mri_t2(reference: sitk.Image, head: Head = Head(), motion: Optional[sitk.Transform] = None,
-           noise: float = 3.0, blur_mm: float = 0.6, seed: int = 1, pixel: int = sitk.sitkFloat32) -> sitk.Image:
+           noise: float = 3.0, blur_mm: float = 0.5, seed: int = 1, pixel: int = sitk.sitkFloat32) -> sitk.Image:
     """A T2-like MRI on ``reference``'s grid: background exactly 0, the head ≥ 1 (so "MRI > 0" is the head)."""
-    labels = labels_on(reference, head, motion)
-    values = _render(labels, T2, reference.GetSpacing(), blur_mm, noise, seed)
-    head_region = (labels != AIR) & (labels != HOLDER)
-    values = np.where(head_region, np.clip(values, 1.0, 255.0), 0.0).astype(np.float32)
+    clean = values_on(reference, T2, head, motion)
+    values = _blurred_noisy(clean, reference.GetSpacing(), blur_mm, noise, seed)
+    values = np.where(clean > 0, np.clip(values, 1.0, 255.0), 0.0).astype(np.float32)  # air and holder: no signal
     if pixel != sitk.sitkFloat32:
         values = np.round(values)
     return _image_like(values, reference, pixel)

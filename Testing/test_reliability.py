@@ -57,8 +57,9 @@ from CTtoMRISynthesisLib.weights import LoadedModel, checksum_path, load_model, 
 
 SPACING = (0.9, 0.9, 5.0)
 ORIGIN = (-115.0, -115.0, -40.0)
-ALL_OUTPUTS = {"synthetic_mri.nrrd", "ct_registered.nrrd", "difference.nrrd", "transform.tfm", "metrics.json"}
-CT_ONLY_OUTPUTS = {"synthetic_mri.nrrd", "metrics.json"}
+ALL_OUTPUTS = {"synthetic_mri.nrrd", "uncertainty.nrrd", "ct_registered.nrrd", "difference.nrrd", "transform.tfm",
+               "metrics.json"}
+CT_ONLY_OUTPUTS = {"synthetic_mri.nrrd", "uncertainty.nrrd", "metrics.json"}
 # an error message must say what to do: one of these verbs
 ADVICE = re.compile(r"\b(give|check|choose|copy|use|restore|retrain|fix|free|load|put|close|harden|resample|select|pass|update)\b", re.I)
 INT32_MIN, INT32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
@@ -313,7 +314,8 @@ def run_node_case(case: Case, weights: Path, scene) -> Outcome:
     added = {entry[0] for entry in after[len(state):]}
     colour = {entry[0] for entry in after[len(state):] if entry[1] == "vtkMRMLColorTableNode"}
     assert added - colour == output_ids
-    expected_keys = {"synthetic_mri"} | ({"ct_registered", "difference", "transform", "table"} if mri_node else set())
+    with_mri = {"ct_registered", "difference", "transform", "table"} if mri_node else set()
+    expected_keys = {"synthetic_mri", "uncertainty"} | with_mri
     assert set(outputs) == expected_keys
     summary = mrml.summary_of(outputs)
     synthetic = mrml.image_from_volume_node(outputs["synthetic_mri"], "result")
