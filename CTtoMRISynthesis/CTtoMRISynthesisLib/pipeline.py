@@ -62,7 +62,7 @@ class SynthesisResult:
     #: where the inputs came from and how the run was asked for (e.g. ``ct_series``, ``made_from``);
     #: callers above the pipeline (DICOM input, batch) fill it; it is written into ``metrics.json``.
     provenance: dict = field(default_factory=dict)
-    uncertainty_mean: Optional[float] = None  # mean of the uncertainty over the head (model grid), 0..255
+    uncertainty_mean: Optional[float] = None  # mean of the uncertainty over the head, 0..255
 
     def output_images(self) -> dict:
         """{kind: image} of every volume this result holds (synthetic MRI first), for writers of all kinds."""
@@ -218,10 +218,11 @@ def synthesize(
     )
     result.warnings.extend(run_info.get("warnings", []))
     result.device = run_info.get("device", device)
-    result.synthetic_mri, result.uncertainty = stages.run(
-        "resample to reference", 0.9, 0.93, _to_reference, prediction, grid, reference
+    result.synthetic_mri, result.uncertainty, head = stages.run(
+        "resample to reference", 0.9, 0.93, _to_reference, prediction, grid, reference, ct255_image,
+        result.transform, prep.get("mask_output", True),
     )
-    result.uncertainty_mean = _mean_in_head(prediction)
+    result.uncertainty_mean = _mean_in_head(result.uncertainty, head)
 
     if mri is not None:
         mri255 = geometry.array_on_grid(normalise_mri(sitk.GetArrayFromImage(mri)), mri)
@@ -233,19 +234,36 @@ def synthesize(
     return result
 
 
-def _to_reference(prediction, grid: sitk.Image, reference: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
-    """The synthetic MRI and its uncertainty moved from the model grid onto the reference grid (0 outside)."""
+def _to_reference(prediction, grid: sitk.Image, reference: sitk.Image, ct255: sitk.Image,
+                  transform: Optional[sitk.Transform], mask: bool) -> tuple:
+    """The synthetic MRI and its uncertainty moved from the model grid onto the reference grid, both set to 0
+    outside the head as seen at the reference grid's own resolution (the CT's largest object there), so that
+    interpolation from the coarser model grid cannot leave a rim of signal outside the head. Returns
+    (synthetic MRI, uncertainty, head mask (z, y, x) of the reference grid or None when not masked)."""
+    from .intensity import head_mask
+
+    head = None
+    if mask:
+        on_reference = ct255 if transform is None and geometry.same_grid(ct255, reference, tol=1e-4) else \
+            geometry.resample(ct255, reference, transform, default_value=0.0)
+        head = head_mask(sitk.GetArrayViewFromImage(on_reference))
     images = []
     for array in (prediction.mean, prediction.spread):
-        images.append(geometry.resample(geometry.array_on_grid(array, grid), reference, None, default_value=0.0))
-    return images[0], images[1]
+        image = geometry.resample(geometry.array_on_grid(array, grid), reference, None, default_value=0.0)
+        if head is not None:
+            values = sitk.GetArrayFromImage(image)
+            values[~head] = 0.0
+            image = geometry.array_on_grid(values, reference)
+        images.append(image)
+    return images[0], images[1], head
 
 
-def _mean_in_head(prediction) -> Optional[float]:
-    """Mean uncertainty over the head voxels of the model grid (None when there is no head)."""
-    if not prediction.head.any():
-        return None
-    return float(prediction.spread[prediction.head].mean())
+def _mean_in_head(uncertainty: sitk.Image, head: Optional[np.ndarray]) -> Optional[float]:
+    """Mean uncertainty over the head voxels of the reference grid (all voxels when unmasked); None if none."""
+    values = sitk.GetArrayViewFromImage(uncertainty)
+    if head is None:
+        return float(values.mean())
+    return float(values[head].mean()) if head.any() else None
 
 
 def _register(mri, ct, mode, allow_disjoint, progress, cancel):
