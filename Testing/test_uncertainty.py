@@ -168,3 +168,22 @@ def test_uncertainty_quality_tells_an_informative_map_from_a_random_one() -> Non
     assert good["unc_err_top10"] > 2 * good["unc_err_rest"]
     flat = uncertainty_quality(ref, syn, np.ones(ref.shape, np.float32), head)
     assert flat["unc_spearman"] is None, "a constant map says nothing"
+
+
+def test_cv_folds_split_over_jobs_then_one_report_with_aims_and_uncertainty(phantom_slices: Path, tmp_path: Path) -> None:
+    """--only-folds runs part of a cross-validation (one job of a cluster array); the job that completes the
+    set writes the report, which states the issue's aims and checks the uncertainty map per held-out patient."""
+    run = tmp_path / "cv"
+    common = ["train", "--data", str(phantom_slices), "--out", str(run), "--cv", "kfold", "--folds", "2", "--base", "4",
+              "--epochs", "1", "--max-steps", "2", "--batch-size", "4", "--loss", "laplace", "--workers", "0",
+              "--threads", "1", "--no-progress", "--resume"]
+    assert ctmri(common + ["--only-folds", "2"]) == 0
+    assert (run / "fold02" / "fold.json").exists() and not (run / "fold01").exists()
+    assert not (run / "report").exists(), "no report while a fold is missing"
+    assert ctmri(common + ["--only-folds", "3"]) == 2  # there is no fold 3: a clear error
+    assert ctmri(common + ["--only-folds", "1"]) == 0
+    md = (run / "report" / "report.md").read_text()
+    assert "Aims (issue 11)" in md and "fraction of the distance lookup table" in md
+    assert "## Uncertainty map" in md and "Spearman" in md
+    with np.load(next((run / "fold01").glob("pred_*.npz"))) as blob:
+        assert blob["spread"].shape == blob["syn"].shape and blob["spread"].max() > 0

@@ -34,6 +34,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     split.add_argument("--cv", choices=["none", "loo", "kfold"], default="none",
                        help="cross-validation: leave-one-patient-out or k-fold; writes the Table-1 report")
     split.add_argument("--folds", type=int, default=5, help="k for --cv kfold")
+    split.add_argument("--only-folds", type=int, nargs="+", metavar="K", default=None,
+                       help="with --cv: run only these folds (1-based), e.g. one per job of a cluster array; the "
+                            "report is written by the run that finds every fold done")
     split.add_argument("--val-cases", nargs="*", default=[], metavar="ID", help="validation patients (select the best epoch)")
     split.add_argument("--test-cases", nargs="*", default=[], metavar="ID", help="test patients, never trained on")
     model = p.add_argument_group("model and training")
@@ -161,9 +164,15 @@ def run_train(args) -> int:
             settings.select = "last"  # the held-out patient is logged, never used to pick an epoch
             from .report import evaluate_fold, write_cv_report
 
+            chosen = set(args.only_folds or range(1, len(folds) + 1))
+            unknown = sorted(chosen - set(range(1, len(folds) + 1)))
+            if unknown:
+                raise CTMRIError(f"--only-folds {unknown}: this cross-validation has folds 1..{len(folds)}; choose among them")
             for k, fold in enumerate(folds, start=1):
                 fold_dir = out / f"fold{k:02d}"
                 done = fold_dir / "fold.json"
+                if k not in chosen:
+                    continue
                 if args.resume and done.exists():
                     if dist.main:
                         print(f"fold {k}/{len(folds)} already done ({fold.test_cases}); kept", flush=True)
@@ -175,7 +184,10 @@ def run_train(args) -> int:
                     return 0
                 if dist.main:
                     evaluate_fold(fold_dir, cases, bone_threshold=args.bone_threshold)
-            if dist.main:
+            missing = [k for k in range(1, len(folds) + 1) if not (out / f"fold{k:02d}" / "fold.json").exists()]
+            if dist.main and missing:
+                print(f"folds {missing} are not done yet; the report is written once every fold is", flush=True)
+            elif dist.main:
                 paths = write_cv_report(out, cases, command=command, bone_threshold=args.bone_threshold)
                 print("report: " + ", ".join(str(p) for p in paths), flush=True)
             return 0

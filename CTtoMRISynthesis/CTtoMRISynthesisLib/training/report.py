@@ -402,16 +402,20 @@ def _aims_lines(summary: dict, patients: list, get: dict) -> list[str]:
 def _uncertainty_lines(patients: list, get: dict) -> list[str]:
     """The uncertainty map's check: Spearman with the absolute error, and the error where it is highest."""
     rows = [(p, get.get((p, "model"))) for p in patients]
-    rows = [(p, m) for p, m in rows if m and m.get("unc_spearman") is not None]
+    rows = [(p, m) for p, m in rows if m and m.get("unc_mean") is not None]
     if not rows:
         return []
     md = ["## Uncertainty map", "",
           "Over the head voxels of each held-out patient: Spearman correlation between the predicted spread and "
-          "|real − synthetic|, and the mean absolute error in the 10 % most uncertain voxels against the rest.", "",
+          "|real − synthetic|, and the mean absolute error in the 10 % most uncertain voxels against the rest "
+          "('–': the map is constant there and says nothing).", "",
           "| patient | Spearman | MAE most uncertain 10 % | MAE other 90 % | mean spread |", "|---|---|---|---|---|"]
     for p, m in rows:
-        md.append(f"| {p} | {m['unc_spearman']:.3f} | {m['unc_err_top10']:.2f} | {m['unc_err_rest']:.2f} | {m['unc_mean']:.2f} |")
+        md.append(f"| {p} | {_fmt(m['unc_spearman'], 3)} | {_fmt(m['unc_err_top10'])} | {_fmt(m['unc_err_rest'])} | "
+                  f"{_fmt(m['unc_mean'])} |")
     rhos = [m["unc_spearman"] for _, m in rows]
+    if any(r is None for r in rhos):
+        return md + ["", "Spearman aim: **not met** (a constant map on some patient).", ""]
     ok = float(np.mean(rhos)) >= AIM_UNC_SPEARMAN_MEAN and min(rhos) >= AIM_UNC_SPEARMAN_MIN
     md += ["", f"Mean Spearman {np.mean(rhos):.3f} (aim ≥ {AIM_UNC_SPEARMAN_MEAN}), lowest {min(rhos):.3f} (aim ≥ "
            f"{AIM_UNC_SPEARMAN_MIN} on each patient): **{'met' if ok else 'not met'}**.", ""]
