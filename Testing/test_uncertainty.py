@@ -187,3 +187,11 @@ def test_cv_folds_split_over_jobs_then_one_report_with_aims_and_uncertainty(phan
     assert "## Uncertainty map" in md and "Spearman" in md
     with np.load(next((run / "fold01").glob("pred_*.npz"))) as blob:
         assert blob["spread"].shape == blob["syn"].shape and blob["spread"].max() > 0
+
+
+def test_laplace_scale_starts_near_what_it_learns() -> None:
+    """The scale channel starts at b ≈ 0.1 (25 grey levels): from softplus(0) ≈ 0.7, a few hundred Adam steps
+    left it large and flat. The location channel keeps PyTorch's own initialisation."""
+    net = UNet(UNetConfig(in_channels=3, out_channels=2, base=4))
+    assert float(laplace_scale(net.head.bias[1:].detach())) == pytest.approx(0.1 + MIN_LAPLACE_SCALE, rel=1e-4)
+    assert abs(float(net.head.bias[0])) < 1.0
