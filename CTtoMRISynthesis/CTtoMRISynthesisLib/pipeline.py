@@ -246,7 +246,11 @@ def _to_reference(prediction, grid: sitk.Image, reference: sitk.Image, ct255: si
     if mask:
         on_reference = ct255 if transform is None and geometry.same_grid(ct255, reference, tol=1e-4) else \
             geometry.resample(ct255, reference, transform, default_value=0.0)
-        head = head_mask(sitk.GetArrayViewFromImage(on_reference))
+        # In axial slices whatever the reference's voxel order (head_mask fills holes slice by slice).
+        canonical = geometry.canonical_axial(on_reference)
+        axial = geometry.array_on_grid(head_mask(sitk.GetArrayViewFromImage(canonical)).astype(np.uint8), canonical)
+        order = sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(reference.GetDirection())
+        head = sitk.GetArrayFromImage(sitk.DICOMOrient(axial, order)).astype(bool)
     images = []
     for array in (prediction.mean, prediction.spread):
         image = geometry.resample(geometry.array_on_grid(array, grid), reference, None, default_value=0.0)
