@@ -1,21 +1,23 @@
 """Synthetic head phantoms, so that the tests run on a fresh clone without the licensed data.
 
 A phantom is defined analytically in millimetres (nested ellipsoids: scalp, skull, a CSF rim, grey and
-white matter, two unequal ventricles, optionally a head holder below and behind the head), and is
-*evaluated* on any grid: each voxel centre is mapped into the head's frame and labelled there. So a CT and
-an MRI of the same head can lie on different grids (spacing, size, direction) with a known rigid motion
-between them, and the truth of a registration is known exactly — no resampling of one image into another.
+white matter; two unequal ventricles, two eyes, a frontal sinus; optionally a head holder below and behind
+the head), and is *evaluated* on any grid: points of each voxel are mapped into the head's frame and
+labelled there. So a CT and an MRI of the same head can lie on different grids (spacing, size, direction)
+with a known rigid motion between them, and the truth of a registration is known exactly — no resampling
+of one image into another.
 
 Intensities: the CT in Hounsfield units (air −1000, skull 1000, brain ≈ 30, CSF ≈ 5), the "MRI" T2-like
-(CSF bright, grey matter brighter than white, skull dark, background exactly 0), both blurred slightly
-(partial volume) and with a little seeded noise, so that they are deterministic but not piecewise constant.
+(CSF bright, grey matter brighter than white, skull dark, background exactly 0); each voxel the mean over
+its volume (partial volume: thick slices do not alias thin structures), blurred slightly, with a little
+seeded noise, so that they are deterministic but not piecewise constant.
 
 Plain functions; the fixtures that use them are in ``conftest.py``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -64,15 +66,12 @@ class Head:
         scale = rng.uniform(0.9, 1.05, 3)
         grow = rng.uniform(0.75, 1.35)
         ventricles = tuple(
-            (tuple(np.multiply(c, scale[:3])), tuple(np.multiply(a, grow))) for c, a in cls.ventricles
+            (tuple(np.multiply(c, scale)), tuple(np.multiply(a, grow))) for c, a in cls.ventricles
         )
         eyes = tuple((tuple(np.multiply(c, scale)), r) for c, r in cls.eyes)
         sinus = (tuple(np.multiply(cls.sinus[0], scale)), cls.sinus[1])
         return cls(semi_axes=tuple(np.multiply(cls.semi_axes, scale)), ventricles=ventricles, eyes=eyes,
                    sinus=sinus, holder=holder)
-
-    def with_holder(self) -> "Head":
-        return replace(self, holder=True)
 
 
 def _inside(points: np.ndarray, semi_axes: Sequence[float], centre: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
@@ -296,13 +295,6 @@ def read_slice_case(root: Path, case_id: str, modality: str) -> np.ndarray:
     """One case's slices of ``root/<modality>/`` stacked in slice order (uint8 (z, H, W))."""
     files = sorted(f for f in (root / modality).glob("*.png") if f.stem[:-3] == case_id)
     return np.stack([sitk.GetArrayFromImage(sitk.ReadImage(str(f))) for f in files])
-
-
-def head_frame_points(image: sitk.Image, mask: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
-    """``count`` physical points of ``image``'s voxel centres where ``mask`` (z, y, x) is true."""
-    k, j, i = np.nonzero(mask)
-    pick = np.random.default_rng(seed).choice(len(k), count, replace=False)
-    return np.array([image.TransformIndexToPhysicalPoint((int(i[p]), int(j[p]), int(k[p]))) for p in pick])
 
 
 # ------------------------------------------------------------------------------------------ tiny model
