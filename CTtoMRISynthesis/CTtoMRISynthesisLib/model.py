@@ -26,7 +26,8 @@ class UNetConfig:
     """Architecture of the U-Net; stored in every weights file."""
 
     in_channels: int = 1  # 1 = the CT slice; 3 = the slice and its two neighbours (2.5D)
-    out_channels: int = 1  # 1 = the MRI; 2 = the MRI and a raw Laplace scale (its uncertainty, see laplace_scale)
+    out_channels: int = 1  # 1 = the MRI; 2 = the MRI and a raw scale (its uncertainty, see laplace_scale)
+    scale: str = "laplace"  # with 2 outputs, what the scale is: "laplace" b (SD √2·b) or "gaussian" σ (SD σ)
     base: int = 64  # channels of the first level; the paper's width is 64
     levels: int = 5  # encoder levels, the deepest one being the bottleneck
     norm: str = "batch"  # "batch" or "none" (the paper does not say; batch norm trains faster here)
@@ -64,6 +65,8 @@ class UNet(nn.Module):
         super().__init__()
         if config.norm not in ("batch", "none"):
             raise ValueError(f"norm must be 'batch' or 'none', not {config.norm!r}")
+        if config.scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, not {config.scale!r}")
         self.config = config
         widths = [config.base * 2**i for i in range(config.levels)]
         self.encoders = nn.ModuleList()
@@ -142,11 +145,14 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
 #: Smallest Laplace scale (0..1 intensity scale, ≈ 0.25 grey level): keeps log b and 1/b finite where the
 #: target is exactly predictable (the zero background).
 MIN_LAPLACE_SCALE = 1e-3
+SCALES = ("laplace", "gaussian")
+#: Variance of the distribution per unit scale²: a Laplace of scale b has variance 2b², a Gaussian σ².
+VARIANCE_PER_SCALE2 = {"laplace": 2.0, "gaussian": 1.0}
 INITIAL_RAW_SCALE = math.log(math.expm1(0.1))  # softplus⁻¹(0.1)
 
 
 def laplace_scale(raw: torch.Tensor) -> torch.Tensor:
-    """The Laplace scale b > 0 from the network's raw second output channel (softplus, floored)."""
+    """The scale (Laplace b or Gaussian σ) > 0 from the network's raw second output channel (softplus, floored)."""
     return nn.functional.softplus(raw.float()) + MIN_LAPLACE_SCALE
 
 

@@ -7,9 +7,9 @@ runs out (``torch.cuda.OutOfMemoryError`` and its MPS/CPU equivalents) the batch
 GPU too small even for one slice hands the rest to the CPU. Both are reported as warnings.
 
 Uncertainty: :func:`predict_volume` also returns a per-voxel spread (0..255 scale, 0 outside the head).
-It adds what the model says of itself — a model trained with the Laplace likelihood predicts a scale b
-per pixel, whose variance is 2·b² — and, with left-right flip test-time augmentation, the variance of
-the two predictions: ``spread = sqrt(mean(2·b²) + var(predictions))``. A one-channel model without flip
+It adds what the model says of itself — a model trained with a likelihood predicts a scale per pixel: a
+Laplace b (variance 2·b²) or a Gaussian σ (variance σ²) — and, with left-right flip test-time
+augmentation, the variance of the two predictions: ``spread = sqrt(mean(variance) + var(predictions))``. A one-channel model without flip
 has no spread to give (zeros).
 """
 
@@ -116,7 +116,7 @@ def _predict_batch(net, batch, flip_tta: bool):
     """(mean, spread) of one batch on the 0..1 scale: flip TTA and the model's own Laplace scale combined."""
     import torch
 
-    from .model import laplace_scale
+    from .model import VARIANCE_PER_SCALE2, laplace_scale
 
     outputs = [net(batch)]
     if flip_tta:
@@ -126,7 +126,8 @@ def _predict_batch(net, batch, flip_tta: bool):
     variance = mus.var(0, unbiased=False) if len(outputs) > 1 else torch.zeros_like(mean)
     if outputs[0].shape[1] > 1:
         scales = torch.stack([laplace_scale(o[:, 1]) for o in outputs])
-        variance = variance + (2.0 * scales**2).mean(0)
+        per_scale2 = VARIANCE_PER_SCALE2[getattr(getattr(net, "config", None), "scale", "laplace")]
+        variance = variance + (per_scale2 * scales**2).mean(0)
     return mean, variance.sqrt()
 
 

@@ -55,9 +55,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--lr-min", type=float, default=1e-5)
     model.add_argument("--lr-schedule", choices=["cosine", "exponential", "constant"], default="cosine")
     model.add_argument("--gamma", type=float, default=0.9, help="per-epoch factor of the exponential schedule")
-    model.add_argument("--loss", choices=["mse", "l1", "l1+ssim", "laplace"], default="mse",
-                       help="paper: mse; laplace = Laplace likelihood with a predicted per-pixel scale (the "
-                            "model's uncertainty output)")
+    model.add_argument("--loss", choices=["mse", "l1", "l1+ssim", "laplace", "mse+gaussian"], default="mse",
+                       help="paper: mse; laplace = Laplace likelihood with a predicted per-pixel scale; mse+gaussian "
+                            "= the paper's MSE for the image plus a Gaussian likelihood teaching a second output the "
+                            "expected error (both give the uncertainty map)")
     model.add_argument("--ssim-weight", type=float, default=0.5)
     model.add_argument("--no-augment", action="store_true")
     model.add_argument("--rotate", type=float, default=10.0, help="augmentation: max rotation, degrees")

@@ -28,7 +28,7 @@ import numpy as np
 from ..intensity import CTWindow
 from .dataset import Augment, SliceDataset, as_network_sees
 
-LOSSES = ("mse", "l1", "l1+ssim", "laplace")
+LOSSES = ("mse", "l1", "l1+ssim", "laplace", "mse+gaussian")
 SCHEDULES = ("cosine", "exponential", "constant")
 SELECTIONS = ("last", "best")
 MODEL_FILE = "model.safetensors"  # the run's selected model (weights.py format, + .sha256)
@@ -175,6 +175,8 @@ def make_loss(settings: TrainSettings):
         return F.l1_loss
     if settings.loss == "laplace":
         return laplace_nll
+    if settings.loss == "mse+gaussian":
+        return mse_and_gaussian_scale
     c1, c2 = 0.01**2, 0.03**2
     weight = settings.ssim_weight
 
@@ -205,6 +207,24 @@ def laplace_nll(pred, target):
     return (torch.abs(target - mu) / b + torch.log(b)).mean()
 
 
+def mse_and_gaussian_scale(pred, target):
+    """The paper's MSE for the synthetic MRI (channel 0) plus a Gaussian likelihood that teaches channel 1,
+    σ, how far that prediction tends to be off: ``(y − μ)² / (2σ²) + log σ`` with μ held fixed (detached).
+
+    The synthesis is trained exactly as with ``mse`` (the likelihood cannot pull the prediction towards
+    where it is easy, as a joint likelihood would), and σ becomes the expected error at each pixel: the
+    uncertainty map.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from ..model import laplace_scale
+
+    mu, sigma = pred[:, :1], laplace_scale(pred[:, 1:2])
+    nll = (target - mu.detach()) ** 2 / (2 * sigma**2) + torch.log(sigma)
+    return F.mse_loss(mu, target) + nll.mean()
+
+
 # ------------------------------------------------------------------------------------------- helpers
 def _lr_at(settings: TrainSettings, epoch: int) -> float:
     """Learning rate of (0-based) ``epoch``."""
@@ -229,7 +249,8 @@ def model_config(settings: TrainSettings):
     from ..model import UNetConfig
 
     return UNetConfig(
-        in_channels=2 * settings.context + 1, out_channels=2 if settings.loss == "laplace" else 1, base=settings.base, levels=settings.levels, norm=settings.norm,
+        in_channels=2 * settings.context + 1, out_channels=2 if settings.loss in ("laplace", "mse+gaussian") else 1,
+        scale="gaussian" if settings.loss == "mse+gaussian" else "laplace", base=settings.base, levels=settings.levels, norm=settings.norm,
         lookup_residual=settings.lookup_residual, lookup_sigma=settings.lookup_sigma if settings.lookup_residual else 0.0,
     )
 
