@@ -195,3 +195,29 @@ def test_laplace_scale_starts_near_what_it_learns() -> None:
     net = UNet(UNetConfig(in_channels=3, out_channels=2, base=4))
     assert float(laplace_scale(net.head.bias[1:].detach())) == pytest.approx(0.1 + MIN_LAPLACE_SCALE, rel=1e-4)
     assert abs(float(net.head.bias[0])) < 1.0
+
+
+def test_mse_plus_gaussian_trains_the_image_by_mse_and_sigma_by_likelihood() -> None:
+    """The image channel gets exactly the MSE gradient (the likelihood sees it detached); σ gets the Gaussian
+    likelihood's, which vanishes where σ equals the error, and a model built for it reports SD = σ."""
+    from CTtoMRISynthesisLib.training.loop import mse_and_gaussian_scale
+
+    target = torch.tensor([0.2, 0.8]).view(2, 1, 1, 1)
+    mu = torch.tensor([0.5, 0.5]).view(2, 1, 1, 1).requires_grad_(True)
+    raw = torch.zeros(2, 1, 1, 1, requires_grad=True)
+    mse_and_gaussian_scale(torch.cat([mu, raw], 1), target).backward()
+    expected_mu_grad = torch.autograd.grad(torch.nn.functional.mse_loss(mu, target), mu)[0]
+    assert torch.allclose(mu.grad, expected_mu_grad)
+    # d/dσ [(e²)/(2σ²) + log σ] = 0 at σ = |e|: a raw scale giving σ = 0.3 = |error| has no gradient
+    raw_at = torch.log(torch.expm1(torch.tensor(0.3 - MIN_LAPLACE_SCALE))).view(1, 1, 1, 1).expand(2, 1, 1, 1).clone().requires_grad_(True)
+    mse_and_gaussian_scale(torch.cat([mu.detach(), raw_at], 1), target).backward()
+    assert float(raw_at.grad.abs().max()) < 1e-6
+    net = UNet(UNetConfig(in_channels=1, out_channels=2, scale="gaussian", base=4)).eval()
+    ct = np.zeros((1, 32, 32), np.float32)
+    ct[:, 4:28, 4:28] = 120.0
+    pred = predict_volume(net, ct, flip_tta=False)
+    with torch.inference_mode():
+        sigma = laplace_scale(net(torch.from_numpy(ct[:, None] / 255.0))[:, 1]).numpy() * 255.0
+    np.testing.assert_allclose(pred.spread[pred.head], np.minimum(sigma, MAX_SPREAD)[pred.head], rtol=1e-4)
+    with pytest.raises(ValueError, match="scale"):
+        UNet(UNetConfig(out_channels=2, scale="cauchy"))
