@@ -367,27 +367,38 @@ def table_rows(table_node) -> list[dict]:
     return out
 
 
+def _colour_table(scene, created: list, role: str, name: str, colours) -> "object":
+    """Our 256-entry colour table of ``role``: reused if the scene has it, else made once from
+    ``colours(i) -> (label, r, g, b)`` and appended to ``created`` (so a failed run can remove it)."""
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode")
+        if node.GetAttribute(ROLE_ATTRIBUTE) == role:
+            return node
+    node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", name)
+    created.append(node)
+    node.SetTypeToUser()
+    node.SetNumberOfColors(256)
+    node.SetAttribute(ROLE_ATTRIBUTE, role)
+    for i in range(256):
+        label, r, g, b = colours(i)
+        node.SetColor(i, label, float(r), float(g), float(b), 1.0)
+    return node
+
+
 def _difference_colormap(scene, created: list):
     """The diverging colour table for difference maps: reuse ours if the scene has it, else make it.
 
     Blue (negative: synthetic brighter than the MRI) → black (0) → red (positive: synthetic darker),
     256 entries. Black at zero keeps the background (both images 0) dark like the slice views.
     """
-    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
-        node = scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode")
-        if node.GetAttribute(ROLE_ATTRIBUTE) == "difference colormap":
-            return node
-    node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", DIFFERENCE_COLOR_NAME)
-    created.append(node)
-    node.SetTypeToUser()
-    node.SetNumberOfColors(256)
-    node.SetAttribute(ROLE_ATTRIBUTE, "difference colormap")
     blue, red = np.array([0.25, 0.55, 1.0]), np.array([1.0, 0.3, 0.2])
-    for i in range(256):
+
+    def colour(i: int):
         x = (i - 127.5) / 127.5  # -1 .. 1
         rgb = (blue if x < 0 else red) * abs(x) ** 0.8
-        node.SetColor(i, f"{x * 100:+.0f}%", float(rgb[0]), float(rgb[1]), float(rgb[2]), 1.0)
-    return node
+        return (f"{x * 100:+.0f}%", *rgb)
+
+    return _colour_table(scene, created, "difference colormap", DIFFERENCE_COLOR_NAME, colour)
 
 
 def cubehelix(fraction: float, start: float = 0.5, rotations: float = -1.5, hue: float = 1.2) -> tuple:
@@ -409,10 +420,8 @@ def _uncertainty_colormap(scene, created: list):
 
     Black at 0 (no spread, and everywhere outside the head) rising to white at the window's top.
     """
-    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
-        node = scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode")
-        if node.GetAttribute(ROLE_ATTRIBUTE) == "uncertainty colormap":
-            return node
+    return _colour_table(scene, created, "uncertainty colormap", UNCERTAINTY_COLOR_NAME,
+                         lambda i: (f"{i / 2.55:.0f}%", *cubehelix(i / 255.0)))
     node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", UNCERTAINTY_COLOR_NAME)
     created.append(node)
     node.SetTypeToUser()
