@@ -219,5 +219,11 @@ def test_mse_plus_gaussian_trains_the_image_by_mse_and_sigma_by_likelihood() -> 
     with torch.inference_mode():
         sigma = laplace_scale(net(torch.from_numpy(ct[:, None] / 255.0))[:, 1]).numpy() * 255.0
     np.testing.assert_allclose(pred.spread[pred.head], np.minimum(sigma, MAX_SPREAD)[pred.head], rtol=1e-4)
+    # the scale is read from the features without training them: its likelihood never reaches the U-Net
+    out = net.train()(torch.rand(2, 1, 32, 32))
+    sigma = laplace_scale(out[:, 1:2])
+    nll = ((torch.rand(2, 1, 32, 32) - out[:, :1].detach()) ** 2 / (2 * sigma**2) + torch.log(sigma)).mean()
+    grads = torch.autograd.grad(nll, [p for p in net.encoders.parameters()] + [net.head.weight], allow_unused=True)
+    assert all(g is None or not g.any() for g in grads[:-1]) and grads[-1][1:].abs().sum() > 0
     with pytest.raises(ValueError, match="scale"):
         UNet(UNetConfig(out_channels=2, scale="cauchy"))

@@ -27,7 +27,8 @@ class UNetConfig:
 
     in_channels: int = 1  # 1 = the CT slice; 3 = the slice and its two neighbours (2.5D)
     out_channels: int = 1  # 1 = the MRI; 2 = the MRI and a raw scale (its uncertainty, see laplace_scale)
-    scale: str = "laplace"  # with 2 outputs, what the scale is: "laplace" b (SD √2·b) or "gaussian" σ (SD σ)
+    scale: str = "laplace"  # with 2 outputs, what the scale is: "laplace" b (SD √2·b), trained jointly with the
+    # image, or "gaussian" σ (SD σ), read from the image features without training them (see _unet)
     base: int = 64  # channels of the first level; the paper's width is 64
     levels: int = 5  # encoder levels, the deepest one being the bottleneck
     norm: str = "batch"  # "batch" or "none" (the paper does not say; batch norm trains faster here)
@@ -113,6 +114,14 @@ class UNet(nn.Module):
                 x = self.pool(x)
         for up, decoder, skip in zip(self.ups, self.decoders, reversed(skips)):
             x = decoder(torch.cat([skip, up(x)], dim=1))
+        if self.config.out_channels > 1 and self.config.scale == "gaussian":
+            # The Gaussian scale is read from the image features without shaping them (detached): the U-Net is
+            # trained by the image loss alone, and the scale learns what error those features go with. (With
+            # the gradient flowing back, the likelihood's large early values drowned the image loss: after 5
+            # epochs the synthetic MRI was still all zero.)
+            image = nn.functional.conv2d(x, self.head.weight[:1], self.head.bias[:1])
+            scale = nn.functional.conv2d(x.detach(), self.head.weight[1:], self.head.bias[1:])
+            return torch.cat([image, scale], dim=1)
         return self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
