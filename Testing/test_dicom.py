@@ -571,7 +571,7 @@ def test_synthesize_from_a_study_writes_dicom(study: Path, tmp_path: Path, capsy
     assert np.abs(pydicom_volume(datasets) - sitk.GetArrayFromImage(nrrd)).max() <= 1.0
     assert datasets[0].StudyInstanceUID == STUDY_UID and datasets[0].FrameOfReferenceUID == FOR_UID
     assert list(datasets[0].SoftwareVersions)[1] == summary["weights"]["sha256"]
-    assert sorted(p.name for p in (out / "dicom").iterdir()) == ["synthetic_mri"]
+    assert sorted(p.name for p in (out / "dicom").iterdir()) == ["synthetic_mri", "uncertainty"]
 
 
 def test_synthesize_with_an_unknown_series_stops_before_work(study: Path, tmp_path: Path, capsys) -> None:
