@@ -21,7 +21,8 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer")
 
-from conftest import REPO, new_scene, read_harvard_case  # noqa: E402
+import phantoms  # noqa: E402
+from conftest import REPO, new_scene  # noqa: E402
 
 MODULE_PY = REPO / "CTtoMRISynthesis" / "CTtoMRISynthesis.py"
 
@@ -64,10 +65,11 @@ def scene(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def case(harvard_dir):
+def case():
+    """A synthetic patient (phantoms.py): 8-bit windowed CT and T2-like MRI, 16 slices of 256×256."""
     images = []
-    for modality in ("CT", "MRI"):
-        image = sitk.GetImageFromArray(read_harvard_case(harvard_dir, "28", modality))  # 16 slices
+    for array in phantoms.slice_pair(seed=28, slices=16, first_z=-35.0):
+        image = sitk.GetImageFromArray(array)
         image.SetSpacing((0.9, 0.9, 5.0))
         images.append(image)
     return images

@@ -20,12 +20,18 @@ import SimpleITK as sitk
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from conftest import new_scene, read_harvard_case  # noqa: E402
+import phantoms  # noqa: E402
+from conftest import new_scene  # noqa: E402
 from CTtoMRISynthesisLib import mrml  # noqa: E402
 from CTtoMRISynthesisLib.cli import main as cli_main  # noqa: E402
 from CTtoMRISynthesisLib.errors import CancelledError, CTMRIError  # noqa: E402
 
-CASE = "16"  # Harvard case 16: 18 slices of 256×256
+CASE = "16"  # a synthetic patient (phantoms.py) like Harvard case 16: 18 slices of 256×256
+
+
+def case_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The patient's 8-bit windowed CT and T2-like MRI (uint8 (18, 256, 256), co-registered; no licensed data)."""
+    return phantoms.slice_pair(seed=16, slices=18, first_z=-40.0)
 SPACING = (0.9, 0.9, 5.0)
 
 
@@ -121,12 +127,12 @@ def reorient(image: sitk.Image, kind: str) -> sitk.Image:
 
 
 @pytest.fixture(scope="module")
-def case_files(harvard_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
-    """Harvard case 16 as CT and MRI .nrrd files (the same files the CLI reads)."""
+def case_files(tmp_path_factory) -> tuple[Path, Path]:
+    """The synthetic patient as CT and MRI .nrrd files (the same files the CLI reads)."""
     folder = tmp_path_factory.mktemp("mrml_case")
     paths = []
-    for modality in ("CT", "MRI"):
-        image = sitk.GetImageFromArray(read_harvard_case(harvard_dir, CASE, modality))
+    for modality, array in zip(("CT", "MRI"), case_arrays()):
+        image = sitk.GetImageFromArray(array)
         image.SetSpacing(SPACING)
         image.SetOrigin((-115.0, -115.0, -40.0))
         path = folder / f"{modality.lower()}.nrrd"
@@ -136,8 +142,9 @@ def case_files(harvard_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def rire_image(rire_mr_path: Path) -> sitk.Image:
-    return sitk.ReadImage(str(rire_mr_path))
+def rire_image(phantom_mr: sitk.Image) -> sitk.Image:
+    """A RIRE-like synthetic MR head (int16, 256×256×26 at 1.25×1.25×4 mm)."""
+    return phantom_mr
 
 
 @pytest.fixture(scope="module")
@@ -551,7 +558,7 @@ def _rgb(hex_colour: str) -> tuple:
 
 
 @pytest.fixture()
-def review_scene(scene, harvard_dir):
+def review_scene(scene):
     """A scene laid out as Slicer does it: a real vtkMRMLLayoutLogic (Red/Yellow/Green made by it, the
     conventional layout), a slice logic per view as the application's slice widgets have (they make the
     composite nodes), the user's CT in Red; and a result's nodes."""
@@ -572,7 +579,7 @@ def review_scene(scene, harvard_dir):
                 slice_logics[node.GetLayoutName()] = logic
 
     make_slice_logics()
-    arrays = [read_harvard_case(harvard_dir, CASE, modality) for modality in ("CT", "MRI")]
+    arrays = list(case_arrays())
     ct = mrml.add_volume_node(scene, sitk.GetImageFromArray(arrays[0]), "CT16")
     mri = mrml.add_volume_node(scene, sitk.GetImageFromArray(arrays[1]), "MR16")
     outputs = {
@@ -696,8 +703,8 @@ def test_metrics_panel_shows_warnings() -> None:
 # the panel's default CT
 
 
-def test_default_ct_skips_label_maps_the_mri_outputs_and_hidden_nodes(scene, harvard_dir) -> None:
-    ct_array, mri_array = (read_harvard_case(harvard_dir, CASE, modality) for modality in ("CT", "MRI"))
+def test_default_ct_skips_label_maps_the_mri_outputs_and_hidden_nodes(scene) -> None:
+    ct_array, mri_array = case_arrays()
     assert mrml.default_ct_node(scene) is None
     label = slicer.util.addVolumeFromArray((ct_array > 100).astype(np.uint8), name="brain mask",
                                            nodeClassName="vtkMRMLLabelMapVolumeNode")

@@ -14,16 +14,17 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import read_harvard_case
+import phantoms
 from CTtoMRISynthesisLib import worker
 from CTtoMRISynthesisLib.worker import WorkerRun
 
 
 @pytest.fixture(scope="module")
-def case_images(harvard_dir: Path) -> tuple[sitk.Image, sitk.Image]:
+def case_images() -> tuple[sitk.Image, sitk.Image]:
+    """A synthetic patient (phantoms.py): 8-bit windowed CT and T2-like MRI, 18 slices of 256×256."""
     images = []
-    for modality in ("CT", "MRI"):
-        image = sitk.GetImageFromArray(read_harvard_case(harvard_dir, "16", modality))
+    for array in phantoms.slice_pair(seed=16, slices=18, first_z=-40.0):
+        image = sitk.GetImageFromArray(array)
         image.SetSpacing((0.9, 0.9, 5.0))
         images.append(image)
     return images[0], images[1]
