@@ -1,5 +1,6 @@
-"""Registration on real data: known motions are recovered, aligned pairs are left alone, and
-impossible inputs fail loudly.
+"""Registration: known motions are recovered, aligned pairs are left alone, and impossible inputs fail
+loudly. On a RIRE-like synthetic MR head and phantom slices (phantoms.py; no licensed data needed), and on
+real CT/T2-MR slice pairs (Harvard) where the data is there.
 
 Accuracy is measured as the mean distance, over the MRI's head voxels, between where the found
 transform and the true one send each point (``mean_displacement_mm``), always in physical space.
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+import phantoms
 from CTtoMRISynthesisLib import registration as reg
 from CTtoMRISynthesisLib.errors import CancelledError, CTMRIError
 
@@ -28,9 +30,9 @@ SAMPLE_DIR = Path(__file__).resolve().parents[1] / "CTtoMRISynthesis" / "Resourc
 
 
 @pytest.fixture(scope="module")
-def rire(rire_mr_path: Path) -> sitk.Image:
-    """The RIRE T1 brain volume: 256x256x26, 1.25x1.25x4 mm."""
-    return sitk.ReadImage(str(rire_mr_path))
+def rire(phantom_mr: sitk.Image) -> sitk.Image:
+    """A RIRE-like MR head (synthetic, phantoms.py; no licensed data): 256x256x26, 1.25x1.25x4 mm, int16."""
+    return phantom_mr
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +79,12 @@ def harvard_pair(harvard_dir: Path, name: str) -> tuple[sitk.Image, sitk.Image]:
     mri = sitk.JoinSeries(sitk.ReadImage(str(harvard_dir / "MRI" / name)))
     ct = sitk.JoinSeries(sitk.ReadImage(str(harvard_dir / "CT" / name)))
     return mri, ct
+
+
+def phantom_slice_pair() -> tuple[sitk.Image, sitk.Image]:
+    """(MRI, CT) of one slice of a synthetic patient (phantoms.py) as one-slice volumes, like ``harvard_pair``."""
+    ct, mri = phantoms.slice_pair(seed=16, slices=1, first_z=10.0)
+    return sitk.GetImageFromArray(mri), sitk.GetImageFromArray(ct)
 
 
 def in_plane_motion(centre: tuple, degrees: float, shift_px: float, direction_deg: float) -> sitk.Euler3DTransform:
@@ -187,9 +195,9 @@ def test_already_aligned_real_pairs_stay_aligned(harvard_dir, name) -> None:
     assert result.overlap > 0.99
 
 
-def test_safety_net_keeps_the_identity_when_the_optimiser_does_worse(harvard_dir) -> None:
+def test_safety_net_keeps_the_identity_when_the_optimiser_does_worse() -> None:
     """Force a bad optimisation (absurd first step, few iterations): the aligned pair is kept."""
-    mri, ct = harvard_pair(harvard_dir, "16010.png")
+    mri, ct = phantom_slice_pair()
     result = reg.register(mri, ct, learning_rate=400.0, relaxation=0.99, iterations=3, start_angles_deg=())
     assert result.stop_condition.startswith("kept the identity"), result.stop_condition
     matrix, translation = reg._affine_of(result.transform)
@@ -216,16 +224,16 @@ def test_thin_slab_is_registered_in_plane_only() -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def test_same_inputs_give_the_same_transform(harvard_dir) -> None:
-    mri, ct = harvard_pair(harvard_dir, "16010.png")
+def test_same_inputs_give_the_same_transform() -> None:
+    mri, ct = phantom_slice_pair()
     moving = displaced(ct, in_plane_motion(centre_of(mri), 8.0, 10.0, 30.0), (20, 20, 0))
     first = reg.register(mri, moving).transform.GetParameters()
     second = reg.register(mri, moving).transform.GetParameters()
     assert first == second
 
 
-def test_progress_is_reported_in_order_and_ends_at_one(harvard_dir) -> None:
-    mri, ct = harvard_pair(harvard_dir, "16010.png")
+def test_progress_is_reported_in_order_and_ends_at_one() -> None:
+    mri, ct = phantom_slice_pair()
     seen = []
     reg.register(mri, ct, progress=lambda fraction, message: seen.append((fraction, message)))
     fractions = [f for f, _ in seen]
