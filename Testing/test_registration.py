@@ -119,6 +119,14 @@ def test_recovers_a_known_rigid_motion_in_3d(rire, rire_moved, rire_motion, rire
     assert np.median(residual) < 0.05 * float(np.percentile(sitk.GetArrayViewFromImage(rire)[head], 99))
 
 
+def test_recovers_a_known_rigid_motion_in_3d_on_the_real_rire_mr(rire_mr_path: Path) -> None:
+    """The same on the real RIRE T1 volume, the one the registration's defaults were chosen on."""
+    real = sitk.ReadImage(str(rire_mr_path))
+    motion = rigid_motion(centre_of(real), (1, 2, 3), 12.0, (12.0, -8.0, 6.0))
+    test_recovers_a_known_rigid_motion_in_3d(real, displaced(real, motion, (10, 10, 8)), motion,
+                                             reg.foreground_mask(real))
+
+
 @pytest.mark.parametrize("kind", ["flipped", "permuted"])
 def test_direction_matrix_does_not_matter(rire, rire_moved, rire_motion, rire_head, kind) -> None:
     """The MRI given with another voxel order (same physical object): the same physical answer."""
