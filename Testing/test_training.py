@@ -458,7 +458,7 @@ def test_lookup_residual_training_stores_the_training_patients_table(cases, tmp_
 def test_standardise_ct_maps_the_brain_median_and_keeps_air_and_bone(cases):
     from CTtoMRISynthesisLib.intensity import brain_median, standardise_ct
 
-    case20 = {c.case_id: c for c in cases}["20"]  # the brightly windowed CT (brain median ~154)
+    case20 = {c.case_id: c for c in cases}["20"]  # the brightly windowed CT (brain median 158, as Harvard case 20 ~154)
     before = brain_median(case20.ct)
     assert 140 < before < 170
     out, note = standardise_ct(case20.ct, 105.0)
