@@ -244,7 +244,7 @@ def test_shipped_weights_load_when_torch_reports_2_8(monkeypatch, torch) -> None
     x = torch.rand(2, loaded.in_channels, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         y = loaded.net(x)
-    assert y.shape == (2, 1, 64, 64) and bool(torch.isfinite(y).all())
+    assert y.shape == (2, loaded.config["model"]["out_channels"], 64, 64) and bool(torch.isfinite(y).all())
 
 
 def test_shipped_path_default(monkeypatch, small_file: Path) -> None:

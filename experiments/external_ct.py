@@ -201,7 +201,7 @@ def main() -> int:
         syn = _syn(model, image)
         masks = masks_hu(hu, image.GetSpacing()[0])
         c = contrast(syn, masks)
-        name = f"real HU CT, series {number} ({description}, {image.GetSpacing()[2]:g} mm)"
+        name = f"real HU CT, series {number} ({description + ', ' if description else ''}{image.GetSpacing()[2]:g} mm slices)"
         rows.append((name, c))
         print(f"| {name} | {c['csf_voxels']} | {c['brain_voxels']} | {c['csf_over_brain']:.2f} | {100 * c['outside_share']:.2f} % |")
         if not args.no_robustness:
