@@ -64,6 +64,8 @@ def resample(
     if default_value is None:
         default_value = float(sitk.GetArrayViewFromImage(image).min())
     if same_grid(image, grid) and transform is None:
+        if image.GetPixelID() == sitk.sitkFloat32:
+            return sitk.Image(image)  # shares the buffer until either is written (SimpleITK copy-on-write)
         return sitk.Cast(image, sitk.sitkFloat32)
     return sitk.Resample(
         sitk.Cast(image, sitk.sitkFloat32),

@@ -244,8 +244,7 @@ def _to_reference(prediction, grid: sitk.Image, reference: sitk.Image, ct255: si
 
     head = None
     if mask:
-        on_reference = ct255 if transform is None and geometry.same_grid(ct255, reference, tol=1e-4) else \
-            geometry.resample(ct255, reference, transform, default_value=0.0)
+        on_reference = geometry.resample(ct255, reference, transform, default_value=0.0)
         # In axial slices whatever the reference's voxel order (head_mask fills holes slice by slice).
         canonical = geometry.canonical_axial(on_reference)
         axial = geometry.array_on_grid(head_mask(sitk.GetArrayViewFromImage(canonical)).astype(np.uint8), canonical)
