@@ -385,6 +385,19 @@ def _colour_table(scene, created: list, role: str, name: str, colours) -> "objec
     return node
 
 
+def _add_map_node(scene, created: list, image: sitk.Image, name: str, role: str, colormap_of, window: float,
+                  level: float):
+    """A volume node for a derived map (difference, uncertainty), shown with the colour table that
+    ``colormap_of(scene, created)`` finds or makes, at ``window``/``level``."""
+    node = add_volume_node(scene, image, name, role)
+    created.append(node)
+    colormap = colormap_of(scene, created)
+    if node.GetDisplayNode() is not None:
+        node.GetDisplayNode().SetAndObserveColorNodeID(colormap.GetID())
+        _set_window(node, window, level)
+    return node
+
+
 def _difference_colormap(scene, created: list):
     """The diverging colour table for difference maps: reuse ours if the scene has it, else make it.
 
@@ -497,22 +510,13 @@ def add_result_nodes(
         node.SetAttribute(SUMMARY_ATTRIBUTE, summary_json)
         _set_window(node, 255.0, 127.5)  # the model's 0..255 scale
         if difference is not None:
-            node = add_volume_node(scene, difference, f"{base_name} difference", "difference")
-            created.append(node)
-            outputs["difference"] = node
-            colormap = _difference_colormap(scene, created)
-            if node.GetDisplayNode() is not None:
-                node.GetDisplayNode().SetAndObserveColorNodeID(colormap.GetID())
-                _set_window(node, 2.0 * difference_window(difference), 0.0)
+            half = difference_window(difference)
+            outputs["difference"] = _add_map_node(scene, created, difference, f"{base_name} difference", "difference",
+                                                  _difference_colormap, 2.0 * half, 0.0)
         if uncertainty is not None:
-            node = add_volume_node(scene, uncertainty, f"{base_name} uncertainty", "uncertainty")
-            created.append(node)
-            outputs["uncertainty"] = node
-            colormap = _uncertainty_colormap(scene, created)
-            if node.GetDisplayNode() is not None:
-                node.GetDisplayNode().SetAndObserveColorNodeID(colormap.GetID())
-                top = uncertainty_window(uncertainty)
-                _set_window(node, top, top / 2.0)  # 0 (black) .. top (white)
+            top = uncertainty_window(uncertainty)  # 0 (black) .. top (white)
+            outputs["uncertainty"] = _add_map_node(scene, created, uncertainty, f"{base_name} uncertainty", "uncertainty",
+                                                   _uncertainty_colormap, top, top / 2.0)
         if transform is not None:
             node = add_transform_node(scene, transform, f"{base_name} registration")
             created.append(node)
