@@ -184,6 +184,16 @@ def clinical_cases(folder: Path) -> list:
     return out
 
 
+def external_cts(data: Path):
+    """(name, image, masks from the CT, robustness variants) of every external CT, HU series first."""
+    for number, description, image in dicom_axial_series(data / "real_hu_head_ct_dicom" / "DICOM"):
+        masks = masks_hu(sitk.GetArrayFromImage(image).astype(np.float32), image.GetSpacing()[0])
+        detail = f"{description + ', ' if description else ''}{image.GetSpacing()[2]:g} mm slices"
+        yield f"real HU CT, series {number} ({detail})", image, masks, hu_variants()
+    for patient, image in clinical_cases(data / "clinical_ct_t1_flair_2d" / "CT"):
+        yield f"clinical CT {patient} (8-bit)", image, masks_8bit(sitk.GetArrayFromImage(image)), bit8_variants()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", help="model file (default: the shipped model)")
@@ -196,26 +206,13 @@ def main() -> int:
     print("\n| CT | CSF voxels | brain voxels | CSF / brain (aim ≥ 1.6) | signal outside the head (aim ≤ 0.5 %) |")
     print("|---|---|---|---|---|")
     rows, robust = [], []
-    for number, description, image in dicom_axial_series(data / "real_hu_head_ct_dicom" / "DICOM"):
-        hu = sitk.GetArrayFromImage(image).astype(np.float32)
+    for name, image, masks, variants in external_cts(data):
         syn = _syn(model, image)
-        masks = masks_hu(hu, image.GetSpacing()[0])
         c = contrast(syn, masks)
-        name = f"real HU CT, series {number} ({description + ', ' if description else ''}{image.GetSpacing()[2]:g} mm slices)"
         rows.append((name, c))
         print(f"| {name} | {c['csf_voxels']} | {c['brain_voxels']} | {c['csf_over_brain']:.2f} | {100 * c['outside_share']:.2f} % |")
         if not args.no_robustness:
-            robust.append((name, robustness(model, image, masks["head"], hu_variants(), syn)))
-    for patient, image in clinical_cases(data / "clinical_ct_t1_flair_2d" / "CT"):
-        ct = sitk.GetArrayFromImage(image)
-        syn = _syn(model, image)
-        masks = masks_8bit(ct)
-        c = contrast(syn, masks)
-        name = f"clinical CT {patient} (8-bit)"
-        rows.append((name, c))
-        print(f"| {name} | {c['csf_voxels']} | {c['brain_voxels']} | {c['csf_over_brain']:.2f} | {100 * c['outside_share']:.2f} % |")
-        if not args.no_robustness:
-            robust.append((name, robustness(model, image, masks["head"], bit8_variants(), syn)))
+            robust.append((name, robustness(model, image, masks["head"], variants, syn)))
     ratios = [c["csf_over_brain"] for _, c in rows if np.isfinite(c["csf_over_brain"])]
     print(f"\nCSF / brain: min {min(ratios):.2f}, median {np.median(ratios):.2f}; on ≥ 1.6: {sum(r >= 1.6 for r in ratios)} of "
           f"{len(ratios)}; outside the head: max {100 * max(c['outside_share'] for _, c in rows):.2f} %")

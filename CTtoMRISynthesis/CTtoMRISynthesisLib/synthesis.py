@@ -113,7 +113,7 @@ class Prediction:
 
 
 def _predict_batch(net, batch, flip_tta: bool):
-    """(mean, spread) of one batch on the 0..1 scale: flip TTA and the model's own Laplace scale combined."""
+    """(mean, spread) of one batch on the 0..1 scale: flip TTA and the model's own scale (if any) combined."""
     import torch
 
     from .model import VARIANCE_PER_SCALE2, laplace_scale
