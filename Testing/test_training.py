@@ -269,6 +269,56 @@ def test_resume_continues_and_matches_a_straight_run(trained, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
+@needs_torch
+def test_checkpoint_every_validates_and_saves_at_milestones_and_resume_redoes_the_rest(cases, tmp_path):
+    """--checkpoint-every N: validation and checkpoint every N epochs, after the last and when stopping; a run
+    resumed from such a checkpoint redoes the epochs after it, and its log holds each epoch once."""
+    import torch
+
+    chosen = [c for c in cases if c.case_id in ("16", "28")]
+    out = tmp_path / "every"
+    res = train(chosen, _tiny_settings(epochs=5, checkpoint_every=2), out, val_cases=[cases[2]], command="t", progress_bar=False)
+    validated = [h["epoch"] for h in res["history"] if h["val_mae"] is not None]
+    assert validated == [2, 4, 5]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 4  # 0-based: after the last epoch
+    part = tmp_path / "part"
+    train(chosen, _tiny_settings(epochs=3, checkpoint_every=2, stop_after=2), part, command="t", progress_bar=False)
+    with open(part / "log.csv", "a") as fh:  # epoch 3 ran, then the machine went away before a checkpoint
+        fh.write("3,0.5,,,,0.001,1.0\n")
+    train(chosen, _tiny_settings(epochs=3, checkpoint_every=2), part, resume=True, command="t", progress_bar=False)
+    with open(part / "log.csv") as fh:
+        assert [r["epoch"] for r in csv.DictReader(fh)] == ["1", "2", "3"]
+    with pytest.raises(CTMRIError, match="checkpoint-every"):
+        _tiny_settings(checkpoint_every=0).check()
+
+
+def test_drop_patients_is_seeded_and_leaves_someone_to_train_on():
+    ids = ["16", "20", "28", "32", "33"]
+    kept, dropped = split.drop_random(ids, 2, "1:fold 1")
+    assert kept + dropped != ids and sorted(kept + dropped) == sorted(ids) and len(dropped) == 2
+    assert split.drop_random(ids, 2, "1:fold 1") == (kept, dropped)  # the same draw for the same seed
+    assert kept == [c for c in ids if c in kept]  # order kept
+    assert {tuple(split.drop_random(ids, 1, f"{s}:fold 1")[1]) for s in range(20)} != {tuple(dropped[:1])}
+    for n in (5, -1):
+        with pytest.raises(CTMRIError, match="--drop-patients"):
+            split.drop_random(ids, n, "0")
+
+
+@needs_torch
+def test_cv_with_dropped_patients_records_them_and_never_drops_the_held_out(phantom_slices, tmp_path):
+    from CTtoMRISynthesisLib.cli import main as ctmri
+    from CTtoMRISynthesisLib.weights import read_config
+
+    run = tmp_path / "bag"
+    assert ctmri(["train", "--data", str(phantom_slices), "--out", str(run), "--cv", "loo", "--only-folds", "2",
+                  "--drop-patients", "1", "--seed", "3", "--base", "4", "--epochs", "1", "--max-steps", "1",
+                  "--workers", "0", "--threads", "1", "--no-progress"]) == 0
+    rec = read_config(run / "fold02" / "model.safetensors")["split"]
+    assert rec["test_cases"] == ["16"] and len(rec["dropped_cases"]) == 1 and len(rec["train_cases"]) == 2
+    assert "16" not in rec["dropped_cases"] and not set(rec["dropped_cases"]) & set(rec["train_cases"])
+    assert (run / "fold02" / "fold.json").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -37,6 +37,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     split.add_argument("--only-folds", type=int, nargs="+", metavar="K", default=None,
                        help="with --cv: run only these folds (1-based), e.g. one per job of a cluster array; the "
                             "report is written by the run that finds every fold done")
+    split.add_argument("--drop-patients", type=int, default=0, metavar="N",
+                       help="train on the patients of the split (or fold) less N drawn at random with --seed (bagging: "
+                            "members that saw different patients disagree where the fit depends on who was seen)")
     split.add_argument("--val-cases", nargs="*", default=[], metavar="ID", help="validation patients (select the best epoch)")
     split.add_argument("--test-cases", nargs="*", default=[], metavar="ID", help="test patients, never trained on")
     model = p.add_argument_group("model and training")
@@ -90,6 +93,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--max-steps", type=int, default=0, help="at most this many steps per epoch (smoke tests)")
     run.add_argument("--stop-after", type=int, default=0, metavar="EPOCH",
                      help="leave after this epoch (checkpointed); continue later with --resume")
+    run.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
+                     help="validate and checkpoint every N epochs and after the last (a resumed run redoes the epochs since)")
     run.add_argument("--resume", action="store_true", help="continue from OUT's checkpoints; finished folds are kept")
     run.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     run.add_argument("--bone-threshold", type=float, default=200.0, help="report: bone = CT (0..255) above this")
@@ -114,6 +119,7 @@ def settings_from_args(args) -> "object":
         num_workers=args.workers, device=args.device, amp=not args.no_amp, select=select,
         mask_output=not args.no_mask_output, ct_standardise=args.ct_standardise, window=CTWindow(*args.ct_window), name=args.name,
         threads=args.threads, max_steps=args.max_steps, stop_after=args.stop_after, flip_tta=not args.no_flip_tta,
+        checkpoint_every=args.checkpoint_every,
     ).check()
 
 
@@ -152,6 +158,9 @@ def run_train(args) -> int:
 
         def train_split(train_ids, val_ids, split_record: dict, run_dir: Path) -> dict:
             """One training run on these patients, validated on those (the CV fold or the single split)."""
+            if args.drop_patients:
+                train_ids, dropped = splits.drop_random(train_ids, args.drop_patients, f"{args.seed}:{split_record.get('mode')}")
+                split_record = {**split_record, "train_cases": train_ids, "dropped_cases": dropped}
             return train(
                 [by_id[c] for c in train_ids], settings, run_dir,
                 val_cases=[by_id[c] for c in val_ids], split=split_record, data=data,
@@ -184,7 +193,9 @@ def run_train(args) -> int:
                 if res.get("stopped"):
                     return 0
                 if dist.main:
-                    evaluate_fold(fold_dir, cases, bone_threshold=args.bone_threshold)
+                    from ..synthesis import choose_device
+
+                    evaluate_fold(fold_dir, cases, bone_threshold=args.bone_threshold, device=choose_device(args.device))
             missing = [k for k in range(1, len(folds) + 1) if not (out / f"fold{k:02d}" / "fold.json").exists()]
             if dist.main and missing:
                 print(f"folds {missing} are not done yet; the report is written once every fold is", flush=True)

@@ -76,6 +76,8 @@ class TrainSettings:
     threads: int = 0  # torch CPU threads; 0 = all cores (divided between ranks)
     max_steps: int = 0  # stop each epoch after this many steps (smoke tests); 0 = full epochs
     stop_after: int = 0  # leave the run after this epoch (checkpointed, to be resumed); 0 = run to the end
+    checkpoint_every: int = 1  # validate and checkpoint every N epochs (and after the last); a wide net's
+    # checkpoint with Adam's state is ~90 MB, and dozens of runs sharing a GPU machine would write it every epoch
 
     def check(self) -> "TrainSettings":
         from ..errors import CTMRIError
@@ -88,6 +90,8 @@ class TrainSettings:
             raise CTMRIError(f"--select must be one of {SELECTIONS}")
         if self.epochs < 1 or self.batch_size < 1 or self.base < 1 or self.context < 0:
             raise CTMRIError("--epochs, --batch-size and --base must be positive, --context non-negative")
+        if self.checkpoint_every < 1:
+            raise CTMRIError("--checkpoint-every must be at least 1 (epochs)")
         return self
 
 
@@ -390,6 +394,8 @@ def train(
         threads = settings.threads or max(1, cores // (dist.world if dist.active else 1))
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(True, warn_only=True)
+    elif settings.threads:  # the augmentation runs on the CPU: many runs sharing one GPU machine share its cores
+        torch.set_num_threads(settings.threads)
     if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
     barrier(dist)
@@ -441,9 +447,12 @@ def train(
 
     start_time = time.time()
     log_path = out_dir / "log.csv"
-    if dist.main and (start_epoch == 0 or not log_path.exists()):
+    if dist.main:  # on resume, the log restarts from the checkpoint's history (epochs after it are redone)
         with open(log_path, "w", newline="") as fh:
-            csv.writer(fh).writerow(LOG_FIELDS)
+            writer = csv.writer(fh)
+            writer.writerow(LOG_FIELDS)
+            for h in history:
+                writer.writerow(["" if h.get(k) is None else (f"{h[k]:.6g}" if isinstance(h[k], float) else h[k]) for k in LOG_FIELDS])
     seconds_before = float(sum(h["seconds"] for h in history))
 
     for epoch in range(start_epoch, settings.epochs):
@@ -503,7 +512,9 @@ def train(
             fh.write(f"rank {dist.rank}/{dist.world} epoch {epoch + 1} steps {steps} slices {count} loss {total / max(1, count):.6f}\n")
 
         row = {"epoch": epoch + 1, "loss": epoch_loss, "val_mae": None, "val_ssim": None, "val_ssim_foreground": None, "lr": lr}
-        if val_cases and dist.main:
+        stopping = bool(settings.stop_after and epoch + 1 >= settings.stop_after)
+        milestone = (epoch + 1) % settings.checkpoint_every == 0 or epoch + 1 == settings.epochs or stopping
+        if val_cases and dist.main and milestone:
             row.update(_mean_metrics(val_cases, net, settings, device))
             net.train()
         row["seconds"] = time.time() - t0
@@ -515,7 +526,7 @@ def train(
                 best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
             with open(log_path, "a", newline="") as fh:
                 csv.writer(fh).writerow(["" if row[k] is None else (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in LOG_FIELDS])
-            state = {
+            state = None if not milestone else {
                 "epoch": epoch,
                 "rank": dist.rank,
                 "world_size": dist.world,
@@ -525,9 +536,10 @@ def train(
                 "best": best,
                 "settings": json.loads(json.dumps(asdict(settings), default=str)),
             }
-            if best_state is not None and settings.select == "best":
-                state["best_model"] = best_state
-            _atomic_torch_save(state, ckpt_path)
+            if milestone:
+                if best_state is not None and settings.select == "best":
+                    state["best_model"] = best_state
+                _atomic_torch_save(state, ckpt_path)
             message = f"epoch {epoch + 1}/{settings.epochs} loss {epoch_loss:.5f} lr {lr:.2e} {row['seconds']:.1f}s"
             if row["val_mae"] is not None:
                 message += f" | held-out MAE {row['val_mae']:.2f} SSIM {row['val_ssim']:.4f} (fg {row['val_ssim_foreground']:.4f})"

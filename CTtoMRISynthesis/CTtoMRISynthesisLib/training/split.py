@@ -79,3 +79,11 @@ def cross_validation(case_ids: list[str], folds: int = 0, seed: int = 0) -> list
         split = Split(f"{mode}: fold {i + 1} of {k}", train, [], list(held), seed).check()
         splits.append(split)
     return splits
+
+
+def drop_random(train_ids: list[str], n: int, seed: str) -> tuple[list[str], list[str]]:
+    """``train_ids`` less ``n`` drawn with ``seed`` (kept in their order), and the dropped ones (bagging)."""
+    if n < 0 or n >= len(train_ids):
+        raise CTMRIError(f"--drop-patients {n}: choose 0..{len(train_ids) - 1} (of {len(train_ids)} training patients)")
+    dropped = sorted(random.Random(seed).sample(list(train_ids), n), key=list(train_ids).index)
+    return [c for c in train_ids if c not in dropped], dropped

@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Issue 11 on a lent GPU machine, in one call: several leave-one-patient-out cross-validations and
+# all-patients models trained side by side (one process per fold, SLOTS at a time, in priority order),
+# then their reports, the ensembles' scores (experiments/ensemble_cv.py) and compact copies of what came out.
+#
+#   OUT=/some/dir DATA=.devdata/harvard_aanlib_ct_mri_2d bash experiments/gpu_sweep.sh
+#
+# Every run is the shipped recipe (model_weights/README.md) with only --base, --epochs, --seed and
+# --drop-patients changed, so the runs compare width, length and ensembles. Jobs not started by
+# START_BY seconds are skipped and runs still training at KILL_AT are stopped (--resume continues them),
+# so the call ends inside the device's 10-minute limit. TINY=1 runs the same plan in seconds on a CPU
+# (1 epoch of 1 step, base 4) to check the script before spending GPU time; ONLY='b8e60|bag1' runs only
+# those recipes.
+set -u
+T0=$(date +%s)
+OUT=${OUT:?set OUT to the folder that collects the results}
+DATA=${DATA:-.devdata/harvard_aanlib_ct_mri_2d}
+WORK=${WORK:-/tmp/sweep}
+PY=${PY:-python3}
+SLOTS=${SLOTS:-16}
+START_BY=${START_BY:-280}
+KILL_AT=${KILL_AT:-380}
+TINY=${TINY:-0}
+DEVICE=${DEVICE:-cuda}
+mkdir -p "$WORK/logs" "$OUT"
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1
+if [ -d .whl ]; then  # SimpleITK is not on the GPU machine's image: carried as a wheel
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/CTtoMRISynthesis${PYTHONPATH:+:$PYTHONPATH}"
+{ nproc; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null; } | tee "$WORK/logs/machine.txt"
+$PY -c "import torch, SimpleITK, skimage, safetensors, scipy; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'SimpleITK', SimpleITK.Version_VersionString())" \
+  | tee -a "$WORK/logs/machine.txt" || exit 4
+
+COMMON="--context 1 --lr 2e-3 --lr-min 1e-5 --lr-schedule cosine --loss mse+gaussian --aug-intensity 0.1 0.04
+ --aug-gamma 0.2 --aug-blur 1.0 --aug-noise 0.03 --ct-window 45 120 --workers 0 --no-progress --threads 1
+ --checkpoint-every 10 --resume --device $DEVICE"
+if [ "$TINY" = 1 ]; then EXTRA="--max-steps 1"; else EXTRA=""; fi
+e() { if [ "$TINY" = 1 ]; then echo 1; else echo "$1"; fi; }
+b() { if [ "$TINY" = 1 ]; then echo 4; else echo "$1"; fi; }
+
+# name | epochs | base | seed | drop : one line per recipe, in priority order
+RECIPES="b16e60 $(e 60) $(b 16) 0 0
+b8e60 $(e 60) $(b 8) 0 0
+bag1 $(e 40) $(b 8) 1 1
+bag2 $(e 40) $(b 8) 2 1
+bag3 $(e 40) $(b 8) 3 1
+bag4 $(e 40) $(b 8) 4 1
+b32e60 $(e 60) $(b 32) 0 0"
+
+jobs_file="$WORK/jobs.txt"
+: > "$jobs_file"
+while read -r name epochs base seed drop; do  # the all-patients model first, then the folds
+  [ "$name" = b32e60 ] || echo "final $name $epochs $base $seed $drop" >> "$jobs_file"
+  for k in 1 2 3 4 5 6 7 8; do echo "$k $name $epochs $base $seed $drop" >> "$jobs_file"; done
+done <<< "$(grep -E "^(${ONLY:-[a-z0-9]+}) " <<< "$RECIPES")"
+
+run_job() {  # FOLD|final NAME EPOCHS BASE SEED DROP
+  local k=$1 name=$2 epochs=$3 base=$4 seed=$5 drop=$6
+  if [ $(( $(date +%s) - T0 )) -gt "$START_BY" ]; then echo "skipped $name $k (time)"; return 0; fi
+  local args="--epochs $epochs --base $base --seed $seed --drop-patients $drop $COMMON $EXTRA"
+  local t=$(date +%s)
+  if [ "$k" = final ]; then
+    $PY -m CTtoMRISynthesisLib.training train --data "$DATA" --out "$WORK/final_$name" $args > "$WORK/logs/final_$name.log" 2>&1
+  else
+    $PY -m CTtoMRISynthesisLib.training train --data "$DATA" --out "$WORK/$name" --cv loo --only-folds "$k" $args \
+      > "$WORK/logs/${name}_fold$k.log" 2>&1
+  fi
+  echo "done $name $k rc $? in $(( $(date +%s) - t )) s at $(( $(date +%s) - T0 )) s"
+}
+export -f run_job
+export T0 START_BY WORK DATA PY COMMON EXTRA
+
+( xargs -P "$SLOTS" -L 1 bash -c 'run_job "$@"' _ < "$jobs_file" ) 2>&1 | tee "$WORK/logs/jobs.log" &
+pool=$!
+while kill -0 "$pool" 2>/dev/null; do
+  if [ $(( $(date +%s) - T0 )) -gt "$KILL_AT" ]; then
+    echo "KILL_AT reached: stopping the runs still training"; pkill -f "CTtoMRISynthesisLib.training train"; break
+  fi
+  sleep 5
+done
+wait
+echo "training phase over at $(( $(date +%s) - T0 )) s"
+if [ "$TINY" != 1 ]; then  # the CUDA inference path, timed, beside the reports
+  ( timeout "${BENCH_S:-90}" $PY benchmarks/bench_inference.py --quick > "$WORK/logs/bench_inference.txt" 2>&1
+    timeout 60 $PY -m CTtoMRISynthesisLib.cli demo --out-dir "$WORK/demo" --device cuda > "$WORK/logs/demo_cuda.txt" 2>&1 ) &
+  bench=$!
+fi
+
+# reports of every complete cross-validation, side by side
+complete=(); pids=()
+for run in "$WORK"/*/; do
+  run=${run%/}; [ "$(ls "$run"/fold0*/fold.json 2>/dev/null | wc -l)" = 8 ] || continue
+  complete+=("$run")
+  $PY -m CTtoMRISynthesisLib.training report --data "$DATA" --from-cv "$run" --out "$run/report" > "$WORK/logs/report_$(basename "$run").log" 2>&1 &
+  pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p"; done
+echo "complete: ${complete[*]:-none}"
+has() { [ -f "$WORK/$1/report/summary.csv" ]; }
+ensemble() {  # NAME RUN...
+  local name=$1; shift
+  for r in "$@"; do has "$r" || return 0; done
+  $PY experiments/ensemble_cv.py $(printf "$WORK/%s " "$@") --data "$DATA" --json "$WORK/logs/ens_$name.json" \
+    > "$WORK/logs/ens_$name.txt" 2>&1 && cat "$WORK/logs/ens_$name.txt"
+}
+pids=()
+ensemble bag4 bag1 bag2 bag3 bag4 & pids+=($!)
+ensemble bag4_b8 bag1 bag2 bag3 bag4 b8e60 & pids+=($!)
+ensemble widths b8e60 b16e60 b32e60 & pids+=($!)
+ensemble b16 b16e60 & pids+=($!)
+ensemble b8 b8e60 & pids+=($!)
+for p in "${pids[@]}"; do wait "$p"; done
+
+[ -n "${bench:-}" ] && wait "$bench"
+
+# what comes back: numbers, compact predictions (uint8), the all-patients models
+$PY - "$WORK" <<'EOF'
+import sys, numpy as np
+from pathlib import Path
+work = Path(sys.argv[1]); (work / "preds").mkdir(exist_ok=True)
+for run in sorted(p for p in work.iterdir() if p.is_dir() and list(p.glob("fold0*/pred_*.npz"))):
+    arrays = {}
+    for f in sorted(run.glob("fold0*/pred_*.npz")):
+        with np.load(f) as b:
+            cid = f.stem[len("pred_"):]
+            arrays[f"syn_{cid}"] = np.clip(np.rint(b["syn"]), 0, 255).astype(np.uint8)
+            if not run.name.startswith("bag"):  # 16 MiB a file comes back: the bags' σ is scored on the machine
+                arrays[f"spread2_{cid}"] = np.clip(np.rint(b["spread"] * 2), 0, 255).astype(np.uint8)
+    np.savez_compressed(work / "preds" / f"{run.name}.npz", **arrays)
+EOF
+cd "$WORK" && tar czf "$OUT/results.tgz" logs jobs.txt $(ls -d */report/*.md */report/*.csv */fold0*/log.csv */fold0*/fold.json final_*/log.csv 2>/dev/null)
+tar czf "$OUT/preds_a.tgz" $(ls preds/*.npz | grep -v /bag)
+tar czf "$OUT/preds_b.tgz" $(ls preds/bag*.npz 2>/dev/null) 2>/dev/null
+for m in final_*/model.safetensors; do [ -f "$m" ] && cp "$m" "$OUT/${m%%/*}.safetensors"; done
+cd "$OUT" && ls final_b8e60.safetensors final_bag*.safetensors >/dev/null 2>&1 && tar cf models_b8.tar final_b8e60.safetensors final_bag*.safetensors && rm -f final_b8e60.safetensors final_bag*.safetensors
+ls -la "$OUT"
+echo "all over at $(( $(date +%s) - T0 )) s"
