@@ -169,7 +169,10 @@ def test_shipped_model_file_and_its_config_without_torch(monkeypatch) -> None:
     assert config["metrics"]["cross_validation"]["summary"]["model"]["mae"]["n"] == 8
     arrays = read_weights_file(SHIPPED, framework="numpy")["state_dict"]
     buffers = ("running_mean", "running_var", "num_batches_tracked")
-    assert sum(a.size for k, a in arrays.items() if not k.endswith(buffers)) == config["training"]["parameters"]
+    members = config["model"].get("members", 1)  # the shipped model is an ensemble (ensemble.py)
+    assert members == len(config["ensemble"]) == 4 and all(len(m["sha256"]) == 64 for m in config["ensemble"])
+    total = sum(a.size for k, a in arrays.items() if not k.endswith(buffers))
+    assert total == members * config["training"]["parameters"]  # "parameters" is each member's count
 
 
 class _Exploit:

@@ -41,18 +41,19 @@ e() { if [ "$TINY" = 1 ]; then echo 1; else echo "$1"; fi; }
 b() { if [ "$TINY" = 1 ]; then echo 4; else echo "$1"; fi; }
 
 # name | epochs | base | seed | drop : one line per recipe, in priority order
-RECIPES="b16e60 $(e 60) $(b 16) 0 0
+# (RECIPES in the environment replaces this list; FINALS=0 trains no all-patients models, BENCH=0 skips the timings)
+RECIPES=${RECIPES:-"b16e60 $(e 60) $(b 16) 0 0
 b8e60 $(e 60) $(b 8) 0 0
 bag1 $(e 40) $(b 8) 1 1
 bag2 $(e 40) $(b 8) 2 1
 bag3 $(e 40) $(b 8) 3 1
 bag4 $(e 40) $(b 8) 4 1
-b32e60 $(e 60) $(b 32) 0 0"
+b32e60 $(e 60) $(b 32) 0 0"}
 
 jobs_file="$WORK/jobs.txt"
 : > "$jobs_file"
 while read -r name epochs base seed drop; do  # the all-patients model first, then the folds
-  [ "$name" = b32e60 ] || echo "final $name $epochs $base $seed $drop" >> "$jobs_file"
+  [ "$name" = b32e60 ] || [ "${FINALS:-1}" = 0 ] || echo "final $name $epochs $base $seed $drop" >> "$jobs_file"
   for k in 1 2 3 4 5 6 7 8; do echo "$k $name $epochs $base $seed $drop" >> "$jobs_file"; done
 done <<< "$(grep -E "^(${ONLY:-[a-z0-9]+}) " <<< "$RECIPES")"
 
@@ -82,7 +83,7 @@ while kill -0 "$pool" 2>/dev/null; do
 done
 wait
 echo "training phase over at $(( $(date +%s) - T0 )) s"
-if [ "$TINY" != 1 ]; then  # the CUDA inference path, timed, beside the reports
+if [ "$TINY" != 1 ] && [ "${BENCH:-1}" = 1 ]; then  # the CUDA inference path, timed, beside the reports
   ( timeout "${BENCH_S:-90}" $PY benchmarks/bench_inference.py --quick > "$WORK/logs/bench_inference.txt" 2>&1
     timeout 60 $PY -m CTtoMRISynthesisLib.cli demo --out-dir "$WORK/demo" --device cuda > "$WORK/logs/demo_cuda.txt" 2>&1 ) &
   bench=$!
@@ -133,7 +134,7 @@ EOF
 cd "$WORK" && tar czf "$OUT/results.tgz" logs jobs.txt $(ls -d */report/*.md */report/*.csv */fold0*/log.csv */fold0*/fold.json final_*/log.csv 2>/dev/null)
 tar czf "$OUT/preds_a.tgz" $(ls preds/*.npz | grep -v /bag)
 tar czf "$OUT/preds_b.tgz" $(ls preds/bag*.npz 2>/dev/null) 2>/dev/null
-for m in final_*/model.safetensors; do [ -f "$m" ] && cp "$m" "$OUT/${m%%/*}.safetensors"; done
+for m in final_*/model.safetensors; do [ -f "$m" ] && cp "$m" "$OUT/${m%%/*}.safetensors"; done  # each .sha256 is remade from the bytes that arrive
 cd "$OUT" && ls final_b8e60.safetensors final_bag*.safetensors >/dev/null 2>&1 && tar cf models_b8.tar final_b8e60.safetensors final_bag*.safetensors && rm -f final_b8e60.safetensors final_bag*.safetensors
 ls -la "$OUT"
 echo "all over at $(( $(date +%s) - T0 )) s"

@@ -137,6 +137,29 @@ class UNet(nn.Module):
         return out
 
 
+class UNetEnsemble(nn.Module):
+    """Several U-Nets of one architecture (``members``), e.g. trained on different patients.
+
+    ``forward`` returns the members' mean output (a plain drop-in for one U-Net); inference
+    (:func:`synthesis.predict_volume`) instead runs each member with its own flip averaging and takes the
+    mean as the synthetic MRI and the members' SD as its uncertainty (see :mod:`ensemble`).
+    """
+
+    def __init__(self, config: UNetConfig, members: int) -> None:
+        super().__init__()
+        if members < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, not {members}")
+        self.config = config
+        self.members = nn.ModuleList(UNet(config) for _ in range(members))
+
+    @property
+    def multiple(self) -> int:
+        return self.members[0].multiple
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(x) for member in self.members]).mean(0)
+
+
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """Blur (N, 1, H, W) images in-plane by a Gaussian of ``sigma`` pixels (separable, radius 3σ, edge
     replicated); ``sigma`` 0 returns them unchanged. The trainer fits the lookup table with this same blur."""

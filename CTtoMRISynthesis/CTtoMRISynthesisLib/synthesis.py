@@ -113,10 +113,20 @@ class Prediction:
 
 
 def _predict_batch(net, batch, flip_tta: bool):
-    """(mean, spread) of one batch on the 0..1 scale: flip TTA and the model's own scale (if any) combined."""
+    """(mean, spread) of one batch on the 0..1 scale: flip TTA and the model's own scale (if any) combined.
+
+    An ensemble (``net.members``): the mean of its members' predictions (each flip-averaged) and, as the
+    spread, their SD: the members' disagreement, the one map found to track the held-out error (ensemble.py).
+    """
     import torch
 
     from .model import VARIANCE_PER_SCALE2, laplace_scale
+
+    members = getattr(net, "members", None)
+    if members is not None:
+        # each member's prediction within 0..1 first, as each one alone would give it (and as cross-validated)
+        mus = torch.stack([_predict_batch(member, batch, flip_tta)[0] for member in members]).clamp(0.0, 1.0)
+        return mus.mean(0), mus.std(0, unbiased=False)
 
     outputs = [net(batch)]
     if flip_tta:

@@ -269,13 +269,16 @@ def read_weights_file(path: str | Path, verify: bool = True, framework: str = "p
 
 def load_model(path: str | Path | None = None, device: str = "cpu", verify: bool = True) -> LoadedModel:
     """Load a model file (default: the shipped one) onto ``device`` in eval mode."""
-    from .model import UNet, UNetConfig
+    from .model import UNet, UNetConfig, UNetEnsemble
 
     path = Path(path) if path is not None else default_weights_path()
     blob = read_weights_file(path, verify=verify)
     config = blob["config"]
     try:
-        net = UNet(UNetConfig.from_dict(config["model"]))
+        architecture = dict(config["model"])
+        members = int(architecture.pop("members", 1))  # an ensemble file (ensemble.py): members.<i>.<tensor>
+        unet_config = UNetConfig.from_dict(architecture)
+        net = UNetEnsemble(unet_config, members) if members > 1 else UNet(unet_config)
         net.load_state_dict(blob["state_dict"], strict=True)
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise CTMRIError(

@@ -245,10 +245,13 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--case-rule", choices=["slice3", "first2"], default="slice3")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--bone-threshold", type=float, default=200.0, help="bone = CT (0..255) above this")
-    p.add_argument("--from-cv", metavar="DIR", help="rebuild the report of a finished `train --cv` run folder instead")
+    p.add_argument("--from-cv", metavar="DIR", nargs="+",
+                   help="rebuild the report of a finished `train --cv` run folder instead; several folders: the "
+                        "report of their ensemble (mean prediction, SD as the uncertainty; see ensemble.py)")
     p.add_argument("--attach", metavar="FILE",
                    help="with --from-cv: write the cross-validated summary into this weights file's config "
-                        "(metrics.cross_validation; the all-patients model of the same recipe)")
+                        "(metrics.cross_validation; the all-patients model or ensemble of the same recipe); its "
+                        "config describes the model where the runs keep predictions but no fold model files")
 
 
 def run_report(args) -> int:
@@ -259,17 +262,20 @@ def run_report(args) -> int:
     try:
         if args.from_cv:
             from .report import fold_model
+            from ..weights import read_config
 
-            fold0 = [m for m in map(fold_model, sorted(Path(args.from_cv).glob("fold*"))) if m.exists()]
-            if not fold0:
-                raise CTMRIError(f"{args.from_cv} holds no fold*/model.safetensors; run `ctmri train --cv loo` first")
-            from ..weights import read_weights_file
-
-            cfg = read_weights_file(fold0[0])["config"]
+            runs = [Path(r) for r in args.from_cv]
+            fold0 = [m for r in runs for m in map(fold_model, sorted(r.glob("fold*"))) if m.exists()]
+            if not fold0 and not args.attach:
+                raise CTMRIError(f"{', '.join(args.from_cv)} hold no fold*/model.safetensors; run `ctmri train --cv loo` "
+                                 "first (or, for predictions only, name the model with --attach)")
+            attached = read_config(args.attach) if args.attach else None
+            cfg = read_config(fold0[0]) if fold0 else attached
             window = CTWindow(**cfg["preprocessing"]["ct_window"])
             cases = discover(args.data, window, 256, args.cache or Path(args.out) / "cache", args.case_rule)
-            paths = write_cv_report(Path(args.from_cv), cases, command=_command_line(),
-                                    bone_threshold=args.bone_threshold, out_dir=Path(args.out))
+            paths = write_cv_report(runs if len(runs) > 1 else runs[0], cases, command=_command_line(),
+                                    bone_threshold=args.bone_threshold, out_dir=Path(args.out),
+                                    config=attached if len(runs) > 1 or not fold0 else None)
             if args.attach:
                 from .report import attach_cv_metrics
 

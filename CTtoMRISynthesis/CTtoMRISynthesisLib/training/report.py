@@ -431,51 +431,97 @@ def _rows_for(case, results: dict, held_out: bool) -> list[dict]:
     return rows
 
 
-def write_cv_report(run_dir, cases, command: str = "", bone_threshold: float = 200.0,
-                    out_dir: Optional[Path] = None, montage_slices: int = 4) -> list[Path]:
-    """Report of a finished cross-validation run folder (``foldNN/`` with its model and predictions)."""
+def _held_out_prediction(run_dirs: list, case_id: str, cases, bone_threshold: float):
+    """(synthetic MRI, spread, fold folders) of a held-out patient: its fold's saved prediction, or with several
+    runs their ensemble — the mean of the runs' predictions, and their SD as the spread (as :mod:`ensemble`)."""
+    syns, spreads, folds = [], [], []
+    for run_dir in run_dirs:
+        hits = [f for f in sorted(Path(run_dir).glob("fold*")) if (f / f"pred_{case_id}.npz").exists()
+                or (fold_model(f).exists() and case_id in _read_split(f).get("test_cases", []))]
+        if not hits:
+            continue
+        if len(hits) > 1:
+            from ..errors import CTMRIError
+
+            raise CTMRIError(f"{run_dir}: patient {case_id} is held out by {len(hits)} folds; one run holds each patient out once")
+        pred = hits[0] / f"pred_{case_id}.npz"
+        if not pred.exists():
+            evaluate_fold(hits[0], cases, bone_threshold)
+        with np.load(pred) as blob:
+            syns.append(blob["syn"].astype(np.float32))
+            spreads.append(blob["spread"].astype(np.float32) if "spread" in blob.files else None)
+        folds.append(hits[0])
+    if not syns:
+        return None, None, []
+    if len(syns) == 1:
+        return syns[0], spreads[0], folds
+    stack = np.stack(syns)
+    return stack.mean(0), stack.std(0), folds
+
+
+def _read_split(fold_dir: Path) -> dict:
     from ..weights import read_config
 
-    run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir else run_dir / "report"
+    return read_config(fold_model(fold_dir)).get("split", {})
+
+
+def write_cv_report(run_dir, cases, command: str = "", bone_threshold: float = 200.0,
+                    out_dir: Optional[Path] = None, montage_slices: int = 4, config: Optional[dict] = None) -> list[Path]:
+    """Report of a finished cross-validation run folder (``foldNN/`` with its model and predictions).
+
+    ``run_dir`` may be a list of such folders over the same patients: the report is then that of their
+    ensemble (each held-out patient's prediction averaged over the runs, their SD as the uncertainty), and
+    each patient's baselines are fit on all the other patients (leave-one-out). ``config`` (e.g. the
+    ensemble file's) describes the model where the runs' fold model files are not at hand.
+    """
+    from ..weights import read_config
+
+    runs = [Path(r) for r in (run_dir if isinstance(run_dir, (list, tuple)) else [run_dir])]
+    out_dir = Path(out_dir) if out_dir else runs[0] / "report"
     by_id = {c.case_id: c for c in cases}
     rows, montages, fold_lines = [], {}, []
-    config = None
-    for fold_dir in sorted(run_dir.glob("fold*")):
-        if not fold_model(fold_dir).exists():
+    for case in cases:
+        syn, spread, folds = _held_out_prediction(runs, case.case_id, cases, bone_threshold)
+        if syn is None:
             continue
-        config = read_config(fold_model(fold_dir))
-        split = config["split"]
-        train = [by_id[c] for c in split["train_cases"] if c in by_id]
-        tr = config["training"]
-        fold_lines.append(f"- {fold_dir.name}: held out {', '.join(split['test_cases'])}; "
-                          f"{tr['epochs']} epochs in {tr['seconds'] / 60:.1f} min")
-        for cid in split["test_cases"]:
-            case = by_id[cid]
-            pred = fold_dir / f"pred_{cid}.npz"
-            if not pred.exists():
-                evaluate_fold(fold_dir, cases, bone_threshold)
-            with np.load(pred) as blob:
-                syn = blob["syn"]
-                spread = blob["spread"] if "spread" in blob.files else None
-            results = {"model": evaluate(case.mri, syn, case.ct, bone_threshold)}
-            if spread is not None:
-                results["model"].update(uncertainty_quality(case.mri, syn, spread, head_mask(case.ct)))
-            results.update(_baseline_rows(case, train, bone_threshold))
-            rows += _rows_for(case, results, held_out=True)
-            path = out_dir / f"montage_{cid}.png"
-            save_png(path, montage(case.ct, case.mri, syn, montage_slices))
-            montages[cid] = path
-    if not rows:
-        from ..errors import CTMRIError
+        models = [fold_model(f) for f in folds if fold_model(f).exists()]
+        if models:
+            config = config or read_config(models[0])
+        if len(runs) == 1 and models:
+            split = read_config(models[0])["split"]
+            train = [by_id[c] for c in split["train_cases"] if c in by_id]
+            tr = read_config(models[0])["training"]
+            fold_lines.append(f"- {folds[0].name}: held out {', '.join(split['test_cases'])}; "
+                              f"{tr['epochs']} epochs in {tr['seconds'] / 60:.1f} min")
+        else:
+            train = [c for c in cases if c.case_id != case.case_id]
+            fold_lines.append(f"- patient {case.case_id}: mean of {len(folds)} held-out predictions ("
+                              + ", ".join(f"{f.parent.name}/{f.name}" for f in folds) + ")")
+        results = {"model": evaluate(case.mri, syn, case.ct, bone_threshold)}
+        if spread is not None:
+            results["model"].update(uncertainty_quality(case.mri, syn, spread, head_mask(case.ct)))
+        results.update(_baseline_rows(case, train, bone_threshold))
+        rows += _rows_for(case, results, held_out=True)
+        path = out_dir / f"montage_{case.case_id}.png"
+        save_png(path, montage(case.ct, case.mri, syn, montage_slices))
+        montages[case.case_id] = path
+    from ..errors import CTMRIError
 
-        raise CTMRIError(f"{run_dir} holds no finished folds")
+    if not rows:
+        raise CTMRIError(f"{', '.join(map(str, runs))} hold no finished folds")
+    if config is None:
+        raise CTMRIError("the runs hold predictions but no fold model files: pass the model's config (--attach FILE)")
     order = {c.case_id: i for i, c in enumerate(cases)}
     rows.sort(key=lambda r: (order.get(r["patient"], 0), METHODS.index(r["method"])))
     preamble = _model_preamble(config, command, bone_threshold)
-    preamble += ["", f"Cross-validation ({config['split']['mode'].split(':')[0]}): each patient's numbers come from "
-                 "the fold in which it was held out; baselines are fit on that fold's training patients. "
-                 "Each fold keeps its last epoch (the held-out patient never selects a model).", ""] + fold_lines
+    what = ("Cross-validation (leave-one-patient-out), ensemble of " + ", ".join(str(r) for r in runs) +
+            ": each patient's prediction is the mean of the runs' predictions made by the fold that held it out, "
+            "the uncertainty their SD; baselines are fit on the other patients. "
+            if len(runs) > 1 else
+            f"Cross-validation ({config['split']['mode'].split(':')[0]}): each patient's numbers come from "
+            "the fold in which it was held out; baselines are fit on that fold's training patients. ")
+    preamble += ["", what + "Each fold keeps its last epoch (the held-out patient never selects a model).", ""]
+    preamble += list(dict.fromkeys(fold_lines))  # k-fold: one line per fold, not per patient
     return write_tables(rows, out_dir, "Cross-validated results (Table 1 of Dong et al. 2020, for this model)",
                         preamble, montages)
 
@@ -490,16 +536,18 @@ def _lookup_words(model: dict) -> str:
 
 def _model_preamble(config: dict, command: str, bone_threshold: float) -> list[str]:
     m, pre, tr = config["model"], config["preprocessing"], config["training"]
+    augmentation = tr["augmentation"] if isinstance(tr["augmentation"], list) else [tr["augmentation"]]
+    members = f"ensemble of {m['members']} U-Nets (each: " if m.get("members") else "U-Net, "
     return [
         f"Command: `{command}`" if command else "",
         "",
-        f"Model: U-Net, {m['levels']} levels, base {m['base']} channels, {m['in_channels']} input channel(s) "
+        f"Model: {members}{m['levels']} levels, base {m['base']} channels, {m['in_channels']} input channel(s) "
         f"(context {pre['context_slices']}), {tr.get('parameters', '?')} parameters"
         f"{_lookup_words(m)}; "
         f"loss {tr['loss']}; "
         f"{tr['epochs']} epochs, batch {tr['batch_size']}, Adam lr {tr['lr']:g} ({tr['lr_schedule']}); "
-        f"augmentation {'on' if tr['augmentation'].get('enabled') else 'off'}; output masked outside the head: "
-        f"{pre['mask_output']}.",
+        f"augmentation {'on' if any(a.get('enabled') for a in augmentation) else 'off'}"
+        f"{')' if m.get('members') else ''}; output masked outside the head: {pre['mask_output']}.",
         "",
         "Metrics (metrics.py): MAE over foreground voxels (reference MRI > 0), 0..255 scale; SSIM = mean over "
         "slices of whole-slice SSIM (Wang 2004, Gaussian σ 1.5, data range 255), as the paper; SSIM in head = "

@@ -1,0 +1,92 @@
+"""Ensembles: several model files of one architecture and preprocessing made into one model file.
+
+Why (issue 11, measured by leave-one-patient-out cross-validation, ``model_weights/README.md``): the mean
+of U-Nets trained on different patients (``ctmri train --drop-patients 1 --seed K``) is closer to the
+held-out patients' real MRI than its members on average, and where those members disagree the error is larger
+(Spearman ≈ 0.1: weak, but the only map tried that never ran against the error; each member's own σ head
+did). At inference (:func:`synthesis.predict_volume`) every member runs with its own flip averaging; the
+synthetic MRI is the members' mean and the uncertainty map their SD.
+
+The file is an ordinary model file (:mod:`weights`): tensors ``members.<i>.<name>`` and a config that is
+the members' shared one with ``model.members`` = their number, ``training`` holding a value where all
+members agree and the list of values where they differ, ``split.train_cases`` the union of the patients
+they saw, and ``ensemble``: each member's file name, sha256, training, split and metrics.
+
+    python -m CTtoMRISynthesisLib.ensemble OUT.safetensors MEMBER.safetensors MEMBER.safetensors [...]
+
+Combining reads and writes tensors with numpy: it needs no PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+from .errors import CTMRIError
+from .weights import read_weights_file, save_state, sha256_of
+
+#: config sections that must be equal in every member: the same network applied the same way
+SHARED = ("model", "preprocessing")
+
+
+def _merged(values: list):
+    """One value where all members agree, else the list of their values (in member order)."""
+    return values[0] if all(v == values[0] for v in values) else values
+
+
+def ensemble_config(configs: list[dict], names: list[str], digests: list[str]) -> dict:
+    """The ensemble file's config from its members' configs (see the module docstring)."""
+    first = configs[0]
+    for section in SHARED:
+        for name, config in zip(names[1:], configs[1:]):
+            if config.get(section) != first.get(section):
+                keys = sorted(k for k in set(first.get(section, {})) | set(config.get(section, {}))
+                              if first.get(section, {}).get(k) != config.get(section, {}).get(k))
+                raise CTMRIError(f"{name} differs from {names[0]} in its {section} ({', '.join(keys)}): "
+                                 "an ensemble's members must be the same network applied the same way")
+    config = copy.deepcopy(first)
+    config["model"]["members"] = len(configs)
+    trainings = [c.get("training", {}) for c in configs]
+    keys = list(dict.fromkeys(k for t in trainings for k in t))
+    config["training"] = {k: _merged([t.get(k) for t in trainings]) for k in keys}
+    seen = [c.get("split", {}).get("train_cases", []) for c in configs]
+    union = list(dict.fromkeys(cid for cases in seen for cid in cases))
+    config["split"] = {"mode": f"ensemble of {len(configs)}", "train_cases": union, "val_cases": [], "test_cases": []}
+    config["metrics"] = {}
+    config["ensemble"] = [
+        {"file": name, "sha256": digest, "training": c.get("training"), "split": c.get("split"), "metrics": c.get("metrics")}
+        for name, digest, c in zip(names, digests, configs)
+    ]
+    return config
+
+
+def combine(member_paths: list, out_path) -> dict:
+    """Write the ensemble of ``member_paths`` (each checked against its .sha256) to ``out_path``; return its config."""
+    if len(member_paths) < 2:
+        raise CTMRIError("an ensemble needs at least two member model files")
+    blobs = [read_weights_file(p, framework="numpy") for p in member_paths]
+    names = [Path(p).name for p in member_paths]
+    config = ensemble_config([b["config"] for b in blobs], names, [sha256_of(p) for p in member_paths])
+    tensors = {f"members.{i}.{key}": value for i, b in enumerate(blobs) for key, value in b["state_dict"].items()}
+    save_state(out_path, tensors, config)
+    return config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m CTtoMRISynthesisLib.ensemble", description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="the ensemble model file to write (.safetensors)")
+    parser.add_argument("members", nargs="+", help="member model files (.safetensors, each with its .sha256)")
+    args = parser.parse_args(argv)
+    try:
+        config = combine(args.members, args.out)
+    except CTMRIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {config['model']['members']} members, trained on {', '.join(config['split']['train_cases'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""Ensembles (ensemble.py): member files made into one model file, applied as the mean of the members'
+predictions with their SD as the uncertainty, through the same loading, synthesis and report paths as one
+model; mismatched or tampered members refused. The shipped model is such an ensemble.
+
+Members are tiny phantom-trained models (``phantoms.train_tiny_model``, different seeds): no licensed data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")  # absent only in the Slicer-stack CI jobs (.ci/run)
+pytest.importorskip("safetensors")
+
+import phantoms  # noqa: E402
+from CTtoMRISynthesisLib.ensemble import combine, main as ensemble_main  # noqa: E402
+from CTtoMRISynthesisLib.errors import CTMRIError  # noqa: E402
+from CTtoMRISynthesisLib.model import UNetEnsemble  # noqa: E402
+from CTtoMRISynthesisLib.synthesis import predict_volume  # noqa: E402
+from CTtoMRISynthesisLib.weights import load_model, read_config, read_weights_file, save_state, sha256_of  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("members")
+    return [phantoms.train_tiny_model(root / f"m{seed}.safetensors", steps=20, seed=seed) for seed in (0, 1, 2)]
+
+
+@pytest.fixture(scope="module")
+def ensemble_file(members, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ensemble") / "ens.safetensors"
+    combine(members, out)
+    return out
+
+
+def test_ensemble_predicts_the_members_mean_and_their_sd_as_uncertainty(members, ensemble_file):
+    ct, _ = phantoms.slice_pair(seed=5, slices=4, first_z=-10.0)
+    loaded = load_model(ensemble_file)
+    assert isinstance(loaded.net, UNetEnsemble) and len(loaded.net.members) == 3
+    pred = predict_volume(loaded.net, ct.astype(np.float32), flip_tta=True)
+    singles = [predict_volume(load_model(m).net, ct.astype(np.float32), flip_tta=True).mean for m in members]
+    stack = np.stack(singles)
+    np.testing.assert_allclose(pred.mean, stack.mean(0), atol=1e-3)
+    np.testing.assert_allclose(pred.spread[pred.head], stack.std(0)[pred.head], atol=1e-3)
+    assert pred.spread[pred.head].max() > 0.5  # the members do disagree somewhere
+    assert not pred.mean[~pred.head].any() and not pred.spread[~pred.head].any()
+
+
+def test_ensemble_config_keeps_each_members_provenance(members, ensemble_file):
+    config = read_config(ensemble_file)
+    assert config["model"]["members"] == 3
+    assert [e["sha256"] for e in config["ensemble"]] == [sha256_of(m) for m in members]
+    assert [e["file"] for e in config["ensemble"]] == [m.name for m in members]
+    assert config["preprocessing"] == read_config(members[0])["preprocessing"]
+    assert config["split"]["mode"] == "ensemble of 3"
+    tensors = read_weights_file(ensemble_file, framework="numpy")["state_dict"]
+    assert {k.split(".")[1] for k in tensors} == {"0", "1", "2"}
+    one = read_weights_file(members[1], framework="numpy")["state_dict"]
+    for key, value in one.items():  # member 1's tensors byte for byte
+        np.testing.assert_array_equal(tensors[f"members.1.{key}"], value)
+
+
+def test_members_must_match_and_be_intact(members, tmp_path):
+    blob = read_weights_file(members[1], framework="numpy")
+    other = dict(blob["config"], preprocessing=dict(blob["config"]["preprocessing"], context_slices=1))
+    odd = tmp_path / "odd.safetensors"
+    save_state(odd, blob["state_dict"], other)
+    with pytest.raises(CTMRIError, match="preprocessing.*context_slices"):
+        combine([members[0], odd], tmp_path / "x.safetensors")
+    with pytest.raises(CTMRIError, match="at least two"):
+        combine(members[:1], tmp_path / "x.safetensors")
+    tampered = tmp_path / "t.safetensors"
+    data = bytearray(members[2].read_bytes())
+    data[-5] ^= 0xFF
+    tampered.write_bytes(bytes(data))
+    Path(str(tampered) + ".sha256").write_text(Path(str(members[2]) + ".sha256").read_text())
+    with pytest.raises(CTMRIError, match="sha256|checksum"):
+        combine([members[0], tampered], tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+    assert ensemble_main([str(tmp_path / "y.safetensors"), str(members[0])]) == 2
+    assert ensemble_main([str(tmp_path / "y.safetensors"), str(members[0]), str(members[1])]) == 0
+    assert load_model(tmp_path / "y.safetensors").config["model"]["members"] == 2
+
+
+def test_cv_report_of_several_runs_is_their_ensemble(phantom_slices, tmp_path):
+    """``ctmri report --from-cv RUN RUN``: each held-out patient's prediction is the mean of the runs',
+    the uncertainty their SD; the report's numbers are those of that mean."""
+    import csv
+
+    from CTtoMRISynthesisLib.cli import main as ctmri
+    from CTtoMRISynthesisLib.intensity import CTWindow
+    from CTtoMRISynthesisLib.metrics import compute_metrics
+    from CTtoMRISynthesisLib.training.discovery import discover
+
+    runs = [tmp_path / f"run{s}" for s in (0, 1)]
+    for seed, run in enumerate(runs):
+        assert ctmri(["train", "--data", str(phantom_slices), "--out", str(run), "--cv", "kfold", "--folds", "2",
+                      "--seed", str(seed), "--base", "4", "--epochs", "1", "--max-steps", "2", "--batch-size", "4",
+                      "--workers", "0", "--threads", "1", "--no-progress"]) == 0
+    out = tmp_path / "report"
+    assert ctmri(["report", "--data", str(phantom_slices), "--from-cv", *map(str, runs), "--out", str(out)]) == 0
+    case = discover([phantom_slices], CTWindow(45.0, 120.0))[0]
+    syn = []
+    for run in runs:
+        with np.load(next(run.glob(f"fold*/pred_{case.case_id}.npz"))) as blob:
+            syn.append(blob["syn"])
+    expected = compute_metrics(case.mri, np.mean(syn, axis=0))["mae"]
+    with open(out / "per_patient.csv") as fh:
+        row = next(r for r in csv.DictReader(fh) if r["patient"] == case.case_id and r["method"] == "model")
+    assert float(row["mae"]) == pytest.approx(expected, rel=1e-4)
+    assert row["unc_spearman"] not in ("", None)
+    assert "ensemble of" in (out / "report.md").read_text()
