@@ -16,11 +16,12 @@ pytest.importorskip("torch")  # absent only in the Slicer-stack CI jobs (.ci/run
 pytest.importorskip("safetensors")
 
 import phantoms  # noqa: E402
-from CTtoMRISynthesisLib.ensemble import combine, main as ensemble_main  # noqa: E402
+from CTtoMRISynthesisLib.ensemble import combine  # noqa: E402
 from CTtoMRISynthesisLib.errors import CTMRIError  # noqa: E402
 from CTtoMRISynthesisLib.model import UNetEnsemble  # noqa: E402
 from CTtoMRISynthesisLib.synthesis import predict_volume  # noqa: E402
 from CTtoMRISynthesisLib.weights import load_model, read_config, read_weights_file, save_state, sha256_of  # noqa: E402
+from CTtoMRISynthesisLib.weights import main as weights_main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +81,8 @@ def test_members_must_match_and_be_intact(members, tmp_path):
     with pytest.raises(CTMRIError, match="sha256|checksum"):
         combine([members[0], tampered], tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
-    assert ensemble_main([str(tmp_path / "y.safetensors"), str(members[0])]) == 2
-    assert ensemble_main([str(tmp_path / "y.safetensors"), str(members[0]), str(members[1])]) == 0
+    assert weights_main(["ensemble", str(tmp_path / "y.safetensors"), str(members[0])]) == 2
+    assert weights_main(["ensemble", str(tmp_path / "y.safetensors"), str(members[0]), str(members[1])]) == 0
     assert load_model(tmp_path / "y.safetensors").config["model"]["members"] == 2
 
 

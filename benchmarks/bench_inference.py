@@ -30,7 +30,9 @@ def models() -> list[tuple[str, torch.nn.Module]]:
     path = default_weights_path()
     if path.exists():
         loaded = load_model(path)
-        out.append((f"shipped (base {loaded.config['model']['base']})", loaded.net))
+        model = loaded.config["model"]
+        members = f"{model['members']} × " if model.get("members") else ""  # an ensemble runs every member
+        out.append((f"shipped ({members}base {model['base']})", loaded.net))
     else:
         print(f"note: no shipped weights at {path}; benchmarking the paper width only", file=sys.stderr)
     out.append(("paper (base 64)", UNet(UNetConfig(base=64)).eval()))

@@ -7,10 +7,10 @@ comes from the fold(s) that held it out (several RUNs: their mean, as the shippe
 synthetic ratio falls short of the real one here, in the training domain, the shortfall on other
 hospitals' CT is the model's, not only the domain shift's.
 
-Two mask definitions, both from the CT alone, inside the same intracranial box: ``otsu`` (what
-``external_ct.py`` reports for 8-bit CT: everything below Otsu's threshold counts as CSF, partial-volume
-sulci included) and ``strict`` (CSF = the darkest 10 % of the box, CT smoothed by 1 px; brain tissue =
-its 40th–90th percentile): the real T2's ratio depends strongly on which.
+Two mask definitions, both from the CT alone, both from ``external_ct.masks_8bit``: ``otsu`` (everything
+below Otsu's threshold counts as CSF, partial-volume sulci included) and ``strict`` (CSF = the darkest
+10 % of the intracranial box, brain tissue = its 40th–90th percentile): the real T2's ratio depends
+strongly on which.
 
     python experiments/csf_contrast_cv.py RUN [RUN ...] [--data DIR]
 
@@ -37,7 +37,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from ensemble_cv import member_predictions
-    from external_ct import masks_8bit
+    from external_ct import masks_8bit, ratio
 
     from CTtoMRISynthesisLib.intensity import CTWindow
     from CTtoMRISynthesisLib.training.discovery import discover
@@ -48,23 +48,13 @@ def main() -> int:
     for case in discover([args.data], CTWindow(45, 120)):
         syn = member_predictions(args.runs, case.case_id)[0].mean(axis=0)
         real = case.mri.astype(np.float32)
-        for name, (csf, brain) in masks(case.ct, masks_8bit).items():
-            ratios[f"real {name}"].append(float(real[csf].mean() / real[brain].mean()))
-            ratios[f"syn {name}"].append(float(syn[csf].mean() / syn[brain].mean()))
+        m = masks_8bit(case.ct)
+        for name, (csf, brain) in {"otsu": (m["csf"], m["brain"]), "strict": (m["csf_strict"], m["brain_strict"])}.items():
+            ratios[f"real {name}"].append(ratio(real, csf, brain))
+            ratios[f"syn {name}"].append(ratio(syn, csf, brain))
         print(f"| {case.case_id} | " + " | ".join(f"{ratios[k][-1]:.2f}" for k in ratios) + " |")
     print("| median | " + " | ".join(f"{np.median(v):.2f}" for v in ratios.values()) + " |")
     return 0
-
-
-def masks(ct: np.ndarray, masks_8bit) -> dict:
-    """{"otsu": (csf, brain), "strict": (csf, brain)} boolean masks from an 8-bit CT (see the docstring)."""
-    from scipy import ndimage
-
-    m = masks_8bit(ct)
-    box = m["csf"] | m["brain"]
-    smooth = ndimage.gaussian_filter(ct.astype(np.float32), sigma=(0, 1, 1))
-    low, b1, b2 = np.percentile(smooth[box], [10, 40, 90])
-    return {"otsu": (m["csf"], m["brain"]), "strict": (box & (smooth <= low), box & (smooth >= b1) & (smooth <= b2))}
 
 
 if __name__ == "__main__":

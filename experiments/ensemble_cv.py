@@ -14,6 +14,10 @@ seven training patients. Candidate uncertainty maps, each scored by the report's
 - ``grad``: the gradient magnitude of the ensemble's prediction (edges; a trivial map, for comparison),
 - ``members+grad``: the mean of the two maps' within-patient percentile ranks.
 
+And one oracle check (it sees the real MRI, so it is not a method): the ensemble's prediction rescaled
+linearly (least squares over the head) to the patient's real MRI — how much of the error is the patient's
+global MRI scale, and does the members' SD track what is left?
+
     python experiments/ensemble_cv.py RUN [RUN ...] [--data DIR] [--json OUT.json]
 
 Numbers only; the data's images are not written anywhere.
@@ -52,6 +56,18 @@ def percentile_rank(values: np.ndarray) -> np.ndarray:
     from scipy.stats import rankdata
 
     return (rankdata(values.ravel()) / values.size).reshape(values.shape).astype(np.float32)
+
+
+def oracle_rescale(mri: np.ndarray, mean: np.ndarray, members_sd: np.ndarray, head: np.ndarray) -> dict:
+    """In-head MAE before/after fitting a·prediction + b to the real MRI, and Spearman(members' SD, error after)."""
+    from scipy.stats import spearmanr
+
+    y, x = mri.astype(np.float32)[head], mean[head]
+    a, b = np.linalg.lstsq(np.stack([x, np.ones_like(x)], 1), y, rcond=None)[0]
+    after = np.abs(y - (a * x + b))
+    rho = spearmanr(members_sd[head], after).statistic if float(np.ptp(members_sd[head])) > 0 else None
+    return {"a": float(a), "b": float(b), "mae_head": float(np.abs(y - x).mean()), "mae_head_after": float(after.mean()),
+            "members_spearman_after": None if rho is None else float(rho)}
 
 
 def uncertainty_maps(syn: np.ndarray, spread: np.ndarray, mean: np.ndarray, head: np.ndarray) -> dict:
@@ -101,6 +117,7 @@ def main() -> int:
                "members_mae": [evaluate(case.mri, s, case.ct, 200.0)["mae"] for s in syn]}
         row["uncertainty"] = {name: uncertainty_quality(case.mri, mean, m, head)
                               for name, m in uncertainty_maps(syn, spread, mean, head).items()}
+        row["oracle_rescale"] = oracle_rescale(case.mri, mean, syn.std(axis=0), head)
         rows.append(row)
 
     print(f"{len(args.runs)} members: " + ", ".join(str(r) for r in args.runs))
@@ -112,6 +129,12 @@ def main() -> int:
         print(f"| {r['patient']} | {e['mae']:.2f} | {' '.join(f'{v:.1f}' for v in r['members_mae'])} | {lk['mae']:.2f} "
               f"| {e['mae'] / lk['mae']:.3f} | {e['ssim']:.3f} | {lk['ssim']:.3f} | {e['ssim_foreground']:.3f} | "
               + " | ".join(_fmt(r["uncertainty"][m]["unc_spearman"]) for m in MAPS) + " |")
+
+    print("\noracle (sees the real MRI): prediction rescaled a·x + b to the patient's MRI over the head")
+    for r in rows:
+        o = r["oracle_rescale"]
+        print(f"patient {r['patient']}: a {o['a']:.2f} b {o['b']:+.1f}; in-head MAE {o['mae_head']:.1f} -> "
+              f"{o['mae_head_after']:.1f}; Spearman(members' SD, error after) {_fmt(o['members_spearman_after'])}")
 
     def mean_of(get) -> float:
         return float(np.mean([get(r) for r in rows]))

@@ -131,10 +131,11 @@ for run in sorted(p for p in work.iterdir() if p.is_dir() and list(p.glob("fold0
                 arrays[f"spread2_{cid}"] = np.clip(np.rint(b["spread"] * 2), 0, 255).astype(np.uint8)
     np.savez_compressed(work / "preds" / f"{run.name}.npz", **arrays)
 EOF
+( cd "$WORK" && for m in final_*/model.safetensors.sha256; do [ -f "$m" ] && echo "${m%%/*} $(cat "$m")"; done > logs/final_sha256.txt )
 cd "$WORK" && tar czf "$OUT/results.tgz" logs jobs.txt $(ls -d */report/*.md */report/*.csv */fold0*/log.csv */fold0*/fold.json final_*/log.csv 2>/dev/null)
 tar czf "$OUT/preds_a.tgz" $(ls preds/*.npz | grep -v /bag)
 tar czf "$OUT/preds_b.tgz" $(ls preds/bag*.npz 2>/dev/null) 2>/dev/null
-for m in final_*/model.safetensors; do [ -f "$m" ] && cp "$m" "$OUT/${m%%/*}.safetensors"; done  # each .sha256 is remade from the bytes that arrive
+for m in final_*/model.safetensors; do [ -f "$m" ] && cp "$m" "$OUT/${m%%/*}.safetensors"; done
 cd "$OUT" && ls final_b8e60.safetensors final_bag*.safetensors >/dev/null 2>&1 && tar cf models_b8.tar final_b8e60.safetensors final_bag*.safetensors && rm -f final_b8e60.safetensors final_bag*.safetensors
 ls -la "$OUT"
 echo "all over at $(( $(date +%s) - T0 )) s"

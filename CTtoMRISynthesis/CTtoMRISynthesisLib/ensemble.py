@@ -12,16 +12,14 @@ the members' shared one with ``model.members`` = their number, ``training`` hold
 members agree and the list of values where they differ, ``split.train_cases`` the union of the patients
 they saw, and ``ensemble``: each member's file name, sha256, training, split and metrics.
 
-    python -m CTtoMRISynthesisLib.ensemble OUT.safetensors MEMBER.safetensors MEMBER.safetensors [...]
+    python -m CTtoMRISynthesisLib.weights ensemble OUT.safetensors MEMBER.safetensors MEMBER.safetensors [...]
 
 Combining reads and writes tensors with numpy: it needs no PyTorch.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import sys
 from pathlib import Path
 
 from .errors import CTMRIError
@@ -73,20 +71,3 @@ def combine(member_paths: list, out_path) -> dict:
     save_state(out_path, tensors, config)
     return config
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m CTtoMRISynthesisLib.ensemble", description=__doc__.splitlines()[0])
-    parser.add_argument("out", help="the ensemble model file to write (.safetensors)")
-    parser.add_argument("members", nargs="+", help="member model files (.safetensors, each with its .sha256)")
-    args = parser.parse_args(argv)
-    try:
-        config = combine(args.members, args.out)
-    except CTMRIError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}: {config['model']['members']} members, trained on {', '.join(config['split']['train_cases'])}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -354,20 +354,31 @@ def convert_legacy(source: str | Path, target: str | Path) -> str:
 
 
 def main(argv: Optional[list] = None) -> int:
-    """``python -m CTtoMRISynthesisLib.weights convert OLD.pt NEW.safetensors``."""
+    """``python -m CTtoMRISynthesisLib.weights convert OLD.pt NEW.safetensors`` or
+    ``… ensemble OUT.safetensors MEMBER.safetensors MEMBER.safetensors …`` (:mod:`ensemble`)."""
     parser = argparse.ArgumentParser(prog="python -m CTtoMRISynthesisLib.weights",
                                      description="CTtoMRISynthesis model files")
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser("convert", help="convert an old .pt model (with its .pt.sha256) to .safetensors")
     convert.add_argument("source", help="old model file (ctmri-unet-v1, torch.save)")
     convert.add_argument("target", help=f"new model file ({SUFFIX}); its .sha256 is written beside it")
+    ensemble = commands.add_parser("ensemble", help="make member model files into one ensemble model file")
+    ensemble.add_argument("target", help=f"the ensemble model file to write ({SUFFIX}); its .sha256 beside it")
+    ensemble.add_argument("members", nargs="+", help=f"member model files ({SUFFIX}, each with its .sha256)")
     args = parser.parse_args(argv)
     try:
-        digest = convert_legacy(args.source, args.target)
+        if args.command == "ensemble":
+            from .ensemble import combine
+
+            config = combine(args.members, args.target)
+            print(f"wrote {args.target}: {config['model']['members']} members, trained on "
+                  f"{', '.join(config['split']['train_cases'])}")
+        else:
+            digest = convert_legacy(args.source, args.target)
+            print(f"wrote {args.target} (sha256 {digest}): the same tensors and config as {args.source}")
     except CTMRIError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {args.target} (sha256 {digest}): the same tensors and config as {args.source}")
     return 0
 
 
