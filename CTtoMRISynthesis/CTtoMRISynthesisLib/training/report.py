@@ -485,12 +485,11 @@ def write_cv_report(run_dir, cases, command: str = "", bone_threshold: float = 2
         if syn is None:
             continue
         models = [fold_model(f) for f in folds if fold_model(f).exists()]
-        if models:
-            config = config or read_config(models[0])
-        if len(runs) == 1 and models:
-            split = read_config(models[0])["split"]
+        fold_config = read_config(models[0]) if models else None
+        config = config or fold_config
+        if len(runs) == 1 and fold_config:
+            split, tr = fold_config["split"], fold_config["training"]
             train = [by_id[c] for c in split["train_cases"] if c in by_id]
-            tr = read_config(models[0])["training"]
             fold_lines.append(f"- {folds[0].name}: held out {', '.join(split['test_cases'])}; "
                               f"{tr['epochs']} epochs in {tr['seconds'] / 60:.1f} min")
         else:
