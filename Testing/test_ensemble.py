@@ -7,25 +7,43 @@ Members are tiny phantom-trained models (``phantoms.train_tiny_model``, differen
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")  # absent only in the Slicer-stack CI jobs (.ci/run)
-pytest.importorskip("safetensors")
+import phantoms
+from CTtoMRISynthesisLib.ensemble import combine
+from CTtoMRISynthesisLib.errors import CTMRIError
+from CTtoMRISynthesisLib.weights import read_config, read_weights_file, save_state, sha256_of
+from CTtoMRISynthesisLib.weights import main as weights_main
 
-import phantoms  # noqa: E402
-from CTtoMRISynthesisLib.ensemble import combine  # noqa: E402
-from CTtoMRISynthesisLib.errors import CTMRIError  # noqa: E402
-from CTtoMRISynthesisLib.model import UNetEnsemble  # noqa: E402
-from CTtoMRISynthesisLib.synthesis import predict_volume  # noqa: E402
-from CTtoMRISynthesisLib.weights import load_model, read_config, read_weights_file, save_state, sha256_of  # noqa: E402
-from CTtoMRISynthesisLib.weights import main as weights_main  # noqa: E402
+# Combining is numpy only and also runs in the Slicer-stack CI jobs (.ci/run); the rest needs PyTorch.
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch is not installed")
+
+
+def test_combining_needs_no_torch_and_merges_the_members_records(tmp_path):
+    """Members as plain numpy model files (what a Slicer-stack Python can write and read): tensors renamed
+    ``members.<i>.``, training values kept where equal and listed where not, the patients seen united."""
+    paths = []
+    for i, (seed, seen) in enumerate([(0, ["16", "20", "28"]), (1, ["16", "28"])]):
+        config = {"model": {"base": 4, "in_channels": 3}, "preprocessing": {"size": 256, "context_slices": 1},
+                  "training": {"seed": seed, "loss": "mse"}, "split": {"train_cases": seen}}
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_state(paths[-1], {"w": np.full(3, float(i), np.float32)}, config)
+    config = combine(paths, tmp_path / "ens.safetensors")
+    assert config["model"] == {"base": 4, "in_channels": 3, "members": 2}
+    assert config["training"] == {"seed": [0, 1], "loss": "mse"}
+    assert config["split"]["train_cases"] == ["16", "20", "28"] and config["metrics"] == {}
+    tensors = read_weights_file(tmp_path / "ens.safetensors", framework="numpy")["state_dict"]
+    assert sorted(tensors) == ["members.0.w", "members.1.w"] and tensors["members.1.w"].tolist() == [1.0] * 3
+    assert [m["sha256"] for m in read_config(tmp_path / "ens.safetensors")["ensemble"]] == [sha256_of(p) for p in paths]
 
 
 @pytest.fixture(scope="module")
 def members(tmp_path_factory) -> list[Path]:
+    pytest.importorskip("torch")
     root = tmp_path_factory.mktemp("members")
     return [phantoms.train_tiny_model(root / f"m{seed}.safetensors", steps=20, seed=seed) for seed in (0, 1, 2)]
 
@@ -37,7 +55,12 @@ def ensemble_file(members, tmp_path_factory) -> Path:
     return out
 
 
+@needs_torch
 def test_ensemble_predicts_the_members_mean_and_their_sd_as_uncertainty(members, ensemble_file):
+    from CTtoMRISynthesisLib.model import UNetEnsemble
+    from CTtoMRISynthesisLib.synthesis import predict_volume
+    from CTtoMRISynthesisLib.weights import load_model
+
     ct, _ = phantoms.slice_pair(seed=5, slices=4, first_z=-10.0)
     loaded = load_model(ensemble_file)
     assert isinstance(loaded.net, UNetEnsemble) and len(loaded.net.members) == 3
@@ -50,6 +73,7 @@ def test_ensemble_predicts_the_members_mean_and_their_sd_as_uncertainty(members,
     assert not pred.mean[~pred.head].any() and not pred.spread[~pred.head].any()
 
 
+@needs_torch
 def test_ensemble_config_keeps_each_members_provenance(members, ensemble_file):
     config = read_config(ensemble_file)
     assert config["model"]["members"] == 3
@@ -64,6 +88,7 @@ def test_ensemble_config_keeps_each_members_provenance(members, ensemble_file):
         np.testing.assert_array_equal(tensors[f"members.1.{key}"], value)
 
 
+@needs_torch
 def test_members_must_match_and_be_intact(members, tmp_path):
     blob = read_weights_file(members[1], framework="numpy")
     other = dict(blob["config"], preprocessing=dict(blob["config"]["preprocessing"], context_slices=1))
@@ -83,9 +108,12 @@ def test_members_must_match_and_be_intact(members, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
     assert weights_main(["ensemble", str(tmp_path / "y.safetensors"), str(members[0])]) == 2
     assert weights_main(["ensemble", str(tmp_path / "y.safetensors"), str(members[0]), str(members[1])]) == 0
+    from CTtoMRISynthesisLib.weights import load_model
+
     assert load_model(tmp_path / "y.safetensors").config["model"]["members"] == 2
 
 
+@needs_torch
 def test_cv_report_of_several_runs_is_their_ensemble(phantom_slices, tmp_path):
     """``ctmri report --from-cv RUN RUN``: each held-out patient's prediction is the mean of the runs',
     the uncertainty their SD; the report's numbers are those of that mean."""
