@@ -361,8 +361,10 @@ def test_stop_is_clean_leaving_only_complete_cases(cohort: Path, tmp_path: Path,
     out = tmp_path / "out"
     command = [sys.executable, "-m", "CTtoMRISynthesisLib.cli", "batch", "--manifest", str(manifest),
                "--out-dir", str(out), "--jobs", jobs, *FAST]
+    # SIG_DFL in the child: a runner started in the background (`cmd &` in a script) passes SIGINT on ignored,
+    # and a Python started with SIGINT ignored never raises KeyboardInterrupt (measured: rc 0 instead of 130)
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list(out.glob(batch.STATE_DIR + "/r*.json")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)  # wait until the first case has finished

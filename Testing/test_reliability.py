@@ -864,6 +864,8 @@ def test_cancel_cli_ctrl_c_and_node_cancel(data: Data, tmp_path: Path, scene) ->
         [sys.executable, "-c", CANCEL_DRIVER, "synthesize", "--ct", str(ct), "--mri", str(mri), "--out-dir",
          str(work / "out"), "--weights", str(data.weights), "--registration", "none", "--device", "cpu", "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+        # SIGINT as at a terminal, even where the test runner itself was started with it ignored (`cmd &`)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 120
