@@ -435,15 +435,6 @@ def _uncertainty_colormap(scene, created: list):
     """
     return _colour_table(scene, created, "uncertainty colormap", UNCERTAINTY_COLOR_NAME,
                          lambda i: (f"{i / 2.55:.0f}%", *cubehelix(i / 255.0)))
-    node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", UNCERTAINTY_COLOR_NAME)
-    created.append(node)
-    node.SetTypeToUser()
-    node.SetNumberOfColors(256)
-    node.SetAttribute(ROLE_ATTRIBUTE, "uncertainty colormap")
-    for i in range(256):
-        r, g, b = cubehelix(i / 255.0)
-        node.SetColor(i, f"{i / 2.55:.0f}%", r, g, b, 1.0)
-    return node
 
 
 def uncertainty_window(uncertainty: sitk.Image) -> float:
