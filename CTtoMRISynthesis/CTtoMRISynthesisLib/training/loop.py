@@ -351,6 +351,11 @@ def _check_resumable(saved: dict, settings: TrainSettings, path: Path) -> None:
         )
 
 
+def _log_row(row: dict) -> list:
+    """One epoch's ``log.csv`` row (LOG_FIELDS order; floats to 6 significant digits, None empty)."""
+    return ["" if row.get(k) is None else (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in LOG_FIELDS]
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     import torch
 
@@ -452,7 +457,7 @@ def train(
             writer = csv.writer(fh)
             writer.writerow(LOG_FIELDS)
             for h in history:
-                writer.writerow(["" if h.get(k) is None else (f"{h[k]:.6g}" if isinstance(h[k], float) else h[k]) for k in LOG_FIELDS])
+                writer.writerow(_log_row(h))
     seconds_before = float(sum(h["seconds"] for h in history))
 
     for epoch in range(start_epoch, settings.epochs):
@@ -525,18 +530,18 @@ def train(
                 best = {"val_mae": row["val_mae"], "val_ssim": row["val_ssim"], "epoch": epoch + 1}
                 best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
             with open(log_path, "a", newline="") as fh:
-                csv.writer(fh).writerow(["" if row[k] is None else (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in LOG_FIELDS])
-            state = None if not milestone else {
-                "epoch": epoch,
-                "rank": dist.rank,
-                "world_size": dist.world,
-                "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "history": history,
-                "best": best,
-                "settings": json.loads(json.dumps(asdict(settings), default=str)),
-            }
+                csv.writer(fh).writerow(_log_row(row))
             if milestone:
+                state = {
+                    "epoch": epoch,
+                    "rank": dist.rank,
+                    "world_size": dist.world,
+                    "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                    "optimizer": optimizer.state_dict(),
+                    "history": history,
+                    "best": best,
+                    "settings": json.loads(json.dumps(asdict(settings), default=str)),
+                }
                 if best_state is not None and settings.select == "best":
                     state["best_model"] = best_state
                 _atomic_torch_save(state, ckpt_path)
