@@ -152,10 +152,6 @@ class UNetEnsemble(nn.Module):
         self.config = config
         self.members = nn.ModuleList(UNet(config) for _ in range(members))
 
-    @property
-    def multiple(self) -> int:
-        return self.members[0].multiple
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([member(x) for member in self.members]).mean(0)
 
