@@ -55,7 +55,7 @@ def test_round_trip_without_torch(tmp_path: Path) -> None:
     digest = save_state(path, TENSORS, CONFIG)
     assert checksum_path(path).read_text() == f"{digest}  m.safetensors\n" and digest == sha256_of(path)
     blob = read_weights_file(path, framework="numpy")
-    assert blob["config"] == CONFIG and blob["format"] == FORMAT
+    assert blob["config"] == CONFIG and blob["format"] == FORMAT and blob["sha256"] == digest
     assert set(blob["state_dict"]) == set(TENSORS)
     for key, value in TENSORS.items():
         assert blob["state_dict"][key].dtype == value.dtype

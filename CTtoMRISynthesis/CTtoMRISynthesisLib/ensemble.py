@@ -23,7 +23,7 @@ import copy
 from pathlib import Path
 
 from .errors import CTMRIError
-from .weights import read_weights_file, save_state, sha256_of
+from .weights import read_weights_file, save_state
 
 #: config sections that must be equal in every member: the same network applied the same way
 SHARED = ("model", "preprocessing")
@@ -66,7 +66,7 @@ def combine(member_paths: list, out_path) -> dict:
         raise CTMRIError("an ensemble needs at least two member model files")
     blobs = [read_weights_file(p, framework="numpy") for p in member_paths]
     names = [Path(p).name for p in member_paths]
-    config = ensemble_config([b["config"] for b in blobs], names, [sha256_of(p) for p in member_paths])
+    config = ensemble_config([b["config"] for b in blobs], names, [b["sha256"] for b in blobs])
     tensors = {f"members.{i}.{key}": value for i, b in enumerate(blobs) for key, value in b["state_dict"].items()}
     save_state(out_path, tensors, config)
     return config

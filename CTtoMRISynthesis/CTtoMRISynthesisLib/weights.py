@@ -159,21 +159,21 @@ def _recorded_checksum(path: Path) -> str:
     return text[0].lower()
 
 
-def _read_checked_bytes(path: Path, verify: bool) -> bytes:
-    """The file's bytes, after comparing their sha256 with the recorded one (the same bytes get parsed)."""
+def _read_checked_bytes(path: Path, verify: bool) -> tuple[bytes, str]:
+    """The file's bytes and their sha256, after comparing it with the recorded one (the same bytes get parsed)."""
     if not path.is_file():
         raise CTMRIError(f"weights file not found: {path}; pass --weights with an existing {SUFFIX} file "
                          "(or leave it out to use the shipped model)")
     data = path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
     if verify:
         expected = _recorded_checksum(path)
-        actual = hashlib.sha256(data).hexdigest()
         if actual != expected:
             raise CTMRIError(
                 f"weights file {path.name} does not match its recorded sha256 (expected {expected[:12]}…, "
                 f"got {actual[:12]}…): the file is corrupt or was altered; restore it from the repository"
             )
-    return data
+    return data, actual
 
 
 def _header_size(data: bytes) -> int:
@@ -238,20 +238,20 @@ def _config_from_header(header: dict, path: Path) -> dict:
 def read_config(path: str | Path, verify: bool = True) -> dict:
     """A model file's config, checksum verified, without reading its tensors (and without PyTorch)."""
     path = Path(path)
-    data = _read_checked_bytes(path, verify)
+    data, _ = _read_checked_bytes(path, verify)
     return _config_from_header(_header(data, path), path)
 
 
 def read_weights_file(path: str | Path, verify: bool = True, framework: str = "pt") -> dict:
     """Read a model file safely: checksum, then the safetensors header and tensors (no unpickling).
 
-    Returns ``{"format", "config", "state_dict"}`` with torch tensors (``framework="pt"``) or numpy
-    arrays (``"numpy"``, which needs no PyTorch).
+    Returns ``{"format", "config", "state_dict", "sha256"}`` with torch tensors (``framework="pt"``) or numpy
+    arrays (``"numpy"``, which needs no PyTorch); ``sha256`` is that of the bytes read.
     """
     from safetensors import SafetensorError
 
     path = Path(path)
-    data = _read_checked_bytes(path, verify)
+    data, digest = _read_checked_bytes(path, verify)
     config = _config_from_header(_header(data, path), path)
     if framework == "numpy":
         from safetensors.numpy import load as load_tensors
@@ -264,7 +264,7 @@ def read_weights_file(path: str | Path, verify: bool = True, framework: str = "p
     except (SafetensorError, ValueError, TypeError) as exc:
         detail = (str(exc).splitlines() or [""])[0]
         raise _not_safetensors(path, f"{type(exc).__name__}: {detail}") from exc
-    return {"format": FORMAT, "config": config, "state_dict": state}
+    return {"format": FORMAT, "config": config, "state_dict": state, "sha256": digest}
 
 
 def load_model(path: str | Path | None = None, device: str = "cpu", verify: bool = True) -> LoadedModel:
@@ -326,7 +326,7 @@ def convert_legacy(source: str | Path, target: str | Path) -> str:
         raise CTMRIError(f"the converted file's name must end in {SUFFIX}; choose e.g. {source.with_suffix(SUFFIX).name}")
     if target.exists():
         raise CTMRIError(f"{target} already exists; choose another name or remove it first")
-    data = _read_checked_bytes(source, verify=True)
+    data, _ = _read_checked_bytes(source, verify=True)
     if not _is_pickle(data):
         raise CTMRIError(f"{source.name} is not an old PyTorch model file, so there is nothing to convert; "
                          "use it with --weights as it is")
