@@ -45,8 +45,9 @@ def main() -> int:
     print("| patient | CSF / brain, real MRI (otsu) | synthetic (otsu) | real MRI (strict) | synthetic (strict) |")
     print("|---|---|---|---|---|")
     ratios = {key: [] for key in ("real otsu", "syn otsu", "real strict", "syn strict")}
-    for case in discover([args.data], CTWindow(45, 120)):
-        syn = member_predictions(args.runs, case.case_id)[0].mean(axis=0)
+    cases = discover([args.data], CTWindow(45, 120))
+    for case in cases:
+        syn = member_predictions(args.runs, case.case_id, cases)[0].mean(axis=0)
         real = case.mri.astype(np.float32)
         m = masks_8bit(case.ct)
         for name, (csf, brain) in {"otsu": (m["csf"], m["brain"]), "strict": (m["csf_strict"], m["brain_strict"])}.items():

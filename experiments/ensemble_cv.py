@@ -38,17 +38,14 @@ sys.path.insert(0, str(ROOT / "CTtoMRISynthesis"))
 MAPS = ("members", "own", "combined", "grad", "members+grad")
 
 
-def member_predictions(runs: list[Path], case_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """(members, z, y, x) predictions and own spreads of one held-out patient, one per run."""
-    syn, spread = [], []
-    for run in runs:
-        hits = sorted(run.glob(f"fold*/pred_{case_id}.npz"))
-        if len(hits) != 1:
-            raise SystemExit(f"{run}: expected one fold holding out patient {case_id}, found {len(hits)}")
-        with np.load(hits[0]) as blob:
-            syn.append(blob["syn"].astype(np.float32))
-            spread.append(blob["spread"].astype(np.float32) if "spread" in blob.files else np.zeros_like(syn[-1]))
-    return np.stack(syn), np.stack(spread)
+def member_predictions(runs: list[Path], case_id: str, cases) -> tuple[np.ndarray, np.ndarray]:
+    """(members, z, y, x) predictions and own spreads (0 where not saved) of one held-out patient, one per run."""
+    from CTtoMRISynthesisLib.training.report import held_out_predictions
+
+    syn, spread, _ = held_out_predictions(runs, case_id, cases)
+    if len(syn) != len(runs):
+        raise SystemExit(f"patient {case_id} is held out in {len(syn)} of the {len(runs)} runs; every run must hold it out")
+    return np.stack(syn), np.stack([np.zeros_like(a) if s is None else s for a, s in zip(syn, spread)])
 
 
 def percentile_rank(values: np.ndarray) -> np.ndarray:
@@ -108,7 +105,7 @@ def main() -> int:
     cases = discover([args.data], CTWindow(45, 120))
     rows = []
     for case in cases:
-        syn, spread = member_predictions(args.runs, case.case_id)
+        syn, spread = member_predictions(args.runs, case.case_id, cases)
         mean = syn.mean(axis=0)
         head = head_mask(case.ct)
         others = [c for c in cases if c.case_id != case.case_id]

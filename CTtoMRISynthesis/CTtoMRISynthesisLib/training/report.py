@@ -431,9 +431,10 @@ def _rows_for(case, results: dict, held_out: bool) -> list[dict]:
     return rows
 
 
-def _held_out_prediction(run_dirs: list, case_id: str, cases, bone_threshold: float):
-    """(synthetic MRI, spread, fold folders) of a held-out patient: its fold's saved prediction, or with several
-    runs their ensemble — the mean of the runs' predictions, and their SD as the spread (as :mod:`ensemble`)."""
+def held_out_predictions(run_dirs: list, case_id: str, cases, bone_threshold: float = 200.0) -> tuple:
+    """A held-out patient's saved predictions in each CV run folder that holds it out: (synthetic MRIs,
+    spreads (None where not saved), fold folders), one per such run; a fold's prediction is made first if
+    only its model is there."""
     syns, spreads, folds = [], [], []
     for run_dir in run_dirs:
         hits = [f for f in sorted(Path(run_dir).glob("fold*")) if (f / f"pred_{case_id}.npz").exists()
@@ -451,6 +452,13 @@ def _held_out_prediction(run_dirs: list, case_id: str, cases, bone_threshold: fl
             syns.append(blob["syn"].astype(np.float32))
             spreads.append(blob["spread"].astype(np.float32) if "spread" in blob.files else None)
         folds.append(hits[0])
+    return syns, spreads, folds
+
+
+def _held_out_prediction(run_dirs: list, case_id: str, cases, bone_threshold: float):
+    """(synthetic MRI, spread, fold folders) of a held-out patient: its fold's saved prediction, or with several
+    runs their ensemble — the mean of the runs' predictions, and their SD as the spread (as :mod:`ensemble`)."""
+    syns, spreads, folds = held_out_predictions(run_dirs, case_id, cases, bone_threshold)
     if not syns:
         return None, None, []
     if len(syns) == 1:
