@@ -171,8 +171,11 @@ def test_shipped_model_file_and_its_config_without_torch(monkeypatch) -> None:
     buffers = ("running_mean", "running_var", "num_batches_tracked")
     members = config["model"].get("members", 1)  # the shipped model is an ensemble (ensemble.py)
     assert members == len(config["ensemble"]) == 4 and all(len(m["sha256"]) == 64 for m in config["ensemble"])
-    total = sum(a.size for k, a in arrays.items() if not k.endswith(buffers))
+    total = sum(a.size for k, a in arrays.items() if not k.endswith(buffers) and k.startswith("members."))
     assert total == members * config["training"]["parameters"]  # "parameters" is each member's count
+    # besides the members, only the error model (error_model.py): 10 → 32 → 32 → 1 and its standardisation
+    others = {k: a.size for k, a in arrays.items() if not k.startswith("members.")}
+    assert all(k.startswith("error_model.") for k in others) and sum(others.values()) == 1441 + 20
 
 
 class _Exploit:

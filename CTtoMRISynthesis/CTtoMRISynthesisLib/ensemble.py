@@ -5,7 +5,9 @@ of U-Nets trained on different patients (``ctmri train --drop-patients 1 --seed 
 held-out patients' real MRI than its members on average, and where those members disagree the error is larger
 (Spearman ≈ 0.1: weak, but the only map tried that never ran against the error; each member's own σ head
 did). At inference (:func:`synthesis.predict_volume`) every member runs with its own flip averaging; the
-synthetic MRI is the members' mean and the uncertainty map their SD.
+synthetic MRI is the members' mean and the uncertainty map their SD (or, with an error model added by
+:mod:`error_model`, the error it predicts from that SD and the prediction). Combining drops any error model
+of the members: it was fit to one model's errors, not the ensemble's.
 
 The file is an ordinary model file (:mod:`weights`): tensors ``members.<i>.<name>`` and a config that is
 the members' shared one with ``model.members`` = their number, ``training`` holding a value where all
@@ -22,6 +24,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from .error_model import split_state
 from .errors import CTMRIError
 from .weights import read_weights_file, save_state
 
@@ -45,6 +48,7 @@ def ensemble_config(configs: list[dict], names: list[str], digests: list[str]) -
                 raise CTMRIError(f"{name} differs from {names[0]} in its {section} ({', '.join(keys)}): "
                                  "an ensemble's members must be the same network applied the same way")
     config = copy.deepcopy(first)
+    config.pop("error_model", None)  # fit to one model's errors, not the ensemble's: refit it (error_model.py)
     config["model"]["members"] = len(configs)
     trainings = [c.get("training", {}) for c in configs]
     keys = list(dict.fromkeys(k for t in trainings for k in t))
@@ -67,7 +71,8 @@ def combine(member_paths: list, out_path) -> dict:
     blobs = [read_weights_file(p, framework="numpy") for p in member_paths]
     names = [Path(p).name for p in member_paths]
     config = ensemble_config([b["config"] for b in blobs], names, [b["sha256"] for b in blobs])
-    tensors = {f"members.{i}.{key}": value for i, b in enumerate(blobs) for key, value in b["state_dict"].items()}
+    tensors = {f"members.{i}.{key}": value for i, b in enumerate(blobs)
+               for key, value in split_state(b["state_dict"])[0].items()}
     save_state(out_path, tensors, config)
     return config
 

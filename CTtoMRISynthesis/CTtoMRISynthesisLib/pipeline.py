@@ -215,6 +215,7 @@ def synthesize(
         progress=stages.sub(0.36, 0.9),
         cancel=cancel,
         info=run_info,
+        error_model=model.error_model,
     )
     result.warnings.extend(run_info.get("warnings", []))
     result.device = run_info.get("device", device)

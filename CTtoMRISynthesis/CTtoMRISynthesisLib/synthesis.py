@@ -10,7 +10,8 @@ Uncertainty: :func:`predict_volume` also returns a per-voxel spread (0..255 scal
 It adds what the model says of itself — a model trained with a likelihood predicts a scale per pixel: a
 Laplace b (variance 2·b²) or a Gaussian σ (variance σ²) — and, with left-right flip test-time
 augmentation, the variance of the two predictions: ``spread = sqrt(mean(variance) + var(predictions))``. A one-channel model without flip
-has no spread to give (zeros).
+has no spread to give (zeros). An ensemble gives its members' SD; a model file with an error model
+(:mod:`error_model`) turns that into the predicted absolute error, which tracks the real error better.
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ def predict_volume(
     progress: Progress = None,
     cancel: Cancel = None,
     info: Optional[dict] = None,
+    error_model=None,
 ) -> Prediction:
     """Run ``net`` over every axial slice of ``ct255`` (z, H, W): the synthetic MRI and its spread, 0..255.
 
@@ -186,7 +188,8 @@ def predict_volume(
     summarised in ``info`` (when a dict is given): ``info["device"]`` and ``info["batch_size"]`` as
     finally used, ``info["warnings"]`` (list of messages). ``ct_standardise`` (from the weights config)
     maps the CT's brain median to that value first (:func:`intensity.standardise_ct`); the output mask
-    is always taken from the CT as given.
+    is always taken from the CT as given. With an ``error_model`` (:mod:`error_model`, from the model file)
+    the spread returned is its predicted |real − synthetic| instead of the raw ensemble/flip spread.
     """
     import torch
 
@@ -259,4 +262,8 @@ def predict_volume(
     head = head_mask(mask_source) if mask_output else np.ones(out.shape, dtype=bool)
     out[~head] = 0.0
     spread[~head] = 0.0
+    if error_model is not None:
+        if progress is not None:
+            progress(1.0, "predicting the error map")
+        spread = error_model.predict(out, spread, head)
     return Prediction(mean=out, spread=spread, head=head)

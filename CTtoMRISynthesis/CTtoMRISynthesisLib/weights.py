@@ -50,6 +50,7 @@ class LoadedModel:
     net: Any  # torch.nn.Module (kept untyped here so importing this module stays cheap)
     config: dict
     path: Path | None
+    error_model: Any = None  # error_model.ErrorModel when the file carries one (its uncertainty map)
 
     @property
     def in_channels(self) -> int:
@@ -269,17 +270,23 @@ def read_weights_file(path: str | Path, verify: bool = True, framework: str = "p
 
 def load_model(path: str | Path | None = None, device: str = "cpu", verify: bool = True) -> LoadedModel:
     """Load a model file (default: the shipped one) onto ``device`` in eval mode."""
+    from .error_model import from_state, split_state
     from .model import UNet, UNetConfig, UNetEnsemble
 
     path = Path(path) if path is not None else default_weights_path()
     blob = read_weights_file(path, verify=verify)
     config = blob["config"]
+    unet_state, error_state = split_state(blob["state_dict"])
+    if error_state and "error_model" not in config:
+        raise CTMRIError(f"{path.name} carries error-model tensors but no 'error_model' config; use the shipped "
+                         "weights or refit it with `python -m CTtoMRISynthesisLib.error_model`")
+    error_model = from_state(config["error_model"], error_state) if "error_model" in config else None
     try:
         architecture = dict(config["model"])
         members = int(architecture.pop("members", 1))  # an ensemble file (ensemble.py): members.<i>.<tensor>
         unet_config = UNetConfig.from_dict(architecture)
         net = UNetEnsemble(unet_config, members) if members > 1 else UNet(unet_config)
-        net.load_state_dict(blob["state_dict"], strict=True)
+        net.load_state_dict(unet_state, strict=True)
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise CTMRIError(
             f"{path.name} does not match the U-Net its config describes ({_first_detail(exc)}); "
@@ -289,7 +296,7 @@ def load_model(path: str | Path | None = None, device: str = "cpu", verify: bool
         if key not in config:
             raise CTMRIError(f"{path.name} has no {key!r} section in its config; retrain with `ctmri train`")
     net.eval().to(device)
-    return LoadedModel(net=net, config=config, path=path)
+    return LoadedModel(net=net, config=config, path=path, error_model=error_model)
 
 
 def _first_detail(exc: BaseException, limit: int = 200) -> str:

@@ -136,7 +136,8 @@ def predict_case(loaded, case, device: str = "cpu"):
     """The model's :class:`synthesis.Prediction` (synthetic MRI and its spread) of one patient, as at inference."""
     from ..synthesis import predict_volume, preprocessing_options
 
-    return predict_volume(loaded.net, case.ct, **preprocessing_options(loaded.config["preprocessing"]), device=device)
+    return predict_volume(loaded.net, case.ct, **preprocessing_options(loaded.config["preprocessing"]), device=device,
+                          error_model=getattr(loaded, "error_model", None))
 
 
 def uncertainty_quality(ref: np.ndarray, syn: np.ndarray, spread: np.ndarray, head: np.ndarray) -> dict:
@@ -488,10 +489,12 @@ def write_cv_report(run_dir, cases, command: str = "", bone_threshold: float = 2
     out_dir = Path(out_dir) if out_dir else runs[0] / "report"
     by_id = {c.case_id: c for c in cases}
     rows, montages, fold_lines = [], {}, []
+    error_maps = _cross_validated_error_maps(runs, cases, config)
     for case in cases:
         syn, spread, folds = _held_out_prediction(runs, case.case_id, cases, bone_threshold)
         if syn is None:
             continue
+        spread = error_maps.get(case.case_id, spread)
         models = [fold_model(f) for f in folds if fold_model(f).exists()]
         fold_config = read_config(models[0]) if models else None
         config = config or fold_config
@@ -521,9 +524,11 @@ def write_cv_report(run_dir, cases, command: str = "", bone_threshold: float = 2
     order = {c.case_id: i for i, c in enumerate(cases)}
     rows.sort(key=lambda r: (order.get(r["patient"], 0), METHODS.index(r["method"])))
     preamble = _model_preamble(config, command, bone_threshold)
+    uncertainty = ("the uncertainty the model file's error model refit on the other patients' held-out errors "
+                   "(nested leave-one-out, error_model.py)" if error_maps else "the uncertainty their SD")
     what = ("Cross-validation (leave-one-patient-out), ensemble of " + ", ".join(str(r) for r in runs) +
             ": each patient's prediction is the mean of the runs' predictions made by the fold that held it out, "
-            "the uncertainty their SD; baselines are fit on the other patients. "
+            f"{uncertainty}; baselines are fit on the other patients. "
             if len(runs) > 1 else
             f"Cross-validation ({config['split']['mode'].split(':')[0]}): each patient's numbers come from "
             "the fold in which it was held out; baselines are fit on that fold's training patients. ")
@@ -531,6 +536,19 @@ def write_cv_report(run_dir, cases, command: str = "", bone_threshold: float = 2
     preamble += list(dict.fromkeys(fold_lines))  # k-fold: one line per fold, not per patient
     return write_tables(rows, out_dir, "Cross-validated results (Table 1 of Dong et al. 2020, for this model)",
                         preamble, montages)
+
+
+def _cross_validated_error_maps(runs: list, cases, config: Optional[dict]) -> dict:
+    """{patient: error map} when ``config`` (the shipped file's) has an error model and the runs are its
+    ensemble's CV: each patient's map from the same recipe fit without that patient; else {}."""
+    recipe = (config or {}).get("error_model")
+    if not recipe or len(runs) < 2:
+        return {}
+    from ..error_model import cross_validated_maps, cv_samples
+
+    options = {"names": tuple(recipe["features"]), "hidden": int(recipe.get("hidden", 32)),
+               "steps": int(recipe.get("steps", 3000)), "seed": int(recipe.get("seed", 0))}
+    return cross_validated_maps(cv_samples(runs, cases), **options)
 
 
 def _lookup_words(model: dict) -> str:

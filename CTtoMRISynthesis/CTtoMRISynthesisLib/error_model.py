@@ -1,0 +1,277 @@
+"""Learned uncertainty: a small network that predicts, voxel by voxel, how far the synthetic MRI is from the
+real one (the expected |real − synthetic|, grey levels on the 0..255 scale).
+
+Why (issue 11, aim 4): the ensemble members' SD alone tracks the held-out error only weakly (Spearman 0.107 on
+average over the Harvard patients held out by cross-validation). Where the error is large also depends on
+the prediction itself: its brightness, its edges and its local texture. This module learns that from the
+errors the cross-validated ensemble made on patients it had not seen (the fold models' saved predictions),
+so it learns the errors the shipped model will make on a new patient, not its training residuals.
+
+Per voxel, in-plane only (slices are independent, so a volume is processed in slabs and memory stays small),
+from the synthetic MRI ``mean`` and the ensemble's ``spread`` (members' SD), both on the model grid:
+
+- ``spread`` and ``spread_blur{s}`` (Gaussian σ = s px): model disagreement here and around,
+- ``grad{s}``: the magnitude of the Gaussian-derivative gradient of ``mean`` (edges at scale s),
+- ``local_sd{s}``: the SD of ``mean`` in an s × s window (texture),
+- ``intensity``: ``mean`` itself (e.g. CSF-bright predictions are where CT says least about T2).
+
+A multilayer perceptron (two hidden ReLU layers) maps the standardised features to the error over the
+patient's mean error (so every patient weighs the same), trained with an L1 loss (the conditional median);
+``scale`` (the training patients' mean in-head error) brings it back to grey levels. Inference is plain
+numpy, so reading and applying the model needs no PyTorch; fitting needs PyTorch.
+
+Stored in the model file beside the U-Nets (tensors ``error_model.*``, config section ``error_model``).
+
+    python -m CTtoMRISynthesisLib.error_model --data DIR --from-cv RUN [RUN ...] --weights IN.safetensors --out OUT.safetensors
+
+prints the error model's leave-one-patient-out Spearman (fit on the other patients' held-out errors,
+tested on the patient's own) and writes OUT: IN's tensors and config plus the error model fit on everyone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .errors import CTMRIError
+
+PREFIX = "error_model."
+FEATURES = ("spread", "spread_blur1", "spread_blur2", "spread_blur4", "grad1", "grad2", "grad4",
+            "local_sd3", "local_sd7", "intensity")
+SLAB = 16  # slices per feature block: bounds the memory of the feature stack (16 × 256² × 10 × 4 B = 42 MB)
+MAX_ERROR = 127.5  # the same cap as synthesis.MAX_SPREAD: an error map on 0..255 beyond half the range says nothing more
+
+
+def _feature(name: str, mean: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """One named feature of a (z, H, W) slab, filtered in-plane only (σ 0 along z)."""
+    from scipy import ndimage
+
+    if name == "spread":
+        return spread
+    if name == "intensity":
+        return mean
+    for prefix in ("spread_blur", "grad", "local_sd"):
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            s = int(name[len(prefix):])
+            break
+    else:
+        raise CTMRIError(f"unknown error-model feature {name!r}; this model file needs a newer CTtoMRISynthesis")
+    if prefix == "spread_blur":
+        return ndimage.gaussian_filter(spread, (0, s, s))
+    if prefix == "grad":
+        # per axis: gaussian_gradient_magnitude with σ 0 along z would add the unfiltered image as a z "derivative"
+        return np.hypot(ndimage.gaussian_filter(mean, (0, s, s), order=(0, 1, 0)),
+                        ndimage.gaussian_filter(mean, (0, s, s), order=(0, 0, 1)))
+    local_mean = ndimage.uniform_filter(mean, (1, s, s))
+    return np.sqrt(np.maximum(ndimage.uniform_filter(mean * mean, (1, s, s)) - local_mean**2, 0.0))
+
+
+def features(mean: np.ndarray, spread: np.ndarray, head: np.ndarray, names=FEATURES) -> np.ndarray:
+    """(number of head voxels, len(names)) float32: the features of the head voxels of a (z, H, W) volume,
+    in the order of ``head``'s voxels."""
+    if not (mean.shape == spread.shape == head.shape) or mean.ndim != 3:
+        raise CTMRIError(f"error model: mean {mean.shape}, spread {spread.shape} and head {head.shape} must be one (z, H, W) shape")
+    blocks = []
+    for start in range(0, mean.shape[0], SLAB):
+        part = slice(start, start + SLAB)
+        m, s, h = (np.asarray(a[part], dtype=np.float32) for a in (mean, spread, head))
+        blocks.append(np.stack([_feature(n, m, s)[h.astype(bool)] for n in names], axis=1))
+    return np.concatenate(blocks).astype(np.float32, copy=False) if blocks else np.zeros((0, len(names)), np.float32)
+
+
+@dataclass
+class ErrorModel:
+    """The fitted perceptron: ``layers`` [(weight (in, out), bias (out,)), …], input standardisation and scale."""
+
+    layers: list
+    feature_mean: np.ndarray
+    feature_sd: np.ndarray
+    scale: float
+    names: tuple = FEATURES
+    info: dict = field(default_factory=dict)
+
+    def expected_error(self, x: np.ndarray) -> np.ndarray:
+        """Predicted |real − synthetic| (grey levels, 0..MAX_ERROR) for rows of features."""
+        h = (x - self.feature_mean) / self.feature_sd
+        for i, (w, b) in enumerate(self.layers):
+            h = h @ w + b
+            if i < len(self.layers) - 1:
+                np.maximum(h, 0.0, out=h)
+        return np.clip(h[:, 0] * self.scale, 0.0, MAX_ERROR).astype(np.float32)
+
+    def predict(self, mean: np.ndarray, spread: np.ndarray, head: np.ndarray) -> np.ndarray:
+        """The (z, H, W) map of predicted error: 0 outside ``head``; slab by slab to keep memory small."""
+        out = np.zeros(mean.shape, dtype=np.float32)
+        for start in range(0, mean.shape[0], SLAB):
+            part = slice(start, start + SLAB)
+            h = np.asarray(head[part], dtype=bool)
+            if h.any():
+                block = out[part]
+                block[h] = self.expected_error(features(mean[part], spread[part], h, self.names))
+        return out
+
+    def tensors(self) -> dict:
+        """The model as named float32 arrays for a model file (``error_model.*``)."""
+        arrays = {"feature_mean": self.feature_mean, "feature_sd": self.feature_sd}
+        for i, (w, b) in enumerate(self.layers):
+            arrays[f"weight{i}"], arrays[f"bias{i}"] = w, b
+        return {PREFIX + k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
+
+    def config(self) -> dict:
+        return {"features": list(self.names), "scale": self.scale, "layers": len(self.layers), **self.info}
+
+
+def from_state(config: dict, state: dict) -> ErrorModel:
+    """Rebuild the error model from a model file's ``error_model`` config and its ``error_model.*`` tensors."""
+    def array(name: str) -> np.ndarray:
+        value = state[PREFIX + name]
+        return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+
+    try:
+        names = tuple(config["features"])
+        layers = [(array(f"weight{i}"), array(f"bias{i}")) for i in range(int(config["layers"]))]
+        model = ErrorModel(layers, array("feature_mean"), array("feature_sd"), float(config["scale"]), names,
+                           {k: v for k, v in config.items() if k not in ("features", "scale", "layers")})
+        widths = [len(names)] + [w.shape[1] for w, _ in layers]
+        ok = all(w.shape == (widths[i], widths[i + 1]) and b.shape == (widths[i + 1],) for i, (w, b) in enumerate(layers))
+        if not ok or widths[-1] != 1 or model.feature_mean.shape != (len(names),) or model.feature_sd.shape != (len(names),):
+            raise ValueError(f"layer shapes {[w.shape for w, _ in layers]} do not fit {len(names)} features and one output")
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CTMRIError(f"the model file's error model is incomplete or inconsistent ({exc}); use the shipped weights "
+                         "or refit it with `python -m CTtoMRISynthesisLib.error_model`") from exc
+    return model
+
+
+def split_state(state: dict) -> tuple:
+    """(the U-Net tensors, the error model's tensors) of a model file's state."""
+    unet = {k: v for k, v in state.items() if not k.startswith(PREFIX)}
+    return unet, {k: v for k, v in state.items() if k.startswith(PREFIX)}
+
+
+@dataclass
+class Sample:
+    """One patient's held-out prediction and truth, for fitting: (z, H, W) arrays on the model grid."""
+
+    case_id: str
+    mean: np.ndarray
+    spread: np.ndarray
+    real: np.ndarray
+    head: np.ndarray
+
+
+def _rows(sample: Sample, names) -> tuple:
+    """(features, error over the patient's mean error) of a sample's head voxels, and that mean error."""
+    x = features(sample.mean, sample.spread, sample.head, names)
+    err = np.abs(sample.real.astype(np.float32) - sample.mean.astype(np.float32))[sample.head]
+    scale = float(err.mean())
+    return x, err / max(scale, 1e-6), scale
+
+
+def fit(samples: list, names=FEATURES, hidden: int = 32, steps: int = 3000, batch: int = 4096,
+        seed: int = 0) -> ErrorModel:
+    """Fit the perceptron (Adam, L1 loss on the per-patient-normalised error) to the samples' head voxels."""
+    import torch
+
+    if len(samples) < 2:
+        raise CTMRIError("fitting an error model needs the held-out predictions of at least two patients")
+    rows = [_rows(s, names) for s in samples]
+    x = np.concatenate([r[0] for r in rows])
+    y = np.concatenate([r[1] for r in rows]).astype(np.float32)
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    xt, yt = torch.from_numpy((x - mu) / sd), torch.from_numpy(y)
+    net = torch.nn.Sequential(torch.nn.Linear(len(names), hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden),
+                              torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
+    optimiser = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(steps):
+        pick = torch.randint(0, len(xt), (batch,), generator=generator)
+        loss = (net(xt[pick])[:, 0] - yt[pick]).abs().mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    linear = [m for m in net if isinstance(m, torch.nn.Linear)]
+    layers = [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy()) for m in linear]
+    scale = float(np.mean([r[2] for r in rows]))
+    info = {"trained_on": [s.case_id for s in samples], "hidden": hidden, "steps": steps, "seed": seed, "loss": "l1"}
+    return ErrorModel(layers, mu.astype(np.float32), sd.astype(np.float32), scale, tuple(names), info)
+
+
+def cross_validated_maps(samples: list, **options) -> dict:
+    """{case_id: predicted error map} where each patient's map comes from a model fit on the other patients only."""
+    return {s.case_id: fit([o for o in samples if o is not s], **options).predict(s.mean, s.spread, s.head)
+            for s in samples}
+
+
+def cv_samples(run_dirs: list, cases) -> list:
+    """One :class:`Sample` per patient from finished cross-validation runs: the mean of the runs' held-out
+    predictions, their SD as the spread (as an ensemble of those runs predicts), the real MRI and the head."""
+    from .intensity import head_mask
+    from .training.report import held_out_predictions
+
+    samples = []
+    for case in cases:
+        syns, _, _ = held_out_predictions(run_dirs, case.case_id, cases)
+        if len(syns) != len(run_dirs):
+            raise CTMRIError(f"patient {case.case_id} is held out in {len(syns)} of the {len(run_dirs)} runs; "
+                             "every run must hold every patient out once (`ctmri train --cv loo`)")
+        stack = np.stack(syns)
+        samples.append(Sample(case.case_id, stack.mean(0), stack.std(0) if len(syns) > 1 else np.zeros_like(stack[0]),
+                              case.mri, head_mask(case.ct)))
+    return samples
+
+
+def attach(weights_in, out, model: ErrorModel) -> str:
+    """Write ``out``: the tensors and config of ``weights_in`` plus ``model``; return its sha256."""
+    from .weights import read_weights_file, save_state
+
+    blob = read_weights_file(weights_in, framework="numpy")
+    tensors, _ = split_state(blob["state_dict"])
+    config = dict(blob["config"])
+    config["error_model"] = model.config()
+    return save_state(out, {**tensors, **model.tensors()}, config)
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m CTtoMRISynthesisLib.error_model", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, nargs="+", help="the dataset folder(s) the CV runs were trained on")
+    parser.add_argument("--from-cv", required=True, nargs="+", help="finished `ctmri train --cv loo` run folders (the ensemble's recipe)")
+    parser.add_argument("--weights", required=True, help="the model file to add the error model to (not modified)")
+    parser.add_argument("--out", required=True, help="the model file to write (.safetensors, with its .sha256)")
+    parser.add_argument("--steps", type=int, default=3000, help="optimiser steps per fit (default 3000)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from .training.discovery import discover
+    from .training.report import uncertainty_quality
+    from .weights import read_config
+
+    try:
+        from .intensity import CTWindow
+
+        window = CTWindow(**read_config(args.weights)["preprocessing"]["ct_window"])
+        samples = cv_samples(args.from_cv, discover(args.data, window))
+        maps = cross_validated_maps(samples, steps=args.steps, seed=args.seed)
+        rho = {}
+        for s in samples:
+            rho[s.case_id] = uncertainty_quality(s.real, s.mean, maps[s.case_id], s.head)["unc_spearman"]
+            members = uncertainty_quality(s.real, s.mean, s.spread, s.head)["unc_spearman"]
+            print(f"patient {s.case_id}: Spearman(error model, |error|) {rho[s.case_id]:.3f}; members' SD {members:.3f}")
+        values = list(rho.values())
+        print(f"mean {np.mean(values):.3f}, lowest {min(values):.3f} (leave-one-patient-out)")
+        model = fit(samples, steps=args.steps, seed=args.seed)
+        model.info["cv_spearman"] = rho
+        model.info["cv_runs"] = [str(r) for r in args.from_cv]
+        digest = attach(args.weights, args.out, model)
+    except CTMRIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} (sha256 {digest}): {args.weights} plus an error model fit on {len(samples)} patients")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The learned uncertainty (error_model.py): features that are in-plane and slab-independent, a fit that
+finds where the error is when there is something to find (and not when there is not), a model file that
+carries it and loads it back, synthesis and the CV report that use it, and the shipped model that has one.
+
+Fitting data here are synthetic images (no licensed data); the shipped file's recorded numbers come from
+``python -m CTtoMRISynthesisLib.error_model`` on the Harvard CV runs (model_weights/README.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from scipy.stats import spearmanr
+
+import phantoms
+from CTtoMRISynthesisLib.error_model import (FEATURES, PREFIX, ErrorModel, Sample, attach, features, from_state,
+                                             split_state)
+from CTtoMRISynthesisLib.errors import CTMRIError
+from CTtoMRISynthesisLib.weights import read_config, read_weights_file, save_state, sha256_of
+
+# Features and inference are numpy only and also run in the Slicer-stack CI jobs (.ci/run); fitting needs PyTorch.
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch is not installed")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _sample(seed: int, error_at_edges: bool = True, z: int = 4, n: int = 64) -> Sample:
+    """A smooth 'synthetic MRI' of blobs; the 'real MRI' differs from it by noise that is large at the
+    blobs' edges (``error_at_edges``) or the same everywhere."""
+    rng = np.random.default_rng(seed)
+    mean = ndimage.gaussian_filter((rng.random((z, n // 8, n // 8)) > 0.5).repeat(8, 1).repeat(8, 2) * 150.0 + 50.0,
+                                   (0, 1.5, 1.5)).astype(np.float32)
+    edge = np.hypot(ndimage.sobel(mean, 1), ndimage.sobel(mean, 2))
+    sd = 2.0 + (40.0 * edge / edge.max() if error_at_edges else 10.0)
+    real = mean + rng.normal(0.0, 1.0, mean.shape).astype(np.float32) * sd
+    head = np.zeros(mean.shape, bool)
+    head[:, 4:-4, 4:-4] = True
+    spread = np.abs(rng.normal(3.0, 1.0, mean.shape)).astype(np.float32)
+    return Sample(f"p{seed}", mean, spread, real.astype(np.float32), head)
+
+
+def _tiny_error_model(names=FEATURES, hidden: int = 4) -> ErrorModel:
+    rng = np.random.default_rng(0)
+    widths = [len(names), hidden, hidden, 1]
+    layers = [(rng.normal(0, 0.3, (a, b)).astype(np.float32), rng.normal(0, 0.1, b).astype(np.float32))
+              for a, b in zip(widths[:-1], widths[1:])]
+    return ErrorModel(layers, np.zeros(len(names), np.float32), np.full(len(names), 50.0, np.float32), 30.0, names)
+
+
+def test_features_are_in_plane_slab_independent_and_flat_where_the_image_is():
+    """Each slice's features depend on that slice only (so slabs can be processed apart), and a constant
+    image has no gradient or texture: the gradient is in-plane (scipy's gaussian_gradient_magnitude with σ 0
+    along z would return the image itself as a z "derivative")."""
+    s = _sample(1, z=20)  # more slices than one slab
+    whole = features(s.mean, s.spread, s.head)
+    apart = np.concatenate([features(s.mean[i:i + 1], s.spread[i:i + 1], s.head[i:i + 1]) for i in range(20)])
+    assert whole.shape == (int(s.head.sum()), len(FEATURES)) and np.allclose(whole, apart, atol=1e-4)
+    flat = np.full((2, 32, 32), 120.0, np.float32)
+    f = features(flat, np.zeros_like(flat), np.ones(flat.shape, bool))
+    named = dict(zip(FEATURES, f.T))
+    assert all(np.abs(named[n]).max() < 1e-3 for n in FEATURES if n.startswith(("grad", "local_sd")))
+    assert np.allclose(named["intensity"], 120.0)
+    with pytest.raises(CTMRIError, match="one"):
+        features(flat, np.zeros((1, 32, 32), np.float32), np.ones(flat.shape, bool))
+
+
+def test_inference_is_zero_outside_the_head_nonnegative_and_capped():
+    model = _tiny_error_model()
+    s = _sample(2)
+    out = model.predict(s.mean, s.spread, s.head)
+    assert out.shape == s.mean.shape and out.dtype == np.float32
+    assert not out[~s.head].any() and out.min() >= 0.0 and out.max() <= 127.5
+    assert np.allclose(out[s.head], model.expected_error(features(s.mean, s.spread, s.head)))
+
+
+def test_file_round_trip_needs_no_torch_and_refuses_broken_error_models(tmp_path):
+    """The error model's tensors and config go into a model file beside the network's and come back equal;
+    a file whose error model does not fit its features, or tensors without config, is refused clearly."""
+    model = _tiny_error_model()
+    source = tmp_path / "net.safetensors"
+    save_state(source, {"w": np.ones(3, np.float32)}, {"model": {}, "preprocessing": {}})
+    before = sha256_of(source)
+    out = tmp_path / "with.safetensors"
+    attach(source, out, model)
+    assert sha256_of(source) == before, "the input model file is never modified"
+    blob = read_weights_file(out, framework="numpy")
+    unet, error = split_state(blob["state_dict"])
+    assert list(unet) == ["w"] and all(k.startswith(PREFIX) for k in error)
+    again = from_state(blob["config"]["error_model"], error)
+    s = _sample(3)
+    assert np.array_equal(again.predict(s.mean, s.spread, s.head), model.predict(s.mean, s.spread, s.head))
+    broken = dict(error)
+    broken[PREFIX + "weight1"] = np.ones((3, 4), np.float32)
+    with pytest.raises(CTMRIError, match="error model"):
+        from_state(blob["config"]["error_model"], broken)
+    with pytest.raises(CTMRIError, match="error model"):
+        from_state({k: v for k, v in blob["config"]["error_model"].items() if k != "features"}, error)
+
+
+@needs_torch
+def test_fit_finds_where_the_error_is_and_only_when_it_is_there():
+    """Fit on three samples, test on a fourth: where the error grows at edges the map ranks voxels by error
+    (Spearman well above 0); where the error is the same everywhere it cannot, and does not pretend to."""
+    from CTtoMRISynthesisLib.error_model import fit
+
+    for at_edges, check in ((True, lambda r: r > 0.3), (False, lambda r: abs(r) < 0.1)):
+        train = [_sample(seed, at_edges) for seed in (10, 11, 12)]
+        model = fit(train, hidden=16, steps=300, batch=1024)
+        test = _sample(13, at_edges)
+        rho = spearmanr(model.predict(test.mean, test.spread, test.head)[test.head],
+                        np.abs(test.real - test.mean)[test.head]).statistic
+        assert check(rho), f"error at edges: {at_edges}; Spearman {rho:.3f}"
+    assert model.info["trained_on"] == ["p10", "p11", "p12"] and model.scale > 0
+
+
+@needs_torch
+def test_loaded_model_carries_its_error_model_into_synthesis(tmp_path):
+    """load_model keeps the U-Net's tensors strict and builds the error model beside it; predict_volume then
+    gives the error map as the spread (0 outside the head) with the same synthetic MRI."""
+    from CTtoMRISynthesisLib.synthesis import predict_volume, preprocessing_options
+    from CTtoMRISynthesisLib.weights import load_model
+
+    plain = phantoms.train_tiny_model(tmp_path / "tiny.safetensors", steps=5)
+    model = _tiny_error_model()
+    attach(plain, tmp_path / "with.safetensors", model)
+    loaded, bare = load_model(tmp_path / "with.safetensors"), load_model(plain)
+    assert bare.error_model is None and loaded.error_model is not None
+    ct = np.clip(ndimage.gaussian_filter(np.random.default_rng(0).random((3, 64, 64)) * 255, 3), 0, 255).astype(np.float32)
+    ct[:, 20:44, 20:44] = 200.0
+    options = preprocessing_options(loaded.config["preprocessing"])
+    with_map = predict_volume(loaded.net, ct, **options, error_model=loaded.error_model)
+    without = predict_volume(bare.net, ct, **options)
+    assert np.array_equal(with_map.mean, without.mean)
+    expected = model.predict(without.mean, without.spread, without.head)
+    assert np.allclose(with_map.spread, expected) and not with_map.spread[~with_map.head].any()
+    save_state(tmp_path / "orphan.safetensors", {**read_weights_file(plain, framework="numpy")["state_dict"], PREFIX + "feature_mean": np.zeros(10, np.float32)},
+               read_config(plain))
+    with pytest.raises(CTMRIError, match="error-model tensors but no"):
+        load_model(tmp_path / "orphan.safetensors")
+
+
+@needs_torch
+def test_cv_report_scores_the_error_model_refit_without_each_patient(phantom_slices, tmp_path):
+    """``ctmri report --from-cv RUN RUN --attach FILE`` with an error model in FILE: each held-out patient's
+    uncertainty is the error model fit on the other patients' held-out errors (nested leave-one-out)."""
+    import csv
+
+    from CTtoMRISynthesisLib.cli import main as ctmri
+    from CTtoMRISynthesisLib.error_model import cross_validated_maps, cv_samples
+    from CTtoMRISynthesisLib.intensity import CTWindow
+    from CTtoMRISynthesisLib.training.discovery import discover
+    from CTtoMRISynthesisLib.training.report import uncertainty_quality
+
+    runs = [tmp_path / f"run{s}" for s in (0, 1)]
+    for seed, run in enumerate(runs):
+        assert ctmri(["train", "--data", str(phantom_slices), "--out", str(run), "--cv", "kfold", "--folds", "2",
+                      "--seed", str(seed), "--base", "4", "--epochs", "1", "--max-steps", "2", "--batch-size", "4",
+                      "--workers", "0", "--threads", "1", "--no-progress"]) == 0
+    model_file = next(runs[0].glob("fold*/model.safetensors"))
+    cases = discover([phantom_slices], CTWindow(45.0, 120.0))
+    samples = cv_samples(runs, cases)
+    recipe = {"hidden": 8, "steps": 30, "seed": 0}
+    attach(model_file, tmp_path / "with.safetensors", _tiny_error_model())
+    config = read_config(tmp_path / "with.safetensors")
+    config["error_model"].update(recipe)
+    save_state(tmp_path / "with.safetensors", read_weights_file(tmp_path / "with.safetensors")["state_dict"], config)
+    out = tmp_path / "report"
+    assert ctmri(["report", "--data", str(phantom_slices), "--from-cv", *map(str, runs), "--out", str(out),
+                  "--attach", str(tmp_path / "with.safetensors")]) == 0
+    maps = cross_validated_maps(samples, **recipe)
+    with open(out / "per_patient.csv") as fh:
+        rows = {r["patient"]: r for r in csv.DictReader(fh) if r["method"] == "model"}
+    for s in samples:
+        expected = uncertainty_quality(s.real, s.mean, maps[s.case_id], s.head)
+        assert float(rows[s.case_id]["unc_mean"]) == pytest.approx(expected["unc_mean"], rel=1e-4)
+    assert "nested leave-one-out" in (out / "report.md").read_text()
+
+
+def test_shipped_model_has_an_error_model_with_its_cross_validated_record():
+    """The shipped file's error model: the features this code computes, fit on the 8 Harvard patients, with
+    its leave-one-patient-out Spearman per patient recorded (the numbers in model_weights/README.md)."""
+    weights = ROOT / "model_weights" / "ctmri_unet.safetensors"
+    config = read_config(weights)["error_model"]
+    assert config["features"] == list(FEATURES) and len(config["trained_on"]) == 8
+    rho = config["cv_spearman"]
+    assert sorted(rho) == sorted(config["trained_on"]) and all(-1 <= v <= 1 for v in rho.values())
+    blob = read_weights_file(weights, framework="numpy")
+    model = from_state(config, split_state(blob["state_dict"])[1])
+    assert model.scale > 0 and len(model.layers) == 3

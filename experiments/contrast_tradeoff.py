@@ -1,0 +1,78 @@
+"""Can the synthetic MRI be given T2's CSF contrast after the fact, and what does that cost? Issue 11, aims 1
+and 2 against each other.
+
+The ensemble predicts an average brightness where CT cannot tell (CSF/brain 1.37 on the held-out Harvard
+patients with the strict masks, real T2 1.66). A monotone remapping keeps the prediction's order of voxels
+but gives its head the grey-level distribution of real T2: for each held-out patient, the prediction's
+in-head ranks are mapped to the mean in-head quantiles of the *other* patients' real MRIs (no peeking), and
+blended with the prediction by α (0 = as shipped, 1 = fully remapped). Each row: MAE (foreground), SSIM,
+SSIM in head and the median strict CSF/brain ratio over the 8 held-out patients.
+
+    python experiments/contrast_tradeoff.py RUN [RUN ...] [--data DIR]
+
+Numbers only; the data's images are not written anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "CTtoMRISynthesis"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+QUANTILES = np.linspace(0.0, 1.0, 257)
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def remapped(pred: np.ndarray, head: np.ndarray, reference_quantiles: np.ndarray) -> np.ndarray:
+    """``pred`` with its in-head values replaced by the reference quantile of their rank (order kept)."""
+    out = pred.copy()
+    values = pred[head]
+    ranks = np.argsort(np.argsort(values, kind="stable"), kind="stable") / max(values.size - 1, 1)
+    out[head] = np.interp(ranks, QUANTILES, reference_quantiles)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="finished `ctmri train --cv loo` run folders (the ensemble)")
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "harvard_aanlib_ct_mri_2d"))
+    args = parser.parse_args()
+
+    from external_ct import masks_8bit, ratio
+
+    from CTtoMRISynthesisLib.error_model import cv_samples
+    from CTtoMRISynthesisLib.intensity import CTWindow
+    from CTtoMRISynthesisLib.training.discovery import discover
+    from CTtoMRISynthesisLib.training.report import evaluate
+
+    cases = discover([args.data], CTWindow(45, 120))
+    samples = cv_samples(args.runs, cases)
+    quantiles = {s.case_id: np.quantile(s.real[s.head].astype(np.float32), QUANTILES) for s in samples}
+    rows = {a: [] for a in ALPHAS}
+    for case, s in zip(cases, samples):
+        reference = np.mean([q for cid, q in quantiles.items() if cid != s.case_id], axis=0)
+        mapped = remapped(s.mean, s.head, reference)
+        masks = masks_8bit(case.ct)
+        for a in ALPHAS:
+            p = (1 - a) * s.mean + a * mapped
+            e = evaluate(case.mri, p, case.ct, 200.0)
+            rows[a].append((e["mae"], e["ssim"], e["ssim_foreground"], ratio(p, masks["csf_strict"], masks["brain_strict"])))
+    real = np.median([ratio(c.mri.astype(np.float32), *(lambda m: (m["csf_strict"], m["brain_strict"]))(masks_8bit(c.ct)))
+                      for c in cases])
+    print(f"{len(args.runs)} runs; real MRI's strict CSF/brain median {real:.2f}")
+    print("| α (share remapped to T2's distribution) | MAE | SSIM | SSIM in head | CSF/brain strict, median |")
+    print("|---|---|---|---|---|")
+    for a, values in rows.items():
+        v = np.array(values)
+        print(f"| {a:.2f} | {v[:, 0].mean():.2f} | {v[:, 1].mean():.3f} | {v[:, 2].mean():.3f} | {np.median(v[:, 3]):.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""Which learned error map tracks the held-out error best? Issue 11, aim 4: the record behind the shipped
+error model (CTtoMRISynthesisLib/error_model.py).
+
+For each feature set below, the error model is fit on the other patients' held-out errors and scored on the
+patient's own (nested leave-one-patient-out over the CV runs' predictions), by the report's
+``uncertainty_quality``: the Spearman correlation between the map and |real − synthetic| over head voxels.
+Rows:
+
+- ``shipped``: every feature of ``error_model.FEATURES`` (spread, its blurs, gradients, local SD, intensity),
+- ``no intensity``: the same without the prediction's own brightness,
+- ``intensity only``: the brightness alone (does the map only learn "bright = wrong"?),
+- ``spread only``: the members' SD and its blurs (the ensemble's disagreement, learned),
+- ``members' SD``: the raw SD, unfitted (what shipped before).
+
+    python experiments/error_model_cv.py RUN [RUN ...] [--data DIR] [--steps 3000]
+
+Numbers only; the data's images are not written anywhere. About 1 min per feature set on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "CTtoMRISynthesis"))
+
+SETS = {
+    "shipped": None,  # error_model.FEATURES
+    "no intensity": ("spread", "spread_blur1", "spread_blur2", "spread_blur4", "grad1", "grad2", "grad4",
+                     "local_sd3", "local_sd7"),
+    "intensity only": ("intensity",),
+    "spread only": ("spread", "spread_blur1", "spread_blur2", "spread_blur4"),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="finished `ctmri train --cv loo` run folders (the ensemble)")
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "harvard_aanlib_ct_mri_2d"))
+    parser.add_argument("--steps", type=int, default=3000)
+    args = parser.parse_args()
+
+    from CTtoMRISynthesisLib.error_model import FEATURES, cross_validated_maps, cv_samples
+    from CTtoMRISynthesisLib.intensity import CTWindow
+    from CTtoMRISynthesisLib.training.discovery import discover
+    from CTtoMRISynthesisLib.training.report import uncertainty_quality
+
+    samples = cv_samples(args.runs, discover([args.data], CTWindow(45, 120)))
+    ids = [s.case_id for s in samples]
+    table = {"members' SD": [uncertainty_quality(s.real, s.mean, s.spread, s.head)["unc_spearman"] for s in samples]}
+    for name, names in SETS.items():
+        maps = cross_validated_maps(samples, names=names or FEATURES, steps=args.steps)
+        table[name] = [uncertainty_quality(s.real, s.mean, maps[s.case_id], s.head)["unc_spearman"] for s in samples]
+        print(f"{name}: done", file=sys.stderr, flush=True)
+
+    print(f"{len(args.runs)} runs: " + ", ".join(str(r) for r in args.runs))
+    print("| map | " + " | ".join(ids) + " | mean | lowest |")
+    print("|---" * (len(ids) + 3) + "|")
+    for name, values in table.items():
+        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {np.mean(values):.3f} | {min(values):.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
