@@ -118,9 +118,16 @@ def test_fit_finds_where_the_error_is_and_only_when_it_is_there():
 
 @needs_torch
 def test_loaded_model_carries_its_error_model_into_synthesis(tmp_path):
-    """load_model keeps the U-Net's tensors strict and builds the error model beside it; predict_volume then
-    gives the error map as the spread (0 outside the head) with the same synthetic MRI."""
+    """load_model keeps the U-Net's tensors strict and builds the error model beside it; the pipeline then
+    writes the error map as the uncertainty (its own timed stage), with the same synthetic MRI, and the
+    report's prediction of a case applies it the same way."""
+    from types import SimpleNamespace
+
+    import SimpleITK as sitk
+
+    from CTtoMRISynthesisLib.pipeline import synthesize
     from CTtoMRISynthesisLib.synthesis import predict_volume, preprocessing_options
+    from CTtoMRISynthesisLib.training.report import predict_case
     from CTtoMRISynthesisLib.weights import load_model
 
     plain = phantoms.train_tiny_model(tmp_path / "tiny.safetensors", steps=5)
@@ -130,14 +137,23 @@ def test_loaded_model_carries_its_error_model_into_synthesis(tmp_path):
     assert bare.error_model is None and loaded.error_model is not None
     ct = np.clip(ndimage.gaussian_filter(np.random.default_rng(0).random((3, 64, 64)) * 255, 3), 0, 255).astype(np.float32)
     ct[:, 20:44, 20:44] = 200.0
-    options = preprocessing_options(loaded.config["preprocessing"])
-    with_map = predict_volume(loaded.net, ct, **options, error_model=loaded.error_model)
-    without = predict_volume(bare.net, ct, **options)
+    without = predict_volume(bare.net, ct, **preprocessing_options(bare.config["preprocessing"]))
+    with_map = predict_case(loaded, SimpleNamespace(ct=ct))
     assert np.array_equal(with_map.mean, without.mean)
-    expected = model.predict(without.mean, without.spread, without.head)
-    assert np.allclose(with_map.spread, expected) and not with_map.spread[~with_map.head].any()
-    save_state(tmp_path / "orphan.safetensors", {**read_weights_file(plain, framework="numpy")["state_dict"], PREFIX + "feature_mean": np.zeros(10, np.float32)},
-               read_config(plain))
+    assert np.allclose(with_map.spread, model.predict(without.mean, without.spread, without.head))
+    assert not with_map.spread[~with_map.head].any()
+
+    image = sitk.GetImageFromArray(ct.astype(np.uint8))  # an 8-bit windowed CT
+    image.SetSpacing((0.9, 0.9, 5.0))
+    a, b = synthesize(image, None, model=loaded, device="cpu"), synthesize(image, None, model=bare, device="cpu")
+    assert "error map" in a.stage_seconds and "error map" not in b.stage_seconds
+    assert np.array_equal(sitk.GetArrayFromImage(a.synthetic_mri), sitk.GetArrayFromImage(b.synthetic_mri))
+    unc = sitk.GetArrayFromImage(a.uncertainty)
+    assert not np.allclose(unc, sitk.GetArrayFromImage(b.uncertainty)) and unc.min() >= 0.0
+    assert a.uncertainty_mean == pytest.approx(float(unc[unc > 0].mean()), rel=0.05)
+
+    save_state(tmp_path / "orphan.safetensors", {**read_weights_file(plain, framework="numpy")["state_dict"],
+                                                 PREFIX + "feature_mean": np.zeros(10, np.float32)}, read_config(plain))
     with pytest.raises(CTMRIError, match="error-model tensors but no"):
         load_model(tmp_path / "orphan.safetensors")
 

@@ -94,7 +94,8 @@ def main() -> None:
         return
     from _common import machine, print_table
 
-    print(f"Machine: {machine()}")
+    # OpenMP threads that spin while idle can cost time on a shared machine; the children inherit this
+    print(f"Machine: {machine()}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     results = []
     for case in args.cases:
         out = subprocess.run([sys.executable, __file__, "--child", case, "--device", args.device],

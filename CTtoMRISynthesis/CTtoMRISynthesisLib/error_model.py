@@ -125,6 +125,13 @@ class ErrorModel:
         return {"features": list(self.names), "scale": self.scale, "layers": len(self.layers), **self.info}
 
 
+def apply(model: Optional[ErrorModel], prediction):
+    """A :class:`synthesis.Prediction` with its spread replaced by ``model``'s error map (unchanged without one)."""
+    if model is not None:
+        prediction.spread = model.predict(prediction.mean, prediction.spread, prediction.head)
+    return prediction
+
+
 def from_state(config: dict, state: dict) -> ErrorModel:
     """Rebuild the error model from a model file's ``error_model`` config and its ``error_model.*`` tensors."""
     def array(name: str) -> np.ndarray:

@@ -160,6 +160,7 @@ def synthesize(
     is told how far it is; ``cancel()`` returning True stops it with ``CancelledError``.
     Inputs are never modified.
     """
+    from .error_model import apply as apply_error_model
     from .synthesis import choose_device, predict_volume, preprocessing_options
     from .weights import load_model, sha256_of
 
@@ -205,18 +206,19 @@ def synthesize(
     prediction = stages.run(
         "synthesise",
         0.36,
-        0.9,
+        0.88,
         predict_volume,
         model.net,
         sitk.GetArrayFromImage(ct_grid),
         **preprocessing_options(prep),
         device=device,
         batch_size=batch_size,
-        progress=stages.sub(0.36, 0.9),
+        progress=stages.sub(0.36, 0.88),
         cancel=cancel,
         info=run_info,
-        error_model=model.error_model,
     )
+    if model.error_model is not None:  # the uncertainty map (error_model.py), its own stage to be timed
+        prediction = stages.run("error map", 0.88, 0.9, apply_error_model, model.error_model, prediction)
     result.warnings.extend(run_info.get("warnings", []))
     result.device = run_info.get("device", device)
     result.synthetic_mri, result.uncertainty, head = stages.run(

@@ -179,7 +179,6 @@ def predict_volume(
     progress: Progress = None,
     cancel: Cancel = None,
     info: Optional[dict] = None,
-    error_model=None,
 ) -> Prediction:
     """Run ``net`` over every axial slice of ``ct255`` (z, H, W): the synthetic MRI and its spread, 0..255.
 
@@ -188,8 +187,8 @@ def predict_volume(
     summarised in ``info`` (when a dict is given): ``info["device"]`` and ``info["batch_size"]`` as
     finally used, ``info["warnings"]`` (list of messages). ``ct_standardise`` (from the weights config)
     maps the CT's brain median to that value first (:func:`intensity.standardise_ct`); the output mask
-    is always taken from the CT as given. With an ``error_model`` (:mod:`error_model`, from the model file)
-    the spread returned is its predicted |real − synthetic| instead of the raw ensemble/flip spread.
+    is always taken from the CT as given. A model file's error model, if any, is applied afterwards
+    (:func:`error_model.apply`).
     """
     import torch
 
@@ -262,8 +261,4 @@ def predict_volume(
     head = head_mask(mask_source) if mask_output else np.ones(out.shape, dtype=bool)
     out[~head] = 0.0
     spread[~head] = 0.0
-    if error_model is not None:
-        if progress is not None:
-            progress(1.0, "predicting the error map")
-        spread = error_model.predict(out, spread, head)
     return Prediction(mean=out, spread=spread, head=head)

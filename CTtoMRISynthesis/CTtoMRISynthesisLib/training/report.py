@@ -134,10 +134,11 @@ def evaluate(ref: np.ndarray, syn: np.ndarray, ct: np.ndarray, bone_threshold: f
 
 def predict_case(loaded, case, device: str = "cpu"):
     """The model's :class:`synthesis.Prediction` (synthetic MRI and its spread) of one patient, as at inference."""
+    from ..error_model import apply
     from ..synthesis import predict_volume, preprocessing_options
 
-    return predict_volume(loaded.net, case.ct, **preprocessing_options(loaded.config["preprocessing"]), device=device,
-                          error_model=getattr(loaded, "error_model", None))
+    prediction = predict_volume(loaded.net, case.ct, **preprocessing_options(loaded.config["preprocessing"]), device=device)
+    return apply(getattr(loaded, "error_model", None), prediction)
 
 
 def uncertainty_quality(ref: np.ndarray, syn: np.ndarray, spread: np.ndarray, head: np.ndarray) -> dict:
