@@ -300,6 +300,25 @@ def read_slice_case(root: Path, case_id: str, modality: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ tiny model
 
 
+def tiny_train_args(data, out, *extra: str, epochs: int = 1, max_steps: int = 2) -> list:
+    """`ctmri train` arguments for a seconds-long run: a base-4 U-Net, ``epochs`` of ``max_steps`` steps of 4
+    slices, no DataLoader workers, one thread, no progress bar; ``extra`` adds options (e.g. ``--cv loo``)."""
+    return ["train", "--data", str(data), "--out", str(out), "--base", "4", "--epochs", str(epochs),
+            "--max-steps", str(max_steps), "--batch-size", "4", "--workers", "0", "--threads", "1", "--no-progress",
+            *extra]
+
+
+def tiny_cv_runs(data, root: Path, seeds: Sequence[int] = (0, 1)) -> list:
+    """Seconds-long 2-fold cross-validation runs of ``data``, one per seed (``root/run<seed>``): the
+    CV-runs input of an ensemble's report or an error model's fit."""
+    from CTtoMRISynthesisLib.cli import main as ctmri
+
+    runs = [Path(root) / f"run{seed}" for seed in seeds]
+    for seed, run in zip(seeds, runs):
+        assert ctmri(tiny_train_args(data, run, "--cv", "kfold", "--folds", "2", "--seed", str(seed))) == 0
+    return runs
+
+
 def train_tiny_model(path: Path, steps: int = 60, seed: int = 0) -> Path:
     """A real (if small) model: a base-4 U-Net trained for ``steps`` Adam steps on phantom slice pairs.
 

@@ -124,11 +124,7 @@ def test_cv_report_of_several_runs_is_their_ensemble(phantom_slices, tmp_path):
     from CTtoMRISynthesisLib.metrics import compute_metrics
     from CTtoMRISynthesisLib.training.discovery import discover
 
-    runs = [tmp_path / f"run{s}" for s in (0, 1)]
-    for seed, run in enumerate(runs):
-        assert ctmri(["train", "--data", str(phantom_slices), "--out", str(run), "--cv", "kfold", "--folds", "2",
-                      "--seed", str(seed), "--base", "4", "--epochs", "1", "--max-steps", "2", "--batch-size", "4",
-                      "--workers", "0", "--threads", "1", "--no-progress"]) == 0
+    runs = phantoms.tiny_cv_runs(phantom_slices, tmp_path)
     out = tmp_path / "report"
     assert ctmri(["report", "--data", str(phantom_slices), "--from-cv", *map(str, runs), "--out", str(out)]) == 0
     case = discover([phantom_slices], CTWindow(45.0, 120.0))[0]

@@ -170,11 +170,7 @@ def test_cv_report_scores_the_error_model_refit_without_each_patient(phantom_sli
     from CTtoMRISynthesisLib.training.discovery import discover
     from CTtoMRISynthesisLib.training.report import uncertainty_quality
 
-    runs = [tmp_path / f"run{s}" for s in (0, 1)]
-    for seed, run in enumerate(runs):
-        assert ctmri(["train", "--data", str(phantom_slices), "--out", str(run), "--cv", "kfold", "--folds", "2",
-                      "--seed", str(seed), "--base", "4", "--epochs", "1", "--max-steps", "2", "--batch-size", "4",
-                      "--workers", "0", "--threads", "1", "--no-progress"]) == 0
+    runs = phantoms.tiny_cv_runs(phantom_slices, tmp_path)
     model_file = next(runs[0].glob("fold*/model.safetensors"))
     cases = discover([phantom_slices], CTWindow(45.0, 120.0))
     samples = cv_samples(runs, cases)

@@ -306,13 +306,13 @@ def test_drop_patients_is_seeded_and_leaves_someone_to_train_on():
 
 @needs_torch
 def test_cv_with_dropped_patients_records_them_and_never_drops_the_held_out(phantom_slices, tmp_path):
+    import phantoms
     from CTtoMRISynthesisLib.cli import main as ctmri
     from CTtoMRISynthesisLib.weights import read_config
 
     run = tmp_path / "bag"
-    assert ctmri(["train", "--data", str(phantom_slices), "--out", str(run), "--cv", "loo", "--only-folds", "2",
-                  "--drop-patients", "1", "--seed", "3", "--base", "4", "--epochs", "1", "--max-steps", "1",
-                  "--workers", "0", "--threads", "1", "--no-progress"]) == 0
+    assert ctmri(phantoms.tiny_train_args(phantom_slices, run, "--cv", "loo", "--only-folds", "2", "--drop-patients",
+                                          "1", "--seed", "3", max_steps=1)) == 0
     rec = read_config(run / "fold02" / "model.safetensors")["split"]
     assert rec["test_cases"] == ["16"] and len(rec["dropped_cases"]) == 1 and len(rec["train_cases"]) == 2
     assert "16" not in rec["dropped_cases"] and not set(rec["dropped_cases"]) & set(rec["train_cases"])

@@ -12,6 +12,7 @@ import SimpleITK as sitk
 
 torch = pytest.importorskip("torch")
 
+import phantoms  # noqa: E402
 from CTtoMRISynthesisLib import geometry  # noqa: E402
 from CTtoMRISynthesisLib.cli import main as ctmri  # noqa: E402
 from CTtoMRISynthesisLib.intensity import head_mask, largest_component  # noqa: E402
@@ -26,10 +27,9 @@ from CTtoMRISynthesisLib.training.report import uncertainty_quality  # noqa: E40
 def laplace_weights(phantom_slices: Path, tmp_path_factory) -> Path:
     """A real two-output (location + Laplace scale) model, trained by `ctmri train --loss laplace`."""
     out = tmp_path_factory.mktemp("laplace")
-    code = ctmri(["train", "--data", str(phantom_slices), "--out", str(out / "run"), "--base", "4", "--epochs", "2",
-                  "--max-steps", "3", "--batch-size", "4", "--loss", "laplace", "--aug-gamma", "0.2", "--aug-blur", "1",
-                  "--aug-noise", "0.03", "--workers", "0", "--threads", "1", "--no-progress",
-                  "--save", str(out / "laplace.safetensors")])
+    code = ctmri(phantoms.tiny_train_args(phantom_slices, out / "run", "--loss", "laplace", "--aug-gamma", "0.2",
+                                          "--aug-blur", "1", "--aug-noise", "0.03", "--save", str(out / "laplace.safetensors"),
+                                          epochs=2, max_steps=3))
     assert code == 0
     return out / "laplace.safetensors"
 
@@ -174,9 +174,7 @@ def test_cv_folds_split_over_jobs_then_one_report_with_aims_and_uncertainty(phan
     """--only-folds runs part of a cross-validation (one job of a cluster array); the job that completes the
     set writes the report, which states the issue's aims and checks the uncertainty map per held-out patient."""
     run = tmp_path / "cv"
-    common = ["train", "--data", str(phantom_slices), "--out", str(run), "--cv", "kfold", "--folds", "2", "--base", "4",
-              "--epochs", "1", "--max-steps", "2", "--batch-size", "4", "--loss", "laplace", "--workers", "0",
-              "--threads", "1", "--no-progress", "--resume"]
+    common = phantoms.tiny_train_args(phantom_slices, run, "--cv", "kfold", "--folds", "2", "--loss", "laplace", "--resume")
     assert ctmri(common + ["--only-folds", "2"]) == 0
     assert (run / "fold02" / "fold.json").exists() and not (run / "fold01").exists()
     assert not (run / "report").exists(), "no report while a fold is missing"

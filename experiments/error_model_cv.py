@@ -12,6 +12,12 @@ Rows:
 - ``spread only``: the members' SD and its blurs (the ensemble's disagreement, learned),
 - ``members' SD``: the raw SD, unfitted (what shipped before).
 
+And a ceiling for context (not methods: they see the real MRI). ``knows local scale σ``: the real local RMS
+error (Gaussian-weighted over σ px in-plane, head voxels only) as the map, scored (a) against the real
+|error| and (b) against an |error| drawn half-normal around that same scale, i.e. the best any map of the
+error's scale at that resolution could do if the error were pure noise around it: |error| varies around its
+own scale, so even a perfect scale map scores well below 1.
+
     python experiments/error_model_cv.py RUN [RUN ...] [--data DIR] [--steps 3000]
 
 Numbers only; the data's images are not written anywhere. About 1 min per feature set on 2 cores.
@@ -37,12 +43,24 @@ SETS = {
 }
 
 
+def local_rms_error(sample, sigma: float) -> np.ndarray:
+    """The real error's local RMS over head voxels (Gaussian weights of σ px in-plane), at the head voxels."""
+    from scipy import ndimage
+
+    head = sample.head.astype(np.float32)
+    err2 = (sample.real.astype(np.float32) - sample.mean) ** 2 * head
+    weight = np.maximum(ndimage.gaussian_filter(head, (0, sigma, sigma)), 1e-3)
+    return np.sqrt(ndimage.gaussian_filter(err2, (0, sigma, sigma)) / weight)[sample.head]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="finished `ctmri train --cv loo` run folders (the ensemble)")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "harvard_aanlib_ct_mri_2d"))
     parser.add_argument("--steps", type=int, default=3000)
     args = parser.parse_args()
+
+    from scipy.stats import spearmanr
 
     from CTtoMRISynthesisLib.error_model import FEATURES, cross_validated_maps, cv_samples
     from CTtoMRISynthesisLib.intensity import CTWindow
@@ -56,6 +74,17 @@ def main() -> int:
         maps = cross_validated_maps(samples, names=names or FEATURES, steps=args.steps)
         table[name] = [uncertainty_quality(s.real, s.mean, maps[s.case_id], s.head)["unc_spearman"] for s in samples]
         print(f"{name}: done", file=sys.stderr, flush=True)
+
+    rng = np.random.default_rng(0)
+    for sigma in (1, 2, 4, 8):
+        real, drawn = [], []
+        for s in samples:
+            scale = local_rms_error(s, sigma)
+            err = np.abs(s.real.astype(np.float32) - s.mean)[s.head]
+            real.append(spearmanr(scale, err).statistic)
+            drawn.append(spearmanr(scale, np.abs(scale * rng.standard_normal(scale.size))).statistic)
+        table[f"ceiling: knows local scale σ {sigma} px, real |error|"] = real
+        table[f"ceiling: knows local scale σ {sigma} px, half-normal |error|"] = drawn
 
     print(f"{len(args.runs)} runs: " + ", ".join(str(r) for r in args.runs))
     print("| map | " + " | ".join(ids) + " | mean | lowest |")
