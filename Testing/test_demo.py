@@ -95,6 +95,10 @@ def test_run_demo_writes_outputs_and_prints_metrics(tiny_weights: Path, tmp_path
     printed = capsys.readouterr().out
     for text in ("MAE", "SSIM", "PSNR", "hu+1024", "device cpu", str(out.resolve())):
         assert text in printed
+    # what the registration decided, whole (it was once cut off mid-word at 80 characters), without the optimiser's wording
+    line = next(line for line in printed.splitlines() if line.startswith("registration:"))
+    decided = str(registration.get("stop_condition", "")).split(" (optimiser:")[0]
+    assert line.endswith(decided) and "(optimiser:" not in line
     assert {p: p.read_bytes() for p in before} == before, "the shipped sample is never modified"
 
 

@@ -82,8 +82,10 @@ def run_demo(out_dir: str | Path = "ctmri_demo_output", device: str = "auto", qu
     print(f"CT intensities: {norm.get('ct_path')} — {norm.get('description')}")
     reg = result.registration or {}
     if reg:
+        # what the registration decided, without the optimiser's own wording (that stays in metrics.json)
+        outcome = str(reg.get("stop_condition", "")).split(" (optimiser:")[0]
         print(f"registration: {reg.get('mode')}, overlap {reg.get('overlap', 0.0):.0%} of the MRI head, "
-              f"{reg.get('seconds', 0.0):.1f} s ({str(reg.get('stop_condition', ''))[:80]})")
+              f"{reg.get('seconds', 0.0):.1f} s; {outcome}")
     m = result.metrics or {}
     if m:
         print(f"MAE {m['mae']:.2f}  SSIM {m['ssim']:.4f}  PSNR {m['psnr']:.2f} dB  "
