@@ -8,7 +8,11 @@ in-head ranks are mapped to the mean in-head quantiles of the *other* patients' 
 blended with the prediction by α (0 = as shipped, 1 = fully remapped). Each row: MAE (foreground), SSIM,
 SSIM in head and the median strict CSF/brain ratio over the 8 held-out patients.
 
-    python experiments/contrast_tradeoff.py RUN [RUN ...] [--data DIR]
+    python experiments/contrast_tradeoff.py RUN [RUN ...] [--data DIR] [--external]
+
+``--external`` also applies the same remapping (reference: all 8 patients' real T2) to the shipped model's
+synthetic MRI of the external CTs of ``experiments/external_ct.py`` and prints their CSF/brain ratios
+(masks from the CT, as there) for α 0, 0.5 and 1: would such a step reach aim 2 on CT from elsewhere?
 
 Numbers only; the data's images are not written anywhere.
 """
@@ -42,6 +46,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="finished `ctmri train --cv loo` run folders (the ensemble)")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "harvard_aanlib_ct_mri_2d"))
+    parser.add_argument("--external", action="store_true", help="also the external CTs (needs ../shared/data)")
     args = parser.parse_args()
 
     from external_ct import masks_8bit, ratio
@@ -71,7 +76,28 @@ def main() -> int:
     for a, values in rows.items():
         v = np.array(values)
         print(f"| {a:.2f} | {v[:, 0].mean():.2f} | {v[:, 1].mean():.3f} | {v[:, 2].mean():.3f} | {np.median(v[:, 3]):.2f} |")
+    if args.external:
+        external(np.mean(list(quantiles.values()), axis=0), Path(args.data).parent)
     return 0
+
+
+def external(reference_quantiles: np.ndarray, data: Path) -> None:
+    """CSF/brain of the shipped model's output on the external CTs, as is and remapped (α 0.5, 1)."""
+    from external_ct import _syn, external_cts, ratio
+
+    from CTtoMRISynthesisLib.weights import load_model
+
+    model = load_model()
+    print("\n| external CT | CSF / brain, α 0 (shipped) | α 0.5 | α 1 | strict masks (8-bit), α 0 / 0.5 / 1 |")
+    print("|---|---|---|---|---|")
+    for name, image, masks, _ in external_cts(data):
+        syn = _syn(model, image)
+        mapped = remapped(syn, masks["head"], reference_quantiles)
+        outs = [(1 - a) * syn + a * mapped for a in (0.0, 0.5, 1.0)]
+        plain = " | ".join(f"{ratio(o, masks['csf'], masks['brain']):.2f}" for o in outs)
+        strict = (" / ".join(f"{ratio(o, masks['csf_strict'], masks['brain_strict']):.2f}" for o in outs)
+                  if "csf_strict" in masks else "–")
+        print(f"| {name} | {plain} | {strict} |")
 
 
 if __name__ == "__main__":
