@@ -59,17 +59,17 @@ def main() -> int:
     cases = discover([args.data], CTWindow(45, 120))
     samples = cv_samples(args.runs, cases)
     quantiles = {s.case_id: np.quantile(s.real[s.head].astype(np.float32), QUANTILES) for s in samples}
-    rows = {a: [] for a in ALPHAS}
+    rows, real_ratios = {a: [] for a in ALPHAS}, []
     for case, s in zip(cases, samples):
         reference = np.mean([q for cid, q in quantiles.items() if cid != s.case_id], axis=0)
         mapped = remapped(s.mean, s.head, reference)
         masks = masks_8bit(case.ct)
+        real_ratios.append(ratio(case.mri.astype(np.float32), masks["csf_strict"], masks["brain_strict"]))
         for a in ALPHAS:
             p = (1 - a) * s.mean + a * mapped
             e = evaluate(case.mri, p, case.ct, 200.0)
             rows[a].append((e["mae"], e["ssim"], e["ssim_foreground"], ratio(p, masks["csf_strict"], masks["brain_strict"])))
-    real = np.median([ratio(c.mri.astype(np.float32), *(lambda m: (m["csf_strict"], m["brain_strict"]))(masks_8bit(c.ct)))
-                      for c in cases])
+    real = np.median(real_ratios)
     print(f"{len(args.runs)} runs; real MRI's strict CSF/brain median {real:.2f}")
     print("| α (share remapped to T2's distribution) | MAE | SSIM | SSIM in head | CSF/brain strict, median |")
     print("|---|---|---|---|---|")

@@ -252,13 +252,12 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--steps", type=int, default=3000, help="optimiser steps per fit (default 3000)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    from .intensity import CTWindow
     from .training.discovery import discover
     from .training.report import uncertainty_quality
     from .weights import read_config
 
     try:
-        from .intensity import CTWindow
-
         window = CTWindow(**read_config(args.weights)["preprocessing"]["ct_window"])
         samples = cv_samples(args.from_cv, discover(args.data, window))
         maps = cross_validated_maps(samples, steps=args.steps, seed=args.seed)

@@ -547,9 +547,9 @@ def _cross_validated_error_maps(runs: list, cases, config: Optional[dict]) -> di
         return {}
     from ..error_model import cross_validated_maps, cv_samples
 
-    options = {"names": tuple(recipe["features"]), "hidden": int(recipe.get("hidden", 32)),
-               "steps": int(recipe.get("steps", 3000)), "seed": int(recipe.get("seed", 0))}
-    return cross_validated_maps(cv_samples(runs, cases), **options)
+    # the recipe recorded in the file; what it does not record falls back to fit()'s own defaults
+    options = {k: int(recipe[k]) for k in ("hidden", "steps", "seed") if k in recipe}
+    return cross_validated_maps(cv_samples(runs, cases), names=tuple(recipe["features"]), **options)
 
 
 def _lookup_words(model: dict) -> str:
