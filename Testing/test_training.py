@@ -319,6 +319,35 @@ def test_cv_with_dropped_patients_records_them_and_never_drops_the_held_out(phan
     assert (run / "fold02" / "fold.json").exists()
 
 
+def test_exclude_from_training_removes_only_those_and_says_so():
+    kept, rec = split.exclude(["2", "20", "28"], ["2"], {"mode": "fold 2", "train_cases": ["2", "20", "28"]})
+    assert kept == ["20", "28"] and rec["train_cases"] == kept and rec["excluded_from_training"] == ["2"]
+    assert split.exclude(["20", "28"], ["2"], {"mode": "fold 1"})[1]["excluded_from_training"] == []
+    with pytest.raises(CTMRIError, match="leaves no training patients"):
+        split.exclude(["2"], ["2"], {"mode": "fold 3"})
+    with pytest.raises(CTMRIError, match=r"unknown patient id\(s\) \['7'\]"):
+        split.check_known(["7"], ["2", "16"], "--exclude-from-training")
+
+
+@needs_torch
+def test_cv_excluding_a_patient_still_holds_it_out_and_scores_it(phantom_slices, tmp_path):
+    import phantoms
+    from CTtoMRISynthesisLib.cli import main as ctmri
+    from CTtoMRISynthesisLib.weights import read_config
+
+    run = tmp_path / "t2only"
+    assert ctmri(phantoms.tiny_train_args(phantom_slices, run, "--cv", "loo", "--only-folds", "1", "2",
+                                          "--exclude-from-training", "2", max_steps=1)) == 0
+    own = read_config(run / "fold01" / "model.safetensors")["split"]  # patient 2 held out: trained on the rest
+    assert own["test_cases"] == ["2"] and own["train_cases"] == ["16", "20", "28"]
+    other = read_config(run / "fold02" / "model.safetensors")["split"]
+    assert other["test_cases"] == ["16"] and other["train_cases"] == ["20", "28"]
+    assert other["excluded_from_training"] == ["2"]
+    assert (run / "fold01" / "pred_2.npz").exists()  # scored like every other patient
+    assert ctmri(phantoms.tiny_train_args(phantom_slices, tmp_path / "bad", "--exclude-from-training", "7")) == 2
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

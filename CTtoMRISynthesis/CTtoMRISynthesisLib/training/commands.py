@@ -40,6 +40,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     split.add_argument("--drop-patients", type=int, default=0, metavar="N",
                        help="train on the patients of the split (or fold) less N drawn at random with --seed (bagging: "
                             "members that saw different patients disagree where the fit depends on who was seen)")
+    split.add_argument("--exclude-from-training", nargs="+", default=[], metavar="ID",
+                       help="patients never trained on, e.g. one whose MRI is another sequence than the target; "
+                            "with --cv they are still held out in their own fold and scored")
     split.add_argument("--val-cases", nargs="*", default=[], metavar="ID", help="validation patients (select the best epoch)")
     split.add_argument("--test-cases", nargs="*", default=[], metavar="ID", help="test patients, never trained on")
     model = p.add_argument_group("model and training")
@@ -156,8 +159,12 @@ def run_train(args) -> int:
         command = _command_line()
         dist = dist_from_env()
 
+        excluded = splits.check_known(args.exclude_from_training, ids, "--exclude-from-training")
+
         def train_split(train_ids, val_ids, split_record: dict, run_dir: Path) -> dict:
             """One training run on these patients, validated on those (the CV fold or the single split)."""
+            if excluded:
+                train_ids, split_record = splits.exclude(train_ids, excluded, split_record)
             if args.drop_patients:
                 train_ids, dropped = splits.drop_random(train_ids, args.drop_patients, f"{args.seed}:{split_record.get('mode')}")
                 split_record = {**split_record, "train_cases": train_ids, "dropped_cases": dropped}
@@ -188,7 +195,10 @@ def run_train(args) -> int:
                         print(f"fold {k}/{len(folds)} already done ({fold.test_cases}); kept", flush=True)
                     continue
                 if dist.main:
-                    print(f"fold {k}/{len(folds)}: held out {fold.test_cases}, training on {fold.train_cases}", flush=True)
+                    shown = [c for c in fold.train_cases if c not in excluded]
+                    print(f"fold {k}/{len(folds)}: held out {fold.test_cases}, training on {shown}"
+                          + (f" (never on {excluded})" if excluded else "")
+                          + (f" less {args.drop_patients} drawn with the seed" if args.drop_patients else ""), flush=True)
                 res = train_split(fold.train_cases, fold.test_cases, fold.to_dict(), fold_dir)
                 if res.get("stopped"):
                     return 0

@@ -87,3 +87,25 @@ def drop_random(train_ids: list[str], n: int, seed: str) -> tuple[list[str], lis
         raise CTMRIError(f"--drop-patients {n}: choose 0..{len(train_ids) - 1} (of {len(train_ids)} training patients)")
     dropped = sorted(random.Random(seed).sample(list(train_ids), n), key=list(train_ids).index)
     return [c for c in train_ids if c not in dropped], dropped
+
+
+def check_known(requested: list[str], case_ids: list[str], option: str) -> list[str]:
+    """``requested`` if every id is a patient of the data; else a message naming the known ones."""
+    unknown = sorted(set(requested) - set(case_ids))
+    if unknown:
+        raise CTMRIError(f"{option}: unknown patient id(s) {unknown}; the data has {list(case_ids)}")
+    return list(requested)
+
+
+def exclude(train_ids: list[str], excluded: list[str], split_record: dict) -> tuple[list[str], dict]:
+    """The training patients less ``excluded``, and the split record that says so.
+
+    Used for patients whose target is not what the model should learn (another MRI sequence): in a
+    cross-validation they are still held out and scored, they only never teach a fold.
+    """
+    kept = [c for c in train_ids if c not in set(excluded)]
+    if not kept:
+        raise CTMRIError(f"excluding {list(excluded)} from training leaves no training patients in "
+                         f"{split_record.get('mode', 'this split')}; exclude fewer")
+    removed = [c for c in train_ids if c in set(excluded)]
+    return kept, {**split_record, "train_cases": kept, "excluded_from_training": removed}
