@@ -27,15 +27,18 @@ def test_combining_needs_no_torch_and_merges_the_members_records(tmp_path):
     """Members as plain numpy model files (what a Slicer-stack Python can write and read): tensors renamed
     ``members.<i>.``, training values kept where equal and listed where not, the patients seen united."""
     paths = []
-    for i, (seed, seen) in enumerate([(0, ["16", "20", "28"]), (1, ["16", "28"])]):
+    members = [(0, ["16", "20", "28"], ["2", "7"]), (1, ["16", "28"], ["2"])]
+    for i, (seed, seen, excluded) in enumerate(members):
         config = {"model": {"base": 4, "in_channels": 3}, "preprocessing": {"size": 256, "context_slices": 1},
-                  "training": {"seed": seed, "loss": "mse"}, "split": {"train_cases": seen}}
+                  "training": {"seed": seed, "loss": "mse"},
+                  "split": {"train_cases": seen, "excluded_from_training": excluded}}
         paths.append(tmp_path / f"m{i}.safetensors")
         save_state(paths[-1], {"w": np.full(3, float(i), np.float32)}, config)
     config = combine(paths, tmp_path / "ens.safetensors")
     assert config["model"] == {"base": 4, "in_channels": 3, "members": 2}
     assert config["training"] == {"seed": [0, 1], "loss": "mse"}
     assert config["split"]["train_cases"] == ["16", "20", "28"] and config["metrics"] == {}
+    assert config["split"]["excluded_from_training"] == ["2"]  # what every member excluded
     tensors = read_weights_file(tmp_path / "ens.safetensors", framework="numpy")["state_dict"]
     assert sorted(tensors) == ["members.0.w", "members.1.w"] and tensors["members.1.w"].tolist() == [1.0] * 3
     assert [m["sha256"] for m in read_config(tmp_path / "ens.safetensors")["ensemble"]] == [sha256_of(p) for p in paths]

@@ -12,7 +12,7 @@ of the members: it was fit to one model's errors, not the ensemble's.
 The file is an ordinary model file (:mod:`weights`): tensors ``members.<i>.<name>`` and a config that is
 the members' shared one with ``model.members`` = their number, ``training`` holding a value where all
 members agree and the list of values where they differ, ``split.train_cases`` the union of the patients
-they saw, and ``ensemble``: each member's file name, sha256, training, split and metrics.
+they saw (and ``split.excluded_from_training`` those every member excluded), and ``ensemble``: each member's file name, sha256, training, split and metrics.
 
     python -m CTtoMRISynthesisLib.weights ensemble OUT.safetensors MEMBER.safetensors MEMBER.safetensors [...]
 
@@ -56,6 +56,11 @@ def ensemble_config(configs: list[dict], names: list[str], digests: list[str]) -
     seen = [c.get("split", {}).get("train_cases", []) for c in configs]
     union = list(dict.fromkeys(cid for cases in seen for cid in cases))
     config["split"] = {"mode": f"ensemble of {len(configs)}", "train_cases": union, "val_cases": [], "test_cases": []}
+    # patients every member was told never to train on (ctmri train --exclude-from-training) stay on record
+    excluded = [set(c.get("split", {}).get("excluded_from_training", [])) for c in configs]
+    never = [cid for cid in dict.fromkeys(c for e in excluded for c in sorted(e)) if all(cid in e for e in excluded)]
+    if never:
+        config["split"]["excluded_from_training"] = never
     config["metrics"] = {}
     config["ensemble"] = [
         {"file": name, "sha256": digest, "training": c.get("training"), "split": c.get("split"), "metrics": c.get("metrics")}
