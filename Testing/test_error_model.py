@@ -177,18 +177,39 @@ def test_cv_report_scores_the_error_model_refit_without_each_patient(phantom_sli
     recipe = {"hidden": 8, "steps": 30, "seed": 0}
     attach(model_file, tmp_path / "with.safetensors", _tiny_error_model())
     config = read_config(tmp_path / "with.safetensors")
-    config["error_model"].update(recipe)
+    config["error_model"].update(recipe, excluded_from_training=["2"])  # as recorded by the CLI's option
     save_state(tmp_path / "with.safetensors", read_weights_file(tmp_path / "with.safetensors")["state_dict"], config)
     out = tmp_path / "report"
     assert ctmri(["report", "--data", str(phantom_slices), "--from-cv", *map(str, runs), "--out", str(out),
                   "--attach", str(tmp_path / "with.safetensors")]) == 0
-    maps = cross_validated_maps(samples, **recipe)
+    maps = cross_validated_maps(samples, exclude=("2",), **recipe)
     with open(out / "per_patient.csv") as fh:
         rows = {r["patient"]: r for r in csv.DictReader(fh) if r["method"] == "model"}
     for s in samples:
         expected = uncertainty_quality(s.real, s.mean, maps[s.case_id], s.head)
         assert float(rows[s.case_id]["unc_mean"]) == pytest.approx(expected["unc_mean"], rel=1e-4)
     assert "nested leave-one-out" in (out / "report.md").read_text()
+
+
+@needs_torch
+def test_cli_fits_without_excluded_patients_and_still_scores_them(phantom_slices, tmp_path, capsys):
+    """``--exclude-from-training 2``: patient 2's errors teach no fit (neither the file's error model nor the
+    nested ones of the other patients), patient 2 still gets its nested Spearman; both are on record."""
+    from CTtoMRISynthesisLib.ensemble import combine
+    from CTtoMRISynthesisLib.error_model import main as error_model_main
+
+    runs = phantoms.tiny_cv_runs(phantom_slices, tmp_path)
+    ensemble = tmp_path / "ens.safetensors"
+    combine([next(r.glob("fold*/model.safetensors")) for r in runs], ensemble)
+    out = tmp_path / "with.safetensors"
+    args = ["--data", str(phantom_slices), "--from-cv", *map(str, runs), "--weights", str(ensemble), "--steps", "20"]
+    assert error_model_main(args + ["--out", str(out), "--exclude-from-training", "2"]) == 0
+    recipe = read_config(out)["error_model"]
+    assert recipe["trained_on"] == ["16", "20", "28"] and recipe["excluded_from_training"] == ["2"]
+    assert sorted(recipe["cv_spearman"]) == ["16", "2", "20", "28"]
+    assert "fit on 3 patients" in capsys.readouterr().out
+    assert error_model_main(args + ["--out", str(tmp_path / "bad.safetensors"), "--exclude-from-training", "9"]) == 2
+    assert "unknown patient id(s) ['9']" in capsys.readouterr().err and not (tmp_path / "bad.safetensors").exists()
 
 
 def test_shipped_model_has_an_error_model_with_its_cross_validated_record():

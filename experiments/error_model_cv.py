@@ -19,6 +19,7 @@ error's scale at that resolution could do if the error were pure noise around it
 own scale, so even a perfect scale map scores well below 1.
 
     python experiments/error_model_cv.py RUN [RUN ...] [--data DIR] [--steps 3000] [--seed 0] [--sets shipped ...]
+        [--exclude-from-training ID ...]
 
 Numbers only; the data's images are not written anywhere. About 1 min per feature set on 2 cores.
 """
@@ -61,6 +62,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="the fits' seed (the shipped error model: 0)")
     parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS), help="feature sets to fit")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the ceiling rows")
+    parser.add_argument("--exclude-from-training", nargs="+", default=[], metavar="ID",
+                        help="never fit on these patients' errors (they are still scored), as the CLI's option")
     args = parser.parse_args()
 
     from scipy.stats import spearmanr
@@ -74,7 +77,8 @@ def main() -> int:
     ids = [s.case_id for s in samples]
     table = {"members' SD": [uncertainty_quality(s.real, s.mean, s.spread, s.head)["unc_spearman"] for s in samples]}
     for name in args.sets:
-        maps = cross_validated_maps(samples, names=SETS[name] or FEATURES, steps=args.steps, seed=args.seed)
+        maps = cross_validated_maps(samples, names=SETS[name] or FEATURES, steps=args.steps, seed=args.seed,
+                                    exclude=tuple(args.exclude_from_training))
         table[name] = [uncertainty_quality(s.real, s.mean, maps[s.case_id], s.head)["unc_spearman"] for s in samples]
         print(f"{name}: done", file=sys.stderr, flush=True)
 
@@ -89,7 +93,8 @@ def main() -> int:
         table[f"ceiling: knows local scale σ {sigma} px, real |error|"] = real
         table[f"ceiling: knows local scale σ {sigma} px, half-normal |error|"] = drawn
 
-    print(f"{len(args.runs)} runs: " + ", ".join(str(r) for r in args.runs))
+    print(f"{len(args.runs)} runs: " + ", ".join(str(r) for r in args.runs)
+          + (f"; fits never on {args.exclude_from_training}" if args.exclude_from_training else ""))
     print("| map | " + " | ".join(ids) + " | mean | lowest |")
     print("|---" * (len(ids) + 3) + "|")
     for name, values in table.items():

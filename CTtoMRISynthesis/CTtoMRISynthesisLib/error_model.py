@@ -208,10 +208,11 @@ def fit(samples: list, names=FEATURES, hidden: int = 32, steps: int = 3000, batc
     return ErrorModel(layers, mu.astype(np.float32), sd.astype(np.float32), scale, tuple(names), info)
 
 
-def cross_validated_maps(samples: list, **options) -> dict:
-    """{case_id: predicted error map} where each patient's map comes from a model fit on the other patients only."""
-    return {s.case_id: fit([o for o in samples if o is not s], **options).predict(s.mean, s.spread, s.head)
-            for s in samples}
+def cross_validated_maps(samples: list, exclude=(), **options) -> dict:
+    """{case_id: predicted error map} where each patient's map comes from a model fit on the other patients only
+    (never on those in ``exclude``, which still get a map)."""
+    return {s.case_id: fit([o for o in samples if o is not s and o.case_id not in exclude], **options)
+            .predict(s.mean, s.spread, s.head) for s in samples}
 
 
 def cv_samples(run_dirs: list, cases) -> list:
@@ -251,6 +252,9 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--out", required=True, help="the model file to write (.safetensors, with its .sha256)")
     parser.add_argument("--steps", type=int, default=3000, help="optimiser steps per fit (default 3000)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--exclude-from-training", nargs="+", default=[], metavar="ID",
+                        help="patients whose errors are never fit (e.g. an MRI of another sequence than the target, "
+                             "where the errors say nothing about this model's); their maps are still scored")
     args = parser.parse_args(argv)
     from .intensity import CTWindow
     from .training.discovery import discover
@@ -260,7 +264,12 @@ def main(argv: Optional[list] = None) -> int:
     try:
         window = CTWindow(**read_config(args.weights)["preprocessing"]["ct_window"])
         samples = cv_samples(args.from_cv, discover(args.data, window))
-        maps = cross_validated_maps(samples, steps=args.steps, seed=args.seed)
+        excluded = args.exclude_from_training
+        unknown = sorted(set(excluded) - {s.case_id for s in samples})
+        if unknown:
+            raise CTMRIError(f"--exclude-from-training: unknown patient id(s) {unknown}; the data has "
+                             f"{[s.case_id for s in samples]}")
+        maps = cross_validated_maps(samples, exclude=excluded, steps=args.steps, seed=args.seed)
         rho = {}
         for s in samples:
             rho[s.case_id] = uncertainty_quality(s.real, s.mean, maps[s.case_id], s.head)["unc_spearman"]
@@ -268,14 +277,16 @@ def main(argv: Optional[list] = None) -> int:
             print(f"patient {s.case_id}: Spearman(error model, |error|) {rho[s.case_id]:.3f}; members' SD {members:.3f}")
         values = list(rho.values())
         print(f"mean {np.mean(values):.3f}, lowest {min(values):.3f} (leave-one-patient-out)")
-        model = fit(samples, steps=args.steps, seed=args.seed)
+        model = fit([s for s in samples if s.case_id not in excluded], steps=args.steps, seed=args.seed)
+        if excluded:
+            model.info["excluded_from_training"] = list(excluded)
         model.info["cv_spearman"] = rho
         model.info["cv_runs"] = [str(r) for r in args.from_cv]
         digest = attach(args.weights, args.out, model)
     except CTMRIError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out} (sha256 {digest}): {args.weights} plus an error model fit on {len(samples)} patients")
+    print(f"wrote {args.out} (sha256 {digest}): {args.weights} plus an error model fit on {len(model.info['trained_on'])} patients")
     return 0
 
 

@@ -549,7 +549,8 @@ def _cross_validated_error_maps(runs: list, cases, config: Optional[dict]) -> di
 
     # the recipe recorded in the file; what it does not record falls back to fit()'s own defaults
     options = {k: int(recipe[k]) for k in ("hidden", "steps", "seed") if k in recipe}
-    return cross_validated_maps(cv_samples(runs, cases), names=tuple(recipe["features"]), **options)
+    return cross_validated_maps(cv_samples(runs, cases), names=tuple(recipe["features"]),
+                                exclude=tuple(recipe.get("excluded_from_training", ())), **options)
 
 
 def _lookup_words(model: dict) -> str:
