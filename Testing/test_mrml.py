@@ -590,7 +590,7 @@ def review_scene(scene):
     red.SetBackgroundVolumeID(ct.GetID())
     yield types.SimpleNamespace(scene=scene, layout_node=layout_node, layout_logic=layout_logic, ct=ct, mri=mri,
                                 outputs=outputs, make_slice_logics=make_slice_logics)
-    del slice_logics
+    slice_logics.clear()  # teardown: drop the logics before the scene
 
 
 def test_review_layout_uses_its_own_views_and_leaves_the_users_views(review_scene) -> None:

@@ -556,8 +556,6 @@ def test_standardise_ct_maps_the_brain_median_and_keeps_air_and_bone(cases):
 
 @needs_torch
 def test_ct_standardise_is_applied_in_training_and_at_inference(cases, tmp_path):
-    import torch
-
     from CTtoMRISynthesisLib.intensity import head_mask, standardise_ct
     from CTtoMRISynthesisLib.synthesis import predict_slices
     from CTtoMRISynthesisLib.weights import load_model

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import locale
 import shutil
 from pathlib import Path

@@ -7,7 +7,6 @@ Heavy imports (torch) happen inside ``run_*`` so that ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path

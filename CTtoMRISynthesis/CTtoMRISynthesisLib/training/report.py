@@ -378,7 +378,7 @@ def _closed_row(summary: dict) -> list[str]:
             cells.append("–")
         else:
             cells.append(f"{(a['mean'] - b['mean']) / (c['mean'] - b['mean']):.2f}")
-    return [f"| fraction of the distance lookup table → real MRI shifted 1 px closed by the model | " + " | ".join(cells) + " |"]
+    return ["| fraction of the distance lookup table → real MRI shifted 1 px closed by the model | " + " | ".join(cells) + " |"]
 
 
 def _aims_lines(summary: dict, patients: list, get: dict) -> list[str]:
