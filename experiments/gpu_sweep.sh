@@ -10,7 +10,8 @@
 # START_BY seconds are skipped and runs still training at KILL_AT are stopped (--resume continues them),
 # so the call ends inside the device's 10-minute limit. TINY=1 runs the same plan in seconds on a CPU
 # (1 epoch of 1 step, base 4) to check the script before spending GPU time; ONLY='b8e60|bag1' runs only
-# those recipes.
+# those recipes. TRAIN_OPTS adds options to every training (the shipped recipe since round 5:
+# TRAIN_OPTS='--exclude-from-training 2').
 set -u
 T0=$(date +%s)
 OUT=${OUT:?set OUT to the folder that collects the results}
@@ -35,7 +36,7 @@ $PY -c "import torch, SimpleITK, skimage, safetensors, scipy; print('torch', tor
 
 COMMON="--context 1 --lr 2e-3 --lr-min 1e-5 --lr-schedule cosine --loss mse+gaussian --aug-intensity 0.1 0.04
  --aug-gamma 0.2 --aug-blur 1.0 --aug-noise 0.03 --ct-window 45 120 --workers 0 --no-progress --threads 1
- --checkpoint-every 10 --resume --device $DEVICE"
+ --checkpoint-every 10 --resume --device $DEVICE ${TRAIN_OPTS:-}"
 if [ "$TINY" = 1 ]; then EXTRA="--max-steps 1"; else EXTRA=""; fi
 e() { if [ "$TINY" = 1 ]; then echo 1; else echo "$1"; fi; }
 b() { if [ "$TINY" = 1 ]; then echo 4; else echo "$1"; fi; }
