@@ -308,14 +308,14 @@ def tiny_train_args(data, out, *extra: str, epochs: int = 1, max_steps: int = 2)
             *extra]
 
 
-def tiny_cv_runs(data, root: Path, seeds: Sequence[int] = (0, 1)) -> list:
+def tiny_cv_runs(data, root: Path, seeds: Sequence[int] = (0, 1), extra: Sequence[str] = ()) -> list:
     """Seconds-long 2-fold cross-validation runs of ``data``, one per seed (``root/run<seed>``): the
-    CV-runs input of an ensemble's report or an error model's fit."""
+    CV-runs input of an ensemble's report or an error model's fit; ``extra`` adds training options."""
     from CTtoMRISynthesisLib.cli import main as ctmri
 
     runs = [Path(root) / f"run{seed}" for seed in seeds]
     for seed, run in zip(seeds, runs):
-        assert ctmri(tiny_train_args(data, run, "--cv", "kfold", "--folds", "2", "--seed", str(seed))) == 0
+        assert ctmri(tiny_train_args(data, run, "--cv", "kfold", "--folds", "2", "--seed", str(seed), *extra)) == 0
     return runs
 
 

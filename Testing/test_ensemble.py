@@ -141,3 +141,32 @@ def test_cv_report_of_several_runs_is_their_ensemble(phantom_slices, tmp_path):
     assert float(row["mae"]) == pytest.approx(expected, rel=1e-4)
     assert row["unc_spearman"] not in ("", None)
     assert "ensemble of" in (out / "report.md").read_text()
+
+
+@needs_torch
+def test_cv_report_baselines_leave_out_what_the_runs_excluded(phantom_slices, tmp_path):
+    """Runs trained with ``--exclude-from-training 2``: the ensemble report still scores patient 2, and fits
+    every patient's lookup table on the other patients less patient 2 (the models never saw it either)."""
+    import csv
+
+    from CTtoMRISynthesisLib.cli import main as ctmri
+    from CTtoMRISynthesisLib.intensity import CTWindow
+    from CTtoMRISynthesisLib.metrics import compute_metrics
+    from CTtoMRISynthesisLib.training.discovery import discover
+    from CTtoMRISynthesisLib.training.report import fit_lookup_table, predict_lookup_table
+
+    runs = phantoms.tiny_cv_runs(phantom_slices, tmp_path, extra=("--exclude-from-training", "2"))
+    out = tmp_path / "report"
+    assert ctmri(["report", "--data", str(phantom_slices), "--from-cv", *map(str, runs), "--out", str(out)]) == 0
+    cases = {c.case_id: c for c in discover([phantom_slices], CTWindow(45.0, 120.0))}
+    with open(out / "per_patient.csv") as fh:
+        rows = {(r["patient"], r["method"]): r for r in csv.DictReader(fh)}
+    assert ("2", "model") in rows  # scored, though no model trained on it
+    for held in ("2", "16"):
+        others = [c for k, c in cases.items() if k not in (held, "2")]
+        expected = compute_metrics(cases[held].mri, predict_lookup_table(fit_lookup_table(others), cases[held].ct))
+        assert float(rows[(held, "lookup_table")]["mae"]) == pytest.approx(expected["mae"], rel=1e-4)
+    with_2 = fit_lookup_table([c for k, c in cases.items() if k != "16"])
+    assert float(rows[("16", "lookup_table")]["mae"]) != pytest.approx(
+        compute_metrics(cases["16"].mri, predict_lookup_table(with_2, cases["16"].ct))["mae"], rel=1e-4)
+    assert "less 2 (excluded from the models' training)" in (out / "report.md").read_text()

@@ -481,7 +481,8 @@ def write_cv_report(run_dir, cases, command: str = "", bone_threshold: float = 2
 
     ``run_dir`` may be a list of such folders over the same patients: the report is then that of their
     ensemble (each held-out patient's prediction averaged over the runs, their SD as the uncertainty), and
-    each patient's baselines are fit on all the other patients (leave-one-out). ``config`` (e.g. the
+    each patient's baselines are fit on all the other patients (leave-one-out) less those the runs
+    excluded from training (``--exclude-from-training``). ``config`` (e.g. the
     ensemble file's) describes the model where the runs' fold model files are not at hand.
     """
     from ..weights import read_config
@@ -490,6 +491,7 @@ def write_cv_report(run_dir, cases, command: str = "", bone_threshold: float = 2
     out_dir = Path(out_dir) if out_dir else runs[0] / "report"
     by_id = {c.case_id: c for c in cases}
     rows, montages, fold_lines = [], {}, []
+    excluded_seen: set = set()
     error_maps = _cross_validated_error_maps(runs, cases, config)
     for case in cases:
         syn, spread, folds = _held_out_prediction(runs, case.case_id, cases, bone_threshold)
@@ -505,7 +507,10 @@ def write_cv_report(run_dir, cases, command: str = "", bone_threshold: float = 2
             fold_lines.append(f"- {folds[0].name}: held out {', '.join(split['test_cases'])}; "
                               f"{tr['epochs']} epochs in {tr['seconds'] / 60:.1f} min")
         else:
-            train = [c for c in cases if c.case_id != case.case_id]
+            # baselines learn from the patients the models could learn from: not those the runs excluded
+            excluded = set((fold_config or {}).get("split", {}).get("excluded_from_training", []))
+            train = [c for c in cases if c.case_id != case.case_id and c.case_id not in excluded]
+            excluded_seen |= excluded
             fold_lines.append(f"- patient {case.case_id}: mean of {len(folds)} held-out predictions ("
                               + ", ".join(f"{f.parent.name}/{f.name}" for f in folds) + ")")
         results = {"model": evaluate(case.mri, syn, case.ct, bone_threshold)}
@@ -529,7 +534,9 @@ def write_cv_report(run_dir, cases, command: str = "", bone_threshold: float = 2
                    "(nested leave-one-out, error_model.py)" if error_maps else "the uncertainty their SD")
     what = ("Cross-validation (leave-one-patient-out), ensemble of " + ", ".join(str(r) for r in runs) +
             ": each patient's prediction is the mean of the runs' predictions made by the fold that held it out, "
-            f"{uncertainty}; baselines are fit on the other patients. "
+            f"{uncertainty}; baselines are fit on the other patients"
+            + (f" less {', '.join(sorted(excluded_seen))} (excluded from the models' training). "
+               if excluded_seen else ". ")
             if len(runs) > 1 else
             f"Cross-validation ({config['split']['mode'].split(':')[0]}): each patient's numbers come from "
             "the fold in which it was held out; baselines are fit on that fold's training patients. ")
