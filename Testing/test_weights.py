@@ -171,6 +171,10 @@ def test_shipped_model_file_and_its_config_without_torch(monkeypatch) -> None:
     buffers = ("running_mean", "running_var", "num_batches_tracked")
     members = config["model"].get("members", 1)  # the shipped model is an ensemble (ensemble.py)
     assert members == len(config["ensemble"]) == 4 and all(len(m["sha256"]) == 64 for m in config["ensemble"])
+    # round 5: no member trained on patient 2, whose MRI is FLAIR/PD-like, not T2 (model_weights/README.md)
+    assert config["split"]["excluded_from_training"] == ["2"] and "2" not in config["split"]["train_cases"]
+    assert all("2" not in m["split"]["train_cases"] for m in config["ensemble"])
+    assert config["error_model"]["excluded_from_training"] == ["2"] and "2" not in config["error_model"]["trained_on"]
     total = sum(a.size for k, a in arrays.items() if not k.endswith(buffers) and k.startswith("members."))
     assert total == members * config["training"]["parameters"]  # "parameters" is each member's count
     # besides the members, only the error model (error_model.py): 10 → 32 → 32 → 1 and its standardisation

@@ -8,9 +8,12 @@ in-head ranks are mapped to the mean in-head quantiles of the *other* patients' 
 blended with the prediction by α (0 = as shipped, 1 = fully remapped). Each row: MAE (foreground), SSIM,
 SSIM in head and the median strict CSF/brain ratio over the 8 held-out patients.
 
-    python experiments/contrast_tradeoff.py RUN [RUN ...] [--data DIR] [--external]
+    python experiments/contrast_tradeoff.py RUN [RUN ...] [--data DIR] [--external] [--not-t2 2]
 
-``--external`` also applies the same remapping (reference: all 8 patients' real T2) to the shipped model's
+``--not-t2 ID`` keeps a patient whose MRI is another sequence (Harvard patient 2, FLAIR/PD-like) out of
+every reference distribution; it is still remapped and scored.
+
+``--external`` also applies the same remapping (reference: all the patients' real T2) to the shipped model's
 synthetic MRI of the external CTs of ``experiments/external_ct.py`` and prints their CSF/brain ratios
 (masks from the CT, as there) for α 0, 0.5 and 1: would such a step reach aim 2 on CT from elsewhere?
 
@@ -47,6 +50,7 @@ def main() -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="finished `ctmri train --cv loo` run folders (the ensemble)")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "harvard_aanlib_ct_mri_2d"))
     parser.add_argument("--external", action="store_true", help="also the external CTs (needs ../shared/data)")
+    parser.add_argument("--not-t2", nargs="+", default=[], metavar="ID", help="patients left out of the T2 references")
     args = parser.parse_args()
 
     from external_ct import masks_8bit, ratio
@@ -58,7 +62,8 @@ def main() -> int:
 
     cases = discover([args.data], CTWindow(45, 120))
     samples = cv_samples(args.runs, cases)
-    quantiles = {s.case_id: np.quantile(s.real[s.head].astype(np.float32), QUANTILES) for s in samples}
+    quantiles = {s.case_id: np.quantile(s.real[s.head].astype(np.float32), QUANTILES) for s in samples
+                 if s.case_id not in args.not_t2}
     rows, real_ratios = {a: [] for a in ALPHAS}, []
     for case, s in zip(cases, samples):
         reference = np.mean([q for cid, q in quantiles.items() if cid != s.case_id], axis=0)
