@@ -475,6 +475,14 @@ def _read_split(fold_dir: Path) -> dict:
     return read_config(fold_model(fold_dir)).get("split", {})
 
 
+def _never_trained_on(fold_configs: list) -> set:
+    """Patients some fold excluded from training (``--exclude-from-training``) and no fold trained on. A fold
+    that holds such a patient out records no exclusion of it, so one fold's record alone can miss it."""
+    splits = [c.get("split", {}) for c in fold_configs]
+    excluded = {cid for s in splits for cid in s.get("excluded_from_training", [])}
+    return excluded - {cid for s in splits for cid in s.get("train_cases", [])}
+
+
 def write_cv_report(run_dir, cases, command: str = "", bone_threshold: float = 200.0,
                     out_dir: Optional[Path] = None, montage_slices: int = 4, config: Optional[dict] = None) -> list[Path]:
     """Report of a finished cross-validation run folder (``foldNN/`` with its model and predictions).
@@ -498,8 +506,8 @@ def write_cv_report(run_dir, cases, command: str = "", bone_threshold: float = 2
         if syn is None:
             continue
         spread = error_maps.get(case.case_id, spread)
-        models = [fold_model(f) for f in folds if fold_model(f).exists()]
-        fold_config = read_config(models[0]) if models else None
+        fold_configs = [read_config(fold_model(f)) for f in folds if fold_model(f).exists()]
+        fold_config = fold_configs[0] if fold_configs else None
         config = config or fold_config
         if len(runs) == 1 and fold_config:
             split, tr = fold_config["split"], fold_config["training"]
@@ -507,8 +515,8 @@ def write_cv_report(run_dir, cases, command: str = "", bone_threshold: float = 2
             fold_lines.append(f"- {folds[0].name}: held out {', '.join(split['test_cases'])}; "
                               f"{tr['epochs']} epochs in {tr['seconds'] / 60:.1f} min")
         else:
-            # baselines learn from the patients the models could learn from: not those the runs excluded
-            excluded = set((fold_config or {}).get("split", {}).get("excluded_from_training", []))
+            # baselines learn from the patients the models could learn from
+            excluded = _never_trained_on(fold_configs)
             train = [c for c in cases if c.case_id != case.case_id and c.case_id not in excluded]
             excluded_seen |= excluded
             fold_lines.append(f"- patient {case.case_id}: mean of {len(folds)} held-out predictions ("
