@@ -433,11 +433,10 @@ def _rows_for(case, results: dict, held_out: bool) -> list[dict]:
     return rows
 
 
-def held_out_predictions(run_dirs: list, case_id: str, cases, bone_threshold: float = 200.0) -> tuple:
-    """A held-out patient's saved predictions in each CV run folder that holds it out: (synthetic MRIs,
-    spreads (None where not saved), fold folders), one per such run; a fold's prediction is made first if
-    only its model is there."""
-    syns, spreads, folds = [], [], []
+def held_out_folds(run_dirs: list, case_id: str, cases, bone_threshold: float = 200.0) -> list:
+    """The fold folder of each CV run folder that holds a patient out (runs that do not are skipped); a fold
+    whose prediction is not saved yet is evaluated first, so each returned fold has ``pred_<id>.npz``."""
+    folds = []
     for run_dir in run_dirs:
         hits = [f for f in sorted(Path(run_dir).glob("fold*")) if (f / f"pred_{case_id}.npz").exists()
                 or (fold_model(f).exists() and case_id in _read_split(f).get("test_cases", []))]
@@ -447,13 +446,22 @@ def held_out_predictions(run_dirs: list, case_id: str, cases, bone_threshold: fl
             from ..errors import CTMRIError
 
             raise CTMRIError(f"{run_dir}: patient {case_id} is held out by {len(hits)} folds; one run holds each patient out once")
-        pred = hits[0] / f"pred_{case_id}.npz"
-        if not pred.exists():
+        if not (hits[0] / f"pred_{case_id}.npz").exists():
             evaluate_fold(hits[0], cases, bone_threshold)
-        with np.load(pred) as blob:
+        folds.append(hits[0])
+    return folds
+
+
+def held_out_predictions(run_dirs: list, case_id: str, cases, bone_threshold: float = 200.0) -> tuple:
+    """A held-out patient's saved predictions in each CV run folder that holds it out: (synthetic MRIs,
+    spreads (None where not saved), fold folders), one per such run; a fold's prediction is made first if
+    only its model is there."""
+    syns, spreads = [], []
+    folds = held_out_folds(run_dirs, case_id, cases, bone_threshold)
+    for fold in folds:
+        with np.load(fold / f"pred_{case_id}.npz") as blob:
             syns.append(blob["syn"].astype(np.float32))
             spreads.append(blob["spread"].astype(np.float32) if "spread" in blob.files else None)
-        folds.append(hits[0])
     return syns, spreads, folds
 
 
@@ -500,12 +508,16 @@ def write_cv_report(run_dir, cases, command: str = "", bone_threshold: float = 2
     by_id = {c.case_id: c for c in cases}
     rows, montages, fold_lines = [], {}, []
     excluded_seen: set = set()
-    error_maps = _cross_validated_error_maps(runs, cases, config)
+    samples = _ensemble_samples(runs, cases, config)
+    error_maps = _cross_validated_error_maps(samples, config)
     for case in cases:
-        syn, spread, folds = _held_out_prediction(runs, case.case_id, cases, bone_threshold)
+        if case.case_id in samples:  # already loaded for the error maps: do not read the predictions twice
+            syn, spread = samples[case.case_id].mean, error_maps[case.case_id]
+            folds = held_out_folds(runs, case.case_id, cases, bone_threshold)
+        else:
+            syn, spread, folds = _held_out_prediction(runs, case.case_id, cases, bone_threshold)
         if syn is None:
             continue
-        spread = error_maps.get(case.case_id, spread)
         fold_configs = [read_config(fold_model(f)) for f in folds if fold_model(f).exists()]
         fold_config = fold_configs[0] if fold_configs else None
         config = config or fold_config
@@ -554,17 +566,27 @@ def write_cv_report(run_dir, cases, command: str = "", bone_threshold: float = 2
                         preamble, montages)
 
 
-def _cross_validated_error_maps(runs: list, cases, config: Optional[dict]) -> dict:
-    """{patient: error map} when ``config`` (the shipped file's) has an error model and the runs are its
-    ensemble's CV: each patient's map from the same recipe fit without that patient; else {}."""
-    recipe = (config or {}).get("error_model")
-    if not recipe or len(runs) < 2:
+def _ensemble_samples(runs: list, cases, config: Optional[dict]) -> dict:
+    """{patient: error_model.Sample} of the runs' ensemble when ``config`` (the shipped file's) has an error
+    model and the runs are its ensemble's CV; else {} (the report then uses the runs' own spread)."""
+    if not (config or {}).get("error_model") or len(runs) < 2:
         return {}
-    from ..error_model import cross_validated_maps, cv_samples
+    from ..error_model import cv_samples
 
+    return {s.case_id: s for s in cv_samples(runs, cases)}
+
+
+def _cross_validated_error_maps(samples: dict, config: Optional[dict]) -> dict:
+    """{patient: error map}, each patient's from the recipe in ``config`` fit without that patient; {} when
+    there are no samples."""
+    if not samples:
+        return {}
+    from ..error_model import cross_validated_maps
+
+    recipe = config["error_model"]
     # the recipe recorded in the file; what it does not record falls back to fit()'s own defaults
     options = {k: int(recipe[k]) for k in ("hidden", "steps", "seed") if k in recipe}
-    return cross_validated_maps(cv_samples(runs, cases), names=tuple(recipe["features"]),
+    return cross_validated_maps(list(samples.values()), names=tuple(recipe["features"]),
                                 exclude=tuple(recipe.get("excluded_from_training", ())), **options)
 
 
