@@ -86,6 +86,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                        help="map each CT's brain median to TARGET (0..255) before the network, in training and "
                             "at inference (recorded in the weights); for CTs windowed differently per patient")
     model.add_argument("--no-mask-output", action="store_true", help="do not zero the synthetic MRI outside the head")
+    unpaired = p.add_argument_group("unpaired CT (no MRI): adapting to other scanners and hospitals (training/unpaired.py)")
+    unpaired.add_argument("--unpaired-ct", nargs="+", default=[], metavar="PATH",
+                          help="CTs without MRI, each a folder of one CT's 2D slices, a volume file or a DICOM folder; "
+                               "a few of their slices join every step with a consistency and a T2-prior term")
+    unpaired.add_argument("--unpaired-batch", type=int, default=4, metavar="N", help="unpaired slices per step")
+    unpaired.add_argument("--unpaired-consistency", type=float, default=1.0, metavar="W",
+                          help="weight of the consistency term (plain vs augmented rendering of the same slice)")
+    unpaired.add_argument("--unpaired-prior", type=float, default=1.0, metavar="W",
+                          help="weight of the T2 prior (in-head grey levels distributed as the training MRI's)")
     run = p.add_argument_group("running")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--workers", type=int, default=4, help="DataLoader worker processes (paper: 4)")
@@ -106,6 +115,7 @@ def settings_from_args(args) -> "object":
     from ..intensity import CTWindow
     from .dataset import Augment
     from .loop import TrainSettings
+    from .unpaired import UnpairedSettings
 
     augment = Augment(
         enabled=not args.no_augment, rotate_deg=args.rotate, scale=args.scale,
@@ -122,6 +132,8 @@ def settings_from_args(args) -> "object":
         mask_output=not args.no_mask_output, ct_standardise=args.ct_standardise, window=CTWindow(*args.ct_window), name=args.name,
         threads=args.threads, max_steps=args.max_steps, stop_after=args.stop_after, flip_tta=not args.no_flip_tta,
         checkpoint_every=args.checkpoint_every,
+        unpaired=UnpairedSettings(tuple(str(Path(u).resolve()) for u in args.unpaired_ct), args.unpaired_batch,
+                                  args.unpaired_consistency, args.unpaired_prior),
     ).check()
 
 

@@ -91,6 +91,29 @@ def _scanner_change(x: np.ndarray, rng: np.random.Generator, aug: Augment) -> np
     return x
 
 
+def ct_appearance(x: np.ndarray, rng: np.random.Generator, aug: Augment, gain: float, shift: float) -> np.ndarray:
+    """The CT channels (C, H, W, 0..1) as another window (``x·gain + shift``) and, when asked, another
+    scanner (:func:`_scanner_change`, drawing from ``rng``) would show them; the air stays exactly 0."""
+    out = np.clip(x * gain + shift, 0.0, 1.0)
+    if aug.gamma > 0 or aug.blur > 0 or aug.noise > 0:
+        out = np.clip(_scanner_change(out, rng, aug), 0.0, 1.0)
+    return np.where(x > 0, out, 0.0).astype(np.float32)
+
+
+def draw_geometry(rng: np.random.Generator, aug: Augment) -> tuple:
+    """(flip, angle in degrees, scale) of one item, drawn in the order every item draws them."""
+    flip = bool(rng.random() < aug.flip_prob)
+    angle = float(rng.uniform(-aug.rotate_deg, aug.rotate_deg))
+    scale = float(1.0 + rng.uniform(-aug.scale, aug.scale))
+    return flip, angle, scale
+
+
+def draw_window(rng: np.random.Generator, aug: Augment) -> tuple:
+    """(gain, shift) of the CT window jitter, drawn after :func:`draw_geometry`."""
+    return (float(1.0 + rng.uniform(-aug.intensity_scale, aug.intensity_scale)),
+            float(rng.uniform(-aug.intensity_shift, aug.intensity_shift)))
+
+
 def as_network_sees(cases, ct_standardise: Optional[float] = None) -> list:
     """The cases with their CT as the network gets it: standardised (:func:`intensity.standardise_ct`)
     when ``ct_standardise`` is set, else unchanged. Training data and the lookup table are built from these."""
@@ -131,15 +154,8 @@ class SliceDataset:
         aug = self.augment
         if aug.enabled:
             rng = np.random.default_rng((self.seed, self.epoch, int(index)))
-            flip = bool(rng.random() < aug.flip_prob)
-            angle = float(rng.uniform(-aug.rotate_deg, aug.rotate_deg))
-            scale = float(1.0 + rng.uniform(-aug.scale, aug.scale))
-            gain = float(1.0 + rng.uniform(-aug.intensity_scale, aug.intensity_scale))
-            shift = float(rng.uniform(-aug.intensity_shift, aug.intensity_shift))
+            flip, angle, scale = draw_geometry(rng, aug)
+            gain, shift = draw_window(rng, aug)
             both = _affine(np.concatenate([x, y]), angle, scale, flip)
-            x, y = both[:-1], both[-1:]
-            x = np.clip(x * gain + shift, 0.0, 1.0)
-            if aug.gamma > 0 or aug.blur > 0 or aug.noise > 0:
-                x = np.clip(_scanner_change(x, rng, aug), 0.0, 1.0)
-            x = np.where(both[:-1] > 0, x, 0.0).astype(np.float32)  # keep the air exactly 0
+            x, y = ct_appearance(both[:-1], rng, aug, gain, shift), both[-1:]
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..intensity import CTWindow
 from .dataset import Augment, SliceDataset, as_network_sees
+from .unpaired import UnpairedSettings, build_source
 
 LOSSES = ("mse", "l1", "l1+ssim", "laplace", "mse+gaussian")
 SCHEDULES = ("cosine", "exponential", "constant")
@@ -76,6 +77,7 @@ class TrainSettings:
     threads: int = 0  # torch CPU threads; 0 = all cores (divided between ranks)
     max_steps: int = 0  # stop each epoch after this many steps (smoke tests); 0 = full epochs
     stop_after: int = 0  # leave the run after this epoch (checkpointed, to be resumed); 0 = run to the end
+    unpaired: UnpairedSettings = field(default_factory=UnpairedSettings)  # CTs without MRI (training/unpaired.py)
     checkpoint_every: int = 1  # validate and checkpoint every N epochs (and after the last); a wide net's
     # checkpoint with Adam's state is ~90 MB, and dozens of runs sharing a GPU machine would write it every epoch
 
@@ -92,6 +94,7 @@ class TrainSettings:
             raise CTMRIError("--epochs, --batch-size and --base must be positive, --context non-negative")
         if self.checkpoint_every < 1:
             raise CTMRIError("--checkpoint-every must be at least 1 (epochs)")
+        self.unpaired.check()
         return self
 
 
@@ -332,7 +335,8 @@ def _mean_metrics(cases, net, settings: TrainSettings, device: str) -> dict:
 
 
 # Settings added after checkpoints already existed: an older checkpoint was made with these values.
-_SAVED_DEFAULTS = {"lookup_residual": False, "lookup_sigma": 0.0, "ct_standardise": None}
+_SAVED_DEFAULTS = {"lookup_residual": False, "lookup_sigma": 0.0, "ct_standardise": None,
+                   "unpaired": json.loads(json.dumps(asdict(UnpairedSettings())))}
 
 
 def _check_resumable(saved: dict, settings: TrainSettings, path: Path) -> None:
@@ -341,7 +345,7 @@ def _check_resumable(saved: dict, settings: TrainSettings, path: Path) -> None:
 
     now = json.loads(json.dumps(asdict(settings), default=str))
     keys = ("base", "levels", "norm", "lookup_residual", "lookup_sigma", "ct_standardise", "context", "loss",
-            "batch_size", "seed", "size")
+            "batch_size", "seed", "size", "unpaired")
     then = {**_SAVED_DEFAULTS, **saved}  # a key an older checkpoint lacks had its default value then
     differ = [k for k in keys if k in then and then[k] != now[k]]
     if differ:
@@ -438,6 +442,8 @@ def train(
             print(f"resuming {out_dir} at epoch {start_epoch + 1} of {settings.epochs}", flush=True)
 
     dataset = SliceDataset(seen, settings.context, settings.augment, settings.seed)
+    unpaired, unpaired_record = build_source(settings.unpaired, seen, settings.window, settings.size, settings.context,
+                                             settings.augment, settings.seed, settings.head_threshold)
     sampler = None
     if dist.active:
         from torch.utils.data.distributed import DistributedSampler
@@ -481,23 +487,32 @@ def train(
         )
         model.train()
         total, count, steps = 0.0, 0, 0
+        unpaired_terms = np.zeros(2)  # consistency, prior: summed over the epoch's steps
         bar = None
         if progress_bar and dist.main:
             from tqdm import tqdm
 
             bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{settings.epochs}", leave=False, mininterval=2.0)
         for x, y in loader:
+            n = x.shape[0]
+            if unpaired is not None:  # one forward pass: batch norm sees the paired and unpaired slices together
+                plain, augmented = unpaired.batch(epoch, steps, dist.rank)
+                x = torch.cat([x, plain, augmented])
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=cuda and settings.amp):
                 pred = model(x)
-            loss = loss_fn(pred.float(), y)
+            loss = loss_fn(pred[:n].float(), y)
+            if unpaired is not None:
+                extra, terms = unpaired.loss(pred[n:].float(), x[n : n + plain.shape[0]])
+                loss = loss + extra
+                unpaired_terms += terms
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            total += float(loss.detach()) * x.shape[0]
-            count += x.shape[0]
+            total += float(loss.detach()) * n
+            count += n
             steps += 1
             if bar is not None:
                 bar.update(1)
@@ -514,7 +529,10 @@ def train(
             td.all_reduce(t)
             epoch_loss = float(t[0] / max(1.0, float(t[1])))
         with open(out_dir / "ranks" / f"rank{dist.rank}.log", "a") as fh:
-            fh.write(f"rank {dist.rank}/{dist.world} epoch {epoch + 1} steps {steps} slices {count} loss {total / max(1, count):.6f}\n")
+            unpaired_note = "" if unpaired is None else (
+                f" unpaired consistency {unpaired_terms[0] / max(1, steps):.6f} prior {unpaired_terms[1] / max(1, steps):.6f}")
+            fh.write(f"rank {dist.rank}/{dist.world} epoch {epoch + 1} steps {steps} slices {count} loss {total / max(1, count):.6f}"
+                     f"{unpaired_note}\n")
 
         row = {"epoch": epoch + 1, "loss": epoch_loss, "val_mae": None, "val_ssim": None, "val_ssim_foreground": None, "lr": lr}
         stopping = bool(settings.stop_after and epoch + 1 >= settings.stop_after)
@@ -546,6 +564,7 @@ def train(
                     state["best_model"] = best_state
                 _atomic_torch_save(state, ckpt_path)
             message = f"epoch {epoch + 1}/{settings.epochs} loss {epoch_loss:.5f} lr {lr:.2e} {row['seconds']:.1f}s"
+            message += unpaired_note
             if row["val_mae"] is not None:
                 message += f" | held-out MAE {row['val_mae']:.2f} SSIM {row['val_ssim']:.4f} (fg {row['val_ssim_foreground']:.4f})"
             print(message, flush=True)
@@ -588,6 +607,7 @@ def train(
             "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 2) if history else None,
             "parameters": count_parameters(net),
             "command": command,
+            **({"unpaired": unpaired_record} if unpaired_record else {}),
         }
         config = build_config(
             settings,

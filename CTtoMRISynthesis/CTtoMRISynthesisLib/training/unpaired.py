@@ -1,0 +1,177 @@
+"""Unpaired CT in training: CTs with no MRI (other scanners, other hospitals) that adapt the model to them.
+
+``ctmri train --unpaired-ct PATH …`` adds, at every step, a few slices of these CTs to the paired batch
+(one forward pass, so batch norm sees both) and two terms to the paired loss:
+
+- **consistency**: each unpaired slice is rendered twice with the same geometry (flip, rotation, scale),
+  once plain and once through the trainer's CT window and scanner augmentation; the synthetic MRI of the
+  second must equal that of the first (held fixed), inside the head: squared difference, 0..1 scale.
+- **T2 prior**: the plain rendering's synthetic MRI, inside the head, must have the grey-level
+  distribution of the training patients' MRI inside their heads: the mean squared difference of the two
+  distributions' quantiles (a 1D Wasserstein-2 distance). It asks only that the output be as contrasted
+  as a T2 is, not where: no CSF or tissue mask enters it, so the CT-derived masks that score CSF contrast
+  (``experiments/external_ct.py``) stay independent of it. Where the network puts the bright and dark
+  values is left to what the paired data taught it.
+
+Why: an MSE fit regresses ambiguous voxels towards an average grey, and on CT from elsewhere the model
+gives CSF only ~1.4 × brain tissue where a T2 gives ~1.7 (model card, "On CT the model never saw").
+These terms use the foreign CTs themselves, without an MRI of them.
+
+An unpaired path is a folder of 2D slices (PNG etc., stacked in the order of the numbers in their names,
+as one patient's CT), a volume file or a DICOM folder (as ``ctmri synthesize`` reads them). Each CT is
+normalised and put on the model's axial grid exactly as inference does.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import CTMRIError
+from ..intensity import CTWindow, head_mask, normalise_ct
+from .dataset import Augment, _affine, ct_appearance, draw_geometry, draw_window
+from .discovery import IMAGE_SUFFIXES
+
+QUANTILES = np.linspace(0.005, 0.995, 100)  # where the two grey-level distributions are compared
+
+
+@dataclass(frozen=True)
+class UnpairedSettings:
+    """The unpaired CTs and the weights of their two loss terms (recorded in the weights config)."""
+
+    paths: tuple = ()
+    batch: int = 4  # unpaired slices added to each step
+    consistency: float = 1.0  # weight of the consistency term
+    prior: float = 1.0  # weight of the T2 prior term
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.paths) and (self.consistency > 0 or self.prior > 0)
+
+    def check(self) -> "UnpairedSettings":
+        if self.batch < 1 or self.consistency < 0 or self.prior < 0:
+            raise CTMRIError("--unpaired-batch must be positive, --unpaired-consistency and --unpaired-prior ≥ 0")
+        return self
+
+
+def _number_key(path: Path) -> tuple:
+    """Natural order of slice files: ``CT (2).png`` before ``CT (10).png``."""
+    return tuple(int(n) for n in re.findall(r"\d+", path.stem)), path.name
+
+
+def read_unpaired_ct(path: str | Path):
+    """A CT without MRI as a SimpleITK image: a folder of 2D slices stacked (spacing 1), else a volume file
+    or a DICOM folder."""
+    import SimpleITK as sitk
+
+    from ..dicom import read_input
+    from .discovery import _read_slice  # the paired trainer's slice reader: RGB(A) → grey
+
+    path = Path(path)
+    if not path.exists():
+        raise CTMRIError(f"--unpaired-ct {path}: no such file or folder")
+    slices = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_number_key) if path.is_dir() else []
+    if not slices:
+        return read_input(path, "unpaired CT")[0]
+    planes = [_read_slice(p) for p in slices]
+    if len({p.shape for p in planes}) != 1:
+        raise CTMRIError(f"--unpaired-ct {path}: the slices differ in size; one folder must hold one CT's slices")
+    stack = np.stack(planes)  # 8-bit slices stay 8-bit: a float array would be read as Hounsfield units
+    return sitk.GetImageFromArray(stack if stack.max() > 255 or stack.min() < 0 else np.round(stack).astype(np.uint8))
+
+
+def on_model_grid(image, window: CTWindow, size: int) -> np.ndarray:
+    """The CT normalised to 0..255 and resampled onto the model's axial grid, as inference does it."""
+    import SimpleITK as sitk
+
+    from .. import geometry
+
+    ct255, _ = normalise_ct(sitk.GetArrayFromImage(image), window)
+    grid = geometry.model_grid(image, size)
+    resampled = geometry.resample(geometry.array_on_grid(ct255, image), grid, None, default_value=0.0)
+    return sitk.GetArrayFromImage(resampled).astype(np.float32)
+
+
+def mri_quantiles(cases, head_threshold: float) -> np.ndarray:
+    """Quantiles (0..1 scale) of the training patients' MRI inside their CT head masks: the T2 prior."""
+    values = [case.mri[head_mask(case.ct, head_threshold)] for case in cases]
+    pooled = np.concatenate([v for v in values if v.size]) if values else np.zeros(0)
+    if pooled.size == 0:
+        raise CTMRIError("the training patients have no head voxels to take the MRI's grey-level distribution from")
+    return (np.quantile(pooled, QUANTILES) / 255.0).astype(np.float32)
+
+
+class UnpairedSource:
+    """Draws unpaired slices for each step and scores the synthetic MRI the network makes of them."""
+
+    def __init__(self, volumes: Sequence[np.ndarray], target_quantiles: np.ndarray, settings: UnpairedSettings,
+                 context: int, augment: Augment, seed: int, head_threshold: float) -> None:
+        from ..synthesis import stack_context
+
+        if not volumes:
+            raise CTMRIError("no unpaired CT slices to train on")
+        self.inputs = np.concatenate([stack_context(v / 255.0, context) for v in volumes]).astype(np.float32)
+        self.target = target_quantiles
+        self.settings = settings
+        self.augment = augment
+        self.seed = int(seed)
+        self.threshold = head_threshold / 255.0
+        self.centre = context  # the slice's own channel
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def batch(self, epoch: int, step: int, rank: int = 0):
+        """(plain, augmented) renderings of ``settings.batch`` slices, (n, C, H, W) tensors each; drawn
+        from ``(seed, epoch, step, rank)`` only, so that a run is reproducible and resumable."""
+        import torch
+
+        rng = np.random.default_rng((self.seed, epoch, step, rank, 7))
+        plain, augmented = [], []
+        for index in rng.integers(0, len(self), self.settings.batch):
+            flip, angle, scale = draw_geometry(rng, self.augment)
+            x = _affine(self.inputs[index], angle, scale, flip)
+            plain.append(np.where(x > 0, np.clip(x, 0.0, 1.0), 0.0))
+            augmented.append(ct_appearance(x, rng, self.augment, *draw_window(rng, self.augment)))
+        as_tensor = lambda arrays: torch.from_numpy(np.ascontiguousarray(np.stack(arrays), dtype=np.float32))  # noqa: E731
+        return as_tensor(plain), as_tensor(augmented)
+
+    def losses(self, pred_plain, pred_augmented, plain):
+        """(consistency, prior) of the synthetic MRI (channel 0, 0..1) of the two renderings."""
+        import torch
+
+        head = plain[:, self.centre : self.centre + 1] > self.threshold
+        mu_plain, mu_aug = pred_plain[:, :1], pred_augmented[:, :1]
+        zero = mu_plain.sum() * 0.0
+        if not bool(head.any()):
+            return zero, zero
+        consistency = ((mu_aug - mu_plain.detach())[head] ** 2).mean()
+        q = torch.as_tensor(QUANTILES, dtype=mu_plain.dtype, device=mu_plain.device)
+        target = torch.as_tensor(self.target, dtype=mu_plain.dtype, device=mu_plain.device)
+        prior = ((torch.quantile(mu_plain[head], q) - target) ** 2).mean()
+        return consistency, prior
+
+    def loss(self, pred, plain):
+        """The weighted sum of both terms; ``pred`` = the network's output on ``cat([plain, augmented])``."""
+        n = plain.shape[0]
+        consistency, prior = self.losses(pred[:n], pred[n:], plain)
+        return self.settings.consistency * consistency + self.settings.prior * prior, (float(consistency.detach()), float(prior.detach()))
+
+
+def build_source(settings: UnpairedSettings, train_cases, window: CTWindow, size: int, context: int,
+                 augment: Augment, seed: int, head_threshold: float):
+    """The :class:`UnpairedSource` of a run (None without unpaired CTs) and its record for the config."""
+    if not settings.enabled:
+        return None, None
+    volumes = [on_model_grid(read_unpaired_ct(p), window, size) for p in settings.paths]
+    source = UnpairedSource(volumes, mri_quantiles(train_cases, head_threshold), settings, context, augment, seed,
+                            head_threshold)
+    record = {"paths": [str(p) for p in settings.paths], "slices": [int(v.shape[0]) for v in volumes],
+              "batch": settings.batch, "consistency_weight": settings.consistency, "prior_weight": settings.prior,
+              "terms": "consistency (plain vs augmented rendering, MSE in head) + T2 prior (Wasserstein-2 of "
+                       "in-head grey levels to the training MRI's)"}
+    return source, record
