@@ -176,3 +176,40 @@ def test_training_with_unpaired_ct_records_it_and_refuses_other_unpaired_setting
     assert record["paths"] == list(unpaired.paths) and record["slices"] == [6] and record["prior_weight"] == 1.0
     # Inference needs nothing of it: the model file is an ordinary one.
     assert json.dumps(read_config(run / "model.safetensors")["preprocessing"])
+
+
+@needs_torch
+def test_pooled_prior_lets_one_batch_deviate_where_the_per_batch_prior_forces_it(cases_2d):
+    """A batch of only bright voxels (a slice through a large CSF-filled cyst): the per-batch prior pulls it
+    towards a T2's whole distribution; pooled over a memory that holds T2-distributed outputs, it stays."""
+    import torch
+
+    per_batch, pooled = _source(cases_2d, batch=1), _source(cases_2d, batch=1, memory=20)
+    plain, _ = per_batch.batch(epoch=0, step=0)
+    head = plain[:, 1:2] > 10 / 255
+    n = int(head.sum())
+    rng = np.random.default_rng(1)
+    for _ in range(19):  # earlier steps whose outputs were distributed as the T2
+        typical = torch.zeros(1, 1, 256, 256)
+        typical[head] = torch.from_numpy(np.interp(rng.random(n), QUANTILES, per_batch.target).astype(np.float32))
+        pooled.losses(typical, typical, plain)
+    bright = torch.zeros(1, 1, 256, 256)
+    bright[head] = float(np.interp(0.95, QUANTILES, per_batch.target))
+    _, forced = per_batch.losses(bright, bright, plain)
+    _, kept = pooled.losses(bright, bright, plain)
+    assert float(kept) < 0.15 * float(forced)  # not 0: this batch is itself 1/20 of the memory
+    assert len(pooled.memory) == 20  # the memory holds the last 20 steps, no more
+    pooled.losses(bright, bright, plain)
+    assert len(pooled.memory) == 20
+
+
+def test_resuming_a_checkpoint_made_before_the_memory_setting_is_the_same_recipe(tmp_path):
+    from CTtoMRISynthesisLib.training.loop import TrainSettings, _check_resumable
+
+    saved = {"base": 4, "levels": 5, "norm": "batch", "context": 1, "loss": "mse", "batch_size": 16, "seed": 0,
+             "size": 256, "unpaired": {"paths": ["a"], "batch": 4, "consistency": 0.0, "prior": 1.0}}
+    same = TrainSettings(base=4, context=1, unpaired=UnpairedSettings(paths=("a",), consistency=0.0))
+    _check_resumable(saved, same, tmp_path / "checkpoint.pt")
+    with pytest.raises(CTMRIError, match="unpaired"):
+        _check_resumable(saved, TrainSettings(base=4, context=1, unpaired=UnpairedSettings(paths=("a",), consistency=0.0, memory=5)),
+                         tmp_path / "checkpoint.pt")
