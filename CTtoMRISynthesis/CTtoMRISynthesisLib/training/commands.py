@@ -91,13 +91,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                           help="CTs without MRI, each a folder of one CT's 2D slices, a volume file or a DICOM folder; "
                                "a few of their slices join every step with a consistency and a T2-prior term")
     unpaired.add_argument("--unpaired-batch", type=int, default=4, metavar="N", help="unpaired slices per step")
-    unpaired.add_argument("--unpaired-consistency", type=float, default=1.0, metavar="W",
-                          help="weight of the consistency term (plain vs augmented rendering of the same slice)")
+    unpaired.add_argument("--unpaired-consistency", type=float, default=0.0, metavar="W",
+                          help="weight of the consistency term (plain vs augmented rendering of the same slice; "
+                               "default 0: measured, it flattens the synthetic MRI's contrast, model card round 7)")
     unpaired.add_argument("--unpaired-prior", type=float, default=1.0, metavar="W",
                           help="weight of the T2 prior (in-head grey levels distributed as the training MRI's)")
-    unpaired.add_argument("--unpaired-memory", type=int, default=0, metavar="STEPS",
-                          help="pool the T2 prior over the outputs of the last STEPS steps (0: each batch alone, "
-                               "which forces every batch to a T2's share of bright voxels)")
     run = p.add_argument_group("running")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--workers", type=int, default=4, help="DataLoader worker processes (paper: 4)")
@@ -136,7 +134,7 @@ def settings_from_args(args) -> "object":
         threads=args.threads, max_steps=args.max_steps, stop_after=args.stop_after, flip_tta=not args.no_flip_tta,
         checkpoint_every=args.checkpoint_every,
         unpaired=UnpairedSettings(tuple(str(Path(u).resolve()) for u in args.unpaired_ct), args.unpaired_batch,
-                                  args.unpaired_consistency, args.unpaired_prior, args.unpaired_memory),
+                                  args.unpaired_consistency, args.unpaired_prior),
     ).check()
 
 

@@ -13,16 +13,15 @@
   (``experiments/external_ct.py``) stay independent of it. Where the network puts the bright and dark
   values is left to what the paired data taught it.
 
-  Per batch (``memory`` 0) it forces every few slices to hold a T2's share of bright voxels, which a head
-  with a large CSF-filled cyst does not: measured, it turned such a cyst dark (model card, round 7). With
-  ``memory`` K ≥ 1 it is pooled instead: each in-head voxel is pulled towards the T2 grey level at its
-  rank among the values of the last K steps (histogram matching against a memory of detached outputs),
-  so a batch may deviate from the T2 distribution as long as the CTs as a whole do not. The memory
-  starts empty, also on ``--resume``.
-
 Why: an MSE fit regresses ambiguous voxels towards an average grey, and on CT from elsewhere the model
 gives CSF only ~1.4 × brain tissue where a T2 gives ~1.7 (model card, "On CT the model never saw").
 These terms use the foreign CTs themselves, without an MRI of them.
+
+What was measured (model card, "Recipes compared", round 7; not in the shipped model): the prior alone
+raises CSF contrast on most foreign CTs, but it holds each batch of slices to a T2's usual share of bright
+voxels, so a head with a large CSF-filled cyst gets the cyst dark — a wrong contrast where it matters
+most. The consistency term flattens the contrast (two renderings agree most easily on a grey field) and
+is off by default. Both are options for research, not a recipe to adopt without checking such heads.
 
 An unpaired path is a folder of 2D slices (PNG etc., stacked in the order of the numbers in their names,
 as one patient's CT), a volume file or a DICOM folder (as ``ctmri synthesize`` reads them). Each CT is
@@ -44,7 +43,6 @@ from .dataset import Augment, _affine, ct_appearance, draw_geometry, draw_window
 from .discovery import IMAGE_SUFFIXES
 
 QUANTILES = np.linspace(0.005, 0.995, 100)  # where the two grey-level distributions are compared
-MEMORY_SAMPLES = 8192  # in-head output values a step leaves in the pooled prior's memory
 
 
 @dataclass(frozen=True)
@@ -53,18 +51,16 @@ class UnpairedSettings:
 
     paths: tuple = ()
     batch: int = 4  # unpaired slices added to each step
-    consistency: float = 1.0  # weight of the consistency term
+    consistency: float = 0.0  # weight of the consistency term (measured: it flattens the contrast; off)
     prior: float = 1.0  # weight of the T2 prior term
-    memory: int = 0  # steps of outputs the T2 prior pools over (0: each batch on its own)
 
     @property
     def enabled(self) -> bool:
         return bool(self.paths) and (self.consistency > 0 or self.prior > 0)
 
     def check(self) -> "UnpairedSettings":
-        if self.batch < 1 or self.consistency < 0 or self.prior < 0 or self.memory < 0:
-            raise CTMRIError("--unpaired-batch must be positive, --unpaired-consistency, --unpaired-prior and "
-                             "--unpaired-memory ≥ 0")
+        if self.batch < 1 or self.consistency < 0 or self.prior < 0:
+            raise CTMRIError("--unpaired-batch must be positive, --unpaired-consistency and --unpaired-prior ≥ 0")
         return self
 
 
@@ -131,8 +127,6 @@ class UnpairedSource:
         self.seed = int(seed)
         self.threshold = head_threshold / 255.0
         self.centre = context  # the slice's own channel
-        self.memory: list = []  # detached samples of recent in-head outputs (the pooled prior)
-        self.generator = None
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
@@ -162,41 +156,16 @@ class UnpairedSource:
         if not bool(head.any()):
             return zero, zero
         consistency = ((mu_aug - mu_plain.detach())[head] ** 2).mean()
-        values = mu_plain[head]
-        q = torch.as_tensor(QUANTILES, dtype=values.dtype, device=values.device)
-        target = torch.as_tensor(self.target, dtype=values.dtype, device=values.device)
-        if self.settings.memory < 1:
-            return consistency, ((torch.quantile(values, q) - target) ** 2).mean()
-        return consistency, self._pooled_prior(values, q, target)
-
-    def _pooled_prior(self, values, q, target):
-        """Mean squared distance of each value to the T2 grey level at its rank among the remembered outputs."""
-        import torch
-
-        if self.generator is None:
-            self.generator = torch.Generator().manual_seed(self.seed)
-        keep = torch.randperm(values.numel(), generator=self.generator)[:MEMORY_SAMPLES].to(values.device)
-        self.memory = (self.memory + [values.detach()[keep]])[-self.settings.memory:]
-        pool = torch.sort(torch.cat(self.memory)).values
-        v = values.detach()  # mid-rank, so that tied values (a flat region) sit in the middle of their run
-        rank = (torch.searchsorted(pool, v) + torch.searchsorted(pool, v, right=True)).to(values.dtype) / (2 * pool.numel())
-        return ((values - _interp(rank, q, target)) ** 2).mean()
+        q = torch.as_tensor(QUANTILES, dtype=mu_plain.dtype, device=mu_plain.device)
+        target = torch.as_tensor(self.target, dtype=mu_plain.dtype, device=mu_plain.device)
+        prior = ((torch.quantile(mu_plain[head], q) - target) ** 2).mean()
+        return consistency, prior
 
     def loss(self, pred, plain):
         """The weighted sum of both terms; ``pred`` = the network's output on ``cat([plain, augmented])``."""
         n = plain.shape[0]
         consistency, prior = self.losses(pred[:n], pred[n:], plain)
         return self.settings.consistency * consistency + self.settings.prior * prior, (float(consistency.detach()), float(prior.detach()))
-
-
-def _interp(x, xp, fp):
-    """Piecewise-linear ``fp(xp)`` at ``x`` (torch tensors, ``xp`` increasing; constant beyond its ends)."""
-    import torch
-
-    i = torch.clamp(torch.searchsorted(xp, x), 1, xp.numel() - 1)
-    x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
-    t = torch.clamp((x - x0) / (x1 - x0), 0.0, 1.0)
-    return f0 + t * (f1 - f0)
 
 
 def build_source(settings: UnpairedSettings, train_cases, window: CTWindow, size: int, context: int,
@@ -209,7 +178,6 @@ def build_source(settings: UnpairedSettings, train_cases, window: CTWindow, size
                             head_threshold)
     record = {"paths": [str(p) for p in settings.paths], "slices": [int(v.shape[0]) for v in volumes],
               "batch": settings.batch, "consistency_weight": settings.consistency, "prior_weight": settings.prior,
-              "prior_memory_steps": settings.memory,
               "terms": "consistency (plain vs augmented rendering, MSE in head) + T2 prior (Wasserstein-2 of "
                        "in-head grey levels to the training MRI's)"}
     return source, record
