@@ -170,3 +170,43 @@ def test_cv_report_baselines_leave_out_what_the_runs_excluded(phantom_slices, tm
     assert float(rows[("16", "lookup_table")]["mae"]) != pytest.approx(
         compute_metrics(cases["16"].mri, predict_lookup_table(with_2, cases["16"].ct))["mae"], rel=1e-4)
     assert "less 2 (excluded from the models' training)" in (out / "report.md").read_text()
+
+
+def test_a_member_taken_back_out_is_the_file_it_was_made_from(tmp_path, capsys):
+    """``weights member ENS K OUT``: member K's tensors and its training, split and metrics records; numpy
+    only (Slicer-stack jobs too); a file that is not an ensemble, or a member that is not there, refused."""
+    paths = []
+    for i in range(3):
+        config = {"model": {"base": 4, "in_channels": 3}, "preprocessing": {"size": 256, "context_slices": 1},
+                  "training": {"seed": i, "loss": "mse"}, "split": {"train_cases": ["16", "20", "28"][: i + 1]},
+                  "metrics": {"val_mae": 40.0 + i}}
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_state(paths[-1], {"w": np.full(3, float(i), np.float32), "b": np.arange(2, dtype=np.int64) + i}, config)
+    combine(paths, tmp_path / "ens.safetensors")
+    assert weights_main(["member", str(tmp_path / "ens.safetensors"), "2", str(tmp_path / "back.safetensors")]) == 0
+    assert "member 2" in capsys.readouterr().out
+    back = read_weights_file(tmp_path / "back.safetensors", framework="numpy")  # its .sha256 was written and matches
+    original = read_weights_file(paths[1], framework="numpy")
+    assert sorted(back["state_dict"]) == ["b", "w"]
+    for key, value in original["state_dict"].items():
+        np.testing.assert_array_equal(back["state_dict"][key], value)
+    for section in ("model", "preprocessing", "training", "split", "metrics"):
+        assert back["config"][section] == original["config"][section]
+    assert back["config"]["extracted_from"]["member_sha256"] == sha256_of(paths[1])
+    assert weights_main(["member", str(tmp_path / "ens.safetensors"), "4", str(tmp_path / "x.safetensors")]) == 2
+    assert "members 1 to 3" in capsys.readouterr().err
+    assert weights_main(["member", str(paths[0]), "1", str(tmp_path / "y.safetensors")]) == 2
+    assert "not an ensemble" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+
+
+@needs_torch
+def test_the_shipped_models_first_member_predicts_as_a_model_of_its_own(tmp_path):
+    """Member 1 of the shipped ensemble, taken out, loads as a single U-Net of the shipped architecture."""
+    from CTtoMRISynthesisLib.ensemble import extract
+    from CTtoMRISynthesisLib.weights import default_weights_path, load_model
+
+    config = extract(default_weights_path(), 1, tmp_path / "member1.safetensors")
+    loaded = load_model(tmp_path / "member1.safetensors")
+    assert type(loaded.net).__name__ == "UNet" and "members" not in config["model"]
+    assert config["split"]["train_cases"] == read_config(default_weights_path())["ensemble"][0]["split"]["train_cases"]

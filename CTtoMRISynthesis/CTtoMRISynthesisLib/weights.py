@@ -362,7 +362,8 @@ def convert_legacy(source: str | Path, target: str | Path) -> str:
 
 def main(argv: Optional[list] = None) -> int:
     """``python -m CTtoMRISynthesisLib.weights convert OLD.pt NEW.safetensors`` or
-    ``… ensemble OUT.safetensors MEMBER.safetensors MEMBER.safetensors …`` (:mod:`ensemble`)."""
+    ``… ensemble OUT.safetensors MEMBER.safetensors MEMBER.safetensors …`` or ``… member ENSEMBLE K OUT``
+    (:mod:`ensemble`)."""
     parser = argparse.ArgumentParser(prog="python -m CTtoMRISynthesisLib.weights",
                                      description="CTtoMRISynthesis model files")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -372,9 +373,19 @@ def main(argv: Optional[list] = None) -> int:
     ensemble = commands.add_parser("ensemble", help="make member model files into one ensemble model file")
     ensemble.add_argument("target", help=f"the ensemble model file to write ({SUFFIX}); its .sha256 beside it")
     ensemble.add_argument("members", nargs="+", help=f"member model files ({SUFFIX}, each with its .sha256)")
+    member = commands.add_parser("member", help="write one member of an ensemble model file as a model file of its own")
+    member.add_argument("source", help=f"the ensemble model file ({SUFFIX}, with its .sha256)")
+    member.add_argument("index", type=int, help="which member, 1-based (the order of the ensemble's config)")
+    member.add_argument("target", help=f"the model file to write ({SUFFIX}); its .sha256 beside it")
     args = parser.parse_args(argv)
     try:
-        if args.command == "ensemble":
+        if args.command == "member":
+            from .ensemble import extract
+
+            config = extract(args.source, args.index, args.target)
+            print(f"wrote {args.target}: member {args.index} of {args.source}, trained on "
+                  f"{', '.join(config['split'].get('train_cases', []))}")
+        elif args.command == "ensemble":
             from .ensemble import combine
 
             config = combine(args.members, args.target)
