@@ -87,7 +87,6 @@ def combine(member_paths: list, out_path) -> dict:
     return config
 
 
-
 def extract(ensemble_path, index: int, out_path) -> dict:
     """Write member ``index`` (1-based) of the ensemble ``ensemble_path`` as a model file of its own; return its config."""
     blob = read_weights_file(ensemble_path, framework="numpy")

@@ -89,7 +89,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     unpaired = p.add_argument_group("unpaired CT (no MRI): adapting to other scanners and hospitals (training/unpaired.py)")
     unpaired.add_argument("--unpaired-ct", nargs="+", default=[], metavar="PATH",
                           help="CTs without MRI, each a folder of one CT's 2D slices, a volume file or a DICOM folder; "
-                               "a few of their slices join every step with a consistency and a T2-prior term")
+                               "a few of their slices join every step with a T2-prior term (and a consistency term if "
+                               "--unpaired-consistency is above 0)")
     unpaired.add_argument("--unpaired-batch", type=int, default=4, metavar="N", help="unpaired slices per step")
     unpaired.add_argument("--unpaired-consistency", type=float, default=0.0, metavar="W",
                           help="weight of the consistency term (plain vs augmented rendering of the same slice; "
