@@ -176,3 +176,77 @@ def test_training_with_unpaired_ct_records_it_and_refuses_other_unpaired_setting
     assert record["paths"] == list(unpaired.paths) and record["slices"] == [6] and record["prior_weight"] == 1.0
     # Inference needs nothing of it: the model file is an ordinary one.
     assert json.dumps(read_config(run / "model.safetensors")["preprocessing"])
+
+
+def test_mri_given_ct_is_the_training_mri_per_ct_grey_level(cases_2d):
+    from CTtoMRISynthesisLib.training.unpaired import CT_BINS, mri_given_ct
+
+    given = mri_given_ct(cases_2d, 10.0)
+    assert given.shape == (CT_BINS, 256) and np.allclose(given.sum(axis=1), 1.0, atol=1e-5)
+    ct = np.concatenate([c.ct[head_mask(c.ct, 10.0)] for c in cases_2d])
+    mri = np.concatenate([c.mri[head_mask(c.ct, 10.0)] for c in cases_2d])
+    busiest = np.bincount((ct * CT_BINS / 256).astype(int), minlength=CT_BINS).argmax()
+    in_bin = (ct * CT_BINS / 256).astype(int) == busiest
+    assert given[busiest] @ np.arange(256) == pytest.approx(np.round(mri[in_bin]).mean(), abs=0.01)
+    empty = np.bincount((ct * CT_BINS / 256).astype(int), minlength=CT_BINS) == 0
+    if empty.any():  # a CT grey level the training heads never have: the pooled MRI distribution
+        np.testing.assert_allclose(given[np.argmax(empty)], np.bincount(np.round(mri).astype(int), minlength=256) / mri.size, atol=1e-6)
+
+
+@needs_torch
+def test_ct_conditioned_target_follows_the_batch_ct():
+    """Two CT bins: dark CT → MRI bright (grey 200), mid CT → MRI grey 100. A batch with 30 % dark voxels
+    asks for 30 % bright ones, a batch through a cyst with 60 % for 60 %: the prior follows the head's own
+    CSF volume instead of one share for every batch."""
+    import torch
+
+    from CTtoMRISynthesisLib.training.unpaired import CT_BINS, conditioned_quantiles
+
+    given = torch.zeros(CT_BINS, 256)
+    given[:, 100] = 1.0
+    given[2, 100], given[2, 200] = 0.0, 1.0  # CT 8..11 (0..255) is CSF-like
+    for dark_share in (0.3, 0.6):
+        ct = torch.cat([torch.full((int(1000 * dark_share),), 9 / 255), torch.full((1000 - int(1000 * dark_share),), 120 / 255)])
+        target = conditioned_quantiles(ct, given).numpy() * 255
+        np.testing.assert_allclose(np.mean(target > 150), dark_share, atol=0.011)
+        assert set(np.round(target).astype(int)) == {100, 200}
+
+
+@needs_torch
+def test_ct_conditioned_prior_term(cases_2d):
+    """With ``by_ct`` the prior is ~0 for a prediction distributed as the batch's own conditioned target
+    and not for one distributed as the pooled target."""
+    import torch
+
+    from CTtoMRISynthesisLib.training.unpaired import conditioned_quantiles, mri_given_ct
+
+    given = mri_given_ct(cases_2d, 10.0)
+    source = UnpairedSource([c.ct for c in cases_2d[:2]], mri_quantiles(cases_2d, 10.0),
+                            UnpairedSettings(paths=("p",), batch=2, by_ct=True), 1, SCANNER, 5, 10.0, given)
+    plain, _ = source.batch(epoch=0, step=0)
+    head = plain[:, 1:2] > 10 / 255
+    target = conditioned_quantiles(plain[:, 1:2][head], torch.from_numpy(given)).numpy()
+    n = int(head.sum())
+    rng = np.random.default_rng(0)
+
+    def spread(quantiles):
+        prediction = torch.zeros(2, 1, 256, 256)
+        prediction[head] = torch.from_numpy(rng.permutation(np.interp(np.linspace(0, 1, n), QUANTILES, quantiles)).astype(np.float32))
+        return prediction
+
+    _, p_own = source.losses(spread(target), spread(target), plain)
+    _, p_pooled = source.losses(spread(source.target), spread(source.target), plain)
+    assert float(p_own) < 2e-4 and float(p_pooled) > 5 * float(p_own)
+
+
+def test_an_unpaired_checkpoint_from_before_by_ct_still_resumes(tmp_path):
+    from dataclasses import asdict
+
+    from CTtoMRISynthesisLib.training.loop import TrainSettings, _check_resumable
+
+    settings = TrainSettings(unpaired=UnpairedSettings(paths=("a",)))
+    saved = json.loads(json.dumps(asdict(settings), default=str))
+    del saved["unpaired"]["by_ct"]  # as the round-7 checkpoints were written
+    _check_resumable(saved, settings, tmp_path)
+    with pytest.raises(CTMRIError, match="unpaired"):
+        _check_resumable(saved, TrainSettings(unpaired=UnpairedSettings(paths=("a",), by_ct=True)), tmp_path)

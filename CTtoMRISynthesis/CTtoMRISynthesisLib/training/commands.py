@@ -97,6 +97,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                                "default 0: measured, it flattens the synthetic MRI's contrast, model card round 7)")
     unpaired.add_argument("--unpaired-prior", type=float, default=1.0, metavar="W",
                           help="weight of the T2 prior (in-head grey levels distributed as the training MRI's)")
+    unpaired.add_argument("--unpaired-prior-by-ct", action="store_true",
+                          help="the T2 prior's target follows each batch's CT: the training MRI's grey levels given "
+                               "each CT grey level, mixed as the batch's own CT histogram (a head with more CSF "
+                               "gets more T2-bright voxels) instead of one distribution for every batch")
     run = p.add_argument_group("running")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--workers", type=int, default=4, help="DataLoader worker processes (paper: 4)")
@@ -135,7 +139,7 @@ def settings_from_args(args) -> "object":
         threads=args.threads, max_steps=args.max_steps, stop_after=args.stop_after, flip_tta=not args.no_flip_tta,
         checkpoint_every=args.checkpoint_every,
         unpaired=UnpairedSettings(tuple(str(Path(u).resolve()) for u in args.unpaired_ct), args.unpaired_batch,
-                                  args.unpaired_consistency, args.unpaired_prior),
+                                  args.unpaired_consistency, args.unpaired_prior, args.unpaired_prior_by_ct),
     ).check()
 
 

@@ -347,6 +347,7 @@ def _check_resumable(saved: dict, settings: TrainSettings, path: Path) -> None:
     keys = ("base", "levels", "norm", "lookup_residual", "lookup_sigma", "ct_standardise", "context", "loss",
             "batch_size", "seed", "size", "unpaired")
     then = {**_SAVED_DEFAULTS, **saved}  # a key an older checkpoint lacks had its default value then
+    then["unpaired"] = {**_SAVED_DEFAULTS["unpaired"], **then["unpaired"]}  # so had an unpaired setting added later
     differ = [k for k in keys if k in then and then[k] != now[k]]
     if differ:
         raise CTMRIError(

@@ -53,6 +53,7 @@ class UnpairedSettings:
     batch: int = 4  # unpaired slices added to each step
     consistency: float = 0.0  # weight of the consistency term (measured: it flattens the contrast; off)
     prior: float = 1.0  # weight of the T2 prior term
+    by_ct: bool = False  # the prior's target: the training MRI given each CT grey level, mixed as the batch's CT
 
     @property
     def enabled(self) -> bool:
@@ -102,6 +103,40 @@ def on_model_grid(image, window: CTWindow, size: int) -> np.ndarray:
     return sitk.GetArrayFromImage(resampled).astype(np.float32)
 
 
+CT_BINS = 64  # CT grey levels (0..255) of the CT-conditioned prior, 4 levels a bin
+
+
+def mri_given_ct(cases, head_threshold: float) -> np.ndarray:
+    """P(MRI grey level | CT bin) of the training patients inside their CT head masks: a (CT_BINS, 256) array
+    whose rows sum to 1; a CT bin no training voxel falls in takes the pooled MRI distribution."""
+    joint = np.zeros((CT_BINS, 256))
+    for case in cases:
+        head = head_mask(case.ct, head_threshold)
+        ct_bin = np.clip(case.ct[head] * CT_BINS / 256.0, 0, CT_BINS - 1).astype(int)
+        mri = np.clip(np.round(case.mri[head]), 0, 255).astype(int)
+        np.add.at(joint, (ct_bin, mri), 1.0)
+    if joint.sum() == 0:
+        raise CTMRIError("the training patients have no head voxels to take the MRI's grey-level distribution from")
+    pooled = joint.sum(axis=0) / joint.sum()
+    rows = joint.sum(axis=1, keepdims=True)
+    return np.where(rows > 0, joint / np.maximum(rows, 1.0), pooled).astype(np.float32)
+
+
+def conditioned_quantiles(ct01, given_ct):
+    """The target quantiles (0..1) for one batch under the CT-conditioned prior: the mixture of the
+    training MRI's distributions given each CT bin, weighted by how many of the batch's head voxels
+    (``ct01``, their CT on the 0..1 scale) fall in that bin. A batch through a large cyst has many CT-dark
+    voxels, so its target has as many T2-bright ones: the prior follows each head's own CSF volume."""
+    import torch
+
+    bins = torch.clamp((ct01 * 255.0 * CT_BINS / 256.0).long(), 0, CT_BINS - 1)
+    weights = torch.bincount(bins, minlength=CT_BINS).to(given_ct.dtype)
+    cdf = torch.cumsum(weights / weights.sum() @ given_ct, 0)
+    q = torch.as_tensor(QUANTILES, dtype=cdf.dtype, device=cdf.device)
+    level = torch.searchsorted(cdf.contiguous(), q).clamp(max=255).to(cdf.dtype)  # first grey level reaching q
+    return level / 255.0
+
+
 def mri_quantiles(cases, head_threshold: float) -> np.ndarray:
     """Quantiles (0..1 scale) of the training patients' MRI inside their CT head masks: the T2 prior."""
     values = [case.mri[head_mask(case.ct, head_threshold)] for case in cases]
@@ -115,13 +150,15 @@ class UnpairedSource:
     """Draws unpaired slices for each step and scores the synthetic MRI the network makes of them."""
 
     def __init__(self, volumes: Sequence[np.ndarray], target_quantiles: np.ndarray, settings: UnpairedSettings,
-                 context: int, augment: Augment, seed: int, head_threshold: float) -> None:
+                 context: int, augment: Augment, seed: int, head_threshold: float,
+                 given_ct: np.ndarray | None = None) -> None:
         from ..synthesis import stack_context
 
         if not volumes:
             raise CTMRIError("no unpaired CT slices to train on")
         self.inputs = np.concatenate([stack_context(v / 255.0, context) for v in volumes]).astype(np.float32)
         self.target = target_quantiles
+        self.given_ct = given_ct  # (CT_BINS, 256) for the CT-conditioned prior (settings.by_ct), else None
         self.settings = settings
         self.augment = augment
         self.seed = int(seed)
@@ -157,7 +194,11 @@ class UnpairedSource:
             return zero, zero
         consistency = ((mu_aug - mu_plain.detach())[head] ** 2).mean()
         q = torch.as_tensor(QUANTILES, dtype=mu_plain.dtype, device=mu_plain.device)
-        target = torch.as_tensor(self.target, dtype=mu_plain.dtype, device=mu_plain.device)
+        if self.settings.by_ct:
+            given_ct = torch.as_tensor(self.given_ct, dtype=mu_plain.dtype, device=mu_plain.device)
+            target = conditioned_quantiles(plain[:, self.centre : self.centre + 1][head], given_ct)
+        else:
+            target = torch.as_tensor(self.target, dtype=mu_plain.dtype, device=mu_plain.device)
         prior = ((torch.quantile(mu_plain[head], q) - target) ** 2).mean()
         return consistency, prior
 
@@ -174,10 +215,12 @@ def build_source(settings: UnpairedSettings, train_cases, window: CTWindow, size
     if not settings.enabled:
         return None, None
     volumes = [on_model_grid(read_unpaired_ct(p), window, size) for p in settings.paths]
+    given_ct = mri_given_ct(train_cases, head_threshold) if settings.by_ct else None
     source = UnpairedSource(volumes, mri_quantiles(train_cases, head_threshold), settings, context, augment, seed,
-                            head_threshold)
+                            head_threshold, given_ct)
     record = {"paths": [str(p) for p in settings.paths], "slices": [int(v.shape[0]) for v in volumes],
               "batch": settings.batch, "consistency_weight": settings.consistency, "prior_weight": settings.prior,
+              "prior_by_ct": settings.by_ct,
               "terms": "consistency (plain vs augmented rendering, MSE in head) + T2 prior (Wasserstein-2 of "
-                       "in-head grey levels to the training MRI's)"}
+                       "in-head grey levels to the training MRI's" + (", given the batch's CT grey levels)" if settings.by_ct else ")")}
     return source, record
