@@ -12,7 +12,12 @@ below Otsu's threshold counts as CSF, partial-volume sulci included) and ``stric
 10 % of the intracranial box, brain tissue = its 40th–90th percentile): the real T2's ratio depends
 strongly on which. The last row counts the patients at or above the aim's 1.6, for the real T2 too.
 
-    python experiments/csf_contrast_cv.py RUN [RUN ...] [--data DIR]
+``--lookup`` adds the grey-level lookup table fit on the other T2 patients (leave-one-patient-out, patient 2
+left out as in the shipped model's training): the MSE-optimal prediction from each voxel's CT grey level
+alone, for comparison with what ``external_ct.py --lookup`` gives on other hospitals' CT. Without RUNs
+only the real MRI and the lookup table are measured.
+
+    python experiments/csf_contrast_cv.py [RUN ...] [--data DIR] [--lookup [--not-t2 2]]
 
 Numbers only; the data's images are not written anywhere.
 """
@@ -33,27 +38,38 @@ AIM = 1.6  # issue 11, aim 2: CSF / brain tissue of the synthetic MRI on every e
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="finished `ctmri train --cv loo` run folders")
+    parser.add_argument("runs", nargs="*", type=Path, help="finished `ctmri train --cv loo` run folders")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "harvard_aanlib_ct_mri_2d"))
+    parser.add_argument("--lookup", action="store_true", help="also the leave-one-out lookup table of the T2 patients")
+    parser.add_argument("--not-t2", nargs="*", default=["2"], metavar="ID", help="never in a lookup table (default 2)")
     args = parser.parse_args()
+    if not args.runs and not args.lookup:
+        parser.error("give RUN folders, --lookup, or both")
 
     from ensemble_cv import member_predictions
     from external_ct import masks_8bit, ratio
 
     from CTtoMRISynthesisLib.intensity import CTWindow
     from CTtoMRISynthesisLib.training.discovery import discover
+    from CTtoMRISynthesisLib.training.report import fit_lookup_table, predict_lookup_table
 
-    print("| patient | CSF / brain, real MRI (otsu) | synthetic (otsu) | real MRI (strict) | synthetic (strict) |")
-    print("|---|---|---|---|---|")
-    ratios = {key: [] for key in ("real otsu", "syn otsu", "real strict", "syn strict")}
+    sources = ["real"] + (["syn"] if args.runs else []) + (["lookup"] if args.lookup else [])
+    words = {"real": "real MRI", "syn": "synthetic", "lookup": "lookup table"}
+    ratios = {f"{source} {masks}": [] for masks in ("otsu", "strict") for source in sources}
+    print("| patient | " + " | ".join(f"{words[k.split()[0]]} ({k.split()[1]})" for k in ratios) + " |")
+    print("|---" * (len(ratios) + 1) + "|")
     cases = discover([args.data], CTWindow(45, 120))
     for case in cases:
-        syn = member_predictions(args.runs, case.case_id, cases)[0].mean(axis=0)
-        real = case.mri.astype(np.float32)
+        images = {"real": case.mri.astype(np.float32)}
+        if args.runs:
+            images["syn"] = member_predictions(args.runs, case.case_id, cases)[0].mean(axis=0)
+        if args.lookup:
+            others = [c for c in cases if c.case_id != case.case_id and c.case_id not in args.not_t2]
+            images["lookup"] = predict_lookup_table(fit_lookup_table(others), case.ct)
         m = masks_8bit(case.ct)
         for name, (csf, brain) in {"otsu": (m["csf"], m["brain"]), "strict": (m["csf_strict"], m["brain_strict"])}.items():
-            ratios[f"real {name}"].append(ratio(real, csf, brain))
-            ratios[f"syn {name}"].append(ratio(syn, csf, brain))
+            for source in sources:
+                ratios[f"{source} {name}"].append(ratio(images[source], csf, brain))
         print(f"| {case.case_id} | " + " | ".join(f"{ratios[k][-1]:.2f}" for k in ratios) + " |")
     print("| median | " + " | ".join(f"{np.median(v):.2f}" for v in ratios.values()) + " |")
     # the aim asks every external CT for >= 1.6: how often does the real T2 itself reach that here?

@@ -27,7 +27,14 @@ with the noise of thinner slices (white and correlated), reconstructed smoother 
 mean absolute difference between the two synthetic MRIs inside the head (0..255 scale), also as a share
 of the original's mean in the head.
 
-    python experiments/external_ct.py [--weights FILE] [--data ../shared/data]
+**Reference row** (``--lookup``): the CT→MRI grey-level lookup table fit on the Harvard T2 patients (the
+cross-validation's baseline: mean MRI per CT grey level, ``training/report.py``), applied to each CT as
+normalised for the model, twice: on the CT's own grid, and on the model's 256×256 axial grid and back (the
+path the network's input and output take, ``pipeline.synthesize``). The first shows what the training
+pairs' CT→T2 relation gives on these CTs when each voxel is judged by its CT grey level alone; the second
+what is left of it at the method's in-plane resolution (a 0.49 mm, 512² CT is seen at ~1 mm).
+
+    python experiments/external_ct.py [--weights FILE] [--data ../shared/data] [--no-robustness] [--lookup | --lookup-only]
 """
 
 from __future__ import annotations
@@ -207,14 +214,56 @@ def external_cts(data: Path):
         yield f"clinical CT {patient} (8-bit)", image, masks_8bit(sitk.GetArrayFromImage(image)), bit8_variants()
 
 
+def lookup_rows(data: Path, not_t2: list, size: int = 256) -> None:
+    """The reference row: the lookup table of the Harvard T2 patients on every external CT."""
+    from CTtoMRISynthesisLib.intensity import CTWindow, normalise_ct
+    from CTtoMRISynthesisLib.training import discovery
+    from CTtoMRISynthesisLib.training.report import fit_lookup_table, predict_lookup_table
+
+    window = CTWindow(45.0, 120.0)  # the shipped model's --ct-window
+    cases = [c for c in discovery.discover([data / "harvard_aanlib_ct_mri_2d"], window) if c.case_id not in not_t2]
+    table = fit_lookup_table(cases)
+    print(f"\nlookup table fit on Harvard patients {', '.join(c.case_id for c in cases)} (reference, not a method)")
+    print("\n| CT | CSF / brain, CT's grid | strict masks (8-bit) | CSF / brain, model grid | strict masks (8-bit) |")
+    print("|---|---|---|---|---|")
+    for name, image, masks, _ in external_cts(data):
+        ct255, _ = normalise_ct(sitk.GetArrayFromImage(image), window)
+        cells = []
+        for lookup in (predict_lookup_table(table, ct255), _lookup_on_model_grid(table, ct255, image, size)):
+            c = contrast(lookup * masks["head"], masks)
+            strict = "–" if np.isnan(c["csf_over_brain_strict"]) else f"{c['csf_over_brain_strict']:.2f}"
+            cells += [f"{c['csf_over_brain']:.2f}", strict]
+        print(f"| {name} | {' | '.join(cells)} |")
+
+
+def _lookup_on_model_grid(table: np.ndarray, ct255: np.ndarray, image: sitk.Image, size: int) -> np.ndarray:
+    """The lookup table applied where the network works: CT resampled onto the model grid, looked up,
+    resampled back onto the CT's grid (linear both ways, as ``pipeline.synthesize``)."""
+    from CTtoMRISynthesisLib import geometry
+    from CTtoMRISynthesisLib.training.report import predict_lookup_table
+
+    grid = geometry.model_grid(image, size)
+    on_grid = geometry.resample(geometry.array_on_grid(ct255, image), grid, None, default_value=0.0)
+    looked_up = predict_lookup_table(table, sitk.GetArrayFromImage(on_grid))
+    back = geometry.resample(geometry.array_on_grid(looked_up, grid), image, None, default_value=0.0)
+    return sitk.GetArrayFromImage(back).astype(np.float32)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", help="model file (default: the shipped model)")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--no-robustness", action="store_true")
+    parser.add_argument("--lookup", action="store_true", help="also the Harvard T2 patients' lookup table (reference rows)")
+    parser.add_argument("--lookup-only", action="store_true", help="only the lookup table's reference rows (no model)")
+    parser.add_argument("--not-t2", nargs="*", default=["2"], metavar="ID",
+                        help="Harvard patients left out of the lookup table (default 2: FLAIR/PD-like MRI)")
     args = parser.parse_args()
-    model = load_model(args.weights)
     data = Path(args.data)
+    if args.lookup_only:
+        lookup_rows(data, args.not_t2)
+        return 0
+    model = load_model(args.weights)
     print(f"model: {model.path}")
     print("\n| CT | CSF voxels | brain voxels | CSF / brain (aim ≥ 1.6) | CSF / brain, strict masks (8-bit) | "
           "signal outside the head (aim ≤ 0.5 %) |")
@@ -238,6 +287,8 @@ def main() -> int:
         for name, res in robust:
             for variant, (mae, share) in res.items():
                 print(f"| {name} | {variant} | {mae:.2f} | {100 * share:.1f} % |")
+    if args.lookup:
+        lookup_rows(data, args.not_t2)
     return 0
 
 
