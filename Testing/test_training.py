@@ -214,6 +214,46 @@ def test_augmentation_is_deterministic_and_paired(cases):
     assert abs(mismatch(x1.numpy(), y1.numpy()) - before) < 0.03
 
 
+
+def test_narrower_window_stretches_about_the_tissue_median():
+    from CTtoMRISynthesisLib.training.dataset import narrower_window
+
+    ct = np.zeros((3, 16, 16), np.float32)  # air 0
+    ct[:, 2:14, 2:14] = 100 / 255  # brain tissue
+    ct[:, 6:9, 6:9] = 50 / 255  # CSF
+    ct[:, 2, 2:14] = 1.0  # saturated bone
+    out = np.clip(narrower_window(ct, 1.5), 0.0, 1.0)
+    np.testing.assert_allclose(out[:, 10, 10], 100 / 255, atol=1e-6)  # the pivot: tissue stays
+    np.testing.assert_allclose(out[:, 7, 7], 25 / 255, atol=1e-6)  # CSF 50 → 100 − 1.5 · 50
+    assert (out[:, 2, 2:14] == 1.0).all()  # bone stays saturated
+    np.testing.assert_array_equal(narrower_window(np.zeros_like(ct), 1.5), 0.0)  # no tissue: unchanged
+
+
+@needs_torch
+def test_contrast_augmentation_darkens_csf_keeps_air_and_mri(cases):
+    """``Augment.contrast`` (``--aug-contrast``): another, narrower window of the same slice; with 0 every
+    item is what it was before the option existed (its random draw is only made when asked)."""
+    base = dict(rotate_deg=0, scale=0, flip_prob=0, intensity_scale=0, intensity_shift=0)
+    plain = SliceDataset(cases[1:2], context=1, augment=Augment(**base), seed=3)
+    narrow = SliceDataset(cases[1:2], context=1, augment=Augment(**base, contrast=0.5), seed=3)
+    scanner = dict(base, gamma=0.2, blur=1.0, noise=0.03)
+    before = SliceDataset(cases[1:2], context=1, augment=Augment(**scanner), seed=3)
+    unchanged = SliceDataset(cases[1:2], context=1, augment=Augment(**scanner, contrast=0.0), seed=3)
+    darkened = 0
+    for i in range(len(plain)):
+        x0, y0 = (a.numpy() for a in plain[i])
+        x1, y1 = (a.numpy() for a in narrow[i])
+        np.testing.assert_array_equal(y0, y1)
+        assert not x1[x0 == 0].any()
+        np.testing.assert_array_equal(before[i][0].numpy(), unchanged[i][0].numpy())
+        tissue = x0[1][(x0[1] > 0.05) & (x0[1] < 0.95)]
+        if tissue.size > 1000:
+            dark = (x0[1] > 0.05) & (x0[1] < np.quantile(tissue, 0.1))
+            assert x1[1][dark].mean() < x0[1][dark].mean()  # the darkest soft tissue (CSF) darker still
+            darkened += 1
+    assert darkened > len(plain) // 2
+
+
 # ------------------------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
 def trained(cases, tmp_path_factory):

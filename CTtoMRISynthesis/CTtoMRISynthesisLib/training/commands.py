@@ -76,6 +76,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                        help="augmentation: CT Gaussian blur of sigma up to PIXELS (smoother reconstructions)")
     model.add_argument("--aug-noise", type=float, default=0.0, metavar="SD",
                        help="augmentation: CT noise of SD up to this (0..1 scale), white or correlated")
+    model.add_argument("--aug-contrast", type=float, default=0.0, metavar="C",
+                       help="augmentation: CT contrast stretched about the soft-tissue median by a factor up to 1 + C "
+                            "(narrower brain windows, CSF towards black, as other hospitals' 8-bit CTs); default 0")
     model.add_argument("--no-flip-tta", action="store_true",
                        help="record that inference must not average the left-right flipped prediction")
     model.add_argument("--select", choices=["last", "best"], default=None,
@@ -126,7 +129,7 @@ def settings_from_args(args) -> "object":
     augment = Augment(
         enabled=not args.no_augment, rotate_deg=args.rotate, scale=args.scale,
         intensity_scale=args.aug_intensity[0], intensity_shift=args.aug_intensity[1],
-        gamma=args.aug_gamma, blur=args.aug_blur, noise=args.aug_noise,
+        gamma=args.aug_gamma, blur=args.aug_blur, noise=args.aug_noise, contrast=args.aug_contrast,
     )
     select = args.select or ("best" if args.val_cases else "last")
     return TrainSettings(

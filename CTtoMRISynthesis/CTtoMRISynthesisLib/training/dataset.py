@@ -14,6 +14,11 @@ Augmentation (all parameters recorded in the weights config by :meth:`Augment.to
   additive noise of SD ≤ ``noise`` (0..1 scale), white or, half of the time, spatially correlated (as
   the noise of thin slices after reconstruction), so that the same head imaged another way gives
   nearly the same synthetic MRI. The air stays exactly 0.
+- optional narrower CT windows (``contrast``, off by default): the CT's contrast stretched about the
+  slice's soft-tissue median by a factor in 1 … 1 + ``contrast``, as a narrow clinical brain window
+  shows the same head: CSF towards black, bone saturated. Without it the darkest grey levels inside a
+  training skull are air (dark on T2), while another hospital's narrow window puts CSF, and a
+  CSF-filled cyst, there (model card, round 8).
 
 Randomness is drawn from ``numpy.random.default_rng((seed, epoch, index))``, so an item's augmentation
 depends only on the seed, epoch and index — the same with 0 or 4 loader workers, on resume, and under
@@ -43,6 +48,7 @@ class Augment:
     gamma: float = 0.0  # max |log gamma| of a gamma curve on the CT
     blur: float = 0.0  # max Gaussian sigma (pixels) of a CT blur
     noise: float = 0.0  # max SD (0..1 scale) of additive CT noise
+    contrast: float = 0.0  # max extra contrast (factor 1 … 1 + contrast) about the soft-tissue median
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,13 +97,29 @@ def _scanner_change(x: np.ndarray, rng: np.random.Generator, aug: Augment) -> np
     return x
 
 
+def narrower_window(x: np.ndarray, factor: float) -> np.ndarray:
+    """CT channels (C, H, W, 0..1) with their contrast stretched by ``factor`` about the soft-tissue median
+    of the middle channel (values strictly between 5 % and 95 %: neither air nor saturated bone), as a
+    narrower window centred on the brain would show them; not clipped (the caller clips)."""
+    middle = x[x.shape[0] // 2]
+    tissue = middle[(middle > 0.05) & (middle < 0.95)]
+    if tissue.size == 0:
+        return x
+    pivot = float(np.median(tissue))
+    return pivot + (x - pivot) * factor
+
+
 def ct_appearance(x: np.ndarray, rng: np.random.Generator, aug: Augment, gain: float, shift: float) -> np.ndarray:
-    """The CT channels (C, H, W, 0..1) as another window (``x·gain + shift``) and, when asked, another
-    scanner (:func:`_scanner_change`, drawing from ``rng``) would show them; the air stays exactly 0."""
+    """The CT channels (C, H, W, 0..1) as another window (``x·gain + shift``; with ``aug.contrast`` also
+    narrower, :func:`narrower_window`) and, when asked, another scanner (:func:`_scanner_change`, drawing
+    from ``rng``) would show them; the air stays exactly 0."""
+    head = x > 0
+    if aug.contrast > 0:  # drawn only when asked, so that recipes without it keep their random streams
+        x = np.clip(narrower_window(x, 1.0 + float(rng.uniform(0.0, aug.contrast))), 0.0, 1.0)
     out = np.clip(x * gain + shift, 0.0, 1.0)
     if aug.gamma > 0 or aug.blur > 0 or aug.noise > 0:
         out = np.clip(_scanner_change(out, rng, aug), 0.0, 1.0)
-    return np.where(x > 0, out, 0.0).astype(np.float32)
+    return np.where(head, out, 0.0).astype(np.float32)
 
 
 def draw_geometry(rng: np.random.Generator, aug: Augment) -> tuple:
