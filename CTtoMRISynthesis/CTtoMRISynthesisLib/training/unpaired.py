@@ -22,6 +22,9 @@ raises CSF contrast on most foreign CTs, but it holds each batch of slices to a 
 voxels, so a head with a large CSF-filled cyst gets the cyst dark — a wrong contrast where it matters
 most. The consistency term flattens the contrast (two renderings agree most easily on a grey field) and
 is off by default. Both are options for research, not a recipe to adopt without checking such heads.
+``by_ct`` (``--unpaired-prior-by-ct``, round 8) asks each batch for the training MRI's grey levels given its
+own CT grey levels instead; it did not save the cyst either: a narrow clinical brain window puts CSF at the
+near-black CT levels that are air (dark on T2) in the training CT.
 
 An unpaired path is a folder of 2D slices (PNG etc., stacked in the order of the numbers in their names,
 as one patient's CT), a volume file or a DICOM folder (as ``ctmri synthesize`` reads them). Each CT is
