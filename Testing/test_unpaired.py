@@ -250,3 +250,19 @@ def test_an_unpaired_checkpoint_from_before_by_ct_still_resumes(tmp_path):
     _check_resumable(saved, settings, tmp_path)
     with pytest.raises(CTMRIError, match="unpaired"):
         _check_resumable(saved, TrainSettings(unpaired=UnpairedSettings(paths=("a",), by_ct=True)), tmp_path)
+
+
+@needs_torch
+def test_ctmri_train_flags_reach_the_model_file(phantom_slices, tmp_path):
+    """``--unpaired-prior-by-ct`` and ``--aug-contrast`` from the command line into the weights config."""
+    import phantoms
+    from CTtoMRISynthesisLib.cli import main as ctmri
+    from CTtoMRISynthesisLib.weights import read_config
+
+    _disc_slices(tmp_path / "foreign", 4)
+    run = tmp_path / "run"
+    assert ctmri(phantoms.tiny_train_args(phantom_slices, run, "--aug-contrast", "0.3", "--unpaired-ct",
+                                          str(tmp_path / "foreign"), "--unpaired-prior-by-ct", "--unpaired-batch", "2")) == 0
+    training = read_config(run / "model.safetensors")["training"]
+    assert training["augmentation"]["contrast"] == 0.3
+    assert training["unpaired"]["prior_by_ct"] is True and training["unpaired"]["batch"] == 2
