@@ -229,22 +229,23 @@ def lookup_rows(data: Path, not_t2: list, size: int = 256) -> None:
     for name, image, masks, _ in external_cts(data):
         ct255, _ = normalise_ct(sitk.GetArrayFromImage(image), window)
         cells = []
-        for lookup in (predict_lookup_table(table, ct255), _lookup_on_model_grid(table, ct255, image, size)):
+        for lookup in (predict_lookup_table(table, ct255), _lookup_on_model_grid(table, image, window, size)):
             c = contrast(lookup * masks["head"], masks)
             strict = "–" if np.isnan(c["csf_over_brain_strict"]) else f"{c['csf_over_brain_strict']:.2f}"
             cells += [f"{c['csf_over_brain']:.2f}", strict]
         print(f"| {name} | {' | '.join(cells)} |")
 
 
-def _lookup_on_model_grid(table: np.ndarray, ct255: np.ndarray, image: sitk.Image, size: int) -> np.ndarray:
-    """The lookup table applied where the network works: CT resampled onto the model grid, looked up,
-    resampled back onto the CT's grid (linear both ways, as ``pipeline.synthesize``)."""
+def _lookup_on_model_grid(table: np.ndarray, image: sitk.Image, window, size: int) -> np.ndarray:
+    """The lookup table applied where the network works: the CT put on the model grid as inference does
+    (``training.unpaired.on_model_grid``), looked up, resampled back onto the CT's grid (linear, as
+    ``pipeline.synthesize``)."""
     from CTtoMRISynthesisLib import geometry
     from CTtoMRISynthesisLib.training.report import predict_lookup_table
+    from CTtoMRISynthesisLib.training.unpaired import on_model_grid
 
     grid = geometry.model_grid(image, size)
-    on_grid = geometry.resample(geometry.array_on_grid(ct255, image), grid, None, default_value=0.0)
-    looked_up = predict_lookup_table(table, sitk.GetArrayFromImage(on_grid))
+    looked_up = predict_lookup_table(table, on_model_grid(image, window, size))
     back = geometry.resample(geometry.array_on_grid(looked_up, grid), image, None, default_value=0.0)
     return sitk.GetArrayFromImage(back).astype(np.float32)
 
