@@ -5,7 +5,9 @@ Cases (each run in a fresh subprocess so that its peak RSS is its own):
   large    — the Visible Human CT resampled to 512×512×300 (real values, anatomy stretched in z), no MRI
   volume256 — the same CT resampled to 256×256×256, no MRI (the 256-slice end-to-end target)
 
-    python benchmarks/bench_pipeline.py [--cases small large volume256] [--device auto]
+    python benchmarks/bench_pipeline.py [--cases small large volume256] [--device auto] [--weights FILE]
+
+--weights times a candidate model file (default: the shipped model), e.g. before shipping it (aim 5).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def make_inputs(case: str, folder: Path) -> tuple[Path, Path | None]:
     return path, None
 
 
-def run_case(case: str, device: str) -> dict:
+def run_case(case: str, device: str, weights: str | None = None) -> dict:
     """Runs inside the subprocess: read → synthesize → write, timed; returns the stage table."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -65,7 +67,7 @@ def run_case(case: str, device: str) -> dict:
         ct = read_volume(ct_path, "CT")
         mri = read_volume(mri_path, "MRI") if mri_path else None
         read_s = time.perf_counter() - t0
-        result = synthesize(ct, mri, device=device)
+        result = synthesize(ct, mri, weights=weights, device=device)
         t1 = time.perf_counter()
         save_outputs(result, tmp / "out")
         write_s = time.perf_counter() - t1
@@ -87,18 +89,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=["small", "volume256", "large"])
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--weights", help="model file to time (default: the shipped model)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_case(args.child, args.device)))
+        print(json.dumps(run_case(args.child, args.device, args.weights)))
         return
     from _common import machine, print_table
 
     # OpenMP threads that spin while idle can cost time on a shared machine; the children inherit this
     print(f"Machine: {machine()}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+    print(f"Model: {args.weights or 'the shipped model'}")
     results = []
     for case in args.cases:
-        out = subprocess.run([sys.executable, __file__, "--child", case, "--device", args.device],
+        weights = ["--weights", args.weights] if args.weights else []
+        out = subprocess.run([sys.executable, __file__, "--child", case, "--device", args.device, *weights],
                              capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     stages = list(dict.fromkeys(s for r in results for s in r["stages"]))
