@@ -101,8 +101,8 @@ def main() -> None:
     print(f"Machine: {machine()}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     print(f"Model: {args.weights or 'the shipped model'}")
     results = []
+    weights = ["--weights", args.weights] if args.weights else []
     for case in args.cases:
-        weights = ["--weights", args.weights] if args.weights else []
         out = subprocess.run([sys.executable, __file__, "--child", case, "--device", args.device, *weights],
                              capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
