@@ -10,7 +10,8 @@
 # in the same order (member 1 first). Writes OUT/ctmri_unet.safetensors (the ensemble + its error model + the
 # cross-validated record: what would be shipped), OUT/report/ and OUT/*.txt. SHIPPED=1 also reruns
 # external_ct.py on the shipped model (OUT/external_shipped.txt), BENCH=1 times the candidate end to end
-# (aim 5; run it on a quiet machine). DRY=1 prints the commands only. Never writes outside OUT.
+# (aim 5; run it on a quiet machine). With SHIPPED=1 the shipping rule (experiments/shipping_rule.py) is applied
+# last (OUT/rule.txt). DRY=1 prints the commands only. Never writes outside OUT.
 set -eu
 OUT=${OUT:?set OUT to a new folder for the results}
 CV=${CV:?set CV to the members\' cross-validation runs}
@@ -47,5 +48,9 @@ run csf_contrast_cv.txt $PY experiments/csf_contrast_cv.py "${cv[@]}"
 run contrast_tradeoff.txt $PY experiments/contrast_tradeoff.py "${cv[@]}" --not-t2 $EXCLUDE
 if [ "${BENCH:-0}" = 1 ]; then
   run bench_pipeline.txt $PY benchmarks/bench_pipeline.py --weights "$OUT/ctmri_unet.safetensors"
+fi
+if [ "${SHIPPED:-0}" = 1 ]; then  # the rule (a)-(f) against the shipped model; exit 1 (a condition fails) is a verdict, not an error
+  echo "+ $PY experiments/shipping_rule.py $OUT > $OUT/rule.txt"
+  if [ "$DRY" != 1 ]; then $PY experiments/shipping_rule.py "$OUT" > "$OUT/rule.txt" 2>&1 || true; cat "$OUT/rule.txt"; fi
 fi
 echo "done: $OUT (compare with the shipped model's rows in model_weights/README.md)"
