@@ -113,3 +113,10 @@ def test_external_files_of_different_cts_are_refused(tmp_path):
     (out / "external.txt").write_text(external_txt(SHIPPED_CSF[:4], SHIPPED_NOISE[:4]), encoding="utf-8")
     with pytest.raises(rule.RuleInputError, match="different CTs"):
         rule.checks(out, SHIPPED_REPORT)
+
+
+def test_a_report_summary_of_another_shape_is_an_error_not_a_traceback(tmp_path):
+    out = candidate(tmp_path, SHIPPED_CSF, SHIPPED_NOISE)
+    (out / "report" / "summary.json").write_text('{"summary": {"model": {"mae": {"mean": 37.0}}}}', encoding="utf-8")
+    with pytest.raises(rule.RuleInputError, match="not a `ctmri report` summary"):
+        rule.checks(out, SHIPPED_REPORT)

@@ -91,8 +91,11 @@ def external(path: Path, hint: str) -> tuple[dict[str, float], dict[str, float]]
 def harvard(report: Path) -> tuple[float, float]:
     """The model's mean foreground MAE and SSIM in the head from a `ctmri report` summary.json."""
     path = report / "summary.json"
-    model = json.loads(read_text(path, "run `ctmri report` (evaluate_ensemble.sh does)"))["summary"]["model"]
-    return model["mae"]["mean"], model["ssim_foreground"]["mean"]
+    try:
+        model = json.loads(read_text(path, "run `ctmri report` (evaluate_ensemble.sh does)"))["summary"]["model"]
+        return float(model["mae"]["mean"]), float(model["ssim_foreground"]["mean"])
+    except (ValueError, KeyError, TypeError):
+        raise RuleInputError(f"{path}: not a `ctmri report` summary (no summary.model.mae / ssim_foreground)") from None
 
 
 def spearman(report: Path) -> tuple[float, float]:
