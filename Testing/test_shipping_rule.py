@@ -115,6 +115,15 @@ def test_external_files_of_different_cts_are_refused(tmp_path):
         rule.checks(out, SHIPPED_REPORT)
 
 
+def test_external_files_without_hu_rows_are_refused(tmp_path):
+    out = candidate(tmp_path, SHIPPED_CSF, SHIPPED_NOISE)
+    for name in ("external.txt", "external_shipped.txt"):
+        text = (out / name).read_text(encoding="utf-8").replace("real HU CT", "real CT")
+        (out / name).write_text(text, encoding="utf-8")
+    with pytest.raises(rule.RuleInputError, match="real HU CT series"):
+        rule.checks(out, SHIPPED_REPORT)
+
+
 def test_a_report_summary_of_another_shape_is_an_error_not_a_traceback(tmp_path):
     out = candidate(tmp_path, SHIPPED_CSF, SHIPPED_NOISE)
     (out / "report" / "summary.json").write_text('{"summary": {"model": {"mae": {"mean": 37.0}}}}', encoding="utf-8")

@@ -134,6 +134,8 @@ def checks(out: Path, shipped_report: Path, mae_slack: float = 0.3, ssim_slack: 
         raise RuleInputError("external.txt and external_shipped.txt list different CTs or variants; run both in one evaluation")
     hu = [ct for ct in csf_s if "HU" in ct]
     eight_bit = [ct for ct in csf_s if ct not in hu]
+    if not hu or not eight_bit:  # external_ct.py names the HU series "real HU CT, …" and the others "… (8-bit)"
+        raise RuleInputError("external.txt: expected rows of real HU CT series and of 8-bit CTs; were the CTs renamed?")
     lower = [ct for ct in eight_bit if csf_c[ct] < csf_s[ct]]
     rho_s, low_s = spearman(shipped_report)
     rho_c, low_c = spearman(out / "report")
