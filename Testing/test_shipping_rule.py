@@ -8,6 +8,7 @@ external_ct.py and bench_pipeline.py (the real ones come from licensed data and 
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -128,4 +129,14 @@ def test_a_report_summary_of_another_shape_is_an_error_not_a_traceback(tmp_path)
     out = candidate(tmp_path, SHIPPED_CSF, SHIPPED_NOISE)
     (out / "report" / "summary.json").write_text('{"summary": {"model": {"mae": {"mean": 37.0}}}}', encoding="utf-8")
     with pytest.raises(rule.RuleInputError, match="not a `ctmri report` summary"):
+        rule.checks(out, SHIPPED_REPORT)
+
+
+def test_a_report_without_uncertainty_on_every_patient_is_an_error(tmp_path):
+    out = candidate(tmp_path, SHIPPED_CSF, SHIPPED_NOISE)
+    path = out / "report" / "summary.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    next(r for r in data["rows"] if r["method"] == "model")["unc_spearman"] = None  # a constant map on that patient
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(rule.RuleInputError, match="uncertainty Spearman on every held-out patient"):
         rule.checks(out, SHIPPED_REPORT)

@@ -12,8 +12,8 @@ written down before round 9's numbers existed and kept since, compares the candi
 (e) robustness: the largest change in the head <= 1.2 x the shipped model's largest;
 (f) aim 5: the 256-slice CT end to end < 60 s, the 512 x 512 x 300 CT under 4 GB peak RSS.
 
-It reads what the evaluation wrote (OUT/report/, OUT/external.txt, OUT/external_shipped.txt,
-OUT/bench_pipeline.txt) and the shipped model's report, prints one row per condition and exits 0 when every
+It reads what the evaluation wrote (OUT/report/summary.json, OUT/external.txt, OUT/external_shipped.txt,
+OUT/bench_pipeline.txt) and the shipped model's report summary, prints one row per condition and exits 0 when every
 condition holds, 1 when one fails or was not run, 2 when an input is missing or unreadable. The numbers are
 compared as the files print them (2 decimals for the external CTs), so the verdict is the one a reader of
 those files gets.
@@ -88,23 +88,22 @@ def external(path: Path, hint: str) -> tuple[dict[str, float], dict[str, float]]
     return csf, robust
 
 
-def harvard(report: Path) -> tuple[float, float]:
-    """The model's mean foreground MAE and SSIM in the head from a `ctmri report` summary.json."""
+def report_numbers(report: Path) -> tuple[float, float, float, float]:
+    """From a `ctmri report` summary.json: the model's mean foreground MAE and SSIM in the head, and the mean and
+    lowest Spearman of its uncertainty map with |error| over the held-out patients (report.md's "Mean Spearman …
+    lowest …" line, from the same rows, at its 3 decimals)."""
     path = report / "summary.json"
     try:
-        model = json.loads(read_text(path, "run `ctmri report` (evaluate_ensemble.sh does)"))["summary"]["model"]
-        return float(model["mae"]["mean"]), float(model["ssim_foreground"]["mean"])
+        data = json.loads(read_text(path, "run `ctmri report` (evaluate_ensemble.sh does)"))
+        model = data["summary"]["model"]
+        mae, ssim_fg = float(model["mae"]["mean"]), float(model["ssim_foreground"]["mean"])
+        rhos = [r.get("unc_spearman") for r in data["rows"] if r["method"] == "model" and r["held_out"]]
     except (ValueError, KeyError, TypeError):
         raise RuleInputError(f"{path}: not a `ctmri report` summary (no summary.model.mae / ssim_foreground)") from None
-
-
-def spearman(report: Path) -> tuple[float, float]:
-    """Mean and lowest nested Spearman (uncertainty vs |error|) from a `ctmri report` report.md."""
-    path = report / "report.md"
-    found = re.search(r"Mean Spearman (-?[0-9.]+).*?lowest (-?[0-9.]+)", read_text(path, "run `ctmri report --attach`"))
-    if not found:
-        raise RuleInputError(f"{path}: no 'Mean Spearman … lowest …' line; the report needs a model with an uncertainty map")
-    return float(found.group(1)), float(found.group(2))
+    if not rhos or any(r is None for r in rhos):
+        raise RuleInputError(f"{path}: no uncertainty Spearman on every held-out patient; the report needs a model "
+                             "with an uncertainty map (`ctmri report --attach`) that is not constant on any patient")
+    return mae, ssim_fg, round(sum(rhos) / len(rhos), 3), round(min(rhos), 3)
 
 
 def bench(path: Path) -> tuple[float, float] | None:
@@ -126,8 +125,8 @@ def checks(out: Path, shipped_report: Path, mae_slack: float = 0.3, ssim_slack: 
            spearman_slack: float = 0.01, spearman_floor: float = 0.05, robust_factor: float = 1.2) -> list[Check]:
     """The six conditions, (a) to (f), for the candidate in `out` against the shipped model."""
     hint = "rerun experiments/evaluate_ensemble.sh with SHIPPED=1"
-    mae_s, ssim_s = harvard(shipped_report)
-    mae_c, ssim_c = harvard(out / "report")
+    mae_s, ssim_s, rho_s, low_s = report_numbers(shipped_report)
+    mae_c, ssim_c, rho_c, low_c = report_numbers(out / "report")
     csf_c, rob_c = external(out / "external.txt", "run experiments/evaluate_ensemble.sh")
     csf_s, rob_s = external(out / "external_shipped.txt", hint)
     if set(csf_c) != set(csf_s) or set(rob_c) != set(rob_s):
@@ -137,8 +136,6 @@ def checks(out: Path, shipped_report: Path, mae_slack: float = 0.3, ssim_slack: 
     if not hu or not eight_bit:  # external_ct.py names the HU series "real HU CT, …" and the others "… (8-bit)"
         raise RuleInputError("external.txt: expected rows of real HU CT series and of 8-bit CTs; were the CTs renamed?")
     lower = [ct for ct in eight_bit if csf_c[ct] < csf_s[ct]]
-    rho_s, low_s = spearman(shipped_report)
-    rho_c, low_c = spearman(out / "report")
     worst_s, worst_c = max(rob_s.values()), max(rob_c.values())
     speed = bench(out / "bench_pipeline.txt")
     fmt = lambda values: " / ".join(f"{v:.2f}" for v in values)  # noqa: E731
@@ -147,10 +144,10 @@ def checks(out: Path, shipped_report: Path, mae_slack: float = 0.3, ssim_slack: 
               f"≤ {mae_s + mae_slack:.2f}; ≥ {ssim_s - ssim_slack:.3f}",
               mae_c <= mae_s + mae_slack and ssim_c >= ssim_s - ssim_slack),
         Check("(b) CSF / brain, HU series", fmt(csf_s[c] for c in hu), fmt(csf_c[c] for c in hu), "≥ shipped on each",
-              bool(hu) and all(csf_c[c] >= csf_s[c] for c in hu)),
+              all(csf_c[c] >= csf_s[c] for c in hu)),
         Check("(c) CSF / brain, 8-bit CTs (Otsu)", fmt(csf_s[c] for c in eight_bit), fmt(csf_c[c] for c in eight_bit),
               f"lower on ≤ {len(eight_bit) // 2} of {len(eight_bit)} (is {len(lower)})",
-              bool(eight_bit) and len(lower) <= len(eight_bit) // 2),
+              len(lower) <= len(eight_bit) // 2),
         Check("(d) uncertainty Spearman mean; lowest", f"{rho_s:.3f}; {low_s:.3f}", f"{rho_c:.3f}; {low_c:.3f}",
               f"≥ {rho_s - spearman_slack:.3f}; ≥ {spearman_floor:.3f}",
               rho_c >= rho_s - spearman_slack and low_c >= spearman_floor),
