@@ -165,13 +165,13 @@ def test_shipped_model_file_and_its_config_without_torch(monkeypatch) -> None:
     assert default_weights_path() == SHIPPED
     assert SHIPPED.read_bytes()[8:9] == b"{"  # safetensors, not a pickle
     config = read_config(SHIPPED)
-    assert config["model"]["in_channels"] == 3 and config["preprocessing"]["size"] == 256
+    assert config["model"]["in_channels"] == 1 and config["preprocessing"]["size"] == 256
     assert config["metrics"]["cross_validation"]["summary"]["model"]["mae"]["n"] == 8
     arrays = read_weights_file(SHIPPED, framework="numpy")["state_dict"]
     buffers = ("running_mean", "running_var", "num_batches_tracked")
     members = config["model"].get("members", 1)  # the shipped model is an ensemble (ensemble.py)
     assert members == len(config["ensemble"]) == 4 and all(len(m["sha256"]) == 64 for m in config["ensemble"])
-    # round 5: no member trained on patient 2, whose MRI is FLAIR/PD-like, not T2 (model_weights/README.md)
+    # since round 5: no member trained on patient 2, whose MRI is FLAIR/PD-like, not T2 (model_weights/README.md)
     assert config["split"]["excluded_from_training"] == ["2"] and "2" not in config["split"]["train_cases"]
     assert all("2" not in m["split"]["train_cases"] for m in config["ensemble"])
     assert config["error_model"]["excluded_from_training"] == ["2"] and "2" not in config["error_model"]["trained_on"]
@@ -180,6 +180,27 @@ def test_shipped_model_file_and_its_config_without_torch(monkeypatch) -> None:
     # besides the members, only the error model (error_model.py): 10 → 32 → 32 → 1 and its standardisation
     others = {k: a.size for k, a in arrays.items() if not k.startswith("members.")}
     assert all(k.startswith("error_model.") for k in others) and sum(others.values()) == 1441 + 20
+
+
+def _ours_row(markdown: str) -> str:
+    """The "**U-Net (ours)**" row of a cross-validation summary table."""
+    rows = [line for line in markdown.splitlines() if line.startswith("| **U-Net (ours)** |")]
+    assert len(rows) == 1, "exactly one summary row for the model"
+    return rows[0]
+
+
+def test_model_card_and_readme_describe_the_shipped_file() -> None:
+    """Card header (size, sha256) and both results tables match the file and its report, so that a
+    retrained model cannot ship with the previous model's numbers."""
+    card = (REPO / "model_weights" / "README.md").read_text(encoding="utf-8")
+    header = next(line for line in card.splitlines() if line.startswith("| file |"))
+    digest = (SHIPPED.parent / (SHIPPED.name + ".sha256")).read_text().split()[0]
+    assert f"({SHIPPED.stat().st_size:,} bytes)" in header and f"`{digest[:8]}…`" in header, header
+    report = (REPO / "model_weights" / "report" / "report.md").read_text(encoding="utf-8")
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert _ours_row(card) == _ours_row(readme) == _ours_row(report)
+    mae = read_config(SHIPPED)["metrics"]["cross_validation"]["summary"]["model"]["mae"]["mean"]
+    assert f"| **U-Net (ours)** | {mae:.2f} (" in _ours_row(report)
 
 
 class _Exploit:
