@@ -17,7 +17,7 @@ Why: an MSE fit regresses ambiguous voxels towards an average grey, and on CT fr
 gives CSF only ~1.4 × brain tissue where a T2 gives ~1.7 (model card, "On CT the model never saw").
 These terms use the foreign CTs themselves, without an MRI of them.
 
-What was measured (model card, "Recipes compared", round 7; not in the shipped model): the prior alone
+What was measured (`model_weights/RECIPES.md`, round 7; not in the shipped model): the prior alone
 raises CSF contrast on most foreign CTs, but it holds each batch of slices to a T2's usual share of bright
 voxels, so a head with a large CSF-filled cyst gets the cyst dark — a wrong contrast where it matters
 most. The consistency term flattens the contrast (two renderings agree most easily on a grey field) and
