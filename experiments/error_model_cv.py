@@ -16,7 +16,9 @@ And a ceiling for context (not methods: they see the real MRI). ``knows local sc
 error (Gaussian-weighted over σ px in-plane, head voxels only) as the map, scored (a) against the real
 |error| and (b) against an |error| drawn half-normal around that same scale, i.e. the best any map of the
 error's scale at that resolution could do if the error were pure noise around it: |error| varies around its
-own scale, so even a perfect scale map scores well below 1.
+own scale, so even a perfect scale map scores well below 1. ``fit on the patient's own errors``: the shipped
+feature set fit to the scored patient's own errors (in-sample), i.e. about the best these features of this
+ensemble's output can rank that patient's error; below the aim there, no error model on them reaches it.
 
     python experiments/error_model_cv.py RUN [RUN ...] [--data DIR] [--steps 3000] [--seed 0] [--sets shipped ...]
         [--exclude-from-training ID ...]
@@ -68,7 +70,7 @@ def main() -> int:
 
     from scipy.stats import spearmanr
 
-    from CTtoMRISynthesisLib.error_model import FEATURES, cross_validated_maps, cv_samples
+    from CTtoMRISynthesisLib.error_model import FEATURES, cross_validated_maps, cv_samples, fit
     from CTtoMRISynthesisLib.intensity import CTWindow
     from CTtoMRISynthesisLib.training.discovery import discover
     from CTtoMRISynthesisLib.training.report import uncertainty_quality
@@ -82,6 +84,11 @@ def main() -> int:
         table[name] = [uncertainty_quality(s.real, s.mean, maps[s.case_id], s.head)["unc_spearman"] for s in samples]
         print(f"{name}: done", file=sys.stderr, flush=True)
 
+    if not args.no_ceiling:
+        # fit() wants two patients' rows; the same patient twice weighs its voxels as once
+        table["ceiling: error model fit on the patient's own errors"] = [
+            uncertainty_quality(s.real, s.mean, fit([s, s], steps=args.steps, seed=args.seed).predict(s.mean, s.spread, s.head),
+                                s.head)["unc_spearman"] for s in samples]
     rng = np.random.default_rng(0)
     for sigma in () if args.no_ceiling else (1, 2, 4, 8):
         real, drawn = [], []

@@ -115,14 +115,23 @@ def robustness(model, image: sitk.Image, head: np.ndarray, variants: dict, base:
     out = {}
     ref = base[head]
     for name, make in variants.items():
-        syn = _syn(model, make(image))
+        variant = make(image)
+        syn = _syn(model, variant)
+        if id(variant) in GRAIN_NOTES:
+            GRAIN_NOTES[name] = GRAIN_NOTES.pop(id(variant))
         diff = float(np.abs(syn[head] - ref).mean())
         out[name] = (diff, diff / max(float(ref.mean()), 1e-6))
     return out
 
 
+#: what the pipeline measured and did about each CT's noise grain (grain.py), by the image's id, for the report
+GRAIN_NOTES: dict = {}
+
+
 def _syn(model, image: sitk.Image) -> np.ndarray:
     result = synthesize(image, None, model=model, device="cpu")
+    if "ct_grain" in result.normalisation:
+        GRAIN_NOTES[id(image)] = result.normalisation
     return sitk.GetArrayFromImage(result.synthetic_mri).astype(np.float32)
 
 
@@ -269,9 +278,11 @@ def main() -> int:
     print("\n| CT | CSF voxels | brain voxels | CSF / brain (aim ≥ 1.6) | CSF / brain, strict masks (8-bit) | "
           "signal outside the head (aim ≤ 0.5 %) |")
     print("|---|---|---|---|---|---|")
-    rows, robust = [], []
+    rows, robust, grains = [], [], []
     for name, image, masks, variants in external_cts(data):
         syn = _syn(model, image)
+        if id(image) in GRAIN_NOTES:
+            grains.append((name, "as given", GRAIN_NOTES.pop(id(image))))
         c = contrast(syn, masks)
         rows.append((name, c))
         strict = "–" if np.isnan(c["csf_over_brain_strict"]) else f"{c['csf_over_brain_strict']:.2f}"
@@ -279,6 +290,7 @@ def main() -> int:
               f"{100 * c['outside_share']:.2f} % |")
         if not args.no_robustness:
             robust.append((name, robustness(model, image, masks["head"], variants, syn)))
+            grains += [(name, variant, GRAIN_NOTES.pop(variant)) for variant in variants if variant in GRAIN_NOTES]
     ratios = [c["csf_over_brain"] for _, c in rows if np.isfinite(c["csf_over_brain"])]
     print(f"\nCSF / brain: min {min(ratios):.2f}, median {np.median(ratios):.2f}; on ≥ 1.6: {sum(r >= 1.6 for r in ratios)} of "
           f"{len(ratios)}; outside the head: max {100 * max(c['outside_share'] for _, c in rows):.2f} %")
@@ -288,6 +300,12 @@ def main() -> int:
         for name, res in robust:
             for variant, (mae, share) in res.items():
                 print(f"| {name} | {variant} | {mae:.2f} | {100 * share:.1f} % |")
+    if grains:  # a model with grain matching (grain.py): what each CT measured and how much it was blurred
+        print("\n| CT | variant | noise grain | target | blurred by (px) |")
+        print("|---|---|---|---|---|")
+        for name, variant, note in grains:
+            measured = "–" if note["ct_grain"] is None else f"{note['ct_grain']:.2f}"
+            print(f"| {name} | {variant} | {measured} | {note['ct_grain_target']:.2f} | {note['ct_grain_blur_px']:g} |")
     if args.lookup:
         lookup_rows(data, args.not_t2)
     return 0

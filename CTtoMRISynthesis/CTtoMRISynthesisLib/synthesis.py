@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .errors import CancelledError, CTMRIError
+from .grain import match_grain
 from .intensity import head_mask, standardise_ct
 
 Progress = Optional[Callable[[float, str], None]]
@@ -100,6 +101,7 @@ def preprocessing_options(prep: dict) -> dict:
         "context": int(prep.get("context_slices", 0)),
         "mask_output": bool(prep.get("mask_output", True)),
         "ct_standardise": prep.get("ct_standardise"),
+        "ct_grain_target": prep.get("ct_grain_target"),
         "flip_tta": bool(prep.get("flip_tta", False)),
     }
 
@@ -173,6 +175,7 @@ def predict_volume(
     context: int = 0,
     mask_output: bool = True,
     ct_standardise: Optional[float] = None,
+    ct_grain_target: Optional[float] = None,
     flip_tta: bool = False,
     device: str = "cpu",
     batch_size: int | None = None,
@@ -186,8 +189,9 @@ def predict_volume(
     one slice per batch, the rest is done on the CPU. Each step is announced through ``progress`` and
     summarised in ``info`` (when a dict is given): ``info["device"]`` and ``info["batch_size"]`` as
     finally used, ``info["warnings"]`` (list of messages). ``ct_standardise`` (from the weights config)
-    maps the CT's brain median to that value first (:func:`intensity.standardise_ct`); the output mask
-    is always taken from the CT as given. A model file's error model, if any, is applied afterwards
+    maps the CT's brain median to that value first (:func:`intensity.standardise_ct`); before that,
+    ``ct_grain_target`` blurs a CT grainier than the training CTs down to their grain
+    (:func:`grain.match_grain`); the output mask is always taken from the CT as given. A model file's error model, if any, is applied afterwards
     (:func:`error_model.apply`).
     """
     import torch
@@ -199,6 +203,13 @@ def predict_volume(
     batch_size = max(1, int(batch_size or default_batch_size(device)))
     first_device, first_batch = device, min(batch_size, max(ct255.shape[0], 1))
     mask_source = ct255
+    if ct_grain_target is not None:
+        ct255, note = match_grain(ct255, ct_grain_target)
+        info.update(note)
+        if note.get("ct_grain_blur_px"):
+            notes.append(f"the CT is grainier than the CTs the model was trained on (noise grain {note['ct_grain']:.1f} "
+                         f"against at most {note['ct_grain_target']:.1f}): blurred in-plane by "
+                         f"{note['ct_grain_blur_px']:g} px before synthesis")
     if ct_standardise is not None:
         ct255, note = standardise_ct(ct255, ct_standardise)
         info.update(note)

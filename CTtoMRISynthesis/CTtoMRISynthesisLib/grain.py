@@ -1,0 +1,154 @@
+"""Noise grain: bring a CT that is grainier than any training CT down to their level before the network.
+
+Why: the shipped members see one CT slice (context 0), so the noise of a CT reaches them unaveraged. On
+the noisy 8-bit CTs of another hospital, dark grains of noise in the white matter come out of the network as
+small bright (CSF-like) spots, and the CSF/brain contrast drops. Measured on the model's 256 × 256 grid with
+:func:`grain`, those CTs are 1.3–1.5 × grainier than the noisiest training CT, while the real scanner's HU CT
+(through the 45/120 window) is within the training range (model card, "On CT the model never saw").
+
+:func:`grain` is the robust SD (1.4826 × median absolute deviation) of a band-pass of the CT, the difference
+of Gaussian blurs of σ 1 and 3 px in-plane, over the soft tissue well inside the head (per slice: the head
+filled and eroded by 15 px, the CT blurred by 2 px between 30 and 180 of 255): the noise at the scale of
+the grains the network reacts to, with bone edges and the scalp left out.
+
+:func:`match_grain` leaves a CT at or below ``target`` as it is; a grainier one is blurred in-plane with the
+Gaussian σ that brings it to ``target`` (interpolated between the σ of :data:`SIGMAS`; the largest, if
+none does). ``target``
+is the grain of the grainiest CT the model trained on, recorded in the weights config
+(``preprocessing.ct_grain_target``) by::
+
+    python -m CTtoMRISynthesisLib.grain set WEIGHTS.safetensors --data DIR [--exclude-from-training ID ...]
+
+which rewrites the config only (same tensors; the .sha256 is rewritten). A model file without the key is
+applied as before. The training CTs themselves are never blurred: by construction none is above the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+import numpy as np
+
+from .errors import CTMRIError
+
+BAND = (1.0, 3.0)  # px on the model grid: the Gaussian blurs whose difference is the grain band
+SIGMAS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)  # blurs tried, smallest first
+MAX_SLICES = 32  # slices (evenly spread) the estimate looks at: in-plane only, so a sample of slices is exact per slice
+MIN_VOXELS = 2000  # fewer soft-tissue voxels than this: no estimate (a tiny or non-head image)
+KEY = "ct_grain_target"
+
+
+def _blur(ct: np.ndarray, sigma: float) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(ct.astype(np.float32), sigma=(0, sigma, sigma))
+
+
+def soft_tissue(ct255: np.ndarray) -> np.ndarray:
+    """Boolean (z, H, W): soft tissue well inside the head, slice by slice (see the module docstring)."""
+    from scipy import ndimage
+
+    head = np.stack([ndimage.binary_fill_holes(s > 10.0) for s in ct255]) if ct255.size else ct255 > 10.0
+    inner = ndimage.binary_erosion(head, structure=np.ones((1, 31, 31), bool))
+    smooth = _blur(ct255, 2.0)
+    return inner & (smooth > 30.0) & (smooth < 180.0)
+
+
+def _sample(ct255: np.ndarray) -> np.ndarray:
+    if ct255.ndim != 3:
+        raise CTMRIError(f"expected a (z, H, W) CT array, got shape {ct255.shape}")
+    step = max(1, int(np.ceil(ct255.shape[0] / MAX_SLICES)))
+    return ct255[::step].astype(np.float32)
+
+
+def _band_sd(ct: np.ndarray, tissue: np.ndarray) -> Optional[float]:
+    values = (_blur(ct, BAND[0]) - _blur(ct, BAND[1]))[tissue]
+    if values.size < MIN_VOXELS:
+        return None
+    return float(1.4826 * np.median(np.abs(values - np.median(values))))
+
+
+def grain(ct255: np.ndarray) -> Optional[float]:
+    """The CT's noise grain on the 0..255 scale (None when there is too little soft tissue to tell)."""
+    ct = _sample(ct255)
+    return _band_sd(ct, soft_tissue(ct))
+
+
+def match_grain(ct255: np.ndarray, target: Optional[float]) -> tuple[np.ndarray, dict]:
+    """(the CT, blurred in-plane if it is grainier than ``target``; what was measured and done)."""
+    if target is None:
+        return ct255, {}
+    sample = _sample(ct255)
+    tissue = soft_tissue(sample)  # from the CT as given, so every blur is measured on the same voxels
+    measured = _band_sd(sample, tissue)
+    note = {"ct_grain": measured, "ct_grain_target": float(target), "ct_grain_blur_px": 0.0}
+    if measured is None or measured <= target:
+        return ct255, note
+    chosen = _sigma_for(sample, tissue, measured, float(target))
+    note["ct_grain_blur_px"] = chosen
+    return _blur(ct255, chosen), note
+
+
+def _sigma_for(sample: np.ndarray, tissue: np.ndarray, measured: float, target: float) -> float:
+    """The blur that brings the grain to ``target``: interpolated between the two :data:`SIGMAS` around it,
+    so that the blur, and the output, change smoothly with the CT's grain (the largest if none is enough)."""
+    previous = (0.0, measured)
+    for sigma in SIGMAS:
+        value = _band_sd(_blur(sample, sigma), tissue)
+        if value <= target:
+            (s0, v0), share = previous, (previous[1] - target) / max(previous[1] - value, 1e-6)
+            return round(s0 + share * (sigma - s0), 2)
+        previous = (sigma, value)
+    return SIGMAS[-1]
+
+
+def training_target(cases, exclude=()) -> float:
+    """The grain of the grainiest CT among ``cases`` (training cases with ``.ct`` on the model grid)."""
+    values = [grain(c.ct) for c in cases if c.case_id not in set(exclude)]
+    values = [v for v in values if v is not None]
+    if not values:
+        raise CTMRIError("no training CT had enough soft tissue to measure its grain; check --data")
+    return max(values)
+
+
+def set_target(weights, target: float) -> dict:
+    """Write ``target`` into a model file's ``preprocessing`` (tensors unchanged; file and .sha256 rewritten)."""
+    from .weights import read_weights_file, save_state
+
+    blob = read_weights_file(weights, framework="numpy")
+    config = blob["config"]
+    config["preprocessing"][KEY] = round(float(target), 3)
+    save_state(weights, blob["state_dict"], config)
+    return config
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m CTtoMRISynthesisLib.grain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    put = sub.add_parser("set", help="record the training CTs' grain in a model file")
+    put.add_argument("weights")
+    put.add_argument("--data", nargs="+", required=True, help="the training data folder(s), as given to ctmri train")
+    put.add_argument("--exclude-from-training", nargs="*", default=[], metavar="ID")
+    put.add_argument("--case-rule", default="slice3")
+    args = parser.parse_args(argv)
+    from .intensity import CTWindow
+    from .training.discovery import discover
+    from .weights import read_config
+
+    try:
+        window = read_config(args.weights)["preprocessing"]["ct_window"]
+        cases = discover(args.data, CTWindow(window["level"], window["width"]), case_rule=args.case_rule)
+        target = training_target(cases, args.exclude_from_training)
+        set_target(args.weights, target)
+    except CTMRIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.weights}: {KEY} = {target:.3f} (the grainiest of the {len(cases)} CTs in --data"
+          + (f", less {', '.join(args.exclude_from_training)})" if args.exclude_from_training else ")"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""Noise-grain matching (CTtoMRISynthesisLib/grain.py) on the synthetic phantom CT: the measure, the blur it
+chooses, the model-file key, and what predict_volume does with it. Numpy/SciPy only, except the last test."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from CTtoMRISynthesisLib.grain import KEY, grain, match_grain, set_target, training_target
+from CTtoMRISynthesisLib.weights import read_config, read_weights_file, sha256_of
+
+
+@pytest.fixture(scope="module")
+def ct255(phantom_pair) -> np.ndarray:
+    """The Harvard-like phantom CT (z, 256, 256) on 0..255, float32."""
+    return sitk.GetArrayFromImage(phantom_pair[0]).astype(np.float32)
+
+
+def _grainy(ct: np.ndarray, sd: float, seed: int = 0) -> np.ndarray:
+    """The CT with spatially correlated noise (grains of ~1.5 px) added inside the head, clipped to 0..255."""
+    from scipy import ndimage
+
+    noise = ndimage.gaussian_filter(np.random.default_rng(seed).standard_normal(ct.shape), (0, 1.5, 1.5))
+    noise *= sd / noise.std()
+    return np.clip(np.where(ct > 10, ct + noise, ct), 0, 255).astype(np.float32)
+
+
+def test_grain_rises_with_noise_and_falls_with_blur(ct255) -> None:
+    from scipy import ndimage
+
+    clean, noisy = grain(ct255), grain(_grainy(ct255, 20.0))
+    assert clean is not None and noisy > 2 * clean
+    assert grain(ndimage.gaussian_filter(_grainy(ct255, 20.0), (0, 1.5, 1.5))) < noisy
+
+
+def test_a_ct_at_or_below_the_target_is_left_exactly_as_it_was(ct255) -> None:
+    out, note = match_grain(ct255, grain(ct255) + 0.5)
+    assert out is ct255 and note["ct_grain_blur_px"] == 0.0
+    assert match_grain(ct255, None) == (ct255, {})  # a model file without the key: nothing measured or done
+
+
+def test_a_grainier_ct_is_blurred_down_to_the_target(ct255) -> None:
+    target = grain(_grainy(ct255, 12.0))  # reachable from SD 20 within the largest blur
+    noisy = _grainy(ct255, 20.0, seed=1)
+    out, note = match_grain(noisy, target)
+    assert 0.25 <= note["ct_grain_blur_px"] <= 2.0 and note["ct_grain"] > target
+    assert out.shape == noisy.shape and out.dtype == np.float32
+    assert grain(out) == pytest.approx(target, rel=0.15)  # interpolated between the tried blurs
+    assert not np.array_equal(noisy, out) and noisy.max() <= 255  # the input array is not modified
+    stronger, _ = match_grain(_grainy(ct255, 30.0, seed=1), target)
+    assert match_grain(_grainy(ct255, 30.0, seed=1), target)[1]["ct_grain_blur_px"] > note["ct_grain_blur_px"]
+    assert grain(stronger) < grain(_grainy(ct255, 30.0, seed=1))
+
+
+def test_too_little_soft_tissue_means_no_estimate_and_no_change() -> None:
+    tiny = np.zeros((3, 40, 40), np.float32)
+    tiny[:, 10:30, 10:30] = 100.0
+    assert grain(tiny) is None
+    out, note = match_grain(tiny, 1.0)
+    assert out is tiny and note["ct_grain"] is None and note["ct_grain_blur_px"] == 0.0
+
+
+def test_the_target_is_the_grainiest_training_ct_and_excluded_patients_do_not_count(ct255) -> None:
+    from types import SimpleNamespace
+
+    cases = [SimpleNamespace(case_id="a", ct=ct255), SimpleNamespace(case_id="b", ct=_grainy(ct255, 20.0))]
+    assert training_target(cases) == pytest.approx(grain(cases[1].ct))
+    assert training_target(cases, exclude=("b",)) == pytest.approx(grain(ct255))
+
+
+def test_set_target_rewrites_the_config_only(tmp_path) -> None:
+    from conftest import REPO
+
+    weights = tmp_path / "model.safetensors"
+    for suffix in ("", ".sha256"):
+        shutil.copy(REPO / "model_weights" / ("ctmri_unet.safetensors" + suffix), str(weights) + suffix)
+    before = read_weights_file(weights, framework="numpy")["state_dict"]
+    set_target(weights, 8.2683)
+    assert read_config(weights)["preprocessing"][KEY] == 8.268  # read back through the checksum check
+    after = read_weights_file(weights, framework="numpy")["state_dict"]
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+    assert (tmp_path / "model.safetensors.sha256").read_text().split()[0] == sha256_of(weights)
+
+
+def test_predict_volume_blurs_a_grainy_ct_says_so_and_masks_with_the_ct_as_given(tiny_weights, ct255) -> None:
+    from CTtoMRISynthesisLib.synthesis import predict_volume
+    from CTtoMRISynthesisLib.weights import load_model
+
+    net = load_model(tiny_weights).net
+    noisy = _grainy(ct255[8:12], 20.0)
+    info: dict = {}
+    matched = predict_volume(net, noisy, ct_grain_target=grain(ct255[8:12]), info=info)
+    plain = predict_volume(net, noisy)
+    assert info["ct_grain_blur_px"] > 0 and any("grainier" in w for w in info["warnings"])
+    assert np.array_equal(matched.head, plain.head)  # the output mask comes from the CT as given
+    assert not np.allclose(matched.mean, plain.mean)
+
+
+def test_synthesize_records_the_grain_and_warns_when_it_blurs(tiny_weights, phantom_pair, tmp_path) -> None:
+    from CTtoMRISynthesisLib.pipeline import synthesize
+
+    weights = tmp_path / "grain.safetensors"
+    for suffix in ("", ".sha256"):
+        shutil.copy(str(tiny_weights) + suffix, str(weights) + suffix)
+    clean = sitk.GetArrayFromImage(phantom_pair[0]).astype(np.float32)
+    set_target(weights, grain(clean))
+    noisy = sitk.GetImageFromArray(_grainy(clean, 20.0).astype(np.uint8))
+    noisy.CopyInformation(phantom_pair[0])
+    result = synthesize(noisy, None, weights=weights, device="cpu")
+    note = result.summary()["normalisation"]
+    assert note["ct_grain"] > note["ct_grain_target"] and note["ct_grain_blur_px"] > 0
+    assert any("grainier" in w for w in result.warnings)
+    assert "ct_grain" not in synthesize(noisy, None, weights=tiny_weights, device="cpu").summary()["normalisation"]

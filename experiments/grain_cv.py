@@ -1,0 +1,84 @@
+"""Cross-validation runs as if their fold models matched the CT grain (CTtoMRISynthesisLib/grain.py).
+
+The fold models of finished ``ctmri train --cv loo`` runs were saved without ``preprocessing.ct_grain_target``.
+This makes a copy of each run (fold models linked, not copied) whose held-out predictions are made with
+grain matching, the target of each fold taken from the CTs of every patient but the held-out one (the
+training patients of the ensemble that fold belongs to; nested: the held-out patient's CT never sets it),
+and writes each copy's report. The copies then go through every measure of the
+model card like any run (``experiments/evaluate_ensemble.sh`` with ``CV`` = the copies).
+
+    python experiments/grain_cv.py RUN [RUN ...] --out DIR [--data DIR] [--exclude-from-training 2]
+
+Numbers only (``DIR/<run>/foldNN/fold.json`` records each fold's target, measured grain and blur).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "CTtoMRISynthesis"))
+
+
+def copy_fold(fold: Path, out: Path, cases: list, exclude: tuple) -> dict:
+    """Link ``fold``'s model into ``out`` and save its held-out predictions made with grain matching."""
+    from CTtoMRISynthesisLib.grain import KEY, match_grain, training_target
+    from CTtoMRISynthesisLib.metrics import to_jsonable
+    from CTtoMRISynthesisLib.training.report import evaluate, fold_model, predict_case
+    from CTtoMRISynthesisLib.weights import load_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = fold_model(fold)
+    for name in (model.name, model.name + ".sha256"):
+        if not (out / name).exists():
+            (out / name).symlink_to((fold / name).resolve())
+    loaded = load_model(model)
+    split = loaded.config["split"]
+    # the ensemble's target comes from all its training patients (the members' union): here every patient
+    # but the held-out one(s), whatever this member's bagging dropped
+    target = training_target([c for c in cases if c.case_id not in split["test_cases"]], exclude)
+    loaded.config["preprocessing"][KEY] = target
+    record = {"split": split, "ct_grain_target": target, "cases": {}, "grain": {}}
+    for cid in split["test_cases"]:
+        case = next(c for c in cases if c.case_id == cid)
+        pred = predict_case(loaded, case)
+        np.savez_compressed(out / f"pred_{cid}.npz", syn=pred.mean.astype(np.float32), spread=pred.spread.astype(np.float32))
+        record["cases"][cid] = evaluate(case.mri, pred.mean, case.ct, 200.0)
+        record["grain"][cid] = match_grain(case.ct, target)[1]
+    (out / "fold.json").write_text(json.dumps(to_jsonable(record), indent=1))
+    return record
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "harvard_aanlib_ct_mri_2d"))
+    parser.add_argument("--exclude-from-training", nargs="*", default=["2"], metavar="ID")
+    args = parser.parse_args()
+
+    from CTtoMRISynthesisLib.intensity import CTWindow
+    from CTtoMRISynthesisLib.training.discovery import discover
+    from CTtoMRISynthesisLib.training.report import write_cv_report
+
+    cases = discover([args.data], CTWindow(45, 120))
+    print("| run | fold | held out | target | its grain | blur (px) |")
+    print("|---|---|---|---|---|---|")
+    for run in args.runs:
+        copy = args.out / run.name
+        for fold in sorted(run.glob("fold*")):
+            record = copy_fold(fold, copy / fold.name, cases, tuple(args.exclude_from_training))
+            for cid, note in record["grain"].items():
+                print(f"| {run.name} | {fold.name} | {cid} | {record['ct_grain_target']:.2f} | {note['ct_grain']:.2f} | "
+                      f"{note['ct_grain_blur_px']:g} |", flush=True)
+        write_cv_report(copy, cases, command=f"experiments/grain_cv.py {run}", out_dir=copy / "report")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
