@@ -43,6 +43,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -110,28 +111,28 @@ def contrast(syn: np.ndarray, masks: dict) -> dict:
             "csf_over_brain_strict": strict, "outside_share": float(syn[~masks["head"]].sum() / total) if total > 0 else 0.0}
 
 
-def robustness(model, image: sitk.Image, head: np.ndarray, variants: dict, base: np.ndarray) -> dict:
-    """{variant: (MAE in head vs the original's synthetic MRI, as a share of its mean in the head)}."""
+def robustness(model, image: sitk.Image, head: np.ndarray, variants: dict, base: np.ndarray,
+               grains: Optional[dict] = None) -> dict:
+    """{variant: (MAE in head vs the original's synthetic MRI, as a share of its mean in the head)}; ``grains``,
+    if given, gets {variant: the grain note of :func:`_syn`}."""
     out = {}
     ref = base[head]
     for name, make in variants.items():
-        variant = make(image)
-        syn = _syn(model, variant)
-        if id(variant) in GRAIN_NOTES:
-            GRAIN_NOTES[name] = GRAIN_NOTES.pop(id(variant))
+        note: dict = {}
+        syn = _syn(model, make(image), note)
+        if grains is not None and note:
+            grains[name] = note
         diff = float(np.abs(syn[head] - ref).mean())
         out[name] = (diff, diff / max(float(ref.mean()), 1e-6))
     return out
 
 
-#: what the pipeline measured and did about each CT's noise grain (grain.py), by the image's id, for the report
-GRAIN_NOTES: dict = {}
-
-
-def _syn(model, image: sitk.Image) -> np.ndarray:
+def _syn(model, image: sitk.Image, grain: Optional[dict] = None) -> np.ndarray:
+    """The synthetic MRI of ``image``; ``grain``, if given, receives what the pipeline measured and did about the
+    CT's noise grain (grain.py; nothing for a model without grain matching)."""
     result = synthesize(image, None, model=model, device="cpu")
-    if "ct_grain" in result.normalisation:
-        GRAIN_NOTES[id(image)] = result.normalisation
+    if grain is not None:
+        grain.update({k: v for k, v in result.normalisation.items() if k.startswith("ct_grain")})
     return sitk.GetArrayFromImage(result.synthetic_mri).astype(np.float32)
 
 
@@ -280,17 +281,19 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     rows, robust, grains = [], [], []
     for name, image, masks, variants in external_cts(data):
-        syn = _syn(model, image)
-        if id(image) in GRAIN_NOTES:
-            grains.append((name, "as given", GRAIN_NOTES.pop(id(image))))
+        note: dict = {}
+        syn = _syn(model, image, note)
+        if note:
+            grains.append((name, "as given", note))
         c = contrast(syn, masks)
         rows.append((name, c))
         strict = "–" if np.isnan(c["csf_over_brain_strict"]) else f"{c['csf_over_brain_strict']:.2f}"
         print(f"| {name} | {c['csf_voxels']} | {c['brain_voxels']} | {c['csf_over_brain']:.2f} | {strict} | "
               f"{100 * c['outside_share']:.2f} % |")
         if not args.no_robustness:
-            robust.append((name, robustness(model, image, masks["head"], variants, syn)))
-            grains += [(name, variant, GRAIN_NOTES.pop(variant)) for variant in variants if variant in GRAIN_NOTES]
+            variant_grains: dict = {}
+            robust.append((name, robustness(model, image, masks["head"], variants, syn, variant_grains)))
+            grains += [(name, variant, note) for variant, note in variant_grains.items()]
     ratios = [c["csf_over_brain"] for _, c in rows if np.isfinite(c["csf_over_brain"])]
     print(f"\nCSF / brain: min {min(ratios):.2f}, median {np.median(ratios):.2f}; on ≥ 1.6: {sum(r >= 1.6 for r in ratios)} of "
           f"{len(ratios)}; outside the head: max {100 * max(c['outside_share'] for _, c in rows):.2f} %")
