@@ -39,14 +39,13 @@ def blurred(ct: np.ndarray, sigma: float) -> np.ndarray:
 def held_out_fold_models(runs: list[Path], case_id: str) -> list:
     """The model of each run's fold that held ``case_id`` out."""
     from CTtoMRISynthesisLib.training.report import fold_model
-    from CTtoMRISynthesisLib.weights import load_model
+    from CTtoMRISynthesisLib.weights import load_model, read_config
 
     models = []
     for run in runs:
         for fold in sorted(run.glob("fold*")):
-            loaded = load_model(fold_model(fold))
-            if loaded.config["split"]["test_cases"] == [case_id]:
-                models.append(loaded)
+            if read_config(fold_model(fold))["split"]["test_cases"] == [case_id]:  # the header only
+                models.append(load_model(fold_model(fold)))
                 break
         else:
             raise SystemExit(f"no fold of {run} holds patient {case_id} out alone")
