@@ -140,3 +140,16 @@ def test_a_report_without_uncertainty_on_every_patient_is_an_error(tmp_path):
     path.write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(rule.RuleInputError, match="uncertainty Spearman on every held-out patient"):
         rule.checks(out, SHIPPED_REPORT)
+
+
+def test_the_later_tables_of_external_ct_do_not_enter_the_rule(tmp_path):
+    """external_ct.py also prints the HU study's two reconstructions against each other and, for a model with
+    grain matching, each CT's grain: neither is a variant of (e) nor a CSF row of (b)/(c)."""
+    out = candidate(tmp_path, SHIPPED_CSF, SHIPPED_NOISE)
+    extra = ("\n| same scan, two reconstructions | MAE in head between the two outputs | share of its mean |\n|---|---|---|\n"
+             "| real HU CT, 2.5 mm slices against 5 mm | 99.00 | 50.0 % |\n"
+             "\n| CT | variant | noise grain | target | blurred by (px) |\n|---|---|---|---|---|\n"
+             f"| {CTS[0]} | as given | 4.97 | 8.27 | 0 |\n")
+    with open(out / "external.txt", "a", encoding="utf-8") as fh:
+        fh.write(extra)
+    assert verdicts(out) == {k: True for k in ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)"]}

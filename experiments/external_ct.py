@@ -25,7 +25,10 @@ head's largest connected component (HU CT > −300 HU; 8-bit CT > 10), holes fil
 **Robustness** (aim 3): the same CT made another way — re-windowed / exported as an 8-bit brain window,
 with the noise of thinner slices (white and correlated), reconstructed smoother (Gaussian blur) — and the
 mean absolute difference between the two synthetic MRIs inside the head (0..255 scale), also as a share
-of the original's mean in the head.
+of the original's mean in the head. And one pair made by the scanner itself: the HU study's 2.5-mm series
+against its 5-mm series (same scan, same frame of reference, thinner slices: more noise, less partial
+volume), the 2.5-mm output interpolated at the 5-mm slices' positions and compared inside both heads (its own
+table, so that the shipping rule's "largest change", condition (e), still reads the variants above only).
 
 **Reference row** (``--lookup``): the CT→MRI grey-level lookup table fit on the Harvard T2 patients (the
 cross-validation's baseline: mean MRI per CT grey level, ``training/report.py``), applied to each CT as
@@ -125,6 +128,23 @@ def robustness(model, image: sitk.Image, head: np.ndarray, variants: dict, base:
         diff = float(np.abs(syn[head] - ref).mean())
         out[name] = (diff, diff / max(float(ref.mean()), 1e-6))
     return out
+
+
+def series_pair(model, data: Path) -> Optional[tuple]:
+    """(MAE in head between the syntheses of the HU study's thinnest and thickest axial series, the thick one's
+    mean there, their slice thicknesses), the thin output interpolated onto the thick one's grid; None
+    without two axial series."""
+    series = sorted(dicom_axial_series(data / "real_hu_head_ct_dicom" / "DICOM"), key=lambda t: t[2].GetSpacing()[2])
+    if len(series) < 2:
+        return None
+    thin, thick = series[0][2], series[-1][2]
+    out = {}
+    for key, image in (("thin", thin), ("thick", thick)):
+        out[key] = synthesize(image, None, model=model, device="cpu").synthetic_mri
+    on_thick = sitk.Resample(out["thin"], out["thick"], sitk.Transform(), sitk.sitkLinear, 0.0)
+    a, b = (sitk.GetArrayFromImage(x).astype(np.float32) for x in (out["thick"], on_thick))
+    head = (a > 0) & (b > 0)
+    return float(np.abs(a - b)[head].mean()), float(a[head].mean()), thin.GetSpacing()[2], thick.GetSpacing()[2]
 
 
 def _syn(model, image: sitk.Image, grain: Optional[dict] = None) -> np.ndarray:
@@ -303,6 +323,12 @@ def main() -> int:
         for name, res in robust:
             for variant, (mae, share) in res.items():
                 print(f"| {name} | {variant} | {mae:.2f} | {100 * share:.1f} % |")
+    pair = None if args.no_robustness else series_pair(model, data)
+    if pair is not None:
+        mae, mean, thin, thick = pair
+        print("\n| same scan, two reconstructions | MAE in head between the two outputs | share of its mean |")
+        print("|---|---|---|")
+        print(f"| real HU CT, {thin:g} mm slices against {thick:g} mm | {mae:.2f} | {100 * mae / max(mean, 1e-6):.1f} % |")
     if grains:  # a model with grain matching (grain.py): what each CT measured and how much it was blurred
         print("\n| CT | variant | noise grain | target | blurred by (px) |")
         print("|---|---|---|---|---|")
