@@ -50,9 +50,10 @@ def test_a_grainier_ct_is_blurred_down_to_the_target(ct255) -> None:
     assert out.shape == noisy.shape and out.dtype == np.float32
     assert grain(out) == pytest.approx(target, rel=0.15)  # interpolated between the tried blurs
     assert not np.array_equal(noisy, out) and noisy.max() <= 255  # the input array is not modified
-    stronger, _ = match_grain(_grainy(ct255, 30.0, seed=1), target)
-    assert match_grain(_grainy(ct255, 30.0, seed=1), target)[1]["ct_grain_blur_px"] > note["ct_grain_blur_px"]
-    assert grain(stronger) < grain(_grainy(ct255, 30.0, seed=1))
+    grainier = _grainy(ct255, 30.0, seed=1)
+    stronger, stronger_note = match_grain(grainier, target)
+    assert stronger_note["ct_grain_blur_px"] > note["ct_grain_blur_px"]
+    assert grain(stronger) < grain(grainier)
 
 
 def test_too_little_soft_tissue_means_no_estimate_and_no_change() -> None:

@@ -130,19 +130,16 @@ def robustness(model, image: sitk.Image, head: np.ndarray, variants: dict, base:
     return out
 
 
-def series_pair(model, data: Path) -> Optional[tuple]:
+def series_pair(syntheses: list) -> Optional[tuple]:
     """(MAE in head between the syntheses of the HU study's thinnest and thickest axial series, the thick one's
     mean there, their slice thicknesses), the thin output interpolated onto the thick one's grid; None
-    without two axial series."""
-    series = sorted(dicom_axial_series(data / "real_hu_head_ct_dicom" / "DICOM"), key=lambda t: t[2].GetSpacing()[2])
-    if len(series) < 2:
+    without two series. ``syntheses``: [(CT image, its synthetic MRI array on the CT's grid)] of the series."""
+    if len(syntheses) < 2:
         return None
-    thin, thick = series[0][2], series[-1][2]
-    out = {}
-    for key, image in (("thin", thin), ("thick", thick)):
-        out[key] = synthesize(image, None, model=model, device="cpu").synthetic_mri
-    on_thick = sitk.Resample(out["thin"], out["thick"], sitk.Transform(), sitk.sitkLinear, 0.0)
-    a, b = (sitk.GetArrayFromImage(x).astype(np.float32) for x in (out["thick"], on_thick))
+    (thin, thin_syn), (thick, thick_syn) = (min(syntheses, key=lambda t: t[0].GetSpacing()[2]),
+                                            max(syntheses, key=lambda t: t[0].GetSpacing()[2]))
+    on_thick = sitk.Resample(_with_array(thin, thin_syn), thick, sitk.Transform(), sitk.sitkLinear, 0.0)
+    a, b = thick_syn, sitk.GetArrayFromImage(on_thick).astype(np.float32)
     head = (a > 0) & (b > 0)
     return float(np.abs(a - b)[head].mean()), float(a[head].mean()), thin.GetSpacing()[2], thick.GetSpacing()[2]
 
@@ -299,12 +296,14 @@ def main() -> int:
     print("\n| CT | CSF voxels | brain voxels | CSF / brain (aim ≥ 1.6) | CSF / brain, strict masks (8-bit) | "
           "signal outside the head (aim ≤ 0.5 %) |")
     print("|---|---|---|---|---|---|")
-    rows, robust, grains = [], [], []
+    rows, robust, grains, hu_syntheses = [], [], [], []
     for name, image, masks, variants in external_cts(data):
         note: dict = {}
         syn = _syn(model, image, note)
         if note:
             grains.append((name, "as given", note))
+        if name.startswith("real HU CT"):
+            hu_syntheses.append((image, syn))
         c = contrast(syn, masks)
         rows.append((name, c))
         strict = "–" if np.isnan(c["csf_over_brain_strict"]) else f"{c['csf_over_brain_strict']:.2f}"
@@ -323,7 +322,7 @@ def main() -> int:
         for name, res in robust:
             for variant, (mae, share) in res.items():
                 print(f"| {name} | {variant} | {mae:.2f} | {100 * share:.1f} % |")
-    pair = None if args.no_robustness else series_pair(model, data)
+    pair = None if args.no_robustness else series_pair(hu_syntheses)
     if pair is not None:
         mae, mean, thin, thick = pair
         print("\n| same scan, two reconstructions | MAE in head between the two outputs | share of its mean |")

@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "CTtoMRISynthesis"))
 
 
-def copy_fold(fold: Path, out: Path, cases: list, exclude: tuple) -> dict:
-    """Link ``fold``'s model into ``out`` and save its held-out predictions made with grain matching."""
-    from CTtoMRISynthesisLib.grain import KEY, match_grain, training_target
+def copy_fold(fold: Path, out: Path, cases: list, target_for) -> dict:
+    """Link ``fold``'s model into ``out`` and save its held-out predictions made with grain matching, the
+    target ``target_for(held-out ids)``."""
+    from CTtoMRISynthesisLib.grain import KEY
     from CTtoMRISynthesisLib.metrics import to_jsonable
     from CTtoMRISynthesisLib.training.report import evaluate, fold_model, predict_case
     from CTtoMRISynthesisLib.weights import load_model
@@ -39,17 +40,16 @@ def copy_fold(fold: Path, out: Path, cases: list, exclude: tuple) -> dict:
             (out / name).symlink_to((fold / name).resolve())
     loaded = load_model(model)
     split = loaded.config["split"]
-    # the ensemble's target comes from all its training patients (the members' union): here every patient
-    # but the held-out one(s), whatever this member's bagging dropped
-    target = training_target([c for c in cases if c.case_id not in split["test_cases"]], exclude)
+    target = target_for(tuple(split["test_cases"]))
     loaded.config["preprocessing"][KEY] = target
     record = {"split": split, "ct_grain_target": target, "cases": {}, "grain": {}}
     for cid in split["test_cases"]:
         case = next(c for c in cases if c.case_id == cid)
-        pred = predict_case(loaded, case)
+        info: dict = {}
+        pred = predict_case(loaded, case, info=info)
         np.savez_compressed(out / f"pred_{cid}.npz", syn=pred.mean.astype(np.float32), spread=pred.spread.astype(np.float32))
         record["cases"][cid] = evaluate(case.mri, pred.mean, case.ct, 200.0)
-        record["grain"][cid] = match_grain(case.ct, target)[1]
+        record["grain"][cid] = {k: v for k, v in info.items() if k.startswith("ct_grain")}
     (out / "fold.json").write_text(json.dumps(to_jsonable(record), indent=1))
     return record
 
@@ -62,17 +62,28 @@ def main() -> int:
     parser.add_argument("--exclude-from-training", nargs="*", default=["2"], metavar="ID")
     args = parser.parse_args()
 
+    from CTtoMRISynthesisLib.grain import training_target
     from CTtoMRISynthesisLib.intensity import CTWindow
     from CTtoMRISynthesisLib.training.discovery import discover
     from CTtoMRISynthesisLib.training.report import write_cv_report
 
     cases = discover([args.data], CTWindow(45, 120))
+    targets: dict = {}
+
+    def target_for(held_out: tuple) -> float:
+        # the ensemble's target comes from all its training patients (the members' union): every patient
+        # but the held-out one(s), whatever a member's bagging dropped; the same for every run's fold
+        if held_out not in targets:
+            rest = [c for c in cases if c.case_id not in held_out]
+            targets[held_out] = training_target(rest, tuple(args.exclude_from_training))
+        return targets[held_out]
+
     print("| run | fold | held out | target | its grain | blur (px) |")
     print("|---|---|---|---|---|---|")
     for run in args.runs:
         copy = args.out / run.name
         for fold in sorted(run.glob("fold*")):
-            record = copy_fold(fold, copy / fold.name, cases, tuple(args.exclude_from_training))
+            record = copy_fold(fold, copy / fold.name, cases, target_for)
             for cid, note in record["grain"].items():
                 print(f"| {run.name} | {fold.name} | {cid} | {record['ct_grain_target']:.2f} | {note['ct_grain']:.2f} | "
                       f"{note['ct_grain_blur_px']:g} |", flush=True)

@@ -111,7 +111,8 @@ def _sigma_for(sample: np.ndarray, tissue: np.ndarray, measured: float, target: 
 
 def training_target(cases, exclude=()) -> float:
     """The grain of the grainiest CT among ``cases`` (training cases with ``.ct`` on the model grid)."""
-    values = [grain(c.ct) for c in cases if c.case_id not in set(exclude)]
+    skip = set(exclude)
+    values = [grain(c.ct) for c in cases if c.case_id not in skip]
     values = [v for v in values if v is not None]
     if not values:
         raise CTMRIError("no training CT had enough soft tissue to measure its grain; check --data")

@@ -191,7 +191,8 @@ def predict_volume(
     finally used, ``info["warnings"]`` (list of messages). ``ct_standardise`` (from the weights config)
     maps the CT's brain median to that value first (:func:`intensity.standardise_ct`); before that,
     ``ct_grain_target`` blurs a CT grainier than the training CTs down to their grain
-    (:func:`grain.match_grain`); the output mask is always taken from the CT as given. A model file's error model, if any, is applied afterwards
+    (:func:`grain.match_grain`); the output mask is always taken from the CT as given. A model file's
+    error model, if any, is applied afterwards
     (:func:`error_model.apply`).
     """
     import torch

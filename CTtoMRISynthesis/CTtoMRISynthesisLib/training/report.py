@@ -132,12 +132,14 @@ def evaluate(ref: np.ndarray, syn: np.ndarray, ct: np.ndarray, bone_threshold: f
     return m
 
 
-def predict_case(loaded, case, device: str = "cpu"):
-    """The model's :class:`synthesis.Prediction` (synthetic MRI and its spread) of one patient, as at inference."""
+def predict_case(loaded, case, device: str = "cpu", info: Optional[dict] = None):
+    """The model's :class:`synthesis.Prediction` (synthetic MRI and its spread) of one patient, as at inference;
+    ``info`` receives what :func:`synthesis.predict_volume` reports."""
     from ..error_model import apply
     from ..synthesis import predict_volume, preprocessing_options
 
-    prediction = predict_volume(loaded.net, case.ct, **preprocessing_options(loaded.config["preprocessing"]), device=device)
+    prediction = predict_volume(loaded.net, case.ct, **preprocessing_options(loaded.config["preprocessing"]), device=device,
+                                info=info)
     return apply(getattr(loaded, "error_model", None), prediction)
 
 
