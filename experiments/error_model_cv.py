@@ -19,6 +19,13 @@ error's scale at that resolution could do if the error were pure noise around it
 own scale, so even a perfect scale map scores well below 1. ``fit on the patient's own errors``: the shipped
 feature set fit to the scored patient's own errors (in-sample), i.e. about the best these features of this
 ensemble's output can rank that patient's error; below the aim there, no error model on them reaches it.
+Out of sample within the patient (``--half-split``): the map fit on the patient's even slices alone, and on
+the other patients plus those even slices, each scored on the patient's odd slices (whose neighbours it has
+seen), beside the shipped nested map scored on the same odd slices: does the relation learned on one half of
+a patient hold on the other half, where it does not hold from one patient to the next?
+``--transfer-matrix`` prints a second table: the map fit on one patient's errors alone (row), scored on every
+patient (column), and per column the best row other than the patient itself: if no single training
+patient's relation ranks a patient's error, the relation that patient needs is not in the training set.
 
     python experiments/error_model_cv.py RUN [RUN ...] [--data DIR] [--steps 3000] [--seed 0] [--sets shipped ...]
         [--exclude-from-training ID ...]
@@ -56,14 +63,69 @@ def local_rms_error(sample, sigma: float) -> np.ndarray:
     return np.sqrt(ndimage.gaussian_filter(err2, (0, sigma, sigma)) / weight)[sample.head]
 
 
+def half(sample, start: int):
+    """The sample's even (``start`` 0) or odd (1) slices as a sample of their own."""
+    from CTtoMRISynthesisLib.error_model import Sample
+
+    cut = slice(start, None, 2)
+    return Sample(sample.case_id, sample.mean[cut], sample.spread[cut], sample.real[cut], sample.head[cut])
+
+
+def half_split_rows(samples: list, nested_maps, args) -> dict:
+    """Rows scored on each patient's odd slices: the nested map (if given) and two fits that saw its even slices."""
+    from CTtoMRISynthesisLib.error_model import fit
+    from CTtoMRISynthesisLib.training.report import uncertainty_quality
+
+    rho = lambda s, m: uncertainty_quality(s.real, s.mean, m, s.head)["unc_spearman"]
+    rows = {}
+    if nested_maps is not None:
+        rows["shipped, scored on the odd slices only"] = [rho(half(s, 1), nested_maps[s.case_id][1::2]) for s in samples]
+    own, with_others = [], []
+    for s in samples:
+        even, odd = half(s, 0), half(s, 1)
+        others = [o for o in samples if o is not s and o.case_id not in args.exclude_from_training]
+        own.append(rho(odd, fit([even, even], steps=args.steps, seed=args.seed).predict(odd.mean, odd.spread, odd.head)))
+        with_others.append(rho(odd, fit(others + [even], steps=args.steps, seed=args.seed).predict(odd.mean, odd.spread, odd.head)))
+        print(f"half split {s.case_id}: done", file=sys.stderr, flush=True)
+    rows["ceiling: fit on the patient's even slices, scored on its odd slices"] = own
+    rows["ceiling: fit on the other patients and the patient's even slices, scored on its odd slices"] = with_others
+    return rows
+
+
+def print_transfer_matrix(samples: list, args) -> None:
+    """Spearman of the map fit on one patient's errors (row) on each patient (column); last row: best other."""
+    from CTtoMRISynthesisLib.error_model import fit
+    from CTtoMRISynthesisLib.training.report import uncertainty_quality
+
+    ids = [s.case_id for s in samples]
+    matrix = np.zeros((len(samples), len(samples)))
+    for i, a in enumerate(samples):
+        model = fit([a, a], steps=args.steps, seed=args.seed)  # fit() wants two samples; one patient twice weighs as once
+        for j, b in enumerate(samples):
+            matrix[i, j] = uncertainty_quality(b.real, b.mean, model.predict(b.mean, b.spread, b.head), b.head)["unc_spearman"]
+        print(f"transfer matrix: row {a.case_id} done", file=sys.stderr, flush=True)
+    print("Fit on one patient's errors alone (row), scored on each patient (column); the diagonal is in-sample.")
+    print("| fit on \\ scored on | " + " | ".join(ids) + " |")
+    print("|---" * (len(ids) + 1) + "|")
+    for i, a in enumerate(ids):
+        print(f"| {a} | " + " | ".join(f"{v:.3f}" for v in matrix[i]) + " |")
+    usable = [i for i, a in enumerate(ids) if a not in args.exclude_from_training]
+    best = [max(matrix[i, j] for i in usable if i != j) for j in range(len(ids))]
+    print("| best other (never an excluded patient) | " + " | ".join(f"{v:.3f}" for v in best) + " |\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="finished `ctmri train --cv loo` run folders (the ensemble)")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "harvard_aanlib_ct_mri_2d"))
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0, help="the fits' seed (the shipped error model: 0)")
-    parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS), help="feature sets to fit")
+    parser.add_argument("--sets", nargs="*", choices=list(SETS), default=list(SETS), help="feature sets to fit (none: only the other rows)")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the ceiling rows")
+    parser.add_argument("--half-split", action="store_true",
+                        help="add the rows fit on the patient's even slices and scored on its odd slices")
+    parser.add_argument("--transfer-matrix", action="store_true",
+                        help="also print the table of maps fit on one patient and scored on each")
     parser.add_argument("--exclude-from-training", nargs="+", default=[], metavar="ID",
                         help="never fit on these patients' errors (they are still scored), as the CLI's option")
     args = parser.parse_args()
@@ -78,11 +140,16 @@ def main() -> int:
     samples = cv_samples(args.runs, discover([args.data], CTWindow(45, 120)))
     ids = [s.case_id for s in samples]
     table = {"members' SD": [uncertainty_quality(s.real, s.mean, s.spread, s.head)["unc_spearman"] for s in samples]}
+    nested = {}
     for name in args.sets:
         maps = cross_validated_maps(samples, names=SETS[name] or FEATURES, steps=args.steps, seed=args.seed,
                                     exclude=tuple(args.exclude_from_training))
         table[name] = [uncertainty_quality(s.real, s.mean, maps[s.case_id], s.head)["unc_spearman"] for s in samples]
+        nested[name] = maps
         print(f"{name}: done", file=sys.stderr, flush=True)
+
+    if args.half_split:
+        table.update(half_split_rows(samples, nested.get("shipped"), args))
 
     if not args.no_ceiling:
         # fit() wants two patients' rows; the same patient twice weighs its voxels as once
@@ -100,6 +167,8 @@ def main() -> int:
         table[f"ceiling: knows local scale σ {sigma} px, real |error|"] = real
         table[f"ceiling: knows local scale σ {sigma} px, half-normal |error|"] = drawn
 
+    if args.transfer_matrix:
+        print_transfer_matrix(samples, args)
     print(f"{len(args.runs)} runs: " + ", ".join(str(r) for r in args.runs)
           + (f"; fits never on {args.exclude_from_training}" if args.exclude_from_training else ""))
     print("| map | " + " | ".join(ids) + " | mean | lowest |")

@@ -1,0 +1,160 @@
+"""Experiment: a ceiling for issue 11's aim 1 — the model that has already seen half of the held-out patient.
+
+Leave-one-patient-out asks a model trained on 6–7 patients to predict a new one. This experiment makes the
+task strictly easier: for each patient P, a member of the shipped recipe is trained on the other patients
+(less ``--exclude-from-training``) **plus P's even slices**, and scored on P's odd slices, each of which has
+its two neighbours in training. That is the slice-level split the project otherwise forbids: its leak is the
+point. If even this model stays above 0.85 × the lookup table, a patient-level model of this recipe family
+cannot be expected to reach aim 1 on this data.
+
+Scored on P's odd slices, side by side (core library metrics via ``report.evaluate``):
+
+- ``seen``: the model above (one member, its recipe given after ``--``),
+- ``lopo``: the same member recipe's leave-one-patient-out fold model (``--lopo RUN``: its ``pred_P.npz``),
+- ``ensemble``: the mean of several such runs' held-out predictions (``--ensemble RUN ...``: the shipped
+  model's cross-validation, if given),
+- ``lookup``: the lookup table fit on the other patients less the excluded (the denominator of aim 1),
+- ``lookup_seen``: the lookup table fit on those patients plus P's even slices (what the leak gives a table).
+
+    python experiments/slice_split.py --out DIR --lopo RUN [--ensemble RUN ...] [--patients P ...] \\
+        [--data DIR] -- <ctmri train options: --epochs, --base, --seed, augmentation, ...>
+
+Training resumes where it stopped (``--resume`` is implied); ``--patients`` trains only those (two
+processes can share the patients between them); the table is printed once every patient's model exists,
+or with ``--report-only`` for those that do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "CTtoMRISynthesis"))
+
+METHODS = ("seen", "lopo", "ensemble", "lookup_seen", "lookup")
+
+
+def halves(case):
+    """(even slices, odd slices) of one patient as two cases; slices are in anatomical order."""
+    even, odd = np.arange(0, case.slices, 2), np.arange(1, case.slices, 2)
+    part = lambda idx, tag: replace(case, case_id=f"{case.case_id}:{tag}", ct=case.ct[idx], mri=case.mri[idx],
+                                    slice_names=[case.slice_names[i] for i in idx] if case.slice_names else [])
+    return part(even, "even"), part(odd, "odd")
+
+
+def train_seen(case, cases, excluded: set, train_argv: list, out: Path) -> Path:
+    """Train (or resume) the member that sees ``case``'s even slices; return its model file."""
+    from CTtoMRISynthesisLib.training.commands import add_train_arguments, settings_from_args
+    from CTtoMRISynthesisLib.training.loop import train
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = parser.parse_args(["--data", "unused", "--out", str(out)] + train_argv)
+    settings = settings_from_args(args)
+    settings.select = "last"  # the odd slices are logged, never used to pick an epoch
+    even, odd = halves(case)
+    train_cases = [c for c in cases if c.case_id != case.case_id and c.case_id not in excluded] + [even]
+    split = {"mode": "slice-split ceiling (leaky on purpose)", "train_cases": [c.case_id for c in train_cases],
+             "val_cases": [odd.case_id], "test_cases": [odd.case_id], "seed": settings.seed}
+    result = train(train_cases, settings, out, val_cases=[odd], split=split, resume=True,
+                   command="experiments/slice_split.py " + " ".join(train_argv), progress_bar=False)
+    return Path(result["weights"])
+
+
+def held_out_mean(runs: list, case_id: str) -> np.ndarray:
+    """Mean of the runs' leave-one-out predictions of one patient (each run's fold that held it out)."""
+    preds = [np.load(f)["syn"] for run in runs for f in sorted(Path(run).glob(f"fold*/pred_{case_id}.npz"))]
+    if len(preds) != len(runs):
+        raise SystemExit(f"patient {case_id}: {len(preds)} held-out predictions in {len(runs)} runs")
+    return np.mean(preds, axis=0)
+
+
+def score_patient(case, cases, excluded: set, model_file: Path, lopo: Path, ensemble: list) -> dict:
+    """Every method's metrics on ``case``'s odd slices."""
+    from CTtoMRISynthesisLib.training.report import evaluate, fit_lookup_table, predict_case, predict_lookup_table
+    from CTtoMRISynthesisLib.weights import load_model
+
+    even, odd = halves(case)
+    others = [c for c in cases if c.case_id != case.case_id and c.case_id not in excluded]
+    sub = lambda vol: vol[1::2]
+    preds = {
+        "seen": predict_case(load_model(model_file), odd).mean,
+        "lopo": sub(held_out_mean([lopo], case.case_id)),
+        "lookup_seen": predict_lookup_table(fit_lookup_table(others + [even]), odd.ct),
+        "lookup": predict_lookup_table(fit_lookup_table(others), odd.ct),
+    }
+    if ensemble:
+        preds["ensemble"] = sub(held_out_mean(ensemble, case.case_id))
+    return {name: evaluate(odd.mri, syn, odd.ct, 200.0) for name, syn in preds.items()}
+
+
+def print_table(scores: dict) -> None:
+    """Per patient and mean: each method's MAE / lookup, MAE, SSIM in the head and whole-slice SSIM."""
+    methods = [m for m in METHODS if all(m in s for s in scores.values())]
+    print("Odd slices of each patient (even slices in the `seen` model's training). MAE / lookup is the "
+          "foreground MAE over the lookup table's fit on the other patients (aim 1's ratio).\n")
+    print("| patient | " + " | ".join(f"{m}: MAE / lookup" for m in methods) + " | "
+          + " | ".join(f"{m}: SSIM head" for m in methods) + " |")
+    print("|---|" + "---|" * (2 * len(methods)))
+    ratio = {m: [] for m in methods}
+    for pid, s in scores.items():
+        cells = []
+        for m in methods:
+            ratio[m].append(s[m]["mae"] / s["lookup"]["mae"])
+            cells.append(f"{ratio[m][-1]:.3f}")
+        cells += [f"{s[m]['ssim_foreground']:.3f}" for m in methods]
+        print(f"| {pid} | " + " | ".join(cells) + " |")
+    mean = lambda m, k: float(np.mean([s[m][k] for s in scores.values()]))
+    print("| mean | " + " | ".join(f"{np.mean(ratio[m]):.3f}" for m in methods) + " | "
+          + " | ".join(f"{mean(m, 'ssim_foreground'):.3f}" for m in methods) + " |")
+    print("\n| method | mean MAE | mean MAE / lookup | below the lookup table on | mean SSIM in head | "
+          "mean whole-slice SSIM | whole-slice SSIM − lookup's |")
+    print("|---|---|---|---|---|---|---|")
+    for m in methods:
+        below = sum(r < 1.0 for r in ratio[m])
+        print(f"| {m} | {mean(m, 'mae'):.2f} | {np.mean(ratio[m]):.3f} | {below} of {len(ratio[m])} | "
+              f"{mean(m, 'ssim_foreground'):.3f} | {mean(m, 'ssim'):.3f} | {mean(m, 'ssim') - mean('lookup', 'ssim'):+.3f} |")
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    train_argv = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--lopo", type=Path, required=True, help="the same member recipe's `ctmri train --cv loo` run")
+    parser.add_argument("--ensemble", type=Path, nargs="*", default=[], help="cross-validation runs of the shipped ensemble")
+    parser.add_argument("--patients", nargs="*", default=None, help="train only these patients' models")
+    parser.add_argument("--exclude-from-training", nargs="*", default=["2"])
+    parser.add_argument("--report-only", action="store_true", help="score the patients whose model exists; train nothing")
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "harvard_aanlib_ct_mri_2d"))
+    args = parser.parse_args(own)
+
+    from CTtoMRISynthesisLib.intensity import CTWindow
+    from CTtoMRISynthesisLib.training.discovery import discover
+    from CTtoMRISynthesisLib.training.loop import MODEL_FILE
+
+    cases = discover([args.data], CTWindow(45, 120))
+    excluded = set(args.exclude_from_training)
+    todo = [c for c in cases if args.patients is None or c.case_id in args.patients]
+    if not args.report_only:
+        for case in todo:
+            print(f"patient {case.case_id}: training on the others and its {(case.slices + 1) // 2} even slices", flush=True)
+            train_seen(case, cases, excluded, train_argv, args.out / f"patient_{case.case_id}")
+    done = {c.case_id: c for c in cases if (args.out / f"patient_{c.case_id}" / MODEL_FILE).exists()}
+    if not args.report_only and len(done) < len(cases):
+        print(f"{len(done)} of {len(cases)} patients trained; the table is printed once all are (or --report-only)")
+        return 0
+    scores = {pid: score_patient(c, cases, excluded, args.out / f"patient_{pid}" / MODEL_FILE, args.lopo, args.ensemble)
+              for pid, c in done.items()}
+    print_table(scores)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
