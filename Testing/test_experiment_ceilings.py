@@ -52,11 +52,12 @@ def test_slice_split_model_trains_on_the_even_slices_and_never_on_the_odd_ones(p
     split = load("slice_split")
     cases = discover([phantom_slices], CTWindow(45, 120))
     held = next(c for c in cases if c.case_id == "16")
-    model = split.train_seen(held, cases, {"2"}, ["--epochs", "1", "--max-steps", "1", "--base", "4", "--device", "cpu",
-                                                  "--workers", "0", "--threads", "1"], tmp_path / "patient_16")
-    record = read_config(model)["split"]
+    argv = ["--epochs", "1", "--max-steps", "1", "--base", "4", "--device", "cpu", "--workers", "0", "--threads", "1"]
+    record = read_config(split.train_seen(held, cases, {"2"}, argv, tmp_path / "seen"))["split"]
     assert sorted(record["train_cases"]) == ["16:even", "20", "28"]  # never 2 (excluded), never 16 itself
     assert record["test_cases"] == ["16:odd"]
+    record = read_config(split.train_seen(held, cases, {"2"}, argv, tmp_path / "own", own_only=True))["split"]
+    assert record["train_cases"] == ["16:even"] and record["test_cases"] == ["16:odd"]
 
 
 def test_error_model_half_split_keeps_the_halves_apart():
