@@ -43,6 +43,16 @@ def test_halves_split_a_patient_into_alternate_slices_that_never_overlap(phantom
     np.testing.assert_array_equal(even.ct, case.ct[0::2])
 
 
+def test_blocks_layout_leaves_a_slice_between_training_and_test():
+    split = load("slice_split")
+    for n in (6, 7, 16, 21):
+        train, test = split.split_indices(n, "blocks")
+        assert test.min() - train.max() == 2 and test.max() == n - 1 and train.min() == 0  # one slice of gap
+        assert len(test) >= len(train) >= n // 2 - 1
+    with pytest.raises(SystemExit, match="unknown layout"):
+        split.split_indices(6, "random")
+
+
 @needs_torch
 def test_slice_split_model_trains_on_the_even_slices_and_never_on_the_odd_ones(phantom_slices, tmp_path):
     from CTtoMRISynthesisLib.intensity import CTWindow

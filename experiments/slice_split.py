@@ -12,7 +12,7 @@ Scored on P's test slices, side by side (core library metrics via ``report.evalu
 - ``seen``: the model above (one member, its recipe given after ``--``),
 - ``own``: trained on P's training slices alone, no other patient (a run made with ``--own-only``; given as
   ``--own-out DIR`` beside a ``seen`` run; give it more ``--epochs``: it has ~1/13 of the slices per epoch),
-- ``lopo``: the same member recipe's leave-one-patient-out fold model (``--lopo RUN``: its ``pred_P.npz``),
+- ``lopo``: the same member recipe's leave-one-patient-out fold model (``--lopo RUN``: its ``pred_P.npz``; optional),
 - ``ensemble``: the mean of several such runs' held-out predictions (``--ensemble RUN ...``: the shipped
   model's cross-validation, if given),
 - ``lookup``: the lookup table fit on the other patients less the excluded (the denominator of aim 1),
@@ -23,7 +23,7 @@ Scored on P's test slices, side by side (core library metrics via ``report.evalu
 test slice then has a neighbour in training, so what ``own`` keeps there is P's own CT→MRI relation rather
 than its anatomy next door.
 
-    python experiments/slice_split.py --out DIR --lopo RUN [--ensemble RUN ...] [--own-only | --own-out DIR]
+    python experiments/slice_split.py --out DIR [--lopo RUN] [--ensemble RUN ...] [--own-only | --own-out DIR]
         [--layout alternate|blocks] [--patients P ...] [--data DIR] -- <ctmri train options: --epochs, ...>
 
 Training resumes where it stopped (``--resume`` is implied); ``--patients`` trains only those (two
@@ -97,7 +97,7 @@ def held_out_mean(runs: list, case_id: str) -> np.ndarray:
     return np.mean(preds, axis=0)
 
 
-def score_patient(case, cases, excluded: set, models: dict, lopo: Path, ensemble: list, layout: str) -> dict:
+def score_patient(case, cases, excluded: set, models: dict, lopo, ensemble: list, layout: str) -> dict:
     """Every method's metrics on ``case``'s test slices; ``models``: {column: model file} of this experiment."""
     from CTtoMRISynthesisLib.training.report import evaluate, fit_lookup_table, predict_case, predict_lookup_table
     from CTtoMRISynthesisLib.weights import load_model
@@ -106,7 +106,8 @@ def score_patient(case, cases, excluded: set, models: dict, lopo: Path, ensemble
     test_idx = split_indices(case.slices, layout)[1]
     others = [c for c in cases if c.case_id != case.case_id and c.case_id not in excluded]
     preds = {name: predict_case(load_model(path), test).mean for name, path in models.items()}
-    preds["lopo"] = held_out_mean([lopo], case.case_id)[test_idx]
+    if lopo:
+        preds["lopo"] = held_out_mean([lopo], case.case_id)[test_idx]
     if ensemble:
         preds["ensemble"] = held_out_mean(ensemble, case.case_id)[test_idx]
     preds["lookup_own"] = predict_lookup_table(fit_lookup_table([seen]), test.ct)
@@ -150,7 +151,7 @@ def main() -> int:
     own = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--lopo", type=Path, required=True, help="the same member recipe's `ctmri train --cv loo` run")
+    parser.add_argument("--lopo", type=Path, help="the same member recipe's `ctmri train --cv loo` run (optional column)")
     parser.add_argument("--ensemble", type=Path, nargs="*", default=[], help="cross-validation runs of the shipped ensemble")
     parser.add_argument("--patients", nargs="*", default=None, help="train only these patients' models")
     parser.add_argument("--exclude-from-training", nargs="*", default=["2"])
