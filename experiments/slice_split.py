@@ -97,7 +97,8 @@ def held_out_mean(runs: list, case_id: str) -> np.ndarray:
     return np.mean(preds, axis=0)
 
 
-def score_patient(case, cases, excluded: set, models: dict, lopo, ensemble: list, layout: str) -> dict:
+def score_patient(case, cases, excluded: set, models: dict, lopo: Path | None, ensemble: list,
+                  layout: str) -> dict:
     """Every method's metrics on ``case``'s test slices; ``models``: {column: model file} of this experiment."""
     from CTtoMRISynthesisLib.training.report import evaluate, fit_lookup_table, predict_case, predict_lookup_table
     from CTtoMRISynthesisLib.weights import load_model
