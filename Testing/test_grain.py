@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from CTtoMRISynthesisLib.grain import KEY, grain, match_grain, set_target, training_target
+from CTtoMRISynthesisLib.errors import CTMRIError
+from CTtoMRISynthesisLib.grain import CAP_KEY, KEY, grain, match_grain, set_target, training_target
 from CTtoMRISynthesisLib.weights import read_config, read_weights_file, sha256_of
 
 
@@ -56,6 +57,19 @@ def test_a_grainier_ct_is_blurred_down_to_the_target(ct255) -> None:
     assert grain(stronger) < grain(grainier)
 
 
+def test_the_cap_limits_a_large_blur_and_leaves_a_smaller_one_exactly_as_it_was(ct255) -> None:
+    target = grain(_grainy(ct255, 12.0))
+    noisy = _grainy(ct255, 30.0, seed=1)
+    free, free_note = match_grain(noisy, target)
+    assert free_note["ct_grain_blur_px"] > 0.6 and "ct_grain_blur_capped" not in free_note
+    capped, capped_note = match_grain(noisy, target, max_blur=0.5)
+    assert capped_note["ct_grain_blur_px"] == 0.5 and capped_note["ct_grain_blur_capped"] is True
+    assert grain(free) < grain(capped) < grain(noisy)  # capped: less blurred, so grainier than the free blur
+    # a cap above the blur the CT needs changes nothing (so a capped model treats such CTs as the uncapped one)
+    loose, loose_note = match_grain(noisy, target, max_blur=free_note["ct_grain_blur_px"] + 0.5)
+    assert loose_note == free_note and np.array_equal(loose, free)
+
+
 def test_too_little_soft_tissue_means_no_estimate_and_no_change() -> None:
     tiny = np.zeros((3, 40, 40), np.float32)
     tiny[:, 10:30, 10:30] = 100.0
@@ -84,6 +98,13 @@ def test_set_target_rewrites_the_config_only(tmp_path) -> None:
     after = read_weights_file(weights, framework="numpy")["state_dict"]
     assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
     assert (tmp_path / "model.safetensors.sha256").read_text().split()[0] == sha256_of(weights)
+    assert CAP_KEY not in read_config(weights)["preprocessing"]
+    set_target(weights, 8.2683, max_blur=1.0)  # the cap is recorded beside the target, and removed when not given
+    assert read_config(weights)["preprocessing"][CAP_KEY] == 1.0
+    set_target(weights, 8.2683)
+    assert CAP_KEY not in read_config(weights)["preprocessing"]
+    with pytest.raises(CTMRIError, match="max-blur"):
+        set_target(weights, 8.2683, max_blur=0.0)
 
 
 def test_predict_volume_blurs_a_grainy_ct_says_so_and_masks_with_the_ct_as_given(tiny_weights, ct255) -> None:
@@ -115,3 +136,8 @@ def test_synthesize_records_the_grain_and_warns_when_it_blurs(tiny_weights, phan
     assert note["ct_grain"] > note["ct_grain_target"] and note["ct_grain_blur_px"] > 0
     assert any("grainier" in w for w in result.warnings)
     assert "ct_grain" not in synthesize(noisy, None, weights=tiny_weights, device="cpu").summary()["normalisation"]
+    set_target(weights, grain(clean), max_blur=0.1)  # a cap below that blur: used, recorded and said
+    capped = synthesize(noisy, None, weights=weights, device="cpu")
+    assert capped.summary()["normalisation"]["ct_grain_blur_px"] == 0.1
+    assert capped.summary()["normalisation"]["ct_grain_blur_capped"] is True
+    assert any("the most the model file allows" in w for w in capped.warnings)

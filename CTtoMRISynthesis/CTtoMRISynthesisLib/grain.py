@@ -18,11 +18,12 @@ the grains the network reacts to, with bone edges and the scalp left out.
 
 :func:`match_grain` leaves a CT at or below ``target`` as it is; a grainier one is blurred in-plane with the
 Gaussian σ that brings it to ``target`` (interpolated between the σ of :data:`SIGMAS`; the largest, if
-none does). ``target``
+none does), but never more than ``max_blur`` px when a cap is given (round 12: a CT whose noise is coarser
+than the grains, such as thin-slice HU noise, would otherwise be blurred until its anatomy goes). ``target``
 is the grain of the grainiest CT the model trained on, recorded in the weights config
-(``preprocessing.ct_grain_target``) by::
+(``preprocessing.ct_grain_target``, and the cap as ``preprocessing.ct_grain_max_blur_px``) by::
 
-    python -m CTtoMRISynthesisLib.grain set WEIGHTS.safetensors --data DIR [--exclude-from-training ID ...]
+    python -m CTtoMRISynthesisLib.grain set WEIGHTS.safetensors --data DIR [--exclude-from-training ID ...] [--max-blur PX]
 
 which rewrites the config only (same tensors; the .sha256 is rewritten). A model file without the key is
 applied as before. The training CTs themselves are never blurred: by construction none is above the target.
@@ -43,6 +44,7 @@ SIGMAS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)  # blurs tried, smallest f
 MAX_SLICES = 32  # slices (evenly spread) the estimate looks at: in-plane only, so a sample of slices is exact per slice
 MIN_VOXELS = 2000  # fewer soft-tissue voxels than this: no estimate (a tiny or non-head image)
 KEY = "ct_grain_target"
+CAP_KEY = "ct_grain_max_blur_px"
 
 
 def _blur(ct: np.ndarray, sigma: float) -> np.ndarray:
@@ -81,8 +83,10 @@ def grain(ct255: np.ndarray) -> Optional[float]:
     return _band_sd(ct, soft_tissue(ct))
 
 
-def match_grain(ct255: np.ndarray, target: Optional[float]) -> tuple[np.ndarray, dict]:
-    """(the CT, blurred in-plane if it is grainier than ``target``; what was measured and done)."""
+def match_grain(ct255: np.ndarray, target: Optional[float],
+                max_blur: Optional[float] = None) -> tuple[np.ndarray, dict]:
+    """(the CT, blurred in-plane if it is grainier than ``target``, by at most ``max_blur`` px; what was measured
+    and done)."""
     if target is None:
         return ct255, {}
     sample = _sample(ct255)
@@ -92,6 +96,9 @@ def match_grain(ct255: np.ndarray, target: Optional[float]) -> tuple[np.ndarray,
     if measured is None or measured <= target:
         return ct255, note
     chosen = _sigma_for(sample, tissue, measured, float(target))
+    if max_blur is not None and chosen > max_blur:
+        chosen = float(max_blur)
+        note["ct_grain_blur_capped"] = True
     note["ct_grain_blur_px"] = chosen
     return _blur(ct255, chosen), note
 
@@ -119,13 +126,19 @@ def training_target(cases, exclude=()) -> float:
     return max(values)
 
 
-def set_target(weights, target: float) -> dict:
-    """Write ``target`` into a model file's ``preprocessing`` (tensors unchanged; file and .sha256 rewritten)."""
+def set_target(weights, target: float, max_blur: Optional[float] = None) -> dict:
+    """Write ``target`` (and the cap ``max_blur``, if given) into a model file's ``preprocessing`` (tensors
+    unchanged; file and .sha256 rewritten)."""
     from .weights import read_weights_file, save_state
 
+    if max_blur is not None and not max_blur > 0:
+        raise CTMRIError(f"--max-blur must be a positive number of pixels, not {max_blur}")
     blob = read_weights_file(weights, framework="numpy")
     config = blob["config"]
     config["preprocessing"][KEY] = round(float(target), 3)
+    config["preprocessing"].pop(CAP_KEY, None)
+    if max_blur is not None:
+        config["preprocessing"][CAP_KEY] = round(float(max_blur), 3)
     save_state(weights, blob["state_dict"], config)
     return config
 
@@ -138,6 +151,8 @@ def main(argv: Optional[list] = None) -> int:
     put.add_argument("--data", nargs="+", required=True, help="the training data folder(s), as given to ctmri train")
     put.add_argument("--exclude-from-training", nargs="*", default=[], metavar="ID")
     put.add_argument("--case-rule", default="slice3")
+    put.add_argument("--max-blur", type=float, default=None, metavar="PX",
+                     help="blur a grainier CT by at most PX pixels of the model grid (default: no cap)")
     args = parser.parse_args(argv)
     from .intensity import CTWindow
     from .training.discovery import discover
@@ -147,12 +162,13 @@ def main(argv: Optional[list] = None) -> int:
         window = read_config(args.weights)["preprocessing"]["ct_window"]
         cases = discover(args.data, CTWindow(window["level"], window["width"]), case_rule=args.case_rule)
         target = training_target(cases, args.exclude_from_training)
-        set_target(args.weights, target)
+        set_target(args.weights, target, args.max_blur)
     except CTMRIError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{args.weights}: {KEY} = {target:.3f} (the grainiest of the {len(cases)} CTs in --data"
-          + (f", less {', '.join(args.exclude_from_training)})" if args.exclude_from_training else ")"))
+          + (f", less {', '.join(args.exclude_from_training)})" if args.exclude_from_training else ")")
+          + (f"; {CAP_KEY} = {args.max_blur:g}" if args.max_blur is not None else ""))
     return 0
 
 

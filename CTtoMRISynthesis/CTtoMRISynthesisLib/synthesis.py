@@ -102,6 +102,7 @@ def preprocessing_options(prep: dict) -> dict:
         "mask_output": bool(prep.get("mask_output", True)),
         "ct_standardise": prep.get("ct_standardise"),
         "ct_grain_target": prep.get("ct_grain_target"),
+        "ct_grain_max_blur": prep.get("ct_grain_max_blur_px"),
         "flip_tta": bool(prep.get("flip_tta", False)),
     }
 
@@ -176,6 +177,7 @@ def predict_volume(
     mask_output: bool = True,
     ct_standardise: Optional[float] = None,
     ct_grain_target: Optional[float] = None,
+    ct_grain_max_blur: Optional[float] = None,
     flip_tta: bool = False,
     device: str = "cpu",
     batch_size: int | None = None,
@@ -191,7 +193,7 @@ def predict_volume(
     finally used, ``info["warnings"]`` (list of messages). ``ct_standardise`` (from the weights config)
     maps the CT's brain median to that value first (:func:`intensity.standardise_ct`); before that,
     ``ct_grain_target`` blurs a CT grainier than the training CTs down to their grain
-    (:func:`grain.match_grain`); the output mask is always taken from the CT as given. A model file's
+    (:func:`grain.match_grain`; by at most ``ct_grain_max_blur`` px when given); the output mask is always taken from the CT as given. A model file's
     error model, if any, is applied afterwards
     (:func:`error_model.apply`).
     """
@@ -205,12 +207,13 @@ def predict_volume(
     first_device, first_batch = device, min(batch_size, max(ct255.shape[0], 1))
     mask_source = ct255
     if ct_grain_target is not None:
-        ct255, note = match_grain(ct255, ct_grain_target)
+        ct255, note = match_grain(ct255, ct_grain_target, ct_grain_max_blur)
         info.update(note)
         if note.get("ct_grain_blur_px"):
             notes.append(f"the CT is grainier than the CTs the model was trained on (noise grain {note['ct_grain']:.1f} "
                          f"against at most {note['ct_grain_target']:.1f}): blurred in-plane by "
-                         f"{note['ct_grain_blur_px']:g} px before synthesis")
+                         f"{note['ct_grain_blur_px']:g} px before synthesis"
+                         + (" (the most the model file allows)" if note.get("ct_grain_blur_capped") else ""))
     if ct_standardise is not None:
         ct255, note = standardise_ct(ct255, ct_standardise)
         info.update(note)
