@@ -102,7 +102,9 @@ def test_user_errors_are_one_line_and_leave_nothing(problem, expected, case_file
         ct.write_text("not an image")
     elif problem == "rgb-ct":
         ct = tmp_path / "rgb.png"
-        sitk.WriteImage(sitk.Image([32, 32], sitk.sitkVectorUInt8, 3), str(ct))
+        colour = np.zeros((32, 32, 3), np.uint8)
+        colour[..., 0] = 200  # red: a colour image, not grey saved as RGB (which is read as grey)
+        sitk.WriteImage(sitk.GetImageFromArray(colour, isVector=True), str(ct))
     elif problem in ("constant-ct", "nan-ct"):
         array = np.full((4, 32, 32), 5.0, dtype=np.float32)
         if problem == "nan-ct":

@@ -119,10 +119,39 @@ def test_truncated_nii_gz(mr: sitk.Image, tmp_path: Path) -> None:
         read_volume(path)
 
 
+def _rgb_png(grey: np.ndarray, path: Path, tint: bool = False, alpha: np.ndarray | None = None) -> Path:
+    channels = [grey, grey, np.clip(grey.astype(int) + 1, 0, 255).astype(np.uint8) if tint else grey]
+    if alpha is not None:
+        channels.append(alpha)
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack(channels, axis=-1), isVector=True), str(path))
+    return path
+
+
+def test_a_grey_image_saved_as_rgb_is_read_as_its_grey(phantom_slices: Path, tmp_path: Path) -> None:
+    """A screenshot or PNG export of a grey CT (red = green = blue, as the other hospital's CTs here are stored)
+    gives exactly the voxels of the grey PNG; a real colour image, or one with varying transparency, is refused."""
+    grey_png = phantom_slices / "CT" / "2006.png"
+    grey = sitk.GetArrayFromImage(sitk.ReadImage(str(grey_png)))
+    expected = sitk.GetArrayFromImage(read_volume(grey_png))
+    as_rgb = read_volume(_rgb_png(grey, tmp_path / "rgb.png"))
+    assert as_rgb.GetNumberOfComponentsPerPixel() == 1 and as_rgb.GetSize() == (256, 256, 1)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(as_rgb), expected)
+    opaque = read_volume(_rgb_png(grey, tmp_path / "rgba.png", alpha=np.full_like(grey, 255)))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(opaque), expected)
+    with pytest.raises(CTMRIError, match="components per voxel"):
+        read_volume(_rgb_png(grey, tmp_path / "tinted.png", tint=True))
+    ramp = np.tile(np.arange(256, dtype=np.uint8), (256, 1))
+    with pytest.raises(CTMRIError, match="components per voxel"):
+        read_volume(_rgb_png(grey, tmp_path / "transparent.png", alpha=ramp))
+
+
 def test_rgb_and_4d_are_refused() -> None:
-    rgb = sitk.Image([8, 8], sitk.sitkVectorUInt8, 3)
+    rgb = sitk.GetImageFromArray(np.stack([np.zeros((8, 8)), np.ones((8, 8)), np.zeros((8, 8))], -1).astype(np.uint8),
+                                 isVector=True)
     with pytest.raises(CTMRIError, match="components"):
         as_scalar_3d(rgb)
+    with pytest.raises(CTMRIError, match="components"):
+        as_scalar_3d(sitk.Image([8, 8], sitk.sitkVectorFloat32, 2))  # a 2-vector (e.g. a displacement) is never grey
     four_d = sitk.Image([8, 8, 8, 3], sitk.sitkFloat32)
     with pytest.raises(CTMRIError, match="4D"):
         as_scalar_3d(four_d)

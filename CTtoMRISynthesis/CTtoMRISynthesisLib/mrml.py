@@ -187,7 +187,8 @@ def _check_volume_node(node, what: str) -> None:
     if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLVectorVolumeNode") or node.IsA("vtkMRMLTensorVolumeNode"):
         raise CTMRIError(
             f"'{name}' is a {node.GetClassName()} (colour, vector or tensor image); give a single-channel "
-            f"grayscale {what}"
+            f"grayscale {what} (for a grey image loaded as colour, e.g. a PNG, make one with the Vector to "
+            "Scalar Volume module)"
         )
     image_data = node.GetImageData()
     if image_data is None:

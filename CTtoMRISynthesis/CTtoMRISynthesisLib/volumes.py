@@ -11,6 +11,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -103,13 +104,33 @@ def _read_dicom_folder(folder: Path, what: str) -> sitk.Image:
         raise CTMRIError(f"cannot read the DICOM series in {folder}: {exc}".splitlines()[0]) from exc
 
 
+def grey_of_rgb(image: sitk.Image) -> Optional[sitk.Image]:
+    """The grey image an RGB(A) image holds when its red, green and blue are equal everywhere (a screenshot or
+    PNG export of a grey CT/MRI; an alpha channel, if any, must be constant); None for anything else."""
+    components = image.GetNumberOfComponentsPerPixel()
+    if components not in (3, 4):
+        return None
+    # copies, not views: a view of a temporary channel image would outlive its memory
+    channels = sitk.GetArrayFromImage(image)
+    if not (np.array_equal(channels[..., 0], channels[..., 1]) and np.array_equal(channels[..., 0], channels[..., 2])):
+        return None
+    if components == 4 and channels[..., 3].size and channels[..., 3].min() != channels[..., 3].max():
+        return None
+    return sitk.VectorIndexSelectionCast(image, 0)  # keeps the image's geometry
+
+
 def as_scalar_3d(image: sitk.Image, what: str = "image") -> sitk.Image:
-    """Check that ``image`` is one-component 2D/3D with voxels, and return it as 3D."""
+    """Check that ``image`` is one-component 2D/3D with voxels (or grey stored as RGB, taken as its grey),
+    and return it as 3D."""
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise CTMRIError(
-            f"{what} has {image.GetNumberOfComponentsPerPixel()} components per voxel (colour or vector "
-            "image); give a single-channel grayscale CT/MRI"
-        )
+        grey = grey_of_rgb(image)
+        if grey is None:
+            raise CTMRIError(
+                f"{what} has {image.GetNumberOfComponentsPerPixel()} components per voxel (colour or vector "
+                "image); give a single-channel grayscale CT/MRI (a grey image saved as RGB, with red, green and "
+                "blue equal, is read as grey)"
+            )
+        image = grey
     dim = image.GetDimension()
     if dim == 4:
         size = image.GetSize()
