@@ -28,7 +28,7 @@ than its anatomy next door.
 
 Training resumes where it stopped (``--resume`` is implied); ``--patients`` trains only those (two
 processes can share the patients between them); the table is printed once every patient's model exists,
-or with ``--report-only`` for those that do.
+or with ``--report-only`` for those that do (of ``--patients``, if given).
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--lopo", type=Path, help="the same member recipe's `ctmri train --cv loo` run (optional column)")
     parser.add_argument("--ensemble", type=Path, nargs="*", default=[], help="cross-validation runs of the shipped ensemble")
-    parser.add_argument("--patients", nargs="*", default=None, help="train only these patients' models")
+    parser.add_argument("--patients", nargs="*", default=None, help="train (or, with --report-only, score) only these patients")
     parser.add_argument("--exclude-from-training", nargs="*", default=["2"])
     parser.add_argument("--own-only", action="store_true", help="train on the patient's own training slices alone")
     parser.add_argument("--own-out", type=Path, help="a --own-only run's folder (same layout), scored as the `own` column")
@@ -178,7 +178,8 @@ def main() -> int:
             train_seen(case, cases, excluded, train_argv, args.out / f"patient_{case.case_id}", args.own_only, args.layout)
     runs = {"own" if args.own_only else "seen": args.out, **({"own": args.own_out} if args.own_out else {})}
     model = lambda run, pid: run / f"patient_{pid}" / MODEL_FILE
-    done = {c.case_id: c for c in cases if all(model(run, c.case_id).exists() for run in runs.values())}
+    scored = todo if args.report_only else cases  # a training process shares the patients: it reports all or none
+    done = {c.case_id: c for c in scored if all(model(run, c.case_id).exists() for run in runs.values())}
     if not args.report_only and len(done) < len(cases):
         print(f"{len(done)} of {len(cases)} patients trained; the table is printed once all are (or --report-only)")
         return 0
