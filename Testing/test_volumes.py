@@ -129,7 +129,7 @@ def _rgb_png(grey: np.ndarray, path: Path, tint: bool = False, alpha: np.ndarray
 
 def test_a_grey_image_saved_as_rgb_is_read_as_its_grey(phantom_slices: Path, tmp_path: Path) -> None:
     """A screenshot or PNG export of a grey CT (red = green = blue, as the other hospital's CTs here are stored)
-    gives exactly the voxels of the grey PNG; a real colour image, or one with varying transparency, is refused."""
+    gives exactly the voxels of the grey PNG, whatever its transparency; a real colour image is refused."""
     grey_png = phantom_slices / "CT" / "2006.png"
     grey = sitk.GetArrayFromImage(sitk.ReadImage(str(grey_png)))
     expected = sitk.GetArrayFromImage(read_volume(grey_png))
@@ -140,9 +140,15 @@ def test_a_grey_image_saved_as_rgb_is_read_as_its_grey(phantom_slices: Path, tmp
     np.testing.assert_array_equal(sitk.GetArrayFromImage(opaque), expected)
     with pytest.raises(CTMRIError, match="components per voxel"):
         read_volume(_rgb_png(grey, tmp_path / "tinted.png", tint=True))
+    # as the other hospital's screenshots: alpha 238 on the one-pixel frame (and lower on burnt-in text)
+    framed = np.full_like(grey, 255)
+    framed[[0, -1], :] = framed[:, [0, -1]] = 238
     ramp = np.tile(np.arange(256, dtype=np.uint8), (256, 1))
+    for name, alpha in (("framed", framed), ("ramp", ramp)):
+        transparent = read_volume(_rgb_png(grey, tmp_path / f"{name}.png", alpha=alpha))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(transparent), expected)
     with pytest.raises(CTMRIError, match="components per voxel"):
-        read_volume(_rgb_png(grey, tmp_path / "transparent.png", alpha=ramp))
+        read_volume(_rgb_png(grey, tmp_path / "tinted-rgba.png", tint=True, alpha=framed))
 
 
 def test_rgb_and_4d_are_refused() -> None:

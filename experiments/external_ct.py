@@ -222,11 +222,14 @@ def dicom_axial_series(folder: Path) -> list:
 
 
 def clinical_cases(folder: Path) -> list:
-    """[(patient, image)]: each patient's CT slices stacked in order, grey (first channel), spacing 1."""
+    """[(patient, image)]: each patient's CT slices stacked in order, spacing 1. The screenshots are grey stored as
+    RGB: read as the product reads them (``volumes.read_volume``), which refuses a slice whose channels differ."""
+    from CTtoMRISynthesisLib.volumes import read_volume
+
     out = []
     for patient in sorted(p for p in folder.iterdir() if p.is_dir()):
         files = sorted(patient.glob("*.png"), key=lambda f: int(re.search(r"\((\d+)\)", f.name).group(1)))
-        stack = np.stack([sitk.GetArrayFromImage(sitk.ReadImage(str(f)))[..., 0] for f in files]).astype(np.uint8)
+        stack = np.concatenate([sitk.GetArrayFromImage(read_volume(f, "CT slice")) for f in files]).astype(np.uint8)
         out.append((patient.name, sitk.GetImageFromArray(stack)))
     return out
 

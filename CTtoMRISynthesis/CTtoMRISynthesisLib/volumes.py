@@ -106,15 +106,17 @@ def _read_dicom_folder(folder: Path, what: str) -> sitk.Image:
 
 def grey_of_rgb(image: sitk.Image) -> Optional[sitk.Image]:
     """The grey image an RGB(A) image holds when its red, green and blue are equal everywhere (a screenshot or
-    PNG export of a grey CT/MRI; an alpha channel, if any, must be constant); None for anything else."""
-    components = image.GetNumberOfComponentsPerPixel()
-    if components not in (3, 4):
+    PNG export of a grey CT/MRI); None for anything else.
+
+    An alpha channel is ignored: it says how a viewer blends the picture, not what was scanned. Real screenshots
+    carry one (a quarter of the other hospital's CT PNGs here: alpha below 255 on the one-pixel frame and on
+    burnt-in text), and the trainer's slice reader ignores it too.
+    """
+    if image.GetNumberOfComponentsPerPixel() not in (3, 4):
         return None
     # copies, not views: a view of a temporary channel image would outlive its memory
     channels = sitk.GetArrayFromImage(image)
     if not (np.array_equal(channels[..., 0], channels[..., 1]) and np.array_equal(channels[..., 0], channels[..., 2])):
-        return None
-    if components == 4 and channels[..., 3].size and channels[..., 3].min() != channels[..., 3].max():
         return None
     return sitk.VectorIndexSelectionCast(image, 0)  # keeps the image's geometry
 
