@@ -6,7 +6,7 @@ lives in ``CTtoMRISynthesisLib/mrml.py`` (tested outside Slicer against real MRM
 """
 
 import logging
-from typing import Annotated, Optional
+from typing import Annotated, Optional, Union
 
 import qt
 import vtk
@@ -22,7 +22,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
-from slicer import vtkMRMLLinearTransformNode, vtkMRMLScalarVolumeNode, vtkMRMLTableNode
+from slicer import vtkMRMLLinearTransformNode, vtkMRMLScalarVolumeNode, vtkMRMLTableNode, vtkMRMLVectorVolumeNode
 
 
 #
@@ -74,8 +74,11 @@ class CTtoMRISynthesisParameterNode:
         metricsTable - outputs (uncertaintyVolume: when the model estimates its per-voxel spread).
     """
 
-    ctVolume: vtkMRMLScalarVolumeNode
-    mriVolume: vtkMRMLScalarVolumeNode
+    # The CT and MRI boxes offer grey volumes and colour volumes, as Slicer loads a PNG screenshot of a grey CT (read as
+    # its grey; real colour is refused with a message). Slicer's node-box connector takes its node types from the hint;
+    # None must be in the Union for the "no node" default (checked with the wrappers of Slicer 5.6.2 and 5.10.0).
+    ctVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode, None]
+    mriVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode, None]
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     registration: Annotated[str, Choice(["rigid", "similarity", "none"])] = "rigid"
     useShippedModel: bool = True

@@ -101,6 +101,24 @@ def test_parameter_names_in_the_ui_match_the_parameter_node() -> None:
     assert choices(fields["device"]) == list(DEVICES)
 
 
+def test_volume_selectors_offer_grey_and_colour_volumes() -> None:
+    """The CT and MRI boxes list plain grey volumes and colour volumes (a PNG screenshot loaded by Slicer), nothing
+    else: the parameter node's hint sets the box's node types in Slicer; the .ui says the same for Designer."""
+    wrapper = next(n for n in module_tree().body if isinstance(n, ast.ClassDef) and n.name == "CTtoMRISynthesisParameterNode")
+    hints = {s.target.id: s.annotation for s in wrapper.body if isinstance(s, ast.AnnAssign)}
+    for field in ("ctVolume", "mriVolume"):
+        members = [ast.unparse(e) for e in hints[field].slice.elts]
+        assert ast.unparse(hints[field].value) == "Union" and members[-1] == "None"  # None: the wrapper's "no node"
+        node_types = members[:-1]
+        assert node_types == ["vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode"]
+    root = ET.parse(UI).getroot()
+    for name in ("ctSelector", "mriSelector"):
+        box = next(w for w in root.iter("widget") if w.get("name") == name)
+        props = {p.get("name"): p for p in box.findall("property")}
+        assert [s.text for s in props["nodeTypes"].iter("string")] == node_types
+        assert props["showChildNodeTypes"].findtext("bool") == "false"  # no label maps, tensors or DWI
+
+
 def test_model_file_box_accepts_the_model_files_the_library_writes() -> None:
     """The path box's name filter lets the shipped model's kind of file through (else it never emits)."""
     from CTtoMRISynthesisLib import weights

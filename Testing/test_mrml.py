@@ -211,12 +211,16 @@ def test_linear_parent_transform_is_read_in_world_coordinates(scene, rire_image)
     assert node.GetTransformNodeID() == transform.GetID()  # the input keeps its transform
 
 
-@pytest.mark.parametrize("case", ["vector", "labelmap", "empty", "sequence", "nonlinear", "none", "model"])
+@pytest.mark.parametrize("case", ["colour", "two-component", "labelmap", "empty", "sequence", "nonlinear", "none", "model"])
 def test_unsuitable_nodes_are_refused(scene, rire_image, case) -> None:
     array = sitk.GetArrayFromImage(rire_image)
-    if case == "vector":
-        node = slicer.util.addVolumeFromArray(np.stack([array] * 3, axis=-1).astype(np.uint8), nodeClassName="vtkMRMLVectorVolumeNode")
-        message = "colour"
+    if case == "colour":  # red, green and blue differ: real colour, not a grey screenshot
+        grey = (array // 16).astype(np.uint8)
+        node = slicer.util.addVolumeFromArray(np.stack([grey, grey // 2, grey // 3], axis=-1), nodeClassName="vtkMRMLVectorVolumeNode")
+        message = "3 components per voxel .*give a single-channel grayscale CT"
+    elif case == "two-component":  # e.g. a displacement field: never grey
+        node = slicer.util.addVolumeFromArray(np.stack([array] * 2, axis=-1), nodeClassName="vtkMRMLVectorVolumeNode")
+        message = "2 components per voxel"
     elif case == "labelmap":
         node = slicer.util.addVolumeFromArray((array > 100).astype(np.uint8), nodeClassName="vtkMRMLLabelMapVolumeNode")
         message = "label map"
@@ -434,6 +438,47 @@ def test_reoriented_inputs_give_the_same_physical_result(scene, case_files, tiny
                          sitk.sitkNearestNeighbor, 0.0)
     np.testing.assert_allclose(sitk.GetArrayFromImage(back), slicer.util.arrayFromVolume(plain["synthetic_mri"]), atol=1e-3)
     assert math.isclose(mrml.summary_of(odd)["mae"], mrml.summary_of(plain)["mae"], rel_tol=1e-6)
+
+
+def colour_node_read_by_slicer(scene, image: sitk.Image, channels: int, path: Path):
+    """A grey image saved as RGB(A) (red = green = blue, opaque) and read back by Slicer's own volume reader
+    into a vector volume node, as Slicer loads a PNG screenshot."""
+    grey = sitk.GetArrayFromImage(image)
+    stack = [grey] * 3 + ([np.full_like(grey, 255)] if channels == 4 else [])
+    colour = sitk.GetImageFromArray(np.stack(stack, axis=-1), isVector=True)
+    colour.CopyInformation(image)
+    sitk.WriteImage(colour, str(path))
+    node = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "screenshot")
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node) == 1
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    assert node.GetImageData().GetNumberOfScalarComponents() == channels
+    return node
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_grey_stored_as_colour_is_read_as_its_grey(scene, rire_image, channels, tmp_path) -> None:
+    """The node-level twin of the CLI's rule (``volumes.as_scalar_3d``): the grey, on the same geometry."""
+    grey = sitk.Cast(sitk.RescaleIntensity(rire_image, 0, 255), sitk.sitkUInt8)
+    node = colour_node_read_by_slicer(scene, grey, channels, tmp_path / "colour.nrrd")
+    before = input_fingerprint(node)
+    image = mrml.image_from_volume_node(node, "CT")
+    assert image.GetNumberOfComponentsPerPixel() == 1 and image.GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(grey))
+    np.testing.assert_allclose(expected_ijk_to_ras(image), expected_ijk_to_ras(grey), atol=1e-9)
+    assert input_fingerprint(node) == before  # the colour node is only read
+
+
+def test_a_grey_screenshot_node_gives_the_plain_result(scene, case_files, tiny_weights, plain_run, tmp_path) -> None:
+    """End to end from a colour node holding the CT's grey: the same synthetic MRI and metrics as the scalar CT."""
+    ct_file, mri_file = (sitk.ReadImage(str(p)) for p in case_files)
+    ct_node = colour_node_read_by_slicer(scene, ct_file, 3, tmp_path / "ct_rgb.nrrd")
+    outputs = mrml.run_on_nodes(scene, ct_node, node_from_image(mri_file, "plain MRI"), weights=tiny_weights,
+                                device="cpu", registration="none")
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(outputs["synthetic_mri"]),
+                               slicer.util.arrayFromVolume(plain_run["synthetic_mri"]), atol=1e-3)
+    assert math.isclose(mrml.summary_of(outputs)["mae"], mrml.summary_of(plain_run)["mae"], rel_tol=1e-6)
 
 
 def test_without_mri_only_the_synthetic_mri_is_added(scene, case_files, tiny_weights) -> None:

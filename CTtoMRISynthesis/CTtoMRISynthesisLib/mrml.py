@@ -35,6 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import CTMRIError
+from .volumes import as_scalar_3d
 
 #: RAS ↔ LPS (its own inverse).
 FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -173,6 +174,11 @@ def node_geometry(node, what: str = "volume") -> tuple[tuple, tuple, tuple]:
 # Volume node -> SimpleITK image
 
 
+def _is_colour_node(node) -> bool:
+    """A plain vector volume node: how Slicer loads an RGB(A) file such as a PNG screenshot of a grey CT."""
+    return node.GetClassName() == "vtkMRMLVectorVolumeNode"
+
+
 def _check_volume_node(node, what: str) -> None:
     slicer = _slicer()
     if node is None:
@@ -184,11 +190,10 @@ def _check_volume_node(node, what: str) -> None:
         raise CTMRIError(
             f"'{name}' is a label map (segment labels, not intensities); choose the {what} image itself"
         )
-    if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLVectorVolumeNode") or node.IsA("vtkMRMLTensorVolumeNode"):
+    colour = _is_colour_node(node)
+    if not node.IsA("vtkMRMLScalarVolumeNode") or (node.IsA("vtkMRMLTensorVolumeNode") and not colour):
         raise CTMRIError(
-            f"'{name}' is a {node.GetClassName()} (colour, vector or tensor image); give a single-channel "
-            f"grayscale {what} (for a grey image loaded as colour, e.g. a PNG, make one with the Vector to "
-            "Scalar Volume module)"
+            f"'{name}' is a {node.GetClassName()} (vector or tensor image); give a single-channel grayscale {what}"
         )
     image_data = node.GetImageData()
     if image_data is None:
@@ -197,7 +202,7 @@ def _check_volume_node(node, what: str) -> None:
     if min(dims) < 1 or image_data.GetNumberOfPoints() == 0 or image_data.GetPointData().GetScalars() is None:
         raise CTMRIError(f"'{name}' has no voxels (size {tuple(dims)}); load the {what} image into it")
     components = image_data.GetNumberOfScalarComponents()
-    if components != 1:
+    if components not in ((3, 4) if colour else (1,)):
         raise CTMRIError(
             f"'{name}' has {components} components per voxel (colour or vector image); give a "
             f"single-channel grayscale {what}"
@@ -217,19 +222,22 @@ def _check_volume_node(node, what: str) -> None:
 def image_from_volume_node(node, what: str = "volume") -> sitk.Image:
     """A SimpleITK copy of a scalar volume node, with its physical (world) geometry in LPS.
 
-    Voxel values and type are copied unchanged; the node is only read. Refuses (``CTMRIError``)
-    label maps, colour/vector/tensor volumes, empty nodes, frames of 4D sequences and volumes under
-    non-linear transforms.
+    Voxel values and type are copied unchanged; the node is only read. A colour (RGB/RGBA vector) node whose
+    red, green and blue are equal, such as a PNG screenshot of a grey CT, gives its grey, as the same file does
+    on the command line (:func:`volumes.as_scalar_3d`). Refuses (``CTMRIError``) real colour, label maps,
+    other vector/tensor volumes, empty nodes, frames of 4D sequences and volumes under non-linear transforms.
     """
     slicer = _slicer()
     _check_volume_node(node, what)
-    array = np.array(slicer.util.arrayFromVolume(node), copy=True)  # (k, j, i), a copy: never a view
+    array = np.array(slicer.util.arrayFromVolume(node), copy=True)  # (k, j, i[, c]), a copy: never a view
     spacing, origin, direction = node_geometry(node, f"{what} '{node.GetName()}'")
-    image = sitk.GetImageFromArray(array)
+    colour = _is_colour_node(node)
+    image = sitk.GetImageFromArray(array, isVector=colour)
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
     image.SetDirection(direction)
-    return image
+    # the same rule as for files: grey stored as RGB(A) is read as grey, real colour is refused
+    return as_scalar_3d(image, f"{what} '{node.GetName()}'") if colour else image
 
 
 # --------------------------------------------------------------------------------------------------
