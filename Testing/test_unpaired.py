@@ -84,6 +84,21 @@ def test_missing_or_empty_unpaired_path_is_refused_with_the_flag(tmp_path):
         UnpairedSettings(paths=("x",), batch=0).check()
 
 
+def test_slice_reader_takes_grey_from_rgba_and_refuses_colour(tmp_path):
+    """The trainer's slice reader follows inference's rule (``volumes.as_scalar_3d``): grey stored as RGB(A), any
+    alpha, is its grey; real colour is refused, not averaged."""
+    grey = np.tile(np.arange(64, dtype=np.uint8) * 4, (48, 1))
+    alpha = np.full_like(grey, 255)
+    alpha[0, :] = 238  # the other hospital's screenshots: a semi-transparent frame
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack([grey, grey, grey, alpha], -1), isVector=True), str(tmp_path / "g.png"))
+    read = discovery._read_slice(tmp_path / "g.png")
+    assert read.dtype == np.float32 and read.shape == grey.shape
+    np.testing.assert_array_equal(read, grey)
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack([grey, grey // 2, grey], -1), isVector=True), str(tmp_path / "c.png"))
+    with pytest.raises(CTMRIError, match="colour image .*training needs grey"):
+        discovery._read_slice(tmp_path / "c.png")
+
+
 def test_real_clinical_ct_folder_reads_as_inference_sees_it(data_dir):
     folder = require(data_dir / "clinical_ct_t1_flair_2d" / "CT" / "Patient_03")
     files = sorted(folder.glob("*.png"))
