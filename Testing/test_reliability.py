@@ -484,6 +484,18 @@ def _(d: Data, tmp: Path) -> Case:
                 error="give a single-channel grayscale CT")
 
 
+@row("content/grey-rgba-screenshot")
+def _(d: Data, tmp: Path) -> Case:
+    """The CT's grey stored as RGBA with a semi-transparent frame (the other hospital's screenshots): file and
+    colour node both give exactly the grey CT's result and metrics."""
+    alpha = np.full_like(d.ct8, 255)
+    alpha[:, [0, -1], :] = alpha[:, :, [0, -1]] = 238
+    rgba = sitk.GetImageFromArray(np.stack([d.ct8, d.ct8, d.ct8, alpha], axis=-1), isVector=True)
+    rgba.CopyInformation(d.ct)
+    return Case(ct=rgba, mri=d.mri, ct_node=lambda scene: node_from_image(scene, rgba, "RGBA", "vtkMRMLVectorVolumeNode"),
+                check=_matches_reference(d.reference("plain+mri", d.ct, d.mri), metrics=True))
+
+
 @row("content/single-voxel")
 def _(d: Data, tmp: Path) -> Case:
     return Case(ct=image(np.full((1, 1, 1), 40, np.int16)), error="single voxel")
