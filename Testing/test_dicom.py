@@ -236,6 +236,18 @@ def test_folder_without_dicom(tmp_path: Path) -> None:
         dicom.read_input(tmp_path, "CT")
 
 
+def test_folder_of_exported_pictures_says_what_to_do(tmp_path: Path) -> None:
+    """A viewer's PNG export of a CT (as the other hospital's here): the error names the pictures and the way out."""
+    for k in (1, 2, 10):
+        sitk.WriteImage(sitk.Image([8, 8], sitk.sitkUInt8), str(tmp_path / f"CT_PNG ({k}).png"))
+    with pytest.raises(CTMRIError, match=r"no DICOM series but 3 2D pictures \(\.png\).*give one of them .*real spacing"):
+        dicom.read_input(tmp_path, "CT")
+    from CTtoMRISynthesisLib.volumes import read_volume
+
+    with pytest.raises(CTMRIError, match="but 3 2D pictures"):
+        read_volume(tmp_path, "CT")
+
+
 # ------------------------------------------------------------------------------------------ reading
 
 

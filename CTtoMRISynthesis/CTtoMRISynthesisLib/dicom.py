@@ -148,7 +148,9 @@ def list_series(folder: str | Path, what: str = "image") -> List[Series]:
             series = groups[uid] = _new_series(uid, header)
         series.files.append(_slice_file(path, header))
     if not groups:
-        raise CTMRIError(f"{what} folder {folder} holds no DICOM series; give an image file or a DICOM folder")
+        from .volumes import no_dicom_error
+
+        raise no_dicom_error(folder, what)
     listed = list(groups.values())
     for series in listed:
         # A series may carry an odd image (e.g. a reformat's reference image): describe it by most of its files.

@@ -88,11 +88,27 @@ def _check_nifti_complete(path: Path, what: str) -> None:
         )
 
 
+#: 2D picture formats: slices exported from a viewer, with no position or spacing between them.
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def no_dicom_error(folder: Path, what: str) -> CTMRIError:
+    """The error for a folder without DICOM images; it says what to do when the folder holds exported pictures."""
+    pictures = sorted(p.suffix.lower() for p in Path(folder).iterdir() if p.suffix.lower() in PICTURE_SUFFIXES)
+    if pictures:
+        return CTMRIError(
+            f"{what} folder {folder} holds no DICOM series but {len(pictures)} 2D pictures ({', '.join(sorted(set(pictures)))}), "
+            "which record no slice position or spacing; give one of them (read as a one-slice volume), or a volume "
+            "file (.nrrd, .nii.gz) made from them with the scan's real spacing"
+        )
+    return CTMRIError(f"{what} folder {folder} holds no DICOM series; give an image file or a DICOM folder")
+
+
 def _read_dicom_folder(folder: Path, what: str) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
-        raise CTMRIError(f"{what} folder {folder} holds no DICOM series; give an image file or a DICOM folder")
+        raise no_dicom_error(folder, what)
     if len(series) > 1:
         raise CTMRIError(
             f"{what} folder {folder} holds {len(series)} DICOM series; put one series per folder"
