@@ -94,7 +94,7 @@ PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 def no_dicom_error(folder: Path, what: str) -> CTMRIError:
     """The error for a folder without DICOM images; it says what to do when the folder holds exported pictures."""
-    pictures = sorted(p.suffix.lower() for p in Path(folder).iterdir() if p.suffix.lower() in PICTURE_SUFFIXES)
+    pictures = [p.suffix.lower() for p in Path(folder).iterdir() if p.suffix.lower() in PICTURE_SUFFIXES]
     if pictures:
         return CTMRIError(
             f"{what} folder {folder} holds no DICOM series but {len(pictures)} 2D pictures ({', '.join(sorted(set(pictures)))}), "
