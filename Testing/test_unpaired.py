@@ -95,7 +95,7 @@ def test_slice_reader_takes_grey_from_rgba_and_refuses_colour(tmp_path):
     assert read.dtype == np.float32 and read.shape == grey.shape
     np.testing.assert_array_equal(read, grey)
     sitk.WriteImage(sitk.GetImageFromArray(np.stack([grey, grey // 2, grey], -1), isVector=True), str(tmp_path / "c.png"))
-    with pytest.raises(CTMRIError, match="colour image .*training needs grey"):
+    with pytest.raises(CTMRIError, match="c.png has 3 components per voxel .*give a single-channel grayscale"):
         discovery._read_slice(tmp_path / "c.png")
 
 

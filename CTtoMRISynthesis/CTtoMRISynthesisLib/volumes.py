@@ -137,18 +137,24 @@ def grey_of_rgb(image: sitk.Image) -> Optional[sitk.Image]:
     return sitk.VectorIndexSelectionCast(image, 0)  # keeps the image's geometry
 
 
+def as_grey(image: sitk.Image, what: str = "image") -> sitk.Image:
+    """``image`` if it has one component, its grey if it is grey stored as RGB(A); refuses anything else."""
+    if image.GetNumberOfComponentsPerPixel() == 1:
+        return image
+    grey = grey_of_rgb(image)
+    if grey is None:
+        raise CTMRIError(
+            f"{what} has {image.GetNumberOfComponentsPerPixel()} components per voxel (colour or vector "
+            "image); give a single-channel grayscale CT/MRI (a grey image saved as RGB, with red, green and "
+            "blue equal, is read as grey)"
+        )
+    return grey
+
+
 def as_scalar_3d(image: sitk.Image, what: str = "image") -> sitk.Image:
     """Check that ``image`` is one-component 2D/3D with voxels (or grey stored as RGB, taken as its grey),
     and return it as 3D."""
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        grey = grey_of_rgb(image)
-        if grey is None:
-            raise CTMRIError(
-                f"{what} has {image.GetNumberOfComponentsPerPixel()} components per voxel (colour or vector "
-                "image); give a single-channel grayscale CT/MRI (a grey image saved as RGB, with red, green and "
-                "blue equal, is read as grey)"
-            )
-        image = grey
+    image = as_grey(image, what)
     dim = image.GetDimension()
     if dim == 4:
         size = image.GetSize()

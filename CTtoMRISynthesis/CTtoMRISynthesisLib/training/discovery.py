@@ -79,22 +79,14 @@ def _slice_key(stem: str) -> tuple:
 def _read_slice(path: Path) -> np.ndarray:
     import SimpleITK as sitk
 
-    from ..volumes import grey_of_rgb
+    from ..volumes import as_grey
 
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise CTMRIError(f"cannot read slice {path}; is it a damaged image file?") from exc
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        # the rule inference applies (volumes.as_scalar_3d): grey stored as RGB(A) is its grey, colour is refused
-        grey = grey_of_rgb(image)
-        if grey is None:
-            raise CTMRIError(
-                f"slice {path} is a colour image ({image.GetNumberOfComponentsPerPixel()} components, red, green and "
-                "blue not equal); training needs grey CT and MRI slices"
-            )
-        image = grey
-    array = sitk.GetArrayFromImage(image)
+    # the rule inference applies: grey stored as RGB(A) is its grey, colour is refused
+    array = sitk.GetArrayFromImage(as_grey(image, f"slice {path}"))
     if array.ndim != 2:
         raise CTMRIError(f"slice {path} is not a 2D grey image (shape {array.shape})")
     return array.astype(np.float32)
