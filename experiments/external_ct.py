@@ -43,7 +43,6 @@ what is left of it at the method's in-plane resolution (a 0.49 mm, 512² CT is s
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -222,16 +221,12 @@ def dicom_axial_series(folder: Path) -> list:
 
 
 def clinical_cases(folder: Path) -> list:
-    """[(patient, image)]: each patient's CT slices stacked in order, spacing 1. The screenshots are grey stored as
-    RGB: read as the product reads them (``volumes.read_volume``), which refuses a slice whose channels differ."""
-    from CTtoMRISynthesisLib.volumes import read_volume
+    """[(patient, image)]: each patient's CT slices stacked in the order of the numbers in their names, 8-bit,
+    spacing 1, by the trainer's reader of unpaired CT folders (grey stored as RGB(A) read as its grey, as
+    inference reads it; a slice whose channels differ is refused)."""
+    from CTtoMRISynthesisLib.training.unpaired import read_unpaired_ct
 
-    out = []
-    for patient in sorted(p for p in folder.iterdir() if p.is_dir()):
-        files = sorted(patient.glob("*.png"), key=lambda f: int(re.search(r"\((\d+)\)", f.name).group(1)))
-        stack = np.concatenate([sitk.GetArrayFromImage(read_volume(f, "CT slice")) for f in files]).astype(np.uint8)
-        out.append((patient.name, sitk.GetImageFromArray(stack)))
-    return out
+    return [(patient.name, read_unpaired_ct(patient)) for patient in sorted(p for p in folder.iterdir() if p.is_dir())]
 
 
 def external_cts(data: Path):

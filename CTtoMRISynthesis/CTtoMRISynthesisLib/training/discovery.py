@@ -36,8 +36,8 @@ import numpy as np
 
 from ..errors import CTMRIError
 from ..intensity import CTWindow, normalise_ct, normalise_mri
+from ..volumes import PICTURE_SUFFIXES, as_grey
 
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 VOLUME_PATTERN = re.compile(r"^(ct|mr|mri)\.(nii\.gz|nii|mha|mhd|nrrd|nhdr)$", re.IGNORECASE)
 CACHE_VERSION = 1
 
@@ -79,8 +79,6 @@ def _slice_key(stem: str) -> tuple:
 def _read_slice(path: Path) -> np.ndarray:
     import SimpleITK as sitk
 
-    from ..volumes import as_grey
-
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -118,8 +116,8 @@ def discover_2d(
 ) -> list[Case]:
     """Layout (a): paired slice folders → one :class:`Case` per case id."""
     ct_dir, mri_dir = folder / "CT", folder / "MRI"
-    names = {p.name for p in ct_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-    mri_names = {p.name for p in mri_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    names = {p.name for p in ct_dir.iterdir() if p.suffix.lower() in PICTURE_SUFFIXES}
+    mri_names = {p.name for p in mri_dir.iterdir() if p.suffix.lower() in PICTURE_SUFFIXES}
     if not names:
         raise CTMRIError(f"{ct_dir} holds no image slices (.png etc.)")
     unpaired = sorted(names ^ mri_names)

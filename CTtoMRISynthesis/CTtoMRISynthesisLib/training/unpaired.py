@@ -43,7 +43,7 @@ import numpy as np
 from ..errors import CTMRIError
 from ..intensity import CTWindow, head_mask, normalise_ct
 from .dataset import Augment, _affine, ct_appearance, draw_geometry, draw_window
-from .discovery import IMAGE_SUFFIXES
+from ..volumes import PICTURE_SUFFIXES
 
 QUANTILES = np.linspace(0.005, 0.995, 100)  # where the two grey-level distributions are compared
 
@@ -84,7 +84,7 @@ def read_unpaired_ct(path: str | Path):
     path = Path(path)
     if not path.exists():
         raise CTMRIError(f"--unpaired-ct {path}: no such file or folder")
-    slices = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_number_key) if path.is_dir() else []
+    slices = sorted((p for p in path.iterdir() if p.suffix.lower() in PICTURE_SUFFIXES), key=_number_key) if path.is_dir() else []
     if not slices:
         return read_input(path, "unpaired CT")[0]
     planes = [_read_slice(p) for p in slices]
