@@ -236,16 +236,21 @@ def test_folder_without_dicom(tmp_path: Path) -> None:
         dicom.read_input(tmp_path, "CT")
 
 
-def test_folder_of_exported_pictures_says_what_to_do(tmp_path: Path) -> None:
-    """A viewer's PNG export of a CT (as the other hospital's here): the error names the pictures and the way out."""
-    for k in (1, 2, 10):
-        sitk.WriteImage(sitk.Image([8, 8], sitk.sitkUInt8), str(tmp_path / f"CT_PNG ({k}).png"))
-    with pytest.raises(CTMRIError, match=r"no DICOM series but 3 2D pictures \(\.png\).*give one of them .*real spacing"):
-        dicom.read_input(tmp_path, "CT")
+def test_folder_of_exported_pictures(tmp_path: Path) -> None:
+    """A viewer's PNG export of a CT (as the other hospital's here): ``read_input`` (synthesize, batch) stacks it
+    (``pictures.py``); the readers that take only volumes name the pictures and the way out."""
+    from CTtoMRISynthesisLib.pictures import PictureStack
     from CTtoMRISynthesisLib.volumes import read_volume
 
-    with pytest.raises(CTMRIError, match="but 3 2D pictures"):
+    for k in (1, 2, 10):
+        sitk.WriteImage(sitk.Image([8, 8], sitk.sitkUInt8), str(tmp_path / f"CT_PNG ({k}).png"))
+    image, source = dicom.read_input(tmp_path, "CT")
+    assert isinstance(source, PictureStack) and image.GetSize() == (8, 8, 3) and source.gaps == list(range(3, 10))
+    expected = r"no DICOM series but 3 2D pictures \(\.png\).*`ctmri synthesize` or `ctmri batch`.*real spacing"
+    with pytest.raises(CTMRIError, match=expected):
         read_volume(tmp_path, "CT")
+    with pytest.raises(CTMRIError, match=expected):
+        dicom.list_series(tmp_path, "CT")
 
 
 # ------------------------------------------------------------------------------------------ reading

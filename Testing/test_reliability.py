@@ -458,6 +458,40 @@ def _(d: Data, tmp: Path) -> Case:
     return Case(ct=folder, error="no DICOM series")
 
 
+def _pictures(folder: Path, planes: np.ndarray, rgba: bool = False) -> Path:
+    """One PNG per slice, ``CT (1).png`` … (grey RGBA with a translucent frame when ``rgba``, as screenshots are)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, plane in enumerate(planes, start=1):
+        if rgba:
+            alpha = np.full(plane.shape[:2], 255, np.uint8)
+            alpha[[0, -1], :] = 238
+            plane = np.dstack([plane, plane, plane, alpha])
+        sitk.WriteImage(sitk.GetImageFromArray(plane, isVector=plane.ndim == 3), str(folder / f"CT ({k}).png"))
+    return folder
+
+
+@row("files/picture-folder")
+def _(d: Data, tmp: Path) -> Case:
+    """A folder of the CT's slices as RGBA screenshots, spacing not given: read in the numbers' order with 1 mm
+    assumed and said; the synthetic MRI has the same voxels as the CT volume's (the model grid follows the field
+    of view, not the spacing)."""
+    reference = d.reference("plain", d.ct)
+
+    def check(outcome: Outcome) -> None:
+        assert outcome.synthetic.GetSpacing() == (1.0, 1.0, 1.0) and outcome.synthetic.GetOrigin() == (0.0, 0.0, 0.0)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(outcome.synthetic),
+                                      sitk.GetArrayFromImage(reference.synthetic_mri))
+        assert outcome.summary["ct_pictures"]["spacing_assumed"] is True
+
+    return Case(ct=_pictures(tmp / "in" / "pictures", d.ct8, rgba=True), warnings=("record no spacing",), check=check)
+
+
+@row("files/picture-folder-colour")
+def _(d: Data, tmp: Path) -> Case:
+    colour = np.stack([d.ct8, d.ct8 // 2, d.ct8], axis=-1)
+    return Case(ct=_pictures(tmp / "in" / "pictures", colour), error="CT picture CT (1).png has 3 components per voxel")
+
+
 @row("files/mri-unreadable")
 def _(d: Data, tmp: Path) -> Case:
     return Case(ct=d.ct, mri=_text(tmp / "in" / "mri.nrrd", b"NRRD0004\ntype: garbage\n\n"), error="cannot read MRI",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 from .errors import CTMRIError
 from .pipeline import SynthesisResult
@@ -27,6 +27,11 @@ class CaseOptions:
     dicom: bool = False  # also write OUT/dicom/<kind>/ series (dicom.py)
     ct_series: Optional[str] = None  # series number or UID when the CT is a DICOM folder (None: by the rule)
     mri_series: Optional[str] = None
+    picture_spacing: Optional[Tuple[float, float]] = None  # (in-plane, between slices) mm of picture folders
+
+
+#: Where ``metrics.json`` records an input's source, by the kind of folder it was read from.
+SOURCE_KEYS = {"Choice": "series", "PictureStack": "pictures"}
 
 
 def run_case(
@@ -50,28 +55,38 @@ def run_case(
     :mod:`dicom`'s series choice; ``notify(line)`` is told which series was taken and why (also recorded
     as ``ct_series`` / ``mri_series`` in ``metrics.json``).
     """
-    from .dicom import dicom_writer, read_input
+    from .dicom import Choice, dicom_writer, read_input
+    from .pictures import PictureStack, check_registration
     from .pipeline import check_out_dir, save_outputs, synthesize
 
     check_out_dir(out_dir)  # before minutes of work, not after
     if options.mri_series and not mri_path:
         raise CTMRIError("--mri-series chooses a series of the MRI folder; give --mri too, or leave it out")
-    ct, ct_source = read_input(ct_path, "CT", options.ct_series)
+    ct, ct_source = read_input(ct_path, "CT", options.ct_series, options.picture_spacing)
     if ct_source is not None and notify is not None:
         notify(ct_source.message("CT"))
-    mri, mri_source = read_input(mri_path, "MRI", options.mri_series) if mri_path else (None, None)
+    mri, mri_source = (read_input(mri_path, "MRI", options.mri_series, options.picture_spacing)
+                       if mri_path else (None, None))
     if mri_source is not None and notify is not None:
         notify(mri_source.message("MRI"))
+    if mri is not None:
+        check_registration([ct_source, mri_source], options.registration)
     result = synthesize(
         ct, mri, weights=options.weights, model=model, device=options.device,
         registration=options.registration, allow_disjoint=options.allow_disjoint,
         batch_size=options.batch_size, progress=progress, cancel=cancel,
     )
-    for key, source in (("ct_series", ct_source), ("mri_series", mri_source)):
+    for what, source in (("ct", ct_source), ("mri", mri_source)):
         if source is not None:
-            result.provenance[key] = source.provenance()
+            result.provenance[f"{what}_{SOURCE_KEYS[type(source).__name__]}"] = source.provenance()
+        if isinstance(source, PictureStack):
+            result.warnings.extend(source.warnings(what.upper()))
+    if options.picture_spacing and not any(isinstance(s, PictureStack) for s in (ct_source, mri_source)):
+        result.warnings.append("--picture-spacing was given, but no input is a folder of pictures: it was not used")
     result.provenance.update(provenance or {})
-    # The outputs lie on the reference grid: the MRI's when one was given, else the CT's.
-    writer = dicom_writer(result, ct_source, mri_source if mri_path else ct_source) if options.dicom else None
+    # The outputs lie on the reference grid: the MRI's when one was given, else the CT's. Only a DICOM source
+    # has headers (patient, study, frame of reference) for the DICOM outputs to inherit.
+    ct_dicom, mri_dicom = (s if isinstance(s, Choice) else None for s in (ct_source, mri_source))
+    writer = dicom_writer(result, ct_dicom, mri_dicom if mri_path else ct_dicom) if options.dicom else None
     paths = save_outputs(result, out_dir, extra_writer=writer)
     return result, paths

@@ -128,11 +128,11 @@ class Series:
         return f"{self.modality} {self.plane}, {self.slices} slices{spacing}"
 
 
-def list_series(folder: str | Path, what: str = "image") -> List[Series]:
+def list_series(folder: str | Path, what: str = "image", empty_ok: bool = False) -> List[Series]:
     """Every image series in ``folder`` (recursively), sorted by study, then series number.
 
     Reads headers only. Files that are not DICOM (or hold no image, e.g. a DICOMDIR) are skipped.
-    Raises CTMRIError when the folder holds no DICOM image at all.
+    Raises CTMRIError when the folder holds no DICOM image at all, unless ``empty_ok`` (then []).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -147,6 +147,8 @@ def list_series(folder: str | Path, what: str = "image") -> List[Series]:
         if series is None:
             series = groups[uid] = _new_series(uid, header)
         series.files.append(_slice_file(path, header))
+    if not groups and empty_ok:
+        return []
     if not groups:
         from .volumes import no_dicom_error
 
@@ -662,16 +664,24 @@ def _place(plane: np.ndarray, di: float, dj: float, grid: sitk.Image, pad: float
     return sitk.GetArrayFromImage(sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, pad))
 
 
-def read_input(path: str | Path, what: str, requested: Optional[str] = None) -> Tuple[sitk.Image, Optional[Choice]]:
-    """An input volume: a DICOM folder through the chooser, anything else through ``volumes.read_volume``.
+def read_input(path: str | Path, what: str, requested: Optional[str] = None,
+               picture_spacing: Optional[Sequence[float]] = None) -> Tuple[sitk.Image, Optional[object]]:
+    """An input volume: a DICOM folder through the chooser, a folder of 2D pictures through :mod:`pictures`
+    (``picture_spacing``: (in-plane, between slices) mm, else assumed), anything else through
+    ``volumes.read_volume``.
 
-    Returns the image and, for DICOM folders, the :class:`Choice` (None for files).
+    Returns the image and where it came from: the :class:`Choice` for a DICOM folder, the
+    :class:`pictures.PictureStack` for pictures, None for a file. Both records have ``message(what)`` and
+    ``provenance()``.
     """
     from .volumes import as_scalar_3d, read_volume
 
     path = Path(path)
     if path.is_dir():
-        choice = choose_series(list_series(path, what), what, requested, path)
+        series = list_series(path, what, empty_ok=True)
+        if not series:
+            return _read_picture_folder(path, what, requested, picture_spacing)
+        choice = choose_series(series, what, requested, path)
         return as_scalar_3d(read_series(choice.series, what), f"{what} {path.name}"), choice
     if requested is not None and str(requested).strip():
         raise CTMRIError(
@@ -679,6 +689,19 @@ def read_input(path: str | Path, what: str, requested: Optional[str] = None) -> 
             "file; give the DICOM folder, or leave the option out"
         )
     return read_volume(path, what), None
+
+
+def _read_picture_folder(path: Path, what: str, requested: Optional[str], spacing):
+    from .pictures import picture_files, read_pictures
+    from .volumes import as_scalar_3d, no_dicom_error
+
+    if not picture_files(path):
+        raise no_dicom_error(path, what)
+    if requested is not None and str(requested).strip():
+        raise CTMRIError(f"{FLAG_OF.get(what, '--ct-series')} chooses a DICOM series, but the {what} folder {path} "
+                         "holds pictures, not DICOM; leave the option out")
+    image, stack = read_pictures(path, what, spacing)
+    return as_scalar_3d(image, f"{what} {path.name}"), stack
 
 
 # -------------------------------------------------------------------------------------------- table

@@ -33,7 +33,6 @@ normalised and put on the model's axial grid exactly as inference does.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -43,7 +42,6 @@ import numpy as np
 from ..errors import CTMRIError
 from ..intensity import CTWindow, head_mask, normalise_ct
 from .dataset import Augment, _affine, ct_appearance, draw_geometry, draw_window
-from ..volumes import PICTURE_SUFFIXES
 
 QUANTILES = np.linspace(0.005, 0.995, 100)  # where the two grey-level distributions are compared
 
@@ -68,30 +66,15 @@ class UnpairedSettings:
         return self
 
 
-def _number_key(path: Path) -> tuple:
-    """Natural order of slice files: ``CT (2).png`` before ``CT (10).png``."""
-    return tuple(int(n) for n in re.findall(r"\d+", path.stem)), path.name
-
-
 def read_unpaired_ct(path: str | Path):
-    """A CT without MRI as a SimpleITK image: a folder of 2D slices stacked (spacing 1), else a volume file
-    or a DICOM folder."""
-    import SimpleITK as sitk
-
+    """A CT without MRI as a SimpleITK image: a folder of 2D slices stacked in the order of their numbers
+    (``pictures.py``, spacing 1 mm), a volume file or a DICOM folder, as ``ctmri synthesize --ct`` reads them."""
     from ..dicom import read_input
-    from .discovery import _read_slice  # the paired trainer's slice reader: RGB(A) → grey
 
     path = Path(path)
     if not path.exists():
         raise CTMRIError(f"--unpaired-ct {path}: no such file or folder")
-    slices = sorted((p for p in path.iterdir() if p.suffix.lower() in PICTURE_SUFFIXES), key=_number_key) if path.is_dir() else []
-    if not slices:
-        return read_input(path, "unpaired CT")[0]
-    planes = [_read_slice(p) for p in slices]
-    if len({p.shape for p in planes}) != 1:
-        raise CTMRIError(f"--unpaired-ct {path}: the slices differ in size; one folder must hold one CT's slices")
-    stack = np.stack(planes)  # 8-bit slices stay 8-bit: a float array would be read as Hounsfield units
-    return sitk.GetImageFromArray(stack if stack.max() > 255 or stack.min() < 0 else np.round(stack).astype(np.uint8))
+    return read_input(path, "unpaired CT")[0]
 
 
 def on_model_grid(image, window: CTWindow, size: int) -> np.ndarray:

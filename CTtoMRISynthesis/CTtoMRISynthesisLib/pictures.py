@@ -1,0 +1,192 @@
+"""A folder of 2D pictures (exported PNG/JPEG/TIFF slices) read as one volume.
+
+Slices exported from a viewer, or a 2D dataset's one-patient folder (``CT (1).png`` … ``CT (24).png``), record
+neither where each slice lies nor how far apart the pixels and slices are. This module stacks them in the
+order of the numbers in their names (``CT (2).png`` before ``CT (10).png``) and gives the stack a spacing: the
+one the user states (``--picture-spacing IN_PLANE SLICE``) or, failing that, 1 mm, said in a warning and
+recorded (``ct_pictures`` / ``mri_pictures`` in ``metrics.json``), as Slicer does when it loads such a series.
+
+The synthetic MRI does not depend on that spacing (the model grid is fitted to the field of view,
+``geometry.model_grid``); its physical size and a registration to an MRI do, so registering a stack whose
+spacing was assumed is refused (:func:`check_registration`). Each picture is read as ``ctmri synthesize`` reads
+one: a grey image saved as RGB(A) is its grey, real colour is refused naming the file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import CTMRIError
+from .volumes import PICTURE_SUFFIXES, as_grey
+
+#: Spacing given to a stack whose real spacing was not stated (mm, in-plane and between slices), as Slicer's
+#: and ITK's readers do for pictures.
+ASSUMED_SPACING_MM = 1.0
+
+
+def number_key(path: Path) -> tuple:
+    """Natural order of slice files: ``CT (2).png`` before ``CT (10).png``; names without numbers by name."""
+    return tuple(int(n) for n in re.findall(r"\d+", path.stem)), path.name
+
+
+def picture_files(folder: str | Path) -> List[Path]:
+    """The 2D pictures directly in ``folder``, in natural order (sub-folders are not searched)."""
+    folder = Path(folder)
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PICTURE_SUFFIXES), key=number_key)
+
+
+@dataclass
+class PictureStack:
+    """Where a picture-stack volume came from and what was assumed; printed and recorded like a DICOM choice."""
+
+    folder: Path
+    files: List[str]
+    spacing: Tuple[float, float]  # (in-plane mm, between slices mm)
+    spacing_given: bool
+    gaps: List[int] = field(default_factory=list)  # slice numbers missing from an otherwise numbered run
+
+    def message(self, what: str) -> str:
+        """The line printed for the user."""
+        first, last = self.files[0], self.files[-1]
+        names = f"{first} … {last}" if len(self.files) > 1 else first
+        how = "given" if self.spacing_given else "assumed"
+        return (f"{what}: {len(self.files)} pictures from {self.folder} stacked in the order of the numbers in their "
+                f"names ({names}); spacing {self.spacing[0]:g} mm in-plane, {self.spacing[1]:g} mm between slices "
+                f"({how})")
+
+    def warnings(self, what: str) -> List[str]:
+        """What the user must know about the outputs (recorded with the run's other warnings)."""
+        out = []
+        if not self.spacing_given:
+            out.append(f"the {what} pictures record no spacing: {ASSUMED_SPACING_MM:g} mm was assumed, so the "
+                       "outputs' physical sizes are not the patient's (give --picture-spacing IN_PLANE SLICE)")
+        if len(self.gaps) > len(self.files):
+            out.append(f"the {what} pictures' numbers run from {self.first_last[0]} to {self.first_last[1]} with only "
+                       f"{len(self.files)} files: the folder may hold more than one scan, stacked as one (give one "
+                       "folder per scan)")
+        elif self.gaps:
+            out.append(f"the {what} pictures' numbers skip {_short_list(self.gaps)}: slices missing from the folder "
+                       "are missing from the volume, and the slices on either side are stacked as neighbours")
+        return out
+
+    @property
+    def first_last(self) -> Tuple[int, int]:
+        """The last number in the first and the last file name (the run the gaps are counted in)."""
+        keys = [number_key(Path(name))[0] for name in (self.files[0], self.files[-1])]
+        return keys[0][-1] if keys[0] else 0, keys[1][-1] if keys[1] else 0
+
+    def provenance(self) -> dict:
+        """What ``metrics.json`` records under ``ct_pictures`` / ``mri_pictures``."""
+        return {
+            "folder": str(self.folder),
+            "files": len(self.files),
+            "first": self.files[0],
+            "last": self.files[-1],
+            "order": "numbers in the file names",
+            "spacing_mm": {"in_plane": self.spacing[0], "between_slices": self.spacing[1]},
+            "spacing_assumed": not self.spacing_given,
+            "missing_numbers": len(self.gaps),
+        }
+
+
+def _short_list(numbers: Sequence[int], shown: int = 8) -> str:
+    text = ", ".join(str(n) for n in numbers[:shown])
+    return text + (f" and {len(numbers) - shown} more" if len(numbers) > shown else "")
+
+
+def _missing_numbers(files: Sequence[Path]) -> List[int]:
+    """Numbers absent from the run when every name carries the same count of numbers and only the last varies."""
+    keys = [number_key(p)[0] for p in files]
+    if not keys or not keys[0] or len({len(k) for k in keys}) != 1 or len({k[:-1] for k in keys}) != 1:
+        return []
+    last = sorted({k[-1] for k in keys})
+    present = set(last)
+    return [n for n in range(last[0], last[-1] + 1) if n not in present]
+
+
+def _check_one_scan(files: Sequence[Path], folder: Path, what: str) -> None:
+    """Two files with the same numbers (``CT (1).png`` and ``MR (1).png``, or a .png and a .jpg of one slice)
+    mean the folder holds more than one scan, or copies: stacking them would interleave them."""
+    seen: dict = {}
+    for path in files:
+        key = number_key(path)[0]
+        if key and key in seen:
+            raise CTMRIError(f"{what} folder {folder}: {seen[key]} and {path.name} carry the same slice number; one "
+                             "folder must hold one scan's slices, one file each (move the others out)")
+        seen.setdefault(key, path.name)
+
+
+def check_spacing(spacing: Optional[Sequence[float]]) -> Optional[Tuple[float, float]]:
+    """``--picture-spacing`` as (in-plane, between slices) mm; refuses what is not two positive finite numbers."""
+    if spacing is None:
+        return None
+    values = tuple(float(v) for v in spacing)
+    if len(values) != 2 or not all(np.isfinite(v) and v > 0 for v in values):
+        raise CTMRIError(f"--picture-spacing takes two positive numbers, the pixel size and the slice step in mm "
+                         f"(e.g. 0.45 5); got {' '.join(str(v) for v in spacing)}")
+    return values
+
+
+def read_picture(path: Path, what: str) -> sitk.Image:
+    """One picture as a 2D grey image; refuses colour, multi-page and damaged files naming the file."""
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise CTMRIError(f"cannot read {what} picture {path}: the file is damaged or not a picture; replace it or "
+                         "remove it from the folder") from exc
+    image = as_grey(image, f"{what} picture {path.name}")
+    if image.GetDimension() == 3 and image.GetSize()[2] == 1:
+        image = image[:, :, 0]
+    if image.GetDimension() != 2:
+        raise CTMRIError(f"{what} picture {path} is not a 2D picture (size {image.GetSize()}); a folder of pictures "
+                         "must hold one slice per file")
+    return image
+
+
+def read_pictures(folder: str | Path, what: str = "image",
+                  spacing: Optional[Sequence[float]] = None) -> Tuple[sitk.Image, PictureStack]:
+    """The pictures of ``folder`` as one 3D volume (slice k = the k-th file in natural order) and its record.
+
+    8-bit pictures stay 8-bit (what tells ``intensity.normalise_ct`` that a CT is display-windowed, not HU).
+    The volume's origin is 0 and its axes are the pictures' rows, columns and file order.
+    """
+    folder = Path(folder)
+    files = picture_files(folder)
+    if not files:
+        raise CTMRIError(f"{what} folder {folder} holds no 2D pictures ({', '.join(PICTURE_SUFFIXES)})")
+    given = check_spacing(spacing)
+    _check_one_scan(files, folder, what)
+    planes = [read_picture(p, what) for p in files]
+    sizes = {p.GetSize() for p in planes}
+    if len(sizes) != 1:
+        odd = next(f.name for f, p in zip(files, planes) if p.GetSize() != planes[0].GetSize())
+        raise CTMRIError(f"{what} folder {folder}: the pictures differ in size ({files[0].name} "
+                         f"{planes[0].GetSize()[0]}×{planes[0].GetSize()[1]}, {odd} another); one folder must hold "
+                         "one scan's slices, all the same size")
+    arrays = [sitk.GetArrayFromImage(p) for p in planes]
+    stack = np.stack(arrays)
+    if all(a.dtype == np.uint8 for a in arrays):
+        stack = stack.astype(np.uint8, copy=False)
+    image = sitk.GetImageFromArray(stack)
+    in_plane, between = given or (ASSUMED_SPACING_MM, ASSUMED_SPACING_MM)
+    image.SetSpacing((in_plane, in_plane, between))
+    record = PictureStack(folder=folder, files=[p.name for p in files], spacing=(in_plane, between),
+                          spacing_given=given is not None, gaps=_missing_numbers(files))
+    return image, record
+
+
+def check_registration(sources: Sequence[Optional[PictureStack]], registration: str) -> None:
+    """Registering to an MRI needs true sizes: refuse when a picture stack's spacing was only assumed."""
+    assumed = [s for s in sources if isinstance(s, PictureStack) and not s.spacing_given]
+    if assumed and registration != "none":
+        raise CTMRIError(
+            f"the pictures in {assumed[0].folder} record no spacing, and registering CT and MRI needs their real "
+            "sizes: give --picture-spacing IN_PLANE SLICE (mm), or --registration none if the CT and MRI pictures "
+            "are already aligned slice by slice (as in a paired 2D dataset)"
+        )

@@ -1,0 +1,197 @@
+"""A folder of 2D pictures read as one volume (``pictures.py``): order, spacing, the grey rule, refusals, and the
+same synthetic MRI as the same voxels given as a volume file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import phantoms
+from CTtoMRISynthesisLib import dicom, pictures
+from CTtoMRISynthesisLib.errors import CTMRIError
+
+
+def write_pictures(folder: Path, stack: np.ndarray, name: str = "CT_PNG ({}).png", numbers=None, rgba: bool = False) -> Path:
+    """Each slice of ``stack`` (z, y, x, uint8) as one PNG, numbered from 1 (or by ``numbers``), in scrambled order
+    on disk; ``rgba`` stores them as grey RGBA with a translucent one-pixel frame, as real screenshots are."""
+    folder.mkdir(parents=True, exist_ok=True)
+    numbers = list(numbers or range(1, len(stack) + 1))
+    for k in np.random.default_rng(0).permutation(len(stack)):
+        plane = stack[k]
+        if rgba:
+            alpha = np.full(plane.shape, 255, np.uint8)
+            alpha[0, :] = alpha[-1, :] = 28
+            plane = np.dstack([plane, plane, plane, alpha])
+            image = sitk.GetImageFromArray(plane, isVector=True)
+        else:
+            image = sitk.GetImageFromArray(plane)
+        sitk.WriteImage(image, str(folder / name.format(numbers[k])))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ct_stack() -> np.ndarray:
+    """A phantom 8-bit CT of 12 slices, 256 × 256."""
+    return phantoms.slice_pair(seed=41, slices=12, first_z=-30.0)[0]
+
+
+def test_natural_order_spacing_assumed_and_recorded(ct_stack, tmp_path: Path) -> None:
+    folder = write_pictures(tmp_path / "ct", ct_stack)
+    (folder / "notes.txt").write_text("not a picture")
+    image, stack = pictures.read_pictures(folder, "CT")
+    array = sitk.GetArrayFromImage(image)
+    assert array.dtype == np.uint8  # 8-bit stays 8-bit: normalise_ct reads it as a windowed CT, not HU
+    np.testing.assert_array_equal(array, ct_stack)  # CT_PNG (2) before CT_PNG (10)
+    assert image.GetSpacing() == (1.0, 1.0, 1.0) and image.GetOrigin() == (0.0, 0.0, 0.0)
+    assert stack.files[:3] == ["CT_PNG (1).png", "CT_PNG (2).png", "CT_PNG (3).png"]
+    assert not stack.spacing_given and stack.gaps == []
+    assert "12 pictures" in stack.message("CT") and "(assumed)" in stack.message("CT")
+    assert any("record no spacing" in w for w in stack.warnings("CT"))
+    record = stack.provenance()
+    assert record["spacing_assumed"] is True and record["files"] == 12 and record["last"] == "CT_PNG (12).png"
+
+
+def test_given_spacing_and_grey_rgba_screenshots(ct_stack, tmp_path: Path) -> None:
+    folder = write_pictures(tmp_path / "ct", ct_stack, rgba=True)
+    image, stack = pictures.read_pictures(folder, "CT", (0.45, 5.0))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), ct_stack)  # alpha ignored, grey kept
+    assert image.GetSpacing() == pytest.approx((0.45, 0.45, 5.0))
+    assert stack.spacing_given and stack.warnings("CT") == []
+    assert "0.45 mm in-plane, 5 mm between slices (given)" in stack.message("CT")
+
+
+@pytest.mark.parametrize("spacing", [(0.0, 5.0), (1.0, float("nan")), (-1.0, 2.0)])
+def test_bad_spacing_refused(spacing, ct_stack, tmp_path: Path) -> None:
+    with pytest.raises(CTMRIError, match="--picture-spacing takes two positive numbers"):
+        pictures.read_pictures(write_pictures(tmp_path / "ct", ct_stack[:2]), "CT", spacing)
+
+
+def test_missing_numbers_warned(ct_stack, tmp_path: Path) -> None:
+    folder = write_pictures(tmp_path / "ct", ct_stack[:4], numbers=[1, 2, 4, 5])
+    _, stack = pictures.read_pictures(folder, "CT")
+    assert stack.gaps == [3]
+    assert any("skip 3" in w for w in stack.warnings("CT"))
+
+
+def test_several_scans_in_one_folder_warned(ct_stack, tmp_path: Path) -> None:
+    """Harvard's layout: <patient><3-digit slice> for every patient in one folder."""
+    folder = write_pictures(tmp_path / "ct", ct_stack[:4], name="{}.png", numbers=[2004, 2005, 16003, 16004])
+    _, stack = pictures.read_pictures(folder, "CT")
+    assert any("may hold more than one scan" in w for w in stack.warnings("CT"))
+
+
+@pytest.mark.parametrize(
+    "problem, expected",
+    [
+        ("colour", r"CT picture CT_PNG \(2\)\.png has 3 components per voxel"),
+        ("size", r"the pictures differ in size"),
+        ("same-number", r"carry the same slice number"),
+        ("damaged", r"cannot read CT picture .*damaged"),
+        ("empty", r"holds no 2D pictures"),
+    ],
+)
+def test_refusals(problem, expected, ct_stack, tmp_path: Path) -> None:
+    folder = write_pictures(tmp_path / "ct", ct_stack[:3])
+    if problem == "colour":
+        plane = ct_stack[1]
+        colour = np.dstack([plane, plane // 2, plane])
+        sitk.WriteImage(sitk.GetImageFromArray(colour, isVector=True), str(folder / "CT_PNG (2).png"))
+    elif problem == "size":
+        sitk.WriteImage(sitk.GetImageFromArray(ct_stack[1, :128]), str(folder / "CT_PNG (2).png"))
+    elif problem == "same-number":
+        sitk.WriteImage(sitk.GetImageFromArray(ct_stack[1]), str(folder / "MR_PNG (2).png"))
+    elif problem == "damaged":
+        (folder / "CT_PNG (2).png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    else:
+        for path in folder.iterdir():
+            path.unlink()
+    with pytest.raises(CTMRIError, match=expected):
+        pictures.read_pictures(folder, "CT")
+
+
+def test_read_input_takes_picture_folders(ct_stack, tmp_path: Path) -> None:
+    folder = write_pictures(tmp_path / "ct", ct_stack)
+    image, source = dicom.read_input(folder, "CT", picture_spacing=(0.9, 5.0))
+    assert isinstance(source, pictures.PictureStack) and image.GetSpacing() == pytest.approx((0.9, 0.9, 5.0))
+    with pytest.raises(CTMRIError, match="--ct-series chooses a DICOM series, but the CT folder .* holds pictures"):
+        dicom.read_input(folder, "CT", "3")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CTMRIError, match="holds no DICOM series; give an image file or a DICOM folder"):
+        dicom.read_input(empty, "CT")
+
+
+def test_registration_needs_real_spacing() -> None:
+    assumed = pictures.PictureStack(Path("ct"), ["1.png"], (1.0, 1.0), spacing_given=False)
+    given = pictures.PictureStack(Path("ct"), ["1.png"], (0.5, 5.0), spacing_given=True)
+    with pytest.raises(CTMRIError, match="record no spacing, and registering CT and MRI needs their real sizes"):
+        pictures.check_registration([assumed, None], "rigid")
+    pictures.check_registration([assumed, assumed], "none")
+    pictures.check_registration([given, None], "similarity")
+
+
+# ---------------------------------------------------------------------------------------- end to end
+
+
+def test_cli_picture_folder_gives_the_volume_files_synthetic_mri(ct_stack, tiny_weights: Path, tmp_path: Path) -> None:
+    """The same voxels as pictures and as a .nrrd of the same spacing: the same synthetic MRI, read back by
+    SimpleITK; the source and the assumption are in metrics.json; the pictures are left as they were."""
+    from CTtoMRISynthesisLib.cli import main
+
+    folder = write_pictures(tmp_path / "ct", ct_stack, rgba=True)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    volume = sitk.GetImageFromArray(ct_stack)
+    sitk.WriteImage(volume, str(tmp_path / "ct.nrrd"))  # spacing 1, as assumed for the pictures
+    common = ["--weights", str(tiny_weights), "--device", "cpu", "--quiet"]
+    assert main(["synthesize", "--ct", str(folder), "--out-dir", str(tmp_path / "a"), *common]) == 0
+    assert main(["synthesize", "--ct", str(tmp_path / "ct.nrrd"), "--out-dir", str(tmp_path / "b"), *common]) == 0
+    a = sitk.ReadImage(str(tmp_path / "a" / "synthetic_mri.nrrd"))
+    b = sitk.ReadImage(str(tmp_path / "b" / "synthetic_mri.nrrd"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+    assert a.GetSize() == (256, 256, 12) and a.GetSpacing() == b.GetSpacing()
+    summary = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert summary["ct_pictures"]["spacing_assumed"] is True and summary["ct_pictures"]["files"] == 12
+    assert any("record no spacing" in w for w in summary["warnings"])
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_cli_paired_picture_folders(tiny_weights: Path, tmp_path: Path, capsys) -> None:
+    """A paired 2D dataset's CT and MRI folders: registering them with an assumed spacing is refused with what to
+    do and nothing written; aligned as they are (--registration none) they are scored; a given spacing lands on
+    the outputs' grid."""
+    from CTtoMRISynthesisLib.cli import main
+
+    ct, mri = phantoms.slice_pair(seed=43, slices=6, first_z=-20.0)
+    ct_dir, mri_dir = write_pictures(tmp_path / "CT", ct), write_pictures(tmp_path / "MRI", mri, name="MR_PNG ({}).png")
+    common = ["--weights", str(tiny_weights), "--device", "cpu", "--quiet"]
+    out = tmp_path / "out"
+    assert main(["synthesize", "--ct", str(ct_dir), "--mri", str(mri_dir), "--out-dir", str(out), *common]) == 2
+    assert "record no spacing, and registering CT and MRI needs their real sizes" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["synthesize", "--ct", str(ct_dir), "--mri", str(mri_dir), "--registration", "none",
+                 "--picture-spacing", "0.9", "5", "--out-dir", str(out), *common]) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["mri_pictures"]["spacing_assumed"] is False and np.isfinite(summary["mae"])
+    assert sitk.ReadImage(str(out / "difference.nrrd")).GetSpacing() == pytest.approx((0.9, 0.9, 5.0))
+
+
+def test_batch_manifest_with_a_picture_folder(ct_stack, tiny_weights: Path, tmp_path: Path) -> None:
+    """``ctmri batch`` takes picture folders like DICOM folders; --picture-spacing is part of what a case is made
+    from, so changing it redoes the case."""
+    from CTtoMRISynthesisLib.cli import main
+
+    write_pictures(tmp_path / "p1", ct_stack[:6])
+    (tmp_path / "cases.csv").write_text("id,ct,mri\np1,p1/,\n")
+    args = ["batch", "--manifest", str(tmp_path / "cases.csv"), "--out-dir", str(tmp_path / "cohort"),
+            "--weights", str(tiny_weights), "--device", "cpu", "--quiet"]
+    assert main(args) == 0
+    first = json.loads((tmp_path / "cohort" / "p1" / "metrics.json").read_text())
+    assert first["ct_pictures"]["spacing_mm"] == {"in_plane": 1.0, "between_slices": 1.0}
+    assert main(args + ["--picture-spacing", "0.5", "2"]) == 0
+    second = json.loads((tmp_path / "cohort" / "p1" / "metrics.json").read_text())
+    assert second["ct_pictures"]["spacing_mm"] == {"in_plane": 0.5, "between_slices": 2.0}
+    assert sitk.ReadImage(str(tmp_path / "cohort" / "p1" / "synthetic_mri.nrrd")).GetSpacing() == pytest.approx((0.5, 0.5, 2.0))
