@@ -73,14 +73,22 @@ def test_bad_spacing_refused(spacing, ct_stack, tmp_path: Path) -> None:
 def test_missing_numbers_warned(ct_stack, tmp_path: Path) -> None:
     folder = write_pictures(tmp_path / "ct", ct_stack[:4], numbers=[1, 2, 4, 5])
     _, stack = pictures.read_pictures(folder, "CT")
-    assert stack.gaps == [3]
+    assert stack.gaps == [3] and stack.missing == 1
     assert any("skip 3" in w for w in stack.warnings("CT"))
+
+
+def test_huge_numbers_are_counted_not_listed(ct_stack, tmp_path: Path) -> None:
+    folder = write_pictures(tmp_path / "ct", ct_stack[:2], name="IMG_{}.png", numbers=[1, 10**15])
+    _, stack = pictures.read_pictures(folder, "CT")
+    assert stack.gaps == list(range(2, 10)) and stack.missing == 10**15 - 2
+    assert stack.provenance()["missing_numbers"] == 10**15 - 2
 
 
 def test_several_scans_in_one_folder_warned(ct_stack, tmp_path: Path) -> None:
     """Harvard's layout: <patient><3-digit slice> for every patient in one folder."""
     folder = write_pictures(tmp_path / "ct", ct_stack[:4], name="{}.png", numbers=[2004, 2005, 16003, 16004])
     _, stack = pictures.read_pictures(folder, "CT")
+    assert stack.gaps == list(range(2006, 2014)) and stack.missing == 16004 - 2004 + 1 - 4
     assert any("may hold more than one scan" in w for w in stack.warnings("CT"))
 
 

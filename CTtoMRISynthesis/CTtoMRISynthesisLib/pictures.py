@@ -49,7 +49,8 @@ class PictureStack:
     files: List[str]
     spacing: Tuple[float, float]  # (in-plane mm, between slices mm)
     spacing_given: bool
-    gaps: List[int] = field(default_factory=list)  # slice numbers missing from an otherwise numbered run
+    gaps: List[int] = field(default_factory=list)  # the first slice numbers missing from the run (at most 8)
+    missing: int = 0  # how many numbers the run misses in all
 
     def message(self, what: str) -> str:
         """The line printed for the user."""
@@ -66,12 +67,13 @@ class PictureStack:
         if not self.spacing_given:
             out.append(f"the {what} pictures record no spacing: {ASSUMED_SPACING_MM:g} mm was assumed, so the "
                        "outputs' physical sizes are not the patient's (give --picture-spacing IN_PLANE SLICE)")
-        if len(self.gaps) > len(self.files):
+        if self.missing > len(self.files):
             out.append(f"the {what} pictures' numbers run from {self.first_last[0]} to {self.first_last[1]} with only "
                        f"{len(self.files)} files: the folder may hold more than one scan, stacked as one (give one "
                        "folder per scan)")
         elif self.gaps:
-            out.append(f"the {what} pictures' numbers skip {_short_list(self.gaps)}: slices missing from the folder "
+            more = f" and {self.missing - len(self.gaps)} more" if self.missing > len(self.gaps) else ""
+            out.append(f"the {what} pictures' numbers skip {', '.join(map(str, self.gaps))}{more}: slices missing from the folder "
                        "are missing from the volume, and the slices on either side are stacked as neighbours")
         return out
 
@@ -91,23 +93,21 @@ class PictureStack:
             "order": "numbers in the file names",
             "spacing_mm": {"in_plane": self.spacing[0], "between_slices": self.spacing[1]},
             "spacing_assumed": not self.spacing_given,
-            "missing_numbers": len(self.gaps),
+            "missing_numbers": self.missing,
         }
 
 
-def _short_list(numbers: Sequence[int], shown: int = 8) -> str:
-    text = ", ".join(str(n) for n in numbers[:shown])
-    return text + (f" and {len(numbers) - shown} more" if len(numbers) > shown else "")
-
-
-def _missing_numbers(files: Sequence[Path]) -> List[int]:
-    """Numbers absent from the run when every name carries the same count of numbers and only the last varies."""
+def _missing_numbers(files: Sequence[Path], shown: int = 8) -> Tuple[List[int], int]:
+    """The first ``shown`` numbers absent from the run, and how many are absent, when every name carries the same
+    count of numbers and only the last varies (else none). Counted, not listed: names may carry huge numbers."""
     keys = [number_key(p)[0] for p in files]
     if not keys or not keys[0] or len({len(k) for k in keys}) != 1 or len({k[:-1] for k in keys}) != 1:
-        return []
-    last = sorted({k[-1] for k in keys})
-    present = set(last)
-    return [n for n in range(last[0], last[-1] + 1) if n not in present]
+        return [], 0
+    present = sorted({k[-1] for k in keys})
+    first: List[int] = []
+    for low, high in zip(present, present[1:]):
+        first.extend(range(low + 1, min(high, low + 1 + shown - len(first))))
+    return first[:shown], present[-1] - present[0] + 1 - len(present)
 
 
 def _check_one_scan(files: Sequence[Path], folder: Path, what: str) -> None:
@@ -176,8 +176,9 @@ def read_pictures(folder: str | Path, what: str = "image",
     image = sitk.GetImageFromArray(stack)
     in_plane, between = given or (ASSUMED_SPACING_MM, ASSUMED_SPACING_MM)
     image.SetSpacing((in_plane, in_plane, between))
+    gaps, missing = _missing_numbers(files)
     record = PictureStack(folder=folder, files=[p.name for p in files], spacing=(in_plane, between),
-                          spacing_given=given is not None, gaps=_missing_numbers(files))
+                          spacing_given=given is not None, gaps=gaps, missing=missing)
     return image, record
 
 
