@@ -456,7 +456,7 @@ def test_every_output_volume_becomes_a_series_in_the_ct_study(study: Path, tmp_p
     out = tmp_path / "out"
     paths = save_outputs(result, out, extra_writer=dicom.dicom_writer(result, choice, choice))
     assert paths["dicom"] == out / "dicom"
-    assert sorted(p.name for p in (out / "dicom").iterdir()) == sorted(result.output_images())
+    assert sorted(p.name for p in (out / "dicom").iterdir()) == sorted([*result.output_images(), ".ctmri-output"])
     all_uids = []
     for kind, image in result.output_images().items():
         nrrd = sitk.ReadImage(str(out / f"{kind}.nrrd"))
@@ -556,6 +556,46 @@ def test_dicom_outputs_are_all_or_nothing(tmp_path: Path, monkeypatch) -> None:
     assert not (out / "dicom").exists()
 
 
+def test_a_dicom_folder_of_the_users_in_out_dir_is_never_touched(tmp_path: Path) -> None:
+    """``OUT/dicom/`` that ctmri did not write (say the patient's own study, next to where the outputs go) is left
+    as it is by a run without DICOM output, and a run with DICOM output is refused before it writes anything;
+    the folders ctmri writes carry a marker, and only those are replaced or removed."""
+    result = oblique_result()
+    out = tmp_path / "patient"
+    users = out / "dicom" / "series1"
+    users.mkdir(parents=True)
+    (users / "IM0001.dcm").write_bytes(b"the user's scan")
+    save_outputs(result, out)
+    assert (users / "IM0001.dcm").read_bytes() == b"the user's scan" and (out / "synthetic_mri.nrrd").exists()
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(CTMRIError, match=r"dicom exists and was not written by ctmri .*choose another --out-dir"):
+        save_outputs(result, out, extra_writer=dicom.dicom_writer(result))
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    ours = tmp_path / "other"
+    save_outputs(result, ours, extra_writer=dicom.dicom_writer(result))
+    assert (ours / "dicom" / ".ctmri-output").is_file()
+    save_outputs(result, ours, extra_writer=dicom.dicom_writer(result))  # ours: replaced
+    save_outputs(result, ours)  # ours: removed by a run without DICOM output
+    assert not (ours / "dicom").exists()
+
+
+def test_synthesize_never_deletes_the_study_it_reads_from_out_dir(study: Path, tmp_path: Path, capsys) -> None:
+    """The layout ``patient/dicom/`` (the scan) with ``--out-dir patient``: the run used to move ``dicom/`` aside
+    as an earlier output and delete it with its temporary folder."""
+    pytest.importorskip("torch")
+    from CTtoMRISynthesisLib import cli
+
+    patient = tmp_path / "patient"
+    shutil.copytree(study, patient / "dicom")
+    before = {p.relative_to(patient): p.read_bytes() for p in patient.rglob("*") if p.is_file()}
+    assert cli.main(["synthesize", "--ct", str(patient / "dicom"), "--out-dir", str(patient), "--quiet"]) == 0
+    after = {p.relative_to(patient): p.read_bytes() for p in patient.rglob("*") if p.is_file()}
+    assert {k: v for k, v in after.items() if k.parts[0] == "dicom"} == before
+    code = cli.main(["synthesize", "--ct", str(patient / "dicom"), "--out-dir", str(patient), "--dicom", "--quiet"])
+    assert code == 2 and "not written by ctmri" in capsys.readouterr().err
+    assert {p.relative_to(patient): p.read_bytes() for p in patient.rglob("*") if p.is_file()} == after
+
+
 def test_validator_accepts_the_written_files(tmp_path: Path) -> None:
     """dciodvfy (Debian's dicom3tools) finds no errors; its warnings are the Modality LUT in MR images."""
     if shutil.which("dciodvfy") is None:
@@ -588,7 +628,7 @@ def test_synthesize_from_a_study_writes_dicom(study: Path, tmp_path: Path, capsy
     assert np.abs(pydicom_volume(datasets) - sitk.GetArrayFromImage(nrrd)).max() <= 1.0
     assert datasets[0].StudyInstanceUID == STUDY_UID and datasets[0].FrameOfReferenceUID == FOR_UID
     assert list(datasets[0].SoftwareVersions)[1] == summary["weights"]["sha256"]
-    assert sorted(p.name for p in (out / "dicom").iterdir()) == ["synthetic_mri", "uncertainty"]
+    assert sorted(p.name for p in (out / "dicom").iterdir()) == [".ctmri-output", "synthetic_mri", "uncertainty"]
 
 
 def test_synthesize_with_an_unknown_series_stops_before_work(study: Path, tmp_path: Path, capsys) -> None:
@@ -615,7 +655,7 @@ def test_synthesize_with_an_mri_writes_difference_and_registered_ct(study: Path,
     assert cli.main(["synthesize", "--ct", str(study), "--ct-series", "2", "--mri", str(tmp_path / "mri.nrrd"),
                      "--registration", "none", "--out-dir", str(out), "--dicom", "--quiet"]) == 0
     assert json.loads((out / "metrics.json").read_text())["ct_series"]["number"] == 2
-    kinds = sorted(p.name for p in (out / "dicom").iterdir())
+    kinds = sorted(p.name for p in (out / "dicom").iterdir() if p.name != ".ctmri-output")
     assert {"ct_registered", "difference", "synthetic_mri"} <= set(kinds)
     assert kinds == sorted(p.stem for p in out.glob("*.nrrd"))  # every output volume, nothing else
     for kind in kinds:

@@ -59,7 +59,10 @@ def run_case(
     from .pictures import PictureStack, check_registration
     from .pipeline import check_out_dir, save_outputs, synthesize
 
-    check_out_dir(out_dir)  # before minutes of work, not after
+    from .pipeline import OUTPUT_FOLDERS
+
+    # before minutes of work, not after
+    check_out_dir(out_dir, [OUTPUT_FOLDERS["dicom"]] if options.dicom else [])
     if options.mri_series and not mri_path:
         raise CTMRIError("--mri-series chooses a series of the MRI folder; give --mri too, or leave it out")
     ct, ct_source = read_input(ct_path, "CT", options.ct_series, options.picture_spacing)

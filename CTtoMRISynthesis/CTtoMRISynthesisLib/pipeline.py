@@ -38,8 +38,26 @@ OUTPUT_FILES = {
     "transform": "transform.tfm",
     "metrics": "metrics.json",
 }
-#: folders an extra writer of save_outputs may add (e.g. DICOM series); replaced like the files above
+#: folders an extra writer of save_outputs may add (e.g. DICOM series); replaced like the files above, but only
+#: when they carry OUTPUT_MARKER: a folder of that name the user made (say the study's own ``dicom/``) is never
+#: touched, and a run that would write one there is refused
 OUTPUT_FOLDERS = {"dicom": "dicom"}
+OUTPUT_MARKER = ".ctmri-output"
+
+
+def _ours(folder: Path) -> bool:
+    """True for an output folder an earlier run wrote (it carries the marker), never for anything else."""
+    return folder.is_dir() and not folder.is_symlink() and (folder / OUTPUT_MARKER).is_file()
+
+
+def _check_folders_free(out_dir: Path, folders) -> None:
+    for name in folders:
+        path = out_dir / name
+        if (path.exists() or path.is_symlink()) and not _ours(path):
+            raise CTMRIError(
+                f"{path} exists and was not written by ctmri (it would be replaced by the {name} outputs): choose "
+                "another --out-dir, or move it away"
+            )
 
 
 @dataclass
@@ -290,12 +308,13 @@ def evaluate_images(reference255: sitk.Image, synthetic: sitk.Image) -> dict:
     return compute_metrics(ref, syn)
 
 
-def check_out_dir(out_dir: str | Path) -> None:
+def check_out_dir(out_dir: str | Path, folders=()) -> None:
     """Fail early, before any work, when ``out_dir`` obviously cannot be created or written.
 
     Writes nothing. Catches an output folder that is an existing file or lies under one, a folder name
-    longer than the file system allows, and (for users other than root) a folder without write
-    permission. Anything else (a full disk, a read-only mount) still fails cleanly in :func:`save_outputs`.
+    longer than the file system allows, (for users other than root) a folder without write permission, and
+    a file or folder of the user's where this run would write one of ``folders`` (names of OUTPUT_FOLDERS).
+    Anything else (a full disk, a read-only mount) still fails cleanly in :func:`save_outputs`.
     """
     out_dir = Path(out_dir)
     for part in out_dir.parts:
@@ -316,6 +335,7 @@ def check_out_dir(out_dir: str | Path) -> None:
         raise CTMRIError(f"cannot use {out_dir} as the output folder: {exc.strerror or exc}; choose another --out-dir") from exc
     if not os.access(existing, os.W_OK | os.X_OK):
         raise CTMRIError(f"cannot write in {existing} (no permission); choose a writable --out-dir")
+    _check_folders_free(out_dir, folders)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -363,7 +383,13 @@ def save_outputs(
                 ) from exc
             written["transform"] = OUTPUT_FILES["transform"]
         if extra_writer is not None:
-            written.update(extra_writer(tmp))
+            extra = extra_writer(tmp)
+            for name in extra.values():
+                if name in OUTPUT_FOLDERS.values():  # marks it as ours, so that a later run may replace it
+                    (tmp / name / OUTPUT_MARKER).write_text(
+                        "Written by ctmri (CTtoMRISynthesis). The next ctmri run into the folder above replaces or "
+                        "removes this folder.\n")
+            written.update(extra)
         (tmp / OUTPUT_FILES["metrics"]).write_text(json.dumps(result.summary(), indent=2) + "\n")
         written["metrics"] = OUTPUT_FILES["metrics"]
         _commit(tmp, out_dir, list(written.values()))
@@ -402,8 +428,13 @@ def _commit(tmp: Path, out_dir: Path, names: list) -> None:
     moved: list = []  # new outputs moved into out_dir
     with _sigint_held():
         try:
-            for name in list(OUTPUT_FILES.values()) + list(OUTPUT_FOLDERS.values()):
+            _check_folders_free(out_dir, [n for n in names if n in OUTPUT_FOLDERS.values()])  # checked early too
+            for name in OUTPUT_FILES.values():
                 if (out_dir / name).exists() or (out_dir / name).is_symlink():
+                    os.replace(out_dir / name, previous / name)
+                    set_aside.append(name)
+            for name in OUTPUT_FOLDERS.values():
+                if _ours(out_dir / name):  # a folder of the user's with that name stays where it is
                     os.replace(out_dir / name, previous / name)
                     set_aside.append(name)
             for name in names:
