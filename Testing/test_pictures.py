@@ -142,6 +142,15 @@ def test_registration_needs_real_spacing() -> None:
     pictures.check_registration([given, None], "similarity")
 
 
+def test_8bit_conversion_and_names() -> None:
+    assert pictures.as_8bit(np.array([-3.0, 0.4, 127.5, 254.6, 300.0]), "synthetic_mri").tolist() == [0, 0, 128, 255, 255]
+    assert pictures.as_8bit(np.array([-255.0, -1.0, 0.0, 1.0, 254.0]), "difference").tolist() == [0, 128, 128, 128, 255]
+    stack = pictures.PictureStack(Path("ct"), ["a (1).jpg", "a (2).jpg"], (1.0, 1.0), spacing_given=False)
+    assert pictures.picture_names(2, stack) == ["a (1).png", "a (2).png"]
+    assert pictures.picture_names(3, stack) == ["slice_0001.png", "slice_0002.png", "slice_0003.png"]
+    assert pictures.picture_names(1, None) == ["slice_0001.png"]
+
+
 # ---------------------------------------------------------------------------------------- end to end
 
 
@@ -155,8 +164,9 @@ def test_cli_picture_folder_gives_the_volume_files_synthetic_mri(ct_stack, tiny_
     volume = sitk.GetImageFromArray(ct_stack)
     sitk.WriteImage(volume, str(tmp_path / "ct.nrrd"))  # spacing 1, as assumed for the pictures
     common = ["--weights", str(tiny_weights), "--device", "cpu", "--quiet"]
-    assert main(["synthesize", "--ct", str(folder), "--out-dir", str(tmp_path / "a"), *common]) == 0
-    assert main(["synthesize", "--ct", str(tmp_path / "ct.nrrd"), "--out-dir", str(tmp_path / "b"), *common]) == 0
+    assert main(["synthesize", "--ct", str(folder), "--out-dir", str(tmp_path / "a"), "--pictures", *common]) == 0
+    assert main(["synthesize", "--ct", str(tmp_path / "ct.nrrd"), "--out-dir", str(tmp_path / "b"), "--pictures",
+                 *common]) == 0
     a = sitk.ReadImage(str(tmp_path / "a" / "synthetic_mri.nrrd"))
     b = sitk.ReadImage(str(tmp_path / "b" / "synthetic_mri.nrrd"))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
@@ -165,6 +175,23 @@ def test_cli_picture_folder_gives_the_volume_files_synthetic_mri(ct_stack, tiny_
     assert summary["ct_pictures"]["spacing_assumed"] is True and summary["ct_pictures"]["files"] == 12
     assert any("record no spacing" in w for w in summary["warnings"])
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    # pictures out, read back with Pillow: named after the input pictures (the volume file's: slice_0001.png …),
+    # each the rounded 0..255 slice in the input's own orientation
+    from PIL import Image
+
+    for kind in ("synthetic_mri", "uncertainty"):
+        volume = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a" / f"{kind}.nrrd")))
+        written = tmp_path / "a" / "pictures" / kind
+        assert sorted(p.name for p in written.iterdir()) == sorted(p.name for p in folder.iterdir())
+        for k in (0, 5, 11):
+            plane = np.asarray(Image.open(written / f"CT_PNG ({k + 1}).png"))
+            assert plane.dtype == np.uint8
+            np.testing.assert_array_equal(plane, np.clip(np.round(volume[k]), 0, 255))
+    assert (tmp_path / "a" / "pictures" / ".ctmri-output").is_file()
+    assert sorted(p.name for p in (tmp_path / "b" / "pictures" / "synthetic_mri").iterdir())[:2] == [
+        "slice_0001.png", "slice_0002.png"]
+    assert main(["synthesize", "--ct", str(folder), "--out-dir", str(tmp_path / "a"), *common]) == 0
+    assert not (tmp_path / "a" / "pictures").exists()  # a run without --pictures leaves no stale pictures
 
 
 def test_cli_paired_picture_folders(tiny_weights: Path, tmp_path: Path, capsys) -> None:
@@ -181,15 +208,24 @@ def test_cli_paired_picture_folders(tiny_weights: Path, tmp_path: Path, capsys) 
     assert "record no spacing, and registering CT and MRI needs their real sizes" in capsys.readouterr().err
     assert not out.exists()
     assert main(["synthesize", "--ct", str(ct_dir), "--mri", str(mri_dir), "--registration", "none",
-                 "--picture-spacing", "0.9", "5", "--out-dir", str(out), *common]) == 0
+                 "--picture-spacing", "0.9", "5", "--out-dir", str(out), "--pictures", *common]) == 0
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["mri_pictures"]["spacing_assumed"] is False and np.isfinite(summary["mae"])
-    assert sitk.ReadImage(str(out / "difference.nrrd")).GetSpacing() == pytest.approx((0.9, 0.9, 5.0))
+    difference = sitk.ReadImage(str(out / "difference.nrrd"))
+    assert difference.GetSpacing() == pytest.approx((0.9, 0.9, 5.0))
+    # the outputs lie on the MRI's grid: named after the MRI pictures; the difference halved around 128
+    written = out / "pictures" / "difference"
+    assert sorted(p.name for p in written.iterdir()) == sorted(p.name for p in mri_dir.iterdir())
+    plane = sitk.GetArrayFromImage(sitk.ReadImage(str(written / "MR_PNG (3).png")))
+    expected = np.clip(np.round(128 + sitk.GetArrayFromImage(difference)[2].astype(np.float64) / 2), 0, 255)
+    np.testing.assert_array_equal(plane, expected)
+    assert sorted(p.name for p in (out / "pictures").iterdir()) == [".ctmri-output", "difference", "synthetic_mri",
+                                                                   "uncertainty"]
 
 
 def test_batch_manifest_with_a_picture_folder(ct_stack, tiny_weights: Path, tmp_path: Path) -> None:
-    """``ctmri batch`` takes picture folders like DICOM folders; --picture-spacing is part of what a case is made
-    from, so changing it redoes the case."""
+    """``ctmri batch`` takes picture folders like DICOM folders; --picture-spacing and --pictures are part of what
+    a case is made from, so changing them redoes the case."""
     from CTtoMRISynthesisLib.cli import main
 
     write_pictures(tmp_path / "p1", ct_stack[:6])
@@ -199,7 +235,8 @@ def test_batch_manifest_with_a_picture_folder(ct_stack, tiny_weights: Path, tmp_
     assert main(args) == 0
     first = json.loads((tmp_path / "cohort" / "p1" / "metrics.json").read_text())
     assert first["ct_pictures"]["spacing_mm"] == {"in_plane": 1.0, "between_slices": 1.0}
-    assert main(args + ["--picture-spacing", "0.5", "2"]) == 0
+    assert main(args + ["--picture-spacing", "0.5", "2", "--pictures"]) == 0
+    assert len(list((tmp_path / "cohort" / "p1" / "pictures" / "synthetic_mri").glob("CT_PNG (*).png"))) == 6
     second = json.loads((tmp_path / "cohort" / "p1" / "metrics.json").read_text())
     assert second["ct_pictures"]["spacing_mm"] == {"in_plane": 0.5, "between_slices": 2.0}
     assert sitk.ReadImage(str(tmp_path / "cohort" / "p1" / "synthetic_mri.nrrd")).GetSpacing() == pytest.approx((0.5, 0.5, 2.0))

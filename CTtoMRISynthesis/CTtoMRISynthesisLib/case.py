@@ -25,6 +25,7 @@ class CaseOptions:
     allow_disjoint: bool = False
     batch_size: Optional[int] = None
     dicom: bool = False  # also write OUT/dicom/<kind>/ series (dicom.py)
+    pictures: bool = False  # also write OUT/pictures/<kind>/ 8-bit PNG slices (pictures.py)
     ct_series: Optional[str] = None  # series number or UID when the CT is a DICOM folder (None: by the rule)
     mri_series: Optional[str] = None
     picture_spacing: Optional[Tuple[float, float]] = None  # (in-plane, between slices) mm of picture folders
@@ -56,13 +57,13 @@ def run_case(
     as ``ct_series`` / ``mri_series`` in ``metrics.json``).
     """
     from .dicom import Choice, dicom_writer, read_input
-    from .pictures import PictureStack, check_registration
+    from .pictures import PictureStack, check_registration, picture_writer
     from .pipeline import check_out_dir, save_outputs, synthesize
 
     from .pipeline import OUTPUT_FOLDERS
 
     # before minutes of work, not after
-    check_out_dir(out_dir, [OUTPUT_FOLDERS["dicom"]] if options.dicom else [])
+    check_out_dir(out_dir, [OUTPUT_FOLDERS[k] for k in ("dicom", "pictures") if getattr(options, k)])
     if options.mri_series and not mri_path:
         raise CTMRIError("--mri-series chooses a series of the MRI folder; give --mri too, or leave it out")
     ct, ct_source = read_input(ct_path, "CT", options.ct_series, options.picture_spacing)
@@ -90,6 +91,22 @@ def run_case(
     # The outputs lie on the reference grid: the MRI's when one was given, else the CT's. Only a DICOM source
     # has headers (patient, study, frame of reference) for the DICOM outputs to inherit.
     ct_dicom, mri_dicom = (s if isinstance(s, Choice) else None for s in (ct_source, mri_source))
-    writer = dicom_writer(result, ct_dicom, mri_dicom if mri_path else ct_dicom) if options.dicom else None
-    paths = save_outputs(result, out_dir, extra_writer=writer)
+    writers = []
+    if options.dicom:
+        writers.append(dicom_writer(result, ct_dicom, mri_dicom if mri_path else ct_dicom))
+    if options.pictures:
+        writers.append(picture_writer(result, mri_source if mri_path else ct_source))
+    paths = save_outputs(result, out_dir, extra_writer=_all_of(writers) if writers else None)
     return result, paths
+
+
+def _all_of(writers: list) -> Callable[[Path], dict]:
+    """One extra writer for :func:`pipeline.save_outputs` that runs each of ``writers`` in turn."""
+
+    def write(tmp: Path) -> dict:
+        written: dict = {}
+        for writer in writers:
+            written.update(writer(tmp))
+        return written
+
+    return write

@@ -25,7 +25,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         weights=args.weights, device=args.device, registration=args.registration,
         allow_disjoint=args.allow_disjoint, batch_size=args.batch_size,
         dicom=args.dicom, ct_series=args.ct_series, mri_series=args.mri_series,
-        picture_spacing=args.picture_spacing,
+        picture_spacing=args.picture_spacing, pictures=args.pictures,
     )
     progress, close = progress_bar(sys.stderr.isatty() and not args.quiet)
     try:
@@ -96,10 +96,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out_dir, device=args.device)
 
 
-def _add_picture_spacing(p: argparse.ArgumentParser) -> None:
+def _add_picture_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--picture-spacing", type=float, nargs=2, metavar=("IN_PLANE", "SLICE"),
                    help="pixel size and slice step in mm of inputs given as folders of 2D pictures, which record "
                         "neither (default: 1 mm assumed, said in a warning; needed to register such a CT to an MRI)")
+    p.add_argument("--pictures", action="store_true",
+                   help="also write the synthetic MRI, uncertainty and difference as 8-bit PNG slices "
+                        "(OUT/pictures/<kind>/, named after the input pictures when the outputs lie on their grid)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mri-series", metavar="N|UID", help="the same for --mri")
     p.add_argument("--dicom", action="store_true", help="also write every output volume as a DICOM series "
                    "(OUT/dicom/<kind>/, one file per slice; in the CT's study when the CT is DICOM)")
-    _add_picture_spacing(p)
+    _add_picture_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synthesize)
 
@@ -172,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CT→MRI registration for the cases with an MRI (as synthesize)")
     p.add_argument("--allow-disjoint", action="store_true", help="as synthesize --allow-disjoint")
     p.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: 4 CPU, 64 GPU)")
-    _add_picture_spacing(p)
+    _add_picture_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar (one line per case is still printed)")
     p.set_defaults(func=cmd_batch)
 

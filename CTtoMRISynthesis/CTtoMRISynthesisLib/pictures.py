@@ -191,3 +191,47 @@ def check_registration(sources: Sequence[Optional[PictureStack]], registration: 
             "sizes: give --picture-spacing IN_PLANE SLICE (mm), or --registration none if the CT and MRI pictures "
             "are already aligned slice by slice (as in a paired 2D dataset)"
         )
+
+
+# ------------------------------------------------------------------------------------------- pictures out
+
+#: ``OUT/pictures/<kind>/``: what ``--pictures`` writes (pipeline.OUTPUT_FOLDERS)
+PICTURES_FOLDER = "pictures"
+#: the output volumes written as pictures, and how each becomes 8 bits: synthetic MRI and uncertainty are on the
+#: 0..255 scale already (rounded); the signed difference is halved around mid-grey (128 = no difference)
+PICTURE_KINDS = {"synthetic_mri": (0.0, 1.0), "uncertainty": (0.0, 1.0), "difference": (128.0, 0.5)}
+
+
+def as_8bit(array: np.ndarray, kind: str) -> np.ndarray:
+    """An output volume's voxels as 8-bit grey levels, as :data:`PICTURE_KINDS` says."""
+    offset, scale = PICTURE_KINDS[kind]
+    return np.clip(np.round(offset + scale * np.asarray(array, np.float64)), 0, 255).astype(np.uint8)
+
+
+def picture_names(slices: int, reference: Optional[object]) -> List[str]:
+    """One PNG name per slice: the reference pictures' own names when the outputs lie on a picture stack's grid
+    (slice k ↔ file k, so outputs sit beside their inputs one to one), else ``slice_0001.png`` …"""
+    if isinstance(reference, PictureStack) and len(reference.files) == slices:
+        return [Path(name).stem + ".png" for name in reference.files]
+    return [f"slice_{k + 1:04d}.png" for k in range(slices)]
+
+
+def picture_writer(result, reference: Optional[object] = None):
+    """A writer for :func:`pipeline.save_outputs`: ``pictures/<kind>/`` 8-bit PNGs, one per slice of each output
+    volume in :data:`PICTURE_KINDS` (slice k of the volume as stored, rows and columns as in the volume, so a
+    picture stack comes back in its own orientation). Returns {"pictures": "pictures"}."""
+
+    def write(tmp: Path) -> dict:
+        from .volumes import write_volume
+
+        for kind, image in result.output_images().items():
+            if kind not in PICTURE_KINDS:
+                continue  # the registered CT keeps its own values: it is in ct_registered.nrrd
+            folder = Path(tmp) / PICTURES_FOLDER / kind
+            folder.mkdir(parents=True)
+            planes = as_8bit(sitk.GetArrayFromImage(image), kind)
+            for plane, name in zip(planes, picture_names(len(planes), reference)):
+                write_volume(sitk.GetImageFromArray(plane), folder / name)
+        return {PICTURES_FOLDER: PICTURES_FOLDER}
+
+    return write

@@ -41,7 +41,7 @@ OUTPUT_FILES = {
 #: folders an extra writer of save_outputs may add (e.g. DICOM series); replaced like the files above, but only
 #: when they carry OUTPUT_MARKER: a folder of that name the user made (say the study's own ``dicom/``) is never
 #: touched, and a run that would write one there is refused
-OUTPUT_FOLDERS = {"dicom": "dicom"}
+OUTPUT_FOLDERS = {"dicom": "dicom", "pictures": "pictures"}
 OUTPUT_MARKER = ".ctmri-output"
 
 
