@@ -221,6 +221,12 @@ def test_cli_paired_picture_folders(tiny_weights: Path, tmp_path: Path, capsys) 
     np.testing.assert_array_equal(plane, expected)
     assert sorted(p.name for p in (out / "pictures").iterdir()) == [".ctmri-output", "difference", "synthetic_mri",
                                                                    "uncertainty"]
+    # evaluate on the two folders of pictures: the synthesis's own metrics, but for the 8-bit rounding
+    assert main(["evaluate", "--pred", str(out / "pictures" / "synthetic_mri"), "--ref", str(mri_dir),
+                 "--json", str(tmp_path / "e.json")]) == 0
+    evaluated = json.loads((tmp_path / "e.json").read_text())
+    assert evaluated["mae"] == pytest.approx(summary["mae"], abs=0.3)
+    assert evaluated["ssim"] == pytest.approx(summary["ssim"], abs=0.01)
 
 
 def test_batch_manifest_with_a_picture_folder(ct_stack, tiny_weights: Path, tmp_path: Path) -> None:

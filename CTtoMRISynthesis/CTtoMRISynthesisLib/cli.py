@@ -48,11 +48,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import geometry
     from .intensity import minmax_255, normalise_mri
     from .metrics import to_jsonable
+    from .dicom import read_input
     from .pipeline import check_image, evaluate_images
-    from .volumes import read_volume
 
-    ref = check_image(read_volume(args.ref, "reference MRI"), "reference MRI")
-    pred = check_image(read_volume(args.pred, "prediction"), "prediction")
+    # as synthesize reads its inputs: a file, a DICOM folder (series chosen by the rule) or a folder of pictures
+    ref = check_image(read_input(args.ref, "reference MRI", picture_spacing=args.picture_spacing)[0], "reference MRI")
+    pred = check_image(read_input(args.pred, "prediction", picture_spacing=args.picture_spacing)[0], "prediction")
     ref255 = geometry.array_on_grid(normalise_mri(sitk.GetArrayFromImage(ref)), ref)
     pred_array = sitk.GetArrayFromImage(pred).astype("float32")
     if args.pred_scale == "minmax":
@@ -138,11 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_series)
 
     p = sub.add_parser("evaluate", help="metrics of a synthetic MRI against a reference MRI")
-    p.add_argument("--pred", required=True, help="synthetic MRI (0..255, e.g. synthetic_mri.nrrd)")
-    p.add_argument("--ref", required=True, help="reference MRI (min-max scaled to 0..255 as in the paper)")
+    p.add_argument("--pred", required=True, help="synthetic MRI (0..255, e.g. synthetic_mri.nrrd, or a folder of "
+                   "pictures such as OUT/pictures/synthetic_mri)")
+    p.add_argument("--ref", required=True, help="reference MRI (min-max scaled to 0..255 as in the paper): a file, a "
+                   "DICOM folder or a folder of pictures")
     p.add_argument("--pred-scale", default="as-is", choices=["as-is", "minmax"],
                    help="use the prediction's values as they are (default) or min-max scale them too")
     p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--picture-spacing", type=float, nargs=2, metavar=("IN_PLANE", "SLICE"),
+                   help="pixel size and slice step in mm of inputs given as folders of 2D pictures (default 1 mm)")
     p.set_defaults(func=cmd_evaluate)
 
     try:
