@@ -246,7 +246,7 @@ def test_folder_of_exported_pictures(tmp_path: Path) -> None:
         sitk.WriteImage(sitk.Image([8, 8], sitk.sitkUInt8), str(tmp_path / f"CT_PNG ({k}).png"))
     image, source = dicom.read_input(tmp_path, "CT")
     assert isinstance(source, PictureStack) and image.GetSize() == (8, 8, 3) and source.gaps == list(range(3, 10)) and source.missing == 7
-    expected = r"no DICOM series but 3 2D pictures \(\.png\).*`ctmri synthesize` or `ctmri batch`.*real spacing"
+    expected = r"no DICOM series but 3 2D pictures \(\.png\).*`ctmri synthesize`, `batch` or `evaluate`.*real spacing"
     with pytest.raises(CTMRIError, match=expected):
         read_volume(tmp_path, "CT")
     with pytest.raises(CTMRIError, match=expected):

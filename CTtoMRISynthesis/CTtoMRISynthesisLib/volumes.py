@@ -98,8 +98,8 @@ def no_dicom_error(folder: Path, what: str) -> CTMRIError:
     if pictures:
         return CTMRIError(
             f"{what} folder {folder} holds no DICOM series but {len(pictures)} 2D pictures ({', '.join(sorted(set(pictures)))}), "
-            "which this command does not read as a volume; give it to `ctmri synthesize` or `ctmri batch` (they stack "
-            "such a folder as one scan, see --picture-spacing), or give a volume file (.nrrd, .nii.gz) made from "
+            "which this command does not read as a volume; give it to `ctmri synthesize`, `batch` or `evaluate` (they "
+            "stack such a folder as one scan, see --picture-spacing), or give a volume file (.nrrd, .nii.gz) made from "
             "them with the scan's real spacing"
         )
     return CTMRIError(f"{what} folder {folder} holds no DICOM series; give an image file or a DICOM folder")
