@@ -493,6 +493,7 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
         from CTtoMRISynthesisLib import mrml
         from CTtoMRISynthesisLib.worker import WorkerRun
 
+        mrml.check_picture_spacing(ctNode, mriNode, registration)
         run = WorkerRun(slicer.app.temporaryPath)
         try:
             mrml.write_node_for_worker(ctNode, run.ct_path, "CT")

@@ -172,6 +172,15 @@ def test_background_run_refuses_a_bad_input_before_starting(module, scene, tmp_p
     with pytest.raises(CTMRIError, match="label map"):
         logic.startBackgroundRun(label, None)
     assert not list(tmp_path.iterdir()), "the temporary folder was removed"
+    # a stack loaded from PNG slices at Slicer's 1 mm, to be registered to an MRI: refused before anything starts
+    stack = slicer.util.addVolumeFromArray(np.ones((3, 8, 8), np.uint8))
+    storage = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(tmp_path.parent / "CT (1).png"))
+    stack.SetAndObserveStorageNodeID(storage.GetID())
+    mri = slicer.util.addVolumeFromArray(np.ones((3, 8, 8), np.uint8))
+    with pytest.raises(CTMRIError, match="was loaded from 2D pictures"):
+        logic.startBackgroundRun(stack, mri, registration="rigid")
+    assert not list(tmp_path.iterdir())
 
 
 # ------------------------------------------------------------------------------------------------

@@ -481,6 +481,35 @@ def test_a_grey_screenshot_node_gives_the_plain_result(scene, case_files, tiny_w
     assert math.isclose(mrml.summary_of(outputs)["mae"], mrml.summary_of(plain_run)["mae"], rel_tol=1e-6)
 
 
+def test_a_picture_stack_at_slicers_1mm_is_not_registered(scene, case_files, tiny_weights, tmp_path) -> None:
+    """A stack Slicer loaded from PNG slices has 1 mm spacing (pictures record none) and its storage node names the
+    first picture: registering it to an MRI is refused, as the command line refuses a picture folder without
+    --picture-spacing; with its real spacing set, with Registration none, one slice or no MRI it goes on.
+    (slicer-core reads no PNG, so the stack is read from NRRD and its storage node then names the PNG it would
+    have come from: the node state the check reads.)"""
+    ct_file, mri_file = (sitk.ReadImage(str(p)) for p in case_files)
+    stack = sitk.GetImageFromArray(sitk.GetArrayFromImage(ct_file))  # spacing 1, origin 0, as Slicer gives pictures
+    sitk.WriteImage(stack, str(tmp_path / "stack.nrrd"))
+    ct_node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT_PNG (1)")
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(tmp_path / "stack.nrrd"))
+    assert storage.ReadData(ct_node) == 1
+    ct_node.SetAndObserveStorageNodeID(storage.GetID())
+    storage.SetFileName(str(tmp_path / "CT_PNG (1).png"))
+    mri_node = node_from_image(mri_file, "MRI")
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(CTMRIError, match=r"'CT_PNG \(1\)' was loaded from 2D pictures .*Volume Information"):
+        mrml.run_on_nodes(scene, ct_node, mri_node, weights=tiny_weights, device="cpu", registration="rigid")
+    assert scene.GetNumberOfNodes() == before
+    mrml.check_picture_spacing(ct_node, mri_node, "none")
+    mrml.check_picture_spacing(ct_node, None, "rigid")
+    ct_node.SetSpacing(0.9, 0.9, 5.0)
+    mrml.check_picture_spacing(ct_node, mri_node, "rigid")
+    ct_node.SetSpacing(1.0, 1.0, 1.0)
+    storage.SetFileName(str(tmp_path / "stack.nrrd"))
+    mrml.check_picture_spacing(ct_node, mri_node, "rigid")  # a volume file: its spacing is its own
+
+
 def test_without_mri_only_the_synthetic_mri_is_added(scene, case_files, tiny_weights) -> None:
     ct_file = sitk.ReadImage(str(case_files[0]))
     ct_node = node_from_image(ct_file, "CT only")

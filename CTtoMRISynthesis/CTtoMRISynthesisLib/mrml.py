@@ -648,6 +648,7 @@ def run_on_nodes(
     from .pipeline import synthesize
 
     scene = _scene(scene)
+    check_picture_spacing(ct_node, mri_node, registration)
     ct = image_from_volume_node(ct_node, "CT")
     mri = image_from_volume_node(mri_node, "MRI") if mri_node is not None else None
     result = synthesize(
@@ -703,6 +704,34 @@ def add_outputs_from_folder(scene, folder, base_name: str, ct_node=None) -> dict
         base_name=base_name,
         ct_node=ct_node,
     )
+
+
+def check_picture_spacing(ct_node, mri_node, registration: str) -> None:
+    """Refuse to register a volume Slicer loaded from a series of 2D pictures and left at 1 mm spacing.
+
+    Pictures (PNG, JPEG, …) record no spacing, so Slicer's reader gives such a stack 1 × 1 × 1 mm, and a rigid
+    registration to a real MRI would then fit the wrong head size. The command line refuses a picture folder
+    whose spacing was not given (``pictures.check_registration``); this is the same rule for nodes, told by the
+    node's storage file. One picture (a single slice) is registered in its plane, as on the command line.
+    """
+    from .volumes import PICTURE_SUFFIXES
+
+    if mri_node is None or registration == "none":
+        return
+    for what, node in (("CT", ct_node), ("MRI", mri_node)):
+        storage = node.GetStorageNode() if node is not None else None
+        file_name = storage.GetFileName() if storage is not None else None
+        if not file_name or Path(file_name).suffix.lower() not in PICTURE_SUFFIXES:
+            continue
+        image_data = node.GetImageData()
+        slices = image_data.GetDimensions()[2] if image_data is not None else 0
+        if slices > 1 and all(abs(s - 1.0) < 1e-9 for s in node.GetSpacing()):
+            raise CTMRIError(
+                f"the {what} volume '{node.GetName()}' was loaded from 2D pictures ({Path(file_name).name} …), which "
+                "record no spacing, so Slicer gave it 1 mm; registering it to the MRI needs the real spacing: set it "
+                "in the Volumes module (Volume Information → Image Spacing), or choose Registration: none if CT and "
+                "MRI are already aligned slice by slice"
+            )
 
 
 def write_node_for_worker(node, path, what: str) -> Path:
