@@ -64,6 +64,21 @@ def test_given_spacing_and_grey_rgba_screenshots(ct_stack, tmp_path: Path) -> No
     assert "0.45 mm in-plane, 5 mm between slices (given)" in stack.message("CT")
 
 
+def test_16bit_hounsfield_pictures_keep_their_values(phantom_hu_ct, tmp_path: Path) -> None:
+    """A CT exported as 16-bit PNGs of HU + 1024 (as some datasets are) stays 16-bit with its values, so the
+    pipeline takes its Hounsfield path, not the 8-bit windowed one."""
+    from CTtoMRISynthesisLib.intensity import classify_ct
+
+    stored = sitk.GetArrayFromImage(phantom_hu_ct)
+    assert stored.max() > 255
+    folder = write_pictures(tmp_path / "hu", stored.astype(np.uint16), name="IM{}.png")
+    image, _ = pictures.read_pictures(folder, "CT")
+    array = sitk.GetArrayFromImage(image)
+    assert array.dtype == np.uint16
+    np.testing.assert_array_equal(array, stored)
+    assert classify_ct(array) == "hu+1024"
+
+
 @pytest.mark.parametrize("spacing", [(0.0, 5.0), (1.0, float("nan")), (-1.0, 2.0)])
 def test_bad_spacing_refused(spacing, ct_stack, tmp_path: Path) -> None:
     with pytest.raises(CTMRIError, match="--picture-spacing takes two positive numbers"):
