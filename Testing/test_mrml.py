@@ -503,8 +503,12 @@ def test_a_picture_stack_at_slicers_1mm_is_not_registered(scene, case_files, tin
     assert scene.GetNumberOfNodes() == before
     mrml.check_picture_spacing(ct_node, mri_node, "none")
     mrml.check_picture_spacing(ct_node, None, "rigid")
-    ct_node.SetSpacing(0.9, 0.9, 5.0)
-    mrml.check_picture_spacing(ct_node, mri_node, "rigid")
+    ct_node.SetSpacing(25.4 / 72, 25.4 / 72, 1.0)  # a TIFF stack at 72 dpi, as ITK reads its resolution tag
+    with pytest.raises(CTMRIError, match="was loaded from 2D pictures"):
+        mrml.check_picture_spacing(ct_node, mri_node, "rigid")
+    for real in ((0.9, 0.9, 5.0), (0.488281, 0.488281, 1.0), (1.0, 1.0, 2.5)):
+        ct_node.SetSpacing(*real)
+        mrml.check_picture_spacing(ct_node, mri_node, "rigid")
     ct_node.SetSpacing(1.0, 1.0, 1.0)
     storage.SetFileName(str(tmp_path / "stack.nrrd"))
     mrml.check_picture_spacing(ct_node, mri_node, "rigid")  # a volume file: its spacing is its own

@@ -709,8 +709,9 @@ def add_outputs_from_folder(scene, folder, base_name: str, ct_node=None) -> dict
 def check_picture_spacing(ct_node, mri_node, registration: str) -> None:
     """Refuse to register a volume Slicer loaded from a series of 2D pictures and left at 1 mm spacing.
 
-    Pictures (PNG, JPEG, …) record no spacing, so Slicer's reader gives such a stack 1 × 1 × 1 mm, and a rigid
-    registration to a real MRI would then fit the wrong head size. The command line refuses a picture folder
+    Pictures (PNG, JPEG, …) record no spacing, so Slicer's reader gives such a stack 1 mm between slices and 1 mm
+    in-plane (or, for a TIFF with a resolution tag, 25.4 mm / its dots per inch), and a rigid registration to a
+    real MRI would then fit the wrong head size. The command line refuses a picture folder
     whose spacing was not given (``pictures.check_registration``); this is the same rule for nodes, told by the
     node's storage file. One picture (a single slice) is registered in its plane, as on the command line.
     """
@@ -725,13 +726,22 @@ def check_picture_spacing(ct_node, mri_node, registration: str) -> None:
             continue
         image_data = node.GetImageData()
         slices = image_data.GetDimensions()[2] if image_data is not None else 0
-        if slices > 1 and all(abs(s - 1.0) < 1e-9 for s in node.GetSpacing()):
+        if slices > 1 and _reader_spacing(node.GetSpacing()):
             raise CTMRIError(
                 f"the {what} volume '{node.GetName()}' was loaded from 2D pictures ({Path(file_name).name} …), which "
                 "record no spacing, so Slicer gave it 1 mm; registering it to the MRI needs the real spacing: set it "
                 "in the Volumes module (Volume Information → Image Spacing), or choose Registration: none if CT and "
                 "MRI are already aligned slice by slice"
             )
+
+
+def _reader_spacing(spacing) -> bool:
+    """True for the spacing a picture reader makes up: 1 mm between slices, and in-plane 1 mm or 25.4 mm over a
+    whole number of dots per inch (a TIFF's resolution tag), the same along rows and columns."""
+    if abs(spacing[2] - 1.0) > 1e-9 or abs(spacing[0] - spacing[1]) > 1e-9 or spacing[0] <= 0:
+        return False
+    dpi = 25.4 / spacing[0]
+    return abs(spacing[0] - 1.0) < 1e-9 or abs(dpi - round(dpi)) < 1e-6 * dpi
 
 
 def write_node_for_worker(node, path, what: str) -> Path:
