@@ -31,9 +31,6 @@ class CaseOptions:
     picture_spacing: Optional[Tuple[float, float]] = None  # (in-plane, between slices) mm of picture folders
 
 
-#: Where ``metrics.json`` records an input's source, by the kind of folder it was read from.
-SOURCE_KEYS = {"Choice": "series", "PictureStack": "pictures"}
-
 
 def run_case(
     ct_path: str | Path,
@@ -53,14 +50,14 @@ def run_case(
     Raises :class:`CTMRIError` for anything the user can fix; nothing is left half-written.
     ``provenance`` is merged into the result's provenance before writing (batch's ``made_from``), so it
     lands in ``metrics.json``, which is moved into place last. A DICOM folder is read through
-    :mod:`dicom`'s series choice; ``notify(line)`` is told which series was taken and why (also recorded
-    as ``ct_series`` / ``mri_series`` in ``metrics.json``).
+    :mod:`dicom`'s series choice, a folder of 2D pictures as one stack (:mod:`pictures`); ``notify(line)`` is
+    told which series or pictures were taken and why (also recorded as ``ct_series`` / ``mri_series`` or
+    ``ct_pictures`` / ``mri_pictures`` in ``metrics.json``). ``options.dicom`` / ``options.pictures`` add
+    ``dicom/`` / ``pictures/`` to the outputs.
     """
     from .dicom import Choice, dicom_writer, read_input
     from .pictures import PictureStack, check_registration, picture_writer
-    from .pipeline import check_out_dir, save_outputs, synthesize
-
-    from .pipeline import OUTPUT_FOLDERS
+    from .pipeline import OUTPUT_FOLDERS, check_out_dir, save_outputs, synthesize
 
     # before minutes of work, not after
     check_out_dir(out_dir, [OUTPUT_FOLDERS[k] for k in ("dicom", "pictures") if getattr(options, k)])
@@ -82,7 +79,8 @@ def run_case(
     )
     for what, source in (("ct", ct_source), ("mri", mri_source)):
         if source is not None:
-            result.provenance[f"{what}_{SOURCE_KEYS[type(source).__name__]}"] = source.provenance()
+            kind = "pictures" if isinstance(source, PictureStack) else "series"  # ct_series, mri_pictures, …
+            result.provenance[f"{what}_{kind}"] = source.provenance()
         if isinstance(source, PictureStack):
             result.warnings.extend(source.warnings(what.upper()))
     if options.picture_spacing and not any(isinstance(s, PictureStack) for s in (ct_source, mri_source)):
