@@ -152,6 +152,22 @@ def test_inputs_inside_a_case_folder_are_refused(tmp_path: Path) -> None:
     batch.check_inputs_outside_outputs(cases[1:], out)  # beside the case folders is fine
 
 
+def test_an_out_dir_holding_the_users_report_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    """A project folder given as --out-dir with its own report.md: the cohort summary would overwrite it."""
+    paths = sample_paths()
+    manifest = write_manifest(tmp_path / "cases.csv", [("a", str(paths["ct"]), "")])
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "report.md").write_text("my notes\n")
+    assert main(["batch", "--manifest", str(manifest), "--out-dir", str(project), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds report.md, not written by ctmri batch" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in project.iterdir()) == ["report.md"]
+    assert (project / "report.md").read_text() == "my notes\n"
+    (project / batch.STATE_DIR).mkdir()  # a cohort folder: its summary files are the batch's own
+    batch.check_summary_files_free(project)
+
+
 def test_folder_fingerprint_changes_with_its_files(tmp_path: Path) -> None:
     folder = tmp_path / "dicom"
     folder.mkdir()

@@ -567,6 +567,22 @@ class _Reporter:
             self.bar.close()
 
 
+def check_summary_files_free(out_dir: Path) -> None:
+    """Refuse an ``--out-dir`` holding a ``summary.csv``, ``summary.json`` or ``report.md`` that no batch wrote.
+
+    A cohort folder is a batch's once it holds ``STATE_DIR`` (made before the first case runs); before that, such
+    files are the user's (say a project folder given as ``--out-dir``) and the merge would overwrite them.
+    """
+    if (out_dir / STATE_DIR).is_dir():
+        return
+    theirs = [name for name in (SUMMARY_CSV, SUMMARY_JSON, REPORT_MD) if (out_dir / name).exists()]
+    if theirs:
+        raise CTMRIError(
+            f"{out_dir} already holds {', '.join(theirs)}, not written by ctmri batch (there is no {STATE_DIR}/ "
+            "beside it), which the cohort summary would replace: choose another --out-dir, or move them away"
+        )
+
+
 def run_batch(manifest: str | Path, out_dir: str | Path, options: "CaseOptions", *, jobs: int = 1,
               shard: Optional[str] = None, progress: Optional[bool] = None) -> BatchOutcome:
     """Run (this shard of) a manifest into ``out_dir``; print one line per case; merge the summary.
@@ -584,6 +600,7 @@ def run_batch(manifest: str | Path, out_dir: str | Path, options: "CaseOptions",
     cases = read_manifest(manifest)
     check_inputs_outside_outputs(cases, out_dir)
     check_out_dir(out_dir)
+    check_summary_files_free(out_dir)
     weights = Path(options.weights) if options.weights else default_weights_path()
     if not weights.is_file():
         raise CTMRIError(f"weights file not found: {weights}; pass --weights with a model file")
