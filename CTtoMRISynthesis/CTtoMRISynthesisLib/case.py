@@ -31,7 +31,6 @@ class CaseOptions:
     picture_spacing: Optional[Tuple[float, float]] = None  # (in-plane, between slices) mm of picture folders
 
 
-
 def run_case(
     ct_path: str | Path,
     mri_path: str | Path | None,
@@ -88,12 +87,13 @@ def run_case(
     result.provenance.update(provenance or {})
     # The outputs lie on the reference grid: the MRI's when one was given, else the CT's. Only a DICOM source
     # has headers (patient, study, frame of reference) for the DICOM outputs to inherit.
-    ct_dicom, mri_dicom = (s if isinstance(s, Choice) else None for s in (ct_source, mri_source))
+    reference_source = mri_source if mri_path else ct_source
     writers = []
     if options.dicom:
-        writers.append(dicom_writer(result, ct_dicom, mri_dicom if mri_path else ct_dicom))
+        ct_dicom, reference_dicom = (s if isinstance(s, Choice) else None for s in (ct_source, reference_source))
+        writers.append(dicom_writer(result, ct_dicom, reference_dicom))
     if options.pictures:
-        writers.append(picture_writer(result, mri_source if mri_path else ct_source))
+        writers.append(picture_writer(result, reference_source))
     paths = save_outputs(result, out_dir, extra_writer=_all_of(writers) if writers else None)
     return result, paths
 

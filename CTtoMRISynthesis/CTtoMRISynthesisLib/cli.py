@@ -97,10 +97,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out_dir, device=args.device)
 
 
-def _add_picture_options(p: argparse.ArgumentParser) -> None:
+def _add_picture_spacing(p: argparse.ArgumentParser, why: str = "") -> None:
     p.add_argument("--picture-spacing", type=float, nargs=2, metavar=("IN_PLANE", "SLICE"),
                    help="pixel size and slice step in mm of inputs given as folders of 2D pictures, which record "
-                        "neither (default: 1 mm assumed, said in a warning; needed to register such a CT to an MRI)")
+                        f"neither (default: 1 mm assumed, said in a warning{why})")
+
+
+def _add_picture_options(p: argparse.ArgumentParser) -> None:
+    _add_picture_spacing(p, "; needed to register such a CT to an MRI")
     p.add_argument("--pictures", action="store_true",
                    help="also write the synthetic MRI, uncertainty and difference as 8-bit PNG slices "
                         "(OUT/pictures/<kind>/, named after the input pictures when the outputs lie on their grid)")
@@ -146,8 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred-scale", default="as-is", choices=["as-is", "minmax"],
                    help="use the prediction's values as they are (default) or min-max scale them too")
     p.add_argument("--json", help="also write the metrics to this JSON file")
-    p.add_argument("--picture-spacing", type=float, nargs=2, metavar=("IN_PLANE", "SLICE"),
-                   help="pixel size and slice step in mm of inputs given as folders of 2D pictures (default 1 mm)")
+    _add_picture_spacing(p)
     p.set_defaults(func=cmd_evaluate)
 
     try:

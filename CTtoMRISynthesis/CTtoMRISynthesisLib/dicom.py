@@ -693,15 +693,14 @@ def read_input(path: str | Path, what: str, requested: Optional[str] = None,
 
 def _read_picture_folder(path: Path, what: str, requested: Optional[str], spacing):
     from .pictures import picture_files, read_pictures
-    from .volumes import as_scalar_3d, no_dicom_error
+    from .volumes import no_dicom_error
 
     if not picture_files(path):
         raise no_dicom_error(path, what)
     if requested is not None and str(requested).strip():
         raise CTMRIError(f"{FLAG_OF.get(what, '--ct-series')} chooses a DICOM series, but the {what} folder {path} "
                          "holds pictures, not DICOM; leave the option out")
-    image, stack = read_pictures(path, what, spacing)
-    return as_scalar_3d(image, f"{what} {path.name}"), stack
+    return read_pictures(path, what, spacing)  # already one grey component per voxel, 3D, not empty
 
 
 # -------------------------------------------------------------------------------------------- table

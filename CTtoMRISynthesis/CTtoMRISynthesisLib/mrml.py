@@ -729,7 +729,7 @@ def check_picture_spacing(ct_node, mri_node, registration: str) -> None:
         if slices > 1 and _reader_spacing(node.GetSpacing()):
             raise CTMRIError(
                 f"the {what} volume '{node.GetName()}' was loaded from 2D pictures ({Path(file_name).name} …), which "
-                "record no spacing, so Slicer gave it 1 mm; registering it to the MRI needs the real spacing: set it "
+                "record no spacing, so Slicer made one up (1 mm, or a TIFF's dots per inch); registering it to the MRI needs the real spacing: set it "
                 "in the Volumes module (Volume Information → Image Spacing), or choose Registration: none if CT and "
                 "MRI are already aligned slice by slice"
             )

@@ -169,11 +169,7 @@ def read_pictures(folder: str | Path, what: str = "image",
         raise CTMRIError(f"{what} folder {folder}: the pictures differ in size ({files[0].name} "
                          f"{planes[0].GetSize()[0]}×{planes[0].GetSize()[1]}, {odd} another); one folder must hold "
                          "one scan's slices, all the same size")
-    arrays = [sitk.GetArrayFromImage(p) for p in planes]
-    stack = np.stack(arrays)
-    if all(a.dtype == np.uint8 for a in arrays):
-        stack = stack.astype(np.uint8, copy=False)
-    image = sitk.GetImageFromArray(stack)
+    image = sitk.GetImageFromArray(np.stack([sitk.GetArrayFromImage(p) for p in planes]))
     in_plane, between = given or (ASSUMED_SPACING_MM, ASSUMED_SPACING_MM)
     image.SetSpacing((in_plane, in_plane, between))
     gaps, missing = _missing_numbers(files)
