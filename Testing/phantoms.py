@@ -291,6 +291,24 @@ def write_slice_folders(root: Path, cases: dict, first_slice: int = 1) -> Path:
     return root
 
 
+def write_pictures(folder: Path, stack: np.ndarray, name: str = "CT_PNG ({}).png", numbers=None,
+                   rgba: bool = False) -> Path:
+    """Each slice of ``stack`` ((z, y, x) grey, or (z, y, x, 3) colour) as one picture ``name.format(number)``,
+    numbered from 1 (or by ``numbers``), written in scrambled order (a reader must not rely on the disk's);
+    ``rgba`` stores grey slices as grey RGBA with a translucent one-pixel frame, as real screenshots are."""
+    folder.mkdir(parents=True, exist_ok=True)
+    numbers = list(numbers or range(1, len(stack) + 1))
+    for k in np.random.default_rng(0).permutation(len(stack)):
+        plane = stack[k]
+        if rgba:
+            alpha = np.full(plane.shape, 255, np.uint8)
+            alpha[[0, -1], :] = 28
+            plane = np.dstack([plane, plane, plane, alpha])
+        image = sitk.GetImageFromArray(np.ascontiguousarray(plane), isVector=plane.ndim == 3)
+        sitk.WriteImage(image, str(folder / name.format(numbers[k])))
+    return folder
+
+
 def read_slice_case(root: Path, case_id: str, modality: str) -> np.ndarray:
     """One case's slices of ``root/<modality>/`` stacked in slice order (uint8 (z, H, W))."""
     files = sorted(f for f in (root / modality).glob("*.png") if f.stem[:-3] == case_id)

@@ -43,7 +43,9 @@ def test_synthesize_with_mri_writes_readable_outputs(case_files, tiny_weights: P
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["synthetic_mri.nrrd", "uncertainty.nrrd", "ct_registered.nrrd", "difference.nrrd", "transform.tfm",
-         "metrics.json"])
+         "metrics.json", ".ctmri-manifest.json"])
+    assert sorted(json.loads((out / ".ctmri-manifest.json").read_text())["files"]) == sorted(
+        p.name for p in out.iterdir() if not p.name.startswith("."))  # the list of what the run wrote
     mri_image = sitk.ReadImage(str(mri))
     for name in ("synthetic_mri.nrrd", "ct_registered.nrrd", "difference.nrrd"):
         image = sitk.ReadImage(str(out / name))  # a second reader: SimpleITK from disk
@@ -69,7 +71,8 @@ def test_synthesize_without_mri(case_files, tiny_weights: Path, tmp_path: Path) 
     ct, _ = case_files
     out = tmp_path / "out"
     assert main(["synthesize", "--ct", str(ct), "--out-dir", str(out), "--weights", str(tiny_weights), "--quiet"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "synthetic_mri.nrrd", "uncertainty.nrrd"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".ctmri-manifest.json", "metrics.json", "synthetic_mri.nrrd", "uncertainty.nrrd"]
     assert "mae" not in json.loads((out / "metrics.json").read_text())
 
 

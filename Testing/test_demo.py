@@ -14,7 +14,7 @@ from CTtoMRISynthesisLib import geometry
 from CTtoMRISynthesisLib.cli import main
 from CTtoMRISynthesisLib.demo import SAMPLE_DIR, run_demo, sample_paths
 from CTtoMRISynthesisLib.intensity import classify_ct
-from CTtoMRISynthesisLib.pipeline import OUTPUT_FILES
+from CTtoMRISynthesisLib.pipeline import OUTPUT_FILES, OUTPUT_MANIFEST
 
 SAMPLE_BUDGET_BYTES = 1_500_000
 
@@ -70,7 +70,7 @@ def test_run_demo_writes_outputs_and_prints_metrics(tiny_weights: Path, tmp_path
     out = tmp_path / "demo"
     before = {p: p.read_bytes() for p in sample_paths().values()}
     assert run_demo(out, device="cpu") == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES.values())
+    assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUT_FILES.values(), OUTPUT_MANIFEST])
     mri = sitk.ReadImage(str(sample_paths()["mri"]))
     for name in ("synthetic_mri.nrrd", "ct_registered.nrrd", "difference.nrrd"):
         image = sitk.ReadImage(str(out / name))

@@ -15,24 +15,6 @@ from CTtoMRISynthesisLib import dicom, pictures
 from CTtoMRISynthesisLib.errors import CTMRIError
 
 
-def write_pictures(folder: Path, stack: np.ndarray, name: str = "CT_PNG ({}).png", numbers=None, rgba: bool = False) -> Path:
-    """Each slice of ``stack`` (z, y, x, uint8) as one PNG, numbered from 1 (or by ``numbers``), in scrambled order
-    on disk; ``rgba`` stores them as grey RGBA with a translucent one-pixel frame, as real screenshots are."""
-    folder.mkdir(parents=True, exist_ok=True)
-    numbers = list(numbers or range(1, len(stack) + 1))
-    for k in np.random.default_rng(0).permutation(len(stack)):
-        plane = stack[k]
-        if rgba:
-            alpha = np.full(plane.shape, 255, np.uint8)
-            alpha[0, :] = alpha[-1, :] = 28
-            plane = np.dstack([plane, plane, plane, alpha])
-            image = sitk.GetImageFromArray(plane, isVector=True)
-        else:
-            image = sitk.GetImageFromArray(plane)
-        sitk.WriteImage(image, str(folder / name.format(numbers[k])))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def ct_stack() -> np.ndarray:
     """A phantom 8-bit CT of 12 slices, 256 × 256."""
@@ -40,7 +22,7 @@ def ct_stack() -> np.ndarray:
 
 
 def test_natural_order_spacing_assumed_and_recorded(ct_stack, tmp_path: Path) -> None:
-    folder = write_pictures(tmp_path / "ct", ct_stack)
+    folder = phantoms.write_pictures(tmp_path / "ct", ct_stack)
     (folder / "notes.txt").write_text("not a picture")
     image, stack = pictures.read_pictures(folder, "CT")
     array = sitk.GetArrayFromImage(image)
@@ -56,7 +38,7 @@ def test_natural_order_spacing_assumed_and_recorded(ct_stack, tmp_path: Path) ->
 
 
 def test_given_spacing_and_grey_rgba_screenshots(ct_stack, tmp_path: Path) -> None:
-    folder = write_pictures(tmp_path / "ct", ct_stack, rgba=True)
+    folder = phantoms.write_pictures(tmp_path / "ct", ct_stack, rgba=True)
     image, stack = pictures.read_pictures(folder, "CT", (0.45, 5.0))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), ct_stack)  # alpha ignored, grey kept
     assert image.GetSpacing() == pytest.approx((0.45, 0.45, 5.0))
@@ -71,7 +53,7 @@ def test_16bit_hounsfield_pictures_keep_their_values(phantom_hu_ct, tmp_path: Pa
 
     stored = sitk.GetArrayFromImage(phantom_hu_ct)
     assert stored.max() > 255
-    folder = write_pictures(tmp_path / "hu", stored.astype(np.uint16), name="IM{}.png")
+    folder = phantoms.write_pictures(tmp_path / "hu", stored.astype(np.uint16), name="IM{}.png")
     image, _ = pictures.read_pictures(folder, "CT")
     array = sitk.GetArrayFromImage(image)
     assert array.dtype == np.uint16
@@ -82,18 +64,18 @@ def test_16bit_hounsfield_pictures_keep_their_values(phantom_hu_ct, tmp_path: Pa
 @pytest.mark.parametrize("spacing", [(0.0, 5.0), (1.0, float("nan")), (-1.0, 2.0)])
 def test_bad_spacing_refused(spacing, ct_stack, tmp_path: Path) -> None:
     with pytest.raises(CTMRIError, match="--picture-spacing takes two positive numbers"):
-        pictures.read_pictures(write_pictures(tmp_path / "ct", ct_stack[:2]), "CT", spacing)
+        pictures.read_pictures(phantoms.write_pictures(tmp_path / "ct", ct_stack[:2]), "CT", spacing)
 
 
 def test_missing_numbers_warned(ct_stack, tmp_path: Path) -> None:
-    folder = write_pictures(tmp_path / "ct", ct_stack[:4], numbers=[1, 2, 4, 5])
+    folder = phantoms.write_pictures(tmp_path / "ct", ct_stack[:4], numbers=[1, 2, 4, 5])
     _, stack = pictures.read_pictures(folder, "CT")
     assert stack.gaps == [3] and stack.missing == 1
     assert any("skip 3" in w for w in stack.warnings("CT"))
 
 
 def test_huge_numbers_are_counted_not_listed(ct_stack, tmp_path: Path) -> None:
-    folder = write_pictures(tmp_path / "ct", ct_stack[:2], name="IMG_{}.png", numbers=[1, 10**15])
+    folder = phantoms.write_pictures(tmp_path / "ct", ct_stack[:2], name="IMG_{}.png", numbers=[1, 10**15])
     _, stack = pictures.read_pictures(folder, "CT")
     assert stack.gaps == list(range(2, 10)) and stack.missing == 10**15 - 2
     assert stack.provenance()["missing_numbers"] == 10**15 - 2
@@ -101,7 +83,7 @@ def test_huge_numbers_are_counted_not_listed(ct_stack, tmp_path: Path) -> None:
 
 def test_several_scans_in_one_folder_warned(ct_stack, tmp_path: Path) -> None:
     """Harvard's layout: <patient><3-digit slice> for every patient in one folder."""
-    folder = write_pictures(tmp_path / "ct", ct_stack[:4], name="{}.png", numbers=[2004, 2005, 16003, 16004])
+    folder = phantoms.write_pictures(tmp_path / "ct", ct_stack[:4], name="{}.png", numbers=[2004, 2005, 16003, 16004])
     _, stack = pictures.read_pictures(folder, "CT")
     assert stack.gaps == list(range(2006, 2014)) and stack.missing == 16004 - 2004 + 1 - 4
     assert any("may hold more than one scan" in w for w in stack.warnings("CT"))
@@ -118,7 +100,7 @@ def test_several_scans_in_one_folder_warned(ct_stack, tmp_path: Path) -> None:
     ],
 )
 def test_refusals(problem, expected, ct_stack, tmp_path: Path) -> None:
-    folder = write_pictures(tmp_path / "ct", ct_stack[:3])
+    folder = phantoms.write_pictures(tmp_path / "ct", ct_stack[:3])
     if problem == "colour":
         plane = ct_stack[1]
         colour = np.dstack([plane, plane // 2, plane])
@@ -137,7 +119,7 @@ def test_refusals(problem, expected, ct_stack, tmp_path: Path) -> None:
 
 
 def test_read_input_takes_picture_folders(ct_stack, tmp_path: Path) -> None:
-    folder = write_pictures(tmp_path / "ct", ct_stack)
+    folder = phantoms.write_pictures(tmp_path / "ct", ct_stack)
     image, source = dicom.read_input(folder, "CT", picture_spacing=(0.9, 5.0))
     assert isinstance(source, pictures.PictureStack) and image.GetSpacing() == pytest.approx((0.9, 0.9, 5.0))
     with pytest.raises(CTMRIError, match="--ct-series chooses a DICOM series, but the CT folder .* holds pictures"):
@@ -174,7 +156,7 @@ def test_cli_picture_folder_gives_the_volume_files_synthetic_mri(ct_stack, tiny_
     SimpleITK; the source and the assumption are in metrics.json; the pictures are left as they were."""
     from CTtoMRISynthesisLib.cli import main
 
-    folder = write_pictures(tmp_path / "ct", ct_stack, rgba=True)
+    folder = phantoms.write_pictures(tmp_path / "ct", ct_stack, rgba=True)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     volume = sitk.GetImageFromArray(ct_stack)
     sitk.WriteImage(volume, str(tmp_path / "ct.nrrd"))  # spacing 1, as assumed for the pictures
@@ -216,7 +198,7 @@ def test_cli_paired_picture_folders(tiny_weights: Path, tmp_path: Path, capsys) 
     from CTtoMRISynthesisLib.cli import main
 
     ct, mri = phantoms.slice_pair(seed=43, slices=6, first_z=-20.0)
-    ct_dir, mri_dir = write_pictures(tmp_path / "CT", ct), write_pictures(tmp_path / "MRI", mri, name="MR_PNG ({}).png")
+    ct_dir, mri_dir = phantoms.write_pictures(tmp_path / "CT", ct), phantoms.write_pictures(tmp_path / "MRI", mri, name="MR_PNG ({}).png")
     common = ["--weights", str(tiny_weights), "--device", "cpu", "--quiet"]
     out = tmp_path / "out"
     assert main(["synthesize", "--ct", str(ct_dir), "--mri", str(mri_dir), "--out-dir", str(out), *common]) == 2
@@ -249,7 +231,7 @@ def test_batch_manifest_with_a_picture_folder(ct_stack, tiny_weights: Path, tmp_
     a case is made from, so changing them redoes the case."""
     from CTtoMRISynthesisLib.cli import main
 
-    write_pictures(tmp_path / "p1", ct_stack[:6])
+    phantoms.write_pictures(tmp_path / "p1", ct_stack[:6])
     (tmp_path / "cases.csv").write_text("id,ct,mri\np1,p1/,\n")
     args = ["batch", "--manifest", str(tmp_path / "cases.csv"), "--out-dir", str(tmp_path / "cohort"),
             "--weights", str(tiny_weights), "--device", "cpu", "--quiet"]
@@ -261,3 +243,4 @@ def test_batch_manifest_with_a_picture_folder(ct_stack, tiny_weights: Path, tmp_
     second = json.loads((tmp_path / "cohort" / "p1" / "metrics.json").read_text())
     assert second["ct_pictures"]["spacing_mm"] == {"in_plane": 0.5, "between_slices": 2.0}
     assert sitk.ReadImage(str(tmp_path / "cohort" / "p1" / "synthetic_mri.nrrd")).GetSpacing() == pytest.approx((0.5, 0.5, 2.0))
+

@@ -6,6 +6,7 @@ the real data (Harvard case 41, the Visible Human HU CT) where it is available.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from conftest import read_harvard_case
 from CTtoMRISynthesisLib import geometry
 from CTtoMRISynthesisLib.errors import CancelledError, CTMRIError
 from CTtoMRISynthesisLib.metrics import compute_metrics
-from CTtoMRISynthesisLib.pipeline import save_outputs, synthesize
+from CTtoMRISynthesisLib.pipeline import OUTPUT_MANIFEST, save_outputs, synthesize
 from CTtoMRISynthesisLib.weights import load_model
 
 
@@ -141,6 +142,25 @@ def test_save_outputs_all_or_nothing(case41, model, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temporary folder left behind"
     back = sitk.ReadImage(str(paths["synthetic_mri"]))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(result.synthetic_mri))
+
+
+def test_save_outputs_replaces_only_the_files_a_run_listed(case41, model, tmp_path: Path) -> None:
+    """The manifest lists what a run wrote; the next run replaces or removes only those. A damaged list
+    counts nothing as ctmri's (the safe side): the run is refused and the folder left as it was."""
+    ct, mri = case41
+    out = tmp_path / "out"
+    save_outputs(synthesize(ct, mri, model=model, registration="none"), out)
+    ct_only = synthesize(ct, None, model=model)
+    save_outputs(ct_only, out)  # the CT + MRI run's files were listed: replaced or removed
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [OUTPUT_MANIFEST, "metrics.json", "synthetic_mri.nrrd", "uncertainty.nrrd"])
+    assert json.loads((out / OUTPUT_MANIFEST).read_text())["files"] == [
+        "synthetic_mri.nrrd", "uncertainty.nrrd", "metrics.json"]
+    (out / OUTPUT_MANIFEST).write_text("{damaged")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(CTMRIError, match=r"synthetic_mri.nrrd exists and was not written by ctmri.*choose another"):
+        save_outputs(ct_only, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 # ---------------------------------------------------------------------------------------- real data

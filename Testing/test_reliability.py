@@ -57,9 +57,10 @@ from CTtoMRISynthesisLib.weights import LoadedModel, checksum_path, load_model, 
 
 SPACING = (0.9, 0.9, 5.0)
 ORIGIN = (-115.0, -115.0, -40.0)
+# what a run leaves in --out-dir: its outputs and the list of them (pipeline.OUTPUT_MANIFEST)
 ALL_OUTPUTS = {"synthetic_mri.nrrd", "uncertainty.nrrd", "ct_registered.nrrd", "difference.nrrd", "transform.tfm",
-               "metrics.json"}
-CT_ONLY_OUTPUTS = {"synthetic_mri.nrrd", "uncertainty.nrrd", "metrics.json"}
+               "metrics.json", pipeline.OUTPUT_MANIFEST}
+CT_ONLY_OUTPUTS = {"synthetic_mri.nrrd", "uncertainty.nrrd", "metrics.json", pipeline.OUTPUT_MANIFEST}
 # an error message must say what to do: one of these verbs
 ADVICE = re.compile(r"\b(give|check|choose|copy|use|restore|retrain|fix|free|load|put|close|harden|resample|select|pass|update)\b", re.I)
 INT32_MIN, INT32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
@@ -458,18 +459,6 @@ def _(d: Data, tmp: Path) -> Case:
     return Case(ct=folder, error="no DICOM series")
 
 
-def _pictures(folder: Path, planes: np.ndarray, rgba: bool = False) -> Path:
-    """One PNG per slice, ``CT (1).png`` … (grey RGBA with a translucent frame when ``rgba``, as screenshots are)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for k, plane in enumerate(planes, start=1):
-        if rgba:
-            alpha = np.full(plane.shape[:2], 255, np.uint8)
-            alpha[[0, -1], :] = 238
-            plane = np.dstack([plane, plane, plane, alpha])
-        sitk.WriteImage(sitk.GetImageFromArray(plane, isVector=plane.ndim == 3), str(folder / f"CT ({k}).png"))
-    return folder
-
-
 @row("files/picture-folder")
 def _(d: Data, tmp: Path) -> Case:
     """A folder of the CT's slices as RGBA screenshots, spacing not given: read in the numbers' order with 1 mm
@@ -483,13 +472,15 @@ def _(d: Data, tmp: Path) -> Case:
                                       sitk.GetArrayFromImage(reference.synthetic_mri))
         assert outcome.summary["ct_pictures"]["spacing_assumed"] is True
 
-    return Case(ct=_pictures(tmp / "in" / "pictures", d.ct8, rgba=True), warnings=("record no spacing",), check=check)
+    folder = phantoms.write_pictures(tmp / "in" / "pictures", d.ct8, "CT ({}).png", rgba=True)
+    return Case(ct=folder, warnings=("record no spacing",), check=check)
 
 
 @row("files/picture-folder-colour")
 def _(d: Data, tmp: Path) -> Case:
     colour = np.stack([d.ct8, d.ct8 // 2, d.ct8], axis=-1)
-    return Case(ct=_pictures(tmp / "in" / "pictures", colour), error="CT picture CT (1).png has 3 components per voxel")
+    folder = phantoms.write_pictures(tmp / "in" / "pictures", colour, "CT ({}).png")
+    return Case(ct=folder, error="CT picture CT (1).png has 3 components per voxel")
 
 
 @row("files/mri-unreadable")
@@ -1244,6 +1235,47 @@ def test_reused_output_folder_never_mixes_runs(data: Data, tmp_path: Path, capsy
     assert "mae" not in json.loads((out / "metrics.json").read_text())
 
 
+def test_users_files_named_like_outputs_are_never_touched(data: Data, tmp_path: Path, capsys) -> None:
+    """runtime/out-dir-users-files: an --out-dir holding files of the user's named like ctmri's outputs (the CT
+    being read is their own ``ct_registered.nrrd``; their ``metrics.json``; a ``transform.tfm`` put into a folder
+    ctmri wrote) is refused before any work, every file as it was; a folder an earlier version wrote (its outputs
+    and its ``metrics.json``, no list of them) is still replaced as that run's outputs."""
+    patient = tmp_path / "patient"
+    patient.mkdir()
+    ct, mri = patient / "ct_registered.nrrd", tmp_path / "mri.nrrd"
+    sitk.WriteImage(data.ct, str(ct))
+    sitk.WriteImage(data.mri, str(mri))
+    common = ["--weights", str(data.weights), "--registration", "none", "--device", "cpu", "--quiet"]
+
+    def refused(out: Path, name: str, *inputs: str) -> None:
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        start = time.perf_counter()
+        assert cli_main(["synthesize", "--ct", str(ct), *inputs, "--out-dir", str(out), *common]) == 2
+        assert time.perf_counter() - start < 5, "refused before any work"
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and f"{out / name} exists and was not written by ctmri" in lines[0], lines
+        assert ADVICE.search(lines[0])
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+    refused(patient, "ct_registered.nrrd")  # the input itself: a CT-only run used to delete it
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "metrics.json").write_text('{"my": "lab notes"}\n')
+    refused(theirs, "metrics.json", "--mri", str(mri))
+
+    out = tmp_path / "out"
+    assert cli_main(["synthesize", "--ct", str(ct), "--out-dir", str(out), *common]) == 0
+    (out / "transform.tfm").write_text("the user's own transform\n")  # not in the run's list
+    refused(out, "transform.tfm", "--mri", str(mri))
+    (out / "transform.tfm").unlink()
+    (out / pipeline.OUTPUT_MANIFEST).unlink()  # as a version before the list left its folder
+    assert cli_main(["synthesize", "--ct", str(ct), "--mri", str(mri), "--out-dir", str(out), *common]) == 0
+    assert listing(out) == sorted(ALL_OUTPUTS)
+    assert cli_main(["synthesize", "--ct", str(ct), "--out-dir", str(out), *common]) == 0
+    assert listing(out) == sorted(CT_ONLY_OUTPUTS)  # the CT + MRI run's extra files were its own: removed
+    capsys.readouterr()
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -1307,6 +1339,7 @@ SPECIAL_ROWS = {
     "runtime/unwritable-out-dir": test_unwritable_output_folder,
     "runtime/disk-full": test_disk_full_leaves_no_partial_file,
     "runtime/out-dir-reused": test_reused_output_folder_never_mixes_runs,
+    "runtime/out-dir-users-files": test_users_files_named_like_outputs_are_never_touched,
     "load/20-runs": test_twenty_runs_keep_memory_flat_and_outputs_identical,
 }
 

@@ -50,7 +50,8 @@ def test_worker_run_writes_outputs_and_reports_progress(case_images, tiny_weight
         time.sleep(0.05)
     assert run.returncode == 0 and run.succeeded, (run.error, run.log[-20:])
     assert sorted(p.name for p in run.out_dir.iterdir()) == sorted(
-        ["synthetic_mri.nrrd", "ct_registered.nrrd", "difference.nrrd", "uncertainty.nrrd", "transform.tfm", "metrics.json"])
+        ["synthetic_mri.nrrd", "ct_registered.nrrd", "difference.nrrd", "uncertainty.nrrd", "transform.tfm", "metrics.json",
+         ".ctmri-manifest.json"])
     assert run.fraction == 1.0 and all(b >= a for a, b in zip(fractions, fractions[1:]))
     assert any(s.startswith("register") for s in steps) and any(s.startswith("synthes") for s in steps)
     assert json.loads((run.out_dir / "metrics.json").read_text())["device"] == "cpu"

@@ -590,7 +590,7 @@ def run_batch(manifest: str | Path, out_dir: str | Path, options: "CaseOptions",
     Returns the outcome (``exit_code`` 1 if a case of this shard failed). Raises CTMRIError for a bad
     manifest/option/weights before any case runs, and CancelledError after a clean stop on Ctrl-C/SIGTERM.
     """
-    from .pipeline import check_out_dir
+    from .pipeline import check_writable
     from .weights import default_weights_path, sha256_of
 
     if jobs < 1:
@@ -599,7 +599,7 @@ def run_batch(manifest: str | Path, out_dir: str | Path, options: "CaseOptions",
     out_dir = Path(out_dir)
     cases = read_manifest(manifest)
     check_inputs_outside_outputs(cases, out_dir)
-    check_out_dir(out_dir)
+    check_writable(out_dir)  # each case's folder is checked for files of the user's by its own run
     check_summary_files_free(out_dir)
     weights = Path(options.weights) if options.weights else default_weights_path()
     if not weights.is_file():

@@ -43,6 +43,10 @@ OUTPUT_FILES = {
 #: touched, and a run that would write one there is refused
 OUTPUT_FOLDERS = {"dicom": "dicom", "pictures": "pictures"}
 OUTPUT_MARKER = ".ctmri-output"
+#: the list of OUTPUT_FILES the last run wrote into its --out-dir; only a file it lists is ever replaced or
+#: removed, so a file of the user's that happens to share a name (their own ``ct_registered.nrrd`` or
+#: ``metrics.json``, perhaps the very CT being read) is never touched
+OUTPUT_MANIFEST = ".ctmri-manifest.json"
 
 
 def _ours(folder: Path) -> bool:
@@ -50,7 +54,52 @@ def _ours(folder: Path) -> bool:
     return folder.is_dir() and not folder.is_symlink() and (folder / OUTPUT_MARKER).is_file()
 
 
-def _check_folders_free(out_dir: Path, folders) -> None:
+def _our_files(out_dir: Path) -> set:
+    """Names of OUTPUT_FILES that an earlier run wrote into ``out_dir``, and so may be replaced or removed.
+
+    Read from OUTPUT_MANIFEST; a damaged one lists nothing (nothing is then replaced: the safe side). A folder
+    without one but with an earlier version's ``metrics.json`` (written before the manifest existed) counts
+    as that version's output folder: its files of those names are its outputs.
+    """
+    manifest = out_dir / OUTPUT_MANIFEST
+    if manifest.is_file() and not manifest.is_symlink():
+        try:
+            listed = json.loads(manifest.read_text())["files"]
+            return {name for name in listed if name in OUTPUT_FILES.values()}
+        except (OSError, ValueError, KeyError, TypeError):
+            return set()
+    if _written_by_ctmri(out_dir / OUTPUT_FILES["metrics"]):
+        return {name for name in OUTPUT_FILES.values() if (out_dir / name).is_file()}
+    return set()
+
+
+def _written_by_ctmri(metrics: Path) -> bool:
+    """True for a ``metrics.json`` an earlier ctmri wrote (:meth:`SynthesisResult.summary` always has these keys)."""
+    if not metrics.is_file() or metrics.is_symlink():
+        return False
+    try:
+        content = json.loads(metrics.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and {"stage_seconds", "normalisation", "weights"} <= content.keys()
+
+
+def check_outputs_free(out_dir: str | Path, folders=()) -> None:
+    """Refuse, writing nothing, when ``out_dir`` holds a file of the user's named like one of OUTPUT_FILES,
+    or a file or folder of theirs named like one of ``folders`` (names of OUTPUT_FOLDERS) this run would write.
+
+    All output file names count, not only those this run writes: an earlier run's files that this run does
+    not produce are removed (the folder never mixes two runs), and a user's file must not be mistaken for one.
+    """
+    out_dir = Path(out_dir)
+    ours = _our_files(out_dir)
+    for name in OUTPUT_FILES.values():
+        path = out_dir / name
+        if (path.exists() or path.is_symlink()) and name not in ours:
+            raise CTMRIError(
+                f"{path} exists and was not written by ctmri, whose outputs use that name: choose another "
+                "--out-dir, or move it away"
+            )
     for name in folders:
         path = out_dir / name
         if (path.exists() or path.is_symlink()) and not _ours(path):
@@ -309,11 +358,20 @@ def evaluate_images(reference255: sitk.Image, synthetic: sitk.Image) -> dict:
 
 
 def check_out_dir(out_dir: str | Path, folders=()) -> None:
-    """Fail early, before any work, when ``out_dir`` obviously cannot be created or written.
+    """Fail early, before any work, when a run cannot write its outputs into ``out_dir``.
+
+    Writes nothing. :func:`check_writable`, then :func:`check_outputs_free` (a file or folder of the user's
+    where this run would write its files or one of ``folders``, names of OUTPUT_FOLDERS).
+    """
+    check_writable(out_dir)
+    check_outputs_free(out_dir, folders)
+
+
+def check_writable(out_dir: str | Path) -> None:
+    """Fail early when ``out_dir`` obviously cannot be created or written.
 
     Writes nothing. Catches an output folder that is an existing file or lies under one, a folder name
-    longer than the file system allows, (for users other than root) a folder without write permission, and
-    a file or folder of the user's where this run would write one of ``folders`` (names of OUTPUT_FOLDERS).
+    longer than the file system allows, (for users other than root) a folder without write permission.
     Anything else (a full disk, a read-only mount) still fails cleanly in :func:`save_outputs`.
     """
     out_dir = Path(out_dir)
@@ -335,7 +393,6 @@ def check_out_dir(out_dir: str | Path, folders=()) -> None:
         raise CTMRIError(f"cannot use {out_dir} as the output folder: {exc.strerror or exc}; choose another --out-dir") from exc
     if not os.access(existing, os.W_OK | os.X_OK):
         raise CTMRIError(f"cannot write in {existing} (no permission); choose a writable --out-dir")
-    _check_folders_free(out_dir, folders)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -392,7 +449,13 @@ def save_outputs(
             written.update(extra)
         (tmp / OUTPUT_FILES["metrics"]).write_text(json.dumps(result.summary(), indent=2) + "\n")
         written["metrics"] = OUTPUT_FILES["metrics"]
-        _commit(tmp, out_dir, list(written.values()))
+        files = [name for name in written.values() if name in OUTPUT_FILES.values()]
+        (tmp / OUTPUT_MANIFEST).write_text(json.dumps(
+            {"written_by": "ctmri (CTtoMRISynthesis); the next run into this folder replaces or removes these",
+             "files": files}, indent=2) + "\n")
+        # metrics.json last: a folder with it is a finished run (batch's resume reads it)
+        names = [name for name in written.values() if name != OUTPUT_FILES["metrics"]]
+        _commit(tmp, out_dir, names + [OUTPUT_MANIFEST, OUTPUT_FILES["metrics"]])
     except BaseException as exc:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -428,8 +491,9 @@ def _commit(tmp: Path, out_dir: Path, names: list) -> None:
     moved: list = []  # new outputs moved into out_dir
     with _sigint_held():
         try:
-            _check_folders_free(out_dir, [n for n in names if n in OUTPUT_FOLDERS.values()])  # checked early too
-            for name in OUTPUT_FILES.values():
+            # checked before the run too, but minutes have passed
+            check_outputs_free(out_dir, [n for n in names if n in OUTPUT_FOLDERS.values()])
+            for name in sorted(_our_files(out_dir)) + [OUTPUT_MANIFEST]:
                 if (out_dir / name).exists() or (out_dir / name).is_symlink():
                     os.replace(out_dir / name, previous / name)
                     set_aside.append(name)
