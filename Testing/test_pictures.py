@@ -244,3 +244,19 @@ def test_batch_manifest_with_a_picture_folder(ct_stack, tiny_weights: Path, tmp_
     assert second["ct_pictures"]["spacing_mm"] == {"in_plane": 0.5, "between_slices": 2.0}
     assert sitk.ReadImage(str(tmp_path / "cohort" / "p1" / "synthetic_mri.nrrd")).GetSpacing() == pytest.approx((0.5, 0.5, 2.0))
 
+
+def test_series_describes_a_picture_folder(ct_stack, tmp_path: Path, capsys) -> None:
+    """``ctmri series`` on a folder of pictures says how synthesize would stack them (count, size, depth, order), the
+    spacing to give, and what the numbers say; a folder with neither DICOM nor pictures is still an error."""
+    from CTtoMRISynthesisLib.cli import main
+
+    folder = phantoms.write_pictures(tmp_path / "ct", ct_stack[:4], numbers=[1, 2, 3, 5])
+    assert main(["series", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"pictures in {folder}: 4 files of 256×256, 8-bit" in out
+    assert "CT_PNG (1).png, CT_PNG (2).png, CT_PNG (3).png … CT_PNG (5).png" in out
+    assert "give --picture-spacing IN_PLANE SLICE (mm), else 1 mm is assumed" in out
+    assert "numbers skip 4:" in out
+    (tmp_path / "empty").mkdir()
+    assert main(["series", str(tmp_path / "empty")]) == 2
+    assert "holds no DICOM series; give an image file or a DICOM folder" in capsys.readouterr().err

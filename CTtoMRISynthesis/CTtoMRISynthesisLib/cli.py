@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synthesize)
 
-    p = sub.add_parser("series", help="list the DICOM series of a folder and which one --ct/--mri would take")
+    p = sub.add_parser("series", help="list the DICOM series of a folder and which one --ct/--mri would take (or how "
+                       "a folder of pictures would be stacked)")
     p.add_argument("folder", help="folder searched recursively for DICOM files (e.g. a scanner's study export)")
     p.set_defaults(func=cmd_series)
 

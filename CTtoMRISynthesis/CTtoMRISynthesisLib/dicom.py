@@ -741,9 +741,17 @@ def _row(s: Series) -> tuple:
 
 
 def describe_folder(folder: str | Path) -> str:
-    """``ctmri series DIR``: the table, then which series --ct / --mri would take and why."""
+    """``ctmri series DIR``: the table, then which series --ct / --mri would take and why; for a folder of
+    pictures and no DICOM, how they would be stacked (:func:`pictures.describe_pictures`)."""
     folder = Path(folder)
-    series = list_series(folder, "DICOM")
+    series = list_series(folder, "DICOM", empty_ok=True)
+    if not series:
+        from .pictures import describe_pictures, picture_files
+        from .volumes import no_dicom_error
+
+        if picture_files(folder):
+            return describe_pictures(folder)
+        raise no_dicom_error(folder, "DICOM")
     lines = [format_table(series)]
     for what, modality in MODALITY_OF.items():
         if not any(s.modality == modality for s in series):

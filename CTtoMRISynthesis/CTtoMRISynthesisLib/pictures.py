@@ -67,6 +67,11 @@ class PictureStack:
         if not self.spacing_given:
             out.append(f"the {what} pictures record no spacing: {ASSUMED_SPACING_MM:g} mm was assumed, so the "
                        "outputs' physical sizes are not the patient's (give --picture-spacing IN_PLANE SLICE)")
+        return out + self.order_warnings(what)
+
+    def order_warnings(self, what: str) -> List[str]:
+        """What the file numbers say about the stack: several scans in one folder, or slices missing."""
+        out = []
         if self.missing > len(self.files):
             out.append(f"the {what} pictures' numbers run from {self.first_last[0]} to {self.first_last[1]} with only "
                        f"{len(self.files)} files: the folder may hold more than one scan, stacked as one (give one "
@@ -176,6 +181,22 @@ def read_pictures(folder: str | Path, what: str = "image",
     record = PictureStack(folder=folder, files=[p.name for p in files], spacing=(in_plane, between),
                           spacing_given=given is not None, gaps=gaps, missing=missing)
     return image, record
+
+
+def describe_pictures(folder: str | Path) -> str:
+    """``ctmri series DIR`` for a folder of pictures: how they would be stacked, their size and depth, and what
+    the user should know (the spacing to give, numbers missing, several scans in one folder)."""
+    image, stack = read_pictures(folder)
+    width, height, slices = image.GetSize()
+    depth = "8-bit (a windowed CT or an MRI)" if image.GetPixelID() == sitk.sitkUInt8 else (
+        f"{image.GetPixelIDTypeAsString()} (values kept: a CT stored as HU + 1024 takes the Hounsfield path)")
+    lines = [f"pictures in {stack.folder}: {slices} files of {width}×{height}, {depth}, no DICOM",
+             f"--ct {stack.folder} (or --mri) stacks them as one scan in the order of the numbers in their names: "
+             f"{', '.join(stack.files[:3])}{' … ' + stack.files[-1] if slices > 3 else ''}",
+             "spacing: pictures record none; give --picture-spacing IN_PLANE SLICE (mm), else "
+             f"{ASSUMED_SPACING_MM:g} mm is assumed (enough for synthesis alone; registering to an MRI needs the real one)"]
+    lines += [f"note: {w}" for w in stack.order_warnings("folder's")]
+    return "\n".join(lines) + "\n"
 
 
 def check_registration(sources: Sequence[Optional[PictureStack]], registration: str) -> None:
