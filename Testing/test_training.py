@@ -359,6 +359,29 @@ def test_cv_with_dropped_patients_records_them_and_never_drops_the_held_out(phan
     assert (run / "fold02" / "fold.json").exists()
 
 
+@needs_torch
+def test_train_never_trains_over_a_run_without_resume(phantom_slices, tmp_path, capsys):
+    """A forgotten --resume must not retrain a finished run (or a fold) from scratch over its checkpoint and model:
+    refused before any training, naming the folder; a fold not yet trained in the same folder is free."""
+    import phantoms
+    from CTtoMRISynthesisLib.cli import main as ctmri
+
+    run = tmp_path / "run"
+    assert ctmri(phantoms.tiny_train_args(phantom_slices, run, max_steps=1)) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert ctmri(phantoms.tiny_train_args(phantom_slices, run, max_steps=1)) == 2
+    assert f"{run} holds a training run already (checkpoint.pt, model.safetensors): pass --resume" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    cv = tmp_path / "cv"
+    assert ctmri(phantoms.tiny_train_args(phantom_slices, cv, "--cv", "loo", "--only-folds", "2", max_steps=1)) == 0
+    capsys.readouterr()
+    assert ctmri(phantoms.tiny_train_args(phantom_slices, cv, "--cv", "loo", "--only-folds", "1", "2", max_steps=1)) == 2
+    assert f"{cv / 'fold02'} holds a training run already" in capsys.readouterr().err
+    assert not (cv / "fold01").exists()  # refused before fold 1 trained
+    assert ctmri(phantoms.tiny_train_args(phantom_slices, cv, "--cv", "loo", "--only-folds", "1", max_steps=1)) == 0
+
+
 def test_exclude_from_training_removes_only_those_and_says_so():
     kept, rec = split.exclude(["2", "20", "28"], ["2"], {"mode": "fold 2", "train_cases": ["2", "20", "28"]})
     assert kept == ["20", "28"] and rec["train_cases"] == kept and rec["excluded_from_training"] == ["2"]

@@ -160,6 +160,19 @@ def _data_summary(cases, args) -> dict:
     return summary
 
 
+#: what a training run leaves in its folder; a folder holding one is a run, continued only with --resume
+RUN_FILES = ("checkpoint.pt", "model.safetensors")
+
+
+def check_run_free(run_dir: Path) -> None:
+    """Refuse to train into a folder that holds a run: without --resume it would be trained again from scratch
+    over its checkpoint and model, hours of work lost to a forgotten flag."""
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if found:
+        raise CTMRIError(f"{run_dir} holds a training run already ({', '.join(found)}): pass --resume to continue it "
+                         "(a finished run is kept as it is), or choose another --out")
+
+
 def run_train(args) -> int:
     from . import split as splits
     from .discovery import discover
@@ -205,6 +218,9 @@ def run_train(args) -> int:
             unknown = sorted(chosen - set(range(1, len(folds) + 1)))
             if unknown:
                 raise CTMRIError(f"--only-folds {unknown}: this cross-validation has folds 1..{len(folds)}; choose among them")
+            if not args.resume:  # every chosen fold, before the first trains
+                for k in sorted(chosen):
+                    check_run_free(out / f"fold{k:02d}")
             for k, fold in enumerate(folds, start=1):
                 fold_dir = out / f"fold{k:02d}"
                 done = fold_dir / "fold.json"
@@ -237,6 +253,8 @@ def run_train(args) -> int:
             split = splits.holdout(ids, args.val_cases, args.test_cases, seed=args.seed)
         else:
             split = splits.all_cases(ids, args.seed)
+        if not args.resume:
+            check_run_free(out)
         result = train_split(split.train_cases, split.val_cases, split.to_dict(), out)
         if result.get("stopped"):
             return 0
