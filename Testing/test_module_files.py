@@ -255,3 +255,12 @@ def test_icons_are_128_pngs(path: Path) -> None:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])
     assert (width, height) == (128, 128)
+
+
+def test_readme_layout_names_every_module() -> None:
+    """The README's Layout table is where a newcomer looks for the room of a capability: it names every module."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## Layout"):readme.index("## Licence and data")]
+    named = set(re.findall(r"`([a-z_]+)/?`", layout))
+    modules = {p.stem for p in LIB.glob("*.py") if p.stem != "__init__"} | {"training"}
+    assert modules - named == set(), f"README's Layout does not name {sorted(modules - named)}"
