@@ -76,6 +76,24 @@ def test_synthesize_without_mri(case_files, tiny_weights: Path, tmp_path: Path) 
     assert "mae" not in json.loads((out / "metrics.json").read_text())
 
 
+def test_evaluate_json_never_replaces_an_image_and_fails_before_the_work(case_files, tmp_path: Path, capsys) -> None:
+    """``--json`` naming the reference MRI (a slip) used to overwrite it with the metrics; a --json in a missing
+    folder failed with a traceback after the work. Both are refused first, in one line, the inputs untouched;
+    PSNR of identical images prints as such (it is null in the JSON)."""
+    _, mri = case_files
+    before = mri.read_bytes()
+    for target, message in ((mri, "give a file name ending in .json"), (tmp_path / "no" / "e.json", "does not exist")):
+        assert main(["evaluate", "--pred", str(mri), "--ref", str(mri), "--json", str(target)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: --json") and message in err[0], err
+    assert mri.read_bytes() == before
+    assert main(["evaluate", "--pred", str(mri), "--ref", str(mri), "--pred-scale", "minmax",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    assert "PSNR inf (identical)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "e.json").read_text())["psnr"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json"]  # no temporary file beside it
+
+
 def test_help_is_fast_and_lists_commands() -> None:
     result = run_cli("--help")
     assert result.returncode == 0

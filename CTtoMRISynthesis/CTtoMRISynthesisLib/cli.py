@@ -7,10 +7,8 @@ Errors a user can cause print one line ``error: …`` and exit 2; Ctrl-C exits 1
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 EXIT_ERROR = 2
@@ -43,30 +41,15 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import SimpleITK as sitk
+    from .evaluate import check_json_target, evaluate_files, summary_line, write_json
 
-    from . import geometry
-    from .intensity import minmax_255, normalise_mri
-    from .metrics import to_jsonable
-    from .dicom import read_input
-    from .pipeline import check_image, evaluate_images
-
-    # as synthesize reads its inputs: a file, a DICOM folder (series chosen by the rule) or a folder of pictures
-    ref = check_image(read_input(args.ref, "reference MRI", picture_spacing=args.picture_spacing)[0], "reference MRI")
-    pred = check_image(read_input(args.pred, "prediction", picture_spacing=args.picture_spacing)[0], "prediction")
-    ref255 = geometry.array_on_grid(normalise_mri(sitk.GetArrayFromImage(ref)), ref)
-    pred_array = sitk.GetArrayFromImage(pred).astype("float32")
-    if args.pred_scale == "minmax":
-        pred_array = minmax_255(pred_array, "prediction")
-    pred255 = geometry.array_on_grid(pred_array, pred)
-    if not geometry.same_grid(pred255, ref255, tol=1e-4):
-        print("note: the prediction is on another grid; resampled onto the reference grid", file=sys.stderr)
-        pred255 = geometry.resample(pred255, ref255, None, default_value=0.0)
-    metrics = to_jsonable(evaluate_images(ref255, pred255))
-    print(f"MAE {metrics['mae']:.2f}  SSIM {metrics['ssim']:.4f}  PSNR {metrics['psnr']}  "
-          f"MAE(whole) {metrics['mae_whole']:.2f}  SSIM(foreground) {metrics['ssim_foreground']:.4f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+    target = check_json_target(args.json)  # before the work, not after it
+    metrics, notes = evaluate_files(args.pred, args.ref, args.pred_scale, args.picture_spacing)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(summary_line(metrics))
+    if target is not None:
+        write_json(target, metrics)
     return 0
 
 
