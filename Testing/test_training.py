@@ -504,6 +504,17 @@ def test_report_writes_tables_and_montages(trained, phantom_slices, tmp_path):
     case20 = [c for c in discovery.discover([small], WINDOW) if c.case_id == "20"][0]
     np.testing.assert_array_equal(image[:256, 256 + 3: 512 + 3], np.clip(case20.mri[0], 0, 255).astype(np.uint8))
 
+    # A report replaces its own folder's files (also one a version before the marker wrote), never a project's own.
+    (rep / ".ctmri-report").unlink()
+    assert run_report(args) == 0
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "report.md").write_text("# Our project\n")
+    args = parser.parse_args(["--data", str(small), "--weights", str(out / "model.safetensors"), "--out", str(project)])
+    assert run_report(args) == 2
+    assert sorted(p.name for p in project.iterdir()) == ["report.md"]
+    assert (project / "report.md").read_text() == "# Our project\n"
+
 
 def test_reference_predictions_are_the_real_mri_shifted_blurred_and_own_lookup(cases):
     from CTtoMRISynthesisLib.intensity import head_mask

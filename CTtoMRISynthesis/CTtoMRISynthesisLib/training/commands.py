@@ -303,11 +303,12 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_report(args) -> int:
-    from .report import report_model, write_cv_report
+    from .report import check_report_folder, report_model, write_cv_report
     from .discovery import discover
     from ..intensity import CTWindow
 
     try:
+        check_report_folder(Path(args.out))  # before the work, not after it
         if args.from_cv:
             from .report import fold_model
             from ..weights import read_config

@@ -33,6 +33,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import CTMRIError
 from ..intensity import head_mask
 
 PAPER = {
@@ -273,11 +274,38 @@ def summarise_rows(rows: list[dict]) -> dict:
     return out
 
 
+#: the files a report writes into its folder (besides ``montage_<case>.png``); a folder holding one of them that no
+#: report wrote is refused by :func:`check_report_folder`, so that a project folder's own report.md is never replaced
+REPORT_FILES = ("report.md", "summary.csv", "summary.json", "per_patient.csv")
+REPORT_MARKER = ".ctmri-report"
+#: the first lines of the report.md files this module writes (a folder of a version before the marker)
+REPORT_TITLES = ("# Cross-validated results (Table 1 of Dong et al. 2020", "# Report: one model on paired data")
+
+
+def check_report_folder(out_dir: Path) -> None:
+    """Refuse, writing nothing, an ``--out`` holding report files that no ``ctmri report`` wrote."""
+    if (out_dir / REPORT_MARKER).is_file():
+        return
+    theirs = [name for name in REPORT_FILES if (out_dir / name).exists() or (out_dir / name).is_symlink()]
+    if theirs and not _our_report_md(out_dir / "report.md"):
+        raise CTMRIError(f"{out_dir} already holds {', '.join(theirs)}, not written by ctmri report, which the report "
+                         "would replace: choose another --out, or move them away")
+
+
+def _our_report_md(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.readline().startswith(REPORT_TITLES)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def write_tables(rows: list[dict], out_dir: Path, title: str, preamble: list[str], montages: dict) -> list[Path]:
     """per_patient.csv, summary.csv and report.md from per-(patient, method) metric rows."""
     from ..metrics import to_jsonable
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / REPORT_MARKER).write_text("Written by ctmri report; the next report into this folder replaces its files.\n")
     fields = ["patient", "slices", "held_out", "method"] + list(METRIC_KEYS) + list(UNCERTAINTY_KEYS)
     per_patient = out_dir / "per_patient.csv"
     with open(per_patient, "w", newline="") as fh:
