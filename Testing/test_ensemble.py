@@ -44,6 +44,24 @@ def test_combining_needs_no_torch_and_merges_the_members_records(tmp_path):
     assert [m["sha256"] for m in read_config(tmp_path / "ens.safetensors")["ensemble"]] == [sha256_of(p) for p in paths]
 
 
+def test_the_ensemble_is_never_written_over_a_member_or_a_model_of_its_own(tmp_path, capsys):
+    """The slip ``ensemble RUN1/model RUN2/model RUN3/model`` (the ensemble's name forgotten) would replace RUN1's
+    model with an ensemble of the other two: refused, every file as it was; an earlier ensemble is replaced."""
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"run{i}" / "model.safetensors")
+        save_state(paths[-1], {"w": np.full(3, float(i), np.float32)}, {"model": {"base": 4}, "split": {}})
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert weights_main(["ensemble", *map(str, paths)]) == 2
+    assert "is a model of its own, not an ensemble, and would be replaced" in capsys.readouterr().err
+    with pytest.raises(CTMRIError, match="is one of the members"):
+        combine(paths, paths[1])
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    combine(paths[:2], tmp_path / "ens.safetensors")
+    combine(paths, tmp_path / "ens.safetensors")  # an ensemble's file: replaced
+    assert read_config(tmp_path / "ens.safetensors")["model"]["members"] == 3
+
+
 @pytest.fixture(scope="module")
 def members(tmp_path_factory) -> list[Path]:
     pytest.importorskip("torch")

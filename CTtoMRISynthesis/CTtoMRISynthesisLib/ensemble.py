@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .error_model import split_state
 from .errors import CTMRIError
-from .weights import read_weights_file, save_state
+from .weights import read_config, read_weights_file, save_state
 
 #: config sections that must be equal in every member: the same network applied the same way
 SHARED = ("model", "preprocessing")
@@ -78,6 +78,7 @@ def combine(member_paths: list, out_path) -> dict:
     """Write the ensemble of ``member_paths`` (each checked against its .sha256) to ``out_path``; return its config."""
     if len(member_paths) < 2:
         raise CTMRIError("an ensemble needs at least two member model files")
+    _check_target(out_path, member_paths)
     blobs = [read_weights_file(p, framework="numpy") for p in member_paths]
     names = [Path(p).name for p in member_paths]
     config = ensemble_config([b["config"] for b in blobs], names, [b["sha256"] for b in blobs])
@@ -85,6 +86,24 @@ def combine(member_paths: list, out_path) -> dict:
                for key, value in split_state(b["state_dict"])[0].items()}
     save_state(out_path, tensors, config)
     return config
+
+
+def _check_target(out_path, member_paths: list) -> None:
+    """Refuse to write the ensemble over one of its members, or over a model of its own: the slip
+    ``ensemble RUN1/model.safetensors RUN2/model.safetensors RUN3/model.safetensors`` (the ensemble's name
+    forgotten) would replace RUN1's model, hours of training, with an ensemble of the other two."""
+    out = Path(out_path)
+    if not out.exists():
+        return
+    if any(out.resolve() == Path(p).resolve() for p in member_paths):
+        raise CTMRIError(f"{out} is one of the members; give the ensemble a file name of its own")
+    try:
+        single = not read_config(out, verify=False).get("ensemble")
+    except CTMRIError:  # not a model file we can read: an ordinary file the user named as the target
+        return
+    if single:
+        raise CTMRIError(f"{out} is a model of its own, not an ensemble, and would be replaced: the ensemble's file name "
+                         "comes first (ensemble OUT.safetensors MEMBER.safetensors …); give a new name, or move it away")
 
 
 def extract(ensemble_path, index: int, out_path) -> dict:
