@@ -92,6 +92,18 @@ def test_manifest_paths_are_relative_to_the_csv(tmp_path: Path) -> None:
     assert cases[0].ct_entry == "scans/ct.nrrd" and cases[1].ct_entry == str(absolute)
 
 
+def test_manifest_separated_by_semicolons_as_european_spreadsheets_save_csv(tmp_path: Path) -> None:
+    """Excel where the decimal separator is a comma saves CSV with semicolons (and CRLF, a byte-order mark);
+    such a manifest is read as it is, and a comma is then an ordinary character of a path."""
+    (tmp_path / "m.csv").write_bytes("\ufeffid;ct;mri\r\np1;scans/ct, v2.nrrd;scans/mr.nrrd\r\np2;x.nrrd;\r\n".encode())
+    cases = read_manifest(tmp_path / "m.csv")
+    assert [c.id for c in cases] == ["p1", "p2"]
+    assert cases[0].ct == tmp_path / "scans" / "ct, v2.nrrd" and cases[1].mri is None
+    (tmp_path / "bad.csv").write_text("id;ct;mri\na;x;y;z\n")
+    with pytest.raises(CTMRIError, match="4 fields but the header has 3; quote paths that contain semicolons"):
+        read_manifest(tmp_path / "bad.csv")
+
+
 @pytest.mark.parametrize(
     "text, message",
     [

@@ -92,7 +92,8 @@ def read_manifest(path: str | Path) -> list:
         raise CTMRIError(f"manifest {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV") from exc
     except OSError as exc:
         raise CTMRIError(f"cannot read manifest {path}: {exc.strerror or exc}") from exc
-    reader = csv.reader(io.StringIO(text, newline=""))
+    delimiter = _delimiter(text)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         rows = [(reader.line_num, row) for row in reader]
     except csv.Error as exc:
@@ -106,7 +107,7 @@ def read_manifest(path: str | Path) -> list:
     for line, row in rows[1:]:
         if len(row) > len(columns):
             raise CTMRIError(f"manifest {path} line {line}: {len(row)} fields but the header has {len(columns)}; "
-                             "quote paths that contain commas")
+                             f"quote paths that contain {'semicolons' if delimiter == ';' else 'commas'}")
         values = dict(zip(columns, row + [""] * (len(columns) - len(row))))
         case_id = values["id"]
         _check_id(path, line, case_id)
@@ -122,6 +123,13 @@ def read_manifest(path: str | Path) -> list:
     if not cases:
         raise CTMRIError(f"manifest {path} has a header but no cases; add one line per case: id,ct,mri")
     return cases
+
+
+def _delimiter(text: str) -> str:
+    """``;`` when the header line is separated by semicolons and holds no comma (what spreadsheets write as CSV
+    where the decimal separator is a comma, e.g. Excel in most of Europe), else ``,``."""
+    header = next((line for line in text.splitlines() if line.strip()), "")
+    return ";" if ";" in header and "," not in header else ","
 
 
 def _header(path: Path, row: list) -> list:
