@@ -94,6 +94,19 @@ def test_evaluate_json_never_replaces_an_image_and_fails_before_the_work(case_fi
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json"]  # no temporary file beside it
 
 
+@pytest.mark.parametrize("value", ["0", "-3", "four"])
+def test_batch_size_below_one_is_refused(case_files, tmp_path: Path, capsys, value: str) -> None:
+    """0 used to mean the default and a negative number 1, silently."""
+    ct, _ = case_files
+    for command in (["synthesize", "--ct", str(ct), "--out-dir", str(tmp_path / "out")],
+                    ["batch", "--manifest", str(tmp_path / "m.csv"), "--out-dir", str(tmp_path / "cohort")]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, "--batch-size", value])
+        assert exit_info.value.code == 2
+        assert "give a whole number of slices >= 1" in capsys.readouterr().err
+    assert sorted(tmp_path.iterdir()) == []
+
+
 def test_help_is_fast_and_lists_commands() -> None:
     result = run_cli("--help")
     assert result.returncode == 0

@@ -86,6 +86,22 @@ def _add_picture_spacing(p: argparse.ArgumentParser, why: str = "") -> None:
                         f"neither (default: 1 mm assumed, said in a warning{why})")
 
 
+def _slices_per_batch(text: str) -> int:
+    """``--batch-size``: a whole number >= 1 (0 and negatives were silently replaced by the default or by 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of slices >= 1, or leave it out for the default")
+    return value
+
+
+def _add_batch_size(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=_slices_per_batch, default=None,
+                   help="slices per batch (default: 4 CPU, 64 GPU)")
+
+
 def _add_picture_options(p: argparse.ArgumentParser) -> None:
     _add_picture_spacing(p, "; needed to register such a CT to an MRI")
     p.add_argument("--pictures", action="store_true",
@@ -111,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-disjoint", action="store_true",
                    help="CT and MRI do not overlap at all (unrelated scanner coordinates): start the registration "
                         "from aligned centres instead of refusing")
-    p.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: 4 CPU, 64 GPU)")
+    _add_batch_size(p)
     p.add_argument("--ct-series", metavar="N|UID", help="series number or SeriesInstanceUID to take when --ct is a "
                    "DICOM folder with several series (default: chosen by the rule; see `ctmri series`)")
     p.add_argument("--mri-series", metavar="N|UID", help="the same for --mri")
@@ -166,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registration", default="rigid", choices=["rigid", "similarity", "none"],
                    help="CT→MRI registration for the cases with an MRI (as synthesize)")
     p.add_argument("--allow-disjoint", action="store_true", help="as synthesize --allow-disjoint")
-    p.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: 4 CPU, 64 GPU)")
+    _add_batch_size(p)
     _add_picture_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar (one line per case is still printed)")
     p.set_defaults(func=cmd_batch)
