@@ -115,7 +115,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="leave after this epoch (checkpointed); continue later with --resume")
     run.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
                      help="validate and checkpoint every N epochs and after the last (a resumed run redoes the epochs since)")
-    run.add_argument("--resume", action="store_true", help="continue from OUT's checkpoints; finished folds are kept")
+    run.add_argument("--resume", action="store_true", help="continue from OUT's checkpoints; finished folds are kept "
+                     "(without it, an OUT or fold folder that holds a run is refused)")
     run.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     run.add_argument("--bone-threshold", type=float, default=200.0, help="report: bone = CT (0..255) above this")
 
@@ -288,7 +289,8 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser
     p.add_argument("--data", nargs="+", required=True, metavar="DIR", help="paired data (as for train)")
     p.add_argument("--weights", metavar="FILE", help="model file (default: the shipped model)")
-    p.add_argument("--out", required=True, metavar="DIR", help="report folder (Markdown, CSV, PNG montages)")
+    p.add_argument("--out", required=True, metavar="DIR", help="report folder (Markdown, CSV, PNG montages); one holding another report.md, "
+                   "summary.csv, summary.json or per_patient.csv is refused")
     p.add_argument("--cache", metavar="DIR", help="cache of registered 3D cases (default: OUT/cache)")
     p.add_argument("--case-rule", choices=["slice3", "first2"], default="slice3")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
