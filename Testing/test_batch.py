@@ -339,6 +339,22 @@ def test_failed_case_is_retried_on_rerun(cohort: Path, tmp_path: Path) -> None:
     assert read_summary(out)["a"]["status"] == "ok"
 
 
+def test_a_case_folder_holding_the_users_file_fails_that_case_only(cohort: Path, tmp_path: Path) -> None:
+    """A case's folder goes through synthesize's rule: a file of the user's named like an output (here their own
+    metrics.json in OUT/a/) fails that case with the reason, untouched; the other case runs."""
+    manifest = write_manifest(tmp_path / "cases.csv", [("a", str(cohort / "crop" / "ct.nrrd"), ""),
+                                                       ("b", str(cohort / "crop" / "ct.nrrd"), "")])
+    out = tmp_path / "out"
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "metrics.json").write_text('{"my": "notes"}\n')
+    assert main(["batch", "--manifest", str(manifest), "--out-dir", str(out), *FAST]) == 1
+    summary = read_summary(out)
+    assert summary["a"]["status"] == "error" and "was not written by ctmri" in summary["a"]["message"]
+    assert summary["b"]["status"] == "ok"
+    assert sorted(p.name for p in (out / "a").iterdir()) == ["metrics.json"]
+    assert (out / "a" / "metrics.json").read_text() == '{"my": "notes"}\n'
+
+
 def test_shards_write_one_folder_and_merge_one_summary(cohort: Path, tmp_path: Path) -> None:
     rows = [("a", "ct.nrrd", "mri.nrrd"), ("b", "crop/ct.nrrd", ""), ("c", "crop/ct.nrrd", "crop/mri.nrrd")]
     manifest = write_manifest(tmp_path / "cases.csv", [(i, str(cohort / ct), str(cohort / m) if m else "")
