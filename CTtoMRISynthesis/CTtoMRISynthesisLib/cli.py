@@ -110,6 +110,8 @@ def _add_picture_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluate import PRED_SCALES  # light: the heavy imports of evaluate are inside its functions
+
     parser = argparse.ArgumentParser(
         prog="ctmri", description="Synthesise a brain MRI from a head CT with a U-Net (CTtoMRISynthesis)."
     )
@@ -147,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "pictures such as OUT/pictures/synthetic_mri)")
     p.add_argument("--ref", required=True, help="reference MRI (min-max scaled to 0..255 as in the paper): a file, a "
                    "DICOM folder or a folder of pictures")
-    p.add_argument("--pred-scale", default="as-is", choices=["as-is", "minmax"],
+    p.add_argument("--pred-scale", default="as-is", choices=PRED_SCALES,
                    help="use the prediction's values as they are (default) or min-max scale them too")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     _add_picture_spacing(p)

@@ -8,9 +8,6 @@ are :func:`pipeline.evaluate_images`'s, so a synthetic MRI written by ``synthesi
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -73,15 +70,11 @@ def summary_line(metrics: dict) -> str:
 
 
 def write_json(target: Path, content: dict) -> None:
-    """Write ``content`` to ``target`` whole or not at all (a temporary file beside it, renamed into place)."""
-    tmp = None
+    """Write ``content`` to ``target`` whole or not at all (batch's atomic writer: a temporary file beside it,
+    renamed into place); a failure is a CTMRIError saying what to do."""
+    from .batch import write_json_atomic
+
     try:
-        handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-        with os.fdopen(handle, "w") as out:
-            out.write(json.dumps(content, indent=2) + "\n")
-        os.replace(tmp, target)
+        write_json_atomic(target, content)
     except OSError as exc:
         raise CTMRIError(f"cannot write --json {target}: {exc.strerror or exc}; choose another path") from exc
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)

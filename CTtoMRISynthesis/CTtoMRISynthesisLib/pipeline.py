@@ -84,12 +84,13 @@ def _written_by_ctmri(metrics: Path) -> bool:
     return isinstance(content, dict) and {"stage_seconds", "normalisation", "weights"} <= content.keys()
 
 
-def check_outputs_free(out_dir: str | Path, folders=()) -> None:
+def check_outputs_free(out_dir: str | Path, folders=()) -> set:
     """Refuse, writing nothing, when ``out_dir`` holds a file of the user's named like one of OUTPUT_FILES,
     or a file or folder of theirs named like one of ``folders`` (names of OUTPUT_FOLDERS) this run would write.
 
     All output file names count, not only those this run writes: an earlier run's files that this run does
     not produce are removed (the folder never mixes two runs), and a user's file must not be mistaken for one.
+    Returns the names of OUTPUT_FILES an earlier run wrote there (:func:`_our_files`).
     """
     out_dir = Path(out_dir)
     ours = _our_files(out_dir)
@@ -107,6 +108,7 @@ def check_outputs_free(out_dir: str | Path, folders=()) -> None:
                 f"{path} exists and was not written by ctmri (it would be replaced by the {name} outputs): choose "
                 "another --out-dir, or move it away"
             )
+    return ours
 
 
 @dataclass
@@ -492,8 +494,8 @@ def _commit(tmp: Path, out_dir: Path, names: list) -> None:
     with _sigint_held():
         try:
             # checked before the run too, but minutes have passed
-            check_outputs_free(out_dir, [n for n in names if n in OUTPUT_FOLDERS.values()])
-            for name in sorted(_our_files(out_dir)) + [OUTPUT_MANIFEST]:
+            ours = check_outputs_free(out_dir, [n for n in names if n in OUTPUT_FOLDERS.values()])
+            for name in sorted(ours) + [OUTPUT_MANIFEST]:
                 if (out_dir / name).exists() or (out_dir / name).is_symlink():
                     os.replace(out_dir / name, previous / name)
                     set_aside.append(name)
