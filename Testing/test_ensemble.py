@@ -216,6 +216,10 @@ def test_a_member_taken_back_out_is_the_file_it_was_made_from(tmp_path, capsys):
     assert weights_main(["member", str(paths[0]), "1", str(tmp_path / "y.safetensors")]) == 2
     assert "not an ensemble" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+    ensemble_bytes = (tmp_path / "ens.safetensors").read_bytes()
+    assert weights_main(["member", str(tmp_path / "ens.safetensors"), "1", str(tmp_path / "ens.safetensors")]) == 2
+    assert "is the model file it is made from" in capsys.readouterr().err  # the slip that would lose the ensemble
+    assert (tmp_path / "ens.safetensors").read_bytes() == ensemble_bytes
 
 
 @needs_torch

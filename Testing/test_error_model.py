@@ -210,6 +210,10 @@ def test_cli_fits_without_excluded_patients_and_still_scores_them(phantom_slices
     assert "fit on 3 patients" in capsys.readouterr().out
     assert error_model_main(args + ["--out", str(tmp_path / "bad.safetensors"), "--exclude-from-training", "9"]) == 2
     assert "unknown patient id(s) ['9']" in capsys.readouterr().err and not (tmp_path / "bad.safetensors").exists()
+    ensemble_bytes = ensemble.read_bytes()
+    assert error_model_main(args + ["--out", str(ensemble)]) == 2  # --out = --weights: refused before the fits
+    assert "--out " + str(ensemble) + " is the model file it is made from" in capsys.readouterr().err
+    assert ensemble.read_bytes() == ensemble_bytes
 
 
 def test_shipped_model_has_an_error_model_with_its_cross_validated_record():

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .error_model import split_state
 from .errors import CTMRIError
-from .weights import read_config, read_weights_file, save_state
+from .weights import check_not_an_input, read_config, read_weights_file, save_state
 
 #: config sections that must be equal in every member: the same network applied the same way
 SHARED = ("model", "preprocessing")
@@ -108,6 +108,7 @@ def _check_target(out_path, member_paths: list) -> None:
 
 def extract(ensemble_path, index: int, out_path) -> dict:
     """Write member ``index`` (1-based) of the ensemble ``ensemble_path`` as a model file of its own; return its config."""
+    check_not_an_input(out_path, ensemble_path, "the member's file")
     blob = read_weights_file(ensemble_path, framework="numpy")
     config = blob["config"]
     members = config.get("ensemble") or []

@@ -99,6 +99,15 @@ def save_weights(path: str | Path, net: Any, config: dict) -> str:
     return save_state(path, net.state_dict(), config)
 
 
+def check_not_an_input(target: str | Path, source: str | Path, flag: str = "the target") -> None:
+    """Refuse to write a model file over the model file it is made from: the input would be lost (a slip such
+    as ``member ENS 1 ENS`` or ``--out`` = ``--weights``); say to write a new name. Checked before any work."""
+    target, source = Path(target), Path(source)
+    if target.exists() and source.exists() and target.resolve() == source.resolve():
+        raise CTMRIError(f"{flag} {target} is the model file it is made from, which would be replaced; "
+                         "give a new file name (then move it over the old one if that is what you want)")
+
+
 def save_state(path: str | Path, tensors: Mapping[str, Any], config: dict) -> str:
     """Write named tensors (torch tensors or numpy arrays) and ``config`` as a model file; return its sha256.
 
