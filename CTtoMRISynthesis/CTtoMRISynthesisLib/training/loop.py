@@ -370,6 +370,356 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- train
+@dataclass
+class _Progress:
+    """What carries over from epoch to epoch, and through a checkpoint across ``--resume``."""
+
+    history: list = field(default_factory=list)  # one log row per epoch done
+    best: dict = field(default_factory=lambda: {"val_mae": float("inf"), "epoch": None})
+    best_state: Optional[dict] = None  # the best validation epoch's tensors (``select == "best"``)
+    start_epoch: int = 0  # 0-based: the first epoch still to run
+
+
+@dataclass
+class _Run:
+    """The objects one training process works with (built by :func:`_prepare`)."""
+
+    settings: TrainSettings
+    out_dir: Path
+    dist: Dist
+    device: str
+    net: object  # the U-Net itself: validated, checkpointed and saved
+    model: object  # what the steps run: ``net``, or its DistributedDataParallel wrapper
+    optimizer: object
+    scaler: object
+    loss_fn: object
+    dataset: SliceDataset
+    sampler: object  # DistributedSampler under torchrun, else None
+    unpaired: object  # unpaired.UnpairedSource, or None
+    unpaired_record: Optional[dict]
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / "checkpoint.pt"
+
+    @property
+    def log_path(self) -> Path:
+        return self.out_dir / "log.csv"
+
+
+@dataclass
+class _EpochSums:
+    """One epoch's steps on this rank: loss summed over slices, and the unpaired terms over steps."""
+
+    total: float = 0.0
+    count: int = 0
+    steps: int = 0
+    unpaired_terms: np.ndarray = field(default_factory=lambda: np.zeros(2))  # consistency, prior
+
+    def unpaired_note(self, unpaired) -> str:
+        if unpaired is None:
+            return ""
+        mean = self.unpaired_terms / max(1, self.steps)
+        return f" unpaired consistency {mean[0]:.6f} prior {mean[1]:.6f}"
+
+
+def _set_up_process(settings: TrainSettings, out_dir: Path) -> tuple:
+    """This process's place under torchrun, its device and threads, and the run folders; ``(dist, device)``."""
+    import torch
+
+    from ..synthesis import choose_device
+
+    dist = dist_from_env()
+    device = init_distributed(dist, choose_device(settings.device))
+    if not device.startswith("cuda"):
+        cores = os.cpu_count() or 1
+        torch.set_num_threads(settings.threads or max(1, cores // (dist.world if dist.active else 1)))
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    elif settings.threads:  # the augmentation runs on the CPU: many runs sharing one GPU machine share its cores
+        torch.set_num_threads(settings.threads)
+    if dist.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    barrier(dist)
+    (out_dir / "ranks").mkdir(parents=True, exist_ok=True)
+    return dist, device
+
+
+def _build_network(seen, settings: TrainSettings, device: str):
+    """The U-Net (its lookup table fit first when it has one), on ``device`` in channels-last."""
+    import torch
+
+    from ..model import UNet
+
+    net = UNet(model_config(settings))
+    if settings.lookup_residual:
+        from .report import fit_lookup_table
+
+        # fit on the CT the network indexes the table with (standardised, when asked)
+        net.set_lookup(fit_lookup_table(seen, settings.head_threshold, settings.lookup_sigma) / 255.0)
+    return net.to(device=device, memory_format=torch.channels_last)
+
+
+def _resume(run_dir: Path, ckpt_path: Path, settings: TrainSettings, net, optimizer, dist: Dist) -> _Progress:
+    """Load a checkpoint made with the same recipe into ``net`` and ``optimizer``; the progress it carries."""
+    import torch
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    _check_resumable(ckpt.get("settings", {}), settings, ckpt_path)
+    net.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    progress = _Progress(history=list(ckpt["history"]), best=dict(ckpt["best"]), best_state=ckpt.get("best_model"),
+                         start_epoch=int(ckpt["epoch"]) + 1)
+    if dist.main:
+        print(f"resuming {run_dir} at epoch {progress.start_epoch + 1} of {settings.epochs}", flush=True)
+    return progress
+
+
+def _distribute(net, dataset, settings: TrainSettings, dist: Dist, cuda: bool) -> tuple:
+    """Under torchrun: each rank's share of the slices and the DDP-wrapped network; ``(model, sampler)``."""
+    if not dist.active:
+        return net, None
+    import torch
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=settings.seed)
+    if cuda:
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dist.local_rank] if cuda else None)
+    return model, sampler
+
+
+def _prepare(train_cases, settings: TrainSettings, out_dir: Path, resume: bool) -> tuple:
+    """Everything a run needs before its first epoch; ``(run, progress)``. The order of the seeded steps
+    (network initialisation, then the data's augmentation streams) is what makes CPU runs reproducible."""
+    import torch
+
+    dist, device = _set_up_process(settings, out_dir)
+    torch.manual_seed(settings.seed)
+    np.random.seed(settings.seed)
+    seen = as_network_sees(train_cases, settings.ct_standardise)  # what the network trains on
+    net = _build_network(seen, settings, device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=settings.lr)
+    loss_fn = make_loss(settings)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.startswith("cuda") and settings.amp)
+    progress = _Progress()
+    ckpt_path = out_dir / "checkpoint.pt"
+    if resume and ckpt_path.exists():
+        progress = _resume(out_dir, ckpt_path, settings, net, optimizer, dist)
+    dataset = SliceDataset(seen, settings.context, settings.augment, settings.seed)
+    unpaired, unpaired_record = build_source(settings.unpaired, seen, settings.window, settings.size, settings.context,
+                                             settings.augment, settings.seed, settings.head_threshold)
+    model, sampler = _distribute(net, dataset, settings, dist, device.startswith("cuda"))
+    run = _Run(settings, out_dir, dist, device, net, model, optimizer, scaler, loss_fn, dataset, sampler, unpaired,
+               unpaired_record)
+    return run, progress
+
+
+def _start_log(run: _Run, history: list) -> None:
+    """A new ``log.csv``; on resume it restarts from the checkpoint's history (epochs after it are redone)."""
+    if not run.dist.main:
+        return
+    with open(run.log_path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(LOG_FIELDS)
+        for row in history:
+            writer.writerow(_log_row(row))
+
+
+def _loader(run: _Run, epoch: int):
+    """This epoch's batches: shuffled by a generator seeded per epoch (or by the DDP sampler's epoch)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    run.dataset.set_epoch(epoch)
+    if run.sampler is not None:
+        run.sampler.set_epoch(epoch)
+    generator = torch.Generator().manual_seed(run.settings.seed * 1000 + epoch)
+    return DataLoader(
+        run.dataset,
+        batch_size=max(1, run.settings.batch_size // run.dist.world),
+        shuffle=run.sampler is None,
+        sampler=run.sampler,
+        generator=generator if run.sampler is None else None,
+        num_workers=run.settings.num_workers,
+        pin_memory=run.cuda,
+        drop_last=False,
+    )
+
+
+def _step(run: _Run, x, y, epoch: int, sums: _EpochSums) -> float:
+    """One optimiser step on a batch (plus the unpaired slices, when training with them); its loss."""
+    import torch
+
+    n = x.shape[0]
+    if run.unpaired is not None:  # one forward pass: batch norm sees the paired and unpaired slices together
+        plain, augmented = run.unpaired.batch(epoch, sums.steps, run.dist.rank)
+        x = torch.cat([x, plain, augmented])
+    x = x.to(run.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    y = y.to(run.device, non_blocking=True)
+    run.optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=run.cuda and run.settings.amp):
+        pred = run.model(x)
+    loss = run.loss_fn(pred[:n].float(), y)
+    if run.unpaired is not None:
+        extra, terms = run.unpaired.loss(pred[n:].float(), x[n : n + plain.shape[0]])
+        loss = loss + extra
+        sums.unpaired_terms += terms
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return float(loss.detach())
+
+
+def _train_epoch(run: _Run, epoch: int, progress_bar: bool) -> _EpochSums:
+    """One epoch of steps on this rank (at most ``max_steps``), with a progress bar on rank 0."""
+    loader = _loader(run, epoch)
+    run.model.train()
+    sums = _EpochSums()
+    bar = None
+    if progress_bar and run.dist.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{run.settings.epochs}", leave=False, mininterval=2.0)
+    for x, y in loader:
+        n = x.shape[0]
+        sums.total += _step(run, x, y, epoch, sums) * n
+        sums.count += n
+        sums.steps += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums.total / sums.count:.4f}")
+        if run.settings.max_steps and sums.steps >= run.settings.max_steps:
+            break
+    if bar is not None:
+        bar.close()
+    return sums
+
+
+def _epoch_loss(run: _Run, sums: _EpochSums) -> float:
+    """The epoch's mean loss per slice, over all ranks under torchrun."""
+    if not run.dist.active:
+        return sums.total / max(1, sums.count)
+    import torch
+    import torch.distributed as td
+
+    t = torch.tensor([sums.total, float(sums.count)], dtype=torch.float64, device=run.device)
+    td.all_reduce(t)
+    return float(t[0] / max(1.0, float(t[1])))
+
+
+def _write_rank_log(run: _Run, epoch: int, sums: _EpochSums) -> None:
+    """Every rank's own line per epoch in ``ranks/rank<k>.log`` (what each process did under torchrun)."""
+    with open(run.out_dir / "ranks" / f"rank{run.dist.rank}.log", "a") as fh:
+        fh.write(f"rank {run.dist.rank}/{run.dist.world} epoch {epoch + 1} steps {sums.steps} slices {sums.count} "
+                 f"loss {sums.total / max(1, sums.count):.6f}{sums.unpaired_note(run.unpaired)}\n")
+
+
+def _save_checkpoint(run: _Run, epoch: int, progress: _Progress) -> None:
+    """Everything needed to resume after ``epoch`` (0-based), written whole or not at all."""
+    state = {
+        "epoch": epoch,
+        "rank": run.dist.rank,
+        "world_size": run.dist.world,
+        "model": {k: v.detach().cpu() for k, v in run.net.state_dict().items()},
+        "optimizer": run.optimizer.state_dict(),
+        "history": progress.history,
+        "best": progress.best,
+        "settings": json.loads(json.dumps(asdict(run.settings), default=str)),
+    }
+    if progress.best_state is not None and run.settings.select == "best":
+        state["best_model"] = progress.best_state
+    _atomic_torch_save(state, run.checkpoint_path)
+
+
+def _record_epoch(run: _Run, row: dict, epoch: int, milestone: bool, progress: _Progress, note: str) -> None:
+    """Rank 0: the best epoch so far, the log row, the checkpoint at milestones, and the console line."""
+    improved = row["val_mae"] is not None and row["val_mae"] < progress.best["val_mae"]
+    if improved:
+        progress.best = {"val_mae": row["val_mae"], "val_ssim": row["val_ssim"], "epoch": epoch + 1}
+        progress.best_state = {k: v.detach().cpu().clone() for k, v in run.net.state_dict().items()}
+    with open(run.log_path, "a", newline="") as fh:
+        csv.writer(fh).writerow(_log_row(row))
+    if milestone:
+        _save_checkpoint(run, epoch, progress)
+    message = f"epoch {epoch + 1}/{run.settings.epochs} loss {row['loss']:.5f} lr {row['lr']:.2e} {row['seconds']:.1f}s"
+    message += note
+    if row["val_mae"] is not None:
+        message += f" | held-out MAE {row['val_mae']:.2f} SSIM {row['val_ssim']:.4f} (fg {row['val_ssim_foreground']:.4f})"
+    print(message, flush=True)
+
+
+def _run_epoch(run: _Run, epoch: int, val_cases, progress: _Progress, progress_bar: bool) -> None:
+    """Train one epoch, validate at milestones (every ``checkpoint_every`` epochs, the last, when stopping)
+    and record it."""
+    t0 = time.time()
+    settings = run.settings
+    lr = _lr_at(settings, epoch)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    sums = _train_epoch(run, epoch, progress_bar)
+    loss = _epoch_loss(run, sums)
+    _write_rank_log(run, epoch, sums)
+    row = {"epoch": epoch + 1, "loss": loss, "val_mae": None, "val_ssim": None, "val_ssim_foreground": None, "lr": lr}
+    stopping = bool(settings.stop_after and epoch + 1 >= settings.stop_after)
+    milestone = (epoch + 1) % settings.checkpoint_every == 0 or epoch + 1 == settings.epochs or stopping
+    if val_cases and run.dist.main and milestone:
+        row.update(_mean_metrics(val_cases, run.net, settings, run.device))
+        run.net.train()
+    row["seconds"] = time.time() - t0
+    progress.history.append(row)
+    if run.dist.main:
+        _record_epoch(run, row, epoch, milestone, progress, sums.unpaired_note(run.unpaired))
+
+
+def _final_metrics(settings: TrainSettings, history: list, selected_epoch: int, val_cases) -> dict:
+    """The ``metrics`` of the weights config: the selected epoch and, with a validation set, its scores."""
+    last = history[-1] if history else {}
+    metrics = {"selected_epoch": selected_epoch, "selection": settings.select, "final_train_loss": last.get("loss")}
+    if val_cases:
+        chosen = next((h for h in history if h["epoch"] == selected_epoch), last)
+        metrics.update({"val_cases": [c.case_id for c in val_cases], "val_mae": chosen.get("val_mae"),
+                        "val_ssim": chosen.get("val_ssim"), "val_ssim_foreground": chosen.get("val_ssim_foreground")})
+    return metrics
+
+
+def _save_model(run: _Run, train_cases, val_cases, progress: _Progress, seconds: float, split, data, command) -> dict:
+    """Rank 0: the selected epoch's network and its config as ``model.safetensors`` (and ``best.safetensors``
+    when a validation set selected it); the config."""
+    import torch
+
+    from ..model import count_parameters
+    from ..weights import save_weights
+
+    settings, net, history = run.settings, run.net, progress.history
+    selected_epoch = settings.epochs
+    if settings.select == "best" and progress.best_state is not None:
+        net.load_state_dict(progress.best_state)
+        selected_epoch = progress.best["epoch"]
+    extra = {
+        "device": run.device,
+        "hardware": hardware_summary(run.device),
+        "processes": run.dist.world,
+        "threads_per_process": None if run.cuda else torch.get_num_threads(),
+        "amp": bool(run.cuda and settings.amp),
+        "seconds": round(seconds, 1),
+        "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 2) if history else None,
+        "parameters": count_parameters(net),
+        "command": command,
+        **({"unpaired": run.unpaired_record} if run.unpaired_record else {}),
+    }
+    split = split or {"mode": "all", "train_cases": [c.case_id for c in train_cases], "val_cases": [],
+                      "test_cases": [], "seed": settings.seed}
+    config = build_config(settings, split, data or {}, _final_metrics(settings, history, selected_epoch, val_cases), extra)
+    save_weights(run.out_dir / MODEL_FILE, net, config)
+    if settings.select == "best" and progress.best_state is not None:
+        save_weights(run.out_dir / BEST_FILE, net, config)
+    return config
+
+
 def train(
     train_cases,
     settings: TrainSettings,
@@ -387,239 +737,24 @@ def train(
     ``val_cases`` are evaluated after every epoch (logged); with ``settings.select == "best"`` the
     epoch with the lowest validation MAE is the one saved as ``model.safetensors``, otherwise the last epoch.
     """
-    import torch
-    from torch.utils.data import DataLoader
-
-    from ..model import UNet, count_parameters
-    from ..synthesis import choose_device
-    from ..weights import save_weights
-
     settings.check()
     out_dir = Path(out_dir)
-    dist = dist_from_env()
-    device = init_distributed(dist, choose_device(settings.device))
-    cuda = device.startswith("cuda")
-    if not cuda:
-        cores = os.cpu_count() or 1
-        threads = settings.threads or max(1, cores // (dist.world if dist.active else 1))
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    elif settings.threads:  # the augmentation runs on the CPU: many runs sharing one GPU machine share its cores
-        torch.set_num_threads(settings.threads)
-    if dist.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    barrier(dist)
-    (out_dir / "ranks").mkdir(parents=True, exist_ok=True)
-
-    torch.manual_seed(settings.seed)
-    np.random.seed(settings.seed)
-    seen = as_network_sees(train_cases, settings.ct_standardise)  # what the network trains on
-    net = UNet(model_config(settings))
-    if settings.lookup_residual:
-        from .report import fit_lookup_table
-
-        # fit on the CT the network indexes the table with (standardised, when asked)
-        net.set_lookup(fit_lookup_table(seen, settings.head_threshold, settings.lookup_sigma) / 255.0)
-    net = net.to(device=device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(net.parameters(), lr=settings.lr)
-    loss_fn = make_loss(settings)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and settings.amp)
-
-    history: list[dict] = []
-    best = {"val_mae": float("inf"), "epoch": None}
-    best_state = None
-    start_epoch = 0
-    ckpt_path = out_dir / "checkpoint.pt"
-    if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        _check_resumable(ckpt.get("settings", {}), settings, ckpt_path)
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        history = list(ckpt["history"])
-        best = dict(ckpt["best"])
-        best_state = ckpt.get("best_model")
-        start_epoch = int(ckpt["epoch"]) + 1
-        if dist.main:
-            print(f"resuming {out_dir} at epoch {start_epoch + 1} of {settings.epochs}", flush=True)
-
-    dataset = SliceDataset(seen, settings.context, settings.augment, settings.seed)
-    unpaired, unpaired_record = build_source(settings.unpaired, seen, settings.window, settings.size, settings.context,
-                                             settings.augment, settings.seed, settings.head_threshold)
-    sampler = None
-    if dist.active:
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler = DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=settings.seed)
-        if cuda:
-            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dist.local_rank] if cuda else None)
-    else:
-        model = net
-    per_rank_batch = max(1, settings.batch_size // dist.world)
-
+    run, progress = _prepare(train_cases, settings, out_dir, resume)
     start_time = time.time()
-    log_path = out_dir / "log.csv"
-    if dist.main:  # on resume, the log restarts from the checkpoint's history (epochs after it are redone)
-        with open(log_path, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(LOG_FIELDS)
-            for h in history:
-                writer.writerow(_log_row(h))
-    seconds_before = float(sum(h["seconds"] for h in history))
-
-    for epoch in range(start_epoch, settings.epochs):
-        t0 = time.time()
-        lr = _lr_at(settings, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        dataset.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(settings.seed * 1000 + epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        loader = DataLoader(
-            dataset,
-            batch_size=per_rank_batch,
-            shuffle=sampler is None,
-            sampler=sampler,
-            generator=generator if sampler is None else None,
-            num_workers=settings.num_workers,
-            pin_memory=cuda,
-            drop_last=False,
-        )
-        model.train()
-        total, count, steps = 0.0, 0, 0
-        unpaired_terms = np.zeros(2)  # consistency, prior: summed over the epoch's steps
-        bar = None
-        if progress_bar and dist.main:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{settings.epochs}", leave=False, mininterval=2.0)
-        for x, y in loader:
-            n = x.shape[0]
-            if unpaired is not None:  # one forward pass: batch norm sees the paired and unpaired slices together
-                plain, augmented = unpaired.batch(epoch, steps, dist.rank)
-                x = torch.cat([x, plain, augmented])
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            y = y.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=cuda and settings.amp):
-                pred = model(x)
-            loss = loss_fn(pred[:n].float(), y)
-            if unpaired is not None:
-                extra, terms = unpaired.loss(pred[n:].float(), x[n : n + plain.shape[0]])
-                loss = loss + extra
-                unpaired_terms += terms
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total += float(loss.detach()) * n
-            count += n
-            steps += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{total / count:.4f}")
-            if settings.max_steps and steps >= settings.max_steps:
-                break
-        if bar is not None:
-            bar.close()
-        epoch_loss = total / max(1, count)
-        if dist.active:  # mean over ranks
-            import torch.distributed as td
-
-            t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
-            td.all_reduce(t)
-            epoch_loss = float(t[0] / max(1.0, float(t[1])))
-        with open(out_dir / "ranks" / f"rank{dist.rank}.log", "a") as fh:
-            unpaired_note = "" if unpaired is None else (
-                f" unpaired consistency {unpaired_terms[0] / max(1, steps):.6f} prior {unpaired_terms[1] / max(1, steps):.6f}")
-            fh.write(f"rank {dist.rank}/{dist.world} epoch {epoch + 1} steps {steps} slices {count} loss {total / max(1, count):.6f}"
-                     f"{unpaired_note}\n")
-
-        row = {"epoch": epoch + 1, "loss": epoch_loss, "val_mae": None, "val_ssim": None, "val_ssim_foreground": None, "lr": lr}
-        stopping = bool(settings.stop_after and epoch + 1 >= settings.stop_after)
-        milestone = (epoch + 1) % settings.checkpoint_every == 0 or epoch + 1 == settings.epochs or stopping
-        if val_cases and dist.main and milestone:
-            row.update(_mean_metrics(val_cases, net, settings, device))
-            net.train()
-        row["seconds"] = time.time() - t0
-        history.append(row)
-        if dist.main:
-            improved = row["val_mae"] is not None and row["val_mae"] < best["val_mae"]
-            if improved:
-                best = {"val_mae": row["val_mae"], "val_ssim": row["val_ssim"], "epoch": epoch + 1}
-                best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-            with open(log_path, "a", newline="") as fh:
-                csv.writer(fh).writerow(_log_row(row))
-            if milestone:
-                state = {
-                    "epoch": epoch,
-                    "rank": dist.rank,
-                    "world_size": dist.world,
-                    "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "history": history,
-                    "best": best,
-                    "settings": json.loads(json.dumps(asdict(settings), default=str)),
-                }
-                if best_state is not None and settings.select == "best":
-                    state["best_model"] = best_state
-                _atomic_torch_save(state, ckpt_path)
-            message = f"epoch {epoch + 1}/{settings.epochs} loss {epoch_loss:.5f} lr {lr:.2e} {row['seconds']:.1f}s"
-            message += unpaired_note
-            if row["val_mae"] is not None:
-                message += f" | held-out MAE {row['val_mae']:.2f} SSIM {row['val_ssim']:.4f} (fg {row['val_ssim_foreground']:.4f})"
-            print(message, flush=True)
-        barrier(dist)
+    _start_log(run, progress.history)
+    seconds_before = float(sum(h["seconds"] for h in progress.history))
+    for epoch in range(progress.start_epoch, settings.epochs):
+        _run_epoch(run, epoch, val_cases, progress, progress_bar)
+        barrier(run.dist)
         if settings.stop_after and epoch + 1 >= settings.stop_after and epoch + 1 < settings.epochs:
-            if dist.main:
+            if run.dist.main:
                 print(f"stopped after epoch {epoch + 1}; continue with --resume", flush=True)
-            return {"weights": None, "history": history, "best": best, "stopped": True}
+            return {"weights": None, "history": progress.history, "best": progress.best, "stopped": True}
 
-    result = {"weights": out_dir / MODEL_FILE, "history": history, "best": best}
-    if dist.main:
-        seconds = seconds_before + (time.time() - start_time) if start_epoch < settings.epochs else seconds_before
-        selected_epoch = settings.epochs
-        if settings.select == "best" and best_state is not None:
-            net.load_state_dict(best_state)
-            selected_epoch = best["epoch"]
-        last = history[-1] if history else {}
-        metrics = {
-            "selected_epoch": selected_epoch,
-            "selection": settings.select,
-            "final_train_loss": last.get("loss"),
-        }
-        if val_cases:
-            chosen = next((h for h in history if h["epoch"] == selected_epoch), last)
-            metrics.update(
-                {
-                    "val_cases": [c.case_id for c in val_cases],
-                    "val_mae": chosen.get("val_mae"),
-                    "val_ssim": chosen.get("val_ssim"),
-                    "val_ssim_foreground": chosen.get("val_ssim_foreground"),
-                }
-            )
-        extra = {
-            "device": device,
-            "hardware": hardware_summary(device),
-            "processes": dist.world,
-            "threads_per_process": None if cuda else torch.get_num_threads(),
-            "amp": bool(cuda and settings.amp),
-            "seconds": round(seconds, 1),
-            "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 2) if history else None,
-            "parameters": count_parameters(net),
-            "command": command,
-            **({"unpaired": unpaired_record} if unpaired_record else {}),
-        }
-        config = build_config(
-            settings,
-            split or {"mode": "all", "train_cases": [c.case_id for c in train_cases], "val_cases": [], "test_cases": [], "seed": settings.seed},
-            data or {},
-            metrics,
-            extra,
-        )
-        save_weights(out_dir / MODEL_FILE, net, config)
-        if settings.select == "best" and best_state is not None:
-            save_weights(out_dir / BEST_FILE, net, config)
-        result["config"] = config
-    barrier(dist)
+    result = {"weights": out_dir / MODEL_FILE, "history": progress.history, "best": progress.best}
+    if run.dist.main:
+        ran = progress.start_epoch < settings.epochs
+        seconds = seconds_before + (time.time() - start_time) if ran else seconds_before
+        result["config"] = _save_model(run, train_cases, val_cases, progress, seconds, split, data, command)
+    barrier(run.dist)
     return result
