@@ -193,87 +193,116 @@ def predict_volume(
     finally used, ``info["warnings"]`` (list of messages). ``ct_standardise`` (from the weights config)
     maps the CT's brain median to that value first (:func:`intensity.standardise_ct`); before that,
     ``ct_grain_target`` blurs a CT grainier than the training CTs down to their grain
-    (:func:`grain.match_grain`; by at most ``ct_grain_max_blur`` px when given); the output mask is always taken from the CT as given. A model file's
-    error model, if any, is applied afterwards
+    (:func:`grain.match_grain`; by at most ``ct_grain_max_blur`` px when given); the output mask is always
+    taken from the CT as given. A model file's error model, if any, is applied afterwards
     (:func:`error_model.apply`).
     """
-    import torch
-
     if ct255.ndim != 3:
         raise CTMRIError(f"expected a (z, H, W) CT array, got shape {ct255.shape}")
     info = {} if info is None else info
-    notes = info.setdefault("warnings", [])
-    batch_size = max(1, int(batch_size or default_batch_size(device)))
-    first_device, first_batch = device, min(batch_size, max(ct255.shape[0], 1))
-    mask_source = ct255
-    if ct_grain_target is not None:
-        ct255, note = match_grain(ct255, ct_grain_target, ct_grain_max_blur)
-        info.update(note)
-        if note.get("ct_grain_blur_px"):
-            notes.append(f"the CT is grainier than the CTs the model was trained on (noise grain {note['ct_grain']:.1f} "
-                         f"against at most {note['ct_grain_target']:.1f}): blurred in-plane by "
-                         f"{note['ct_grain_blur_px']:g} px before synthesis"
-                         + (" (the most the model file allows)" if note.get("ct_grain_blur_capped") else ""))
-    if ct_standardise is not None:
-        ct255, note = standardise_ct(ct255, ct_standardise)
-        info.update(note)
-    inputs = stack_context(ct255.astype(np.float32) / 255.0, context)
-    out = np.empty(ct255.shape, dtype=np.float32)
-    spread = np.empty(ct255.shape, dtype=np.float32)
-    memory_format = torch.channels_last  # faster for convolutions on both CPU (oneDNN) and GPU
-    net = net.to(device=device, memory_format=memory_format).eval()
-    n = ct255.shape[0]
-    start = 0
-    with torch.inference_mode():
-        while start < n:
-            if cancel is not None and cancel():
-                raise CancelledError()
-            stop = min(start + batch_size, n)
-            out_of_memory = False
-            try:
-                batch = _batch_to(inputs[start:stop], device, memory_format)
-                cuda = device.startswith("cuda") and torch.cuda.is_available()
-                with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=cuda):
-                    pred, pred_spread = _predict_batch(net, batch, flip_tta)
-                out[start:stop] = pred.mul_(255.0).clamp_(0.0, 255.0).cpu().numpy()
-                # an SD of values confined to 0..255 cannot exceed half that range
-                spread[start:stop] = pred_spread.mul_(255.0).clamp_(0.0, MAX_SPREAD).cpu().numpy()
-            except (RuntimeError, MemoryError) as exc:
-                if not (isinstance(exc, MemoryError) or _is_out_of_memory(exc)):
-                    raise
-                out_of_memory = True  # handled below, once the exception (and the tensors it holds) is gone
-            batch = pred = pred_spread = None
-            if out_of_memory:
-                _free_device_memory(device)
-                if stop - start > 1:
-                    batch_size = max(1, (stop - start) // 2)
-                    if progress is not None:
-                        progress(start / n, f"out of memory on {device}: retrying with {batch_size} slices per batch")
-                    continue
-                if device == "cpu":
-                    raise CTMRIError(
-                        "out of memory even with one slice per batch on the CPU; close other programs or use a "
-                        "machine with more memory"
-                    )
-                notes.append(
-                    f"out of {device} memory even with one slice per batch; the remaining slices "
-                    f"({start}..{n - 1}) were synthesised on the CPU (slower)"
-                )
-                device, batch_size = "cpu", default_batch_size("cpu")
-                net = net.to(device="cpu", memory_format=memory_format)
-                if progress is not None:
-                    progress(start / n, "out of GPU memory: continuing on the CPU")
-                continue
-            start = stop
-            if progress is not None:
-                progress(stop / n, f"synthesised {stop}/{n} slices")
-    if device == first_device and batch_size < first_batch:
-        notes.append(
-            f"out of {device} memory with {first_batch} slices per batch; finished with {batch_size} per batch "
-            f"(--batch-size {batch_size} starts there)"
-        )
-    info["device"], info["batch_size"] = device, batch_size
-    head = head_mask(mask_source) if mask_output else np.ones(out.shape, dtype=bool)
+    info.setdefault("warnings", [])
+    network_ct = _as_trained(ct255, ct_grain_target, ct_grain_max_blur, ct_standardise, info)
+    runner = _Batches(net, device, max(1, int(batch_size or default_batch_size(device))), flip_tta, info["warnings"])
+    out, spread = runner.run(stack_context(network_ct.astype(np.float32) / 255.0, context), progress, cancel)
+    info["device"], info["batch_size"] = runner.device, runner.batch_size
+    head = head_mask(ct255) if mask_output else np.ones(out.shape, dtype=bool)  # from the CT as given
     out[~head] = 0.0
     spread[~head] = 0.0
     return Prediction(mean=out, spread=spread, head=head)
+
+
+def _as_trained(ct255: np.ndarray, grain_target: Optional[float], grain_max_blur: Optional[float],
+                standardise: Optional[float], info: dict) -> np.ndarray:
+    """The CT as the model file asks the network to see it: its grain matched, then its brain median
+    standardised (each only when the file records it); what was done goes into ``info``."""
+    if grain_target is not None:
+        ct255, note = match_grain(ct255, grain_target, grain_max_blur)
+        info.update(note)
+        if note.get("ct_grain_blur_px"):
+            info["warnings"].append(
+                f"the CT is grainier than the CTs the model was trained on (noise grain {note['ct_grain']:.1f} "
+                f"against at most {note['ct_grain_target']:.1f}): blurred in-plane by {note['ct_grain_blur_px']:g} px "
+                "before synthesis" + (" (the most the model file allows)" if note.get("ct_grain_blur_capped") else ""))
+    if standardise is not None:
+        ct255, note = standardise_ct(ct255, standardise)
+        info.update(note)
+    return ct255
+
+
+class _Batches:
+    """The network run over a volume's slices in batches, stepping down when memory runs out: half the
+    batch and the same slices again; on a GPU that fails with one slice, the rest on the CPU."""
+
+    def __init__(self, net, device: str, batch_size: int, flip_tta: bool, notes: list):
+        import torch
+
+        self.memory_format = torch.channels_last  # faster for convolutions on both CPU (oneDNN) and GPU
+        self.net = net.to(device=device, memory_format=self.memory_format).eval()
+        self.device, self.batch_size, self.flip_tta, self.notes = device, batch_size, flip_tta, notes
+
+    def run(self, inputs: np.ndarray, progress: Progress, cancel: Cancel) -> tuple[np.ndarray, np.ndarray]:
+        """(synthetic MRI, spread), each (z, H, W) float32 on 0..255, of the stacked inputs (z, C, H, W)."""
+        import torch
+
+        n = inputs.shape[0]
+        first_device, first_batch = self.device, min(self.batch_size, max(n, 1))
+        out = np.empty((n, *inputs.shape[2:]), dtype=np.float32)
+        spread = np.empty_like(out)
+        start = 0
+        with torch.inference_mode():
+            while start < n:
+                if cancel is not None and cancel():
+                    raise CancelledError()
+                stop = min(start + self.batch_size, n)
+                if not self._predict(inputs, start, stop, out, spread):
+                    self._step_down(start, stop, n, progress)
+                    continue
+                start = stop
+                if progress is not None:
+                    progress(stop / n, f"synthesised {stop}/{n} slices")
+        if self.device == first_device and self.batch_size < first_batch:
+            self.notes.append(
+                f"out of {self.device} memory with {first_batch} slices per batch; finished with {self.batch_size} "
+                f"per batch (--batch-size {self.batch_size} starts there)"
+            )
+        return out, spread
+
+    def _predict(self, inputs: np.ndarray, start: int, stop: int, out: np.ndarray, spread: np.ndarray) -> bool:
+        """Slices ``start:stop`` into ``out`` and ``spread``; False when memory ran out."""
+        import torch
+
+        try:
+            batch = _batch_to(inputs[start:stop], self.device, self.memory_format)
+            cuda = self.device.startswith("cuda") and torch.cuda.is_available()
+            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=cuda):
+                pred, pred_spread = _predict_batch(self.net, batch, self.flip_tta)
+            out[start:stop] = pred.mul_(255.0).clamp_(0.0, 255.0).cpu().numpy()
+            # an SD of values confined to 0..255 cannot exceed half that range
+            spread[start:stop] = pred_spread.mul_(255.0).clamp_(0.0, MAX_SPREAD).cpu().numpy()
+        except (RuntimeError, MemoryError) as exc:
+            if not (isinstance(exc, MemoryError) or _is_out_of_memory(exc)):
+                raise
+            return False  # freed by the caller, once this frame (and the tensors the exception holds) is gone
+        return True
+
+    def _step_down(self, start: int, stop: int, n: int, progress: Progress) -> None:
+        """After running out of memory on slices ``start:stop``: a smaller batch, or the CPU, or an error."""
+        _free_device_memory(self.device)
+        if stop - start > 1:
+            self.batch_size = max(1, (stop - start) // 2)
+            if progress is not None:
+                progress(start / n, f"out of memory on {self.device}: retrying with {self.batch_size} slices per batch")
+            return
+        if self.device == "cpu":
+            raise CTMRIError(
+                "out of memory even with one slice per batch on the CPU; close other programs or use a "
+                "machine with more memory"
+            )
+        self.notes.append(
+            f"out of {self.device} memory even with one slice per batch; the remaining slices "
+            f"({start}..{n - 1}) were synthesised on the CPU (slower)"
+        )
+        self.device, self.batch_size = "cpu", default_batch_size("cpu")
+        self.net = self.net.to(device="cpu", memory_format=self.memory_format)
+        if progress is not None:
+            progress(start / n, "out of GPU memory: continuing on the CPU")
