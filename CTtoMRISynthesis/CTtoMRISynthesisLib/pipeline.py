@@ -229,9 +229,8 @@ def synthesize(
     is told how far it is; ``cancel()`` returning True stops it with ``CancelledError``.
     Inputs are never modified.
     """
-    from .error_model import apply as apply_error_model
-    from .synthesis import choose_device, predict_volume, preprocessing_options
-    from .weights import load_model, sha256_of
+    from .synthesis import choose_device
+    from .weights import load_model
 
     if registration not in REGISTRATION_MODES:
         raise CTMRIError(f"unknown registration {registration!r}; choose one of {', '.join(REGISTRATION_MODES)}")
@@ -242,9 +241,28 @@ def synthesize(
     device = choose_device(device)
     if model is None:
         model = stages.run("load model", 0.0, 0.02, load_model, weights, device)
-    prep = model.config["preprocessing"]
-    size = int(prep["size"])
-    window = CTWindow(**prep["ct_window"])
+    result = _new_result(ct, mri, model, device)
+    if mri is not None:
+        reg = stages.run(
+            "register", 0.02, 0.3, _register, mri, ct, registration, allow_disjoint, stages.sub(0.02, 0.3), cancel
+        )
+        result.transform, result.registration = reg.transform, reg.to_dict()
+        result.ct_registered = stages.run("resample CT", 0.3, 0.32, geometry.resample, ct, mri, result.transform)
+    _synthesise_on_reference(result, ct, mri if mri is not None else ct, model, stages, batch_size, cancel)
+    if mri is not None:
+        mri255 = geometry.array_on_grid(normalise_mri(sitk.GetArrayFromImage(mri)), mri)
+        result.difference = sitk.Subtract(mri255, result.synthetic_mri)
+        result.metrics = stages.run("metrics", 0.93, 1.0, evaluate_images, mri255, result.synthetic_mri)
+    result.stage_seconds = stages.seconds
+    result.seconds = time.perf_counter() - t_start
+    stages.report(1.0, "done")
+    return result
+
+
+def _new_result(ct: sitk.Image, mri: Optional[sitk.Image], model, device: str) -> SynthesisResult:
+    """A result that names the model file and carries the inputs' modality warnings (a likely swap)."""
+    from .weights import sha256_of
+
     result = SynthesisResult(synthetic_mri=None, device=device)  # type: ignore[arg-type]
     result.warnings.extend(
         modality_warnings(
@@ -254,57 +272,39 @@ def synthesize(
     result.weights = {"file": model.path.name if model.path else None, "name": model.config.get("name")}
     if model.path is not None:
         result.weights["sha256"] = sha256_of(model.path)
+    return result
 
-    reference = ct
-    if mri is not None:
-        reference = mri
-        reg = stages.run(
-            "register", 0.02, 0.3, _register, mri, ct, registration, allow_disjoint, stages.sub(0.02, 0.3), cancel
-        )
-        result.transform, result.registration = reg.transform, reg.to_dict()
-        result.ct_registered = stages.run(
-            "resample CT", 0.3, 0.32, geometry.resample, ct, mri, result.transform
-        )
 
-    ct_array = sitk.GetArrayFromImage(ct)
-    ct255, result.normalisation = stages.run("normalise", 0.32, 0.34, normalise_ct, ct_array, window)
+def _synthesise_on_reference(result: SynthesisResult, ct: sitk.Image, reference: sitk.Image, model, stages: "_Stages",
+                             batch_size: Optional[int], cancel: Cancel) -> None:
+    """The CT normalised as the model was trained, resampled (through the registration, if any) onto the
+    model's grid, synthesised, and the synthetic MRI and its uncertainty brought onto ``reference``'s grid."""
+    from .error_model import apply as apply_error_model
+    from .synthesis import predict_volume, preprocessing_options
+
+    prep = model.config["preprocessing"]
+    ct255, result.normalisation = stages.run("normalise", 0.32, 0.34, normalise_ct, sitk.GetArrayFromImage(ct),
+                                             CTWindow(**prep["ct_window"]))
     ct255_image = geometry.array_on_grid(ct255, ct)
-    grid = geometry.model_grid(reference, size)
-    ct_grid = stages.run("resample to model grid", 0.34, 0.36, geometry.resample, ct255_image, grid, result.transform, default_value=0.0)
+    grid = geometry.model_grid(reference, int(prep["size"]))
+    ct_grid = stages.run("resample to model grid", 0.34, 0.36, geometry.resample, ct255_image, grid, result.transform,
+                         default_value=0.0)
     run_info: dict = {}
     prediction = stages.run(
-        "synthesise",
-        0.36,
-        0.88,
-        predict_volume,
-        model.net,
-        sitk.GetArrayFromImage(ct_grid),
-        **preprocessing_options(prep),
-        device=device,
-        batch_size=batch_size,
-        progress=stages.sub(0.36, 0.88),
-        cancel=cancel,
-        info=run_info,
+        "synthesise", 0.36, 0.88, predict_volume, model.net, sitk.GetArrayFromImage(ct_grid),
+        **preprocessing_options(prep), device=result.device, batch_size=batch_size, progress=stages.sub(0.36, 0.88),
+        cancel=cancel, info=run_info,
     )
     if model.error_model is not None:  # the uncertainty map (error_model.py), its own stage to be timed
         prediction = stages.run("error map", 0.88, 0.9, apply_error_model, model.error_model, prediction)
     result.warnings.extend(run_info.get("warnings", []))
     result.normalisation.update({k: v for k, v in run_info.items() if k.startswith("ct_grain")})
-    result.device = run_info.get("device", device)
+    result.device = run_info.get("device", result.device)
     result.synthetic_mri, result.uncertainty, head = stages.run(
         "resample to reference", 0.9, 0.93, _to_reference, prediction, grid, reference, ct255_image,
         result.transform, prep.get("mask_output", True),
     )
     result.uncertainty_mean = _mean_in_head(result.uncertainty, head)
-
-    if mri is not None:
-        mri255 = geometry.array_on_grid(normalise_mri(sitk.GetArrayFromImage(mri)), mri)
-        result.difference = sitk.Subtract(mri255, result.synthetic_mri)
-        result.metrics = stages.run("metrics", 0.93, 1.0, evaluate_images, mri255, result.synthetic_mri)
-    result.stage_seconds = stages.seconds
-    result.seconds = time.perf_counter() - t_start
-    stages.report(1.0, "done")
-    return result
 
 
 def _to_reference(prediction, grid: sitk.Image, reference: sitk.Image, ct255: sitk.Image,
