@@ -126,6 +126,17 @@ def save_state(path: str | Path, tensors: Mapping[str, Any], config: dict) -> st
     return digest
 
 
+def copy_model(source: str | Path, target: str | Path) -> str:
+    """Copy a model file (checked against its .sha256 first) and its checksum to ``target``, written to a
+    temporary name and renamed like every model file; return the digest."""
+    source, target = Path(source), Path(target)
+    data, digest = _read_checked_bytes(source, verify=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(target, data)
+    _write_atomically(checksum_path(target), f"{digest}  {target.name}\n".encode())
+    return digest
+
+
 def _serialise(tensors: Mapping[str, Any], metadata: dict) -> bytes:
     """safetensors bytes of the tensors (torch or numpy; torch only imported when given torch tensors)."""
     if all(hasattr(value, "__array_interface__") for value in tensors.values()):

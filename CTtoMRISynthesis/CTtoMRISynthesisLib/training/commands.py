@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CTMRIError
@@ -174,10 +175,43 @@ def check_run_free(run_dir: Path) -> None:
                          "(a finished run is kept as it is), or choose another --out")
 
 
+@dataclass
+class _TrainJob:
+    """What every training run of one ``ctmri train`` call shares: the patients, the settings, the record."""
+
+    args: argparse.Namespace
+    settings: object  # loop.TrainSettings
+    cases: list
+    data: dict  # the data summary recorded in each model file
+    command: str
+    excluded: list  # --exclude-from-training
+
+    @property
+    def ids(self) -> list:
+        return [c.case_id for c in self.cases]
+
+    def train(self, train_ids, val_ids, split_record: dict, run_dir: Path) -> dict:
+        """One training run on these patients, validated on those (the CV fold or the single split)."""
+        from . import split as splits
+        from .loop import train
+
+        args, by_id = self.args, {c.case_id: c for c in self.cases}
+        if self.excluded:
+            train_ids, split_record = splits.exclude(train_ids, self.excluded, split_record)
+        if args.drop_patients:
+            train_ids, dropped = splits.drop_random(train_ids, args.drop_patients, f"{args.seed}:{split_record.get('mode')}")
+            split_record = {**split_record, "train_cases": train_ids, "dropped_cases": dropped}
+        return train(
+            [by_id[c] for c in train_ids], self.settings, run_dir,
+            val_cases=[by_id[c] for c in val_ids], split=split_record, data=self.data,
+            resume=args.resume, command=self.command, progress_bar=not args.no_progress,
+        )
+
+
 def run_train(args) -> int:
     from . import split as splits
     from .discovery import discover
-    from .loop import dist_from_env, train
+    from .loop import dist_from_env
 
     try:
         settings = settings_from_args(args)
@@ -185,104 +219,100 @@ def run_train(args) -> int:
             raise CTMRIError(f"--save {args.save}: a model file name must end in .safetensors; choose e.g. "
                              f"{Path(args.save).with_suffix('.safetensors')}")
         out = Path(args.out)
-        cache = Path(args.cache) if args.cache else out / "cache"
-        cases = discover(args.data, settings.window, settings.size, cache, args.case_rule)
+        cases = discover(args.data, settings.window, settings.size, Path(args.cache) if args.cache else out / "cache",
+                         args.case_rule)
         ids = [c.case_id for c in cases]
-        by_id = {c.case_id: c for c in cases}
-        data = _data_summary(cases, args)
-        command = _command_line()
-        dist = dist_from_env()
-
-        excluded = splits.check_known(args.exclude_from_training, ids, "--exclude-from-training")
-
-        def train_split(train_ids, val_ids, split_record: dict, run_dir: Path) -> dict:
-            """One training run on these patients, validated on those (the CV fold or the single split)."""
-            if excluded:
-                train_ids, split_record = splits.exclude(train_ids, excluded, split_record)
-            if args.drop_patients:
-                train_ids, dropped = splits.drop_random(train_ids, args.drop_patients, f"{args.seed}:{split_record.get('mode')}")
-                split_record = {**split_record, "train_cases": train_ids, "dropped_cases": dropped}
-            return train(
-                [by_id[c] for c in train_ids], settings, run_dir,
-                val_cases=[by_id[c] for c in val_ids], split=split_record, data=data,
-                resume=args.resume, command=command, progress_bar=not args.no_progress,
-            )
-
-        if dist.main:
-            print(f"{len(cases)} patients, {data['slices']} slices: " + ", ".join(f"{c.case_id} ({c.slices})" for c in cases), flush=True)
-        if args.cv != "none":
-            folds = splits.cross_validation(ids, 0 if args.cv == "loo" else args.folds, args.seed)
-            settings.select = "last"  # the held-out patient is logged, never used to pick an epoch
-            from .report import evaluate_fold, write_cv_report
-
-            chosen = set(args.only_folds or range(1, len(folds) + 1))
-            unknown = sorted(chosen - set(range(1, len(folds) + 1)))
-            if unknown:
-                raise CTMRIError(f"--only-folds {unknown}: this cross-validation has folds 1..{len(folds)}; choose among them")
-            if not args.resume:  # every chosen fold, before the first trains
-                for k in sorted(chosen):
-                    check_run_free(out / f"fold{k:02d}")
-            for k, fold in enumerate(folds, start=1):
-                fold_dir = out / f"fold{k:02d}"
-                done = fold_dir / "fold.json"
-                if k not in chosen:
-                    continue
-                if args.resume and done.exists():
-                    if dist.main:
-                        print(f"fold {k}/{len(folds)} already done ({fold.test_cases}); kept", flush=True)
-                    continue
-                if dist.main:
-                    shown = [c for c in fold.train_cases if c not in excluded]
-                    print(f"fold {k}/{len(folds)}: held out {fold.test_cases}, training on {shown}"
-                          + (f" (never on {excluded})" if excluded else "")
-                          + (f" less {args.drop_patients} drawn with the seed" if args.drop_patients else ""), flush=True)
-                res = train_split(fold.train_cases, fold.test_cases, fold.to_dict(), fold_dir)
-                if res.get("stopped"):
-                    return 0
-                if dist.main:
-                    from ..synthesis import choose_device
-
-                    evaluate_fold(fold_dir, cases, bone_threshold=args.bone_threshold, device=choose_device(args.device))
-            missing = [k for k in range(1, len(folds) + 1) if not (out / f"fold{k:02d}" / "fold.json").exists()]
-            if dist.main and missing:
-                print(f"folds {missing} are not done yet; the report is written once every fold is", flush=True)
-            elif dist.main:
-                paths = write_cv_report(out, cases, command=command, bone_threshold=args.bone_threshold)
-                print("report: " + ", ".join(str(p) for p in paths), flush=True)
-            return 0
-        if args.val_cases or args.test_cases:
-            split = splits.holdout(ids, args.val_cases, args.test_cases, seed=args.seed)
-        else:
-            split = splits.all_cases(ids, args.seed)
-        if not args.resume:
-            check_run_free(out)
-        result = train_split(split.train_cases, split.val_cases, split.to_dict(), out)
-        if result.get("stopped"):
-            return 0
-        if dist.main and args.save:
-            import shutil
-
-            from ..weights import checksum_path
-
-            target = Path(args.save)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(result["weights"], target)
-            checksum_path(target).write_text(checksum_path(result["weights"]).read_text().split()[0] + f"  {target.name}\n")
-            print(f"saved {target}", flush=True)
-        if dist.main:
-            print(f"model: {result['weights']}", flush=True)
-        return 0
+        job = _TrainJob(args, settings, cases, _data_summary(cases, args), _command_line(),
+                        splits.check_known(args.exclude_from_training, ids, "--exclude-from-training"))
+        if dist_from_env().main:
+            print(f"{len(cases)} patients, {job.data['slices']} slices: "
+                  + ", ".join(f"{c.case_id} ({c.slices})" for c in cases), flush=True)
+        return _run_cross_validation(job, out) if args.cv != "none" else _run_single(job, out)
     except CTMRIError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        from .loop import dist_from_env as _d
-
-        if _d().active:
+        if dist_from_env().active:
             import torch.distributed as td
 
             if td.is_initialized():
                 td.destroy_process_group()
+
+
+def _run_cross_validation(job: _TrainJob, out: Path) -> int:
+    """``--cv``: each chosen fold trained in ``out/foldNN`` and scored; the report once every fold is done."""
+    from . import split as splits
+    from .loop import dist_from_env
+    from .report import write_cv_report
+
+    args, main = job.args, dist_from_env().main
+    folds = splits.cross_validation(job.ids, 0 if args.cv == "loo" else args.folds, args.seed)
+    job.settings.select = "last"  # the held-out patient is logged, never used to pick an epoch
+    chosen = set(args.only_folds or range(1, len(folds) + 1))
+    unknown = sorted(chosen - set(range(1, len(folds) + 1)))
+    if unknown:
+        raise CTMRIError(f"--only-folds {unknown}: this cross-validation has folds 1..{len(folds)}; choose among them")
+    if not args.resume:  # every chosen fold, before the first trains
+        for k in sorted(chosen):
+            check_run_free(out / f"fold{k:02d}")
+    for k, fold in enumerate(folds, start=1):
+        if k in chosen and not _run_fold(job, k, fold, len(folds), out / f"fold{k:02d}"):
+            return 0  # stopped (--stop-after): continue with --resume
+    missing = [k for k in range(1, len(folds) + 1) if not (out / f"fold{k:02d}" / "fold.json").exists()]
+    if main and missing:
+        print(f"folds {missing} are not done yet; the report is written once every fold is", flush=True)
+    elif main:
+        paths = write_cv_report(out, job.cases, command=job.command, bone_threshold=args.bone_threshold)
+        print("report: " + ", ".join(str(p) for p in paths), flush=True)
+    return 0
+
+
+def _run_fold(job: _TrainJob, k: int, fold, n_folds: int, fold_dir: Path) -> bool:
+    """Train and score fold ``k`` (kept when done and resuming); False when the run stopped before the end."""
+    from .loop import dist_from_env
+    from .report import evaluate_fold
+
+    args, main = job.args, dist_from_env().main
+    if args.resume and (fold_dir / "fold.json").exists():
+        if main:
+            print(f"fold {k}/{n_folds} already done ({fold.test_cases}); kept", flush=True)
+        return True
+    if main:
+        shown = [c for c in fold.train_cases if c not in job.excluded]
+        print(f"fold {k}/{n_folds}: held out {fold.test_cases}, training on {shown}"
+              + (f" (never on {job.excluded})" if job.excluded else "")
+              + (f" less {args.drop_patients} drawn with the seed" if args.drop_patients else ""), flush=True)
+    if job.train(fold.train_cases, fold.test_cases, fold.to_dict(), fold_dir).get("stopped"):
+        return False
+    if main:
+        from ..synthesis import choose_device
+
+        evaluate_fold(fold_dir, job.cases, bone_threshold=args.bone_threshold, device=choose_device(args.device))
+    return True
+
+
+def _run_single(job: _TrainJob, out: Path) -> int:
+    """One model on the training patients (all, or less ``--val-cases``/``--test-cases``); ``--save`` copies it."""
+    from . import split as splits
+    from .loop import dist_from_env
+
+    args = job.args
+    if args.val_cases or args.test_cases:
+        split = splits.holdout(job.ids, args.val_cases, args.test_cases, seed=args.seed)
+    else:
+        split = splits.all_cases(job.ids, args.seed)
+    if not args.resume:
+        check_run_free(out)
+    result = job.train(split.train_cases, split.val_cases, split.to_dict(), out)
+    if result.get("stopped") or not dist_from_env().main:
+        return 0
+    if args.save:
+        from ..weights import copy_model
+
+        copy_model(result["weights"], args.save)
+        print(f"saved {Path(args.save)}", flush=True)
+    print(f"model: {result['weights']}", flush=True)
+    return 0
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
