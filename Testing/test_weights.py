@@ -22,6 +22,7 @@ from CTtoMRISynthesisLib.weights import (
     FORMAT,
     SHIPPED_NAME,
     checksum_path,
+    copy_model,
     default_weights_path,
     read_config,
     read_weights_file,
@@ -157,6 +158,21 @@ def test_no_half_written_file_on_failure(tmp_path: Path) -> None:
     with pytest.raises(CTMRIError, match="must end in .safetensors"):
         save_state(tmp_path / "bad.pt", TENSORS, CONFIG)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_copy_checks_the_source_and_writes_the_copy_with_its_checksum(tmp_path: Path) -> None:
+    """``ctmri train --save``: the copy reads back as the same model; a source that no longer matches its
+    .sha256 is refused and nothing is written."""
+    source = tmp_path / "run" / "model.safetensors"
+    digest = save_state(source, TENSORS, CONFIG)
+    assert copy_model(source, tmp_path / "out" / "m.safetensors") == digest
+    copied = read_weights_file(tmp_path / "out" / "m.safetensors", framework="numpy")
+    assert copied["sha256"] == digest and copied["config"] == CONFIG
+    assert checksum_path(tmp_path / "out" / "m.safetensors").read_text() == f"{digest}  m.safetensors\n"
+    source.write_bytes(source.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(CTMRIError, match="does not match its recorded sha256"):
+        copy_model(source, tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists() and not checksum_path(tmp_path / "bad.safetensors").exists()
 
 
 def test_shipped_model_file_and_its_config_without_torch(monkeypatch) -> None:
