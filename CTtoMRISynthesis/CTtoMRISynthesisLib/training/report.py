@@ -306,17 +306,39 @@ def write_tables(rows: list[dict], out_dir: Path, title: str, preamble: list[str
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / REPORT_MARKER).write_text("Written by ctmri report; the next report into this folder replaces its files.\n")
-    fields = ["patient", "slices", "held_out", "method"] + list(METRIC_KEYS) + list(UNCERTAINTY_KEYS)
-    per_patient = out_dir / "per_patient.csv"
-    with open(per_patient, "w", newline="") as fh:
+    per_patient = _write_per_patient_csv(rows, out_dir / "per_patient.csv")
+    summary = summarise_rows(rows)
+    summary_csv = _write_summary_csv(summary, out_dir / "summary.csv")
+    patients = list(dict.fromkeys(r["patient"] for r in rows))  # in the rows' order
+    get = {(r["patient"], r["method"]): r for r in rows}
+    md = [f"# {title}", ""] + preamble + [""]
+    md += _summary_table(summary)
+    md += _per_patient_table(patients, get)
+    md += [""] + _aims_lines(summary, patients, get) + [""]
+    md += _uncertainty_lines(patients, get)
+    md += _observations(summary)
+    md += _montage_lines(montages)
+    md.append("")
+    report_md = out_dir / "report.md"
+    report_md.write_text("\n".join(md))
+    (out_dir / "summary.json").write_text(json.dumps(to_jsonable({"summary": summary, "rows": rows}), indent=1))
+    return [report_md, per_patient, summary_csv]
+
+
+def _write_per_patient_csv(rows: list[dict], path: Path) -> Path:
+    """One line per (patient, method): every metric, 6 significant digits, empty where not measured."""
+    with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(fields)
+        w.writerow(["patient", "slices", "held_out", "method"] + list(METRIC_KEYS) + list(UNCERTAINTY_KEYS))
         for r in rows:
             w.writerow([r["patient"], r["slices"], r["held_out"], r["method"]] + [
                 "" if r.get(k) is None else f"{r[k]:.6g}" for k in METRIC_KEYS + UNCERTAINTY_KEYS])
-    summary = summarise_rows(rows)
-    summary_csv = out_dir / "summary.csv"
-    with open(summary_csv, "w", newline="") as fh:
+    return path
+
+
+def _write_summary_csv(summary: dict, path: Path) -> Path:
+    """Mean, SD, min, max and n per method and metric, the paper's own rows first."""
+    with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["method", "metric", "mean", "sd", "min", "max", "n"])
         for metric in ("mae", "ssim"):
@@ -325,15 +347,14 @@ def write_tables(rows: list[dict], out_dir: Path, title: str, preamble: list[str
         for method, stats in summary.items():
             for key, s in stats.items():
                 if s:
-                    w.writerow([METHOD_NAMES[method], key, f"{s['mean']:.6g}", f"{s['sd']:.6g}", f"{s['min']:.6g}", f"{s['max']:.6g}", s["n"]])
+                    w.writerow([METHOD_NAMES[method], key, f"{s['mean']:.6g}", f"{s['sd']:.6g}", f"{s['min']:.6g}",
+                                f"{s['max']:.6g}", s["n"]])
+    return path
 
-    patients = []
-    for r in rows:
-        if r["patient"] not in patients:
-            patients.append(r["patient"])
-    get = {(r["patient"], r["method"]): r for r in rows}
-    md = [f"# {title}", ""] + preamble + [""]
-    md += ["## Summary over patients: mean (SD) [min – max]", ""]
+
+def _summary_table(summary: dict) -> list[str]:
+    """The report's first table: the paper's row, then each method's mean (SD) [min – max] per metric."""
+    md = ["## Summary over patients: mean (SD) [min – max]", ""]
     md += ["| method | " + " | ".join(METRIC_NAMES[k] for k in METRIC_KEYS) + " |",
            "|---|" + "---|" * len(METRIC_KEYS)]
     paper_cells = []
@@ -351,10 +372,14 @@ def write_tables(rows: list[dict], out_dir: Path, title: str, preamble: list[str
             s = stats.get(k)
             d = _digits(k)
             cells.append("–" if not s else f"{s['mean']:.{d}f} ({s['sd']:.{d}f}) [{s['min']:.{d}f} – {s['max']:.{d}f}]")
-        md.append(f"| **{METHOD_NAMES[method]}** | " + " | ".join(cells) + " |" if method == "model"
-                  else f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
-    md += _closed_row(summary)
-    md += ["", "## Per patient", ""]
+        name = f"**{METHOD_NAMES[method]}**" if method == "model" else METHOD_NAMES[method]
+        md.append(f"| {name} | " + " | ".join(cells) + " |")
+    return md + _closed_row(summary)
+
+
+def _per_patient_table(patients: list, get: dict) -> list[str]:
+    """The model against the baselines and the shifted real MRI, patient by patient."""
+    md = ["", "## Per patient", ""]
     md += ["| patient | slices | held out | MAE model | MAE lookup | MAE constant | model/lookup MAE | SSIM model | "
            "SSIM lookup | SSIM constant | SSIM real MRI shifted 1 px | PSNR model | SSIM in head model | "
            "SSIM in head lookup | MAE bone / soft model |",
@@ -372,8 +397,12 @@ def write_tables(rows: list[dict], out_dir: Path, title: str, preamble: list[str
             f"{_fmt(m['psnr'])} | {_fmt(m['ssim_foreground'], 3)} | {_fmt(lut and lut['ssim_foreground'], 3)} | "
             f"{_fmt(m['mae_bone'])} / {_fmt(m['mae_soft_tissue'])} |"
         )
-    md += [""] + _aims_lines(summary, patients, get) + [""]
-    md += _uncertainty_lines(patients, get)
+    return md
+
+
+def _observations(summary: dict) -> list[str]:
+    """What the reference rows say about reachability, and the paper's bone / soft-tissue observation."""
+    md = []
     reach = summary.get("ref_shift1", {}).get("ssim") if summary.get("ref_shift1") else None
     if reach:
         md += [f"Reachability: the real MRI itself, shifted by one pixel, scores SSIM {reach['mean']:.3f} "
@@ -383,16 +412,15 @@ def write_tables(rows: list[dict], out_dir: Path, title: str, preamble: list[str
         b, s = summary["model"]["mae_bone"], summary["model"].get("mae_soft_tissue")
         md += [f"Bone vs soft tissue (the paper's observation; bone = CT above the threshold): model MAE "
                f"{b['mean']:.2f} in bone vs {s['mean']:.2f} in soft tissue (means over patients).", ""]
-    if montages:
-        md += ["## Montages", "", "Columns: CT | real MRI | synthetic MRI | difference (MRI − sMRI, mid-grey = 0, "
-               "half scale); rows: slices evenly spread over the patient.", ""]
-        for p, path in montages.items():
-            md.append(f"- patient {p}: ![{p}]({Path(path).name})")
-    md.append("")
-    report_md = out_dir / "report.md"
-    report_md.write_text("\n".join(md))
-    (out_dir / "summary.json").write_text(json.dumps(to_jsonable({"summary": summary, "rows": rows}), indent=1))
-    return [report_md, per_patient, summary_csv]
+    return md
+
+
+def _montage_lines(montages: dict) -> list[str]:
+    if not montages:
+        return []
+    md = ["## Montages", "", "Columns: CT | real MRI | synthetic MRI | difference (MRI − sMRI, mid-grey = 0, "
+          "half scale); rows: slices evenly spread over the patient.", ""]
+    return md + [f"- patient {p}: ![{p}]({Path(path).name})" for p, path in montages.items()]
 
 
 def _closed_row(summary: dict) -> list[str]:
@@ -531,48 +559,30 @@ def write_cv_report(run_dir, cases, command: str = "", bone_threshold: float = 2
     excluded from training (``--exclude-from-training``). ``config`` (e.g. the
     ensemble file's) describes the model where the runs' fold model files are not at hand.
     """
-    from ..weights import read_config
+    from ..errors import CTMRIError
 
     runs = [Path(r) for r in (run_dir if isinstance(run_dir, (list, tuple)) else [run_dir])]
     out_dir = Path(out_dir) if out_dir else runs[0] / "report"
-    by_id = {c.case_id: c for c in cases}
     rows, montages, fold_lines = [], {}, []
     excluded_seen: set = set()
     samples = _ensemble_samples(runs, cases, config)
     error_maps = _cross_validated_error_maps(samples, config)
     for case in cases:
-        if case.case_id in samples:  # already loaded for the error maps: do not read the predictions twice
-            syn, spread = samples[case.case_id].mean, error_maps[case.case_id]
-            folds = held_out_folds(runs, case.case_id, cases, bone_threshold)
-        else:
-            syn, spread, folds = _held_out_prediction(runs, case.case_id, cases, bone_threshold)
-        if syn is None:
+        held_out = _held_out_case(runs, case, cases, samples, error_maps, bone_threshold)
+        if held_out is None:
             continue
-        fold_configs = [read_config(fold_model(f)) for f in folds if fold_model(f).exists()]
-        fold_config = fold_configs[0] if fold_configs else None
-        config = config or fold_config
-        if len(runs) == 1 and fold_config:
-            split, tr = fold_config["split"], fold_config["training"]
-            train = [by_id[c] for c in split["train_cases"] if c in by_id]
-            fold_lines.append(f"- {folds[0].name}: held out {', '.join(split['test_cases'])}; "
-                              f"{tr['epochs']} epochs in {tr['seconds'] / 60:.1f} min")
-        else:
-            # baselines learn from the patients the models could learn from
-            excluded = _never_trained_on(fold_configs)
-            train = [c for c in cases if c.case_id != case.case_id and c.case_id not in excluded]
-            excluded_seen |= excluded
-            fold_lines.append(f"- patient {case.case_id}: mean of {len(folds)} held-out predictions ("
-                              + ", ".join(f"{f.parent.name}/{f.name}" for f in folds) + ")")
+        syn, spread, folds, fold_configs = held_out
+        config = config or (fold_configs[0] if fold_configs else None)
+        train, line, excluded = _baseline_patients(runs, case, cases, folds, fold_configs)
+        fold_lines.append(line)
+        excluded_seen |= excluded
         results = {"model": evaluate(case.mri, syn, case.ct, bone_threshold)}
         if spread is not None:
             results["model"].update(uncertainty_quality(case.mri, syn, spread, head_mask(case.ct)))
         results.update(_baseline_rows(case, train, bone_threshold))
         rows += _rows_for(case, results, held_out=True)
-        path = out_dir / f"montage_{case.case_id}.png"
-        save_png(path, montage(case.ct, case.mri, syn, montage_slices))
-        montages[case.case_id] = path
-    from ..errors import CTMRIError
-
+        montages[case.case_id] = out_dir / f"montage_{case.case_id}.png"
+        save_png(montages[case.case_id], montage(case.ct, case.mri, syn, montage_slices))
     if not rows:
         raise CTMRIError(f"{', '.join(map(str, runs))} hold no finished folds")
     if config is None:
@@ -580,20 +590,56 @@ def write_cv_report(run_dir, cases, command: str = "", bone_threshold: float = 2
     order = {c.case_id: i for i, c in enumerate(cases)}
     rows.sort(key=lambda r: (order.get(r["patient"], 0), METHODS.index(r["method"])))
     preamble = _model_preamble(config, command, bone_threshold)
-    uncertainty = ("the uncertainty the model file's error model refit on the other patients' held-out errors "
-                   "(nested leave-one-out, error_model.py)" if error_maps else "the uncertainty their SD")
-    what = ("Cross-validation (leave-one-patient-out), ensemble of " + ", ".join(str(r) for r in runs) +
-            ": each patient's prediction is the mean of the runs' predictions made by the fold that held it out, "
-            f"{uncertainty}; baselines are fit on the other patients"
-            + (f" less {', '.join(sorted(excluded_seen))} (excluded from the models' training). "
-               if excluded_seen else ". ")
-            if len(runs) > 1 else
-            f"Cross-validation ({config['split']['mode'].split(':')[0]}): each patient's numbers come from "
-            "the fold in which it was held out; baselines are fit on that fold's training patients. ")
-    preamble += ["", what + "Each fold keeps its last epoch (the held-out patient never selects a model).", ""]
+    preamble += ["", _cv_description(runs, config, bool(error_maps), excluded_seen), ""]
     preamble += list(dict.fromkeys(fold_lines))  # k-fold: one line per fold, not per patient
     return write_tables(rows, out_dir, "Cross-validated results (Table 1 of Dong et al. 2020, for this model)",
                         preamble, montages)
+
+
+def _held_out_case(runs: list, case, cases, samples: dict, error_maps: dict, bone_threshold: float):
+    """(synthetic MRI, uncertainty, folds, their model configs) of ``case`` where the runs held it out; None
+    when no finished fold did."""
+    from ..weights import read_config
+
+    if case.case_id in samples:  # already loaded for the error maps: do not read the predictions twice
+        syn, spread = samples[case.case_id].mean, error_maps[case.case_id]
+        folds = held_out_folds(runs, case.case_id, cases, bone_threshold)
+    else:
+        syn, spread, folds = _held_out_prediction(runs, case.case_id, cases, bone_threshold)
+    if syn is None:
+        return None
+    return syn, spread, folds, [read_config(fold_model(f)) for f in folds if fold_model(f).exists()]
+
+
+def _baseline_patients(runs: list, case, cases, folds: list, fold_configs: list) -> tuple[list, str, set]:
+    """The patients ``case``'s baselines are fit on (those its models could learn from), its line for the
+    report's list of folds, and the patients the runs never trained on."""
+    if len(runs) == 1 and fold_configs:
+        by_id = {c.case_id: c for c in cases}
+        split, tr = fold_configs[0]["split"], fold_configs[0]["training"]
+        line = (f"- {folds[0].name}: held out {', '.join(split['test_cases'])}; "
+                f"{tr['epochs']} epochs in {tr['seconds'] / 60:.1f} min")
+        return [by_id[c] for c in split["train_cases"] if c in by_id], line, set()
+    excluded = _never_trained_on(fold_configs)
+    train = [c for c in cases if c.case_id != case.case_id and c.case_id not in excluded]
+    line = (f"- patient {case.case_id}: mean of {len(folds)} held-out predictions ("
+            + ", ".join(f"{f.parent.name}/{f.name}" for f in folds) + ")")
+    return train, line, excluded
+
+
+def _cv_description(runs: list, config: dict, learned_error_maps: bool, excluded: set) -> str:
+    """How the report's numbers were made: one run's folds, or an ensemble of runs."""
+    if len(runs) > 1:
+        uncertainty = ("the uncertainty the model file's error model refit on the other patients' held-out errors "
+                       "(nested leave-one-out, error_model.py)" if learned_error_maps else "the uncertainty their SD")
+        what = ("Cross-validation (leave-one-patient-out), ensemble of " + ", ".join(str(r) for r in runs) +
+                ": each patient's prediction is the mean of the runs' predictions made by the fold that held it out, "
+                f"{uncertainty}; baselines are fit on the other patients"
+                + (f" less {', '.join(sorted(excluded))} (excluded from the models' training). " if excluded else ". "))
+    else:
+        what = (f"Cross-validation ({config['split']['mode'].split(':')[0]}): each patient's numbers come from "
+                "the fold in which it was held out; baselines are fit on that fold's training patients. ")
+    return what + "Each fold keeps its last epoch (the held-out patient never selects a model)."
 
 
 def _ensemble_samples(runs: list, cases, config: Optional[dict]) -> dict:
