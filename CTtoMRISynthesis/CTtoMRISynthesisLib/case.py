@@ -54,14 +54,32 @@ def run_case(
     ``ct_pictures`` / ``mri_pictures`` in ``metrics.json``). ``options.dicom`` / ``options.pictures`` add
     ``dicom/`` / ``pictures/`` to the outputs.
     """
-    from .dicom import Choice, dicom_writer, read_input
-    from .pictures import PictureStack, check_registration, picture_writer
     from .pipeline import OUTPUT_FOLDERS, check_out_dir, save_outputs, synthesize
 
     # before minutes of work, not after
     check_out_dir(out_dir, [OUTPUT_FOLDERS[k] for k in ("dicom", "pictures") if getattr(options, k)])
     if options.mri_series and not mri_path:
         raise CTMRIError("--mri-series chooses a series of the MRI folder; give --mri too, or leave it out")
+    (ct, ct_source), (mri, mri_source) = _read_inputs(ct_path, mri_path, options, notify)
+    result = synthesize(
+        ct, mri, weights=options.weights, model=model, device=options.device,
+        registration=options.registration, allow_disjoint=options.allow_disjoint,
+        batch_size=options.batch_size, progress=progress, cancel=cancel,
+    )
+    _record_sources(result, ct_source, mri_source, options)
+    result.provenance.update(provenance or {})
+    # The outputs lie on the reference grid: the MRI's when one was given, else the CT's.
+    writers = _extra_writers(result, ct_source, mri_source if mri_path else ct_source, options)
+    paths = save_outputs(result, out_dir, extra_writer=_all_of(writers) if writers else None)
+    return result, paths
+
+
+def _read_inputs(ct_path, mri_path, options: CaseOptions, notify: Optional[Callable[[str], None]]) -> tuple:
+    """((CT image, its source), (MRI image or None, its source)): files, DICOM folders (a series chosen, said
+    through ``notify``) or folders of pictures; two sources that cannot be registered are refused."""
+    from .dicom import read_input
+    from .pictures import check_registration
+
     ct, ct_source = read_input(ct_path, "CT", options.ct_series, options.picture_spacing)
     if ct_source is not None and notify is not None:
         notify(ct_source.message("CT"))
@@ -71,11 +89,14 @@ def run_case(
         notify(mri_source.message("MRI"))
     if mri is not None:
         check_registration([ct_source, mri_source], options.registration)
-    result = synthesize(
-        ct, mri, weights=options.weights, model=model, device=options.device,
-        registration=options.registration, allow_disjoint=options.allow_disjoint,
-        batch_size=options.batch_size, progress=progress, cancel=cancel,
-    )
+    return (ct, ct_source), (mri, mri_source)
+
+
+def _record_sources(result: SynthesisResult, ct_source, mri_source, options: CaseOptions) -> None:
+    """Which series or pictures were read (``ct_series``, ``mri_pictures``, …) and what the user must know
+    about pictures (their assumed spacing; a --picture-spacing that was not used)."""
+    from .pictures import PictureStack
+
     for what, source in (("ct", ct_source), ("mri", mri_source)):
         if source is not None:
             kind = "pictures" if isinstance(source, PictureStack) else "series"  # ct_series, mri_pictures, …
@@ -84,18 +105,21 @@ def run_case(
             result.warnings.extend(source.warnings(what.upper()))
     if options.picture_spacing and not any(isinstance(s, PictureStack) for s in (ct_source, mri_source)):
         result.warnings.append("--picture-spacing was given, but no input is a folder of pictures: it was not used")
-    result.provenance.update(provenance or {})
-    # The outputs lie on the reference grid: the MRI's when one was given, else the CT's. Only a DICOM source
-    # has headers (patient, study, frame of reference) for the DICOM outputs to inherit.
-    reference_source = mri_source if mri_path else ct_source
+
+
+def _extra_writers(result: SynthesisResult, ct_source, reference_source, options: CaseOptions) -> list:
+    """The writers of ``dicom/`` and ``pictures/`` when asked. Only a DICOM source has headers (patient,
+    study, frame of reference) for the DICOM outputs to inherit."""
+    from .dicom import Choice, dicom_writer
+    from .pictures import picture_writer
+
     writers = []
     if options.dicom:
         ct_dicom, reference_dicom = (s if isinstance(s, Choice) else None for s in (ct_source, reference_source))
         writers.append(dicom_writer(result, ct_dicom, reference_dicom))
     if options.pictures:
         writers.append(picture_writer(result, reference_source))
-    paths = save_outputs(result, out_dir, extra_writer=_all_of(writers) if writers else None)
-    return result, paths
+    return writers
 
 
 def _all_of(writers: list) -> Callable[[Path], dict]:

@@ -429,33 +429,8 @@ def save_outputs(
             tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
         except OSError as exc:
             raise CTMRIError(f"cannot create {out_dir}: {exc.strerror or exc}; choose a writable --out-dir") from exc
-        for kind, image in result.output_images().items():
-            write_volume(image, tmp / OUTPUT_FILES[kind])
-            written[kind] = OUTPUT_FILES[kind]
-        if result.transform is not None:
-            try:
-                sitk.WriteTransform(result.transform, str(tmp / OUTPUT_FILES["transform"]))
-            except RuntimeError as exc:
-                raise CTMRIError(
-                    f"cannot write {OUTPUT_FILES['transform']}: {str(exc).strip().splitlines()[-1]}; free disk "
-                    "space or choose another --out-dir"
-                ) from exc
-            written["transform"] = OUTPUT_FILES["transform"]
-        if extra_writer is not None:
-            extra = extra_writer(tmp)
-            for name in extra.values():
-                if name in OUTPUT_FOLDERS.values():  # marks it as ours, so that a later run may replace it
-                    (tmp / name / OUTPUT_MARKER).write_text(
-                        "Written by ctmri (CTtoMRISynthesis). The next ctmri run into the folder above replaces or "
-                        "removes this folder.\n")
-            written.update(extra)
-        (tmp / OUTPUT_FILES["metrics"]).write_text(json.dumps(result.summary(), indent=2) + "\n")
-        written["metrics"] = OUTPUT_FILES["metrics"]
-        files = [name for name in written.values() if name in OUTPUT_FILES.values()]
-        (tmp / OUTPUT_MANIFEST).write_text(json.dumps(
-            {"written_by": "ctmri (CTtoMRISynthesis); the next run into this folder replaces or removes these",
-             "files": files}, indent=2) + "\n")
-        # metrics.json last: a folder with it is a finished run (batch's resume reads it)
+        written = _write_all(result, tmp, extra_writer)
+        # metrics.json moved in last: a folder with it is a finished run (batch's resume reads it)
         names = [name for name in written.values() if name != OUTPUT_FILES["metrics"]]
         _commit(tmp, out_dir, names + [OUTPUT_MANIFEST, OUTPUT_FILES["metrics"]])
     except BaseException as exc:
@@ -472,6 +447,39 @@ def save_outputs(
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     return {kind: out_dir / name for kind, name in written.items()}
+
+
+def _write_all(result: SynthesisResult, tmp: Path, extra_writer: Optional[Callable[[Path], dict]]) -> dict:
+    """Every output file of ``result``, the extra writer's folders (marked as ours), ``metrics.json`` and the
+    list of the files into the temporary folder ``tmp``; {kind: name} of what was written."""
+    written: dict = {}
+    for kind, image in result.output_images().items():
+        write_volume(image, tmp / OUTPUT_FILES[kind])
+        written[kind] = OUTPUT_FILES[kind]
+    if result.transform is not None:
+        try:
+            sitk.WriteTransform(result.transform, str(tmp / OUTPUT_FILES["transform"]))
+        except RuntimeError as exc:
+            raise CTMRIError(
+                f"cannot write {OUTPUT_FILES['transform']}: {str(exc).strip().splitlines()[-1]}; free disk "
+                "space or choose another --out-dir"
+            ) from exc
+        written["transform"] = OUTPUT_FILES["transform"]
+    if extra_writer is not None:
+        extra = extra_writer(tmp)
+        for name in extra.values():
+            if name in OUTPUT_FOLDERS.values():  # marks it as ours, so that a later run may replace it
+                (tmp / name / OUTPUT_MARKER).write_text(
+                    "Written by ctmri (CTtoMRISynthesis). The next ctmri run into the folder above replaces or "
+                    "removes this folder.\n")
+        written.update(extra)
+    (tmp / OUTPUT_FILES["metrics"]).write_text(json.dumps(result.summary(), indent=2) + "\n")
+    written["metrics"] = OUTPUT_FILES["metrics"]
+    files = [name for name in written.values() if name in OUTPUT_FILES.values()]
+    (tmp / OUTPUT_MANIFEST).write_text(json.dumps(
+        {"written_by": "ctmri (CTtoMRISynthesis); the next run into this folder replaces or removes these",
+         "files": files}, indent=2) + "\n")
+    return written
 
 
 def _remove_created_folders(out_dir: Path, existing: Path) -> None:
