@@ -1061,16 +1061,16 @@ def _oom_case(data: Data, tmp_path: Path, capsys, monkeypatch, wrapper: OOMNet, 
 
 
 def test_out_of_memory_halves_the_batch(data: Data, tmp_path: Path, capsys, monkeypatch) -> None:
-    """runtime/oom-smaller-batch: out of memory for batches > 3 → halved until it fits, with a warning."""
-    wrapper = OOMNet(data.model.net, max_batch=3)
+    """runtime/oom-smaller-batch: out of memory for batches > 1 → halved until it fits, with a warning."""
+    wrapper = OOMNet(data.model.net, max_batch=1)
     outcomes = _oom_case(data, tmp_path, capsys, monkeypatch, wrapper, "cpu")
     reference = data.reference("plain+mri", data.ct, data.mri)
     for outcome in outcomes:
         assert outcome.summary["device"] == "cpu"
-        # The CPU default batch is 4 (synthesis.default_batch_size): 4 fails, 2 fits.
-        assert len(outcome.warnings) == 1 and "with 4 slices per batch; finished with 2 per batch" in outcome.warnings[0], outcome.warnings
+        # The CPU default batch is 2 (synthesis.default_batch_size): 2 fails, 1 fits.
+        assert len(outcome.warnings) == 1 and "with 2 slices per batch; finished with 1 per batch" in outcome.warnings[0], outcome.warnings
         same_image(outcome.synthetic, reference.synthetic_mri, atol=1e-3)  # batching does not change the result
-    assert [size for _, size in wrapper.calls] == [4, 2, 2, 2] * 2  # CLI, then nodes: 4 fails, 2 + 2 + 2 fit
+    assert [size for _, size in wrapper.calls] == [2] + [1] * 6 + [2] + [1] * 6  # CLI, then nodes: 2 fails, 6 × 1 fit
 
 
 def test_out_of_memory_falls_back_to_the_cpu(data: Data, tmp_path: Path, capsys, monkeypatch) -> None:

@@ -60,7 +60,7 @@ def bench_device(device: str, quick: bool) -> None:
     peak_dtype = torch.float16 if device == "cuda" else torch.float32
     peak = matmul_peak_gflops(device, peak_dtype, n=2048 if quick else 4096)
     print(f"\nDevice {device}: measured peak {peak:.0f} GFLOP/s ({peak_dtype} matmul)")
-    batches = [1, 4, 16] if quick else [1, 4, 8, 16, 32]
+    batches = [1, 2, 4, 16] if quick else [1, 2, 4, 8, 16, 32]
     if device == "cuda":
         batches = [16, 64, 128]
     amp = torch.float16 if device == "cuda" else None

@@ -6,8 +6,10 @@ Cases (each run in a fresh subprocess so that its peak RSS is its own):
   volume256 — the same CT resampled to 256×256×256, no MRI (the 256-slice end-to-end target)
 
     python benchmarks/bench_pipeline.py [--cases small large volume256] [--device auto] [--weights FILE]
+                                        [--batch-size N [N ...]]
 
---weights times a candidate model file (default: the shipped model), e.g. before shipping it (aim 5).
+--weights times a candidate model file (default: the shipped model), e.g. before shipping it (aim 5);
+--batch-size times each case with each number of slices per batch (default: the pipeline's own choice).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def make_inputs(case: str, folder: Path) -> tuple[Path, Path | None]:
     return path, None
 
 
-def run_case(case: str, device: str, weights: str | None = None) -> dict:
+def run_case(case: str, device: str, weights: str | None = None, batch_size: int | None = None) -> dict:
     """Runs inside the subprocess: read → synthesize → write, timed; returns the stage table."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -67,7 +69,7 @@ def run_case(case: str, device: str, weights: str | None = None) -> dict:
         ct = read_volume(ct_path, "CT")
         mri = read_volume(mri_path, "MRI") if mri_path else None
         read_s = time.perf_counter() - t0
-        result = synthesize(ct, mri, weights=weights, device=device)
+        result = synthesize(ct, mri, weights=weights, device=device, batch_size=batch_size)
         t1 = time.perf_counter()
         save_outputs(result, tmp / "out")
         write_s = time.perf_counter() - t1
@@ -77,6 +79,7 @@ def run_case(case: str, device: str, weights: str | None = None) -> dict:
             "case": case,
             "size": list(ct.GetSize()),
             "device": result.device,
+            "batch_size": batch_size,
             "stages": stages,
             "total": sum(stages.values()),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -90,10 +93,12 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=["small", "volume256", "large"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--weights", help="model file to time (default: the shipped model)")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[None], metavar="N",
+                        help="slices per batch to time (default: the pipeline's own choice)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_case(args.child, args.device, args.weights)))
+        print(json.dumps(run_case(args.child, args.device, args.weights, args.batch_size[0])))
         return
     from _common import machine, print_table
 
@@ -103,16 +108,19 @@ def main() -> None:
     results = []
     weights = ["--weights", args.weights] if args.weights else []
     for case in args.cases:
-        out = subprocess.run([sys.executable, __file__, "--child", case, "--device", args.device, *weights],
-                             capture_output=True, text=True, check=True)
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for batch in args.batch_size:
+            batch_args = ["--batch-size", str(batch)] if batch else []
+            out = subprocess.run([sys.executable, __file__, "--child", case, "--device", args.device, *weights,
+                                  *batch_args], capture_output=True, text=True, check=True)
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     stages = list(dict.fromkeys(s for r in results for s in r["stages"]))
     rows = [[s] + [r["stages"].get(s, 0.0) for r in results] for s in stages]
     rows.append(["**total (s)**"] + [r["total"] for r in results])
     rows.append(["peak RSS (MB)"] + [r["peak_rss_mb"] for r in results])
     if any(r["gpu_peak_mb"] for r in results):
         rows.append(["GPU max allocated (MB)"] + [r["gpu_peak_mb"] or 0.0 for r in results])
-    header = ["stage (s)"] + [f"{r['case']} {'×'.join(map(str, r['size']))} ({r['device']})" for r in results]
+    header = ["stage (s)"] + [f"{r['case']} {'×'.join(map(str, r['size']))} ({r['device']}"
+                              + (f", batch {r['batch_size']})" if r["batch_size"] else ")") for r in results]
     print_table("ctmri synthesize, stage times and peak memory", header, rows)
 
 
