@@ -98,8 +98,10 @@ def _slices_per_batch(text: str) -> int:
 
 
 def _add_batch_size(p: argparse.ArgumentParser) -> None:
+    from .synthesis import default_batch_size  # numpy only: --help stays fast
+
     p.add_argument("--batch-size", type=_slices_per_batch, default=None,
-                   help="slices per batch (default: 4 CPU, 64 GPU)")
+                   help=f"slices per batch (default: {default_batch_size('cpu')} CPU, {default_batch_size('cuda')} GPU)")
 
 
 def _add_picture_options(p: argparse.ArgumentParser) -> None:
