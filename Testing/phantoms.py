@@ -17,6 +17,8 @@ Plain functions; the fixtures that use them are in ``conftest.py``.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -125,6 +127,29 @@ def rigid(angles_deg: Sequence[float] = (0.0, 0.0, 0.0), shift_mm: Sequence[floa
     motion.SetRotation(*(float(np.deg2rad(a)) for a in angles_deg))
     motion.SetTranslation([float(s) for s in shift_mm])
     return motion
+
+
+def axis_angle_motion(centre: Sequence[float], axis: Sequence[float], degrees: float,
+                      shift: Sequence[float]) -> sitk.VersorRigid3DTransform:
+    """A rigid motion: ``degrees`` about ``axis`` through ``centre``, then ``shift`` (mm)."""
+    motion = sitk.VersorRigid3DTransform()
+    motion.SetCenter(tuple(centre))
+    axis = np.asarray(axis, dtype=float)
+    motion.SetRotation(tuple(axis / np.linalg.norm(axis)), math.radians(degrees))
+    motion.SetTranslation(tuple(float(s) for s in shift))
+    return motion
+
+
+def displaced(image: sitk.Image, motion: sitk.Transform, pad: Sequence[int]) -> sitk.Image:
+    """``image``'s content moved by ``motion`` (so ``motion(p)`` is where p's content went), on a grid padded by
+    ``pad`` voxels on each side so that it stays inside, as a CT usually covers more than the MRI. Float32."""
+    grid = sitk.ConstantPad(image, pad, pad, 0)
+    return sitk.Resample(image, grid, motion.GetInverse(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
+def image_centre(image: sitk.Image) -> tuple:
+    """The physical point at the centre of ``image``'s voxel grid."""
+    return image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()])
 
 
 def _slice_points(image: sitk.Image, k: float, offset: Sequence[float] = (0.0, 0.0)) -> np.ndarray:

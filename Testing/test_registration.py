@@ -40,38 +40,15 @@ def rire_head(rire: sitk.Image) -> sitk.Image:
     return reg.foreground_mask(rire)
 
 
-def centre_of(image: sitk.Image) -> tuple:
-    return tuple(reg._physical_center(image))
-
-
-def displaced(image: sitk.Image, true: sitk.Transform, pad: tuple) -> sitk.Image:
-    """``image`` moved by ``true`` on a padded grid: then true(p) is where p's content went.
-
-    The grid is larger than the image so that the moved content stays inside it, as a CT
-    usually covers more than the MRI.
-    """
-    grid = sitk.ConstantPad(image, pad, pad, 0)
-    return sitk.Resample(image, grid, true.GetInverse(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-
-
-def rigid_motion(centre: tuple, axis, degrees: float, shift) -> sitk.VersorRigid3DTransform:
-    axis = np.asarray(axis, dtype=float)
-    motion = sitk.VersorRigid3DTransform()
-    motion.SetCenter(centre)
-    motion.SetRotation(tuple(axis / np.linalg.norm(axis)), math.radians(degrees))
-    motion.SetTranslation(tuple(float(s) for s in shift))
-    return motion
-
-
 @pytest.fixture(scope="module")
 def rire_motion(rire: sitk.Image) -> sitk.Transform:
     """12° about an oblique axis and a 15.6 mm shift, about the volume centre."""
-    return rigid_motion(centre_of(rire), (1, 2, 3), 12.0, (12.0, -8.0, 6.0))
+    return phantoms.axis_angle_motion(phantoms.image_centre(rire), (1, 2, 3), 12.0, (12.0, -8.0, 6.0))
 
 
 @pytest.fixture(scope="module")
 def rire_moved(rire: sitk.Image, rire_motion: sitk.Transform) -> sitk.Image:
-    return displaced(rire, rire_motion, (10, 10, 8))
+    return phantoms.displaced(rire, rire_motion, (10, 10, 8))
 
 
 def harvard_pair(harvard_dir: Path, name: str) -> tuple[sitk.Image, sitk.Image]:
@@ -122,8 +99,8 @@ def test_recovers_a_known_rigid_motion_in_3d(rire, rire_moved, rire_motion, rire
 def test_recovers_a_known_rigid_motion_in_3d_on_the_real_rire_mr(rire_mr_path: Path) -> None:
     """The same on the real RIRE T1 volume, the one the registration's defaults were chosen on."""
     real = sitk.ReadImage(str(rire_mr_path))
-    motion = rigid_motion(centre_of(real), (1, 2, 3), 12.0, (12.0, -8.0, 6.0))
-    test_recovers_a_known_rigid_motion_in_3d(real, displaced(real, motion, (10, 10, 8)), motion,
+    motion = phantoms.axis_angle_motion(phantoms.image_centre(real), (1, 2, 3), 12.0, (12.0, -8.0, 6.0))
+    test_recovers_a_known_rigid_motion_in_3d(real, phantoms.displaced(real, motion, (10, 10, 8)), motion,
                                              reg.foreground_mask(real))
 
 
@@ -147,7 +124,7 @@ def test_similarity_recovers_scale(rire, rire_motion, rire_head) -> None:
     truth.SetMatrix(rire_motion.GetMatrix())
     truth.SetTranslation(rire_motion.GetTranslation())
     truth.SetScale(1.1)
-    moving = displaced(rire, truth, (20, 20, 10))
+    moving = phantoms.displaced(rire, truth, (20, 20, 10))
     result = reg.register(rire, moving, "similarity")
     assert result.transform.GetName() == "Similarity3DTransform"
     error = reg.mean_displacement_mm(result.transform, truth, rire, rire_head)
@@ -174,8 +151,8 @@ def test_recovers_a_known_motion_between_real_ct_and_mri_slices(harvard_referenc
     checks that the known motion is recovered, independently of the pair's residual alignment.
     """
     mri, ct, own = harvard_reference
-    motion = in_plane_motion(centre_of(mri), degrees, 15.0, direction_deg)
-    moving = displaced(ct, motion, (20, 20, 0))
+    motion = in_plane_motion(phantoms.image_centre(mri), degrees, 15.0, direction_deg)
+    moving = phantoms.displaced(ct, motion, (20, 20, 0))
     fixed = sitk.Flip(mri, [True, False, False]) if flip_mri else mri
     result = reg.register(fixed, moving)
     expected = sitk.CompositeTransform([motion, own])  # own first, then the motion
@@ -234,7 +211,7 @@ def test_thin_slab_is_registered_in_plane_only() -> None:
 
 def test_same_inputs_give_the_same_transform() -> None:
     mri, ct = phantom_slice_pair()
-    moving = displaced(ct, in_plane_motion(centre_of(mri), 8.0, 10.0, 30.0), (20, 20, 0))
+    moving = phantoms.displaced(ct, in_plane_motion(phantoms.image_centre(mri), 8.0, 10.0, 30.0), (20, 20, 0))
     first = reg.register(mri, moving).transform.GetParameters()
     second = reg.register(mri, moving).transform.GetParameters()
     assert first == second
@@ -338,7 +315,7 @@ def test_mean_displacement_of_a_pure_shift(rire, rire_head) -> None:
     assert reg.mean_displacement_mm(shift, sitk.Euler3DTransform(), rire) == pytest.approx(5.0)
     assert reg.mean_displacement_mm(shift, sitk.Euler3DTransform(), rire, rire_head) == pytest.approx(5.0)
     # a rotation moves far voxels more than near ones: the head mean is below the whole-grid mean
-    turn = rigid_motion(centre_of(rire), (0, 0, 1), 5.0, (0, 0, 0))
+    turn = phantoms.axis_angle_motion(phantoms.image_centre(rire), (0, 0, 1), 5.0, (0, 0, 0))
     assert reg.mean_displacement_mm(turn, sitk.Euler3DTransform(), rire, rire_head) < reg.mean_displacement_mm(
         turn, sitk.Euler3DTransform(), rire
     )

@@ -17,11 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, print_table  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Testing"))
+from phantoms import axis_angle_motion as rigid, displaced as moved, image_centre as centre  # noqa: E402
 
 from CTtoMRISynthesisLib import registration as reg  # noqa: E402
 
@@ -38,25 +40,6 @@ SETTINGS = {
                                               "sampling_percentage": 0.02, "min_samples": 5000,
                                               "start_angles_deg": ()},
 }
-
-
-def rigid(centre, axis, degrees, shift) -> sitk.Transform:
-    motion = sitk.VersorRigid3DTransform()
-    motion.SetCenter(tuple(centre))
-    axis = np.asarray(axis, float)
-    motion.SetRotation(tuple(axis / np.linalg.norm(axis)), math.radians(degrees))
-    motion.SetTranslation(tuple(float(s) for s in shift))
-    return motion
-
-
-def moved(image: sitk.Image, motion: sitk.Transform, pad) -> sitk.Image:
-    """``image``'s content moved by ``motion`` onto a padded grid (the CT usually covers more)."""
-    grid = sitk.ConstantPad(image, pad, pad, 0)
-    return sitk.Resample(image, grid, motion.GetInverse(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-
-
-def centre(image: sitk.Image):
-    return image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()])
 
 
 def cases():

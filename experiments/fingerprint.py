@@ -203,20 +203,20 @@ def part_registration(tmp: Path, data_dir: Path) -> dict:
         out[name]["progress"] = messages
 
     mr = sitk.ReadImage(str(data_dir / "rire_training_001_mr_t1_only" / "training_001_mr_T1.mha"), sitk.sitkFloat32)
-    run("rire_12deg", mr, _moved(mr, _rigid(_centre(mr), (1, 2, 3), 12, (12, -8, 6)), (10, 10, 8)))
-    run("rire_20deg_one_start", mr, _moved(mr, _rigid(_centre(mr), (1, 2, 3), 20, (20, -12, 10)), (14, 14, 10)),
+    run("rire_12deg", mr, phantoms.displaced(mr, phantoms.axis_angle_motion(phantoms.image_centre(mr), (1, 2, 3), 12, (12, -8, 6)), (10, 10, 8)))
+    run("rire_20deg_one_start", mr, phantoms.displaced(mr, phantoms.axis_angle_motion(phantoms.image_centre(mr), (1, 2, 3), 20, (20, -12, 10)), (14, 14, 10)),
         start_angles_deg=())
-    small = _rigid(_centre(mr), (1, 2, 3), 6, (5, 0, 3))
-    run("rire_similarity_moments", mr, _moved(mr, small, (10, 10, 8)), "similarity", initializer="moments",
+    small = phantoms.axis_angle_motion(phantoms.image_centre(mr), (1, 2, 3), 6, (5, 0, 3))
+    run("rire_similarity_moments", mr, phantoms.displaced(mr, small, (10, 10, 8)), "similarity", initializer="moments",
         scales="physical_shift")
-    run("rire_none", mr, _moved(mr, small, (10, 10, 8)), "none")
+    run("rire_none", mr, phantoms.displaced(mr, small, (10, 10, 8)), "none")
     harvard = data_dir / "harvard_aanlib_ct_mri_2d"
     for name in sorted(p.name for p in (harvard / "MRI").glob("*.png"))[::30]:
         mri, ct = (sitk.JoinSeries(sitk.Cast(sitk.ReadImage(str(harvard / sub / name)), sitk.sitkFloat32))
                    for sub in ("MRI", "CT"))
         run(f"harvard_{name}_aligned", mri, ct)
         turn = sitk.Euler3DTransform()
-        turn.SetCenter(_centre(mri))
+        turn.SetCenter(phantoms.image_centre(mri))
         turn.SetRotation(0, 0, math.radians(10))
         turn.SetTranslation((15, -5, 0))
         turned = sitk.Resample(ct, ct, turn.GetInverse(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
@@ -237,29 +237,11 @@ def part_registration(tmp: Path, data_dir: Path) -> dict:
         return calls[0] > 5
 
     try:
-        reg.register(mr, _moved(mr, small, (10, 10, 8)), cancel=cancel)
+        reg.register(mr, phantoms.displaced(mr, small, (10, 10, 8)), cancel=cancel)
         out["cancel"] = "not cancelled"
     except CancelledError:
         out["cancel"] = f"cancelled at call {calls[0]}"
     return out
-
-
-def _rigid(centre, axis, degrees: float, shift) -> sitk.Transform:
-    motion = sitk.VersorRigid3DTransform()
-    motion.SetCenter(tuple(centre))
-    axis = np.asarray(axis, float)
-    motion.SetRotation(tuple(axis / np.linalg.norm(axis)), math.radians(degrees))
-    motion.SetTranslation(tuple(float(s) for s in shift))
-    return motion
-
-
-def _moved(image: sitk.Image, motion: sitk.Transform, pad) -> sitk.Image:
-    grid = sitk.ConstantPad(image, pad, pad, 0)
-    return sitk.Resample(image, grid, motion.GetInverse(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-
-
-def _centre(image: sitk.Image):
-    return image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()])
 
 
 def part_inference(tmp: Path, data_dir: Path) -> dict:
