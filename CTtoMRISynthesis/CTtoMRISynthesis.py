@@ -66,6 +66,9 @@ class CTtoMRISynthesisParameterNode:
     ctVolume - the CT to synthesise from.
     mriVolume - optional reference MRI (registration, difference map and metrics).
     device, registration - options passed to the pipeline.
+    allowDisjoint - the CT and MRI come from scanners with unrelated coordinates (no overlap at all): the
+        registration starts from aligned centres instead of refusing (off by default: for one patient's CT and MRI
+        from one hospital, no overlap means a wrong pair).
     useShippedModel - True: the model shipped with the extension; False: the file in weightsPath.
     weightsPath - the model file chosen in the panel ("" for none). Plain text kept in step with the path box
         by the widget, not bound to it: ctkPathLineEdit emits currentPathChanged only for a path its filters
@@ -81,6 +84,7 @@ class CTtoMRISynthesisParameterNode:
     mriVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode, None]
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     registration: Annotated[str, Choice(["rigid", "similarity", "none"])] = "rigid"
+    allowDisjoint: bool = False
     useShippedModel: bool = True
     weightsPath: str = ""
     syntheticVolume: vtkMRMLScalarVolumeNode
@@ -216,7 +220,8 @@ class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 weights = self.logic.weightsForRun(p.useShippedModel, self.ui.weightsPathLineEdit.currentPath)
                 self.logic.setupPythonRequirements(askConfirmation=True)
                 self._run = self.logic.startBackgroundRun(
-                    p.ctVolume, p.mriVolume, device=p.device, registration=p.registration, weightsPath=weights
+                    p.ctVolume, p.mriVolume, device=p.device, registration=p.registration, weightsPath=weights,
+                    allowDisjoint=p.allowDisjoint,
                 )
         except Exception as exc:
             self.ui.statusLabel.text = _("Not started: ") + str(exc)
@@ -488,7 +493,8 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(_("PythonSlicer was not found next to Slicer; reinstall Slicer."))
         return executable
 
-    def startBackgroundRun(self, ctNode, mriNode=None, device="auto", registration="rigid", weightsPath=None):
+    def startBackgroundRun(self, ctNode, mriNode=None, device="auto", registration="rigid", weightsPath=None,
+                           allowDisjoint: bool = False):
         """Write the inputs to a temporary folder and start the worker; returns its ``WorkerRun``."""
         from CTtoMRISynthesisLib import mrml
         from CTtoMRISynthesisLib.worker import WorkerRun
@@ -502,6 +508,7 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
             run.start(
                 self.pythonExecutable(), has_mri=mriNode is not None, env=slicer.util.startupEnvironment(),
                 weights=self._weights(weightsPath), device=device, registration=registration,
+                allow_disjoint=allowDisjoint,
             )
         except Exception:
             run.cleanup()

@@ -163,6 +163,53 @@ def test_background_run_then_load_gives_the_same_nodes(module, scene, case, tiny
     assert parameters.syntheticVolume is outputs["synthetic_mri"] and parameters.metricsTable is outputs["table"]
 
 
+def test_panel_run_with_disjoint_images_names_the_option_and_the_option_runs(module, scene, case, tiny_weights,
+                                                                           tmp_path, monkeypatch) -> None:
+    """An MRI in unrelated scanner coordinates through the background worker: refused naming the panel's option;
+    with it (allowDisjoint, as the panel's checkbox sets it) the run starts from aligned centres and succeeds."""
+    from CTtoMRISynthesisLib import mrml
+
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(temporaryPath=str(tmp_path)), raising=False)
+    monkeypatch.setattr(slicer.util, "startupEnvironment", lambda: dict(os.environ))
+    logic = module.CTtoMRISynthesisLogic()
+    monkeypatch.setattr(logic, "pythonExecutable", lambda: sys.executable)
+    far = sitk.Image(case[1])
+    far.SetOrigin((1000.0, 0.0, 0.0))
+    ct, mri = _node(case[0], "CT28"), _node(far, "MR28 far")
+
+    refused = logic.startBackgroundRun(ct, mri, device="cpu", weightsPath=tiny_weights)
+    assert refused.wait(timeout=300) != 0
+    assert "do not overlap" in refused.error and "Options > Unrelated scanner coordinates" in refused.error
+    refused.cleanup()
+
+    run = logic.startBackgroundRun(ct, mri, device="cpu", weightsPath=tiny_weights, allowDisjoint=True)
+    assert "--allow-disjoint" in run.proc.args
+    assert run.wait(timeout=300) == 0, (run.error, run.log[-10:])
+    outputs = logic.loadBackgroundResults(run, ct)
+    run.cleanup()
+    assert mrml.summary_of(outputs)["registration"]["overlap"] > 0.9
+
+
+def test_the_panel_passes_its_disjoint_option_to_the_run(widget, monkeypatch) -> None:
+    """The Options checkbox (parameter allowDisjoint) reaches startBackgroundRun, ticked or not."""
+    import contextlib
+
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(widget.logic, "weightsForRun", lambda shipped, path: None)
+    monkeypatch.setattr(widget.logic, "setupPythonRequirements", lambda askConfirmation: None)
+    calls = []
+    monkeypatch.setattr(widget.logic, "startBackgroundRun", lambda *args, **kwargs: calls.append(kwargs) or "run")
+    monkeypatch.setattr(widget, "_updateButtons", lambda: None)
+    widget.ui.weightsPathLineEdit.currentPath = ""
+    for ticked in (True, False):
+        widget._run = None
+        p = widget._parameterNode
+        p.ctVolume, p.mriVolume, p.device, p.registration, p.allowDisjoint = "ct", "mri", "cpu", "rigid", ticked
+        widget.onApplyButton()
+        assert widget._run == "run", widget.ui.statusLabel.text
+        assert calls[-1]["allowDisjoint"] is ticked
+
+
 def test_background_run_refuses_a_bad_input_before_starting(module, scene, tmp_path, monkeypatch) -> None:
     from CTtoMRISynthesisLib.errors import CTMRIError
 

@@ -300,7 +300,7 @@ def register(
             "the CT and the MRI do not overlap in physical space (no part of the MRI's head lies inside "
             "the CT). Check that they are the same patient and the same body region; if they come from "
             "scanners with unrelated coordinate systems, allow centre alignment (ctmri synthesize --allow-disjoint; "
-            "in Slicer's Python console logic.process(..., allowDisjoint=True))."
+            "in Slicer, Options > Unrelated scanner coordinates, or logic.process(..., allowDisjoint=True))."
         )
     if mode == "none":
         result = RegistrationResult(identity, mode, None, 0, "no registration requested (identity)", 0.0, identity_overlap)

@@ -75,6 +75,8 @@ def build_parser():
     parser.add_argument("--weights")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--registration", default="rigid")
+    parser.add_argument("--allow-disjoint", action="store_true",
+                        help="CT and MRI in unrelated scanner coordinates: start from aligned centres")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--cancel-file", help="the run stops as soon as this file exists")
     parser.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
@@ -112,6 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             weights=args.weights,
             device=args.device,
             registration=args.registration,
+            allow_disjoint=args.allow_disjoint,
             batch_size=args.batch_size,
             progress=lambda fraction, step: _say("PROGRESS", f"{min(max(float(fraction), 0.0), 1.0):.4f} {step}"),
             cancel=(lambda: cancel_file.exists()) if cancel_file is not None else None,
@@ -240,13 +243,15 @@ class WorkerRun:
         self._reader: Optional[threading.Thread] = None
 
     def command(self, python: str, *, has_mri: bool, weights=None, device="auto", registration="rigid",
-                batch_size=None, threads=None) -> list[str]:
+                allow_disjoint: bool = False, batch_size=None, threads=None) -> list[str]:
         cmd = [str(python), str(Path(__file__).resolve()), "--ct", str(self.ct_path), "--out-dir", str(self.out_dir),
                "--device", device, "--registration", registration, "--cancel-file", str(self.cancel_path)]
         if has_mri:
             cmd += ["--mri", str(self.mri_path)]
         if weights:
             cmd += ["--weights", str(weights)]
+        if allow_disjoint:
+            cmd += ["--allow-disjoint"]
         if batch_size:
             cmd += ["--batch-size", str(int(batch_size))]
         if threads:
