@@ -175,3 +175,19 @@ def test_real_harvard_case_with_mri(harvard_dir: Path, model) -> None:
 
 def test_real_hounsfield_ct_takes_the_window_path(vh_dir: Path, model) -> None:
     check_hounsfield_path(sitk.ReadImage(str(vh_dir / "vm_head_ct.mha")), model)
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_a_device_the_machine_lacks_is_refused_saying_where_to_choose_another(device, monkeypatch) -> None:
+    torch = pytest.importorskip("torch")
+    from CTtoMRISynthesisLib.synthesis import choose_device
+
+    # the machine's answer, made explicit so that the test means the same on a machine with a GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if getattr(torch.backends, "mps", None) is not None:
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(CTMRIError, match=r"available; choose the device auto or cpu \(--device; in Slicer, Options > Device\)"):
+        choose_device(device)
+    assert choose_device("auto") == "cpu"
+    with pytest.raises(CTMRIError, match="unknown device 'gpu'; choose one of auto, cpu, cuda, mps"):
+        choose_device("gpu")

@@ -43,9 +43,11 @@ def choose_device(name: str = "auto") -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise CTMRIError("device 'cuda' requested but no CUDA GPU is available; use --device auto or cpu")
+        raise CTMRIError("device 'cuda' requested but no CUDA GPU is available; choose the device auto or cpu "
+                         "(--device; in Slicer, Options > Device)")
     if name == "mps" and not has_mps:
-        raise CTMRIError("device 'mps' requested but Apple MPS is not available; use --device auto or cpu")
+        raise CTMRIError("device 'mps' requested but Apple MPS is not available; choose the device auto or cpu "
+                         "(--device; in Slicer, Options > Device)")
     return name
 
 
