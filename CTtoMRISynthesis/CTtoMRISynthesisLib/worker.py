@@ -89,38 +89,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if cancel_file is not None:
         threading.Thread(target=_watch_cancel_file, args=(cancel_file,), daemon=True).start()
     _say("PROGRESS", "0.0000 starting")
-
-    here = Path(__file__).resolve().parent
-    # Run as a script, Python puts this folder first on sys.path; the package's own modules
-    # (metrics, model, …) must not shadow anything there, so import them only as CTtoMRISynthesisLib.*.
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
-    if str(here.parent) not in sys.path:
-        sys.path.insert(0, str(here.parent))
+    _import_the_package_not_this_folder()
     from CTtoMRISynthesisLib.errors import CancelledError, CTMRIError
 
     try:
-        from CTtoMRISynthesisLib.pipeline import save_outputs, synthesize
-        from CTtoMRISynthesisLib.volumes import read_volume
-
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        ct = read_volume(args.ct, "CT")
-        mri = read_volume(args.mri, "MRI") if args.mri else None
-        result = synthesize(
-            ct,
-            mri,
-            weights=args.weights,
-            device=args.device,
-            registration=args.registration,
-            allow_disjoint=args.allow_disjoint,
-            batch_size=args.batch_size,
-            progress=lambda fraction, step: _say("PROGRESS", f"{min(max(float(fraction), 0.0), 1.0):.4f} {step}"),
-            cancel=(lambda: cancel_file.exists()) if cancel_file is not None else None,
-        )
-        _say("PROGRESS", "1.0000 writing outputs")
-        save_outputs(result, args.out_dir)
+        _synthesise(args, cancel_file)
     except CancelledError:
         _say("CANCELLED")
         return EXIT_CANCELLED
@@ -138,6 +111,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_BUG
     _say("DONE", args.out_dir)
     return EXIT_OK
+
+
+def _import_the_package_not_this_folder() -> None:
+    """Run as a script, Python puts this folder first on sys.path; the package's own modules (metrics, model, …)
+    must not shadow anything there, so they are imported only as CTtoMRISynthesisLib.*, from the folder above."""
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    if str(here.parent) not in sys.path:
+        sys.path.insert(0, str(here.parent))
+
+
+def _synthesise(args, cancel_file: Optional[Path]) -> None:
+    """Read the inputs, run the pipeline with progress lines and the cancel file, write the outputs."""
+    from CTtoMRISynthesisLib.pipeline import save_outputs, synthesize
+    from CTtoMRISynthesisLib.volumes import read_volume
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    ct = read_volume(args.ct, "CT")
+    mri = read_volume(args.mri, "MRI") if args.mri else None
+    result = synthesize(
+        ct,
+        mri,
+        weights=args.weights,
+        device=args.device,
+        registration=args.registration,
+        allow_disjoint=args.allow_disjoint,
+        batch_size=args.batch_size,
+        progress=lambda fraction, step: _say("PROGRESS", f"{min(max(float(fraction), 0.0), 1.0):.4f} {step}"),
+        cancel=(lambda: cancel_file.exists()) if cancel_file is not None else None,
+    )
+    _say("PROGRESS", "1.0000 writing outputs")
+    save_outputs(result, args.out_dir)
 
 
 # --------------------------------------------------------------------------------------------------
