@@ -598,26 +598,11 @@ def run_batch(manifest: str | Path, out_dir: str | Path, options: "CaseOptions",
     Returns the outcome (``exit_code`` 1 if a case of this shard failed). Raises CTMRIError for a bad
     manifest/option/weights before any case runs, and CancelledError after a clean stop on Ctrl-C/SIGTERM.
     """
-    from .pipeline import check_writable
-    from .weights import default_weights_path, sha256_of
-
     if jobs < 1:
         raise CTMRIError(f"--jobs {jobs}: give a number of worker processes >= 1")
-    index, count = parse_shard(shard)
     out_dir = Path(out_dir)
-    cases = read_manifest(manifest)
-    check_inputs_outside_outputs(cases, out_dir)
-    check_writable(out_dir)  # each case's folder is checked for files of the user's by its own run
-    check_summary_files_free(out_dir)
-    weights = Path(options.weights) if options.weights else default_weights_path()
-    if not weights.is_file():
-        raise CTMRIError(f"weights file not found: {weights}; pass --weights with a model file")
-    weights_sha = sha256_of(weights)
-    try:
-        (out_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CTMRIError(f"cannot create {out_dir / STATE_DIR}: {exc.strerror or exc}; choose a writable --out-dir") from exc
-
+    index, count = parse_shard(shard)
+    cases, weights, weights_sha = _checked_before_any_case(manifest, out_dir, options)
     expected = {c.id: made_from(c, options, weights_sha) for c in cases}
     mine = shard_cases(cases, index, count)
     outcome = BatchOutcome()
@@ -631,8 +616,6 @@ def run_batch(manifest: str | Path, out_dir: str | Path, options: "CaseOptions",
     print(f"batch: {len(cases)} cases in {manifest}{shard_note}; {len(outcome.skipped)} already complete, "
           f"{len(todo)} to run with {min(jobs, max(1, len(todo)))} job(s)", flush=True)
 
-    about = {"manifest": str(manifest), "weights": str(weights), "weights_sha256": weights_sha,
-             "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "weights"}}
     reporter = _Reporter(len(todo), sys.stderr.isatty() if progress is None else progress)
     interrupted = False
     try:
@@ -643,6 +626,8 @@ def run_batch(manifest: str | Path, out_dir: str | Path, options: "CaseOptions",
         interrupted = True
     finally:
         reporter.close()
+    about = {"manifest": str(manifest), "weights": str(weights), "weights_sha256": weights_sha,
+             "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "weights"}}
     with _signals_held():  # a second Ctrl-C must not cut the summary short
         outcome.summary = merge_summary(out_dir, cases, expected, about)
     _print_end(out_dir, outcome)
@@ -652,6 +637,27 @@ def run_batch(manifest: str | Path, out_dir: str | Path, options: "CaseOptions",
             f"were discarded; the summary covers what is done; rerun the same command to resume"
         )
     return outcome
+
+
+def _checked_before_any_case(manifest: str | Path, out_dir: Path, options: "CaseOptions") -> tuple[list, Path, str]:
+    """The checks that can refuse the whole batch (manifest, folders, weights), then the cohort folder made:
+    (cases, weights path, its sha256)."""
+    from .pipeline import check_writable
+    from .weights import default_weights_path, sha256_of
+
+    cases = read_manifest(manifest)
+    check_inputs_outside_outputs(cases, out_dir)
+    check_writable(out_dir)  # each case's folder is checked for files of the user's by its own run
+    check_summary_files_free(out_dir)
+    weights = Path(options.weights) if options.weights else default_weights_path()
+    if not weights.is_file():
+        raise CTMRIError(f"weights file not found: {weights}; pass --weights with a model file")
+    weights_sha = sha256_of(weights)
+    try:
+        (out_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CTMRIError(f"cannot create {out_dir / STATE_DIR}: {exc.strerror or exc}; choose a writable --out-dir") from exc
+    return cases, weights, weights_sha
 
 
 def _run_here(todo, out_dir, options, expected, weights, jobs, outcome, reporter) -> None:
