@@ -18,7 +18,6 @@ Plain functions; the fixtures that use them are in ``conftest.py``.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence

@@ -50,6 +50,7 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "Testing"))
 import phantoms  # noqa: E402
+from phantoms import axis_angle_motion, displaced, image_centre  # noqa: E402
 
 SAMPLE = REPO / "CTtoMRISynthesis" / "Resources" / "SampleData"
 
@@ -203,20 +204,21 @@ def part_registration(tmp: Path, data_dir: Path) -> dict:
         out[name]["progress"] = messages
 
     mr = sitk.ReadImage(str(data_dir / "rire_training_001_mr_t1_only" / "training_001_mr_T1.mha"), sitk.sitkFloat32)
-    run("rire_12deg", mr, phantoms.displaced(mr, phantoms.axis_angle_motion(phantoms.image_centre(mr), (1, 2, 3), 12, (12, -8, 6)), (10, 10, 8)))
-    run("rire_20deg_one_start", mr, phantoms.displaced(mr, phantoms.axis_angle_motion(phantoms.image_centre(mr), (1, 2, 3), 20, (20, -12, 10)), (14, 14, 10)),
-        start_angles_deg=())
-    small = phantoms.axis_angle_motion(phantoms.image_centre(mr), (1, 2, 3), 6, (5, 0, 3))
-    run("rire_similarity_moments", mr, phantoms.displaced(mr, small, (10, 10, 8)), "similarity", initializer="moments",
+    centre = image_centre(mr)
+    run("rire_12deg", mr, displaced(mr, axis_angle_motion(centre, (1, 2, 3), 12, (12, -8, 6)), (10, 10, 8)))
+    run("rire_20deg_one_start", mr,
+        displaced(mr, axis_angle_motion(centre, (1, 2, 3), 20, (20, -12, 10)), (14, 14, 10)), start_angles_deg=())
+    small = axis_angle_motion(centre, (1, 2, 3), 6, (5, 0, 3))
+    run("rire_similarity_moments", mr, displaced(mr, small, (10, 10, 8)), "similarity", initializer="moments",
         scales="physical_shift")
-    run("rire_none", mr, phantoms.displaced(mr, small, (10, 10, 8)), "none")
+    run("rire_none", mr, displaced(mr, small, (10, 10, 8)), "none")
     harvard = data_dir / "harvard_aanlib_ct_mri_2d"
     for name in sorted(p.name for p in (harvard / "MRI").glob("*.png"))[::30]:
         mri, ct = (sitk.JoinSeries(sitk.Cast(sitk.ReadImage(str(harvard / sub / name)), sitk.sitkFloat32))
                    for sub in ("MRI", "CT"))
         run(f"harvard_{name}_aligned", mri, ct)
         turn = sitk.Euler3DTransform()
-        turn.SetCenter(phantoms.image_centre(mri))
+        turn.SetCenter(image_centre(mri))
         turn.SetRotation(0, 0, math.radians(10))
         turn.SetTranslation((15, -5, 0))
         turned = sitk.Resample(ct, ct, turn.GetInverse(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
@@ -237,7 +239,7 @@ def part_registration(tmp: Path, data_dir: Path) -> dict:
         return calls[0] > 5
 
     try:
-        reg.register(mr, phantoms.displaced(mr, small, (10, 10, 8)), cancel=cancel)
+        reg.register(mr, displaced(mr, small, (10, 10, 8)), cancel=cancel)
         out["cancel"] = "not cancelled"
     except CancelledError:
         out["cancel"] = f"cancelled at call {calls[0]}"

@@ -56,11 +56,12 @@ def register_slices(case) -> list[sitk.Transform]:
 
 
 def moved(volume: np.ndarray, case, transforms: list) -> np.ndarray:
-    """Each slice of ``volume`` (on the CT's grid) resampled onto its MRI slice by that slice's transform."""
+    """Each slice of ``volume`` (on the CT's grid) resampled onto its MRI slice by that slice's transform, as the
+    pipeline resamples the CT (``registration.resample_to``: linear, 0 outside)."""
     out = np.zeros_like(volume, dtype=np.float32)
     for s, transform in enumerate(transforms):
-        fixed = as_volume(case.mri[s])
-        out[s] = sitk.GetArrayFromImage(sitk.Resample(as_volume(volume[s]), fixed, transform, sitk.sitkLinear, 0.0))[0]
+        on_mri = registration.resample_to(as_volume(volume[s]), as_volume(case.mri[s]), transform)
+        out[s] = sitk.GetArrayFromImage(on_mri)[0]
     return out
 
 
@@ -71,17 +72,15 @@ def displacement(case, s: int, transform: sitk.Transform) -> float:
                                              sitk.Cast(fixed > 0, sitk.sitkUInt8))
 
 
-def displacement_row(case, transforms: list) -> dict:
+def displacement_row(case, transforms: list, disp: list) -> dict:
     """Mean / max displacement over the MRI head, slices moved, median translation (x, y) in pixels."""
-    disp = [displacement(case, s, t) for s, t in enumerate(transforms)]
-    shifts = [t.GetParameters()[3:5] for t in transforms]
-    shifts = np.asarray(shifts)
+    shifts = np.asarray([t.GetParameters()[3:5] for t in transforms])
     return {"slices": case.slices, "moved": int(np.sum(np.asarray(disp) > 0)), "disp_mean": float(np.mean(disp)),
             "disp_max": float(np.max(disp)), "tx_median": float(np.median(shifts[:, 0])),
             "ty_median": float(np.median(shifts[:, 1]))}
 
 
-def write_realigned(cases, transforms: dict, data: Path, out: Path, max_shift: float) -> None:
+def write_realigned(cases, transforms: dict, displacements: dict, data: Path, out: Path, max_shift: float) -> None:
     """The pairs with each CT slice moved onto its MRI slice (unless it would move by more than ``max_shift``
     px: kept as given), under the original file names."""
     (out / "CT").mkdir(parents=True, exist_ok=True)
@@ -90,7 +89,7 @@ def write_realigned(cases, transforms: dict, data: Path, out: Path, max_shift: f
     for case in cases:
         accepted = []
         for s, transform in enumerate(transforms[case.case_id]):
-            if displacement(case, s, transform) > max_shift:
+            if displacements[case.case_id][s] > max_shift:
                 kept.append(case.slice_names[s])
                 transform = sitk.Euler3DTransform()
             accepted.append(transform)
@@ -117,13 +116,14 @@ def main() -> None:
     # The raw 0..255 CT, as the lookup table and the trainer's cache see it with the shipped window.
     cases = discover([args.data], CTWindow(45, 120))
     transforms = {c.case_id: register_slices(c) for c in cases}
+    displacements = {c.case_id: [displacement(c, s, t) for s, t in enumerate(transforms[c.case_id])] for c in cases}
     print("patient  slices  moved  mean px  max px  median tx  median ty")
     for case in cases:
-        r = displacement_row(case, transforms[case.case_id])
+        r = displacement_row(case, transforms[case.case_id], displacements[case.case_id])
         print(f"{case.case_id:>7}  {r['slices']:6d}  {r['moved']:5d}  {r['disp_mean']:7.2f}  {r['disp_max']:6.2f}  "
               f"{r['tx_median']:9.2f}  {r['ty_median']:9.2f}")
     if args.write:
-        write_realigned(cases, transforms, args.data, args.write, args.max_shift)
+        write_realigned(cases, transforms, displacements, args.data, args.write, args.max_shift)
         print(f"realigned pairs written to {args.write}")
     if args.run:
         score_run(cases, transforms, args.run, set(args.exclude_from_training))

@@ -29,6 +29,7 @@ Progress = Optional[Callable[[float, str], None]]
 Cancel = Optional[Callable[[], bool]]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+_CHOOSE_ANOTHER_DEVICE = "choose the device auto or cpu (--device; in Slicer, Options > Device)"
 MAX_SPREAD = 127.5  # the largest SD a quantity confined to 0..255 can have
 
 
@@ -43,11 +44,9 @@ def choose_device(name: str = "auto") -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise CTMRIError("device 'cuda' requested but no CUDA GPU is available; choose the device auto or cpu "
-                         "(--device; in Slicer, Options > Device)")
+        raise CTMRIError(f"device 'cuda' requested but no CUDA GPU is available; {_CHOOSE_ANOTHER_DEVICE}")
     if name == "mps" and not has_mps:
-        raise CTMRIError("device 'mps' requested but Apple MPS is not available; choose the device auto or cpu "
-                         "(--device; in Slicer, Options > Device)")
+        raise CTMRIError(f"device 'mps' requested but Apple MPS is not available; {_CHOOSE_ANOTHER_DEVICE}")
     return name
 
 
