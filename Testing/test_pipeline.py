@@ -132,6 +132,46 @@ def test_hounsfield_ct_takes_the_window_path(phantom_hu_ct: sitk.Image, model) -
     check_hounsfield_path(phantom_hu_ct, model)
 
 
+def test_an_8bit_ct_resampled_to_fractions_stays_an_8bit_ct(case41, model) -> None:
+    """A windowed 0..255 CT after linear interpolation (a sub-voxel shift; the pipeline's own ct_registered.nrrd
+    is such a CT) is no longer whole numbers: it is still min-max scaled as an 8-bit CT, not taken for
+    Hounsfield units and re-windowed (which turned most of the head white), and no 'not a CT' warning."""
+    ct, _ = case41
+    shifted = sitk.Resample(sitk.Cast(ct, sitk.sitkFloat32), ct, sitk.TranslationTransform(3, (0.31, 0.43, 0.0)),
+                            sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    values = sitk.GetArrayFromImage(shifted)
+    assert not np.array_equal(values, np.round(values)) and values.min() >= 0 and values.max() <= 255
+    result = synthesize(shifted, None, model=model)
+    assert result.normalisation["ct_path"] == "windowed8bit"
+    assert not [w for w in result.warnings if "does not look like a CT" in w]
+    given = sitk.GetArrayFromImage(synthesize(ct, None, model=model).synthetic_mri)
+    inside = given > 0
+    moved = np.abs(sitk.GetArrayFromImage(result.synthetic_mri) - given)[inside].mean()
+    assert moved < 0.1 * given[inside].mean(), "a fraction of a voxel changes the synthetic MRI a little, not its path"
+
+
+def test_padding_below_a_ct_stored_plus_1024_does_not_hide_the_offset(phantom_hu_ct: sitk.Image, model) -> None:
+    """A CT stored without its rescale intercept (air near 0) whose scan-field corners are padded with -2000 (as
+    some scanners pad) is still read as HU + 1024: the same synthetic MRI as without the padding, not a CT
+    windowed 1024 HU too high (all white)."""
+    from CTtoMRISynthesisLib.intensity import classify_ct
+
+    stored = sitk.GetArrayFromImage(phantom_hu_ct)
+    z, y, x = np.indices(stored.shape)
+    corners = (y - stored.shape[1] / 2) ** 2 + (x - stored.shape[2] / 2) ** 2 > (0.5 * stored.shape[1]) ** 2
+    padded_array = stored.copy()
+    padded_array[corners] = -2000
+    padded = sitk.GetImageFromArray(padded_array)
+    padded.CopyInformation(phantom_hu_ct)
+    assert classify_ct(padded_array) == "hu+1024"
+    assert classify_ct(padded_array.astype(np.float32) - 1024.0) == "hu", "HU padded at -3024 stays HU"
+    assert classify_ct(stored.astype(np.float32) - 1024.0) == "hu"
+    result = synthesize(padded, None, model=model)
+    assert result.normalisation["ct_path"] == "hu+1024"
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(result.synthetic_mri),
+                                  sitk.GetArrayFromImage(synthesize(phantom_hu_ct, None, model=model).synthetic_mri))
+
+
 def test_save_outputs_all_or_nothing(case41, model, tmp_path: Path) -> None:
     ct, mri = case41
     result = synthesize(ct, mri, model=model, registration="none")

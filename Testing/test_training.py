@@ -649,6 +649,11 @@ def test_ct_standardise_is_applied_in_training_and_at_inference(cases, tmp_path)
     plain[~head_mask(ct)] = 0.0  # the mask comes from the CT as given
     np.testing.assert_allclose(got, plain, atol=1e-4)
     assert "mapped to 105" in info["ct_standardise"]
+    # and metrics.json's record of what was done to the CT says so
+    from CTtoMRISynthesisLib.pipeline import synthesize
+
+    result = synthesize(sitk.GetImageFromArray(ct.astype(np.float32)), None, model=loaded)
+    assert "mapped to 105" in result.normalisation["ct_standardise"]
 
 
 @needs_torch

@@ -47,15 +47,37 @@ def minmax_255(array: np.ndarray, what: str = "image") -> np.ndarray:
     return ((array.astype(np.float64) - low) * (255.0 / (high - low))).astype(np.float32)
 
 
+# Padding outside the scanner's field of view: one value far below everything else (e.g. -2000 stored,
+# -3024 HU), covering at least this share of the voxels and at least PADDING_GAP below the next value.
+PADDING_MIN_FRACTION = 0.001
+PADDING_GAP = 200.0
+
+
 def classify_ct(array: np.ndarray) -> str:
-    """'windowed8bit' for an already display-windowed 0..255 CT, 'hu' for Hounsfield, 'hu+1024' when offset."""
+    """'windowed8bit' for an already display-windowed 0..255 CT, 'hu' for Hounsfield, 'hu+1024' when offset.
+
+    Anything within 0..255 is a windowed CT, whole numbers or not: a head CT in HU always has air near
+    -1000, and an 8-bit CT that was resampled (linear interpolation, e.g. ``ct_registered.nrrd``) is no
+    longer whole numbers. The padding value of the scan-field corners is left out before looking for the
+    +1024 offset: a CT stored without its rescale intercept has air near 0, whatever its padding.
+    """
     low, high = float(array.min()), float(array.max())
-    if low >= 0 and high <= 255 and np.array_equal(array, np.round(array)):
+    if low >= 0 and high <= 255:
         return "windowed8bit"
-    # No negative value at all but bone-like highs: stored as HU + 1024 (missing rescale intercept).
-    if low >= -10 and high > 1000:
+    # No negative value at all (padding aside) but bone-like highs: stored as HU + 1024 (missing intercept).
+    if _lowest_but_padding(array, low) >= -10 and high > 1000:
         return "hu+1024"
     return "hu"
+
+
+def _lowest_but_padding(array: np.ndarray, low: float) -> float:
+    """The lowest value once a padding value (see PADDING_GAP) is left out; ``low`` when there is none."""
+    at_low = array == low
+    count = int(np.count_nonzero(at_low))
+    if count == array.size or count < PADDING_MIN_FRACTION * array.size:
+        return low
+    next_low = float(array[~at_low].min())
+    return next_low if next_low - low >= PADDING_GAP else low
 
 
 # Modality check thresholds, measured on the shared data (fraction of head/body voxels):

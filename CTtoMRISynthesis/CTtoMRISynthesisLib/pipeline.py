@@ -298,7 +298,8 @@ def _synthesise_on_reference(result: SynthesisResult, ct: sitk.Image, reference:
     if model.error_model is not None:  # the uncertainty map (error_model.py), its own stage to be timed
         prediction = stages.run("error map", 0.88, 0.9, apply_error_model, model.error_model, prediction)
     result.warnings.extend(run_info.get("warnings", []))
-    result.normalisation.update({k: v for k, v in run_info.items() if k.startswith("ct_grain")})
+    # what was done to the CT before the network beyond the window (grain matching, brain-median standardisation)
+    result.normalisation.update({k: v for k, v in run_info.items() if k.startswith(("ct_grain", "ct_standardise"))})
     result.device = run_info.get("device", result.device)
     result.synthetic_mri, result.uncertainty, head = stages.run(
         "resample to reference", 0.9, 0.93, _to_reference, prediction, grid, reference, ct255_image,
