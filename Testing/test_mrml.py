@@ -547,6 +547,28 @@ def test_outputs_are_gathered_in_a_folder_in_the_ct_study(scene, case_files, tin
     assert all(node.GetScene() is None for node in outputs.values())
 
 
+def test_a_second_run_gets_its_own_names(scene, case_files, tiny_weights) -> None:
+    """Running twice on one CT gives "CT synthetic MRI (2)" and a folder "CT synthesis (2)", not a second
+    "CT synthetic MRI" that getNode cannot tell from the first; the first run's nodes are left as they were."""
+    ct_node, mri_node = load_node(case_files[0], "CT"), load_node(case_files[1], "MRI")
+    first = mrml.run_on_nodes(scene, ct_node, mri_node, weights=tiny_weights, device="cpu", registration="none")
+    first_names = {key: node.GetName() for key, node in first.items()}
+    second = mrml.run_on_nodes(scene, ct_node, mri_node, weights=tiny_weights, device="cpu", registration="none")
+    assert {key: node.GetName() for key, node in first.items()} == first_names
+    assert {key: node.GetName() for key, node in second.items()} == {key: f"{name} (2)" for key, name in first_names.items()}
+    sh = slicer.vtkMRMLSubjectHierarchyNode.ResolveSubjectHierarchy(scene)
+    folder_of = {run: sh.GetItemName(sh.GetItemParent(sh.GetItemByDataNode(outputs["synthetic_mri"])))
+                 for run, outputs in (("first", first), ("second", second))}
+    assert folder_of == {"first": "CT synthesis", "second": "CT synthesis (2)"}
+    for node in first.values():  # a name of the first run taken by the user's own node: the next run skips it
+        if node.GetName() == "CT difference":
+            node.SetName("CT difference (3)")
+    third = mrml.run_on_nodes(scene, ct_node, None, weights=tiny_weights, device="cpu")
+    assert third["synthetic_mri"].GetName() == "CT synthetic MRI (4)"
+    assert len({node.GetName() for node in scene.GetNodesByClass("vtkMRMLScalarVolumeNode")}) == \
+        scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+
+
 # ------------------------------------------------------------------------------------------------
 # failures and cancel leave the scene as it was
 

@@ -490,46 +490,76 @@ def add_result_nodes(
     like the difference map's diverging one). On any error every node added here is removed again and the error is raised.
     ``ct_node`` (the input CT, only read) gives the registered CT its window/level, and the outputs are
     gathered in a subject-hierarchy folder "<base_name> synthesis" beside it (in its patient/study),
-    so they show up with the patient in the Data module.
+    so they show up with the patient in the Data module. Names already taken (an earlier run) get " (k)"
+    after them, the same k for the whole run (:func:`_run_names`).
     """
     scene = _scene(scene)
     ct_display = ct_node.GetDisplayNode() if ct_node is not None and hasattr(ct_node, "GetDisplayNode") else None
     created: list = []
     outputs: dict = {}
     summary_json = json.dumps(summary)
+    name = _run_names(scene, base_name, ct_node)
     try:
         if ct_registered is not None:
-            node = add_volume_node(scene, ct_registered, f"{base_name} registered", "ct_registered")
+            node = add_volume_node(scene, ct_registered, name("registered"), "ct_registered")
             created.append(node)
             outputs["ct_registered"] = node
             if ct_display is not None and node.GetDisplayNode() is not None and not ct_display.GetAutoWindowLevel():
                 _set_window(node, ct_display.GetWindow(), ct_display.GetLevel())
-        node = add_volume_node(scene, synthetic_mri, f"{base_name} synthetic MRI", "synthetic_mri")
+        node = add_volume_node(scene, synthetic_mri, name("synthetic MRI"), "synthetic_mri")
         created.append(node)
         outputs["synthetic_mri"] = node
         node.SetAttribute(SUMMARY_ATTRIBUTE, summary_json)
         _set_window(node, 255.0, 127.5)  # the model's 0..255 scale
         if difference is not None:
             half = difference_window(difference)
-            outputs["difference"] = _add_map_node(scene, created, difference, f"{base_name} difference", "difference",
+            outputs["difference"] = _add_map_node(scene, created, difference, name("difference"), "difference",
                                                   _difference_colormap, 2.0 * half, 0.0)
         if uncertainty is not None:
             top = uncertainty_window(uncertainty)  # 0 (black) .. top (white)
-            outputs["uncertainty"] = _add_map_node(scene, created, uncertainty, f"{base_name} uncertainty", "uncertainty",
+            outputs["uncertainty"] = _add_map_node(scene, created, uncertainty, name("uncertainty"), "uncertainty",
                                                    _uncertainty_colormap, top, top / 2.0)
         if transform is not None:
-            node = add_transform_node(scene, transform, f"{base_name} registration")
+            node = add_transform_node(scene, transform, name("registration"))
             created.append(node)
             outputs["transform"] = node
         if summary.get("mae") is not None or summary.get("per_slice"):
-            node = add_metrics_table(scene, summary, f"{base_name} synthesis metrics")
+            node = add_metrics_table(scene, summary, name("synthesis metrics"))
             created.append(node)
             outputs["table"] = node
-        _gather_in_folder(scene, list(outputs.values()), f"{base_name} synthesis", ct_node)  # not the shared colours
+        _gather_in_folder(scene, list(outputs.values()), name("synthesis"), ct_node)  # not the shared colours
     except BaseException:
         _remove_nodes(scene, created)
         raise
     return outputs
+
+
+#: What each output of a run is called after "<base_name> " (the folder is "synthesis").
+_OUTPUT_LABELS = ("registered", "synthetic MRI", "difference", "uncertainty", "registration", "synthesis metrics")
+
+
+def _run_names(scene, base_name: str, ct_node=None) -> Callable[[str], str]:
+    """Names for one run's outputs: "<base_name> <label>", or "<base_name> <label> (k)" with the smallest k ≥ 2
+    that no node (nor an outputs folder beside the CT) already has, the same k for every output of the run.
+
+    A second run on the same CT then gets "CT synthetic MRI (2)" instead of a second "CT synthetic MRI", which
+    ``getNode`` could not tell from the first.
+    """
+    sh = _existing_hierarchy(scene)
+    parent = sh.GetSceneItemID() if sh is not None else 0
+    if sh is not None and ct_node is not None and ct_node.GetScene() is scene and sh.GetItemByDataNode(ct_node):
+        parent = sh.GetItemParent(sh.GetItemByDataNode(ct_node))
+
+    def taken(tag: str) -> bool:
+        if any(scene.GetFirstNodeByName(f"{base_name} {label}{tag}") is not None for label in _OUTPUT_LABELS):
+            return True
+        return bool(sh is not None and sh.GetItemChildWithName(parent, f"{base_name} synthesis{tag}"))
+
+    k = 1
+    while taken("" if k == 1 else f" ({k})"):
+        k += 1
+    tag = "" if k == 1 else f" ({k})"
+    return lambda label: f"{base_name} {label}{tag}"
 
 
 def _existing_hierarchy(scene):
