@@ -50,6 +50,9 @@ See the <a href="https://github.com/ctmri/SlicerCTtoMRISynthesis">extension docu
         self.parent.acknowledgementText = _(
             """
 Method after Dong et al. 2020 (CT to MRI synthesis with a U-Net). Uses PyTorch, SimpleITK and scikit-image.
+The shipped model was trained on "The Whole Brain Atlas" (K. A. Johnson and J. A. Becker, Harvard Medical School;
+no open licence stated: research use). The sample case is from the Visible Human Project, courtesy of the
+U.S. National Library of Medicine.
 """
         )
 
@@ -150,7 +153,9 @@ class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
-        self._stopRun(cancel=True)
+        if self._run is not None:
+            self._stopRun(cancel=True)
+            self.ui.statusLabel.text = _("Cancelled: the scene was closed; nothing was added.")
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -218,7 +223,7 @@ class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay(_("Failed to start the synthesis."), waitCursor=True):
                 # the box's text as it stands (a path typed but not accepted by the box never reached p.weightsPath)
                 weights = self.logic.weightsForRun(p.useShippedModel, self.ui.weightsPathLineEdit.currentPath)
-                self.logic.setupPythonRequirements(askConfirmation=True)
+                self.logic.setupPythonRequirements(askConfirmation=True, status=self._showStatusNow)
                 self._run = self.logic.startBackgroundRun(
                     p.ctVolume, p.mriVolume, device=p.device, registration=p.registration, weightsPath=weights,
                     allowDisjoint=p.allowDisjoint,
@@ -233,6 +238,11 @@ class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = _("Running in the background; Slicer stays usable.")
         self._updateButtons()
         self._timer.start()
+
+    def _showStatusNow(self, text: str) -> None:
+        """The status line, painted at once (before a step that keeps Slicer busy, e.g. an installation)."""
+        self.ui.statusLabel.text = text
+        slicer.app.processEvents()
 
     def onPollWorker(self) -> None:
         run = self._run
@@ -273,6 +283,9 @@ class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             mrml.remove_outputs(slicer.mrmlScene, outputs)
             self._showError(_("Failed to load the results; nothing was added."), exc)
             return _("Failed to load the results; nothing was added: ") + str(exc)
+        if not self.parent.isEntered:  # the user went to another module meanwhile: leave their layout alone
+            slicer.util.showStatusMessage(_("CT to MRI synthesis done."), 5000)
+            return _("Done. Show side by side displays the results.")
         try:
             self.logic.showResults(outputs, mriNode, ctNode)
         except Exception as exc:
@@ -354,19 +367,22 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
 
     # -- dependencies ---------------------------------------------------------------------------
 
-    def setupPythonRequirements(self, askConfirmation: bool = True) -> None:
+    def setupPythonRequirements(self, askConfirmation: bool = True, status=None) -> None:
         """Make sure what the synthesis needs is installed, asking first; raise ``InstallError`` if not.
 
         PyTorch comes through the PyTorch extension (``PyTorchUtils`` picks a build for the GPU/CPU);
         an installed PyTorch older than ``dependencies.minimum_torch(numpy.__version__)`` is refused with what
-        to do. The other packages (``dependencies.PIP_REQUIREMENTS``) are installed with ``slicer.util.pip_install``.
+        to do. The other packages (``dependencies.PIP_REQUIREMENTS``) are installed with ``slicer.util.pip_install``,
+        Slicer's own NumPy and SciPy held at their versions. An installation that fails (no internet, a proxy)
+        raises ``InstallError`` saying so. ``status(text)``, if given, is told before an installation starts
+        (it runs in this thread: Slicer does not respond until it ends).
         """
         import numpy
 
         from CTtoMRISynthesisLib import dependencies
 
         minimum = dependencies.minimum_torch(numpy.__version__)  # NumPy 2 (Slicer 5.10) needs a newer PyTorch
-        problem = dependencies.torch_problem(self._torchVersion(askConfirmation, minimum), minimum)
+        problem = dependencies.torch_problem(self._torchVersion(askConfirmation, minimum, status), minimum)
         if problem:
             raise InstallError(problem)
         missing = dependencies.missing_requirements()
@@ -377,13 +393,25 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
                 _("Install Python packages"),
             ):
                 raise InstallError(dependencies.packages_not_installed_message(missing))
-            slicer.util.pip_install(missing)
+            arguments = dependencies.pip_arguments(missing)
+            self._tellInstalling(status, ", ".join(missing))
+            try:
+                slicer.util.pip_install(arguments)
+            except Exception as exc:
+                how = f"from Slicer's Python console: slicer.util.pip_install({arguments!r})"
+                raise InstallError(dependencies.install_failed_message(", ".join(missing), exc, how)) from exc
             missing = dependencies.missing_requirements()
             if missing:
                 raise InstallError(dependencies.packages_not_installed_message(missing))
 
     @staticmethod
-    def _torchVersion(askConfirmation: bool, minimum: str) -> str:
+    def _tellInstalling(status, what: str) -> None:
+        if status is not None:
+            status(_("Installing {what}: this can take several minutes, and Slicer does not respond until it is done.")
+                   .format(what=what))
+
+    @staticmethod
+    def _torchVersion(askConfirmation: bool, minimum: str, status=None) -> str:
         """The version of the PyTorch Slicer has, installing it through PyTorchUtils (after asking) if absent.
 
         As SlicerTotalSegmentator does: ``torchLogic.torch.__version__``. Without the PyTorch extension a
@@ -403,9 +431,14 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
             return torch.__version__
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         if not torchLogic.torchInstalled():
-            torch = torchLogic.installTorch(
-                askConfirmation=askConfirmation, torchVersionRequirement=dependencies.torch_requirement(minimum)
-            )
+            CTtoMRISynthesisLogic._tellInstalling(status, "PyTorch")
+            try:
+                torch = torchLogic.installTorch(
+                    askConfirmation=askConfirmation, torchVersionRequirement=dependencies.torch_requirement(minimum)
+                )
+            except Exception as exc:
+                how = "in the PyTorch Utils module (Modules > Utilities > PyTorch Utils)"
+                raise InstallError(dependencies.install_failed_message("PyTorch", exc, how)) from exc
             if torch is None:
                 raise InstallError(dependencies.TORCH_NOT_INSTALLED)
         return torchLogic.torch.__version__
@@ -567,6 +600,15 @@ class CTtoMRISynthesisTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        from CTtoMRISynthesisLib import dependencies
+
+        # A test never installs packages (the module would, after asking, and in testing mode Slicer answers OK
+        # by itself): without them it is skipped, saying what to do, rather than downloading PyTorch.
+        missing = dependencies.not_installed()
+        if missing:
+            self.delayDisplay("Skipped: not installed: " + ", ".join(missing)
+                              + ". Click Synthesize MRI once (it asks before installing), then run the test again.")
+            return
         self.setUp()
         self.test_ProcessWithReference()
         self.setUp()

@@ -102,3 +102,39 @@ def test_minimum_torch_covers_what_the_inference_code_uses() -> None:
     assert "cuda" in used, "the scan sees the library's torch uses"
     for name in sorted(used & set(introduced)):
         assert introduced[name] <= minimum, f"torch.{name} needs PyTorch {introduced[name]}, above MINIMUM_TORCH"
+
+
+def test_pip_arguments_hold_slicers_numpy_and_scipy() -> None:
+    """pip is given Slicer's own NumPy and SciPy as ==, so that a newer scikit-image cannot upgrade them under
+    Slicer; a package being installed (SciPy where it is missing) is not held, one not installed is skipped."""
+    versions = {"numpy": "2.0.2", "scipy": "1.13.1"}
+
+    def installed(package: str) -> str:
+        if package not in versions:
+            from importlib.metadata import PackageNotFoundError
+
+            raise PackageNotFoundError(package)
+        return versions[package]
+
+    assert dependencies.pip_arguments(["scikit-image>=0.21", "safetensors>=0.4"], installed) == [
+        "scikit-image>=0.21", "safetensors>=0.4", "numpy==2.0.2", "scipy==1.13.1"]
+    assert dependencies.pip_arguments(["scipy"], installed) == ["scipy", "numpy==2.0.2"]
+    del versions["scipy"]
+    assert dependencies.pip_arguments(["safetensors>=0.4"], installed) == ["safetensors>=0.4", "numpy==2.0.2"]
+    import numpy  # this environment's real versions, read by importlib.metadata
+
+    assert f"numpy=={numpy.__version__}" in dependencies.pip_arguments(["safetensors>=0.4"])
+
+
+def test_not_installed_names_pytorch_too() -> None:
+    absent = {"torch", "skimage"}
+    found = dependencies.not_installed(find_spec=lambda name: None if name in absent else object())
+    assert found == ["torch", "scikit-image>=0.21"]
+    assert dependencies.not_installed(find_spec=lambda name: object()) == []
+
+
+def test_a_failed_installation_says_what_to_check() -> None:
+    message = dependencies.install_failed_message("PyTorch", OSError("Connection refused"), "in PyTorch Utils")
+    assert message.startswith("Installing PyTorch failed: Connection refused. Check the internet connection")
+    assert message.endswith("or install it yourself in PyTorch Utils")
+    assert "failed: RuntimeError." in dependencies.install_failed_message("x", RuntimeError(""), "somehow")

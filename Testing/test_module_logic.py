@@ -196,7 +196,7 @@ def test_the_panel_passes_its_disjoint_option_to_the_run(widget, monkeypatch) ->
 
     monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", lambda *a, **k: contextlib.nullcontext())
     monkeypatch.setattr(widget.logic, "weightsForRun", lambda shipped, path: None)
-    monkeypatch.setattr(widget.logic, "setupPythonRequirements", lambda askConfirmation: None)
+    monkeypatch.setattr(widget.logic, "setupPythonRequirements", lambda askConfirmation, status=None: None)
     calls = []
     monkeypatch.setattr(widget.logic, "startBackgroundRun", lambda *args, **kwargs: calls.append(kwargs) or "run")
     monkeypatch.setattr(widget, "_updateButtons", lambda: None)
@@ -293,6 +293,62 @@ def test_missing_torch_is_installed_with_the_real_minimum(module, monkeypatch) -
     assert calls == [{"askConfirmation": True, "torchVersionRequirement": ">=" + minimum}]
 
 
+def test_a_failed_package_installation_says_what_to_check(module, monkeypatch) -> None:
+    """No internet or a proxy: pip's own error becomes an InstallError saying what to check; pip was given
+    Slicer's NumPy and SciPy to keep, and the status line was told before the (blocking) installation."""
+    import subprocess
+
+    from CTtoMRISynthesisLib import dependencies
+
+    monkeypatch.setattr(dependencies, "missing_requirements", lambda *a, **k: ["scikit-image>=0.21"])
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: True, raising=False)
+    given: list = []
+
+    def pip_install(arguments):
+        given.append(arguments)
+        raise subprocess.CalledProcessError(1, ["pip", "install", *arguments])
+
+    monkeypatch.setattr(slicer.util, "pip_install", pip_install, raising=False)
+    said: list = []
+    with pytest.raises(module.InstallError, match=r"Installing scikit-image>=0.21 failed: Command .* returned non-zero "
+                       r"exit status 1\. Check the internet connection .* slicer\.util\.pip_install\(\["):
+        module.CTtoMRISynthesisLogic().setupPythonRequirements(askConfirmation=True, status=said.append)
+    import numpy
+
+    assert given == [["scikit-image>=0.21", f"numpy=={numpy.__version__}", *given[0][2:]]]
+    assert said and said[0].startswith("Installing scikit-image>=0.21: this can take several minutes")
+
+
+def test_a_failed_pytorch_installation_says_what_to_check(module, monkeypatch) -> None:
+    calls = _pytorch_utils(monkeypatch, None)
+
+    def refused(self, **kwargs):
+        calls.append(kwargs)
+        raise OSError("Could not fetch URL https://download.pytorch.org/whl/: connection error")
+
+    monkeypatch.setattr(sys.modules["PyTorchUtils"].PyTorchUtilsLogic, "installTorch", refused)
+    with pytest.raises(module.InstallError, match=r"Installing PyTorch failed: Could not fetch URL .* Check the "
+                       r"internet connection .* in the PyTorch Utils module"):
+        module.CTtoMRISynthesisLogic().setupPythonRequirements(askConfirmation=True)
+    assert len(calls) == 1
+
+
+def test_the_self_test_skips_without_installing(module, monkeypatch) -> None:
+    """Slicer's test harness answers the install dialog with OK by itself: the self-test must not reach the
+    installation (a download of PyTorch on a build machine); it says what is missing and stops."""
+    from CTtoMRISynthesisLib import dependencies
+
+    monkeypatch.setattr(dependencies, "not_installed", lambda *a, **k: ["torch"])
+    monkeypatch.setattr(module.CTtoMRISynthesisLogic, "process",
+                        lambda *a, **k: pytest.fail("the self-test ran the synthesis"))
+    test = module.CTtoMRISynthesisTest()
+    said: list = []
+    test.delayDisplay = said.append
+    test.runTest()
+    assert said == ["Skipped: not installed: torch. Click Synthesize MRI once (it asks before installing), then run "
+                    "the test again."]
+
+
 # ------------------------------------------------------------------------------------------------
 # the panel's reactions (Qt is not here: its labels and buttons are stood in for by plain attributes)
 
@@ -328,6 +384,7 @@ def widget(module, scene, monkeypatch):
     w.logic = module.CTtoMRISynthesisLogic()
     w._timer = types.SimpleNamespace(stop=lambda: None, start=lambda: None)
     w._parameterNode = types.SimpleNamespace(ctVolume=None, syntheticVolume=None, useShippedModel=True)
+    w.parent = types.SimpleNamespace(isEntered=True)  # the module is shown
     w.shown = shown
     return w
 
@@ -387,6 +444,41 @@ def test_loaded_results_and_warnings_in_their_own_label(widget, scene, case, tin
     widget._parameterNode.syntheticVolume = None  # e.g. a new scene
     widget._showMetrics()
     assert widget.ui.warningsLabel.text == "" and not widget.ui.warningsLabel.visible
+
+
+def test_results_of_a_run_that_ends_elsewhere_leave_the_layout_alone(widget, scene, case, tiny_weights, tmp_path,
+                                                                     monkeypatch) -> None:
+    """The user went to another module while the run went on: the results are added, but the layout is not
+    switched under them; the status says how to show the results."""
+    from CTtoMRISynthesisLib.pipeline import save_outputs, synthesize
+
+    ct = _node(case[0], "CT28")
+    save_outputs(synthesize(case[0], None, weights=tiny_weights, device="cpu"), tmp_path / "made")
+    widget._run, widget._runInputs = _finished_run(tmp_path, tmp_path / "made"), (ct, None)
+    widget.parent.isEntered = False
+    monkeypatch.setattr(widget.logic, "showResults", lambda *a: pytest.fail("the layout was switched"))
+    told: list = []
+    monkeypatch.setattr(slicer.util, "showStatusMessage", lambda text, ms=0: told.append(text), raising=False)
+
+    widget.onPollWorker()
+
+    assert widget.ui.statusLabel.text == "Done. Show side by side displays the results."
+    assert widget._parameterNode.syntheticVolume.GetName() == "CT28 synthetic MRI"
+    assert told == ["CT to MRI synthesis done."]
+
+
+def test_closing_the_scene_during_a_run_cancels_it_and_says_so(widget, monkeypatch) -> None:
+    stopped: list = []
+    widget._run = types.SimpleNamespace(cancel=lambda: stopped.append("cancel"), cleanup=lambda: stopped.append("cleanup"))
+    widget._runInputs = (None, None)
+    widget.ui.statusLabel.text = "Running in the background; Slicer stays usable."
+    widget._parameterNode = None
+    widget.onSceneStartClose(None, None)
+    assert stopped == ["cancel", "cleanup"] and widget._run is None
+    assert widget.ui.statusLabel.text == "Cancelled: the scene was closed; nothing was added."
+    widget.ui.statusLabel.text = "Done."
+    widget.onSceneStartClose(None, None)  # no run: the last status stays
+    assert widget.ui.statusLabel.text == "Done."
 
 
 def test_failed_and_cancelled_runs_say_so(widget, case, tmp_path) -> None:

@@ -112,6 +112,48 @@ def missing_requirements(
     return [requirement for module, requirement in requirements if find_spec(module) is None]
 
 
+#: Packages Slicer ships that an install must never replace (a newer NumPy or SciPy under Slicer's own modules).
+KEEP_AS_INSTALLED = ("numpy", "scipy")
+
+INSTALL_FAILED = (
+    "Installing {what} failed: {error}. Check the internet connection (and proxy settings, if any), then click "
+    "Synthesize MRI again; or install it yourself {how}"
+)
+
+
+def not_installed(
+    requirements: Iterable[Tuple[str, str]] = PIP_REQUIREMENTS,
+    find_spec: Callable[[str], object] = importlib.util.find_spec,
+) -> list:
+    """Everything the synthesis needs that is not importable, PyTorch included (found without importing it)."""
+    torch = ["torch"] if find_spec("torch") is None else []
+    return torch + missing_requirements(requirements, find_spec)
+
+
+def pip_arguments(missing: Sequence[str], installed_version: Optional[Callable[[str], str]] = None) -> list:
+    """What to give ``slicer.util.pip_install``: the ``missing`` requirements, plus ``==`` the installed version of
+    each package in :data:`KEEP_AS_INSTALLED` not among them, so that pip picks versions that work with Slicer's own
+    NumPy and SciPy instead of upgrading them."""
+    if installed_version is None:
+        from importlib.metadata import version as installed_version
+    installing = {re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower() for requirement in missing}
+    pins = []
+    for package in KEEP_AS_INSTALLED:
+        if package in installing:
+            continue
+        try:
+            pins.append(f"{package}=={installed_version(package)}")
+        except Exception:  # not installed (importlib.metadata.PackageNotFoundError): nothing to keep
+            pass
+    return list(missing) + pins
+
+
+def install_failed_message(what: str, error: BaseException, how: str) -> str:
+    """The message for an installation that was agreed to but failed (no internet, a proxy, pip's own error)."""
+    text = str(error).strip().rstrip(".")  # the message ends the sentence itself
+    return INSTALL_FAILED.format(what=what, error=text or type(error).__name__, how=how)
+
+
 def packages_not_installed_message(missing: Sequence[str]) -> str:
     """The message for a declined (or failed) installation of ``missing``."""
     return PACKAGES_NOT_INSTALLED.format(packages=", ".join(missing), quoted=repr(list(missing)))
