@@ -94,6 +94,43 @@ def test_evaluate_json_never_replaces_an_image_and_fails_before_the_work(case_fi
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json"]  # no temporary file beside it
 
 
+def test_evaluate_refuses_a_prediction_that_misses_the_reference(case_files, tmp_path: Path, capsys) -> None:
+    """Another patient's MRI, another space or a wrong spacing: the prediction's grid covers little of the
+    reference's head. That used to be scored with zeros for the missing part, exit 0 (another patient's MRI
+    scored better than the right one); below half it is refused, and a partial cover is said."""
+    _, mri = case_files
+    image = sitk.ReadImage(str(mri))
+    size_x = image.GetSize()[0] * image.GetSpacing()[0]
+    for shift, covered in ((0.8, None), (0.3, "covers")):
+        moved = sitk.Image(image)
+        moved.SetOrigin((shift * size_x, 0.0, 0.0))
+        sitk.WriteImage(moved, str(tmp_path / "moved.nrrd"))
+        code = main(["evaluate", "--pred", str(tmp_path / "moved.nrrd"), "--ref", str(mri)])
+        err = capsys.readouterr().err
+        if covered is None:
+            assert code == 2 and "error: the prediction covers only" in err and "at least 50% is needed" in err, err
+        else:
+            assert code == 0 and "resampled onto the reference grid (it covers" in err, err
+
+
+def test_evaluate_says_what_it_read_and_an_assumed_spacing(tmp_path: Path, capsys) -> None:
+    """Folders of pictures: the stacking line for each, the '1 mm assumed' warning that --help promises, and
+    the JSON's record of both (it had none)."""
+    _, mri = phantoms.slice_pair(seed=3, slices=4, first_z=0.0)
+    phantoms.write_pictures(tmp_path / "ref", mri, name="MR ({}).png")
+    phantoms.write_pictures(tmp_path / "pred", mri, name="syn ({}).png")
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"),
+                 "--json", str(tmp_path / "e.json")]) == 0
+    err = capsys.readouterr().err
+    assert "note: prediction: 4 pictures from" in err and "note: reference MRI: 4 pictures from" in err
+    assert "warning: the reference MRI pictures record no spacing: 1 mm was assumed" in err
+    record = json.loads((tmp_path / "e.json").read_text())
+    assert record["inputs"]["reference_MRI"]["spacing_assumed"] is True and len(record["warnings"]) == 2
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"),
+                 "--picture-spacing", "0.9", "5"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("value", ["0", "-3", "four"])
 def test_batch_size_below_one_is_refused(case_files, tmp_path: Path, capsys, value: str) -> None:
     """0 used to mean the default and a negative number 1, silently."""

@@ -44,9 +44,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import check_json_target, evaluate_files, summary_line, write_json
 
     target = check_json_target(args.json)  # before the work, not after it
-    metrics, notes = evaluate_files(args.pred, args.ref, args.pred_scale, args.picture_spacing)
+    metrics, notes, warnings = evaluate_files(args.pred, args.ref, args.pred_scale, args.picture_spacing)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(summary_line(metrics))
     if target is not None:
         write_json(target, metrics)

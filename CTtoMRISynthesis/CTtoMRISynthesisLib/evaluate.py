@@ -35,9 +35,18 @@ def check_json_target(path: Optional[str]) -> Optional[Path]:
     return target
 
 
+#: Least share of the reference MRI's head the prediction must cover to be scored (registration asks the same).
+MIN_COVERAGE = 0.5
+
+
 def evaluate_files(pred: str, ref: str, pred_scale: str = "as-is",
-                   picture_spacing: Optional[Sequence[float]] = None) -> Tuple[dict, List[str]]:
-    """The metrics of the prediction ``pred`` against the reference MRI ``ref`` (JSON-ready), and notes for the user."""
+                   picture_spacing: Optional[Sequence[float]] = None) -> Tuple[dict, List[str], List[str]]:
+    """The metrics of the prediction ``pred`` against the reference MRI ``ref`` (JSON-ready), notes and warnings.
+
+    The metrics carry ``inputs`` (which series or pictures were read, the pictures' spacing and whether it was
+    assumed) and ``warnings`` when there are any. A prediction covering less than :data:`MIN_COVERAGE` of the
+    reference's head (another patient, another space, a wrong spacing) is refused rather than scored.
+    """
     import SimpleITK as sitk
 
     from . import geometry
@@ -48,18 +57,62 @@ def evaluate_files(pred: str, ref: str, pred_scale: str = "as-is",
 
     if pred_scale not in PRED_SCALES:
         raise CTMRIError(f"--pred-scale {pred_scale}: choose one of {', '.join(PRED_SCALES)}")
-    reference = check_image(read_input(ref, "reference MRI", picture_spacing=picture_spacing)[0], "reference MRI")
-    prediction = check_image(read_input(pred, "prediction", picture_spacing=picture_spacing)[0], "prediction")
+    reference, ref_source = read_input(ref, "reference MRI", picture_spacing=picture_spacing)
+    prediction, pred_source = read_input(pred, "prediction", picture_spacing=picture_spacing)
+    reference, prediction = check_image(reference, "reference MRI"), check_image(prediction, "prediction")
+    notes, warnings, inputs = _about_sources({"prediction": pred_source, "reference MRI": ref_source})
     ref255 = geometry.array_on_grid(normalise_mri(sitk.GetArrayFromImage(reference)), reference)
     pred_array = sitk.GetArrayFromImage(prediction).astype("float32")
     if pred_scale == "minmax":
         pred_array = minmax_255(pred_array, "prediction")
     pred255 = geometry.array_on_grid(pred_array, prediction)
-    notes = []
     if not geometry.same_grid(pred255, ref255, tol=1e-4):
-        notes.append("the prediction is on another grid; resampled onto the reference grid")
+        covered = _head_covered(ref255, pred255)
+        notes.append("the prediction is on another grid; resampled onto the reference grid"
+                     + ("" if covered >= 0.999 else f" (it covers {covered:.0%} of the reference's head; the rest "
+                                                    "counts as 0)"))
         pred255 = geometry.resample(pred255, ref255, None, default_value=0.0)
-    return to_jsonable(evaluate_images(ref255, pred255)), notes
+    metrics = to_jsonable(evaluate_images(ref255, pred255))
+    if inputs:
+        metrics["inputs"] = inputs
+    if warnings:
+        metrics["warnings"] = warnings
+    return metrics, notes, warnings
+
+
+def _about_sources(sources: dict) -> Tuple[List[str], List[str], dict]:
+    """What was read for each input (a DICOM series, a folder of pictures): the lines to print, the warnings
+    (pictures' assumed spacing, numbers missing) and the record for the JSON."""
+    from .pictures import PictureStack
+
+    notes, warnings, inputs = [], [], {}
+    for what, source in sources.items():
+        if source is None:
+            continue
+        notes.append(source.message(what))
+        inputs[what.replace(" ", "_")] = source.provenance()
+        if isinstance(source, PictureStack):
+            warnings.extend(source.warnings(what))
+    return notes, warnings, inputs
+
+
+def _head_covered(ref255, pred255) -> float:
+    """The share of the reference's foreground (where the metrics look) that lies inside the prediction's grid;
+    below :data:`MIN_COVERAGE` the two are refused, since zeros would be scored in place of the missing part."""
+    import SimpleITK as sitk
+
+    from .registration import overlap_fraction
+
+    head = sitk.Cast(ref255 > 0, sitk.sitkUInt8)
+    covered = overlap_fraction(head, pred255, sitk.Transform(3, sitk.sitkIdentity))
+    if covered < MIN_COVERAGE:
+        raise CTMRIError(
+            f"the prediction covers only {covered:.0%} of the reference MRI's head in physical space (at least "
+            f"{MIN_COVERAGE:.0%} is needed to score it): they are not one patient's images in one space, or a spacing "
+            "is wrong (folders of pictures: give --picture-spacing). The synthetic MRI of 'ctmri synthesize --mri' "
+            "lies on that MRI's own grid."
+        )
+    return covered
 
 
 def summary_line(metrics: dict) -> str:
