@@ -180,6 +180,29 @@ def test_an_out_dir_holding_the_users_report_is_refused_before_any_work(tmp_path
     batch.check_summary_files_free(project)
 
 
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_batch_that_cannot_start_leaves_no_cohort_folder(cohort: Path, tmp_path: Path, capsys, monkeypatch,
+                                                          jobs: str) -> None:
+    """A damaged model file or a device the machine lacks: exit 2 before any work, as the README says, and no
+    empty cohort folder (.ctmri-batch/) left behind, which used to be made first."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same meaning on a machine with a GPU
+    damaged = tmp_path / "model.safetensors"
+    data = bytearray(default_weights_path().read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    shutil.copy(str(default_weights_path()) + ".sha256", str(damaged) + ".sha256")
+    for extra, message in ((["--device", "cuda"], "no CUDA GPU is available"), (["--weights", str(damaged)], "sha256")):
+        out = tmp_path / "out"
+        args = ["batch", "--manifest", str(cohort / "cases.csv"), "--out-dir", str(out), "--jobs", jobs,
+                "--registration", "none", "--quiet", *extra]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "error:" in err and message in err, err
+        assert not out.exists(), "nothing made"
+
+
 def test_folder_fingerprint_changes_with_its_files(tmp_path: Path) -> None:
     folder = tmp_path / "dicom"
     folder.mkdir()

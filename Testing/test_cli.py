@@ -230,7 +230,7 @@ def test_disjoint_ct_and_mri_are_refused_unless_allowed(case_files, tiny_weights
     args = ["synthesize", "--ct", str(ct), "--mri", str(far_path), "--weights", str(tiny_weights), "--device", "cpu",
             "--quiet"]
     assert main(args + ["--out-dir", str(tmp_path / "refused")]) == 2
-    assert "--allow-disjoint" in capsys.readouterr().err
+    assert "--allow-disjoint for ctmri synthesize or batch" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
     assert main(args + ["--out-dir", str(tmp_path / "out"), "--allow-disjoint"]) == 0
     registration = json.loads((tmp_path / "out" / "metrics.json").read_text())["registration"]

@@ -612,6 +612,9 @@ def run_batch(manifest: str | Path, out_dir: str | Path, options: "CaseOptions",
             outcome.skipped.append(case.id)
         else:
             todo.append(case)
+    if todo:
+        _check_the_run_can_start(weights, options)
+    _make_cohort_folder(out_dir)
     shard_note = f" (shard {index}/{count}: {len(mine)} cases)" if count > 1 else ""
     print(f"batch: {len(cases)} cases in {manifest}{shard_note}; {len(outcome.skipped)} already complete, "
           f"{len(todo)} to run with {min(jobs, max(1, len(todo)))} job(s)", flush=True)
@@ -640,8 +643,8 @@ def run_batch(manifest: str | Path, out_dir: str | Path, options: "CaseOptions",
 
 
 def _checked_before_any_case(manifest: str | Path, out_dir: Path, options: "CaseOptions") -> tuple[list, Path, str]:
-    """The checks that can refuse the whole batch (manifest, folders, weights), then the cohort folder made:
-    (cases, weights path, its sha256)."""
+    """The checks that can refuse the whole batch (manifest, folders, the weights file there):
+    (cases, weights path, its sha256). Nothing is written."""
     from .pipeline import check_writable
     from .weights import default_weights_path, sha256_of
 
@@ -652,12 +655,25 @@ def _checked_before_any_case(manifest: str | Path, out_dir: Path, options: "Case
     weights = Path(options.weights) if options.weights else default_weights_path()
     if not weights.is_file():
         raise CTMRIError(f"weights file not found: {weights}; pass --weights with a model file")
-    weights_sha = sha256_of(weights)
+    return cases, weights, sha256_of(weights)
+
+
+def _check_the_run_can_start(weights: Path, options: "CaseOptions") -> None:
+    """Before the cohort folder is made: a damaged or foreign model file (its sha256, its format and config)
+    and a device this machine lacks refuse the batch, rather than leave an empty cohort folder behind."""
+    from .synthesis import choose_device
+    from .weights import read_config
+
+    read_config(weights)
+    choose_device(options.device)
+
+
+def _make_cohort_folder(out_dir: Path) -> None:
+    """``out_dir`` becomes a cohort folder (``STATE_DIR``), the mark that its summary files are the batch's."""
     try:
         (out_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CTMRIError(f"cannot create {out_dir / STATE_DIR}: {exc.strerror or exc}; choose a writable --out-dir") from exc
-    return cases, weights, weights_sha
 
 
 def _run_here(todo, out_dir, options, expected, weights, jobs, outcome, reporter) -> None:
@@ -679,14 +695,12 @@ def _run_pool(todo, out_dir, options, expected, weights, jobs, outcome, reporter
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
-    from .synthesis import choose_device
     from .weights import load_model
 
     load_model(weights, "cpu")  # a bad weights file is one clear error here, not one per case in the workers
     context = multiprocessing.get_context("spawn")
     cancel_event = context.Event()
     init = (worker_threads(jobs), str(weights), options.device, cancel_event)
-    choose_device(options.device)  # an unavailable device: one error before the workers start
     # The submits start the workers; with Ctrl-C ignored here at that moment, they start with it ignored
     # (an ignored signal stays ignored across exec, and Python then installs no handler): a Ctrl-C while
     # a worker imports torch would otherwise kill it and break the pool instead of stopping cleanly.

@@ -299,8 +299,9 @@ def register(
         raise CTMRIError(
             "the CT and the MRI do not overlap in physical space (no part of the MRI's head lies inside "
             "the CT). Check that they are the same patient and the same body region; if they come from "
-            "scanners with unrelated coordinate systems, allow centre alignment (ctmri synthesize --allow-disjoint; "
-            "in Slicer, Options > Unrelated scanner coordinates, or logic.process(..., allowDisjoint=True))."
+            "scanners with unrelated coordinate systems, allow centre alignment (--allow-disjoint for ctmri "
+            "synthesize or batch; in Slicer, Options > Unrelated scanner coordinates, or "
+            "logic.process(..., allowDisjoint=True))."
         )
     if mode == "none":
         result = RegistrationResult(identity, mode, None, 0, "no registration requested (identity)", 0.0, identity_overlap)

@@ -192,7 +192,8 @@ def _read_checked_bytes(path: Path, verify: bool) -> tuple[bytes, str]:
         if actual != expected:
             raise CTMRIError(
                 f"weights file {path.name} does not match its recorded sha256 (expected {expected[:12]}…, "
-                f"got {actual[:12]}…): the file is corrupt or was altered; restore it from the repository"
+                f"got {actual[:12]}…): the file is corrupt or was altered; copy it again from where it came from (the "
+                "shipped model: model_weights/ in the repository or the extension; your own: its ctmri train --out folder)"
             )
     return data, actual
 
