@@ -33,6 +33,9 @@ CT_HU = {AIR: -1000.0, SCALP: 40.0, SKULL: 1000.0, CSF_RIM: 8.0, GREY: 38.0, WHI
 #: T2-like MRI values: CSF bright, grey > white, skull dark, air (and the holder, which gives no signal) 0.
 T2 = {AIR: 0.0, SCALP: 100.0, SKULL: 15.0, CSF_RIM: 220.0, GREY: 130.0, WHITE: 85.0, VENTRICLE: 235.0,
       HOLDER: 0.0, EYE: 240.0, SINUS: 0.0}
+#: T1-like MRI values: CSF dark, white > grey, scalp fat bright (a reference the synthetic T2 must not be taken for).
+T1 = {AIR: 0.0, SCALP: 200.0, SKULL: 15.0, CSF_RIM: 35.0, GREY: 110.0, WHITE: 150.0, VENTRICLE: 30.0,
+      HOLDER: 0.0, EYE: 40.0, SINUS: 0.0}
 
 #: The CT window of the test models (level, width in HU), the one the shipped model uses too.
 WINDOW = (45.0, 140.0)
@@ -238,9 +241,11 @@ def ct_hu(reference: sitk.Image, head: Head = Head(), motion: Optional[sitk.Tran
 
 
 def mri_t2(reference: sitk.Image, head: Head = Head(), motion: Optional[sitk.Transform] = None,
-           noise: float = 3.0, blur_mm: float = 0.5, seed: int = 1, pixel: int = sitk.sitkFloat32) -> sitk.Image:
-    """A T2-like MRI on ``reference``'s grid: background exactly 0, the head ≥ 1 (so "MRI > 0" is the head)."""
-    clean = values_on(reference, T2, head, motion)
+           noise: float = 3.0, blur_mm: float = 0.5, seed: int = 1, pixel: int = sitk.sitkFloat32,
+           weighting: Optional[dict] = None) -> sitk.Image:
+    """A T2-like MRI on ``reference``'s grid: background exactly 0, the head ≥ 1 (so "MRI > 0" is the head);
+    ``weighting=T1`` for a T1-like one."""
+    clean = values_on(reference, weighting or T2, head, motion)
     values = _blurred_noisy(clean, reference.GetSpacing(), blur_mm, noise, seed)
     values = np.where(clean > 0, np.clip(values, 1.0, 255.0), 0.0).astype(np.float32)  # air and holder: no signal
     if pixel != sitk.sitkFloat32:

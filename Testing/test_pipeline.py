@@ -172,6 +172,32 @@ def test_padding_below_a_ct_stored_plus_1024_does_not_hide_the_offset(phantom_hu
                                   sitk.GetArrayFromImage(synthesize(phantom_hu_ct, None, model=model).synthetic_mri))
 
 
+def test_a_reference_mri_that_is_not_t2_is_warned_about(model) -> None:
+    """The synthetic MRI is T2-weighted; against a T1 (CSF dark) the metrics compare two contrasts. The reference's
+    CSF / brain tissue ratio (tissues from the CT) is recorded, and below contrast.T2_MIN_RATIO a warning says so."""
+    import phantoms
+
+    from CTtoMRISynthesisLib.contrast import T2_MIN_RATIO
+
+    import dataclasses
+
+    # Through the ventricles, widened as an older patient's are: the phantom has no sulci, so its ventricles are
+    # all the CSF that the check's darkest tenth of the brain on CT can find.
+    reference = phantoms.slice_grid(6, first_z=0.0)
+    head = phantoms.Head.patient(7)
+    head = dataclasses.replace(head, ventricles=tuple((c, (a[0] * 1.6, a[1], a[2])) for c, a in head.ventricles))
+    ct = phantoms.windowed_8bit(phantoms.ct_hu(reference, head, seed=7))
+    ratios = {}
+    for name, weighting in (("T2", phantoms.T2), ("T1", phantoms.T1)):
+        mri = phantoms.mri_t2(reference, head, seed=8, weighting=weighting)
+        result = synthesize(ct, mri, model=model, registration="none")
+        ratios[name] = result.summary()["reference_csf_over_brain"]
+        said = [w for w in result.warnings if "does not look T2-weighted" in w]
+        assert len(said) == (name == "T1"), (name, result.warnings)
+    assert ratios["T2"] > T2_MIN_RATIO > ratios["T1"], ratios
+    assert "reference_csf_over_brain" not in synthesize(ct, None, model=model).summary()
+
+
 def test_save_outputs_all_or_nothing(case41, model, tmp_path: Path) -> None:
     ct, mri = case41
     result = synthesize(ct, mri, model=model, registration="none")
@@ -211,6 +237,19 @@ def test_real_harvard_case_with_mri(harvard_dir: Path, model) -> None:
     ct = as_volume(read_harvard_case(harvard_dir, "41", "CT"))
     mri = as_volume(read_harvard_case(harvard_dir, "41", "MRI"))
     check_with_mri(ct, mri, model)
+
+
+def test_real_reference_weighting_is_told_apart(harvard_dir: Path) -> None:
+    """On the real Harvard pairs: a T2 (patient 41) passes the check, patient 2's FLAIR/PD-like MRI (CSF dark)
+    does not (experiments/reference_contrast.py has every real pair)."""
+    from CTtoMRISynthesisLib.contrast import reference_csf_over_brain, reference_warnings
+
+    found = {}
+    for case in ("41", "2"):
+        ct = read_harvard_case(harvard_dir, case, "CT").astype(np.float32)
+        mri = read_harvard_case(harvard_dir, case, "MRI").astype(np.float32)
+        found[case] = reference_csf_over_brain(ct, mri * (255.0 / mri.max()))
+    assert reference_warnings(found["41"]) == [] and len(reference_warnings(found["2"])) == 1, found
 
 
 def test_real_hounsfield_ct_takes_the_window_path(vh_dir: Path, model) -> None:

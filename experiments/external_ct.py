@@ -54,28 +54,12 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "CTtoMRISynthesis"))
 
-from CTtoMRISynthesisLib.intensity import largest_component  # noqa: E402
+from CTtoMRISynthesisLib.contrast import head_of, intracranial, ratio, tissue_masks  # noqa: E402
 from CTtoMRISynthesisLib.pipeline import synthesize  # noqa: E402
 from CTtoMRISynthesisLib.weights import load_model  # noqa: E402
 
 HU_CSF, HU_BRAIN = (0.0, 15.0), (25.0, 45.0)
 EROSION_MM = 3.0
-
-
-def _slices(mask: np.ndarray) -> np.ndarray:
-    """2D structuring element per axial slice (z untouched)."""
-    s = np.zeros((3, 3, 3), bool)
-    s[1] = ndimage.generate_binary_structure(2, 1)
-    return s
-
-
-def head_of(ct: np.ndarray, threshold: float) -> np.ndarray:
-    return ndimage.binary_fill_holes(largest_component(ct > threshold), structure=_slices(ct))
-
-
-def intracranial(bone: np.ndarray, head: np.ndarray, erosion_px: int) -> np.ndarray:
-    inside = ndimage.binary_fill_holes(bone, structure=_slices(bone)) & ~bone & head
-    return ndimage.binary_erosion(inside, _slices(bone), iterations=max(1, erosion_px))
 
 
 def masks_hu(hu: np.ndarray, spacing_xy: float) -> dict:
@@ -86,23 +70,16 @@ def masks_hu(hu: np.ndarray, spacing_xy: float) -> dict:
 
 
 def masks_8bit(ct: np.ndarray) -> dict:
+    """The Otsu masks, and the strict ones of ``contrast.tissue_masks`` (the product's reference check)."""
     from skimage.filters import threshold_otsu
 
-    head = head_of(ct, 10.0)
-    brain_box = intracranial(ct >= 250, head, 6)
+    strict = tissue_masks(ct)
+    head, brain_box = strict["head"], strict["intracranial"]
     smooth = ndimage.gaussian_filter(ct.astype(np.float32), sigma=(0, 2, 2))
     values = smooth[brain_box]
     cut = threshold_otsu(values) if values.size else 0.0
-    fine = ndimage.gaussian_filter(ct.astype(np.float32), sigma=(0, 1, 1))
-    low, b1, b2 = np.percentile(fine[brain_box], [10, 40, 90]) if brain_box.any() else (0.0, 0.0, 0.0)
     return {"head": head, "csf": brain_box & (smooth < cut), "brain": brain_box & (smooth >= cut), "otsu": cut,
-            "csf_strict": brain_box & (fine <= low), "brain_strict": brain_box & (fine >= b1) & (fine <= b2)}
-
-
-def ratio(image: np.ndarray, csf: np.ndarray, brain: np.ndarray) -> float:
-    """Mean of ``image`` in CSF over its mean in brain tissue (nan where a mask is empty or the tissue dark)."""
-    ok = csf.any() and brain.any() and image[brain].mean() > 0
-    return float(image[csf].mean() / image[brain].mean()) if ok else float("nan")
+            "csf_strict": strict["csf"], "brain_strict": strict["brain"]}
 
 
 def contrast(syn: np.ndarray, masks: dict) -> dict:

@@ -22,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import geometry
+from .contrast import reference_csf_over_brain, reference_warnings
 from .errors import CTMRIError
 from .intensity import CTWindow, check_finite, modality_warnings, normalise_ct, normalise_mri
 from .volumes import as_scalar_3d, write_volume
@@ -132,6 +133,8 @@ class SynthesisResult:
     #: callers above the pipeline (DICOM input, batch) fill it; it is written into ``metrics.json``.
     provenance: dict = field(default_factory=dict)
     uncertainty_mean: Optional[float] = None  # mean of the uncertainty over the head, 0..255
+    #: the reference MRI's CSF / brain tissue ratio, tissues from the registered CT (contrast.py); with an MRI
+    reference_csf_over_brain: Optional[float] = None
 
     def output_images(self) -> dict:
         """{kind: image} of every volume this result holds (synthetic MRI first), for writers of all kinds."""
@@ -149,6 +152,8 @@ class SynthesisResult:
         if self.metrics is not None:
             out.update(self.metrics)
         out["uncertainty_mean"] = self.uncertainty_mean
+        if self.metrics is not None:
+            out["reference_csf_over_brain"] = self.reference_csf_over_brain
         out.update(
             registration=self.registration,
             device=self.device,
@@ -248,11 +253,14 @@ def synthesize(
         )
         result.transform, result.registration = reg.transform, reg.to_dict()
         result.ct_registered = stages.run("resample CT", 0.3, 0.32, geometry.resample, ct, mri, result.transform)
-    _synthesise_on_reference(result, ct, mri if mri is not None else ct, model, stages, batch_size, cancel)
+    ct255 = _synthesise_on_reference(result, ct, mri if mri is not None else ct, model, stages, batch_size, cancel)
     if mri is not None:
         mri255 = geometry.array_on_grid(normalise_mri(sitk.GetArrayFromImage(mri)), mri)
         result.difference = sitk.Subtract(mri255, result.synthetic_mri)
-        result.metrics = stages.run("metrics", 0.93, 1.0, evaluate_images, mri255, result.synthetic_mri)
+        result.metrics = stages.run("metrics", 0.93, 0.97, evaluate_images, mri255, result.synthetic_mri)
+        result.reference_csf_over_brain = stages.run("reference check", 0.97, 1.0, _reference_csf_over_brain,
+                                                     ct255, mri255, result.transform)
+        result.warnings.extend(reference_warnings(result.reference_csf_over_brain))
     result.stage_seconds = stages.seconds
     result.seconds = time.perf_counter() - t_start
     stages.report(1.0, "done")
@@ -276,9 +284,10 @@ def _new_result(ct: sitk.Image, mri: Optional[sitk.Image], model, device: str) -
 
 
 def _synthesise_on_reference(result: SynthesisResult, ct: sitk.Image, reference: sitk.Image, model, stages: "_Stages",
-                             batch_size: Optional[int], cancel: Cancel) -> None:
+                             batch_size: Optional[int], cancel: Cancel) -> sitk.Image:
     """The CT normalised as the model was trained, resampled (through the registration, if any) onto the
-    model's grid, synthesised, and the synthetic MRI and its uncertainty brought onto ``reference``'s grid."""
+    model's grid, synthesised, and the synthetic MRI and its uncertainty brought onto ``reference``'s grid.
+    Returns the normalised CT (0..255, on the CT's grid)."""
     from .error_model import apply as apply_error_model
     from .synthesis import predict_volume, preprocessing_options
 
@@ -306,6 +315,15 @@ def _synthesise_on_reference(result: SynthesisResult, ct: sitk.Image, reference:
         result.transform, prep.get("mask_output", True),
     )
     result.uncertainty_mean = _mean_in_head(result.uncertainty, head)
+    return ct255_image
+
+
+def _reference_csf_over_brain(ct255: sitk.Image, mri255: sitk.Image, transform) -> Optional[float]:
+    """The reference MRI's CSF / brain tissue ratio, both tissues found on the CT brought onto its grid (in
+    axial slices whatever the voxel order): is it T2-weighted like the synthetic MRI (``contrast.py``)?"""
+    ct_on_reference = geometry.resample(ct255, mri255, transform, default_value=0.0)
+    return reference_csf_over_brain(sitk.GetArrayFromImage(geometry.canonical_axial(ct_on_reference)),
+                                    sitk.GetArrayFromImage(geometry.canonical_axial(mri255)))
 
 
 def _to_reference(prediction, grid: sitk.Image, reference: sitk.Image, ct255: sitk.Image,
