@@ -185,6 +185,22 @@ def test_mri_takes_the_mr_series(tmp_path: Path) -> None:
     assert ct.series.number == 3 and "7 (modality MR)" in ct.reason
 
 
+def test_a_series_of_the_other_modality_is_refused_before_any_work(tmp_path: Path) -> None:
+    """A CT series asked for as the MRI (or an MRI folder holding only a CT) used to run in full and end with a
+    'looks like a CT' warning; its Modality says so at once."""
+    write_series(tmp_path / "both", axial(40, 3.0), number=3, thickness=3.0)
+    write_series(tmp_path / "both", axial(20, 5.0), number=7, modality="MR", image_type=("ORIGINAL", "PRIMARY", "M"))
+    write_series(tmp_path / "ct_only", axial(20, 3.0), number=2, thickness=3.0)
+    listed = dicom.list_series(tmp_path / "both")
+    for what, number, message in (("MRI", "3", "is a CT series (Modality CT); give the MRI"),
+                                  ("CT", "7", "is an MR series (Modality MR); give the CT")):
+        with pytest.raises(CTMRIError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            dicom.choose_series(listed, what, number, folder=tmp_path / "both")
+    with pytest.raises(CTMRIError, match="--mri-series"):
+        dicom.choose_series(dicom.list_series(tmp_path / "ct_only"), "MRI", folder=tmp_path / "ct_only")
+    assert dicom.choose_series(dicom.list_series(tmp_path / "ct_only"), "CT").series.number == 2
+
+
 def test_localizers_and_reformats_are_never_chosen(tmp_path: Path) -> None:
     write_series(tmp_path, [(0.0, -126.0, 126.0)], number=1, row=(0, 1, 0), col=(0, 0, -1),
                  image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))

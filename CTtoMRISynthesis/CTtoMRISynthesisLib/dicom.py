@@ -467,6 +467,7 @@ def choose_series(
     if len(series) == 1:
         only = series[0]
         _check_readable(only, what, folder)
+        _check_not_the_other_modality(only, what, folder)
         return Choice(only, "the only series in the folder", folder)
     modality = MODALITY_OF.get(what, what)
     rejected = {s.uid: _rejection(s, modality) for s in series}
@@ -543,7 +544,20 @@ def _requested(series: List[Series], what: str, requested: str, folder: Path) ->
         )
     chosen = matches[0]
     _check_readable(chosen, what, folder)
+    _check_not_the_other_modality(chosen, what, folder)
     return Choice(chosen, f"chosen with {flag} {requested}", folder, [s for s in series if s is not chosen])
+
+
+def _check_not_the_other_modality(series: Series, what: str, folder: Path) -> None:
+    """A CT series given as the MRI, or an MR series as the CT (its Modality says so): refused before any work,
+    rather than run in full for a 'looks swapped' warning at the end. Other modalities are left to the user."""
+    other = {"CT": "MR", "MRI": "CT"}.get(what)
+    if other is not None and series.modality == other:
+        kind = "an MR" if other == "MR" else "a CT"
+        raise CTMRIError(
+            f"the {what} DICOM {series.label()} in {folder} is {kind} series (Modality {other}); give the {what}: "
+            f"another folder, or another series with {FLAG_OF.get(what, '--ct-series')} (see `ctmri series {folder}`)"
+        )
 
 
 def _check_readable(series: Series, what: str, folder: Path) -> None:
