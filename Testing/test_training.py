@@ -360,6 +360,70 @@ def test_cv_with_dropped_patients_records_them_and_never_drops_the_held_out(phan
 
 
 @needs_torch
+def test_resume_refuses_other_patients_or_another_recipe_and_keeps_a_finished_run(phantom_slices, tmp_path, capsys):
+    """--resume used to check only the architecture: a run stopped after training on every patient resumed with
+    --test-cases 28 recorded 28 as held out although it had trained on it; another --lr was taken; and a finished
+    run resumed under another split or name was saved again over its model file."""
+    import phantoms
+    from CTtoMRISynthesisLib.cli import main as ctmri
+
+    run = tmp_path / "run"
+    assert ctmri(phantoms.tiny_train_args(phantom_slices, run, "--stop-after", "1", epochs=2, max_steps=1)) == 0
+    for extra, said in ((["--test-cases", "28"], "train_cases"), (["--lr", "0.01"], "lr: 0.001 vs 0.01")):
+        capsys.readouterr()
+        assert ctmri(phantoms.tiny_train_args(phantom_slices, run, "--resume", *extra, epochs=2, max_steps=1)) == 2
+        err = capsys.readouterr().err
+        assert "was made with different settings or patients" in err and said in err, err
+    assert ctmri(phantoms.tiny_train_args(phantom_slices, run, "--resume", "--workers", "0", epochs=2, max_steps=1)) == 0
+    model = (run / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert ctmri(phantoms.tiny_train_args(phantom_slices, run, "--resume", "--test-cases", "28", epochs=2,
+                                          max_steps=1)) == 2
+    assert ctmri(phantoms.tiny_train_args(phantom_slices, run, "--resume", epochs=2, max_steps=1)) == 0
+    assert (run / "model.safetensors").read_bytes() == model, "a finished run is kept as it is"
+
+
+@needs_torch
+def test_cross_validation_keeps_only_folds_of_its_own_recipe_and_refuses_a_single_runs_split(phantom_slices,
+                                                                                           tmp_path, capsys):
+    """A fold finished by another recipe used to be kept on --resume and reported under the new recipe's name;
+    --test-cases / --val-cases with --cv were silently ignored (the patient was trained on in other folds)."""
+    import phantoms
+    from CTtoMRISynthesisLib.cli import main as ctmri
+
+    cv = tmp_path / "cv"
+    assert ctmri(phantoms.tiny_train_args(phantom_slices, cv, "--cv", "loo", "--only-folds", "1", max_steps=1)) == 0
+    capsys.readouterr()
+    assert ctmri(phantoms.tiny_train_args(phantom_slices, cv, "--cv", "loo", "--only-folds", "1", "--resume",
+                                          "--loss", "l1", max_steps=1)) == 2
+    assert "loss: mse vs l1" in capsys.readouterr().err
+    assert ctmri(phantoms.tiny_train_args(phantom_slices, cv, "--cv", "loo", "--only-folds", "1", "--resume",
+                                          max_steps=1)) == 0
+    assert "already done" in capsys.readouterr().out
+    for option in ("--test-cases", "--val-cases"):
+        assert ctmri(phantoms.tiny_train_args(phantom_slices, tmp_path / "other", "--cv", "loo", option, "28")) == 2
+        assert "with --cv each fold holds out its own" in capsys.readouterr().err
+    assert not (tmp_path / "other" / "fold01").exists()
+
+
+def test_a_global_batch_that_does_not_split_across_the_processes_is_refused(phantom_slices, tmp_path, capsys,
+                                                                         monkeypatch):
+    """3 processes and --batch-size 4 trained on 3 slices a step while the model recorded 4."""
+    from CTtoMRISynthesisLib.cli import main as ctmri
+    from CTtoMRISynthesisLib.training.loop import Dist, check_batch_divides
+
+    check_batch_divides(4, Dist(0, 2, 0))
+    check_batch_divides(5, Dist(0, 1, 0))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    import phantoms
+
+    assert ctmri(phantoms.tiny_train_args(phantom_slices, tmp_path / "run")) == 2
+    assert "--batch-size 4 is the global batch, split across the 3 processes" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists(), "refused before anything is read or made"
+
+
+@needs_torch
 def test_train_never_trains_over_a_run_without_resume(phantom_slices, tmp_path, capsys):
     """A forgotten --resume must not retrain a finished run (or a fold) from scratch over its checkpoint and model:
     refused before any training, naming the folder; a fold not yet trained in the same folder is free."""

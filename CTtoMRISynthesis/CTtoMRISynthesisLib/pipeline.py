@@ -24,7 +24,7 @@ import SimpleITK as sitk
 from . import geometry
 from .contrast import reference_csf_over_brain, reference_warnings
 from .errors import CTMRIError
-from .intensity import CTWindow, check_finite, modality_warnings, normalise_ct, normalise_mri
+from .intensity import CTWindow, check_finite, ct_likeness, modality_warnings, normalise_ct, normalise_mri
 from .volumes import as_scalar_3d, write_volume
 
 Progress = Optional[Callable[[float, str], None]]
@@ -260,7 +260,8 @@ def synthesize(
         result.metrics = stages.run("metrics", 0.93, 0.97, evaluate_images, mri255, result.synthetic_mri)
         result.reference_csf_over_brain = stages.run("reference check", 0.97, 1.0, _reference_csf_over_brain,
                                                      ct255, mri255, result.transform)
-        result.warnings.extend(reference_warnings(result.reference_csf_over_brain))
+        if not ct_likeness(sitk.GetArrayViewFromImage(mri))[0]:  # a CT as the MRI is already warned about
+            result.warnings.extend(reference_warnings(result.reference_csf_over_brain))
     result.stage_seconds = stages.seconds
     result.seconds = time.perf_counter() - t_start
     stages.report(1.0, "done")

@@ -190,17 +190,32 @@ class _TrainJob:
     def ids(self) -> list:
         return [c.case_id for c in self.cases]
 
-    def train(self, train_ids, val_ids, split_record: dict, run_dir: Path) -> dict:
-        """One training run on these patients, validated on those (the CV fold or the single split)."""
+    def patients(self, train_ids, split_record: dict) -> tuple:
+        """The patients a run really trains on (less --exclude-from-training, less --drop-patients drawn with
+        the seed) and the split record saying so."""
         from . import split as splits
-        from .loop import train
 
-        args, by_id = self.args, {c.case_id: c for c in self.cases}
+        args = self.args
         if self.excluded:
             train_ids, split_record = splits.exclude(train_ids, self.excluded, split_record)
         if args.drop_patients:
             train_ids, dropped = splits.drop_random(train_ids, args.drop_patients, f"{args.seed}:{split_record.get('mode')}")
             split_record = {**split_record, "train_cases": train_ids, "dropped_cases": dropped}
+        return train_ids, split_record
+
+    def check_kept(self, train_ids, val_ids, split_record: dict, run_dir: Path) -> None:
+        """A finished run kept on --resume must be this recipe on these patients (its checkpoint says)."""
+        from .loop import check_same_run
+
+        train_ids, _ = self.patients(train_ids, split_record)
+        check_same_run(run_dir, self.settings, {"train_cases": sorted(train_ids), "val_cases": sorted(val_ids)})
+
+    def train(self, train_ids, val_ids, split_record: dict, run_dir: Path) -> dict:
+        """One training run on these patients, validated on those (the CV fold or the single split)."""
+        from .loop import train
+
+        args, by_id = self.args, {c.case_id: c for c in self.cases}
+        train_ids, split_record = self.patients(train_ids, split_record)
         return train(
             [by_id[c] for c in train_ids], self.settings, run_dir,
             val_cases=[by_id[c] for c in val_ids], split=split_record, data=self.data,
@@ -211,10 +226,11 @@ class _TrainJob:
 def run_train(args) -> int:
     from . import split as splits
     from .discovery import discover
-    from .loop import dist_from_env
+    from .loop import check_batch_divides, dist_from_env
 
     try:
         settings = settings_from_args(args)
+        check_batch_divides(settings.batch_size, dist_from_env())  # before the data is read, not after
         if args.save and Path(args.save).suffix != ".safetensors":  # before training, not after it
             raise CTMRIError(f"--save {args.save}: a model file name must end in .safetensors; choose e.g. "
                              f"{Path(args.save).with_suffix('.safetensors')}")
@@ -246,6 +262,9 @@ def _run_cross_validation(job: _TrainJob, out: Path) -> int:
     from .report import write_cv_report
 
     args, main = job.args, dist_from_env().main
+    if args.val_cases or args.test_cases:  # a fold's held-out patient is its test and validation set
+        raise CTMRIError("--val-cases and --test-cases choose the patients of a single run; with --cv each fold "
+                         "holds out its own: leave them out, or use --exclude-from-training to never train on some")
     folds = splits.cross_validation(job.ids, 0 if args.cv == "loo" else args.folds, args.seed)
     job.settings.select = "last"  # the held-out patient is logged, never used to pick an epoch
     chosen = set(args.only_folds or range(1, len(folds) + 1))
@@ -274,6 +293,7 @@ def _run_fold(job: _TrainJob, k: int, fold, n_folds: int, fold_dir: Path) -> boo
 
     args, main = job.args, dist_from_env().main
     if args.resume and (fold_dir / "fold.json").exists():
+        job.check_kept(fold.train_cases, fold.test_cases, fold.to_dict(), fold_dir)
         if main:
             print(f"fold {k}/{n_folds} already done ({fold.test_cases}); kept", flush=True)
         return True

@@ -209,7 +209,9 @@ def load_3d_case(
         arrays = {"ct": reg["ct"], "mri": reg["mri"], "meta": meta}
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_name(cache_file.name + ".tmp.npz")
+            # one temporary name per process: under torchrun every rank registers the case and writes the same
+            # content, and a shared temporary name let one rank rename it away under another (FileNotFoundError)
+            tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp.npz")
             np.savez_compressed(tmp, ct=arrays["ct"], mri=arrays["mri"], meta=json.dumps(meta))
             os.replace(tmp, cache_file)
     ct255, ct_info = normalise_ct(arrays["ct"], window)

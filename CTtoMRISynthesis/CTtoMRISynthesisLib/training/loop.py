@@ -114,6 +114,18 @@ class Dist:
         return self.world > 1
 
 
+def check_batch_divides(batch_size: int, dist: "Dist") -> None:
+    """The global batch (``--batch-size``, recorded in the model) must split evenly across torchrun's processes:
+    3 processes would otherwise take 1 slice each of a batch of 4, and the record would say 4."""
+    from ..errors import CTMRIError
+
+    if dist.active and batch_size % dist.world:
+        raise CTMRIError(
+            f"--batch-size {batch_size} is the global batch, split across the {dist.world} processes torchrun "
+            f"started: give a multiple of {dist.world} (e.g. {dist.world * max(1, round(batch_size / dist.world))})"
+        )
+
+
 def dist_from_env() -> Dist:
     """The process's place under torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``), else a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -339,21 +351,43 @@ _SAVED_DEFAULTS = {"lookup_residual": False, "lookup_sigma": 0.0, "ct_standardis
                    "unpaired": json.loads(json.dumps(asdict(UnpairedSettings())))}
 
 
-def _check_resumable(saved: dict, settings: TrainSettings, path: Path) -> None:
-    """Refuse to resume a checkpoint made with another model or data recipe (epochs may grow)."""
+#: Settings that say how a run goes, not what it learns: they may change across ``--resume`` (epochs may grow).
+_RUN_ONLY = ("epochs", "num_workers", "device", "threads", "stop_after", "checkpoint_every", "amp")
+
+
+def split_ids(train_cases, val_cases) -> dict:
+    """The patients a run trains and validates on, as its checkpoint records them."""
+    return {"train_cases": sorted(c.case_id for c in train_cases), "val_cases": sorted(c.case_id for c in val_cases)}
+
+
+def _check_resumable(saved: dict, settings: TrainSettings, path: Path, saved_split: Optional[dict] = None,
+                     split: Optional[dict] = None) -> None:
+    """Refuse to resume (or keep) a checkpoint made with another recipe or on other patients: every setting but
+    :data:`_RUN_ONLY`, and the training and validation patients (checkpoints record them since stop 34)."""
     from ..errors import CTMRIError
 
     now = json.loads(json.dumps(asdict(settings), default=str))
-    keys = ("base", "levels", "norm", "lookup_residual", "lookup_sigma", "ct_standardise", "context", "loss",
-            "batch_size", "seed", "size", "unpaired")
     then = {**_SAVED_DEFAULTS, **saved}  # a key an older checkpoint lacks had its default value then
     then["unpaired"] = {**_SAVED_DEFAULTS["unpaired"], **then["unpaired"]}  # so had an unpaired setting added later
-    differ = [k for k in keys if k in then and then[k] != now[k]]
+    differ = [f"{k}: {then[k]} vs {now[k]}" for k in now if k not in _RUN_ONLY and k in then and then[k] != now[k]]
+    if saved_split is not None and split is not None:
+        differ += [f"{k}: {saved_split.get(k)} vs {split[k]}" for k in split if saved_split.get(k) != split[k]]
     if differ:
         raise CTMRIError(
-            f"{path} was made with different settings ({', '.join(f'{k}: {then[k]} vs {now[k]}' for k in differ)}); "
-            "use another --out folder or the original settings"
+            f"{path} was made with different settings or patients ({'; '.join(differ)}); use another --out folder "
+            "or the original settings"
         )
+
+
+def check_same_run(run_dir: Path, settings: TrainSettings, split: dict) -> None:
+    """Refuse ``run_dir`` when its checkpoint was made with another recipe or on other patients (nothing to
+    check without a checkpoint)."""
+    import torch
+
+    path = Path(run_dir) / "checkpoint.pt"
+    if path.exists():
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        _check_resumable(ckpt.get("settings", {}), settings, path, ckpt.get("split"), split)
 
 
 def _log_row(row: dict) -> list:
@@ -397,6 +431,7 @@ class _Run:
     sampler: object  # DistributedSampler under torchrun, else None
     unpaired: object  # unpaired.UnpairedSource, or None
     unpaired_record: Optional[dict]
+    split: dict  # split_ids: the patients trained and validated on, recorded in the checkpoint
 
     @property
     def cuda(self) -> bool:
@@ -463,12 +498,14 @@ def _build_network(seen, settings: TrainSettings, device: str):
     return net.to(device=device, memory_format=torch.channels_last)
 
 
-def _resume(run_dir: Path, ckpt_path: Path, settings: TrainSettings, net, optimizer, dist: Dist) -> _Progress:
-    """Load a checkpoint made with the same recipe into ``net`` and ``optimizer``; the progress it carries."""
+def _resume(run_dir: Path, ckpt_path: Path, settings: TrainSettings, net, optimizer, dist: Dist,
+            split: dict) -> _Progress:
+    """Load a checkpoint made with the same recipe on the same patients into ``net`` and ``optimizer``; the
+    progress it carries."""
     import torch
 
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    _check_resumable(ckpt.get("settings", {}), settings, ckpt_path)
+    _check_resumable(ckpt.get("settings", {}), settings, ckpt_path, ckpt.get("split"), split)
     net.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     progress = _Progress(history=list(ckpt["history"]), best=dict(ckpt["best"]), best_state=ckpt.get("best_model"),
@@ -492,7 +529,7 @@ def _distribute(net, dataset, settings: TrainSettings, dist: Dist, cuda: bool) -
     return model, sampler
 
 
-def _prepare(train_cases, settings: TrainSettings, out_dir: Path, resume: bool) -> tuple:
+def _prepare(train_cases, settings: TrainSettings, out_dir: Path, resume: bool, val_cases=()) -> tuple:
     """Everything a run needs before its first epoch; ``(run, progress)``. The order of the seeded steps
     (network initialisation, then the data's augmentation streams) is what makes CPU runs reproducible."""
     import torch
@@ -508,13 +545,13 @@ def _prepare(train_cases, settings: TrainSettings, out_dir: Path, resume: bool) 
     progress = _Progress()
     ckpt_path = out_dir / "checkpoint.pt"
     if resume and ckpt_path.exists():
-        progress = _resume(out_dir, ckpt_path, settings, net, optimizer, dist)
+        progress = _resume(out_dir, ckpt_path, settings, net, optimizer, dist, split_ids(train_cases, val_cases))
     dataset = SliceDataset(seen, settings.context, settings.augment, settings.seed)
     unpaired, unpaired_record = build_source(settings.unpaired, seen, settings.window, settings.size, settings.context,
                                              settings.augment, settings.seed, settings.head_threshold)
     model, sampler = _distribute(net, dataset, settings, dist, device.startswith("cuda"))
     run = _Run(settings, out_dir, dist, device, net, model, optimizer, scaler, loss_fn, dataset, sampler, unpaired,
-               unpaired_record)
+               unpaired_record, split_ids(train_cases, val_cases))
     return run, progress
 
 
@@ -629,6 +666,7 @@ def _save_checkpoint(run: _Run, epoch: int, progress: _Progress) -> None:
         "history": progress.history,
         "best": progress.best,
         "settings": json.loads(json.dumps(asdict(run.settings), default=str)),
+        "split": run.split,
     }
     if progress.best_state is not None and run.settings.select == "best":
         state["best_model"] = progress.best_state
@@ -738,8 +776,9 @@ def train(
     epoch with the lowest validation MAE is the one saved as ``model.safetensors``, otherwise the last epoch.
     """
     settings.check()
+    check_batch_divides(settings.batch_size, dist_from_env())
     out_dir = Path(out_dir)
-    run, progress = _prepare(train_cases, settings, out_dir, resume)
+    run, progress = _prepare(train_cases, settings, out_dir, resume, val_cases)
     start_time = time.time()
     _start_log(run, progress.history)
     seconds_before = float(sum(h["seconds"] for h in progress.history))
@@ -754,7 +793,12 @@ def train(
     result = {"weights": out_dir / MODEL_FILE, "history": progress.history, "best": progress.best}
     if run.dist.main:
         ran = progress.start_epoch < settings.epochs
-        seconds = seconds_before + (time.time() - start_time) if ran else seconds_before
-        result["config"] = _save_model(run, train_cases, val_cases, progress, seconds, split, data, command)
+        if not ran and (out_dir / MODEL_FILE).exists():  # a finished run resumed: kept as it is, not saved again
+            from ..weights import read_config
+
+            result["config"] = read_config(out_dir / MODEL_FILE)
+        else:
+            seconds = seconds_before + (time.time() - start_time) if ran else seconds_before
+            result["config"] = _save_model(run, train_cases, val_cases, progress, seconds, split, data, command)
     barrier(run.dist)
     return result
