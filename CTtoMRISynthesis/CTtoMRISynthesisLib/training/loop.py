@@ -498,7 +498,7 @@ def _build_network(seen, settings: TrainSettings, device: str):
     return net.to(device=device, memory_format=torch.channels_last)
 
 
-def _resume(run_dir: Path, ckpt_path: Path, settings: TrainSettings, net, optimizer, dist: Dist,
+def _resume(run_dir: Path, ckpt_path: Path, settings: TrainSettings, net, optimizer, scaler, dist: Dist,
             split: dict) -> _Progress:
     """Load a checkpoint made with the same recipe on the same patients into ``net`` and ``optimizer``; the
     progress it carries."""
@@ -508,6 +508,8 @@ def _resume(run_dir: Path, ckpt_path: Path, settings: TrainSettings, net, optimi
     _check_resumable(ckpt.get("settings", {}), settings, ckpt_path, ckpt.get("split"), split)
     net.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler") and scaler.is_enabled():  # fp16 on CUDA: the loss scale it had reached, not a restart
+        scaler.load_state_dict(ckpt["scaler"])
     progress = _Progress(history=list(ckpt["history"]), best=dict(ckpt["best"]), best_state=ckpt.get("best_model"),
                          start_epoch=int(ckpt["epoch"]) + 1)
     if dist.main:
@@ -545,7 +547,7 @@ def _prepare(train_cases, settings: TrainSettings, out_dir: Path, resume: bool, 
     progress = _Progress()
     ckpt_path = out_dir / "checkpoint.pt"
     if resume and ckpt_path.exists():
-        progress = _resume(out_dir, ckpt_path, settings, net, optimizer, dist, split_ids(train_cases, val_cases))
+        progress = _resume(out_dir, ckpt_path, settings, net, optimizer, scaler, dist, split_ids(train_cases, val_cases))
     dataset = SliceDataset(seen, settings.context, settings.augment, settings.seed)
     unpaired, unpaired_record = build_source(settings.unpaired, seen, settings.window, settings.size, settings.context,
                                              settings.augment, settings.seed, settings.head_threshold)
@@ -663,6 +665,7 @@ def _save_checkpoint(run: _Run, epoch: int, progress: _Progress) -> None:
         "world_size": run.dist.world,
         "model": {k: v.detach().cpu() for k, v in run.net.state_dict().items()},
         "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),  # {} when disabled (CPU, or --no-amp)
         "history": progress.history,
         "best": progress.best,
         "settings": json.loads(json.dumps(asdict(run.settings), default=str)),
