@@ -406,6 +406,7 @@ def test_cross_validation_keeps_only_folds_of_its_own_recipe_and_refuses_a_singl
     assert not (tmp_path / "other" / "fold01").exists()
 
 
+@needs_torch
 def test_a_global_batch_that_does_not_split_across_the_processes_is_refused(phantom_slices, tmp_path, capsys,
                                                                          monkeypatch):
     """3 processes and --batch-size 4 trained on 3 slices a step while the model recorded 4."""
