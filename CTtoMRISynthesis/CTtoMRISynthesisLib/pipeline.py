@@ -151,9 +151,8 @@ class SynthesisResult:
         out: dict = {}
         if self.metrics is not None:
             out.update(self.metrics)
-        out["uncertainty_mean"] = self.uncertainty_mean
-        if self.metrics is not None:
             out["reference_csf_over_brain"] = self.reference_csf_over_brain
+        out["uncertainty_mean"] = self.uncertainty_mean
         out.update(
             registration=self.registration,
             device=self.device,
@@ -258,10 +257,7 @@ def synthesize(
         mri255 = geometry.array_on_grid(normalise_mri(sitk.GetArrayFromImage(mri)), mri)
         result.difference = sitk.Subtract(mri255, result.synthetic_mri)
         result.metrics = stages.run("metrics", 0.93, 0.97, evaluate_images, mri255, result.synthetic_mri)
-        result.reference_csf_over_brain = stages.run("reference check", 0.97, 1.0, _reference_csf_over_brain,
-                                                     ct255, mri255, result.transform)
-        if not ct_likeness(sitk.GetArrayViewFromImage(mri))[0]:  # a CT as the MRI is already warned about
-            result.warnings.extend(reference_warnings(result.reference_csf_over_brain))
+        stages.run("reference check", 0.97, 1.0, _check_reference, result, ct255, mri, mri255)
     result.stage_seconds = stages.seconds
     result.seconds = time.perf_counter() - t_start
     stages.report(1.0, "done")
@@ -319,12 +315,16 @@ def _synthesise_on_reference(result: SynthesisResult, ct: sitk.Image, reference:
     return ct255_image
 
 
-def _reference_csf_over_brain(ct255: sitk.Image, mri255: sitk.Image, transform) -> Optional[float]:
-    """The reference MRI's CSF / brain tissue ratio, both tissues found on the CT brought onto its grid (in
-    axial slices whatever the voxel order): is it T2-weighted like the synthetic MRI (``contrast.py``)?"""
-    ct_on_reference = geometry.resample(ct255, mri255, transform, default_value=0.0)
-    return reference_csf_over_brain(sitk.GetArrayFromImage(geometry.canonical_axial(ct_on_reference)),
-                                    sitk.GetArrayFromImage(geometry.canonical_axial(mri255)))
+def _check_reference(result: SynthesisResult, ct255: sitk.Image, mri: sitk.Image, mri255: sitk.Image) -> None:
+    """Is the reference T2-weighted like the synthetic MRI (``contrast.py``)? Its CSF / brain tissue ratio, both
+    tissues found on the CT brought onto its grid (in axial slices whatever the voxel order), recorded, and a
+    warning below the T2 range (not for a CT given as the MRI: that has its own warning)."""
+    ct_on_reference = geometry.resample(ct255, mri255, result.transform, default_value=0.0)
+    result.reference_csf_over_brain = reference_csf_over_brain(
+        sitk.GetArrayFromImage(geometry.canonical_axial(ct_on_reference)),
+        sitk.GetArrayFromImage(geometry.canonical_axial(mri255)))
+    if not ct_likeness(sitk.GetArrayViewFromImage(mri))[0]:
+        result.warnings.extend(reference_warnings(result.reference_csf_over_brain))
 
 
 def _to_reference(prediction, grid: sitk.Image, reference: sitk.Image, ct255: sitk.Image,
