@@ -54,7 +54,8 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "CTtoMRISynthesis"))
 
-from CTtoMRISynthesisLib.contrast import head_of, intracranial, ratio, tissue_masks  # noqa: E402
+from CTtoMRISynthesisLib.contrast import intracranial, ratio, tissue_masks  # noqa: E402
+from CTtoMRISynthesisLib.intensity import head_mask  # noqa: E402
 from CTtoMRISynthesisLib.pipeline import synthesize  # noqa: E402
 from CTtoMRISynthesisLib.weights import load_model  # noqa: E402
 
@@ -63,7 +64,7 @@ EROSION_MM = 3.0
 
 
 def masks_hu(hu: np.ndarray, spacing_xy: float) -> dict:
-    head = head_of(hu, -300.0)
+    head = head_mask(hu, -300.0)
     brain_box = intracranial(hu > 300.0, head, int(round(EROSION_MM / spacing_xy)))
     return {"head": head, "csf": brain_box & (hu >= HU_CSF[0]) & (hu <= HU_CSF[1]),
             "brain": brain_box & (hu >= HU_BRAIN[0]) & (hu <= HU_BRAIN[1])}

@@ -25,28 +25,12 @@ from typing import Optional
 
 import numpy as np
 
-from .intensity import largest_component
+from .intensity import head_mask, in_plane_structure
 
 #: Below this CSF / brain ratio the reference MRI is said not to look T2-weighted (see the module docstring).
 T2_MIN_RATIO = 1.1
 BONE = 250.0  # 0..255 CT: bone is saturated in the brain window the model uses
 ERODE_PX = 6
-
-
-def in_plane_structure() -> np.ndarray:
-    """Face-connected 2D neighbourhood per axial slice (z untouched)."""
-    from scipy import ndimage
-
-    structure = np.zeros((3, 3, 3), bool)
-    structure[1] = ndimage.generate_binary_structure(2, 1)
-    return structure
-
-
-def head_of(ct: np.ndarray, threshold: float) -> np.ndarray:
-    """The CT's largest object above ``threshold``, holes filled per axial slice."""
-    from scipy import ndimage
-
-    return ndimage.binary_fill_holes(largest_component(ct > threshold), structure=in_plane_structure())
 
 
 def intracranial(bone: np.ndarray, head: np.ndarray, erosion_px: int) -> np.ndarray:
@@ -61,7 +45,7 @@ def tissue_masks(ct255: np.ndarray) -> dict:
     """``head``, ``intracranial``, ``csf`` and ``brain`` (the strict masks) of a 0..255 CT (z, y, x)."""
     from scipy import ndimage
 
-    head = head_of(ct255, 10.0)
+    head = head_mask(ct255, 10.0)
     box = intracranial(ct255 >= BONE, head, ERODE_PX)
     fine = ndimage.gaussian_filter(ct255.astype(np.float32), sigma=(0, 1, 1))
     low, b1, b2 = np.percentile(fine[box], [10, 40, 90]) if box.any() else (0.0, 0.0, 0.0)

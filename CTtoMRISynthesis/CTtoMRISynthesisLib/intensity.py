@@ -194,7 +194,7 @@ def brain_median(ct255: np.ndarray, threshold: float = 10.0) -> Optional[float]:
     from scipy import ndimage
 
     mask = head_mask(ct255, threshold)
-    inner = ndimage.binary_erosion(mask, _in_plane_structure(), iterations=BRAIN_EROSION)
+    inner = ndimage.binary_erosion(mask, in_plane_structure(), iterations=BRAIN_EROSION)
     lo, hi = BRAIN_RANGE
     for region in (inner, mask):
         sample = ct255[region & (ct255 > lo) & (ct255 < hi)]
@@ -228,7 +228,7 @@ def head_mask(ct255: np.ndarray, threshold: float = 10.0) -> np.ndarray:
     from scipy import ndimage
 
     mask = largest_component(ct255 > threshold)
-    return ndimage.binary_fill_holes(mask, structure=_in_plane_structure())  # holes within each axial slice only
+    return ndimage.binary_fill_holes(mask, structure=in_plane_structure())  # holes within each axial slice only
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -243,7 +243,7 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == int(np.argmax(sizes))
 
 
-def _in_plane_structure() -> np.ndarray:
+def in_plane_structure() -> np.ndarray:
     """3D structuring element that connects voxels within an axial slice only (4-neighbourhood)."""
     from scipy import ndimage
 

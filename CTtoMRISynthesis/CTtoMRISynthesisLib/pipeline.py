@@ -252,12 +252,12 @@ def synthesize(
         )
         result.transform, result.registration = reg.transform, reg.to_dict()
         result.ct_registered = stages.run("resample CT", 0.3, 0.32, geometry.resample, ct, mri, result.transform)
-    ct255 = _synthesise_on_reference(result, ct, mri if mri is not None else ct, model, stages, batch_size, cancel)
+    ct_axial = _synthesise_on_reference(result, ct, mri if mri is not None else ct, model, stages, batch_size, cancel)
     if mri is not None:
         mri255 = geometry.array_on_grid(normalise_mri(sitk.GetArrayFromImage(mri)), mri)
         result.difference = sitk.Subtract(mri255, result.synthetic_mri)
         result.metrics = stages.run("metrics", 0.93, 0.97, evaluate_images, mri255, result.synthetic_mri)
-        stages.run("reference check", 0.97, 1.0, _check_reference, result, ct255, mri, mri255)
+        stages.run("reference check", 0.97, 1.0, _check_reference, result, ct_axial, mri, mri255)
     result.stage_seconds = stages.seconds
     result.seconds = time.perf_counter() - t_start
     stages.report(1.0, "done")
@@ -284,7 +284,7 @@ def _synthesise_on_reference(result: SynthesisResult, ct: sitk.Image, reference:
                              batch_size: Optional[int], cancel: Cancel) -> sitk.Image:
     """The CT normalised as the model was trained, resampled (through the registration, if any) onto the
     model's grid, synthesised, and the synthetic MRI and its uncertainty brought onto ``reference``'s grid.
-    Returns the normalised CT (0..255, on the CT's grid)."""
+    Returns the normalised CT (0..255) on the reference grid in axial slices (canonical orientation)."""
     from .error_model import apply as apply_error_model
     from .synthesis import predict_volume, preprocessing_options
 
@@ -307,22 +307,20 @@ def _synthesise_on_reference(result: SynthesisResult, ct: sitk.Image, reference:
     # what was done to the CT before the network beyond the window (grain matching, brain-median standardisation)
     result.normalisation.update({k: v for k, v in run_info.items() if k.startswith(("ct_grain", "ct_standardise"))})
     result.device = run_info.get("device", result.device)
-    result.synthetic_mri, result.uncertainty, head = stages.run(
+    result.synthetic_mri, result.uncertainty, head, ct_axial = stages.run(
         "resample to reference", 0.9, 0.93, _to_reference, prediction, grid, reference, ct255_image,
         result.transform, prep.get("mask_output", True),
     )
     result.uncertainty_mean = _mean_in_head(result.uncertainty, head)
-    return ct255_image
+    return ct_axial
 
 
-def _check_reference(result: SynthesisResult, ct255: sitk.Image, mri: sitk.Image, mri255: sitk.Image) -> None:
+def _check_reference(result: SynthesisResult, ct_axial: sitk.Image, mri: sitk.Image, mri255: sitk.Image) -> None:
     """Is the reference T2-weighted like the synthetic MRI (``contrast.py``)? Its CSF / brain tissue ratio, both
-    tissues found on the CT brought onto its grid (in axial slices whatever the voxel order), recorded, and a
+    tissues found on the CT on its grid (``ct_axial``: in axial slices, as the MRI is read here), recorded, and a
     warning below the T2 range (not for a CT given as the MRI: that has its own warning)."""
-    ct_on_reference = geometry.resample(ct255, mri255, result.transform, default_value=0.0)
     result.reference_csf_over_brain = reference_csf_over_brain(
-        sitk.GetArrayFromImage(geometry.canonical_axial(ct_on_reference)),
-        sitk.GetArrayFromImage(geometry.canonical_axial(mri255)))
+        sitk.GetArrayFromImage(ct_axial), sitk.GetArrayFromImage(geometry.canonical_axial(mri255)))
     if not ct_likeness(sitk.GetArrayViewFromImage(mri))[0]:
         result.warnings.extend(reference_warnings(result.reference_csf_over_brain))
 
@@ -332,14 +330,14 @@ def _to_reference(prediction, grid: sitk.Image, reference: sitk.Image, ct255: si
     """The synthetic MRI and its uncertainty moved from the model grid onto the reference grid, both set to 0
     outside the head as seen at the reference grid's own resolution (the CT's largest object there), so that
     interpolation from the coarser model grid cannot leave a rim of signal outside the head. Returns
-    (synthetic MRI, uncertainty, head mask (z, y, x) of the reference grid or None when not masked)."""
+    (synthetic MRI, uncertainty, head mask (z, y, x) of the reference grid or None when not masked, the CT on the
+    reference grid in axial slices: the reference check reads it too)."""
     from .intensity import head_mask
 
+    # In axial slices whatever the reference's voxel order (head_mask fills holes slice by slice).
+    canonical = geometry.canonical_axial(geometry.resample(ct255, reference, transform, default_value=0.0))
     head = None
     if mask:
-        on_reference = geometry.resample(ct255, reference, transform, default_value=0.0)
-        # In axial slices whatever the reference's voxel order (head_mask fills holes slice by slice).
-        canonical = geometry.canonical_axial(on_reference)
         axial = geometry.array_on_grid(head_mask(sitk.GetArrayViewFromImage(canonical)).astype(np.uint8), canonical)
         order = sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(reference.GetDirection())
         head = sitk.GetArrayFromImage(sitk.DICOMOrient(axial, order)).astype(bool)
@@ -351,7 +349,7 @@ def _to_reference(prediction, grid: sitk.Image, reference: sitk.Image, ct255: si
             values[~head] = 0.0
             image = geometry.array_on_grid(values, reference)
         images.append(image)
-    return images[0], images[1], head
+    return images[0], images[1], head, canonical
 
 
 def _mean_in_head(uncertainty: sitk.Image, head: Optional[np.ndarray]) -> Optional[float]:
