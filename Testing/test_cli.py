@@ -131,6 +131,20 @@ def test_evaluate_says_what_it_read_and_an_assumed_spacing(tmp_path: Path, capsy
     assert "warning" not in capsys.readouterr().err
 
 
+def test_a_picture_spacing_no_input_uses_is_said(case_files, tiny_weights: Path, tmp_path: Path, capsys) -> None:
+    """``--picture-spacing`` with volume files (which carry their own spacing) is ignored: both commands say so,
+    synthesize in metrics.json too (evaluate said nothing before)."""
+    ct, mri = case_files
+    assert main(["evaluate", "--pred", str(mri), "--ref", str(mri), "--picture-spacing", "0.5", "2",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    said = "--picture-spacing was given, but no input is a folder of pictures: it was not used"
+    assert f"warning: {said}" in capsys.readouterr().err
+    assert json.loads((tmp_path / "e.json").read_text())["warnings"] == [said]
+    assert main(["synthesize", "--ct", str(ct), "--weights", str(tiny_weights), "--out-dir", str(tmp_path / "o"),
+                 "--picture-spacing", "0.5", "2"]) == 0
+    assert said in json.loads((tmp_path / "o" / "metrics.json").read_text())["warnings"]
+
+
 @pytest.mark.parametrize("value", ["0", "-3", "four"])
 def test_batch_size_below_one_is_refused(case_files, tmp_path: Path, capsys, value: str) -> None:
     """0 used to mean the default and a negative number 1, silently."""

@@ -95,16 +95,14 @@ def _read_inputs(ct_path, mri_path, options: CaseOptions, notify: Optional[Calla
 def _record_sources(result: SynthesisResult, ct_source, mri_source, options: CaseOptions) -> None:
     """Which series or pictures were read (``ct_series``, ``mri_pictures``, …) and what the user must know
     about pictures (their assumed spacing; a --picture-spacing that was not used)."""
-    from .pictures import PictureStack
+    from .dicom import about_source, picture_spacing_unused
 
     for what, source in (("ct", ct_source), ("mri", mri_source)):
-        if source is not None:
-            kind = "pictures" if isinstance(source, PictureStack) else "series"  # ct_series, mri_pictures, …
-            result.provenance[f"{what}_{kind}"] = source.provenance()
-        if isinstance(source, PictureStack):
-            result.warnings.extend(source.warnings(what.upper()))
-    if options.picture_spacing and not any(isinstance(s, PictureStack) for s in (ct_source, mri_source)):
-        result.warnings.append("--picture-spacing was given, but no input is a folder of pictures: it was not used")
+        kind, provenance, warnings = about_source(source, what.upper())
+        if kind:
+            result.provenance[f"{what}_{kind}"] = provenance  # ct_series, mri_pictures, …
+        result.warnings.extend(warnings)
+    result.warnings.extend(picture_spacing_unused(options.picture_spacing, (ct_source, mri_source)))
 
 
 def _extra_writers(result: SynthesisResult, ct_source, reference_source, options: CaseOptions) -> list:

@@ -705,6 +705,27 @@ def read_input(path: str | Path, what: str, requested: Optional[str] = None,
     return read_volume(path, what), None
 
 
+def about_source(source: Optional[object], what: str) -> Tuple[str, dict, List[str]]:
+    """What a run records of an input that :func:`read_input` read from a folder: its kind (``"series"`` or
+    ``"pictures"``), its provenance, and the warnings its user must see (pictures: the spacing assumed, numbers
+    missing). ``source`` is the record :func:`read_input` returned (None for a file: nothing to record)."""
+    from .pictures import PictureStack
+
+    if source is None:
+        return "", {}, []
+    pictures = isinstance(source, PictureStack)
+    return ("pictures" if pictures else "series"), source.provenance(), (source.warnings(what) if pictures else [])
+
+
+def picture_spacing_unused(picture_spacing: Optional[Sequence[float]], sources: Sequence[Optional[object]]) -> List[str]:
+    """The warning for a ``--picture-spacing`` given when no input is a folder of pictures (else none)."""
+    from .pictures import PictureStack
+
+    if picture_spacing and not any(isinstance(s, PictureStack) for s in sources):
+        return ["--picture-spacing was given, but no input is a folder of pictures: it was not used"]
+    return []
+
+
 def _read_picture_folder(path: Path, what: str, requested: Optional[str], spacing):
     from .pictures import picture_files, read_pictures
     from .volumes import no_dicom_error

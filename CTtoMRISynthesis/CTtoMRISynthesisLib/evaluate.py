@@ -60,7 +60,8 @@ def evaluate_files(pred: str, ref: str, pred_scale: str = "as-is",
     reference, ref_source = read_input(ref, "reference MRI", picture_spacing=picture_spacing)
     prediction, pred_source = read_input(pred, "prediction", picture_spacing=picture_spacing)
     reference, prediction = check_image(reference, "reference MRI"), check_image(prediction, "prediction")
-    notes, warnings, inputs = _about_sources({"prediction": pred_source, "reference MRI": ref_source})
+    notes, warnings, inputs = _about_sources({"prediction": pred_source, "reference MRI": ref_source},
+                                            picture_spacing)
     ref255 = geometry.array_on_grid(normalise_mri(sitk.GetArrayFromImage(reference)), reference)
     pred_array = sitk.GetArrayFromImage(prediction).astype("float32")
     if pred_scale == "minmax":
@@ -80,19 +81,19 @@ def evaluate_files(pred: str, ref: str, pred_scale: str = "as-is",
     return metrics, notes, warnings
 
 
-def _about_sources(sources: dict) -> Tuple[List[str], List[str], dict]:
+def _about_sources(sources: dict, picture_spacing=None) -> Tuple[List[str], List[str], dict]:
     """What was read for each input (a DICOM series, a folder of pictures): the lines to print, the warnings
-    (pictures' assumed spacing, numbers missing) and the record for the JSON."""
-    from .pictures import PictureStack
+    (pictures' assumed spacing, numbers missing, a --picture-spacing not used) and the record for the JSON."""
+    from .dicom import about_source, picture_spacing_unused
 
     notes, warnings, inputs = [], [], {}
     for what, source in sources.items():
-        if source is None:
-            continue
-        notes.append(source.message(what))
-        inputs[what.replace(" ", "_")] = source.provenance()
-        if isinstance(source, PictureStack):
-            warnings.extend(source.warnings(what))
+        kind, provenance, source_warnings = about_source(source, what)
+        if kind:
+            notes.append(source.message(what))
+            inputs[what.replace(" ", "_")] = provenance
+        warnings.extend(source_warnings)
+    warnings.extend(picture_spacing_unused(picture_spacing, list(sources.values())))
     return notes, warnings, inputs
 
 
