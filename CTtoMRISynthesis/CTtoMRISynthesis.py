@@ -55,6 +55,18 @@ no open licence stated: research use). The sample case is from the Visible Human
 U.S. National Library of Medicine.
 """
         )
+        # A scene saved while a review was shown asks for its layout when it is loaded in a new session, before
+        # any synthesis has registered it: register them all once Slicer is up (not at each module entry).
+        slicer.app.connect("startupCompleted()", registerReviewLayouts)
+
+
+def registerReviewLayouts() -> None:
+    """Register the review layouts (CTtoMRISynthesisLib/review.py: light, no NumPy/SimpleITK) at startup."""
+    from CTtoMRISynthesisLib import review
+
+    layoutManager = slicer.app.layoutManager()
+    if layoutManager is not None:  # no layout manager when Slicer runs without its main window
+        review.register_review_layouts(layoutManager.layoutLogic().GetLayoutNode())
 
 
 #
@@ -569,15 +581,15 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
     def showResults(outputs: dict, mriNode=None, ctNode=None) -> None:
         """Reference MRI | synthetic MRI | difference (| uncertainty) in linked axial views of this module's own
         (CT | synthetic MRI without an MRI); the user's Red/Yellow/Green views are left as they are."""
-        from CTtoMRISynthesisLib import mrml
+        from CTtoMRISynthesisLib import review
 
         layoutManager = slicer.app.layoutManager()
         if layoutManager is None:
             return
-        plan = mrml.review_plan(outputs, mriNode, ctNode)
-        layoutId = mrml.register_review_layout(layoutManager.layoutLogic().GetLayoutNode(), plan)
+        plan = review.review_plan(outputs, mriNode, ctNode)
+        layoutId = review.register_review_layout(layoutManager.layoutLogic().GetLayoutNode(), plan)
         layoutManager.setLayout(layoutId)  # creates the review views the first time, with labels and colours
-        mrml.apply_review_plan(slicer.mrmlScene, plan)
+        review.apply_review_plan(slicer.mrmlScene, plan)
         for entry in plan:
             sliceWidget = layoutManager.sliceWidget(entry["view"])
             if sliceWidget is not None:

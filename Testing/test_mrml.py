@@ -22,7 +22,7 @@ vtk = pytest.importorskip("vtk")
 
 import phantoms  # noqa: E402
 from conftest import new_scene  # noqa: E402
-from CTtoMRISynthesisLib import mrml  # noqa: E402
+from CTtoMRISynthesisLib import mrml, review  # noqa: E402
 from CTtoMRISynthesisLib.cli import main as cli_main  # noqa: E402
 from CTtoMRISynthesisLib.errors import CancelledError, CTMRIError  # noqa: E402
 
@@ -701,27 +701,27 @@ def test_review_layout_uses_its_own_views_and_leaves_the_users_views(review_scen
     user_views = {tag: _view_state(scene, tag) for tag in ("Red", "Yellow", "Green")}
     assert user_views["Red"][0] == "Axial" and user_views["Yellow"][0] == "Sagittal"
 
-    plan = mrml.review_plan(r.outputs, r.mri, r.ct)
+    plan = review.review_plan(r.outputs, r.mri, r.ct)
     assert [(e["role"], e["background"].GetID()) for e in plan] == [
         ("reference", r.mri.GetID()), ("synthetic", r.outputs["synthetic_mri"].GetID()),
         ("difference", r.outputs["difference"].GetID()), ("uncertainty", r.outputs["uncertainty"].GetID()),
     ]
-    root = ET.fromstring(mrml.review_layout_xml(plan))
+    root = ET.fromstring(review.review_layout_xml(plan))
     tags = [v.get("singletontag") for v in root.iter("view")]
     assert tags == ["CTMRIReference", "CTMRISynthetic", "CTMRIDifference", "CTMRIUncertainty"]
     assert not set(tags) & {"Red", "Yellow", "Green"}
     assert len(root.findall("./item/layout")) == 2, "four views: two rows of two"
 
-    layout_id = mrml.register_review_layout(r.layout_node, plan)
-    assert layout_id == mrml.review_layout_id(plan) > 1000
+    layout_id = review.register_review_layout(r.layout_node, plan)
+    assert layout_id == review.review_layout_id(plan) > 1000
     r.layout_node.SetViewArrangement(layout_id)  # what layoutManager.setLayout does
     r.make_slice_logics()  # the application makes a slice widget (and its composite node) per new view
-    assert len(mrml.apply_review_plan(scene, plan)) == 4
+    assert len(review.apply_review_plan(scene, plan)) == 4
 
     for entry in plan:
-        tag, label, colour = mrml.REVIEW_VIEWS[entry["role"]]
+        tag, label, colour = review.REVIEW_VIEWS[entry["role"]]
         state = _view_state(scene, tag)
-        assert state[:4] == ("Axial", label, _rgb(colour), mrml.REVIEW_VIEW_GROUP), "labels and colours apply"
+        assert state[:4] == ("Axial", label, _rgb(colour), review.REVIEW_VIEW_GROUP), "labels and colours apply"
         assert state[4] == entry["background"].GetID() and state[5] is None and state[6]
     assert {tag: _view_state(scene, tag) for tag in user_views} == user_views, "Red/Yellow/Green untouched"
 
@@ -730,7 +730,7 @@ def test_review_layout_uses_its_own_views_and_leaves_the_users_views(review_scen
     scene.GetSingletonNode("CTMRISynthetic", "vtkMRMLSliceNode").SetOrientation("Sagittal")
     r.layout_node.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutConventionalView)
     assert {tag: _view_state(scene, tag) for tag in user_views} == user_views
-    assert mrml.register_review_layout(r.layout_node, plan) == layout_id
+    assert review.register_review_layout(r.layout_node, plan) == layout_id
     r.layout_node.SetViewArrangement(layout_id)
     assert scene.GetNumberOfNodesByClass("vtkMRMLSliceNode") == n_slice_nodes, "views made once"
     assert scene.GetSingletonNode("CTMRISynthetic", "vtkMRMLSliceNode").GetOrientation() == "Axial"
@@ -740,16 +740,65 @@ def test_review_layout_uses_its_own_views_and_leaves_the_users_views(review_scen
 def test_review_without_an_mri(review_scene) -> None:
     r = review_scene
     outputs = {"synthetic_mri": r.outputs["synthetic_mri"]}
-    plan = mrml.review_plan(outputs, None, r.ct)
+    plan = review.review_plan(outputs, None, r.ct)
     assert [(e["role"], e["label"]) for e in plan] == [("ct", "CT"), ("synthetic", "sMRI")]
-    assert mrml.review_layout_id(plan) != mrml.review_layout_id(mrml.review_plan(r.outputs, r.mri, r.ct))
-    r.layout_node.SetViewArrangement(mrml.register_review_layout(r.layout_node, plan))
+    assert review.review_layout_id(plan) != review.review_layout_id(review.review_plan(r.outputs, r.mri, r.ct))
+    r.layout_node.SetViewArrangement(review.register_review_layout(r.layout_node, plan))
     r.make_slice_logics()
-    mrml.apply_review_plan(r.scene, plan)
+    review.apply_review_plan(r.scene, plan)
     assert _view_state(r.scene, "CTMRIInputCT")[:2] == ("Axial", "CT")
     assert r.scene.GetSingletonNode("CTMRIReference", "vtkMRMLSliceNode") is None, "only the views shown are made"
     with pytest.raises(CTMRIError, match="not a review view"):
-        mrml.apply_review_plan(r.scene, [{"view": "Red", "background": r.ct}])
+        review.apply_review_plan(r.scene, [{"view": "Red", "background": r.ct}])
+
+
+def _layout_scene():
+    """A bare scene with Slicer's layout logic, in the conventional layout, as at the application's start."""
+    scene = new_scene()
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+    logic = slicer.vtkMRMLLayoutLogic()
+    logic.SetMRMLScene(scene)
+    logic.GetLayoutNode().SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutConventionalView)
+    return scene, logic
+
+
+def test_a_saved_review_gets_its_views_back_in_a_new_session(review_scene, tmp_path: Path) -> None:
+    """The layout descriptions are not saved with a scene: loaded in a new session before any run, a scene
+    saved during a review asked for an unknown layout (no views; vtkMRMLLayoutNode "Can't find layout").
+    The module registers every review layout at startup (register_review_layouts); each plan's id is among them."""
+    r = review_scene
+    plan = review.review_plan(r.outputs, r.mri, r.ct)
+    r.layout_node.SetViewArrangement(review.register_review_layout(r.layout_node, plan))
+    r.scene.SetURL(str(tmp_path / "review.mrml"))
+    assert r.scene.Commit()
+    shown = {}
+    for registered in (False, True):
+        scene, logic = _layout_scene()
+        ids = review.register_review_layouts(logic.GetLayoutNode()) if registered else []
+        scene.SetURL(str(tmp_path / "review.mrml"))
+        assert scene.Import()
+        node = logic.GetLayoutNode()
+        assert node.GetViewArrangement() == review.review_layout_id(plan)
+        views = logic.GetViewNodes()
+        shown[registered] = sorted(views.GetItemAsObject(i).GetLayoutName() for i in range(views.GetNumberOfItems()))
+    assert shown[False] == [], "the failure this guards against: without registration the layout has no views"
+    assert shown[True] == sorted(e["view"] for e in plan)
+    assert len(set(ids)) == 12 and all(node.IsLayoutDescription(i) for i in ids)
+    outputs = dict(r.outputs)
+    for reference, ct in ((r.mri, r.ct), (None, r.ct), (None, None)):  # every plan a run can make has its id
+        for drop in ((), ("uncertainty",), ("difference",), ("difference", "uncertainty")):
+            kept = {k: v for k, v in outputs.items() if k not in drop}
+            assert review.review_layout_id(review.review_plan(kept, reference, ct)) in ids
+
+
+def test_the_review_module_is_light_enough_for_startup() -> None:
+    """review.py is imported at Slicer's startup: standard library and the errors module only."""
+    import ast
+
+    tree = ast.parse(Path(review.__file__).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {(n.module or "") + ("." * n.level) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported <= {"__future__", "errors."}, imported
 
 
 def test_metrics_panel_text(run_with_mri) -> None:
@@ -912,5 +961,5 @@ def test_uncertainty_from_the_worker_folder(scene, case_files, result_with_uncer
     n_before = scene.GetNumberOfNodes()
     mrml.remove_outputs(scene, outputs)
     assert outputs["uncertainty"].GetScene() is None and scene.GetNumberOfNodes() < n_before
-    plan = mrml.review_plan(outputs, None, ct_node)
+    plan = review.review_plan(outputs, None, ct_node)
     assert [e["role"] for e in plan] == ["ct", "synthetic", "difference", "uncertainty"]
