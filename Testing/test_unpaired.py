@@ -22,8 +22,11 @@ from CTtoMRISynthesisLib.training import discovery
 from CTtoMRISynthesisLib.training.dataset import Augment
 from CTtoMRISynthesisLib.training.unpaired import (
     QUANTILES,
+    SAME_SLICE_MAE,
     UnpairedSettings,
     UnpairedSource,
+    check_not_paired,
+    closest_paired_slice,
     mri_quantiles,
     on_model_grid,
     read_unpaired_ct,
@@ -281,3 +284,36 @@ def test_ctmri_train_flags_reach_the_model_file(phantom_slices, tmp_path):
     training = read_config(run / "model.safetensors")["training"]
     assert training["augmentation"]["contrast"] == 0.3
     assert training["unpaired"]["prior_by_ct"] is True and training["unpaired"]["batch"] == 2
+
+
+def test_a_paired_patients_ct_given_as_unpaired_ct_is_refused(phantom_slices, tmp_path, capsys):
+    """``--unpaired-ct`` naming the CT of a patient of ``--data`` (held out in a cross-validation, its CT would be
+    trained on) is refused before any fold trains; other patients' CTs pass. Needs no PyTorch: refused first."""
+    from CTtoMRISynthesisLib.cli import main as ctmri
+    import phantoms
+
+    (tmp_path / "p28").mkdir()
+    for path in sorted((phantom_slices / "CT").glob("28???.png")):
+        (tmp_path / "p28" / path.name).write_bytes(path.read_bytes())
+    _disc_slices(tmp_path / "foreign", 4)
+    code = ctmri(phantoms.tiny_train_args(phantom_slices, tmp_path / "run", "--cv", "loo", "--unpaired-ct",
+                                         str(tmp_path / "foreign"), str(tmp_path / "p28")))
+    err = capsys.readouterr().err
+    assert code == 2 and "repeats the CT of patient 28 of --data" in err and "leave that path out" in err, err
+    assert not (tmp_path / "run").exists()
+    cases = discovery.discover([phantom_slices], WINDOW)
+    others = [c for c in cases if c.case_id != "28"]
+    check_not_paired(UnpairedSettings(paths=(str(tmp_path / "p28"),)), others, WINDOW, 256)  # 28 not paired: fine
+
+
+def test_the_same_patient_threshold_on_real_ct(harvard_dir, data_dir, tmp_path):
+    """The real patients: a Harvard patient's own CT folder is found (distance 0) and named; the other
+    hospital's CTs stay far above SAME_SLICE_MAE from every Harvard patient."""
+    cases = discovery.discover([harvard_dir], WINDOW)
+    (tmp_path / "p32").mkdir()
+    for path in sorted((harvard_dir / "CT").glob("32???.png")):
+        (tmp_path / "p32" / path.name).write_bytes(path.read_bytes())
+    assert closest_paired_slice(on_model_grid(read_unpaired_ct(tmp_path / "p32"), WINDOW, 256), cases) == (0.0, "32")
+    clinical = require(data_dir / "clinical_ct_t1_flair_2d" / "CT" / "Patient_01")
+    distance, _ = closest_paired_slice(on_model_grid(read_unpaired_ct(clinical), WINDOW, 256), cases)
+    assert distance > 3 * SAME_SLICE_MAE

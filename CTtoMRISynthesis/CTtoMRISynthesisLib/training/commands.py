@@ -95,7 +95,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                           help="CTs without MRI, each a folder of one CT's 2D slices, a volume file or a DICOM folder; "
                                "a few of their slices join every step with a T2-prior term (and a consistency term if "
                                "--unpaired-consistency is above 0)")
-    unpaired.add_argument("--unpaired-batch", type=int, default=4, metavar="N", help="unpaired slices per step")
+    unpaired.add_argument("--unpaired-batch", type=int, default=4, metavar="N", help="unpaired slices per step on each process (torchrun: each process draws its own)")
     unpaired.add_argument("--unpaired-consistency", type=float, default=0.0, metavar="W",
                           help="weight of the consistency term (plain vs augmented rendering of the same slice; "
                                "default 0: measured, it flattens the synthetic MRI's contrast, model card round 7)")
@@ -227,6 +227,7 @@ def run_train(args) -> int:
     from . import split as splits
     from .discovery import discover
     from .loop import check_batch_divides, dist_from_env
+    from .unpaired import check_not_paired
 
     try:
         settings = settings_from_args(args)
@@ -238,6 +239,7 @@ def run_train(args) -> int:
         cases = discover(args.data, settings.window, settings.size, Path(args.cache) if args.cache else out / "cache",
                          args.case_rule)
         ids = [c.case_id for c in cases]
+        check_not_paired(settings.unpaired, cases, settings.window, settings.size)  # before any fold trains
         job = _TrainJob(args, settings, cases, _data_summary(cases, args), _command_line(),
                         splits.check_known(args.exclude_from_training, ids, "--exclude-from-training"))
         if dist_from_env().main:

@@ -89,6 +89,48 @@ def on_model_grid(image, window: CTWindow, size: int) -> np.ndarray:
     return sitk.GetArrayFromImage(resampled).astype(np.float32)
 
 
+#: Mean |difference| (grey levels, of 8 × 8-pixel block means on the model grid) below which an unpaired CT slice is
+#: taken for a paired patient's slice. On the real data (``python experiments/unpaired_overlap.py``) a patient's
+#: own CT slices give 0.0, any two of the 14 patients (Harvard 8, the other hospital's 6) at least 11.2.
+SAME_SLICE_MAE = 4.0
+
+
+def _blocks(volume: np.ndarray, block: int = 8) -> np.ndarray:
+    """(z, H/block, W/block) block means: insensitive to noise and sub-block shifts, cheap to compare."""
+    z, h, w = volume.shape
+    h, w = h - h % block, w - w % block
+    return volume[:, :h, :w].reshape(z, h // block, block, w // block, block).mean(axis=(2, 4))
+
+
+def closest_paired_slice(volume: np.ndarray, cases) -> tuple:
+    """(distance, case id) of the paired patient whose CT comes closest to any slice of ``volume`` (both on the
+    model grid, 0..255): the smallest block-mean MAE over all pairs of slices."""
+    ours = _blocks(volume)
+    best = (float("inf"), "")
+    for case in cases:
+        theirs = _blocks(np.asarray(case.ct, np.float32))
+        if theirs.shape[1:] != ours.shape[1:]:
+            continue
+        distance = float(np.abs(ours[:, None] - theirs[None]).mean(axis=(2, 3)).min())
+        best = min(best, (distance, case.case_id))
+    return best
+
+
+def check_not_paired(settings: UnpairedSettings, cases, window: CTWindow, size: int) -> None:
+    """Refuse an unpaired CT that repeats a paired patient's CT (any slice within :data:`SAME_SLICE_MAE`): in a
+    cross-validation, or with --test-cases, it would put a held-out patient's CT into training."""
+    if not settings.enabled:
+        return
+    for path in settings.paths:
+        distance, case_id = closest_paired_slice(on_model_grid(read_unpaired_ct(path), window, size), cases)
+        if distance < SAME_SLICE_MAE:
+            raise CTMRIError(
+                f"--unpaired-ct {path} repeats the CT of patient {case_id} of --data (a slice {distance:.1f} grey "
+                "levels from one of its slices): a paired patient cannot be unpaired data too (held out, its CT "
+                "would be trained on); leave that path out"
+            )
+
+
 CT_BINS = 64  # CT grey levels (0..255) of the CT-conditioned prior, 4 levels a bin
 
 
