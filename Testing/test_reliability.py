@@ -937,7 +937,8 @@ def test_cancel_cli_ctrl_c_and_node_cancel(data: Data, tmp_path: Path, scene) ->
 
 def test_cancel_while_writing_outputs(data: Data, tmp_path: Path, capsys, monkeypatch) -> None:
     """runtime/cancel-while-saving: Ctrl-C while the files are written leaves nothing; Ctrl-C during the final
-    renames is held until they are done, so the folder is whole (never half of each run)."""
+    renames, or while the temporary folder is removed after them, is held until they are done, so the folder
+    is whole (never half of each run) and nothing temporary is left."""
     inputs = tmp_path / "in"
     ct, mri = inputs / "ct.nrrd", inputs / "mri.nrrd"
     inputs.mkdir()
@@ -976,6 +977,20 @@ def test_cancel_while_writing_outputs(data: Data, tmp_path: Path, capsys, monkey
     monkeypatch.setattr(os, "replace", replace_with_ctrl_c)
     assert cli_main(argv) == 0
     monkeypatch.setattr(os, "replace", real_replace)
+    assert listing(work) == sorted(["out", *(f"out/{n}" for n in ALL_OUTPUTS)])
+
+    # Ctrl-C while the temporary folder (the earlier outputs set aside in it) is removed, the new outputs in
+    # place: it used to escape there, leave ".partial-*" for good and say that no output was written
+    real_rmtree = shutil.rmtree
+
+    def rmtree_with_ctrl_c(path, *args, **kwargs):
+        if Path(path).name.startswith(".partial-"):
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_with_ctrl_c)
+    assert cli_main(argv) == 0
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
     assert listing(work) == sorted(["out", *(f"out/{n}" for n in ALL_OUTPUTS)])
 
 
@@ -1287,6 +1302,34 @@ def test_users_files_named_like_outputs_are_never_touched(data: Data, tmp_path: 
     capsys.readouterr()
 
 
+def test_an_earlier_runs_output_given_as_input_is_kept(data: Data, tmp_path: Path, capsys, monkeypatch) -> None:
+    """runtime/out-dir-own-outputs-as-input: the CT read is an output of an earlier run in the same --out-dir (its
+    ``ct_registered.nrrd``, its ``dicom/ct_registered`` series), which this run would replace or remove: a rerun
+    used to delete the very file it read. Refused before the input is read, every file as it was."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    ct, mri = inputs / "ct.nrrd", inputs / "mri.nrrd"
+    sitk.WriteImage(data.ct, str(ct))
+    sitk.WriteImage(data.mri, str(mri))
+    out = tmp_path / "out"
+    common = ["--out-dir", str(out), "--weights", str(data.weights), "--registration", "none", "--device", "cpu", "--quiet"]
+    assert cli_main(["synthesize", "--ct", str(ct), "--mri", str(mri), "--dicom", *common]) == 0
+    capsys.readouterr()
+    for given in (out / "ct_registered.nrrd", out / "dicom" / "ct_registered", out / "." / "difference.nrrd"):
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        with monkeypatch.context() as patched:
+            _no_work_allowed(patched)
+            assert cli_main(["synthesize", "--ct", str(given), *common]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and f"the input {given} is an output of an earlier run in {out}" in lines[0], lines
+        assert ADVICE.search(lines[0])
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    kept = tmp_path / "kept.nrrd"  # copied out, as the message says: it runs
+    shutil.copy(out / "ct_registered.nrrd", kept)
+    assert cli_main(["synthesize", "--ct", str(kept), *common]) == 0
+    assert listing(out) == sorted(CT_ONLY_OUTPUTS)
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -1351,6 +1394,7 @@ SPECIAL_ROWS = {
     "runtime/disk-full": test_disk_full_leaves_no_partial_file,
     "runtime/out-dir-reused": test_reused_output_folder_never_mixes_runs,
     "runtime/out-dir-users-files": test_users_files_named_like_outputs_are_never_touched,
+    "runtime/out-dir-own-outputs-as-input": test_an_earlier_runs_output_given_as_input_is_kept,
     "load/20-runs": test_twenty_runs_keep_memory_flat_and_outputs_identical,
 }
 

@@ -54,10 +54,11 @@ def run_case(
     ``ct_pictures`` / ``mri_pictures`` in ``metrics.json``). ``options.dicom`` / ``options.pictures`` add
     ``dicom/`` / ``pictures/`` to the outputs.
     """
-    from .pipeline import OUTPUT_FOLDERS, check_out_dir, save_outputs, synthesize
+    from .pipeline import OUTPUT_FOLDERS, check_inputs_kept, check_out_dir, save_outputs, synthesize
 
     # before minutes of work, not after
     check_out_dir(out_dir, [OUTPUT_FOLDERS[k] for k in ("dicom", "pictures") if getattr(options, k)])
+    check_inputs_kept(out_dir, [ct_path, mri_path])
     if options.mri_series and not mri_path:
         raise CTMRIError("--mri-series chooses a series of the MRI folder; give --mri too, or leave it out")
     (ct, ct_source), (mri, mri_source) = _read_inputs(ct_path, mri_path, options, notify)

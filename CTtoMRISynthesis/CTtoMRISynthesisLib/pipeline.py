@@ -387,6 +387,33 @@ def check_out_dir(out_dir: str | Path, folders=()) -> None:
     check_outputs_free(out_dir, folders)
 
 
+def check_inputs_kept(out_dir: str | Path, inputs) -> None:
+    """Refuse, writing nothing, when an input is an earlier run's output in ``out_dir`` (its
+    ``ct_registered.nrrd``, its ``dicom/ct_registered`` series): this run replaces or removes those, and would
+    delete the very file it reads. ``inputs``: paths (None skipped)."""
+    out_dir = Path(out_dir)
+    replaced = [out_dir / name for name in _our_files(out_dir)]
+    replaced += [out_dir / name for name in OUTPUT_FOLDERS.values() if _ours(out_dir / name)]
+    for given in inputs:
+        if given is None or str(given) == "":
+            continue
+        path = _resolved(Path(given))
+        for output in replaced:
+            target = _resolved(output)
+            if path == target or target in path.parents:
+                raise CTMRIError(
+                    f"the input {given} is an output of an earlier run in {out_dir}, which this run replaces or "
+                    "removes: copy it out of that folder first, or choose another --out-dir"
+                )
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except OSError:  # a loop of links, say: compared as written
+        return path.absolute()
+
+
 def check_writable(out_dir: str | Path) -> None:
     """Fail early when ``out_dir`` obviously cannot be created or written.
 
@@ -451,6 +478,7 @@ def save_outputs(
         # metrics.json moved in last: a folder with it is a finished run (batch's resume reads it)
         names = [name for name in written.values() if name != OUTPUT_FILES["metrics"]]
         _commit(tmp, out_dir, names + [OUTPUT_MANIFEST, OUTPUT_FILES["metrics"]])
+        tmp = None  # removed by _commit, Ctrl-C held: the outputs are in place
     except BaseException as exc:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -512,7 +540,8 @@ def _remove_created_folders(out_dir: Path, existing: Path) -> None:
 
 
 def _commit(tmp: Path, out_dir: Path, names: list) -> None:
-    """Move ``names`` from ``tmp`` into ``out_dir``, replacing this module's earlier outputs; all or nothing."""
+    """Move ``names`` from ``tmp`` into ``out_dir``, replacing this module's earlier outputs, then remove ``tmp``
+    (with the earlier outputs set aside in it); all or nothing, Ctrl-C held throughout."""
     previous = tmp / ".previous"
     previous.mkdir()
     set_aside: list = []  # earlier outputs moved into `previous`
@@ -532,6 +561,9 @@ def _commit(tmp: Path, out_dir: Path, names: list) -> None:
             for name in names:
                 os.replace(tmp / name, out_dir / name)
                 moved.append(name)
+            # still held: a Ctrl-C here used to leave the temporary folder (the earlier outputs in it) behind,
+            # and say that no output was written although the new ones were in place
+            shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
             for name in moved:
                 with contextlib.suppress(OSError):
