@@ -305,6 +305,16 @@ def test_single_slice_against_a_volume_is_refused(rire) -> None:
         reg.register(rire, rire[:, :, 12:13])
 
 
+@pytest.mark.parametrize("size", ["slices", "in-plane"])
+def test_an_image_too_small_to_register_is_refused_and_none_still_runs(rire, size) -> None:
+    """2–3 slices, or under 4 voxels in-plane: ITK's smoothing used to end the run in a traceback (RuntimeError
+    from SmoothingRecursiveGaussian). Registration 'none' needs no smoothing and still runs."""
+    small = rire[:, :, 10:13] if size == "slices" else rire[100:103, 100:103, :]
+    with pytest.raises(CTMRIError, match="registration needs at least 4 along each axis.*registration 'none'"):
+        reg.register(rire, small)
+    assert reg.register(rire, small, "none", min_overlap=0.0).mode == "none"
+
+
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------

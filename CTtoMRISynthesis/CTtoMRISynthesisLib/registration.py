@@ -370,8 +370,26 @@ def _prepared(fixed: sitk.Image, moving: sitk.Image) -> tuple[sitk.Image, sitk.I
     return fixed, moving, fixed_mask
 
 
+#: ITK's recursive Gaussian smoothing (every pyramid level) needs this many voxels along each axis it smooths
+MIN_VOXELS_PER_AXIS = 4
+
+
+def _check_size(image: sitk.Image, what: str) -> None:
+    """Refuse an image too small to register (it used to end in an ITK traceback): fewer than 4 voxels in-plane,
+    or 2–3 slices (one slice is registered in its plane)."""
+    size = image.GetSize()
+    if min(size[:2]) < MIN_VOXELS_PER_AXIS or 1 < size[2] < MIN_VOXELS_PER_AXIS:
+        raise CTMRIError(
+            f"the {what} is {' × '.join(map(str, size))} voxels: registration needs at least {MIN_VOXELS_PER_AXIS} "
+            "along each axis, or a single slice; give more slices, or choose registration 'none' if the CT and "
+            "MRI are already aligned"
+        )
+
+
 def _register_2d_or_3d(fixed, moving, fixed_mask, mode: str, settings: _Settings) -> tuple[sitk.Transform, float, int, str]:
     """One-slice images in their plane (:func:`_register_2d`); volumes in 3D, thin slabs in-plane only."""
+    _check_size(fixed, "MRI (fixed image)")
+    _check_size(moving, "CT (moving image)")
     if fixed.GetSize()[2] == 1 or moving.GetSize()[2] == 1:
         return _register_2d(fixed, moving, fixed_mask, mode, settings)
     frozen, note = _slab_constraints(fixed, moving)
