@@ -704,6 +704,23 @@ def test_synthesize_with_a_dicom_mri_uses_its_frame_of_reference(study: Path, tm
     assert first.FrameOfReferenceUID == mr_for and first.Rows == 64
     assert len(list((out / "dicom" / "synthetic_mri").iterdir())) == 10  # the MRI's 10 slices
 
+    # evaluate reads both DICOM folders: the reference's MR series by the rule (every MR series used to be
+    # rejected there as "modality MR"), the prediction's among the outputs' series with --pred-series, which
+    # the error names (it used to advise --ct-series, which evaluate does not have)
+    capsys.readouterr()
+    ref = ["--ref", str(tmp_path / "mr")]
+    assert cli.main(["evaluate", "--pred", str(out / "dicom"), *ref]) == 2
+    err = capsys.readouterr().err
+    assert "choose one with --pred-series NUMBER or UID" in err and "--ct-series" not in err, err
+    assert cli.main(["evaluate", "--pred", str(out / "dicom"), "--pred-series", "9001", *ref,
+                     "--json", str(tmp_path / "d.json")]) == 0
+    assert cli.main(["evaluate", "--pred", str(out / "synthetic_mri.nrrd"), *ref, "--json", str(tmp_path / "n.json")]) == 0
+    from_dicom, from_nrrd = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("d", "n"))
+    assert from_dicom["inputs"]["prediction"]["number"] == 9001 and from_dicom["inputs"]["reference_MRI"]["number"] == 5
+    assert abs(from_dicom["mae"] - from_nrrd["mae"]) < 0.01  # the series holds the volume to 1/256 of a grey level
+    assert cli.main(["evaluate", "--pred", str(out / "dicom"), "--pred-series", "9004", *ref]) == 2
+    assert "is a CT series (Modality CT); give the prediction" in capsys.readouterr().err
+
 
 # ------------------------------------------------------------------------ the real scanner study
 

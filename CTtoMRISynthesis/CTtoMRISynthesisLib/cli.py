@@ -44,7 +44,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import check_json_target, evaluate_files, summary_line, write_json
 
     target = check_json_target(args.json)  # before the work, not after it
-    metrics, notes, warnings = evaluate_files(args.pred, args.ref, args.pred_scale, args.picture_spacing)
+    metrics, notes, warnings = evaluate_files(args.pred, args.ref, args.pred_scale, args.picture_spacing,
+                                              args.pred_series, args.ref_series)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     for warning in warnings:
@@ -156,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred-scale", default="as-is", choices=PRED_SCALES,
                    help="use the prediction's values as they are (default) or min-max scale them too")
     p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--ref-series", metavar="N|UID", help="series number or SeriesInstanceUID to take when --ref is a "
+                   "DICOM folder with several series (default: chosen by the rule; see `ctmri series`)")
+    p.add_argument("--pred-series", metavar="N|UID", help="the same for --pred (e.g. 9001, the synthetic MRI of "
+                   "`ctmri synthesize --dicom` in OUT/dicom)")
     _add_picture_spacing(p)
     p.set_defaults(func=cmd_evaluate)
 

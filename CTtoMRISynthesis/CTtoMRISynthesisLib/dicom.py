@@ -37,8 +37,17 @@ SAME_POSITION_MM = 0.01
 SHEAR_TOLERANCE_PIXELS = 0.5
 #: a series whose slice normal is further than this from every patient axis is "oblique"
 OBLIQUE_DEGREES = 30.0
-MODALITY_OF = {"CT": "CT", "MRI": "MR"}
-FLAG_OF = {"CT": "--ct-series", "MRI": "--mri-series"}
+#: what an input is (the ``what`` of the readers) → the DICOM Modality it should have, and the option choosing its
+#: series (``ctmri synthesize``/``evaluate``); an input without one (training's unpaired CT) is told to give the
+#: folder of one series
+MODALITY_OF = {"CT": "CT", "MRI": "MR", "reference MRI": "MR", "prediction": "MR", "unpaired CT": "CT"}
+FLAG_OF = {"CT": "--ct-series", "MRI": "--mri-series", "reference MRI": "--ref-series", "prediction": "--pred-series"}
+
+
+def _choose_with(what: str) -> str:
+    """How the user chooses a series for this input: its option, or a folder holding only that series."""
+    flag = FLAG_OF.get(what)
+    return f"{flag} NUMBER or UID" if flag else "a folder holding only that series"
 
 
 # ----------------------------------------------------------------------------------------- listing
@@ -476,13 +485,13 @@ def choose_series(
         raise CTMRIError(
             f"{what} folder {folder} holds {len(series)} DICOM series and none is an original axial {modality} "
             f"series with uniform spacing ({_listing(series, rejected)}); choose one with "
-            f"{FLAG_OF.get(what, '--ct-series')} NUMBER or UID (see `ctmri series {folder}`)"
+            f"{_choose_with(what)} (see `ctmri series {folder}`)"
         )
     studies = {s.study_uid for s in candidates}
     if len(studies) > 1:
         raise CTMRIError(
             f"{what} folder {folder} holds {modality} series of {len(studies)} different studies; give one "
-            f"study's folder, or choose a series with {FLAG_OF.get(what, '--ct-series')} NUMBER or UID "
+            f"study's folder, or choose a series with {_choose_with(what)} "
             f"(see `ctmri series {folder}`)"
         )
     candidates.sort(key=lambda s: (round(s.effective_thickness or 1e9, 3), -s.slices, s.number or 0))
@@ -551,12 +560,12 @@ def _requested(series: List[Series], what: str, requested: str, folder: Path) ->
 def _check_not_the_other_modality(series: Series, what: str, folder: Path) -> None:
     """A CT series given as the MRI, or an MR series as the CT (its Modality says so): refused before any work,
     rather than run in full for a 'looks swapped' warning at the end. Other modalities are left to the user."""
-    other = {"CT": "MR", "MRI": "CT"}.get(what)
+    other = {"CT": "MR", "MR": "CT"}.get(MODALITY_OF.get(what, ""))
     if other is not None and series.modality == other:
         kind = "an MR" if other == "MR" else "a CT"
         raise CTMRIError(
             f"the {what} DICOM {series.label()} in {folder} is {kind} series (Modality {other}); give the {what}: "
-            f"another folder, or another series with {FLAG_OF.get(what, '--ct-series')} (see `ctmri series {folder}`)"
+            f"another folder, or another series with {_choose_with(what)} (see `ctmri series {folder}`)"
         )
 
 
@@ -565,7 +574,7 @@ def _check_readable(series: Series, what: str, folder: Path) -> None:
         raise CTMRIError(
             f"cannot read {what} DICOM {series.label()} in {folder}: {series.problem}; "
             f"{'copy the series again completely, or ' if 'missing' in series.problem else ''}"
-            f"choose another series with {FLAG_OF.get(what, '--ct-series')} (see `ctmri series {folder}`)"
+            f"choose another series with {_choose_with(what)} (see `ctmri series {folder}`)"
         )
 
 

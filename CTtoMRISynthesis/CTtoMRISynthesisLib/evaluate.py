@@ -39,9 +39,10 @@ def check_json_target(path: Optional[str]) -> Optional[Path]:
 MIN_COVERAGE = 0.5
 
 
-def evaluate_files(pred: str, ref: str, pred_scale: str = "as-is",
-                   picture_spacing: Optional[Sequence[float]] = None) -> Tuple[dict, List[str], List[str]]:
+def evaluate_files(pred: str, ref: str, pred_scale: str = "as-is", picture_spacing: Optional[Sequence[float]] = None,
+                   pred_series: Optional[str] = None, ref_series: Optional[str] = None) -> Tuple[dict, List[str], List[str]]:
     """The metrics of the prediction ``pred`` against the reference MRI ``ref`` (JSON-ready), notes and warnings.
+    ``pred_series`` / ``ref_series``: the series to take (number or UID) where that input is a DICOM folder.
 
     The metrics carry ``inputs`` (which series or pictures were read, the pictures' spacing and whether it was
     assumed) and ``warnings`` when there are any. A prediction covering less than :data:`MIN_COVERAGE` of the
@@ -57,8 +58,8 @@ def evaluate_files(pred: str, ref: str, pred_scale: str = "as-is",
 
     if pred_scale not in PRED_SCALES:
         raise CTMRIError(f"--pred-scale {pred_scale}: choose one of {', '.join(PRED_SCALES)}")
-    reference, ref_source = read_input(ref, "reference MRI", picture_spacing=picture_spacing)
-    prediction, pred_source = read_input(pred, "prediction", picture_spacing=picture_spacing)
+    reference, ref_source = read_input(ref, "reference MRI", ref_series, picture_spacing)
+    prediction, pred_source = read_input(pred, "prediction", pred_series, picture_spacing)
     reference, prediction = check_image(reference, "reference MRI"), check_image(prediction, "prediction")
     notes, warnings, inputs = _about_sources({"prediction": pred_source, "reference MRI": ref_source},
                                             picture_spacing)
