@@ -158,6 +158,25 @@ def test_batch_size_below_one_is_refused(case_files, tmp_path: Path, capsys, val
     assert sorted(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", [
+    ["synthesize", "--ct", "ct.nrrd", "--out-dir", ""],
+    ["synthesize", "--ct", "", "--out-dir", "out"],
+    ["evaluate", "--pred", " ", "--ref", "r.nrrd"],
+    ["batch", "--manifest", "m.csv", "--out-dir", ""],
+    ["train", "--data", "d", "--out", ""],
+    ["report", "--data", "", "--out", "r"],
+])
+def test_an_empty_path_is_refused_before_anything(command, tmp_path: Path, capsys, monkeypatch) -> None:
+    """``--out-dir "$OUT"`` with OUT unset meant the current folder, which became a results (or cohort) folder;
+    ``--ct ""`` searched the whole current folder for DICOM."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(command)
+    assert exit_info.value.code == 2
+    assert "an empty path (an unset variable?); give a file or folder name" in capsys.readouterr().err
+    assert sorted(tmp_path.iterdir()) == []
+
+
 def test_help_is_fast_and_lists_commands() -> None:
     result = run_cli("--help")
     assert result.returncode == 0

@@ -100,6 +100,14 @@ def _slices_per_batch(text: str) -> int:
     return value
 
 
+def given_path(text: str) -> str:
+    """An argparse type for paths: an empty one (an unset shell variable, ``--out-dir "$OUT"``) would mean the
+    current folder, which then became a results folder; refused instead."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (an unset variable?); give a file or folder name")
+    return text
+
+
 def _add_batch_size(p: argparse.ArgumentParser) -> None:
     from .synthesis import default_batch_size  # numpy only: --help stays fast
 
@@ -123,11 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synthesize", help="CT (+ optional MRI) → synthetic MRI, difference map, metrics")
-    p.add_argument("--ct", required=True, help="CT volume: .nrrd, .nii(.gz), .mha/.mhd, .png, a DICOM folder "
+    p.add_argument("--ct", type=given_path, required=True, help="CT volume: .nrrd, .nii(.gz), .mha/.mhd, .png, a DICOM folder "
                    "or a folder of 2D pictures (one slice each, stacked in the order of the numbers in their names)")
-    p.add_argument("--mri", help="reference MRI of the same patient (enables registration and metrics)")
-    p.add_argument("--out-dir", required=True, help="folder for the outputs (created; files replaced)")
-    p.add_argument("--weights", help="model file (default: the shipped model_weights/ctmri_unet.safetensors)")
+    p.add_argument("--mri", type=given_path, help="reference MRI of the same patient (enables registration and metrics)")
+    p.add_argument("--out-dir", type=given_path, required=True, help="folder for the outputs (created; files replaced)")
+    p.add_argument("--weights", type=given_path, help="model file (default: the shipped model_weights/ctmri_unet.safetensors)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--registration", default="rigid", choices=["rigid", "similarity", "none"],
                    help="CT→MRI registration: rigid (default), similarity (adds scale) or none (already aligned)")
@@ -150,13 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_series)
 
     p = sub.add_parser("evaluate", help="metrics of a synthetic MRI against a reference MRI")
-    p.add_argument("--pred", required=True, help="synthetic MRI (0..255, e.g. synthetic_mri.nrrd, or a folder of "
+    p.add_argument("--pred", type=given_path, required=True, help="synthetic MRI (0..255, e.g. synthetic_mri.nrrd, or a folder of "
                    "pictures such as OUT/pictures/synthetic_mri)")
-    p.add_argument("--ref", required=True, help="reference MRI (min-max scaled to 0..255 as in the paper): a file, a "
+    p.add_argument("--ref", type=given_path, required=True, help="reference MRI (min-max scaled to 0..255 as in the paper): a file, a "
                    "DICOM folder or a folder of pictures")
     p.add_argument("--pred-scale", default="as-is", choices=PRED_SCALES,
                    help="use the prediction's values as they are (default) or min-max scale them too")
-    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--json", type=given_path, help="also write the metrics to this JSON file")
     p.add_argument("--ref-series", metavar="N|UID", help="series number or SeriesInstanceUID to take when --ref is a "
                    "DICOM folder with several series (default: chosen by the rule; see `ctmri series`)")
     p.add_argument("--pred-series", metavar="N|UID", help="the same for --pred (e.g. 9001, the synthetic MRI of "
@@ -182,13 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "summary.json and report.md. A rerun skips finished cases. Exit status: 0 all "
                                    "cases ok, 1 some case failed (see summary.csv), 2 the batch could not run, "
                                    "130 interrupted.")
-    p.add_argument("--manifest", required=True, help="CSV with columns id,ct,mri (id: the case's folder name)")
-    p.add_argument("--out-dir", required=True, help="folder for the case folders and the summary (shared by shards)")
+    p.add_argument("--manifest", type=given_path, required=True, help="CSV with columns id,ct,mri (id: the case's folder name)")
+    p.add_argument("--out-dir", type=given_path, required=True, help="folder for the case folders and the summary (shared by shards)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes on this machine (default 1); each gets "
                                                        "cores/N threads and loads the model once")
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (1-based), e.g. from a SLURM job array")
     p.add_argument("--dicom", action="store_true", help="also write the outputs as DICOM series (as synthesize --dicom)")
-    p.add_argument("--weights", help="model file (default: the shipped model)")
+    p.add_argument("--weights", type=given_path, help="model file (default: the shipped model)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--registration", default="rigid", choices=["rigid", "similarity", "none"],
                    help="CT→MRI registration for the cases with an MRI (as synthesize)")
@@ -199,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("demo", help="run the whole pipeline on the sample case shipped in the repository")
-    p.add_argument("--out-dir", default="ctmri_demo_output", help="where to write the outputs")
+    p.add_argument("--out-dir", type=given_path, default="ctmri_demo_output", help="where to write the outputs")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.set_defaults(func=cmd_demo)
     return parser

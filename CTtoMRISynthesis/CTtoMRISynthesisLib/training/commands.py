@@ -22,12 +22,14 @@ def _command_line() -> str:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import given_path
+
     p = parser
-    p.add_argument("--data", nargs="+", required=True, metavar="DIR",
+    p.add_argument("--data", type=given_path, nargs="+", required=True, metavar="DIR",
                    help="paired data: CT/ + MRI/ slice folders, or folders of 3D cases holding ct.* and mr.*")
-    p.add_argument("--out", required=True, metavar="DIR", help="run folder: log.csv, checkpoint.pt, model.safetensors, …")
-    p.add_argument("--save", metavar="FILE", help="also copy the final model (+ .sha256) to FILE, e.g. model_weights/ctmri_unet.safetensors")
-    p.add_argument("--cache", metavar="DIR", help="cache of registered 3D cases (default: OUT/cache)")
+    p.add_argument("--out", type=given_path, required=True, metavar="DIR", help="run folder: log.csv, checkpoint.pt, model.safetensors, …")
+    p.add_argument("--save", type=given_path, metavar="FILE", help="also copy the final model (+ .sha256) to FILE, e.g. model_weights/ctmri_unet.safetensors")
+    p.add_argument("--cache", type=given_path, metavar="DIR", help="cache of registered 3D cases (default: OUT/cache)")
     p.add_argument("--case-rule", choices=["slice3", "first2"], default="slice3",
                    help="2D case id: the file stem without its 3-digit slice number (default), or its first two characters")
     split = p.add_argument_group("split (patients only, never slices)")
@@ -91,7 +93,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                             "at inference (recorded in the weights); for CTs windowed differently per patient")
     model.add_argument("--no-mask-output", action="store_true", help="do not zero the synthetic MRI outside the head")
     unpaired = p.add_argument_group("unpaired CT (no MRI): adapting to other scanners and hospitals (training/unpaired.py)")
-    unpaired.add_argument("--unpaired-ct", nargs="+", default=[], metavar="PATH",
+    unpaired.add_argument("--unpaired-ct", type=given_path, nargs="+", default=[], metavar="PATH",
                           help="CTs without MRI, each a folder of one CT's 2D slices, a volume file or a DICOM folder; "
                                "a few of their slices join every step with a T2-prior term (and a consistency term if "
                                "--unpaired-consistency is above 0)")
@@ -338,12 +340,14 @@ def _run_single(job: _TrainJob, out: Path) -> int:
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import given_path
+
     p = parser
-    p.add_argument("--data", nargs="+", required=True, metavar="DIR", help="paired data (as for train)")
-    p.add_argument("--weights", metavar="FILE", help="model file (default: the shipped model)")
-    p.add_argument("--out", required=True, metavar="DIR", help="report folder (Markdown, CSV, PNG montages); one holding another report.md, "
+    p.add_argument("--data", type=given_path, nargs="+", required=True, metavar="DIR", help="paired data (as for train)")
+    p.add_argument("--weights", type=given_path, metavar="FILE", help="model file (default: the shipped model)")
+    p.add_argument("--out", type=given_path, required=True, metavar="DIR", help="report folder (Markdown, CSV, PNG montages); one holding another report.md, "
                    "summary.csv, summary.json or per_patient.csv is refused")
-    p.add_argument("--cache", metavar="DIR", help="cache of registered 3D cases (default: OUT/cache)")
+    p.add_argument("--cache", type=given_path, metavar="DIR", help="cache of registered 3D cases (default: OUT/cache)")
     p.add_argument("--case-rule", choices=["slice3", "first2"], default="slice3")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--bone-threshold", type=float, default=200.0, help="bone = CT (0..255) above this")
