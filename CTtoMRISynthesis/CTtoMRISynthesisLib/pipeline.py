@@ -414,32 +414,33 @@ def _resolved(path: Path) -> Path:
         return path.absolute()
 
 
-def check_writable(out_dir: str | Path) -> None:
+def check_writable(out_dir: str | Path, flag: str = "--out-dir") -> None:
     """Fail early when ``out_dir`` obviously cannot be created or written.
 
     Writes nothing. Catches an output folder that is an existing file or lies under one, a folder name
     longer than the file system allows, (for users other than root) a folder without write permission.
-    Anything else (a full disk, a read-only mount) still fails cleanly in :func:`save_outputs`.
+    Anything else (a full disk, a read-only mount) still fails cleanly in :func:`save_outputs`. ``flag``: the
+    option the messages name (training and reports write into ``--out``).
     """
     out_dir = Path(out_dir)
     for part in out_dir.parts:
         if len(os.fsencode(part)) > 255:  # NAME_MAX of every common file system
             raise CTMRIError(
                 f"cannot create the output folder: the name {part[:24]}... is longer than the 255 bytes file "
-                "systems allow; choose a shorter --out-dir"
+                f"systems allow; choose a shorter {flag}"
             )
     try:
         if out_dir.exists() and not out_dir.is_dir():
-            raise CTMRIError(f"the output folder {out_dir} is an existing file; choose a folder for --out-dir")
+            raise CTMRIError(f"the output folder {out_dir} is an existing file; choose a folder for {flag}")
         existing = _nearest_existing(out_dir)
         if not existing.is_dir():
             raise CTMRIError(
-                f"cannot create the output folder {out_dir}: {existing} is a file, not a folder; choose another --out-dir"
+                f"cannot create the output folder {out_dir}: {existing} is a file, not a folder; choose another {flag}"
             )
     except OSError as exc:  # e.g. a path too long as a whole, a broken mount
-        raise CTMRIError(f"cannot use {out_dir} as the output folder: {exc.strerror or exc}; choose another --out-dir") from exc
+        raise CTMRIError(f"cannot use {out_dir} as the output folder: {exc.strerror or exc}; choose another {flag}") from exc
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise CTMRIError(f"cannot write in {existing} (no permission); choose a writable --out-dir")
+        raise CTMRIError(f"cannot write in {existing} (no permission); choose a writable {flag}")
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -228,12 +228,14 @@ class _TrainJob:
 def run_train(args) -> int:
     from . import split as splits
     from .discovery import discover
+    from ..pipeline import check_writable
     from .loop import check_batch_divides, dist_from_env
     from .unpaired import check_not_paired
 
     try:
         settings = settings_from_args(args)
         check_batch_divides(settings.batch_size, dist_from_env())  # before the data is read, not after
+        check_writable(args.out, "--out")
         if args.save and Path(args.save).suffix != ".safetensors":  # before training, not after it
             raise CTMRIError(f"--save {args.save}: a model file name must end in .safetensors; choose e.g. "
                              f"{Path(args.save).with_suffix('.safetensors')}")
@@ -364,9 +366,11 @@ def run_report(args) -> int:
     from .report import check_report_folder, report_model, write_cv_report
     from .discovery import discover
     from ..intensity import CTWindow
+    from ..pipeline import check_writable
 
     try:
-        check_report_folder(Path(args.out))  # before the work, not after it
+        check_writable(args.out, "--out")  # before the work, not after it
+        check_report_folder(Path(args.out))
         if args.from_cv:
             from .report import fold_model
             from ..weights import read_config
