@@ -67,6 +67,7 @@ def evaluate_files(pred: str, ref: str, pred_scale: str = "as-is", picture_spaci
     pred_array = sitk.GetArrayFromImage(prediction).astype("float32")
     if pred_scale == "minmax":
         pred_array = minmax_255(pred_array, "prediction")
+    warnings.extend(_off_scale(pred_array))
     pred255 = geometry.array_on_grid(pred_array, prediction)
     if not geometry.same_grid(pred255, ref255, tol=1e-4):
         covered = _head_covered(ref255, pred255)
@@ -96,6 +97,16 @@ def _about_sources(sources: dict, picture_spacing=None) -> Tuple[List[str], List
         warnings.extend(source_warnings)
     warnings.extend(picture_spacing_unused(picture_spacing, list(sources.values())))
     return notes, warnings, inputs
+
+
+def _off_scale(pred_array) -> List[str]:
+    """A prediction that is not on the 0..255 scale the metrics assume (a CT in Hounsfield units given as --pred,
+    a model's 0..1 output): scored as asked, with a warning saying what its values are."""
+    low, high = float(pred_array.min()), float(pred_array.max())
+    if low < -0.5 or high > 255.5:
+        return [f"the prediction's values run from {low:.4g} to {high:.4g}, outside the 0..255 scale the metrics "
+                "assume: give the synthetic MRI (0..255), or --pred-scale minmax for a prediction on another scale"]
+    return []
 
 
 def _head_covered(ref255, pred255) -> float:
