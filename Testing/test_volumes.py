@@ -110,6 +110,19 @@ def test_bad_files(tmp_path: Path, name: str, content, message: str) -> None:
         read_volume(path)
 
 
+def test_an_unreadable_file_says_itks_reason(tmp_path: Path) -> None:
+    """A zero spacing and a .mhd whose data file is missing were both only "damaged": ITK's own last line is
+    now in the message (the other cases of test_bad_files keep theirs)."""
+    header = "NRRD0004\ntype: uchar\ndimension: 3\nsizes: 2 2 2\nspacings: 0 1 1\nencoding: raw\n\n"
+    (tmp_path / "zero.nrrd").write_bytes(header.encode() + bytes(8))
+    with pytest.raises(CTMRIError, match=r"damaged \(ITK: .*spacing \(0\) invalid\)"):
+        read_volume(tmp_path / "zero.nrrd")
+    sitk.WriteImage(sitk.Image(4, 4, 4, sitk.sitkUInt8), str(tmp_path / "a.mhd"))
+    (tmp_path / "a.raw").unlink()
+    with pytest.raises(CTMRIError, match=r"damaged \(ITK: .*No such file or directory\)"):
+        read_volume(tmp_path / "a.mhd")
+
+
 def test_truncated_nii_gz(mr: sitk.Image, tmp_path: Path) -> None:
     path = tmp_path / "v.nii.gz"
     sitk.WriteImage(mr, str(path))

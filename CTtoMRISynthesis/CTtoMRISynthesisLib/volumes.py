@@ -29,6 +29,8 @@ def read_volume(path: str | Path, what: str = "image") -> sitk.Image:
     else:
         if path.stat().st_size == 0:
             raise CTMRIError(f"{what} file {path} is empty (0 bytes); give a complete image file")
+        if not os.access(path, os.R_OK):
+            raise CTMRIError(f"cannot read {what} {path}: no permission to read it; check its permissions")
         if path.suffix == ".gz":
             _check_gzip_complete(path, what)
         if path.suffix.lower() == ".nii":
@@ -37,10 +39,17 @@ def read_volume(path: str | Path, what: str = "image") -> sitk.Image:
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
             raise CTMRIError(
-                f"cannot read {what} {path}: not an image SimpleITK can read, or the file is damaged; give a "
-                ".nrrd, .nii/.nii.gz, .mha/.mhd or .png file or a DICOM folder, and copy it again if it was cut short"
+                f"cannot read {what} {path}: not an image SimpleITK can read, or the file is damaged ({_itk_reason(exc)}); "
+                "give a .nrrd, .nii/.nii.gz, .mha/.mhd or .png file or a DICOM folder, and copy it again if it was cut short"
             ) from exc
     return as_scalar_3d(image, f"{what} {path.name}")
+
+
+def _itk_reason(exc: Exception, limit: int = 160) -> str:
+    """ITK's own reason, its last line (a zero spacing, a missing .raw beside a .mhd, an unknown format), shortened."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = lines[-1] if lines else type(exc).__name__
+    return "ITK: " + (reason if len(reason) <= limit else reason[: limit - 1] + "…")
 
 
 def _check_gzip_complete(path: Path, what: str) -> None:
