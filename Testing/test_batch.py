@@ -134,6 +134,8 @@ def test_manifest_errors_say_what_to_fix(tmp_path: Path, text: str, message: str
 def test_manifest_missing_or_not_text(tmp_path: Path) -> None:
     with pytest.raises(CTMRIError, match="manifest not found"):
         read_manifest(tmp_path / "nope.csv")
+    with pytest.raises(CTMRIError, match="is a folder; give a CSV file"):  # it said "not found"
+        read_manifest(tmp_path)
     (tmp_path / "latin1.csv").write_bytes("id,ct,mri\nb\xe9b\xe9,x.nrrd,\n".encode("latin-1"))
     with pytest.raises(CTMRIError, match="not UTF-8"):
         read_manifest(tmp_path / "latin1.csv")

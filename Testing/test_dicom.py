@@ -185,6 +185,21 @@ def test_mri_takes_the_mr_series(tmp_path: Path) -> None:
     assert ct.series.number == 3 and "7 (modality MR)" in ct.reason
 
 
+def test_series_command_says_what_ct_and_mri_take_and_nothing_else(tmp_path: Path, capsys) -> None:
+    """One line for --ct and one for --mri (the readers' other inputs, evaluate's and training's, are not
+    synthesize's options); a file given as the folder is named as a file."""
+    from CTtoMRISynthesisLib import cli
+
+    write_series(tmp_path, axial(40, 3.0), number=3, thickness=3.0)
+    write_series(tmp_path, axial(20, 5.0), number=7, modality="MR", image_type=("ORIGINAL", "PRIMARY", "M"))
+    assert cli.main(["series", str(tmp_path)]) == 0
+    choices = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("--")]
+    assert choices == ["--ct", "--mri"]
+    a_file = next(tmp_path.glob("*.dcm"))
+    assert cli.main(["series", str(a_file)]) == 2
+    assert f"{a_file} is a file, not a folder: give the folder that holds" in capsys.readouterr().err
+
+
 def test_a_series_of_the_other_modality_is_refused_before_any_work(tmp_path: Path) -> None:
     """A CT series asked for as the MRI (or an MRI folder holding only a CT) used to run in full and end with a
     'looks like a CT' warning; its Modality says so at once."""

@@ -84,6 +84,8 @@ class Case:
 def read_manifest(path: str | Path) -> list:
     """The cases of a manifest CSV (columns ``id,ct,mri``), validated; CTMRIError saying what to fix."""
     path = Path(path)
+    if path.is_dir():
+        raise CTMRIError(f"the manifest {path} is a folder; give a CSV file with columns id,ct,mri")
     if not path.is_file():
         raise CTMRIError(f"manifest not found: {path}; give a CSV file with columns id,ct,mri")
     try:

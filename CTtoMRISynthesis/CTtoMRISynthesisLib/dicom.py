@@ -144,6 +144,8 @@ def list_series(folder: str | Path, what: str = "image", empty_ok: bool = False)
     Raises CTMRIError when the folder holds no DICOM image at all, unless ``empty_ok`` (then []).
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CTMRIError(f"{folder} is a file, not a folder: give the folder that holds the {what} series")
     if not folder.is_dir():
         raise CTMRIError(f"{what} folder not found: {folder}; check the path")
     groups: Dict[str, Series] = {}
@@ -797,10 +799,9 @@ def describe_folder(folder: str | Path) -> str:
             return describe_pictures(folder)
         raise no_dicom_error(folder, "DICOM")
     lines = [format_table(series)]
-    for what, modality in MODALITY_OF.items():
-        if not any(s.modality == modality for s in series):
+    for what, option in (("CT", "--ct"), ("MRI", "--mri")):  # synthesize's inputs
+        if not any(s.modality == MODALITY_OF[what] for s in series):
             continue
-        option = "--ct" if what == "CT" else "--mri"
         try:
             choice = choose_series(series, what, None, folder)
         except CTMRIError as exc:

@@ -66,7 +66,8 @@ class PictureStack:
         out = []
         if not self.spacing_given:
             out.append(f"the {what} pictures record no spacing: {ASSUMED_SPACING_MM:g} mm was assumed, so the "
-                       "outputs' physical sizes are not the patient's (give --picture-spacing IN_PLANE SLICE)")
+                       "physical sizes read from them (and written into outputs made from them) are not the patient's (give "
+                       "--picture-spacing IN_PLANE SLICE)")
         return out + self.order_warnings(what)
 
     def order_warnings(self, what: str) -> List[str]:
