@@ -886,8 +886,8 @@ CANCEL_DRIVER = textwrap.dedent(
 
 
 def test_cancel_cli_ctrl_c_and_node_cancel(data: Data, tmp_path: Path, scene) -> None:
-    """runtime/cancel: Ctrl-C (SIGINT) to a running `ctmri synthesize` exits 130 with one error line and
-    writes nothing; the node-level cancel callback (what the Logic's Cancel uses) leaves the scene as it was."""
+    """runtime/cancel: Ctrl-C (SIGINT) or a stop request (SIGTERM) to a running `ctmri synthesize` exits 130 with
+    one error line and writes nothing; the node-level cancel callback (what the Logic's Cancel uses) leaves the scene as it was."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     ct, mri = inputs / "ct.nrrd", inputs / "mri.nrrd"
@@ -895,32 +895,33 @@ def test_cancel_cli_ctrl_c_and_node_cancel(data: Data, tmp_path: Path, scene) ->
     sitk.WriteImage(data.mri, str(mri))
     watched = [ct, mri, data.weights, checksum_path(data.weights)]
     before = file_hashes(watched)
-    work = tmp_path / "work"
-    work.mkdir()
-    process = subprocess.Popen(
-        [sys.executable, "-c", CANCEL_DRIVER, "synthesize", "--ct", str(ct), "--mri", str(mri), "--out-dir",
-         str(work / "out"), "--weights", str(data.weights), "--registration", "none", "--device", "cpu", "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
-        # SIGINT as at a terminal, even where the test runner itself was started with it ignored (`cmd &`)
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    try:
-        deadline = time.monotonic() + 120
-        line = ""
-        while "BATCH-DONE" not in line:
-            line = process.stderr.readline()
-            assert line or process.poll() is None, "the run ended before the synthesis started"
-            assert time.monotonic() < deadline
-        process.send_signal(signal.SIGINT)  # Ctrl-C, mid-synthesis
-        out, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    lines = [x for x in err.strip().splitlines() if x != "BATCH-DONE"]
-    assert process.returncode == 130, err
-    assert lines == ["error: interrupted; no output was written"], err
-    assert listing(work) == [], "nothing written"
-    assert file_hashes(watched) == before
+    for stop in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C; a kill or a scheduler's stop (it left .partial-*)
+        work = tmp_path / f"work_{stop.name}"
+        work.mkdir()
+        process = subprocess.Popen(
+            [sys.executable, "-c", CANCEL_DRIVER, "synthesize", "--ct", str(ct), "--mri", str(mri), "--out-dir",
+             str(work / "out"), "--weights", str(data.weights), "--registration", "none", "--device", "cpu", "--quiet"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+            # SIGINT as at a terminal, even where the test runner itself was started with it ignored (`cmd &`)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        try:
+            deadline = time.monotonic() + 120
+            line = ""
+            while "BATCH-DONE" not in line:
+                line = process.stderr.readline()
+                assert line or process.poll() is None, "the run ended before the synthesis started"
+                assert time.monotonic() < deadline
+            process.send_signal(stop)  # mid-synthesis
+            out, err = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        lines = [x for x in err.strip().splitlines() if x != "BATCH-DONE"]
+        assert process.returncode == 130, err
+        assert lines == ["error: interrupted; no output was written"], err
+        assert listing(work) == [], "nothing written"
+        assert file_hashes(watched) == before
 
     # node level: the cancel callback, asked between batches, stops it mid-synthesis
     ct_node, mri_node = node_from_image(scene, data.ct, "CT"), node_from_image(scene, data.mri, "MRI")

@@ -680,11 +680,12 @@ def _make_cohort_folder(out_dir: Path) -> None:
 
 def _run_here(todo, out_dir, options, expected, weights, jobs, outcome, reporter) -> None:
     """``--jobs 1``: in this process, the model loaded once. SIGTERM stops like Ctrl-C."""
+    from .pipeline import sigterm_as_interrupt
     from .synthesis import choose_device
     from .weights import load_model
 
     model = load_model(weights, choose_device(options.device))
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         for case in todo:
             record = process_case(case, out_dir, options, expected[case.id], model=model, runner=_runner())
             outcome.ran.append(record)
@@ -718,8 +719,10 @@ def _run_pool(todo, out_dir, options, expected, weights, jobs, outcome, reporter
             outcome.ran.append(record)
             reporter.case_done(record)
 
+    from .pipeline import sigterm_as_interrupt
+
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             for future in as_completed(futures):
                 take(future)
     except BaseException:
@@ -764,24 +767,6 @@ class _signals_held:
     def __exit__(self, *exc) -> None:
         for sig, handler in self.saved.items():
             signal.signal(sig, handler)
-
-
-class _sigterm_as_interrupt:
-    """Turn SIGTERM (a scheduler's stop, e.g. SLURM at the time limit) into KeyboardInterrupt: one clean stop path."""
-
-    def __enter__(self):
-        def interrupt(signum, frame):
-            raise KeyboardInterrupt
-
-        try:
-            self.saved = signal.signal(signal.SIGTERM, interrupt)
-        except (ValueError, OSError):
-            self.saved = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.saved is not None:
-            signal.signal(signal.SIGTERM, self.saved)
 
 
 def _print_end(out_dir: Path, outcome: BatchOutcome) -> None:

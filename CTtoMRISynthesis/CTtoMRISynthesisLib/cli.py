@@ -17,6 +17,7 @@ EXIT_CANCELLED = 130
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
     from .case import CaseOptions, run_case
+    from .pipeline import sigterm_as_interrupt
     from .progress import progress_bar
 
     options = CaseOptions(
@@ -27,7 +28,8 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     )
     progress, close = progress_bar(sys.stderr.isatty() and not args.quiet)
     try:
-        result, paths = run_case(args.ct, args.mri, args.out_dir, options, progress=progress, notify=print)
+        with sigterm_as_interrupt():  # a kill or a scheduler's stop takes Ctrl-C's path: nothing half-made, exit 130
+            result, paths = run_case(args.ct, args.mri, args.out_dir, options, progress=progress, notify=print)
     finally:
         close()
     for warning in result.warnings:

@@ -580,19 +580,45 @@ def _commit(tmp: Path, out_dir: Path, names: list) -> None:
 
 @contextlib.contextmanager
 def _sigint_held():
-    """Hold Ctrl-C (SIGINT) in the main thread for the duration; it is dropped: the work it guards is whole."""
+    """Hold Ctrl-C (SIGINT) and a stop request (SIGTERM) in the main thread for the duration; they are dropped:
+    the work they guard is whole (a few renames and the removal of the temporary folder)."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    saved = {}
     try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            saved[sig] = signal.signal(sig, lambda signum, frame: None)
     except (ValueError, OSError):  # not in the main interpreter / signals unavailable
-        yield
-        return
+        pass
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+class sigterm_as_interrupt:
+    """Turn SIGTERM (a scheduler's stop, e.g. SLURM at the time limit; ``kill``) into KeyboardInterrupt, so that it
+    takes Ctrl-C's clean path: nothing half-made left, exit 130 (``ctmri synthesize`` and ``batch``)."""
+
+    def __enter__(self):
+        import signal
+
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        try:
+            self.saved = signal.signal(signal.SIGTERM, interrupt)
+        except (ValueError, OSError):  # not the main thread
+            self.saved = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self.saved is not None:
+            signal.signal(signal.SIGTERM, self.saved)
