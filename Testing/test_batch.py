@@ -26,7 +26,7 @@ from CTtoMRISynthesisLib.batch import Case, parse_shard, read_manifest, shard_ca
 from CTtoMRISynthesisLib.cli import main
 from CTtoMRISynthesisLib.demo import sample_paths
 from CTtoMRISynthesisLib.errors import CTMRIError
-from CTtoMRISynthesisLib.weights import default_weights_path
+from CTtoMRISynthesisLib.weights import default_weights_path, sha256_of
 
 FAST = ["--registration", "none", "--device", "cpu", "--quiet"]  # the sample's MR is already on the CT grid
 IMAGES = ("synthetic_mri.nrrd", "ct_registered.nrrd", "difference.nrrd")
@@ -214,6 +214,11 @@ def test_folder_fingerprint_changes_with_its_files(tmp_path: Path) -> None:
     assert batch.input_fingerprint(folder) == first
     (folder / "2.dcm").write_bytes(b"b")
     assert batch.input_fingerprint(folder) != first
+    second = batch.input_fingerprint(folder)
+    stat = (folder / "1.dcm").stat()
+    (folder / "1.dcm").write_bytes(b"c" * 10)  # rewritten in place: same name and size, a new time
+    os.utime(folder / "1.dcm", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert batch.input_fingerprint(folder) != second
     assert batch.input_fingerprint(tmp_path / "gone.nrrd")["missing"] is True
 
 
@@ -281,7 +286,7 @@ def test_cases_equal_synthesize_and_a_failure_is_recorded(jobs1, cohort: Path, t
     assert "| mae |" in report and "1 failed" in report and "| bad | error |" in report
 
 
-def test_resume_skips_complete_cases_and_redoes_changed_ones(cohort: Path, tmp_path: Path, capsys) -> None:
+def test_resume_skips_complete_cases_and_redoes_changed_ones(cohort: Path, tmp_path: Path, capsys, tiny_weights) -> None:
     work = tmp_path / "in"
     work.mkdir()
     for name in ("ct.nrrd", "mri.nrrd"):
@@ -326,6 +331,12 @@ def test_resume_skips_complete_cases_and_redoes_changed_ones(cohort: Path, tmp_p
     assert main(run + ["--allow-disjoint"]) == 0
     assert "2 to run" in capsys.readouterr().out
     assert json.loads((out / "a" / "metrics.json").read_text())["made_from"]["options"]["allow_disjoint"] is True
+
+    # Another model redoes all (its sha256 is in made_from; --weights itself is not an output option).
+    assert main(run + ["--allow-disjoint", "--weights", str(tiny_weights)]) == 0
+    assert "0 already complete, 2 to run" in capsys.readouterr().out
+    record = json.loads((out / "a" / "metrics.json").read_text())
+    assert record["weights"]["sha256"] == record["made_from"]["weights_sha256"] == sha256_of(tiny_weights)
 
 
 def test_dicom_outputs_like_synthesize_and_resumed(cohort: Path, tmp_path: Path, capsys) -> None:
@@ -454,7 +465,6 @@ def test_stop_is_clean_leaving_only_complete_cases(cohort: Path, tmp_path: Path,
     assert not list(out.rglob(".partial-*")) and not list(out.rglob("*.tmp"))
     # What was kept is complete: a rerun with the same command skips it.
     from CTtoMRISynthesisLib.case import CaseOptions
-    from CTtoMRISynthesisLib.weights import sha256_of
 
     options = CaseOptions(registration="none", device="cpu")
     sha = sha256_of(default_weights_path())
