@@ -1170,8 +1170,9 @@ def test_unwritable_output_folder(kind: str, data: Data, tmp_path: Path, capsys,
 
 
 def test_disk_full_leaves_no_partial_file(data: Data, tmp_path: Path, capsys, monkeypatch, scene) -> None:
-    """runtime/disk-full: the image writer fails with ENOSPC half-way through the second file. No partial
-    file or temporary folder remains and the previous run's outputs in the folder are untouched. Node-level
+    """runtime/disk-full: the image writer fails with ENOSPC half-way through the second file, or a rename into
+    the folder fails during the final commit. No partial file or temporary folder remains and the previous run's
+    outputs in the folder are as they were. Node-level
     counterpart: resources running out while the output nodes are added removes the ones already added."""
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -1224,6 +1225,27 @@ def test_disk_full_leaves_no_partial_file(data: Data, tmp_path: Path, capsys, mo
     monkeypatch.setattr(Path, "write_text", real_write_text)
     assert code == 2 and "No space left on device" in err and err.count("\n") == 1, err
     assert file_hashes([out]) == previous
+    assert listing(out.parent) == sorted(["out", *(f"out/{n}" for n in ALL_OUTPUTS)])
+
+    # a rename into the folder fails half-way through the commit (the earlier outputs already set aside in the
+    # temporary folder, one new output moved in): the new one is taken out, the earlier ones are put back
+    real_replace = os.replace
+    into_out = []
+
+    def replace_fails_second(src, dst):
+        if Path(dst).parent == out and ".partial-" in str(src) and ".previous" not in str(src):
+            into_out.append(dst)
+            if len(into_out) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_fails_second)
+    code = cli_main(argv)
+    err = capsys.readouterr().err
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert code == 2 and "No space left on device" in err and err.count("\n") == 1, err
+    assert len(into_out) == 2
+    assert file_hashes([out]) == previous, "the earlier outputs are back, byte for byte"
     assert listing(out.parent) == sorted(["out", *(f"out/{n}" for n in ALL_OUTPUTS)])
 
     # node level: no room for the third output node
