@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import read_harvard_case
+from conftest import REPO, read_harvard_case
 from CTtoMRISynthesisLib import geometry
 from CTtoMRISynthesisLib.errors import CancelledError, CTMRIError
 from CTtoMRISynthesisLib.metrics import compute_metrics
@@ -231,6 +231,8 @@ def test_save_outputs_replaces_only_the_files_a_run_listed(case41, model, tmp_pa
 
 # ---------------------------------------------------------------------------------------- real data
 
+HARVARD_CASES = ("2", "16", "20", "28", "32", "33", "34", "41")
+
 
 def test_real_harvard_case_with_mri(harvard_dir: Path, model) -> None:
     """Harvard case 41 stacked into a 256×256×20 CT and T2 MRI pair (pseudo-3D, co-registered)."""
@@ -245,11 +247,35 @@ def test_real_reference_weighting_is_told_apart(harvard_dir: Path) -> None:
     from CTtoMRISynthesisLib.contrast import reference_csf_over_brain, reference_warnings
 
     found = {}
-    for case in ("41", "2"):
+    for case in HARVARD_CASES:
         ct = read_harvard_case(harvard_dir, case, "CT").astype(np.float32)
         mri = read_harvard_case(harvard_dir, case, "MRI").astype(np.float32)
         found[case] = reference_csf_over_brain(ct, mri * (255.0 / mri.max()))
-    assert reference_warnings(found["41"]) == [] and len(reference_warnings(found["2"])) == 1, found
+    warned = sorted(case for case, ratio in found.items() if reference_warnings(ratio))
+    assert warned == ["2"], found  # every T2 passes (the weakest, patient 32, at 1.32), the FLAIR/PD-like one not
+    # the warning's threshold was calibrated on these numbers (experiments/reference_contrast.py): the check must
+    # still measure what that file records, or the calibration must be run again
+    recorded = (REPO / "model_weights" / "report" / "evaluation" / "reference_contrast.txt").read_text()
+    for line in recorded.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 6 and cells[0] == "Harvard":
+            assert round(found[cells[1]], 2) == float(cells[3]), (cells, found[cells[1]])
+
+
+def test_real_cts_and_mris_are_told_apart(harvard_dir: Path, vh_dir: Path, rire_mr_path: Path) -> None:
+    """ct_likeness (the "does not look like a CT" / "looks swapped" warnings) on every real volume here: the
+    thresholds were set on this data, so it is checked on it. The Harvard T2s have up to a few % of the head
+    saturated white (patient 28: 3.1 %), below the 8 % a brain-windowed CT's bone gives; an MRI stored as integers
+    below 1000 (the RIRE T1 scaled by 0.55) has no air below -500 and is no HU CT."""
+    from CTtoMRISynthesisLib.intensity import ct_likeness
+
+    for case in HARVARD_CASES:
+        assert ct_likeness(read_harvard_case(harvard_dir, case, "CT"))[0], case
+        assert not ct_likeness(read_harvard_case(harvard_dir, case, "MRI"))[0], case
+    assert ct_likeness(sitk.GetArrayFromImage(sitk.ReadImage(str(vh_dir / "vm_head_ct.mha"))))[0]
+    t1 = sitk.GetArrayFromImage(sitk.ReadImage(str(rire_mr_path))).astype(np.float32)
+    assert not ct_likeness(t1)[0]
+    assert not ct_likeness(np.round(t1 * 0.55))[0]
 
 
 def test_real_hounsfield_ct_takes_the_window_path(vh_dir: Path, model) -> None:
