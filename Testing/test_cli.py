@@ -128,6 +128,18 @@ def test_evaluate_warns_about_a_prediction_off_the_0_255_scale(case_files, tmp_p
     assert "warning" not in capsys.readouterr().err
 
 
+def test_evaluate_pred_scale_minmax_scales_the_prediction(rire_mr_path: Path, capsys) -> None:
+    """The real RIRE T1 (values up to ~1600) against itself: the reference is min-max scaled, so only with
+    --pred-scale minmax do the two agree exactly (MAE 0, PSNR infinite); as-is it is scored off scale, and said."""
+    argv = ["evaluate", "--pred", str(rire_mr_path), "--ref", str(rire_mr_path)]
+    assert main([*argv, "--pred-scale", "minmax"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("MAE 0.00") and "PSNR inf (identical)" in captured.out and captured.err == "", captured
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert not captured.out.startswith("MAE 0.00") and "outside the 0..255 scale" in captured.err
+
+
 def test_evaluate_says_what_it_read_and_an_assumed_spacing(tmp_path: Path, capsys) -> None:
     """Folders of pictures: the stacking line for each, the '1 mm assumed' warning that --help promises, and
     the JSON's record of both (it had none)."""
