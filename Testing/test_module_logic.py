@@ -255,9 +255,12 @@ def _pytorch_utils(monkeypatch, version: Optional[str], install_returns=True) ->
     return calls
 
 
-def test_requirements_pass_with_this_environment(module) -> None:
+def test_requirements_pass_with_this_environment(module, monkeypatch) -> None:
     """Here everything is installed (torch 2.13, scikit-image, scipy, safetensors): nothing to ask or install."""
+    installs: list = []
+    monkeypatch.setattr(slicer.util, "pip_install", installs.append, raising=False)
     module.CTtoMRISynthesisLogic().setupPythonRequirements(askConfirmation=False)
+    assert installs == []
 
 
 def test_old_torch_in_slicer_is_refused_with_instructions(module, monkeypatch) -> None:
@@ -277,8 +280,9 @@ def test_old_torch_in_slicer_is_refused_with_instructions(module, monkeypatch) -
 @pytest.mark.parametrize("version", ["2.8.0+cu126", "2.4.0"])
 def test_torch_that_python_39_can_have_is_accepted(module, monkeypatch, version) -> None:
     """Slicer 5.6/5.8 (Python 3.9) can install at most PyTorch 2.8: that must be enough (with any NumPy)."""
-    _pytorch_utils(monkeypatch, version)
+    calls = _pytorch_utils(monkeypatch, version)
     module.CTtoMRISynthesisLogic().setupPythonRequirements(askConfirmation=False)
+    assert calls == [], "accepted: PyTorch is not installed again"
 
 
 def test_missing_torch_is_installed_with_the_real_minimum(module, monkeypatch) -> None:
