@@ -369,7 +369,8 @@ def test_resume_refuses_other_patients_or_another_recipe_and_keeps_a_finished_ru
 
     run = tmp_path / "run"
     assert ctmri(phantoms.tiny_train_args(phantom_slices, run, "--stop-after", "1", epochs=2, max_steps=1)) == 0
-    for extra, said in ((["--test-cases", "28"], "train_cases"), (["--lr", "0.01"], "lr: 0.001 vs 0.01")):
+    for extra, said in ((["--test-cases", "28"], "train_cases"), (["--lr", "0.01"], "lr: 0.001 vs 0.01"),
+                        (["--seed", "1"], "seed: 0 vs 1")):
         capsys.readouterr()
         assert ctmri(phantoms.tiny_train_args(phantom_slices, run, "--resume", *extra, epochs=2, max_steps=1)) == 2
         err = capsys.readouterr().err

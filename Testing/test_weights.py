@@ -160,6 +160,36 @@ def test_no_half_written_file_on_failure(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_rename_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """The model file is written beside its place and renamed; when the rename fails (here the name is taken by a
+    folder) the temporary file goes too (the other failures happen before anything is written)."""
+    taken = tmp_path / "model.safetensors"
+    (taken / "inside").mkdir(parents=True)
+    with pytest.raises(OSError):
+        save_state(taken, TENSORS, CONFIG)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_a_digest_written_in_capitals_is_the_same_digest(tmp_path: Path) -> None:
+    """Some tools (PowerShell's Get-FileHash) write the sha256 in capitals."""
+    path = tmp_path / "m.safetensors"
+    digest = save_state(path, TENSORS, CONFIG)
+    checksum_path(path).write_text(f"{digest.upper()}  m.safetensors\n")
+    assert read_weights_file(path, framework="numpy")["sha256"] == digest
+
+
+def test_a_model_config_without_preprocessing_is_refused_at_load(tiny_weights: Path, tmp_path: Path) -> None:
+    """Without its preprocessing section (the CT window, the grid) the model would fail later with a KeyError."""
+    pytest.importorskip("torch")
+    from CTtoMRISynthesisLib.weights import load_model
+
+    blob = read_weights_file(tiny_weights, framework="numpy")
+    config = {k: v for k, v in blob["config"].items() if k != "preprocessing"}
+    save_state(tmp_path / "m.safetensors", blob["state_dict"], config)
+    with pytest.raises(CTMRIError, match="has no 'preprocessing' section in its config; retrain"):
+        load_model(tmp_path / "m.safetensors", "cpu")
+
+
 def test_copy_checks_the_source_and_writes_the_copy_with_its_checksum(tmp_path: Path) -> None:
     """``ctmri train --save``: the copy reads back as the same model; a source that no longer matches its
     .sha256 is refused and nothing is written."""
