@@ -625,6 +625,20 @@ def test_cancel_mid_run_leaves_the_scene(scene, loaded, tiny_weights) -> None:
     _assert_unchanged(scene, state, loaded, prints)
 
 
+def test_cancel_after_the_last_stage_still_adds_nothing(scene, loaded, tiny_weights) -> None:
+    """Cancel pressed once the synthesis has finished (progress at 1.0), before the nodes are added: the run is
+    cancelled and nothing is added (the check between the two could be deleted unnoticed)."""
+    ct_node, mri_node = loaded
+    state, prints = scene_state(scene), [input_fingerprint(n) for n in loaded]
+    seen = []
+    with pytest.raises(CancelledError):
+        mrml.run_on_nodes(scene, ct_node, mri_node, weights=tiny_weights, device="cpu", registration="none",
+                          progress=lambda fraction, message: seen.append(fraction),
+                          cancel=lambda: bool(seen) and seen[-1] >= 1.0)
+    assert max(seen) == 1.0
+    _assert_unchanged(scene, state, loaded, prints)
+
+
 def test_error_while_adding_nodes_removes_the_ones_added(scene, loaded, tiny_weights, monkeypatch) -> None:
     ct_node, mri_node = loaded
     state, prints = scene_state(scene), [input_fingerprint(n) for n in loaded]
