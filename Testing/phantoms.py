@@ -366,7 +366,7 @@ def tiny_cv_runs(data, root: Path, seeds: Sequence[int] = (0, 1), extra: Sequenc
     return runs
 
 
-def train_tiny_model(path: Path, steps: int = 60, seed: int = 0) -> Path:
+def train_tiny_model(path: Path, steps: int = 60, seed: int = 0, flip_tta: bool = True) -> Path:
     """A real (if small) model: a base-4 U-Net trained for ``steps`` Adam steps on phantom slice pairs.
 
     Two synthetic patients, windowed CT → T2, batches of 96² random crops of the 256² slices (a seventh of
@@ -415,6 +415,7 @@ def train_tiny_model(path: Path, steps: int = 60, seed: int = 0) -> Path:
                 "ct_window": {"level": WINDOW[0], "width": WINDOW[1]},
                 "mask_output": True,
                 "head_threshold": 10,
+                "flip_tta": flip_tta,  # its uncertainty map: the disagreement of the slice's and its mirror's predictions
             },
             "training": {"steps": steps, "final_loss": float(loss.detach()), "data": "Testing/phantoms.py"},
         },

@@ -891,21 +891,14 @@ def test_default_ct_skips_label_maps_the_mri_outputs_and_hidden_nodes(scene) -> 
 
 @pytest.fixture(scope="module")
 def result_with_uncertainty(case_files, tiny_weights):
-    """A real run's result with an uncertainty map made from its own output where the pipeline has none yet:
-    the gradient magnitude of the synthetic MRI (0..255 scale, ≥ 0, zero outside the head), and its mean in
-    the head as metrics.json's ``uncertainty_mean``."""
+    """A real run's result: the pipeline's own uncertainty map (the tiny model's scale and flip disagreement) and
+    its mean in the head as metrics.json's ``uncertainty_mean``. (A stand-in map made here when the pipeline had
+    none would hide a pipeline that stopped making one.)"""
     from CTtoMRISynthesisLib.pipeline import synthesize
 
     ct, mri = (sitk.ReadImage(str(path)) for path in case_files)
     result = synthesize(ct, mri, weights=tiny_weights, device="cpu", registration="none")
-    if result.uncertainty is None:
-        synthetic = sitk.Cast(result.synthetic_mri, sitk.sitkFloat32)
-        head = sitk.Cast(synthetic > 0, sitk.sitkFloat32)
-        spread = sitk.Clamp(sitk.GradientMagnitude(synthetic) * head, sitk.sitkFloat32, 0.0, 255.0)
-        spread.CopyInformation(result.synthetic_mri)
-        result.uncertainty = spread
-        values = sitk.GetArrayFromImage(spread)[sitk.GetArrayFromImage(head) > 0]
-        result.metrics["uncertainty_mean"] = float(values.mean())
+    assert result.uncertainty is not None and result.uncertainty_mean > 0
     return result
 
 
@@ -941,12 +934,9 @@ def _check_uncertainty_node(scene, outputs, result, base: str) -> None:
 
 
 def test_uncertainty_node_is_added_coloured_and_removed_with_the_outputs(scene, case_files, result_with_uncertainty,
-                                                                         tiny_weights, monkeypatch) -> None:
-    from CTtoMRISynthesisLib import pipeline
-
+                                                                         tiny_weights) -> None:
     ct_node, mri_node = load_node(case_files[0], "CT16"), load_node(case_files[1], "MR16")
-    monkeypatch.setattr(pipeline, "synthesize", lambda *args, **kwargs: result_with_uncertainty)  # the run above
-    before = scene_state(scene)
+    before = scene_state(scene)  # the node path runs for real: its result must be the file path's
     outputs = mrml.run_on_nodes(scene, ct_node, mri_node, weights=tiny_weights, device="cpu", registration="none")
     assert set(outputs) == {"ct_registered", "synthetic_mri", "difference", "uncertainty", "transform", "table"}
     _check_uncertainty_node(scene, outputs, result_with_uncertainty, "CT16")

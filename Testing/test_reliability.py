@@ -885,14 +885,20 @@ CANCEL_DRIVER = textwrap.dedent(
 )
 
 
-def test_cancel_cli_ctrl_c_and_node_cancel(data: Data, tmp_path: Path, scene) -> None:
-    """runtime/cancel: Ctrl-C (SIGINT) or a stop request (SIGTERM) to a running `ctmri synthesize` exits 130 with
-    one error line and writes nothing; the node-level cancel callback (what the Logic's Cancel uses) leaves the scene as it was."""
+def _input_files(data: Data, tmp_path: Path) -> tuple[Path, Path]:
+    """The row's CT and MRI written as ``tmp_path/in/ct.nrrd`` and ``mri.nrrd`` (what the CLI rows read)."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     ct, mri = inputs / "ct.nrrd", inputs / "mri.nrrd"
     sitk.WriteImage(data.ct, str(ct))
     sitk.WriteImage(data.mri, str(mri))
+    return ct, mri
+
+
+def test_cancel_cli_ctrl_c_and_node_cancel(data: Data, tmp_path: Path, scene) -> None:
+    """runtime/cancel: Ctrl-C (SIGINT) or a stop request (SIGTERM) to a running `ctmri synthesize` exits 130 with
+    one error line and writes nothing; the node-level cancel callback (what the Logic's Cancel uses) leaves the scene as it was."""
+    ct, mri = _input_files(data, tmp_path)
     watched = [ct, mri, data.weights, checksum_path(data.weights)]
     before = file_hashes(watched)
     for stop in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C; a kill or a scheduler's stop (it left .partial-*)
@@ -940,11 +946,7 @@ def test_cancel_while_writing_outputs(data: Data, tmp_path: Path, capsys, monkey
     """runtime/cancel-while-saving: Ctrl-C while the files are written leaves nothing; Ctrl-C during the final
     renames, or while the temporary folder is removed after them, is held until they are done, so the folder
     is whole (never half of each run) and nothing temporary is left."""
-    inputs = tmp_path / "in"
-    ct, mri = inputs / "ct.nrrd", inputs / "mri.nrrd"
-    inputs.mkdir()
-    sitk.WriteImage(data.ct, str(ct))
-    sitk.WriteImage(data.mri, str(mri))
+    ct, mri = _input_files(data, tmp_path)
     work = tmp_path / "work"
     work.mkdir()
     argv = ["synthesize", "--ct", str(ct), "--mri", str(mri), "--out-dir", str(work / "out"), "--weights",
@@ -1035,11 +1037,7 @@ def _oom_case(data: Data, tmp_path: Path, capsys, monkeypatch, wrapper: OOMNet, 
     """Run CT + MRI through the CLI (load_model replaced to hand out the wrapped net) and the node path."""
     model = LoadedModel(net=wrapper, config=data.model.config, path=data.weights)
     monkeypatch.setattr(weights_module, "load_model", lambda path=None, device="cpu", verify=True: model)
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    ct, mri = inputs / "ct.nrrd", inputs / "mri.nrrd"
-    sitk.WriteImage(data.ct, str(ct))
-    sitk.WriteImage(data.mri, str(mri))
+    ct, mri = _input_files(data, tmp_path)
     before = file_hashes([ct, mri])
     work = tmp_path / "work"
     work.mkdir()
@@ -1086,7 +1084,8 @@ def test_out_of_memory_halves_the_batch(data: Data, tmp_path: Path, capsys, monk
         # The CPU default batch is 2 (synthesis.default_batch_size): 2 fails, 1 fits.
         assert len(outcome.warnings) == 1 and "with 2 slices per batch; finished with 1 per batch" in outcome.warnings[0], outcome.warnings
         same_image(outcome.synthetic, reference.synthetic_mri, atol=1e-3)  # batching does not change the result
-    assert [size for _, size in wrapper.calls] == [2] + [1] * 6 + [2] + [1] * 6  # CLI, then nodes: 2 fails, 6 × 1 fit
+    # CLI, then nodes: 2 fails at once, then 6 × 1 fit, each slice and its mirror image (flip test-time augmentation)
+    assert [size for _, size in wrapper.calls] == ([2] + [1] * 12) * 2
 
 
 def test_out_of_memory_falls_back_to_the_cpu(data: Data, tmp_path: Path, capsys, monkeypatch) -> None:
@@ -1177,11 +1176,7 @@ def test_disk_full_leaves_no_partial_file(data: Data, tmp_path: Path, capsys, mo
     the folder fails during the final commit. No partial file or temporary folder remains and the previous run's
     outputs in the folder are as they were. Node-level
     counterpart: resources running out while the output nodes are added removes the ones already added."""
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    ct, mri = inputs / "ct.nrrd", inputs / "mri.nrrd"
-    sitk.WriteImage(data.ct, str(ct))
-    sitk.WriteImage(data.mri, str(mri))
+    ct, mri = _input_files(data, tmp_path)
     out = tmp_path / "work" / "out"
     argv = ["synthesize", "--ct", str(ct), "--mri", str(mri), "--out-dir", str(out), "--weights", str(data.weights),
             "--registration", "none", "--device", "cpu", "--quiet"]
@@ -1273,11 +1268,7 @@ def test_disk_full_leaves_no_partial_file(data: Data, tmp_path: Path, capsys, mo
 def test_reused_output_folder_never_mixes_runs(data: Data, tmp_path: Path, capsys) -> None:
     """runtime/out-dir-reused: a CT-only run into a folder holding a CT + MRI run removes the old difference
     map, registered CT and transform: the folder holds one run, never parts of two."""
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    ct, mri = inputs / "ct.nrrd", inputs / "mri.nrrd"
-    sitk.WriteImage(data.ct, str(ct))
-    sitk.WriteImage(data.mri, str(mri))
+    ct, mri = _input_files(data, tmp_path)
     out = tmp_path / "out"
     common = ["--out-dir", str(out), "--weights", str(data.weights), "--registration", "none", "--device", "cpu", "--quiet"]
     assert cli_main(["synthesize", "--ct", str(ct), "--mri", str(mri), *common]) == 0
@@ -1332,11 +1323,7 @@ def test_an_earlier_runs_output_given_as_input_is_kept(data: Data, tmp_path: Pat
     """runtime/out-dir-own-outputs-as-input: the CT read is an output of an earlier run in the same --out-dir (its
     ``ct_registered.nrrd``, its ``dicom/ct_registered`` series), which this run would replace or remove: a rerun
     used to delete the very file it read. Refused before the input is read, every file as it was."""
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    ct, mri = inputs / "ct.nrrd", inputs / "mri.nrrd"
-    sitk.WriteImage(data.ct, str(ct))
-    sitk.WriteImage(data.mri, str(mri))
+    ct, mri = _input_files(data, tmp_path)
     out = tmp_path / "out"
     common = ["--out-dir", str(out), "--weights", str(data.weights), "--registration", "none", "--device", "cpu", "--quiet"]
     assert cli_main(["synthesize", "--ct", str(ct), "--mri", str(mri), "--dicom", *common]) == 0

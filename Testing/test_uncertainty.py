@@ -107,6 +107,18 @@ def test_synthesize_writes_the_uncertainty_map(laplace_weights: Path, phantom_hu
     assert metrics["uncertainty_mean"] == pytest.approx(float(u[inside].mean()), rel=1e-3)
 
 
+def test_a_model_with_no_spread_to_give_writes_no_uncertainty(phantom_hu_ct: sitk.Image, tmp_path: Path) -> None:
+    """One output channel, no flip, no ensemble, no error model: no uncertainty.nrrd and no uncertainty_mean,
+    rather than a map of zeros that reads as "certain everywhere" (what such a model used to give)."""
+    weights = phantoms.train_tiny_model(tmp_path / "no_flip.safetensors", steps=5, flip_tta=False)
+    ct_path = tmp_path / "ct.nrrd"
+    sitk.WriteImage(phantom_hu_ct, str(ct_path))
+    out = tmp_path / "out"
+    assert ctmri(["synthesize", "--ct", str(ct_path), "--out-dir", str(out), "--weights", str(weights), "--quiet"]) == 0
+    assert not (out / "uncertainty.nrrd").exists() and (out / "synthetic_mri.nrrd").is_file()
+    assert "uncertainty_mean" not in json.loads((out / "metrics.json").read_text())
+
+
 def test_head_holder_gets_no_signal(phantom_hu_ct: sitk.Image, tiny_weights: Path) -> None:
     """The phantom's head holder is a separate object: the synthetic MRI is zero on it (issue 11, aim 2)."""
     from CTtoMRISynthesisLib.pipeline import synthesize

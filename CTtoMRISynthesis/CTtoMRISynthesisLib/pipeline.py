@@ -152,7 +152,8 @@ class SynthesisResult:
         if self.metrics is not None:
             out.update(self.metrics)
             out["reference_csf_over_brain"] = self.reference_csf_over_brain
-        out["uncertainty_mean"] = self.uncertainty_mean
+        if self.uncertainty is not None:
+            out["uncertainty_mean"] = self.uncertainty_mean
         out.update(
             registration=self.registration,
             device=self.device,
@@ -311,8 +312,19 @@ def _synthesise_on_reference(result: SynthesisResult, ct: sitk.Image, reference:
         "resample to reference", 0.9, 0.93, _to_reference, prediction, grid, reference, ct255_image,
         result.transform, prep.get("mask_output", True),
     )
-    result.uncertainty_mean = _mean_in_head(result.uncertainty, head)
+    if gives_uncertainty(model):
+        result.uncertainty_mean = _mean_in_head(result.uncertainty, head)
+    else:  # no map rather than a map of zeros that would read as "certain everywhere"
+        result.uncertainty = None
     return ct_axial
+
+
+def gives_uncertainty(model) -> bool:
+    """Whether a model has a spread to give (synthesis.py): an error model, an ensemble's members, its own scale
+    channel, or flip test-time augmentation. A one-channel single model without flip has none."""
+    architecture = model.config.get("model", {})
+    return (model.error_model is not None or int(architecture.get("members", 1)) > 1
+            or int(architecture.get("out_channels", 1)) > 1 or bool(model.config["preprocessing"].get("flip_tta", False)))
 
 
 def _check_reference(result: SynthesisResult, ct_axial: sitk.Image, mri: sitk.Image, mri255: sitk.Image) -> None:
