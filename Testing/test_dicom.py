@@ -9,6 +9,7 @@ shared files).
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import shutil
@@ -248,7 +249,7 @@ def test_unknown_series_lists_what_is_there(study: Path) -> None:
     with pytest.raises(CTMRIError) as err:
         dicom.choose_series(dicom.list_series(study), "MRI", "9", folder=study)
     message = str(err.value)
-    assert message.startswith(f"MRI series 9 is not in {study}; it holds: 1 (CT localizer")
+    assert message.startswith(f"MRI series 9 is not in {study}; give to --mri-series one of the numbers or UIDs it holds: 1 (CT localizer")
     for number in ("2 (CT axial, 12 slices", "3 (CT axial, 24 slices", "601 (CT coronal, 30 slices"):
         assert number in message
     assert "--mri-series" in message
@@ -662,6 +663,32 @@ def test_synthesize_from_a_study_writes_dicom(study: Path, tmp_path: Path, capsy
     assert sorted(p.name for p in (out / "dicom").iterdir()) == [".ctmri-output", "synthetic_mri", "uncertainty"]
 
 
+def test_batch_takes_each_cases_series_from_the_manifest(study: Path, tmp_path: Path, capsys) -> None:
+    """The manifest's optional ct_series / mri_series columns are batch's --ct-series / --mri-series, per case
+    (before, a study the rule could not choose in failed with advice naming --ct-series, which batch lacks):
+    recorded in made_from, so another choice redoes the case; a series not there is that case's error, in the
+    manifest's terms."""
+    pytest.importorskip("torch")
+    from CTtoMRISynthesisLib import cli
+
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"id,ct,mri,ct_series\nrule,{study},,\nthick,{study},,2\nnone,{study},,42\n")
+    out = tmp_path / "cohort"
+    assert cli.main(["batch", "--manifest", str(manifest), "--out-dir", str(out), "--quiet"]) == 1
+    capsys.readouterr()
+    records = {case: json.loads((out / case / "metrics.json").read_text()) for case in ("rule", "thick")}
+    assert records["rule"]["ct_series"]["number"] == 3 and records["thick"]["ct_series"]["number"] == 2
+    assert records["thick"]["made_from"]["options"]["ct_series"] == "2"
+    assert sitk.ReadImage(str(out / "thick" / "synthetic_mri.nrrd")).GetSize()[2] == 12
+    with open(out / "summary.csv", newline="") as handle:
+        failed = {row["id"]: row for row in csv.DictReader(handle)}["none"]
+    assert failed["status"] == "error" and "series 42 is not in" in failed["message"]
+    assert "the manifest's ct_series column" in failed["message"] and "--ct-series" not in failed["message"]
+    manifest.write_text(f"id,ct,mri_series\nx,{study},5\n")
+    assert cli.main(["batch", "--manifest", str(manifest), "--out-dir", str(out), "--quiet"]) == 2
+    assert "has an mri_series but no mri path" in capsys.readouterr().err
+
+
 def test_synthesize_with_an_unknown_series_stops_before_work(study: Path, tmp_path: Path, capsys) -> None:
     from CTtoMRISynthesisLib import cli
 
@@ -669,7 +696,7 @@ def test_synthesize_with_an_unknown_series_stops_before_work(study: Path, tmp_pa
     code = cli.main(["synthesize", "--ct", str(study), "--ct-series", "42", "--out-dir", str(out), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert err.startswith(f"error: CT series 42 is not in {study}; it holds: 1 (CT localizer")
+    assert err.startswith(f"error: CT series 42 is not in {study}; give to --ct-series one of the numbers or UIDs it holds: 1 (CT localizer")
     assert not out.exists()
 
 

@@ -50,7 +50,7 @@ from .errors import CancelledError, CTMRIError
 if TYPE_CHECKING:  # only for type hints: keeps the worker's first import free of numpy/torch
     from .case import CaseOptions
 
-MANIFEST_COLUMNS = ("id", "ct", "mri")
+MANIFEST_COLUMNS = ("id", "ct", "mri", "ct_series", "mri_series")  # the series columns: optional, as --ct-series
 STATE_DIR = ".ctmri-batch"
 SUMMARY_CSV, SUMMARY_JSON, REPORT_MD = "summary.csv", "summary.json", "report.md"
 METRIC_COLUMNS = ("mae", "ssim", "psnr", "ssim_foreground", "mae_whole", "uncertainty_mean")
@@ -79,6 +79,12 @@ class Case:
     line: int
     ct_entry: str = ""
     mri_entry: str = ""
+    ct_series: str = ""  # the DICOM series to take (number or UID), as --ct-series; "" = by the rule
+    mri_series: str = ""
+
+    def options(self, options: "CaseOptions") -> "CaseOptions":
+        """The batch's options with this case's own series choice (the manifest's ct_series / mri_series)."""
+        return dataclasses.replace(options, ct_series=self.ct_series or None, mri_series=self.mri_series or None)
 
 
 def read_manifest(path: str | Path) -> list:
@@ -120,8 +126,11 @@ def read_manifest(path: str | Path) -> list:
         if not values["ct"]:
             raise CTMRIError(f"manifest {path} line {line}: case {case_id!r} has no ct path")
         mri = values.get("mri", "")
+        if values.get("mri_series") and not mri:
+            raise CTMRIError(f"manifest {path} line {line}: case {case_id!r} has an mri_series but no mri path")
         cases.append(Case(case_id, _input_path(path, values["ct"]), _input_path(path, mri) if mri else None, line,
-                          ct_entry=values["ct"], mri_entry=mri))
+                          ct_entry=values["ct"], mri_entry=mri, ct_series=values.get("ct_series", ""),
+                          mri_series=values.get("mri_series", "")))
     if not cases:
         raise CTMRIError(f"manifest {path} has a header but no cases; add one line per case: id,ct,mri")
     return cases
@@ -142,7 +151,7 @@ def _header(path: Path, row: list) -> list:
         problem = (f"unknown column(s) {', '.join(map(repr, unknown))}" if unknown else
                    f"missing column(s) {', '.join(missing)}" if missing else "a repeated column")
         raise CTMRIError(f"manifest {path}: {problem} in the header {','.join(row)!r}; "
-                         "the first line must be id,ct,mri (mri optional)")
+                         "the first line must be id,ct,mri (mri optional; ct_series and mri_series may follow)")
     return columns
 
 
@@ -242,7 +251,7 @@ def input_fingerprint(path: Optional[Path], entry: str = "") -> Optional[dict]:
 
 def made_from(case: Case, options: "CaseOptions", weights_sha256: str) -> dict:
     """What a case's outputs depend on: inputs, the options that change outputs, the model."""
-    chosen = {k: v for k, v in dataclasses.asdict(options).items() if k not in RUN_ONLY_OPTIONS}
+    chosen = {k: v for k, v in dataclasses.asdict(case.options(options)).items() if k not in RUN_ONLY_OPTIONS}
     record = {"ct": input_fingerprint(case.ct, case.ct_entry), "mri": input_fingerprint(case.mri, case.mri_entry),
               "options": chosen, "weights_sha256": weights_sha256}
     return json.loads(json.dumps(record, default=str))  # as it will read back from JSON, for comparison
@@ -297,6 +306,14 @@ def _one_line(text: str, limit: int = 400) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
+def _in_manifest_terms(message: str) -> str:
+    """A case's error as the batch's user acts on it: the series options of ``synthesize`` are the manifest's
+    ``ct_series`` / ``mri_series`` columns here (the DICOM reader names the options)."""
+    for option, column in (("--ct-series", "ct_series"), ("--mri-series", "mri_series")):
+        message = message.replace(option, f"the manifest's {column} column")
+    return message
+
+
 def process_case(case: Case, out_dir: Path, options: "CaseOptions", expected: dict, *, model=None,
                  cancel: Optional[Callable[[], bool]] = None, runner: Optional[dict] = None) -> dict:
     """Run one case into ``out_dir/<id>``, write and return its record; a failure is recorded, not raised.
@@ -312,12 +329,12 @@ def process_case(case: Case, out_dir: Path, options: "CaseOptions", expected: di
     record: dict = {"id": case.id, "ct": str(case.ct), "mri": str(case.mri) if case.mri else None}
     notes: list = []  # e.g. which DICOM series was taken and why
     try:
-        result, paths = run_case(case.ct, case.mri, out_dir / case.id, options, model=model, cancel=cancel,
-                                 provenance={"made_from": expected}, notify=notes.append)
+        result, paths = run_case(case.ct, case.mri, out_dir / case.id, case.options(options), model=model,
+                                 cancel=cancel, provenance={"made_from": expected}, notify=notes.append)
     except CancelledError:
         raise
     except CTMRIError as exc:
-        record.update(status="error", message=_one_line(str(exc)))
+        record.update(status="error", message=_one_line(_in_manifest_terms(str(exc))))
     except Exception as exc:  # noqa: BLE001 - one case's bug must not stop a cohort; the traceback is kept
         record.update(status="error", message=_one_line(f"unexpected {type(exc).__name__}: {exc} "
                                                         "(a bug? traceback in the case's record)"),

@@ -543,9 +543,9 @@ def _requested(series: List[Series], what: str, requested: str, folder: Path) ->
             f"{s.number if s.number is not None else '-'} ({s.modality} {s.plane}, {s.slices} slices, {s.uid})"
             for s in series
         )
-        raise CTMRIError(
-            f"{what} series {requested} is not in {folder}; it holds: {there}; give one of these numbers or "
-            f"UIDs to {flag}"
+        raise CTMRIError(  # the advice before the listing, which can be long (a summary line keeps its start)
+            f"{what} series {requested} is not in {folder}; give to {flag} one of the numbers or UIDs it holds: "
+            f"{there}"
         )
     if len(matches) > 1:
         uids = ", ".join(s.uid for s in matches)
