@@ -364,6 +364,29 @@ def test_dicom_outputs_like_synthesize_and_resumed(cohort: Path, tmp_path: Path,
     assert (out / "a" / "dicom").is_dir()
 
 
+def test_a_ctrl_c_held_while_a_case_is_saved_stops_after_that_case(cohort: Path, tmp_path: Path, capsys,
+                                                                  monkeypatch) -> None:
+    """Ctrl-C during a case's final renames is held so that the case is whole; it used to be dropped there, and
+    the batch went on to the next case. Now the case is kept and the batch stops (130), the next one not run."""
+    manifest = write_manifest(tmp_path / "cases.csv", [("a", str(cohort / "crop" / "ct.nrrd"), ""),
+                                                       ("b", str(cohort / "crop" / "ct.nrrd"), "")])
+    out = tmp_path / "out"
+    real_replace = os.replace
+    sent = []
+
+    def replace_with_ctrl_c(src, dst):
+        if not sent and Path(dst).parent == out / "a":
+            sent.append(dst)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C between the case's renames
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_with_ctrl_c)
+    assert main(["batch", "--manifest", str(manifest), "--out-dir", str(out), *FAST]) == 130
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert sent and (out / "a" / "metrics.json").is_file() and not (out / "b").exists()
+    assert "interrupted" in capsys.readouterr().err
+
+
 def test_failed_case_is_retried_on_rerun(cohort: Path, tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "cases.csv", [("a", str(cohort / "ct.nrrd"), str(tmp_path / "mri.nrrd"))])
     out = tmp_path / "out"

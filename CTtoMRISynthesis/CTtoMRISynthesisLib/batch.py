@@ -697,16 +697,19 @@ def _make_cohort_folder(out_dir: Path) -> None:
 
 def _run_here(todo, out_dir, options, expected, weights, jobs, outcome, reporter) -> None:
     """``--jobs 1``: in this process, the model loaded once. SIGTERM stops like Ctrl-C."""
-    from .pipeline import sigterm_as_interrupt
+    from .pipeline import sigterm_as_interrupt, stop_requested_while_saving
     from .synthesis import choose_device
     from .weights import load_model
 
     model = load_model(weights, choose_device(options.device))
+    stop_requested_while_saving()  # forget any from before this run
     with sigterm_as_interrupt():
         for case in todo:
             record = process_case(case, out_dir, options, expected[case.id], model=model, runner=_runner())
             outcome.ran.append(record)
             reporter.case_done(record)
+            if stop_requested_while_saving():  # held while the case's outputs were moved in: it is complete, stop
+                raise KeyboardInterrupt
 
 
 def _run_pool(todo, out_dir, options, expected, weights, jobs, outcome, reporter) -> None:

@@ -590,10 +590,15 @@ def _commit(tmp: Path, out_dir: Path, names: list) -> None:
             raise
 
 
+#: the signals that arrived while a commit held them (see :func:`stop_requested_while_saving`)
+_HELD_SIGNALS: list = []
+
+
 @contextlib.contextmanager
 def _sigint_held():
-    """Hold Ctrl-C (SIGINT) and a stop request (SIGTERM) in the main thread for the duration; they are dropped:
-    the work they guard is whole (a few renames and the removal of the temporary folder)."""
+    """Hold Ctrl-C (SIGINT) and a stop request (SIGTERM) in the main thread for the duration: the work they guard
+    is whole (a few renames and the removal of the temporary folder). One that arrives is recorded, not acted on:
+    a caller with more work after it (batch's next case) asks :func:`stop_requested_while_saving`."""
     import signal
     import threading
 
@@ -603,7 +608,7 @@ def _sigint_held():
     saved = {}
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            saved[sig] = signal.signal(sig, lambda signum, frame: None)
+            saved[sig] = signal.signal(sig, lambda signum, frame: _HELD_SIGNALS.append(signum))
     except (ValueError, OSError):  # not in the main interpreter / signals unavailable
         pass
     try:
@@ -611,6 +616,13 @@ def _sigint_held():
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def stop_requested_while_saving() -> bool:
+    """Whether a Ctrl-C or SIGTERM arrived while outputs were being committed (held then); clears the record."""
+    arrived = bool(_HELD_SIGNALS)
+    _HELD_SIGNALS.clear()
+    return arrived
 
 
 class sigterm_as_interrupt:
