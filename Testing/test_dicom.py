@@ -201,6 +201,24 @@ def test_series_command_says_what_ct_and_mri_take_and_nothing_else(tmp_path: Pat
     assert f"{a_file} is a file, not a folder: give the folder that holds" in capsys.readouterr().err
 
 
+def test_a_file_cut_short_is_seen_from_the_headers(tmp_path: Path, capsys) -> None:
+    """A slice file cut short in copying: `ctmri series` listed the series as fine and the rule took it, then
+    reading failed. Its size against its pixels (uncompressed files) tells it from the headers: the rule passes
+    over the series, and asked for by number it is refused saying to copy it again."""
+    from CTtoMRISynthesisLib import cli
+
+    write_series(tmp_path, axial(12, 8.0), number=2, thickness=8.0)
+    write_series(tmp_path, axial(24, 4.0), number=3, thickness=4.0)
+    cut = sorted(tmp_path.glob("s3_*.dcm"))[5]
+    cut.write_bytes(cut.read_bytes()[:4000])  # 64 × 64 × 2 bytes of pixels: at least 4,192 missing
+    assert cli.main(["series", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "files cut short" in printed and "--ct " + str(tmp_path) + " takes series 2" in printed, printed
+    with pytest.raises(CTMRIError, match=r"1 of its files are cut short, e.g. s3_005.dcm lacks at least \d+ bytes.*"
+                                         r"copy the series again completely"):
+        dicom.choose_series(dicom.list_series(tmp_path), "CT", "3", folder=tmp_path)
+
+
 def test_a_series_of_the_other_modality_is_refused_before_any_work(tmp_path: Path) -> None:
     """A CT series asked for as the MRI (or an MRI folder holding only a CT) used to run in full and end with a
     'looks like a CT' warning; its Modality says so at once."""

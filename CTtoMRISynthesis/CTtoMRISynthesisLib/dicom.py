@@ -66,6 +66,7 @@ class SliceFile:
     frames: int = 1
     thickness: Optional[float] = None
     image_type: Tuple[str, ...] = ()
+    short_by: int = 0  # bytes an uncompressed file lacks of its pixels alone (cut short in copying); 0: not known short
 
 
 @dataclass
@@ -232,7 +233,28 @@ def _slice_file(path: Path, header) -> SliceFile:
         frames=_int(header.get("NumberOfFrames")) or 1,
         thickness=_float(header.get("SliceThickness")),
         image_type=tuple(str(v).upper() for v in _values(header.get("ImageType"))),
+        short_by=_bytes_missing(path, header),
     )
+
+
+#: transfer syntaxes whose pixel data has a known size (uncompressed); compressed files are not measured
+_UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
+
+
+def _bytes_missing(path: Path, header) -> int:
+    """How many bytes an uncompressed file lacks of its pixel data alone (a lower bound on the cut: the header's
+    bytes come on top), so that `ctmri series` and the series rule see a file cut short in copying as the reader
+    does; 0 when it is long enough, compressed, or the tags to tell are missing."""
+    syntax = str(getattr(getattr(header, "file_meta", None), "get", lambda *_: None)("TransferSyntaxUID") or "")
+    bits = _int(header.get("BitsAllocated"))
+    if syntax not in _UNCOMPRESSED or not bits:
+        return 0
+    needed = (int(header.get("Rows", 0) or 0) * int(header.get("Columns", 0) or 0) * (bits // 8)
+              * (_int(header.get("SamplesPerPixel")) or 1) * (_int(header.get("NumberOfFrames")) or 1))
+    try:
+        return max(0, needed - path.stat().st_size)
+    except OSError:
+        return 0
 
 
 def _values(value) -> list:
@@ -296,6 +318,12 @@ def _analyse(series: Series) -> None:
     if len({(f.rows, f.columns) for f in files}) > 1:
         series.problem = "its images have different sizes"
         series.notes.append("mixed image sizes")
+        return
+    short = [f for f in files if f.short_by > 0]
+    if short:
+        series.problem = (f"{len(short)} of its files are cut short, e.g. {short[0].path.name} lacks at least "
+                          f"{short[0].short_by} bytes of its pixels (copy the series again completely)")
+        series.notes.append("files cut short")
         return
     row, col, normal = _axes(files[0].orientation)
     series.plane = _plane_name(normal)
