@@ -287,7 +287,7 @@ def _synthesise_on_reference(result: SynthesisResult, ct: sitk.Image, reference:
     model's grid, synthesised, and the synthetic MRI and its uncertainty brought onto ``reference``'s grid.
     Returns the normalised CT (0..255) on the reference grid in axial slices (canonical orientation)."""
     from .error_model import apply as apply_error_model
-    from .synthesis import predict_volume, preprocessing_options
+    from .synthesis import gives_spread, predict_volume, preprocessing_options
 
     prep = model.config["preprocessing"]
     ct255, result.normalisation = stages.run("normalise", 0.32, 0.34, normalise_ct, sitk.GetArrayFromImage(ct),
@@ -308,23 +308,15 @@ def _synthesise_on_reference(result: SynthesisResult, ct: sitk.Image, reference:
     # what was done to the CT before the network beyond the window (grain matching, brain-median standardisation)
     result.normalisation.update({k: v for k, v in run_info.items() if k.startswith(("ct_grain", "ct_standardise"))})
     result.device = run_info.get("device", result.device)
+    if model.error_model is None and not gives_spread(model.net, preprocessing_options(prep)["flip_tta"]):
+        prediction.spread = None  # no map rather than a map of zeros that would read as "certain everywhere"
     result.synthetic_mri, result.uncertainty, head, ct_axial = stages.run(
         "resample to reference", 0.9, 0.93, _to_reference, prediction, grid, reference, ct255_image,
         result.transform, prep.get("mask_output", True),
     )
-    if gives_uncertainty(model):
+    if result.uncertainty is not None:
         result.uncertainty_mean = _mean_in_head(result.uncertainty, head)
-    else:  # no map rather than a map of zeros that would read as "certain everywhere"
-        result.uncertainty = None
     return ct_axial
-
-
-def gives_uncertainty(model) -> bool:
-    """Whether a model has a spread to give (synthesis.py): an error model, an ensemble's members, its own scale
-    channel, or flip test-time augmentation. A one-channel single model without flip has none."""
-    architecture = model.config.get("model", {})
-    return (model.error_model is not None or int(architecture.get("members", 1)) > 1
-            or int(architecture.get("out_channels", 1)) > 1 or bool(model.config["preprocessing"].get("flip_tta", False)))
 
 
 def _check_reference(result: SynthesisResult, ct_axial: sitk.Image, mri: sitk.Image, mri255: sitk.Image) -> None:
@@ -355,6 +347,9 @@ def _to_reference(prediction, grid: sitk.Image, reference: sitk.Image, ct255: si
         head = sitk.GetArrayFromImage(sitk.DICOMOrient(axial, order)).astype(bool)
     images = []
     for array in (prediction.mean, prediction.spread):
+        if array is None:  # a model with no spread to give (synthesis.gives_spread)
+            images.append(None)
+            continue
         image = geometry.resample(geometry.array_on_grid(array, grid), reference, None, default_value=0.0)
         if head is not None:
             values = sitk.GetArrayFromImage(image)

@@ -115,7 +115,7 @@ class Prediction:
     """A volume's synthetic MRI and the spread of that prediction, both (z, H, W) float32 on 0..255."""
 
     mean: np.ndarray
-    spread: np.ndarray
+    spread: Optional[np.ndarray]  # None once the pipeline finds the model has none to give (gives_spread)
     head: np.ndarray  # bool (z, H, W): where the output may be non-zero
 
 
@@ -165,6 +165,14 @@ def _predict_batch(net, batch, flip_tta: bool):
         per_scale2 = VARIANCE_PER_SCALE2[getattr(getattr(net, "config", None), "scale", "laplace")]
         variance = variance + (per_scale2 * scales**2).mean(0)
     return mean, variance.sqrt()
+
+
+def gives_spread(net, flip_tta: bool) -> bool:
+    """Whether :func:`_predict_batch` has a spread to give for ``net``: an ensemble's members, the model's own scale
+    channel, or flip TTA. A one-channel single model without flip gives zeros, which say nothing."""
+    config = getattr(net, "config", None)
+    return (getattr(net, "members", None) is not None or int(getattr(config, "out_channels", 1)) > 1
+            or bool(flip_tta))
 
 
 def predict_slices(net, ct255: np.ndarray, **kwargs) -> np.ndarray:
