@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
 
-from .errors import CancelledError, CTMRIError
+from .errors import CancelledError, CTMRIError, shortened
 
 if TYPE_CHECKING:  # only for type hints: keeps the worker's first import free of numpy/torch
     from .case import CaseOptions
@@ -303,7 +303,7 @@ def complete_record(out_dir: Path, case: Case, expected: dict) -> Optional[dict]
 
 def _one_line(text: str, limit: int = 400) -> str:
     line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+    return shortened(line, limit)
 
 
 def _in_manifest_terms(message: str) -> str:

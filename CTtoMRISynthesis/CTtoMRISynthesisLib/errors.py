@@ -10,3 +10,8 @@ class CancelledError(CTMRIError):
 
     def __init__(self, message: str = "cancelled by the user; no output was written") -> None:
         super().__init__(message)
+
+
+def shortened(line: str, limit: int) -> str:
+    """``line`` cut to ``limit`` characters with an ellipsis: a message quoting a library's long error text."""
+    return line if len(line) <= limit else line[: limit - 1] + "…"

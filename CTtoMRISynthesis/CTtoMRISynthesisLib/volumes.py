@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import CTMRIError
+from .errors import CTMRIError, shortened
 
 
 def read_volume(path: str | Path, what: str = "image") -> sitk.Image:
@@ -49,7 +49,7 @@ def _itk_reason(exc: Exception, limit: int = 160) -> str:
     """ITK's own reason, its last line (a zero spacing, a missing .raw beside a .mhd, an unknown format), shortened."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     reason = lines[-1] if lines else type(exc).__name__
-    return "ITK: " + (reason if len(reason) <= limit else reason[: limit - 1] + "…")
+    return "ITK: " + shortened(reason, limit)
 
 
 def _check_gzip_complete(path: Path, what: str) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from .errors import CTMRIError
+from .errors import CTMRIError, shortened
 
 FORMAT = "ctmri-unet-v2"
 SHIPPED_NAME = "ctmri_unet.safetensors"
@@ -324,7 +324,7 @@ def _first_detail(exc: BaseException, limit: int = 200) -> str:
     """The first informative line of an error (load_state_dict's first line is only a heading)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
     line = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+    return shortened(line, limit)
 
 
 # ------------------------------------------------------------------------------ old format, converted
