@@ -245,7 +245,8 @@ def _bytes_missing(path: Path, header) -> int:
     """How many bytes an uncompressed file lacks of its pixel data alone (a lower bound on the cut: the header's
     bytes come on top), so that `ctmri series` and the series rule see a file cut short in copying as the reader
     does; 0 when it is long enough, compressed, or the tags to tell are missing."""
-    syntax = str(getattr(getattr(header, "file_meta", None), "get", lambda *_: None)("TransferSyntaxUID") or "")
+    meta = getattr(header, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     bits = _int(header.get("BitsAllocated"))
     if syntax not in _UNCOMPRESSED or not bits:
         return 0
