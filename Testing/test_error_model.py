@@ -67,6 +67,51 @@ def test_features_are_in_plane_slab_independent_and_flat_where_the_image_is():
         features(flat, np.zeros((1, 32, 32), np.float32), np.ones(flat.shape, bool))
 
 
+def test_depth_measures_the_distance_to_the_head_edge_per_slice():
+    """``depth``: 1 px on the head's edge voxels, growing inward, per slice (a slice's own edge, not its
+    neighbour's); a head that fills the slice has its edge at the border; ``depth_rel`` is 1 at each slice's
+    deepest voxel; a slice without head gives nothing."""
+    yy, xx = np.mgrid[:41, :41]
+    head = np.zeros((3, 41, 41), bool)
+    head[0] = (yy - 20) ** 2 + (xx - 20) ** 2 <= 15**2  # a disc of radius 15
+    head[1] = True  # the head fills the slice
+    zeros = np.zeros(head.shape, np.float32)
+    depth, rel = features(zeros, zeros, head, ("depth", "depth_rel")).T
+    disc = head[0][head[0]].size
+    d0, r0 = depth[:disc], rel[:disc]
+    inside = np.zeros((41, 41), np.float32)
+    inside[head[0]] = d0
+    # the disc's nearest outside voxel from the centre is (1, 15) px away (16 px straight along an axis)
+    assert inside[20, 5] == 1.0 and inside[20, 20] == pytest.approx(np.hypot(1, 15)) and d0.min() == 1.0
+    assert r0.max() == 1.0 and r0[np.argmax(d0)] == 1.0 and r0.min() == pytest.approx(1 / np.hypot(1, 15))
+    full = np.zeros((41, 41), np.float32)
+    full[head[1]] = depth[disc:]
+    assert full[0, 20] == 1.0 and full[20, 20] == 21.0, "a head that fills the slice ends at the border"
+    assert depth.size == head.sum(), "slice 2 has no head and contributes no rows"
+
+
+def test_ct_features_need_the_ct_on_the_prediction_grid():
+    """The CT features read the CT the network saw; without it (or on another grid) the error is clear, and
+    they are the CT's own intensity, edges and texture."""
+    mean = np.full((2, 32, 32), 100.0, np.float32)
+    head = np.ones(mean.shape, bool)
+    names = ("intensity", "ct", "ct_grad1", "ct_local_sd3")
+    with pytest.raises(CTMRIError, match="need the CT"):
+        features(mean, mean, head, names)
+    with pytest.raises(CTMRIError, match="need the CT"):
+        features(mean, mean, head, names, ct=np.zeros((2, 16, 16), np.float32))
+    ct = np.zeros(mean.shape, np.float32)
+    ct[:, :, 16:] = 200.0  # a vertical edge in the CT only
+    f = dict(zip(names, features(mean, mean, head, names, ct=ct).T))
+    assert np.allclose(f["intensity"], 100.0) and set(np.unique(f["ct"])) == {0.0, 200.0}
+    at_edge = (np.zeros((2, 32, 32), bool))
+    at_edge[:, :, 15:17] = True
+    assert f["ct_grad1"][at_edge[head]].min() > 10 and f["ct_grad1"][~at_edge[head]].min() < f["ct_grad1"].max() / 2
+    assert f["ct_local_sd3"][at_edge[head]].min() > 50 and f["ct_local_sd3"][:, ].min() == 0.0
+    with pytest.raises(CTMRIError, match="unknown error-model feature 'ct_sharpness'"):
+        features(mean, mean, head, ("ct_sharpness",), ct=ct)
+
+
 def test_inference_is_zero_outside_the_head_nonnegative_and_capped():
     model = _tiny_error_model()
     s = _sample(2)
@@ -117,6 +162,34 @@ def test_fit_finds_where_the_error_is_and_only_when_it_is_there():
 
 
 @needs_torch
+def test_fit_uses_the_ct_and_the_depth_when_the_error_lies_there():
+    """Where the error follows the CT (large where the CT is dark, which the prediction does not show) or lies
+    at the head's edge, a fit with those features ranks it on a patient it has not seen; without them it
+    cannot."""
+    from CTtoMRISynthesisLib.error_model import fit
+
+    def sample(seed: int, cause: str) -> Sample:
+        rng = np.random.default_rng(seed)
+        yy, xx = np.mgrid[:64, :64]
+        head = np.broadcast_to((yy - 32) ** 2 + (xx - 32) ** 2 <= 28**2, (4, 64, 64)).copy()
+        mean = np.full(head.shape, 120.0, np.float32)  # a flat prediction: nothing in it says where the error is
+        ct = ndimage.gaussian_filter(rng.random(head.shape), (0, 4, 4)).astype(np.float32) * 255
+        sd = np.where(ct < np.median(ct), 40.0, 3.0) if cause == "ct" else np.where(features(
+            mean, mean, head, ("depth",)).reshape(-1) < 5, 40.0, 3.0)
+        real = mean.copy()
+        real[head] += (rng.normal(0.0, 1.0, int(head.sum())) * (sd[head] if cause == "ct" else sd)).astype(np.float32)
+        return Sample(f"p{seed}", mean, np.ones(head.shape, np.float32), real, head, ct)
+
+    for cause, names in (("ct", ("intensity", "ct", "ct_local_sd3")), ("depth", ("intensity", "depth", "depth_rel"))):
+        train, test = [sample(seed, cause) for seed in (20, 21, 22)], sample(23, cause)
+        err = np.abs(test.real - test.mean)[test.head]
+        rho = spearmanr(test.predict_with(fit(train, names=names, hidden=16, steps=300, batch=1024))[test.head], err).statistic
+        blind = test.predict_with(fit(train, names=("intensity", "spread"), hidden=16, steps=300, batch=1024))[test.head]
+        assert rho > 0.4, f"{cause}: Spearman {rho:.3f}"
+        assert np.ptp(blind) < 1e-3 or abs(spearmanr(blind, err).statistic) < 0.1, cause
+
+
+@needs_torch
 def test_loaded_model_carries_its_error_model_into_synthesis(tmp_path):
     """load_model keeps the U-Net's tensors strict and builds the error model beside it; the pipeline then
     writes the error map as the uncertainty (its own timed stage), with the same synthetic MRI, and the
@@ -156,6 +229,41 @@ def test_loaded_model_carries_its_error_model_into_synthesis(tmp_path):
                                                  PREFIX + "feature_mean": np.zeros(10, np.float32)}, read_config(plain))
     with pytest.raises(CTMRIError, match="error-model tensors but no"):
         load_model(tmp_path / "orphan.safetensors")
+
+
+@needs_torch
+def test_synthesis_and_the_report_give_the_error_model_the_ct_the_network_saw(tmp_path):
+    """An error model with CT and depth features: the pipeline and the report's case prediction hand it the
+    CT on the model grid (the one the network saw), so its map is the one computed from that CT."""
+    from types import SimpleNamespace
+
+    import SimpleITK as sitk
+
+    from CTtoMRISynthesisLib.pipeline import synthesize
+    from CTtoMRISynthesisLib.synthesis import predict_volume, preprocessing_options
+    from CTtoMRISynthesisLib.training.report import predict_case
+    from CTtoMRISynthesisLib.weights import load_model
+
+    plain = phantoms.train_tiny_model(tmp_path / "tiny.safetensors", steps=5)
+    names = FEATURES + ("depth", "depth_rel", "ct", "ct_grad1", "ct_local_sd3")
+    weight = np.zeros((len(names), 1), np.float32)
+    weight[names.index("ct"), 0] = weight[names.index("depth"), 0] = 0.01  # error = 0.3 × (CT + depth): never all 0
+    model = ErrorModel([(weight, np.zeros(1, np.float32))], np.zeros(len(names), np.float32),
+                       np.ones(len(names), np.float32), 30.0, names)
+    attach(plain, tmp_path / "with.safetensors", model)
+    loaded, bare = load_model(tmp_path / "with.safetensors"), load_model(plain)
+    size = int(bare.config["preprocessing"]["size"])
+    ct = np.round(ndimage.gaussian_filter(np.random.default_rng(1).random((3, size, size)), (0, 3, 3)) * 200 + 20)
+    ct = ct.astype(np.float32)
+    ct[:, size // 4:-size // 4, size // 4:-size // 4] = 255.0
+    ct[:, :4] = 0.0  # 0 and 255 present: the pipeline's per-volume min-max leaves this CT as it is
+    without = predict_volume(bare.net, ct, **preprocessing_options(bare.config["preprocessing"]))
+    expected = model.predict(without.mean, without.spread, without.head, ct)
+    assert expected.max() > 10 and np.allclose(predict_case(loaded, SimpleNamespace(ct=ct)).spread, expected)
+
+    image = sitk.GetImageFromArray(ct.astype(np.uint8))  # already on the model grid: resampling keeps it
+    got = sitk.GetArrayFromImage(synthesize(image, None, model=loaded, device="cpu").uncertainty)
+    assert np.allclose(got, expected, atol=1e-3)
 
 
 @needs_torch

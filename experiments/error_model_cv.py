@@ -44,12 +44,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "CTtoMRISynthesis"))
 
+from CTtoMRISynthesisLib.error_model import FEATURES  # noqa: E402  (numpy only; the sets below extend it)
+
 SETS = {
     "shipped": None,  # error_model.FEATURES
     "no intensity": ("spread", "spread_blur1", "spread_blur2", "spread_blur4", "grad1", "grad2", "grad4",
                      "local_sd3", "local_sd7"),
     "intensity only": ("intensity",),
     "spread only": ("spread", "spread_blur1", "spread_blur2", "spread_blur4"),
+    # round 15 (rule: report/evaluation/round15_error_features_rule_written_first.md)
+    "shipped + depth": FEATURES + ("depth", "depth_rel"),
+    "shipped + ct": FEATURES + ("ct", "ct_grad1", "ct_local_sd3"),
+    "shipped + depth + ct": FEATURES + ("depth", "depth_rel", "ct", "ct_grad1", "ct_local_sd3"),
 }
 
 
@@ -68,7 +74,8 @@ def half(sample, start: int):
     from CTtoMRISynthesisLib.error_model import Sample
 
     cut = slice(start, None, 2)
-    return Sample(sample.case_id, sample.mean[cut], sample.spread[cut], sample.real[cut], sample.head[cut])
+    return Sample(sample.case_id, sample.mean[cut], sample.spread[cut], sample.real[cut], sample.head[cut],
+                  None if sample.ct is None else sample.ct[cut])
 
 
 def half_split_rows(samples: list, nested_maps, args) -> dict:
@@ -84,8 +91,8 @@ def half_split_rows(samples: list, nested_maps, args) -> dict:
     for s in samples:
         even, odd = half(s, 0), half(s, 1)
         others = [o for o in samples if o is not s and o.case_id not in args.exclude_from_training]
-        own.append(rho(odd, fit([even, even], steps=args.steps, seed=args.seed).predict(odd.mean, odd.spread, odd.head)))
-        with_others.append(rho(odd, fit(others + [even], steps=args.steps, seed=args.seed).predict(odd.mean, odd.spread, odd.head)))
+        own.append(rho(odd, odd.predict_with(fit([even, even], steps=args.steps, seed=args.seed))))
+        with_others.append(rho(odd, odd.predict_with(fit(others + [even], steps=args.steps, seed=args.seed))))
         print(f"half split {s.case_id}: done", file=sys.stderr, flush=True)
     rows["ceiling: fit on the patient's even slices, scored on its odd slices"] = own
     rows["ceiling: fit on the other patients and the patient's even slices, scored on its odd slices"] = with_others
@@ -102,7 +109,7 @@ def print_transfer_matrix(samples: list, args) -> None:
     for i, a in enumerate(samples):
         model = fit([a, a], steps=args.steps, seed=args.seed)  # fit() wants two samples; one patient twice weighs as once
         for j, b in enumerate(samples):
-            matrix[i, j] = uncertainty_quality(b.real, b.mean, model.predict(b.mean, b.spread, b.head), b.head)["unc_spearman"]
+            matrix[i, j] = uncertainty_quality(b.real, b.mean, b.predict_with(model), b.head)["unc_spearman"]
         print(f"transfer matrix: row {a.case_id} done", file=sys.stderr, flush=True)
     print("Fit on one patient's errors alone (row), scored on each patient (column); the diagonal is in-sample.")
     print("| fit on \\ scored on | " + " | ".join(ids) + " |")
@@ -132,7 +139,7 @@ def main() -> int:
 
     from scipy.stats import spearmanr
 
-    from CTtoMRISynthesisLib.error_model import FEATURES, cross_validated_maps, cv_samples, fit
+    from CTtoMRISynthesisLib.error_model import cross_validated_maps, cv_samples, fit
     from CTtoMRISynthesisLib.intensity import CTWindow
     from CTtoMRISynthesisLib.training.discovery import discover
     from CTtoMRISynthesisLib.training.report import uncertainty_quality
@@ -154,7 +161,7 @@ def main() -> int:
     if not args.no_ceiling:
         # fit() wants two patients' rows; the same patient twice weighs its voxels as once
         table["ceiling: error model fit on the patient's own errors"] = [
-            uncertainty_quality(s.real, s.mean, fit([s, s], steps=args.steps, seed=args.seed).predict(s.mean, s.spread, s.head),
+            uncertainty_quality(s.real, s.mean, s.predict_with(fit([s, s], steps=args.steps, seed=args.seed)),
                                 s.head)["unc_spearman"] for s in samples]
     rng = np.random.default_rng(0)
     for sigma in () if args.no_ceiling else (1, 2, 4, 8):

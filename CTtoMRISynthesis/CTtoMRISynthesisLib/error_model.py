@@ -13,7 +13,13 @@ from the synthetic MRI ``mean`` and the ensemble's ``spread`` (members' SD), bot
 - ``spread`` and ``spread_blur{s}`` (Gaussian σ = s px): model disagreement here and around,
 - ``grad{s}``: the magnitude of the Gaussian-derivative gradient of ``mean`` (edges at scale s),
 - ``local_sd{s}``: the SD of ``mean`` in an s × s window (texture),
-- ``intensity``: ``mean`` itself (e.g. CSF-bright predictions are where CT says least about T2).
+- ``intensity``: ``mean`` itself (e.g. CSF-bright predictions are where CT says least about T2),
+- ``depth`` / ``depth_rel``: the distance (px) to the nearest voxel outside the head, and that over the slice's
+  largest (where in the head: scalp and skull, whose T2 the CT hardly shows, lie at its edge),
+- ``ct``, ``ct_grad{s}``, ``ct_local_sd{s}``: the CT as the network saw it (0..255) and its edges and texture
+  (needs the CT: ``predict(..., ct=...)``).
+
+Which of them a model uses is recorded in its config (``features``); the shipped one's are ``FEATURES``.
 
 A multilayer perceptron (two hidden ReLU layers) maps the standardised features to the error over the
 patient's mean error (so every patient weighs the same), trained with an L1 loss (the conditional median);
@@ -46,40 +52,69 @@ SLAB = 16  # slices per feature block: bounds the memory of the feature stack (1
 MAX_ERROR = 127.5  # the same cap as synthesis.MAX_SPREAD: an error map on 0..255 beyond half the range says nothing more
 
 
-def _feature(name: str, mean: np.ndarray, spread: np.ndarray) -> np.ndarray:
-    """One named feature of a (z, H, W) slab, filtered in-plane only (σ 0 along z)."""
+def needs_ct(names) -> bool:
+    """Whether any of the named features is computed from the CT."""
+    return any(n == "ct" or n.startswith("ct_") for n in names)
+
+
+def _depth(head: np.ndarray, relative: bool) -> np.ndarray:
+    """Per slice, each voxel's distance (px) to the nearest voxel outside ``head``; over the slice's largest."""
     from scipy import ndimage
 
-    if name == "spread":
-        return spread
-    if name == "intensity":
-        return mean
-    for prefix in ("spread_blur", "grad", "local_sd"):
-        if name.startswith(prefix) and name[len(prefix):].isdigit():
-            s = int(name[len(prefix):])
-            break
-    else:
-        raise CTMRIError(f"unknown error-model feature {name!r}; this model file needs a newer CTtoMRISynthesis")
-    if prefix == "spread_blur":
-        return ndimage.gaussian_filter(spread, (0, s, s))
+    out = np.zeros(head.shape, dtype=np.float32)
+    for k, mask in enumerate(head.astype(bool)):
+        if mask.any():
+            # padded so that a head touching the slice's border has its edge there, not beyond it
+            out[k] = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+            if relative:
+                out[k] /= out[k].max()
+    return out
+
+
+def _filtered(prefix: str, s: int, image: np.ndarray) -> np.ndarray:
+    """``image`` blurred (``blur``), its gradient magnitude (``grad``) or its s × s local SD (``local_sd``)."""
+    from scipy import ndimage
+
+    if prefix == "blur":
+        return ndimage.gaussian_filter(image, (0, s, s))
     if prefix == "grad":
         # per axis: gaussian_gradient_magnitude with σ 0 along z would add the unfiltered image as a z "derivative"
-        return np.hypot(ndimage.gaussian_filter(mean, (0, s, s), order=(0, 1, 0)),
-                        ndimage.gaussian_filter(mean, (0, s, s), order=(0, 0, 1)))
-    local_mean = ndimage.uniform_filter(mean, (1, s, s))
-    return np.sqrt(np.maximum(ndimage.uniform_filter(mean * mean, (1, s, s)) - local_mean**2, 0.0))
+        return np.hypot(ndimage.gaussian_filter(image, (0, s, s), order=(0, 1, 0)),
+                        ndimage.gaussian_filter(image, (0, s, s), order=(0, 0, 1)))
+    local_mean = ndimage.uniform_filter(image, (1, s, s))
+    return np.sqrt(np.maximum(ndimage.uniform_filter(image * image, (1, s, s)) - local_mean**2, 0.0))
 
 
-def features(mean: np.ndarray, spread: np.ndarray, head: np.ndarray, names=FEATURES) -> np.ndarray:
+def _feature(name: str, mean: np.ndarray, spread: np.ndarray, head: np.ndarray, ct: Optional[np.ndarray]) -> np.ndarray:
+    """One named feature of a (z, H, W) slab, filtered in-plane only (σ 0 along z)."""
+    plain = {"spread": lambda: spread, "intensity": lambda: mean, "ct": lambda: ct,
+             "depth": lambda: _depth(head, relative=False), "depth_rel": lambda: _depth(head, relative=True)}
+    if name in plain:
+        return plain[name]()
+    # (feature prefix, image it filters, filter): the longest prefixes first, so "ct_grad" is not read as "grad"
+    for prefix, image, kind in (("spread_blur", spread, "blur"), ("ct_grad", ct, "grad"), ("ct_local_sd", ct, "local_sd"),
+                                ("grad", mean, "grad"), ("local_sd", mean, "local_sd")):
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return _filtered(kind, int(name[len(prefix):]), image)
+    raise CTMRIError(f"unknown error-model feature {name!r}; this model file needs a newer CTtoMRISynthesis")
+
+
+def features(mean: np.ndarray, spread: np.ndarray, head: np.ndarray, names=FEATURES,
+             ct: Optional[np.ndarray] = None) -> np.ndarray:
     """(number of head voxels, len(names)) float32: the features of the head voxels of a (z, H, W) volume,
-    in the order of ``head``'s voxels."""
+    in the order of ``head``'s voxels. ``ct`` (the CT on the same grid, 0..255) only for the CT features."""
     if not (mean.shape == spread.shape == head.shape) or mean.ndim != 3:
         raise CTMRIError(f"error model: mean {mean.shape}, spread {spread.shape} and head {head.shape} must be one (z, H, W) shape")
+    if needs_ct(names) and (ct is None or ct.shape != mean.shape):
+        raise CTMRIError(f"error model: features {[n for n in names if needs_ct([n])]} need the CT on the prediction's "
+                         f"grid {mean.shape}, got {None if ct is None else ct.shape}")
     blocks = []
     for start in range(0, mean.shape[0], SLAB):
         part = slice(start, start + SLAB)
         m, s, h = (np.asarray(a[part], dtype=np.float32) for a in (mean, spread, head))
-        blocks.append(np.stack([_feature(n, m, s)[h.astype(bool)] for n in names], axis=1))
+        c = np.asarray(ct[part], dtype=np.float32) if needs_ct(names) else None
+        h = h.astype(bool)
+        blocks.append(np.stack([_feature(n, m, s, h, c)[h] for n in names], axis=1))
     return np.concatenate(blocks).astype(np.float32, copy=False) if blocks else np.zeros((0, len(names)), np.float32)
 
 
@@ -103,15 +138,17 @@ class ErrorModel:
                 np.maximum(h, 0.0, out=h)
         return np.clip(h[:, 0] * self.scale, 0.0, MAX_ERROR).astype(np.float32)
 
-    def predict(self, mean: np.ndarray, spread: np.ndarray, head: np.ndarray) -> np.ndarray:
-        """The (z, H, W) map of predicted error: 0 outside ``head``; slab by slab to keep memory small."""
+    def predict(self, mean: np.ndarray, spread: np.ndarray, head: np.ndarray, ct: Optional[np.ndarray] = None) -> np.ndarray:
+        """The (z, H, W) map of predicted error: 0 outside ``head``; slab by slab to keep memory small.
+        ``ct``: the CT on the same grid (0..255), needed only by a model with CT features."""
         out = np.zeros(mean.shape, dtype=np.float32)
         for start in range(0, mean.shape[0], SLAB):
             part = slice(start, start + SLAB)
             h = np.asarray(head[part], dtype=bool)
             if h.any():
                 block = out[part]
-                block[h] = self.expected_error(features(mean[part], spread[part], h, self.names))
+                block[h] = self.expected_error(features(mean[part], spread[part], h, self.names,
+                                                        None if ct is None else ct[part]))
         return out
 
     def tensors(self) -> dict:
@@ -125,10 +162,11 @@ class ErrorModel:
         return {"features": list(self.names), "scale": self.scale, "layers": len(self.layers), **self.info}
 
 
-def apply(model: Optional[ErrorModel], prediction):
-    """A :class:`synthesis.Prediction` with its spread replaced by ``model``'s error map (unchanged without one)."""
+def apply(model: Optional[ErrorModel], prediction, ct: Optional[np.ndarray] = None):
+    """A :class:`synthesis.Prediction` with its spread replaced by ``model``'s error map (unchanged without one);
+    ``ct`` is the CT the prediction was made from, on its grid (0..255)."""
     if model is not None:
-        prediction.spread = model.predict(prediction.mean, prediction.spread, prediction.head)
+        prediction.spread = model.predict(prediction.mean, prediction.spread, prediction.head, ct)
     return prediction
 
 
@@ -168,11 +206,16 @@ class Sample:
     spread: np.ndarray
     real: np.ndarray
     head: np.ndarray
+    ct: Optional[np.ndarray] = None  # the CT the network saw (0..255), for the CT features
+
+    def predict_with(self, model: "ErrorModel") -> np.ndarray:
+        """``model``'s error map of this sample."""
+        return model.predict(self.mean, self.spread, self.head, self.ct)
 
 
 def _rows(sample: Sample, names) -> tuple:
     """(features, error over the patient's mean error) of a sample's head voxels, and that mean error."""
-    x = features(sample.mean, sample.spread, sample.head, names)
+    x = features(sample.mean, sample.spread, sample.head, names, sample.ct)
     err = np.abs(sample.real.astype(np.float32) - sample.mean.astype(np.float32))[sample.head]
     scale = float(err.mean())
     return x, err / max(scale, 1e-6), scale
@@ -211,8 +254,8 @@ def fit(samples: list, names=FEATURES, hidden: int = 32, steps: int = 3000, batc
 def cross_validated_maps(samples: list, exclude=(), **options) -> dict:
     """{case_id: predicted error map} where each patient's map comes from a model fit on the other patients only
     (never on those in ``exclude``, which still get a map)."""
-    return {s.case_id: fit([o for o in samples if o is not s and o.case_id not in exclude], **options)
-            .predict(s.mean, s.spread, s.head) for s in samples}
+    return {s.case_id: s.predict_with(fit([o for o in samples if o is not s and o.case_id not in exclude], **options))
+            for s in samples}
 
 
 def cv_samples(run_dirs: list, cases) -> list:
@@ -229,7 +272,7 @@ def cv_samples(run_dirs: list, cases) -> list:
                              "every run must hold every patient out once (`ctmri train --cv loo`)")
         stack = np.stack(syns)
         samples.append(Sample(case.case_id, stack.mean(0), stack.std(0) if len(syns) > 1 else np.zeros_like(stack[0]),
-                              case.mri, head_mask(case.ct)))
+                              case.mri, head_mask(case.ct), case.ct))
     return samples
 
 
@@ -253,6 +296,9 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--out", required=True, help="the model file to write (.safetensors, with its .sha256)")
     parser.add_argument("--steps", type=int, default=3000, help="optimiser steps per fit (default 3000)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--features", nargs="+", default=list(FEATURES), metavar="NAME",
+                        help=f"the error model's inputs (default: {' '.join(FEATURES)}; also depth, depth_rel, ct, "
+                             "ct_grad1, ct_local_sd3, …: see the module's docstring)")
     parser.add_argument("--exclude-from-training", nargs="+", default=[], metavar="ID",
                         help="patients whose errors are never fit (e.g. an MRI of another sequence than the target, "
                              "where the errors say nothing about this model's); their maps are still scored")
@@ -271,7 +317,9 @@ def main(argv: Optional[list] = None) -> int:
         if unknown:
             raise CTMRIError(f"--exclude-from-training: unknown patient id(s) {unknown}; the data has "
                              f"{[s.case_id for s in samples]}")
-        maps = cross_validated_maps(samples, exclude=excluded, steps=args.steps, seed=args.seed)
+        names = tuple(args.features)
+        features(samples[0].mean[:1], samples[0].spread[:1], samples[0].head[:1], names, samples[0].ct[:1])  # a bad name, now
+        maps = cross_validated_maps(samples, exclude=excluded, names=names, steps=args.steps, seed=args.seed)
         rho = {}
         for s in samples:
             rho[s.case_id] = uncertainty_quality(s.real, s.mean, maps[s.case_id], s.head)["unc_spearman"]
@@ -279,7 +327,7 @@ def main(argv: Optional[list] = None) -> int:
             print(f"patient {s.case_id}: Spearman(error model, |error|) {rho[s.case_id]:.3f}; members' SD {members:.3f}")
         values = list(rho.values())
         print(f"mean {np.mean(values):.3f}, lowest {min(values):.3f} (leave-one-patient-out)")
-        model = fit([s for s in samples if s.case_id not in excluded], steps=args.steps, seed=args.seed)
+        model = fit([s for s in samples if s.case_id not in excluded], names=names, steps=args.steps, seed=args.seed)
         if excluded:
             model.info["excluded_from_training"] = list(excluded)
         model.info["cv_spearman"] = rho

@@ -141,7 +141,7 @@ def predict_case(loaded, case, device: str = "cpu", info: Optional[dict] = None)
 
     prediction = predict_volume(loaded.net, case.ct, **preprocessing_options(loaded.config["preprocessing"]), device=device,
                                 info=info)
-    return apply(getattr(loaded, "error_model", None), prediction)
+    return apply(getattr(loaded, "error_model", None), prediction, case.ct)
 
 
 def uncertainty_quality(ref: np.ndarray, syn: np.ndarray, spread: np.ndarray, head: np.ndarray) -> dict:
