@@ -120,6 +120,20 @@ def test_constant_and_nan_inputs_are_refused(case41, model) -> None:
         synthesize(nan, None, model=model)
 
 
+def test_an_mri_too_small_to_score_is_refused_before_any_work(case41, model) -> None:
+    """An 8 × 8 MRI (a thumbnail, a localiser) cannot be scored (the SSIM window is 11 × 11): refused at the
+    start, in the user's terms, not after registration and synthesis with the metrics' array wording."""
+    ct, mri = case41
+    thumbnail = sitk.Shrink(mri, (32, 32, 1))
+    assert thumbnail.GetSize()[:2] == (8, 8)
+    stages = []
+    with pytest.raises(CTMRIError, match=r"slices are 8 × 8 voxels, too small .* synthesize without an MRI"):
+        synthesize(ct, thumbnail, model=model, registration="none", progress=lambda f, m: stages.append(m))
+    assert stages == [], "refused before the first stage"
+    scorable = sitk.Shrink(mri, (23, 23, 1))  # 11 × 11: the smallest slice the SSIM takes
+    assert synthesize(ct, scorable, model=model, registration="none").metrics["ssim"] is not None
+
+
 def check_hounsfield_path(ct: sitk.Image, model) -> None:
     result = synthesize(ct, None, model=model)
     assert result.normalisation["ct_path"] == "hu+1024"

@@ -545,6 +545,15 @@ def _(d: Data, tmp: Path) -> Case:
     return Case(ct=d.ct, mri=image(array), error="the MRI image contains NaN or infinite values")
 
 
+@row("content/mri-thumbnail")
+def _(d: Data, tmp: Path) -> Case:
+    """An MRI of 8 × 8-voxel slices (a thumbnail, a localiser): too small to score, refused before any work."""
+    factor = -(-max(d.mr8.shape[1:]) // 8)
+    thumbnail = sitk.Shrink(d.mri, (factor, factor, 1))
+    assert max(thumbnail.GetSize()[:2]) <= 8
+    return Case(ct=d.ct, mri=thumbnail, error="too small to compare a synthetic MRI with")
+
+
 def _matches_reference(reference: pipeline.SynthesisResult, metrics: bool = False):
     def check(outcome: Outcome) -> None:
         same_image(outcome.synthetic, reference.synthetic_mri)

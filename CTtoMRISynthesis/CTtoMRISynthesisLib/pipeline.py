@@ -212,6 +212,20 @@ def check_image(image: sitk.Image, what: str) -> sitk.Image:
     return image
 
 
+def _check_scorable(mri: sitk.Image) -> sitk.Image:
+    """The MRI, if its slices are large enough to be scored against (the SSIM window must fit), checked before
+    any work rather than after it; the output is on the MRI's grid, so its slices are the MRI's own."""
+    from .metrics import MIN_INPLANE
+
+    width, height = mri.GetSize()[:2]
+    if min(width, height) < MIN_INPLANE:
+        raise CTMRIError(
+            f"the MRI's slices are {width} × {height} voxels, too small to compare a synthetic MRI with (the SSIM "
+            f"needs at least {MIN_INPLANE} × {MIN_INPLANE}): give the patient's MRI volume, not a thumbnail or a "
+            "localiser, or synthesize without an MRI")
+    return mri
+
+
 def synthesize(
     ct: sitk.Image,
     mri: Optional[sitk.Image] = None,
@@ -242,7 +256,7 @@ def synthesize(
     t_start = time.perf_counter()
     stages = _Stages(progress, cancel)
     ct = check_image(ct, "CT")
-    mri = check_image(mri, "MRI") if mri is not None else None
+    mri = _check_scorable(check_image(mri, "MRI")) if mri is not None else None
     device = choose_device(device)
     if model is None:
         model = stages.run("load model", 0.0, 0.02, load_model, weights, device)
