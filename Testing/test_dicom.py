@@ -555,6 +555,13 @@ def test_registered_ct_is_labelled_hu_only_when_it_is(tmp_path: Path, ct_path, i
     assert (float(datasets[0].RescaleIntercept), datasets[0].RescaleType) == (intercept, rescale_type)
     nrrd = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "ct_registered.nrrd")))
     assert np.abs(sitk.GetArrayFromImage(written) - (nrrd + intercept)).max() <= 0.0625 + 1e-4  # slope 1/8
+    # a viewer opens a Hounsfield CT in a brain window (level 40, width 400 HU), not stretched over its range;
+    # an 8-bit CT over its own values
+    window = (float(datasets[0].WindowCenter), float(datasets[0].WindowWidth))
+    values = sitk.GetArrayFromImage(written)
+    # (the 8-bit window is the volume's range before quantisation: within the slope, 1/8, of the stored values')
+    expected = (40.0, 400.0) if rescale_type == "HU" else ((values.min() + values.max()) / 2, np.ptp(values))
+    assert window == pytest.approx(expected, abs=0.0625 + 1e-4)
 
 
 def test_without_a_dicom_ct_the_series_go_into_a_new_study(tmp_path: Path) -> None:
