@@ -697,7 +697,8 @@ def test_batch_takes_each_cases_series_from_the_manifest(study: Path, tmp_path: 
     from CTtoMRISynthesisLib import cli
 
     manifest = tmp_path / "cases.csv"
-    manifest.write_text(f"id,ct,mri,ct_series\nrule,{study},,\nthick,{study},,2\nnone,{study},,42\n")
+    manifest.write_text(f"id,ct,mri,ct_series\nrule,{study},,\nthick,{study},,2\nnone,{study},,42\n"
+                        f"ct-as-mri,{study},{study},\n")
     out = tmp_path / "cohort"
     assert cli.main(["batch", "--manifest", str(manifest), "--out-dir", str(out), "--quiet"]) == 1
     capsys.readouterr()
@@ -709,6 +710,10 @@ def test_batch_takes_each_cases_series_from_the_manifest(study: Path, tmp_path: 
         failed = {row["id"]: row for row in csv.DictReader(handle)}["none"]
     assert failed["status"] == "error" and "series 42 is not in" in failed["message"]
     assert "the manifest's ct_series column" in failed["message"] and "--ct-series" not in failed["message"]
+    with open(out / "summary.csv", newline="") as handle:  # the rule finds no MR series: advice in the same terms
+        failed = {row["id"]: row for row in csv.DictReader(handle)}["ct-as-mri"]["message"]
+    assert "choose one with the manifest's mri_series column (a series number or UID)" in failed, failed
+    assert "--mri-series" not in failed
     manifest.write_text(f"id,ct,mri_series\nx,{study},5\n")
     assert cli.main(["batch", "--manifest", str(manifest), "--out-dir", str(out), "--quiet"]) == 2
     assert "has an mri_series but no mri path" in capsys.readouterr().err

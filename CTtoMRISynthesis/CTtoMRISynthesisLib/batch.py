@@ -57,6 +57,8 @@ METRIC_COLUMNS = ("mae", "ssim", "psnr", "ssim_foreground", "mae_whole", "uncert
 ALWAYS_COLUMNS = ("id", "status", "message", "seconds")
 #: CaseOptions fields that change how a case is run, not what it produces: not part of ``made_from``.
 RUN_ONLY_OPTIONS = ("weights", "device", "batch_size")  # (weights: its sha256 is recorded instead)
+#: what the user sets to choose a case's DICOM series, as a case's messages name it (synthesize: --ct-series …)
+SERIES_CHOSEN_WITH = {"CT": "the manifest's ct_series column", "MRI": "the manifest's mri_series column"}
 EXIT_OK, EXIT_CASES_FAILED = 0, 1
 
 _ID_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,126}[A-Za-z0-9_-])?\Z")
@@ -306,14 +308,6 @@ def _one_line(text: str, limit: int = 400) -> str:
     return shortened(line, limit)
 
 
-def _in_manifest_terms(message: str) -> str:
-    """A case's error as the batch's user acts on it: the series options of ``synthesize`` are the manifest's
-    ``ct_series`` / ``mri_series`` columns here (the DICOM reader names the options)."""
-    for option, column in (("--ct-series", "ct_series"), ("--mri-series", "mri_series")):
-        message = message.replace(option, f"the manifest's {column} column")
-    return message
-
-
 def process_case(case: Case, out_dir: Path, options: "CaseOptions", expected: dict, *, model=None,
                  cancel: Optional[Callable[[], bool]] = None, runner: Optional[dict] = None) -> dict:
     """Run one case into ``out_dir/<id>``, write and return its record; a failure is recorded, not raised.
@@ -330,11 +324,12 @@ def process_case(case: Case, out_dir: Path, options: "CaseOptions", expected: di
     notes: list = []  # e.g. which DICOM series was taken and why
     try:
         result, paths = run_case(case.ct, case.mri, out_dir / case.id, case.options(options), model=model,
-                                 cancel=cancel, provenance={"made_from": expected}, notify=notes.append)
+                                 cancel=cancel, provenance={"made_from": expected}, notify=notes.append,
+                                 series_chosen_with=SERIES_CHOSEN_WITH)
     except CancelledError:
         raise
     except CTMRIError as exc:
-        record.update(status="error", message=_one_line(_in_manifest_terms(str(exc))))
+        record.update(status="error", message=_one_line(str(exc)))
     except Exception as exc:  # noqa: BLE001 - one case's bug must not stop a cohort; the traceback is kept
         record.update(status="error", message=_one_line(f"unexpected {type(exc).__name__}: {exc} "
                                                         "(a bug? traceback in the case's record)"),

@@ -42,6 +42,7 @@ def run_case(
     cancel: Optional[Callable[[], bool]] = None,
     provenance: Optional[dict] = None,
     notify: Optional[Callable[[str], None]] = None,
+    series_chosen_with: Optional[dict] = None,
 ) -> tuple[SynthesisResult, dict]:
     """Synthesise one case into ``out_dir``; return the result and {kind: written path}.
 
@@ -52,7 +53,8 @@ def run_case(
     :mod:`dicom`'s series choice, a folder of 2D pictures as one stack (:mod:`pictures`); ``notify(line)`` is
     told which series or pictures were taken and why (also recorded as ``ct_series`` / ``mri_series`` or
     ``ct_pictures`` / ``mri_pictures`` in ``metrics.json``). ``options.dicom`` / ``options.pictures`` add
-    ``dicom/`` / ``pictures/`` to the outputs.
+    ``dicom/`` / ``pictures/`` to the outputs. ``series_chosen_with`` ({"CT": …, "MRI": …}) names, in the
+    messages, what the caller's user sets to choose a series (default: ``--ct-series`` / ``--mri-series``).
     """
     from .pipeline import OUTPUT_FOLDERS, check_inputs_kept, check_out_dir, save_outputs, synthesize
 
@@ -61,7 +63,7 @@ def run_case(
     check_inputs_kept(out_dir, [ct_path, mri_path])
     if options.mri_series and not mri_path:
         raise CTMRIError("--mri-series chooses a series of the MRI folder; give --mri too, or leave it out")
-    (ct, ct_source), (mri, mri_source) = _read_inputs(ct_path, mri_path, options, notify)
+    (ct, ct_source), (mri, mri_source) = _read_inputs(ct_path, mri_path, options, notify, series_chosen_with or {})
     result = synthesize(
         ct, mri, weights=options.weights, model=model, device=options.device,
         registration=options.registration, allow_disjoint=options.allow_disjoint,
@@ -75,16 +77,17 @@ def run_case(
     return result, paths
 
 
-def _read_inputs(ct_path, mri_path, options: CaseOptions, notify: Optional[Callable[[str], None]]) -> tuple:
+def _read_inputs(ct_path, mri_path, options: CaseOptions, notify: Optional[Callable[[str], None]],
+                 chosen_with: dict) -> tuple:
     """((CT image, its source), (MRI image or None, its source)): files, DICOM folders (a series chosen, said
     through ``notify``) or folders of pictures; two sources that cannot be registered are refused."""
     from .dicom import read_input
     from .pictures import check_registration
 
-    ct, ct_source = read_input(ct_path, "CT", options.ct_series, options.picture_spacing)
+    ct, ct_source = read_input(ct_path, "CT", options.ct_series, options.picture_spacing, chosen_with.get("CT"))
     if ct_source is not None and notify is not None:
         notify(ct_source.message("CT"))
-    mri, mri_source = (read_input(mri_path, "MRI", options.mri_series, options.picture_spacing)
+    mri, mri_source = (read_input(mri_path, "MRI", options.mri_series, options.picture_spacing, chosen_with.get("MRI"))
                        if mri_path else (None, None))
     if mri_source is not None and notify is not None:
         notify(mri_source.message("MRI"))

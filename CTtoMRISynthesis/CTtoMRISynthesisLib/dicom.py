@@ -44,10 +44,18 @@ MODALITY_OF = {"CT": "CT", "MRI": "MR", "reference MRI": "MR", "prediction": "MR
 FLAG_OF = {"CT": "--ct-series", "MRI": "--mri-series", "reference MRI": "--ref-series", "prediction": "--pred-series"}
 
 
-def _choose_with(what: str) -> str:
+def _option(what: str, option: Optional[str] = None) -> Optional[str]:
+    """What chooses this input's series, in the caller's terms: ``option`` when the caller names it (``batch``:
+    the manifest's column), else the command-line option (``FLAG_OF``); None when there is none."""
+    return option or FLAG_OF.get(what)
+
+
+def _choose_with(what: str, option: Optional[str] = None) -> str:
     """How the user chooses a series for this input: its option, or a folder holding only that series."""
-    flag = FLAG_OF.get(what)
-    return f"{flag} NUMBER or UID" if flag else "a folder holding only that series"
+    flag = _option(what, option)
+    if not flag:
+        return "a folder holding only that series"
+    return f"{flag} NUMBER or UID" if flag.startswith("--") else f"{flag} (a series number or UID)"
 
 
 # ----------------------------------------------------------------------------------------- listing
@@ -493,9 +501,11 @@ class Choice:
 
 
 def choose_series(
-    series: List[Series], what: str, requested: Optional[str] = None, folder: str | Path = "."
+    series: List[Series], what: str, requested: Optional[str] = None, folder: str | Path = ".",
+    option: Optional[str] = None,
 ) -> Choice:
     """The series to read for ``what`` ('CT' or 'MRI'): ``requested`` (number or UID) or by the rule.
+    ``option`` names, in the messages, what the user sets to choose one (default: ``FLAG_OF[what]``).
 
     The rule: modality CT (MR for the MRI), ImageType ORIGINAL\\PRIMARY, axial, uniformly spaced and
     readable; among those the thinnest slices, ties → more slices. Localizers and reformats never.
@@ -503,11 +513,11 @@ def choose_series(
     """
     folder = Path(folder)
     if requested is not None and str(requested).strip():
-        return _requested(series, what, str(requested).strip(), folder)
+        return _requested(series, what, str(requested).strip(), folder, option)
     if len(series) == 1:
         only = series[0]
-        _check_readable(only, what, folder)
-        _check_not_the_other_modality(only, what, folder)
+        _check_readable(only, what, folder, option)
+        _check_not_the_other_modality(only, what, folder, option)
         return Choice(only, "the only series in the folder", folder)
     modality = MODALITY_OF.get(what, what)
     rejected = {s.uid: _rejection(s, modality) for s in series}
@@ -516,13 +526,13 @@ def choose_series(
         raise CTMRIError(
             f"{what} folder {folder} holds {len(series)} DICOM series and none is an original axial {modality} "
             f"series with uniform spacing ({_listing(series, rejected)}); choose one with "
-            f"{_choose_with(what)} (see `ctmri series {folder}`)"
+            f"{_choose_with(what, option)} (see `ctmri series {folder}`)"
         )
     studies = {s.study_uid for s in candidates}
     if len(studies) > 1:
         raise CTMRIError(
             f"{what} folder {folder} holds {modality} series of {len(studies)} different studies; give one "
-            f"study's folder, or choose a series with {_choose_with(what)} "
+            f"study's folder, or choose a series with {_choose_with(what, option)} "
             f"(see `ctmri series {folder}`)"
         )
     candidates.sort(key=lambda s: (round(s.effective_thickness or 1e9, 3), -s.slices, s.number or 0))
@@ -562,11 +572,11 @@ def _listing(series: List[Series], why: Dict[str, Optional[str]]) -> str:
     return ", ".join(f"{s.number if s.number is not None else s.uid} ({why.get(s.uid) or s.short()})" for s in series)
 
 
-def _requested(series: List[Series], what: str, requested: str, folder: Path) -> Choice:
+def _requested(series: List[Series], what: str, requested: str, folder: Path, option: Optional[str]) -> Choice:
     matches = [s for s in series if s.uid == requested]
     if not matches and requested.lstrip("+-").isdigit():
         matches = [s for s in series if s.number == int(requested)]
-    flag = FLAG_OF.get(what, "--ct-series")
+    flag = _option(what, option) or "--ct-series"
     if not matches:
         there = ", ".join(
             f"{s.number if s.number is not None else '-'} ({s.modality} {s.plane}, {s.slices} slices, {s.uid})"
@@ -583,12 +593,12 @@ def _requested(series: List[Series], what: str, requested: str, folder: Path) ->
             f"SeriesInstanceUID to {flag} instead"
         )
     chosen = matches[0]
-    _check_readable(chosen, what, folder)
-    _check_not_the_other_modality(chosen, what, folder)
+    _check_readable(chosen, what, folder, option)
+    _check_not_the_other_modality(chosen, what, folder, option)
     return Choice(chosen, f"chosen with {flag} {requested}", folder, [s for s in series if s is not chosen])
 
 
-def _check_not_the_other_modality(series: Series, what: str, folder: Path) -> None:
+def _check_not_the_other_modality(series: Series, what: str, folder: Path, option: Optional[str] = None) -> None:
     """A CT series given as the MRI, or an MR series as the CT (its Modality says so): refused before any work,
     rather than run in full for a 'looks swapped' warning at the end. Other modalities are left to the user."""
     other = {"CT": "MR", "MR": "CT"}.get(MODALITY_OF.get(what, ""))
@@ -596,16 +606,16 @@ def _check_not_the_other_modality(series: Series, what: str, folder: Path) -> No
         kind = "an MR" if other == "MR" else "a CT"
         raise CTMRIError(
             f"the {what} DICOM {series.label()} in {folder} is {kind} series (Modality {other}); give the {what}: "
-            f"another folder, or another series with {_choose_with(what)} (see `ctmri series {folder}`)"
+            f"another folder, or another series with {_choose_with(what, option)} (see `ctmri series {folder}`)"
         )
 
 
-def _check_readable(series: Series, what: str, folder: Path) -> None:
+def _check_readable(series: Series, what: str, folder: Path, option: Optional[str] = None) -> None:
     if series.problem is not None:
         raise CTMRIError(
             f"cannot read {what} DICOM {series.label()} in {folder}: {series.problem}; "
             f"{'copy the series again completely, or ' if 'missing' in series.problem else ''}"
-            f"choose another series with {_choose_with(what)} (see `ctmri series {folder}`)"
+            f"choose another series with {_choose_with(what, option)} (see `ctmri series {folder}`)"
         )
 
 
@@ -719,10 +729,12 @@ def _place(plane: np.ndarray, di: float, dj: float, grid: sitk.Image, pad: float
 
 
 def read_input(path: str | Path, what: str, requested: Optional[str] = None,
-               picture_spacing: Optional[Sequence[float]] = None) -> Tuple[sitk.Image, Optional[object]]:
+               picture_spacing: Optional[Sequence[float]] = None,
+               option: Optional[str] = None) -> Tuple[sitk.Image, Optional[object]]:
     """An input volume: a DICOM folder through the chooser, a folder of 2D pictures through :mod:`pictures`
     (``picture_spacing``: (in-plane, between slices) mm, else assumed), anything else through
-    ``volumes.read_volume``.
+    ``volumes.read_volume``. ``requested`` chooses a DICOM series; ``option`` is what the user sets to give it,
+    as messages name it (default: the command-line option, ``FLAG_OF[what]``).
 
     Returns the image and where it came from: the :class:`Choice` for a DICOM folder, the
     :class:`pictures.PictureStack` for pictures, None for a file. Both records have ``message(what)`` and
@@ -734,12 +746,12 @@ def read_input(path: str | Path, what: str, requested: Optional[str] = None,
     if path.is_dir():
         series = list_series(path, what, empty_ok=True)
         if not series:
-            return _read_picture_folder(path, what, requested, picture_spacing)
-        choice = choose_series(series, what, requested, path)
+            return _read_picture_folder(path, what, requested, picture_spacing, option)
+        choice = choose_series(series, what, requested, path, option)
         return as_scalar_3d(read_series(choice.series, what), f"{what} {path.name}"), choice
     if requested is not None and str(requested).strip():
         raise CTMRIError(
-            f"{FLAG_OF.get(what, '--ct-series')} chooses a series in a DICOM folder, but the {what} {path} is a "
+            f"{_option(what, option) or '--ct-series'} chooses a series in a DICOM folder, but the {what} {path} is a "
             "file; give the DICOM folder, or leave the option out"
         )
     return read_volume(path, what), None
@@ -766,14 +778,14 @@ def picture_spacing_unused(picture_spacing: Optional[Sequence[float]], sources: 
     return []
 
 
-def _read_picture_folder(path: Path, what: str, requested: Optional[str], spacing):
+def _read_picture_folder(path: Path, what: str, requested: Optional[str], spacing, option: Optional[str]):
     from .pictures import picture_files, read_pictures
     from .volumes import no_dicom_error
 
     if not picture_files(path):
         raise no_dicom_error(path, what)
     if requested is not None and str(requested).strip():
-        raise CTMRIError(f"{FLAG_OF.get(what, '--ct-series')} chooses a DICOM series, but the {what} folder {path} "
+        raise CTMRIError(f"{_option(what, option) or '--ct-series'} chooses a DICOM series, but the {what} folder {path} "
                          "holds pictures, not DICOM; leave the option out")
     return read_pictures(path, what, spacing)  # already one grey component per voxel, 3D, not empty
 
