@@ -526,6 +526,12 @@ def _(d: Data, tmp: Path) -> Case:
     return Case(ct=image(np.full((1, 1, 1), 40, np.int16)), error="single voxel")
 
 
+@row("content/tiny-ct")
+def _(d: Data, tmp: Path) -> Case:
+    """A 3 × 3 × 3 'CT' (an icon, a mistake): refused, not synthesised with a warning."""
+    return Case(ct=image((np.arange(27).reshape(3, 3, 3) * 40 - 100).astype(np.int16)), error="too small to be a head CT")
+
+
 @row("content/constant")
 def _(d: Data, tmp: Path) -> Case:
     return Case(ct=image(np.full(d.ct8.shape, 40, np.int16)), error="constant")

@@ -212,6 +212,22 @@ def check_image(image: sitk.Image, what: str) -> sitk.Image:
     return image
 
 
+#: the fewest voxels along each of a CT's two largest axes: a head CT slice has hundreds (the model works on
+#: 256 × 256); fewer is a thumbnail, an icon or a mistake, and the synthesis would be meaningless
+MIN_CT_SIDE = 16
+
+
+def _check_ct_size(ct: sitk.Image) -> sitk.Image:
+    """The CT, if it has at least ``MIN_CT_SIDE`` voxels along its two largest axes (one slice of a 2D picture
+    counts: its third axis is 1)."""
+    sides = sorted(ct.GetSize(), reverse=True)[:2]
+    if min(sides) < MIN_CT_SIDE:
+        raise CTMRIError(
+            f"the CT is {' × '.join(map(str, ct.GetSize()))} voxels, too small to be a head CT (a slice of one has "
+            f"hundreds of voxels a side; the model works on 256 × 256): give the CT volume itself, not a thumbnail")
+    return ct
+
+
 def _check_scorable(mri: sitk.Image) -> sitk.Image:
     """The MRI, if its slices are large enough to be scored against (the SSIM window must fit), checked before
     any work rather than after it; the output is on the MRI's grid, so its slices are the MRI's own."""
@@ -255,7 +271,7 @@ def synthesize(
         raise CTMRIError(f"unknown registration {registration!r}; choose one of {', '.join(REGISTRATION_MODES)}")
     t_start = time.perf_counter()
     stages = _Stages(progress, cancel)
-    ct = check_image(ct, "CT")
+    ct = _check_ct_size(check_image(ct, "CT"))
     mri = _check_scorable(check_image(mri, "MRI")) if mri is not None else None
     device = choose_device(device)
     if model is None:
