@@ -109,6 +109,24 @@ def test_progress_and_cancel(case41, model) -> None:
         synthesize(ct, mri, model=model, registration="none", batch_size=4, cancel=cancel)
 
 
+def test_the_recorded_weights_digest_is_of_the_model_that_ran(case41, tiny_weights: Path, tmp_path: Path) -> None:
+    """A model loaded once (as a batch loads it for every case) records the sha256 of the bytes it was built
+    from, not of whatever the file holds when a case runs: replaced meanwhile, the file names another model."""
+    import shutil
+
+    from CTtoMRISynthesisLib.weights import sha256_of
+
+    path = tmp_path / "model.safetensors"
+    shutil.copy(tiny_weights, path)
+    shutil.copy(tiny_weights.with_name(tiny_weights.name + ".sha256"), path.with_name(path.name + ".sha256"))
+    loaded = load_model(path)
+    digest = sha256_of(path)
+    path.write_bytes(path.read_bytes() + b" ")  # replaced after loading
+    assert sha256_of(path) != digest
+    result = synthesize(case41[0], None, model=loaded, device="cpu")
+    assert loaded.sha256 == digest and result.weights["sha256"] == digest
+
+
 def test_constant_and_nan_inputs_are_refused(case41, model) -> None:
     ct, _ = case41
     constant = sitk.Image(ct.GetSize(), sitk.sitkFloat32) + 7.0

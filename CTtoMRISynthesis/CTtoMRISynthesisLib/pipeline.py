@@ -306,8 +306,11 @@ def _new_result(ct: sitk.Image, mri: Optional[sitk.Image], model, device: str) -
         )
     )
     result.weights = {"file": model.path.name if model.path else None, "name": model.config.get("name")}
-    if model.path is not None:
-        result.weights["sha256"] = sha256_of(model.path)
+    # the digest of the bytes the model was loaded from: a batch loads it once for all its cases, and the file
+    # could have been replaced since (hashing it again per case would name the new file, not the model run)
+    digest = getattr(model, "sha256", None) or (sha256_of(model.path) if model.path is not None else None)
+    if digest is not None:
+        result.weights["sha256"] = digest
     return result
 
 

@@ -51,6 +51,7 @@ class LoadedModel:
     config: dict
     path: Path | None
     error_model: Any = None  # error_model.ErrorModel when the file carries one (its uncertainty map)
+    sha256: Optional[str] = None  # of the bytes this model was built from (not of the file as it is later)
 
     @property
     def in_channels(self) -> int:
@@ -317,7 +318,7 @@ def load_model(path: str | Path | None = None, device: str = "cpu", verify: bool
         if key not in config:
             raise CTMRIError(f"{path.name} has no {key!r} section in its config; retrain with `ctmri train`")
     net.eval().to(device)
-    return LoadedModel(net=net, config=config, path=path, error_model=error_model)
+    return LoadedModel(net=net, config=config, path=path, error_model=error_model, sha256=blob["sha256"])
 
 
 def _first_detail(exc: BaseException, limit: int = 200) -> str:
