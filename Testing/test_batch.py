@@ -387,6 +387,22 @@ def test_a_ctrl_c_held_while_a_case_is_saved_stops_after_that_case(cohort: Path,
     assert "interrupted" in capsys.readouterr().err
 
 
+def test_a_model_that_is_not_the_weights_the_batch_hashed_runs_no_case(cohort: Path, tmp_path: Path,
+                                                                       tiny_weights: Path) -> None:
+    """The batch hashes its weights file when it starts (``made_from``) and loads it after; a file replaced in
+    between gives a model that is not the one every record would name: the case is refused, nothing written."""
+    from CTtoMRISynthesisLib.case import CaseOptions
+    from CTtoMRISynthesisLib.weights import load_model
+
+    case = read_manifest(write_manifest(tmp_path / "cases.csv", [("a", str(cohort / "crop" / "ct.nrrd"), "")]))[0]
+    options = CaseOptions(weights=str(default_weights_path()), device="cpu", registration="none")
+    expected = batch.made_from(case, options, sha256_of(default_weights_path()))
+    (tmp_path / "out" / batch.STATE_DIR).mkdir(parents=True)  # a cohort folder, as the batch makes it first
+    record = batch.process_case(case, tmp_path / "out", options, expected, model=load_model(tiny_weights))
+    assert record["status"] == "error" and "replaced after the batch started" in record["message"]
+    assert not (tmp_path / "out" / "a").exists()
+
+
 def test_failed_case_is_retried_on_rerun(cohort: Path, tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "cases.csv", [("a", str(cohort / "ct.nrrd"), str(tmp_path / "mri.nrrd"))])
     out = tmp_path / "out"

@@ -308,6 +308,15 @@ def _one_line(text: str, limit: int = 400) -> str:
     return shortened(line, limit)
 
 
+def _check_model_is_the_batchs(model, expected: dict) -> None:
+    """The model loaded to run the cases is the weights file the batch hashed when it started (``made_from``
+    names it); a file replaced in between would make every case's record name a model that did not run."""
+    loaded = getattr(model, "sha256", None)
+    if loaded is not None and loaded != expected.get("weights_sha256"):
+        raise CTMRIError(f"the weights file was replaced after the batch started (sha256 {str(expected.get('weights_sha256'))[:12]}… "
+                         f"then, {loaded[:12]}… when loaded); run the batch again")
+
+
 def process_case(case: Case, out_dir: Path, options: "CaseOptions", expected: dict, *, model=None,
                  cancel: Optional[Callable[[], bool]] = None, runner: Optional[dict] = None) -> dict:
     """Run one case into ``out_dir/<id>``, write and return its record; a failure is recorded, not raised.
@@ -323,6 +332,7 @@ def process_case(case: Case, out_dir: Path, options: "CaseOptions", expected: di
     record: dict = {"id": case.id, "ct": str(case.ct), "mri": str(case.mri) if case.mri else None}
     notes: list = []  # e.g. which DICOM series was taken and why
     try:
+        _check_model_is_the_batchs(model, expected)
         result, paths = run_case(case.ct, case.mri, out_dir / case.id, case.options(options), model=model,
                                  cancel=cancel, provenance={"made_from": expected}, notify=notes.append,
                                  series_chosen_with=SERIES_CHOSEN_WITH)
