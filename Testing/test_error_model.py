@@ -91,7 +91,7 @@ def test_depth_measures_the_distance_to_the_head_edge_per_slice():
 
 
 def test_ct_features_need_the_ct_on_the_prediction_grid():
-    """The CT features read the CT the network saw; without it (or on another grid) the error is clear, and
+    """The CT features read the windowed CT on the model grid; without it (or on another grid) the error is clear, and
     they are the CT's own intensity, edges and texture."""
     mean = np.full((2, 32, 32), 100.0, np.float32)
     head = np.ones(mean.shape, bool)
@@ -234,7 +234,7 @@ def test_loaded_model_carries_its_error_model_into_synthesis(tmp_path):
 @needs_torch
 def test_synthesis_and_the_report_give_the_error_model_the_ct_the_network_saw(tmp_path):
     """An error model with CT and depth features: the pipeline and the report's case prediction hand it the
-    CT on the model grid (the one the network saw), so its map is the one computed from that CT."""
+    windowed CT on the model grid (the network's input), so its map is the one computed from that CT."""
     from types import SimpleNamespace
 
     import SimpleITK as sitk

@@ -16,7 +16,8 @@ from the synthetic MRI ``mean`` and the ensemble's ``spread`` (members' SD), bot
 - ``intensity``: ``mean`` itself (e.g. CSF-bright predictions are where CT says least about T2),
 - ``depth`` / ``depth_rel``: the distance (px) to the nearest voxel outside the head, and that over the slice's
   largest (where in the head: scalp and skull, whose T2 the CT hardly shows, lie at its edge),
-- ``ct``, ``ct_grad{s}``, ``ct_local_sd{s}``: the CT as the network saw it (0..255) and its edges and texture
+- ``ct``, ``ct_grad{s}``, ``ct_local_sd{s}``: the CT on the model grid, windowed to 0..255 (before a model file's
+  own grain matching or standardisation, the same at fitting and at inference), its edges and texture
   (needs the CT: ``predict(..., ct=...)``).
 
 Which of them a model uses is recorded in its config (``features``); the shipped one's are ``FEATURES``.
@@ -206,7 +207,7 @@ class Sample:
     spread: np.ndarray
     real: np.ndarray
     head: np.ndarray
-    ct: Optional[np.ndarray] = None  # the CT the network saw (0..255), for the CT features
+    ct: Optional[np.ndarray] = None  # the windowed CT on the model grid (0..255), for the CT features
 
     def predict_with(self, model: "ErrorModel") -> np.ndarray:
         """``model``'s error map of this sample."""

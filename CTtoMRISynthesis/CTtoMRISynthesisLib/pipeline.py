@@ -330,14 +330,14 @@ def _synthesise_on_reference(result: SynthesisResult, ct: sitk.Image, reference:
     ct_grid = stages.run("resample to model grid", 0.34, 0.36, geometry.resample, ct255_image, grid, result.transform,
                          default_value=0.0)
     run_info: dict = {}
-    network_ct = sitk.GetArrayFromImage(ct_grid)
+    grid_ct = sitk.GetArrayFromImage(ct_grid)  # windowed, on the model grid: the network's input and the error model's
     prediction = stages.run(
-        "synthesise", 0.36, 0.88, predict_volume, model.net, network_ct,
+        "synthesise", 0.36, 0.88, predict_volume, model.net, grid_ct,
         **preprocessing_options(prep), device=result.device, batch_size=batch_size, progress=stages.sub(0.36, 0.88),
         cancel=cancel, info=run_info,
     )
     if model.error_model is not None:  # the uncertainty map (error_model.py), its own stage to be timed
-        prediction = stages.run("error map", 0.88, 0.9, apply_error_model, model.error_model, prediction, network_ct)
+        prediction = stages.run("error map", 0.88, 0.9, apply_error_model, model.error_model, prediction, grid_ct)
     result.warnings.extend(run_info.get("warnings", []))
     # what was done to the CT before the network beyond the window (grain matching, brain-median standardisation)
     result.normalisation.update({k: v for k, v in run_info.items() if k.startswith(("ct_grain", "ct_standardise"))})
