@@ -697,8 +697,10 @@ def test_batch_takes_each_cases_series_from_the_manifest(study: Path, tmp_path: 
     from CTtoMRISynthesisLib import cli
 
     manifest = tmp_path / "cases.csv"
+    as_file = tmp_path / "ct.nrrd"
+    sitk.WriteImage(dicom.read_input(study, "CT")[0], str(as_file))
     manifest.write_text(f"id,ct,mri,ct_series\nrule,{study},,\nthick,{study},,2\nnone,{study},,42\n"
-                        f"ct-as-mri,{study},{study},\n")
+                        f"ct-as-mri,{study},{study},\nfile,{as_file},,3\n")
     out = tmp_path / "cohort"
     assert cli.main(["batch", "--manifest", str(manifest), "--out-dir", str(out), "--quiet"]) == 1
     capsys.readouterr()
@@ -714,6 +716,9 @@ def test_batch_takes_each_cases_series_from_the_manifest(study: Path, tmp_path: 
         failed = {row["id"]: row for row in csv.DictReader(handle)}["ct-as-mri"]["message"]
     assert "choose one with the manifest's mri_series column (a series number or UID)" in failed, failed
     assert "--mri-series" not in failed
+    with open(out / "summary.csv", newline="") as handle:  # a series asked of a file: the column is left empty
+        failed = {row["id"]: row for row in csv.DictReader(handle)}["file"]["message"]
+    assert "the manifest's ct_series column chooses a series in a DICOM folder" in failed and "leave it empty" in failed
     manifest.write_text(f"id,ct,mri_series\nx,{study},5\n")
     assert cli.main(["batch", "--manifest", str(manifest), "--out-dir", str(out), "--quiet"]) == 2
     assert "has an mri_series but no mri path" in capsys.readouterr().err

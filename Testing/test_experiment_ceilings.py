@@ -101,9 +101,10 @@ def test_transfer_matrix_scores_each_fit_on_every_patient_and_best_other_skips_i
     assert best[2] == pytest.approx(max(matrix["p10"][2], matrix["p11"][2]), abs=1e-3)
 
 
-def _cv_output(rows: dict) -> str:
+def _cv_output(rows: dict, seed: int) -> str:
     """Text as error_model_cv.py prints its table: {set: (per-patient values)}."""
-    lines = ["4 runs: …", "| map | 2 | 16 | mean | lowest |", "|---|---|---|---|---|"]
+    lines = [f"4 runs: …; fits never on ['2']; error-model seed {seed}", "| map | 2 | 16 | mean | lowest |",
+             "|---|---|---|---|---|"]
     for name, values in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {np.mean(values):.3f} | {min(values):.3f} |")
     return "\n".join(lines) + "\n"
@@ -118,25 +119,29 @@ def test_round15_rule_needs_the_gain_for_both_seeds_and_keeps_the_lowest_patient
              "shipped + depth + ct": (0.20, 0.34)}
     seed1 = dict(seed0, **{"shipped + depth + ct": (0.20, 0.31)})  # +0.005 only with seed 1
     files = [tmp_path / "s0.txt", tmp_path / "s1.txt"]
-    for path, rows in zip(files, (seed0, seed1)):
-        path.write_text(_cv_output(rows))
-    assert rule.main([str(f) for f in files]) == 0
+    for seed, (path, rows) in enumerate(zip(files, (seed0, seed1))):
+        path.write_text(_cv_output(rows, seed))
+    assert rule.main([str(f) for f in files] + ["--patients", "2"]) == 0
     out = capsys.readouterr().out
+    assert "not the recorded 0.242" in out  # the shipped row here has mean 0.25
     # depth: +0.025 on the mean, lowest up: passes; ct: +0.045 but its lowest falls by 0.01 (0.19): passes at the
     # limit and wins on the mean; depth + ct fails on seed 1
     assert "Verdict: 'shipped + ct' replaces the shipped error model" in out and "aim 4 not met" in out
     seed1["shipped + ct"] = (0.18, 0.40)  # lowest 0.02 below: fails on seed 1
-    files[1].write_text(_cv_output(seed1))
-    assert rule.main([str(f) for f in files]) == 0
+    files[1].write_text(_cv_output(seed1, 1))
+    assert rule.main([str(f) for f in files] + ["--patients", "2"]) == 0
     assert "Verdict: 'shipped + depth' replaces" in capsys.readouterr().out
     for rows in (seed0, seed1):
         rows["shipped + depth"] = (0.25, 0.45)  # mean 0.35, lowest 0.25: aim 4
-    for path, rows in zip(files, (seed0, seed1)):
-        path.write_text(_cv_output(rows))
-    lines, best, aim = rule.verdict([rule.read_rows(f) for f in files])
+    for seed, (path, rows) in enumerate(zip(files, (seed0, seed1))):
+        path.write_text(_cv_output(rows, seed))
+    lines, best, aim = rule.verdict([rule.read_rows(f, seed, 2) for seed, f in enumerate(files)])
     assert best == "shipped + depth" and aim
-    files[0].write_text(_cv_output({"shipped": shipped}))
-    assert rule.main([str(f) for f in files]) == 2 and "no row for" in capsys.readouterr().err
+    assert rule.main([str(f) for f in files]) == 2 and "scores 2 patients, not 8" in capsys.readouterr().err
+    assert rule.main([str(files[1]), str(files[0]), "--patients", "2"]) == 2  # the seeds swapped
+    assert "error-model seed 0" in capsys.readouterr().err
+    files[0].write_text(_cv_output({"shipped": shipped}, 0))
+    assert rule.main([str(f) for f in files] + ["--patients", "2"]) == 2 and "no row for" in capsys.readouterr().err
 
 
 @needs_torch
@@ -148,8 +153,9 @@ def test_round15_rule_reads_what_error_model_cv_prints(phantom_slices, tmp_path,
     runs = phantoms.tiny_cv_runs(phantom_slices, tmp_path)
     cv, rule = load("error_model_cv"), load("error_features_rule")
     monkeypatch.setattr(sys, "argv", ["error_model_cv.py", *map(str, runs), "--data", str(phantom_slices), "--steps", "20",
-                                      "--no-ceiling", "--sets", "shipped", *rule.CANDIDATES])
+                                      "--no-ceiling", "--exclude-from-training", "2", "--seed", "1",
+                                      "--sets", "shipped", *rule.CANDIDATES])
     assert cv.main() == 0
-    (tmp_path / "s0.txt").write_text(capsys.readouterr().out)
-    rows = rule.read_rows(tmp_path / "s0.txt")
+    (tmp_path / "s1.txt").write_text(capsys.readouterr().out)
+    rows = rule.read_rows(tmp_path / "s1.txt", seed=1, patients=4)
     assert set(rows) >= {"shipped", *rule.CANDIDATES} and all(-1 <= m <= 1 for m, _ in rows.values())

@@ -148,6 +148,14 @@ def test_an_mri_too_small_to_score_is_refused_before_any_work(case41, model) -> 
     with pytest.raises(CTMRIError, match=r"slices are 8 × 8 voxels, too small .* synthesize without an MRI"):
         synthesize(ct, thumbnail, model=model, registration="none", progress=lambda f, m: stages.append(m))
     assert stages == [], "refused before the first stage"
+    # a sagittal localiser: 3 slices of 256 × 256, i front–back, j head–foot, k left–right; its axial slices,
+    # which the metrics score, are 256 × 3
+    localiser = sitk.Image(256, 256, 3, sitk.sitkFloat32) + 1.0
+    localiser[100, 100, 1] = 50.0
+    localiser.SetDirection((0, 0, 1, 1, 0, 0, 0, 1, 0))  # columns: i → y, j → z, k → x
+    assert sorted(geometry.canonical_axial(localiser).GetSize()[:2]) == [3, 256]
+    with pytest.raises(CTMRIError, match=r"axial slices are 256 × 3 voxels, too small"):
+        synthesize(ct, localiser, model=model, registration="none")
     scorable = sitk.Shrink(mri, (23, 23, 1))  # 11 × 11: the smallest slice the SSIM takes
     assert synthesize(ct, scorable, model=model, registration="none").metrics["ssim"] is not None
 

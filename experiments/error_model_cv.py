@@ -177,7 +177,8 @@ def main() -> int:
     if args.transfer_matrix:
         print_transfer_matrix(samples, args)
     print(f"{len(args.runs)} runs: " + ", ".join(str(r) for r in args.runs)
-          + (f"; fits never on {args.exclude_from_training}" if args.exclude_from_training else ""))
+          + (f"; fits never on {args.exclude_from_training}" if args.exclude_from_training else "")
+          + f"; error-model seed {args.seed}")
     print("| map | " + " | ".join(ids) + " | mean | lowest |")
     print("|---" * (len(ids) + 3) + "|")
     for name, values in table.items():

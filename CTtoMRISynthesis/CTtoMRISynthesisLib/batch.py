@@ -313,8 +313,9 @@ def _check_model_is_the_batchs(model, expected: dict) -> None:
     names it); a file replaced in between would make every case's record name a model that did not run."""
     loaded = getattr(model, "sha256", None)
     if loaded is not None and loaded != expected.get("weights_sha256"):
-        raise CTMRIError(f"the weights file was replaced after the batch started (sha256 {str(expected.get('weights_sha256'))[:12]}… "
-                         f"then, {loaded[:12]}… when loaded); run the batch again")
+        raise CTMRIError(f"the weights file was replaced after the batch started (sha256 "
+                         f"{str(expected.get('weights_sha256'))[:12]}… when the batch started, {loaded[:12]}… when "
+                         "loaded); run the batch again")
 
 
 def process_case(case: Case, out_dir: Path, options: "CaseOptions", expected: dict, *, model=None,

@@ -44,10 +44,15 @@ MODALITY_OF = {"CT": "CT", "MRI": "MR", "reference MRI": "MR", "prediction": "MR
 FLAG_OF = {"CT": "--ct-series", "MRI": "--mri-series", "reference MRI": "--ref-series", "prediction": "--pred-series"}
 
 
-def _option(what: str, option: Optional[str] = None) -> Optional[str]:
+def _option(what: str, option: Optional[str] = None, fallback: Optional[str] = None) -> Optional[str]:
     """What chooses this input's series, in the caller's terms: ``option`` when the caller names it (``batch``:
-    the manifest's column), else the command-line option (``FLAG_OF``); None when there is none."""
-    return option or FLAG_OF.get(what)
+    the manifest's column), else the command-line option (``FLAG_OF``), else ``fallback``."""
+    return option or FLAG_OF.get(what) or fallback
+
+
+def _leave_out(what: str, option: Optional[str]) -> str:
+    """How to stop asking for a series: an option is left out, a manifest's column left empty."""
+    return "leave the option out" if (_option(what, option, "--") or "").startswith("--") else "leave it empty"
 
 
 def _choose_with(what: str, option: Optional[str] = None) -> str:
@@ -576,7 +581,7 @@ def _requested(series: List[Series], what: str, requested: str, folder: Path, op
     matches = [s for s in series if s.uid == requested]
     if not matches and requested.lstrip("+-").isdigit():
         matches = [s for s in series if s.number == int(requested)]
-    flag = _option(what, option) or "--ct-series"
+    flag = _option(what, option, "--ct-series")
     if not matches:
         there = ", ".join(
             f"{s.number if s.number is not None else '-'} ({s.modality} {s.plane}, {s.slices} slices, {s.uid})"
@@ -595,7 +600,8 @@ def _requested(series: List[Series], what: str, requested: str, folder: Path, op
     chosen = matches[0]
     _check_readable(chosen, what, folder, option)
     _check_not_the_other_modality(chosen, what, folder, option)
-    return Choice(chosen, f"chosen with {flag} {requested}", folder, [s for s in series if s is not chosen])
+    how = f"{flag} {requested}" if flag.startswith("--") else f"{flag} ({requested})"
+    return Choice(chosen, f"chosen with {how}", folder, [s for s in series if s is not chosen])
 
 
 def _check_not_the_other_modality(series: Series, what: str, folder: Path, option: Optional[str] = None) -> None:
@@ -751,8 +757,8 @@ def read_input(path: str | Path, what: str, requested: Optional[str] = None,
         return as_scalar_3d(read_series(choice.series, what), f"{what} {path.name}"), choice
     if requested is not None and str(requested).strip():
         raise CTMRIError(
-            f"{_option(what, option) or '--ct-series'} chooses a series in a DICOM folder, but the {what} {path} is a "
-            "file; give the DICOM folder, or leave the option out"
+            f"{_option(what, option, '--ct-series')} chooses a series in a DICOM folder, but the {what} {path} is a "
+            f"file; give the DICOM folder, or {_leave_out(what, option)}"
         )
     return read_volume(path, what), None
 
@@ -785,8 +791,8 @@ def _read_picture_folder(path: Path, what: str, requested: Optional[str], spacin
     if not picture_files(path):
         raise no_dicom_error(path, what)
     if requested is not None and str(requested).strip():
-        raise CTMRIError(f"{_option(what, option) or '--ct-series'} chooses a DICOM series, but the {what} folder {path} "
-                         "holds pictures, not DICOM; leave the option out")
+        raise CTMRIError(f"{_option(what, option, '--ct-series')} chooses a DICOM series, but the {what} folder {path} "
+                         f"holds pictures, not DICOM; {_leave_out(what, option)}")
     return read_pictures(path, what, spacing)  # already one grey component per voxel, 3D, not empty
 
 

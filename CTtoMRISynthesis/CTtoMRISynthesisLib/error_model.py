@@ -58,8 +58,8 @@ def needs_ct(names) -> bool:
     return any(n == "ct" or n.startswith("ct_") for n in names)
 
 
-def _depth(head: np.ndarray, relative: bool) -> np.ndarray:
-    """Per slice, each voxel's distance (px) to the nearest voxel outside ``head``; over the slice's largest."""
+def _depth(head: np.ndarray) -> np.ndarray:
+    """Per slice, each voxel's distance (px) to the nearest voxel outside ``head``."""
     from scipy import ndimage
 
     out = np.zeros(head.shape, dtype=np.float32)
@@ -67,9 +67,13 @@ def _depth(head: np.ndarray, relative: bool) -> np.ndarray:
         if mask.any():
             # padded so that a head touching the slice's border has its edge there, not beyond it
             out[k] = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-            if relative:
-                out[k] /= out[k].max()
     return out
+
+
+def _relative(depth: np.ndarray) -> np.ndarray:
+    """``depth`` over each slice's largest (0 where a slice has no head)."""
+    deepest = depth.max(axis=(1, 2), keepdims=True)
+    return np.divide(depth, deepest, out=np.zeros_like(depth), where=deepest > 0)
 
 
 def _filtered(prefix: str, s: int, image: np.ndarray) -> np.ndarray:
@@ -86,13 +90,17 @@ def _filtered(prefix: str, s: int, image: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(ndimage.uniform_filter(image * image, (1, s, s)) - local_mean**2, 0.0))
 
 
-def _feature(name: str, mean: np.ndarray, spread: np.ndarray, head: np.ndarray, ct: Optional[np.ndarray]) -> np.ndarray:
-    """One named feature of a (z, H, W) slab, filtered in-plane only (σ 0 along z)."""
+def _feature(name: str, mean: np.ndarray, spread: np.ndarray, head: np.ndarray, ct: Optional[np.ndarray],
+             cache: dict) -> np.ndarray:
+    """One named feature of a (z, H, W) slab, filtered in-plane only (σ 0 along z); ``cache`` keeps what two
+    features share (the depth) for the slab."""
+    if name in ("depth", "depth_rel") and "depth" not in cache:
+        cache["depth"] = _depth(head)
     plain = {"spread": lambda: spread, "intensity": lambda: mean, "ct": lambda: ct,
-             "depth": lambda: _depth(head, relative=False), "depth_rel": lambda: _depth(head, relative=True)}
+             "depth": lambda: cache["depth"], "depth_rel": lambda: _relative(cache["depth"])}
     if name in plain:
         return plain[name]()
-    # (feature prefix, image it filters, filter): the longest prefixes first, so "ct_grad" is not read as "grad"
+    # (feature prefix, image it filters, filter)
     for prefix, image, kind in (("spread_blur", spread, "blur"), ("ct_grad", ct, "grad"), ("ct_local_sd", ct, "local_sd"),
                                 ("grad", mean, "grad"), ("local_sd", mean, "local_sd")):
         if name.startswith(prefix) and name[len(prefix):].isdigit():
@@ -114,8 +122,8 @@ def features(mean: np.ndarray, spread: np.ndarray, head: np.ndarray, names=FEATU
         part = slice(start, start + SLAB)
         m, s, h = (np.asarray(a[part], dtype=np.float32) for a in (mean, spread, head))
         c = np.asarray(ct[part], dtype=np.float32) if needs_ct(names) else None
-        h = h.astype(bool)
-        blocks.append(np.stack([_feature(n, m, s, h, c)[h] for n in names], axis=1))
+        h, cache = h.astype(bool), {}
+        blocks.append(np.stack([_feature(n, m, s, h, c, cache)[h] for n in names], axis=1))
     return np.concatenate(blocks).astype(np.float32, copy=False) if blocks else np.zeros((0, len(names)), np.float32)
 
 

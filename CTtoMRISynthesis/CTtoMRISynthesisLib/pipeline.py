@@ -229,16 +229,20 @@ def _check_ct_size(ct: sitk.Image) -> sitk.Image:
 
 
 def _check_scorable(mri: sitk.Image) -> sitk.Image:
-    """The MRI, if its slices are large enough to be scored against (the SSIM window must fit), checked before
-    any work rather than after it; the output is on the MRI's grid, so its slices are the MRI's own."""
+    """The MRI, if its axial slices (those the metrics score) are large enough to be scored against (the SSIM
+    window must fit), checked before any work rather than after it."""
     from .metrics import MIN_INPLANE
 
-    width, height = mri.GetSize()[:2]
+    # the axial slices are across the axis closest to head–foot (as geometry.canonical_axial orders them),
+    # whatever the order the file stores them in: a sagittal localiser has few voxels left–right
+    direction = np.array(mri.GetDirection()).reshape(3, 3)
+    superior = int(np.argmax(np.abs(direction[2])))
+    width, height = (n for axis, n in enumerate(mri.GetSize()) if axis != superior)
     if min(width, height) < MIN_INPLANE:
         raise CTMRIError(
-            f"the MRI's slices are {width} × {height} voxels, too small to compare a synthetic MRI with (the SSIM "
-            f"needs at least {MIN_INPLANE} × {MIN_INPLANE}): give the patient's MRI volume, not a thumbnail or a "
-            "localiser, or synthesize without an MRI")
+            f"the MRI's axial slices are {width} × {height} voxels, too small to compare a synthetic MRI with (the "
+            f"SSIM needs at least {MIN_INPLANE} × {MIN_INPLANE}): give the patient's MRI volume, not a thumbnail or "
+            "a localiser, or synthesize without an MRI")
     return mri
 
 
