@@ -10,7 +10,10 @@ Rows:
 - ``no intensity``: the same without the prediction's own brightness,
 - ``intensity only``: the brightness alone (does the map only learn "bright = wrong"?),
 - ``spread only``: the members' SD and its blurs (the ensemble's disagreement, learned),
-- ``members' SD``: the raw SD, unfitted (what shipped before).
+- ``members' SD``: the raw SD, unfitted (what shipped before);
+- round 15 (its rule: ``report/evaluation/round15_error_features_rule_written_first.md``, applied by
+  ``experiments/error_features_rule.py``): ``shipped + depth`` (where the voxel lies in the head: ``depth``,
+  ``depth_rel``), ``shipped + ct`` (the windowed CT: ``ct``, ``ct_grad1``, ``ct_local_sd3``) and both.
 
 And a ceiling for context (not methods: they see the real MRI). ``knows local scale σ``: the real local RMS
 error (Gaussian-weighted over σ px in-plane, head voxels only) as the map, scored (a) against the real
