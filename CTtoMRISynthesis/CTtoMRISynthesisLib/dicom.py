@@ -52,7 +52,7 @@ def _option(what: str, option: Optional[str] = None, fallback: Optional[str] = N
 
 def _leave_out(what: str, option: Optional[str]) -> str:
     """How to stop asking for a series: an option is left out, a manifest's column left empty."""
-    return "leave the option out" if (_option(what, option, "--") or "").startswith("--") else "leave it empty"
+    return "leave the option out" if _option(what, option, "--").startswith("--") else "leave it empty"
 
 
 def _choose_with(what: str, option: Optional[str] = None) -> str:

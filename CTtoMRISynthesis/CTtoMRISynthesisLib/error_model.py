@@ -114,14 +114,15 @@ def features(mean: np.ndarray, spread: np.ndarray, head: np.ndarray, names=FEATU
     in the order of ``head``'s voxels. ``ct`` (the CT on the same grid, 0..255) only for the CT features."""
     if not (mean.shape == spread.shape == head.shape) or mean.ndim != 3:
         raise CTMRIError(f"error model: mean {mean.shape}, spread {spread.shape} and head {head.shape} must be one (z, H, W) shape")
-    if needs_ct(names) and (ct is None or ct.shape != mean.shape):
+    with_ct = needs_ct(names)
+    if with_ct and (ct is None or ct.shape != mean.shape):
         raise CTMRIError(f"error model: features {[n for n in names if needs_ct([n])]} need the CT on the prediction's "
                          f"grid {mean.shape}, got {None if ct is None else ct.shape}")
     blocks = []
     for start in range(0, mean.shape[0], SLAB):
         part = slice(start, start + SLAB)
         m, s, h = (np.asarray(a[part], dtype=np.float32) for a in (mean, spread, head))
-        c = np.asarray(ct[part], dtype=np.float32) if needs_ct(names) else None
+        c = np.asarray(ct[part], dtype=np.float32) if with_ct else None
         h, cache = h.astype(bool), {}
         blocks.append(np.stack([_feature(n, m, s, h, c, cache)[h] for n in names], axis=1))
     return np.concatenate(blocks).astype(np.float32, copy=False) if blocks else np.zeros((0, len(names)), np.float32)
