@@ -159,3 +159,15 @@ def test_round15_rule_reads_what_error_model_cv_prints(phantom_slices, tmp_path,
     (tmp_path / "s1.txt").write_text(capsys.readouterr().out)
     rows = rule.read_rows(tmp_path / "s1.txt", seed=1, patients=4)
     assert set(rows) >= {"shipped", *rule.CANDIDATES} and all(-1 <= m <= 1 for m, _ in rows.values())
+
+
+def test_round15_recorded_verdict_is_what_the_rule_gives_on_the_recorded_tables(capsys):
+    """The committed round-15 tables, read by the rule as it stands, give the verdict the model card records
+    (no set passes, exit 1): a change to the rule script that would turn that verdict is caught here."""
+    rule = load("error_features_rule")
+    folder = ROOT / "model_weights" / "report" / "evaluation"
+    tables = [str(folder / f"round15_error_features_seed{k}.txt") for k in (0, 1)]
+    assert rule.main(tables) == 1
+    out = capsys.readouterr().out
+    assert "Verdict: no set passes; the shipped error model stays." in out
+    assert out.strip() in (folder / "round15_rule.txt").read_text()  # the recorded output is this output
