@@ -143,6 +143,24 @@ def test_file_round_trip_needs_no_torch_and_refuses_broken_error_models(tmp_path
         from_state(blob["config"]["error_model"], broken)
     with pytest.raises(CTMRIError, match="error model"):
         from_state({k: v for k, v in blob["config"]["error_model"].items() if k != "features"}, error)
+    # a feature this version does not know (a newer file) is refused when the file is read, not after synthesis
+    for name in ("ct_sharpness", 7):
+        renamed = dict(blob["config"]["error_model"], features=["spread"] * (len(model.names) - 1) + [name])
+        with pytest.raises(CTMRIError, match=f"unknown error-model feature {name!r}.*newer CTtoMRISynthesis"):
+            from_state(renamed, error)
+
+
+def test_cli_refuses_a_misspelt_feature_before_reading_anything(tmp_path, capsys):
+    """``--features`` with a name no feature has: one error naming the known ones, before the CV runs (here
+    missing) or the weights are read."""
+    from CTtoMRISynthesisLib.error_model import main as error_model_main
+
+    out = tmp_path / "out.safetensors"
+    args = ["--data", str(tmp_path / "no-data"), "--from-cv", str(tmp_path / "no-run"), "--weights",
+            str(tmp_path / "no.safetensors"), "--out", str(out), "--features", "spread", "ct_grd1"]
+    assert error_model_main(args) == 2
+    err = capsys.readouterr().err
+    assert "unknown error-model feature 'ct_grd1'" in err and "ct_grad<px>" in err and not out.exists()
 
 
 @needs_torch

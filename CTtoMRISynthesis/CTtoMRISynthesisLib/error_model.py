@@ -90,22 +90,45 @@ def _filtered(prefix: str, s: int, image: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(ndimage.uniform_filter(image * image, (1, s, s)) - local_mean**2, 0.0))
 
 
+# Filtered features: (name prefix, the image it filters, the filter); the CT's before the prediction's, since
+# "grad"/"local_sd" are the endings of "ct_grad"/"ct_local_sd".
+_FILTERED = (("spread_blur", "spread", "blur"), ("ct_grad", "ct", "grad"), ("ct_local_sd", "ct", "local_sd"),
+             ("grad", "mean", "grad"), ("local_sd", "mean", "local_sd"))
+_PLAIN = ("spread", "intensity", "ct", "depth", "depth_rel")
+
+
+def _parse(name: str) -> tuple:
+    """``(name,)`` for a plain feature, ``(image, filter, s)`` for a filtered one; an unknown name is refused."""
+    if isinstance(name, str):  # (a model file's config is JSON: anything may stand there)
+        if name in _PLAIN:
+            return (name,)
+        for prefix, image, kind in _FILTERED:
+            if name.startswith(prefix) and name[len(prefix):].isdigit():
+                return image, kind, int(name[len(prefix):])
+    raise CTMRIError(f"unknown error-model feature {name!r} (known: {', '.join(_PLAIN)}, and "
+                     f"{', '.join(p + '<px>' for p, _, _ in _FILTERED)}); a model file naming it needs a newer CTtoMRISynthesis")
+
+
+def check_features(names) -> tuple:
+    """``names`` as a tuple, each a known feature: checked before any work, not on the first slab."""
+    for name in names:
+        _parse(name)
+    return tuple(names)
+
+
 def _feature(name: str, mean: np.ndarray, spread: np.ndarray, head: np.ndarray, ct: Optional[np.ndarray],
              cache: dict) -> np.ndarray:
     """One named feature of a (z, H, W) slab, filtered in-plane only (σ 0 along z); ``cache`` keeps what two
     features share (the depth) for the slab."""
+    parsed = _parse(name)
     if name in ("depth", "depth_rel") and "depth" not in cache:
         cache["depth"] = _depth(head)
-    plain = {"spread": lambda: spread, "intensity": lambda: mean, "ct": lambda: ct,
-             "depth": lambda: cache["depth"], "depth_rel": lambda: _relative(cache["depth"])}
-    if name in plain:
-        return plain[name]()
-    # (feature prefix, image it filters, filter)
-    for prefix, image, kind in (("spread_blur", spread, "blur"), ("ct_grad", ct, "grad"), ("ct_local_sd", ct, "local_sd"),
-                                ("grad", mean, "grad"), ("local_sd", mean, "local_sd")):
-        if name.startswith(prefix) and name[len(prefix):].isdigit():
-            return _filtered(kind, int(name[len(prefix):]), image)
-    raise CTMRIError(f"unknown error-model feature {name!r}; this model file needs a newer CTtoMRISynthesis")
+    images = {"spread": lambda: spread, "intensity": lambda: mean, "mean": lambda: mean, "ct": lambda: ct,
+              "depth": lambda: cache["depth"], "depth_rel": lambda: _relative(cache["depth"])}
+    if len(parsed) == 1:
+        return images[name]()
+    image, kind, s = parsed
+    return _filtered(kind, s, images[image]())
 
 
 def features(mean: np.ndarray, spread: np.ndarray, head: np.ndarray, names=FEATURES,
@@ -114,6 +137,7 @@ def features(mean: np.ndarray, spread: np.ndarray, head: np.ndarray, names=FEATU
     in the order of ``head``'s voxels. ``ct`` (the CT on the same grid, 0..255) only for the CT features."""
     if not (mean.shape == spread.shape == head.shape) or mean.ndim != 3:
         raise CTMRIError(f"error model: mean {mean.shape}, spread {spread.shape} and head {head.shape} must be one (z, H, W) shape")
+    names = check_features(names)
     with_ct = needs_ct(names)
     if with_ct and (ct is None or ct.shape != mean.shape):
         raise CTMRIError(f"error model: features {[n for n in names if needs_ct([n])]} need the CT on the prediction's "
@@ -187,7 +211,7 @@ def from_state(config: dict, state: dict) -> ErrorModel:
         return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
 
     try:
-        names = tuple(config["features"])
+        names = check_features(config["features"])
         layers = [(array(f"weight{i}"), array(f"bias{i}")) for i in range(int(config["layers"]))]
         model = ErrorModel(layers, array("feature_mean"), array("feature_sd"), float(config["scale"]), names,
                            {k: v for k, v in config.items() if k not in ("features", "scale", "layers")})
@@ -320,6 +344,7 @@ def main(argv: Optional[list] = None) -> int:
 
     try:
         check_not_an_input(args.out, args.weights, "--out")  # before the fits, not after them
+        names = check_features(args.features)  # a misspelt name, before the CV runs are read
         window = CTWindow(**read_config(args.weights)["preprocessing"]["ct_window"])
         samples = cv_samples(args.from_cv, discover(args.data, window))
         excluded = args.exclude_from_training
@@ -327,8 +352,6 @@ def main(argv: Optional[list] = None) -> int:
         if unknown:
             raise CTMRIError(f"--exclude-from-training: unknown patient id(s) {unknown}; the data has "
                              f"{[s.case_id for s in samples]}")
-        names = tuple(args.features)
-        features(samples[0].mean[:1], samples[0].spread[:1], samples[0].head[:1], names, samples[0].ct[:1])  # a bad name, now
         maps = cross_validated_maps(samples, exclude=excluded, names=names, steps=args.steps, seed=args.seed)
         rho = {}
         for s in samples:
