@@ -53,11 +53,6 @@ SLAB = 16  # slices per feature block: bounds the memory of the feature stack (1
 MAX_ERROR = 127.5  # the same cap as synthesis.MAX_SPREAD: an error map on 0..255 beyond half the range says nothing more
 
 
-def needs_ct(names) -> bool:
-    """Whether any of the named features is computed from the CT."""
-    return any(n == "ct" or n.startswith("ct_") for n in names)
-
-
 def _depth(head: np.ndarray) -> np.ndarray:
     """Per slice, each voxel's distance (px) to the nearest voxel outside ``head``."""
     from scipy import ndimage
@@ -116,17 +111,19 @@ def check_features(names) -> tuple:
     return tuple(names)
 
 
-def _feature(name: str, mean: np.ndarray, spread: np.ndarray, head: np.ndarray, ct: Optional[np.ndarray],
+def _feature(parsed: tuple, mean: np.ndarray, spread: np.ndarray, head: np.ndarray, ct: Optional[np.ndarray],
              cache: dict) -> np.ndarray:
-    """One named feature of a (z, H, W) slab, filtered in-plane only (σ 0 along z); ``cache`` keeps what two
-    features share (the depth) for the slab."""
-    parsed = _parse(name)
-    if name in ("depth", "depth_rel") and "depth" not in cache:
-        cache["depth"] = _depth(head)
+    """One feature (as ``_parse`` gives it) of a (z, H, W) slab, filtered in-plane only (σ 0 along z); ``cache``
+    keeps what two features share (the depth) for the slab."""
+    def depth() -> np.ndarray:
+        if "depth" not in cache:
+            cache["depth"] = _depth(head)
+        return cache["depth"]
+
     images = {"spread": lambda: spread, "intensity": lambda: mean, "mean": lambda: mean, "ct": lambda: ct,
-              "depth": lambda: cache["depth"], "depth_rel": lambda: _relative(cache["depth"])}
+              "depth": depth, "depth_rel": lambda: _relative(depth())}
     if len(parsed) == 1:
-        return images[name]()
+        return images[parsed[0]]()
     image, kind, s = parsed
     return _filtered(kind, s, images[image]())
 
@@ -137,18 +134,18 @@ def features(mean: np.ndarray, spread: np.ndarray, head: np.ndarray, names=FEATU
     in the order of ``head``'s voxels. ``ct`` (the CT on the same grid, 0..255) only for the CT features."""
     if not (mean.shape == spread.shape == head.shape) or mean.ndim != 3:
         raise CTMRIError(f"error model: mean {mean.shape}, spread {spread.shape} and head {head.shape} must be one (z, H, W) shape")
-    names = check_features(names)
-    with_ct = needs_ct(names)
-    if with_ct and (ct is None or ct.shape != mean.shape):
-        raise CTMRIError(f"error model: features {[n for n in names if needs_ct([n])]} need the CT on the prediction's "
+    parsed = [_parse(n) for n in names]  # an unknown name is refused before any work
+    on_ct = [n for n, p in zip(names, parsed) if p[0] == "ct"]  # the CT itself and what is filtered from it
+    if on_ct and (ct is None or ct.shape != mean.shape):
+        raise CTMRIError(f"error model: features {on_ct} need the CT on the prediction's "
                          f"grid {mean.shape}, got {None if ct is None else ct.shape}")
     blocks = []
     for start in range(0, mean.shape[0], SLAB):
         part = slice(start, start + SLAB)
         m, s, h = (np.asarray(a[part], dtype=np.float32) for a in (mean, spread, head))
-        c = np.asarray(ct[part], dtype=np.float32) if with_ct else None
+        c = np.asarray(ct[part], dtype=np.float32) if on_ct else None
         h, cache = h.astype(bool), {}
-        blocks.append(np.stack([_feature(n, m, s, h, c, cache)[h] for n in names], axis=1))
+        blocks.append(np.stack([_feature(q, m, s, h, c, cache)[h] for q in parsed], axis=1))
     return np.concatenate(blocks).astype(np.float32, copy=False) if blocks else np.zeros((0, len(names)), np.float32)
 
 
