@@ -50,9 +50,14 @@ def _option(what: str, option: Optional[str] = None, fallback: Optional[str] = N
     return option or FLAG_OF.get(what) or fallback
 
 
+def _is_flag(chooser: str) -> bool:
+    """Whether what chooses a series is a command-line option (``--ct-series``), not a manifest's column."""
+    return chooser.startswith("--")
+
+
 def _leave_out(what: str, option: Optional[str]) -> str:
     """How to stop asking for a series: an option is left out, a manifest's column left empty."""
-    return "leave the option out" if _option(what, option, "--").startswith("--") else "leave it empty"
+    return "leave the option out" if _is_flag(_option(what, option, "--")) else "leave it empty"
 
 
 def _choose_with(what: str, option: Optional[str] = None) -> str:
@@ -60,7 +65,7 @@ def _choose_with(what: str, option: Optional[str] = None) -> str:
     flag = _option(what, option)
     if not flag:
         return "a folder holding only that series"
-    return f"{flag} NUMBER or UID" if flag.startswith("--") else f"{flag} (a series number or UID)"
+    return f"{flag} NUMBER or UID" if _is_flag(flag) else f"{flag} (a series number or UID)"
 
 
 # ----------------------------------------------------------------------------------------- listing
@@ -600,7 +605,7 @@ def _requested(series: List[Series], what: str, requested: str, folder: Path, op
     chosen = matches[0]
     _check_readable(chosen, what, folder, option)
     _check_not_the_other_modality(chosen, what, folder, option)
-    how = f"{flag} {requested}" if flag.startswith("--") else f"{flag} ({requested})"
+    how = f"{flag} {requested}" if _is_flag(flag) else f"{flag} ({requested})"
     return Choice(chosen, f"chosen with {how}", folder, [s for s in series if s is not chosen])
 
 

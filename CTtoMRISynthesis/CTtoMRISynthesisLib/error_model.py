@@ -71,13 +71,13 @@ def _relative(depth: np.ndarray) -> np.ndarray:
     return np.divide(depth, deepest, out=np.zeros_like(depth), where=deepest > 0)
 
 
-def _filtered(prefix: str, s: int, image: np.ndarray) -> np.ndarray:
+def _filtered(kind: str, s: int, image: np.ndarray) -> np.ndarray:
     """``image`` blurred (``blur``), its gradient magnitude (``grad``) or its s × s local SD (``local_sd``)."""
     from scipy import ndimage
 
-    if prefix == "blur":
+    if kind == "blur":
         return ndimage.gaussian_filter(image, (0, s, s))
-    if prefix == "grad":
+    if kind == "grad":
         # per axis: gaussian_gradient_magnitude with σ 0 along z would add the unfiltered image as a z "derivative"
         return np.hypot(ndimage.gaussian_filter(image, (0, s, s), order=(0, 1, 0)),
                         ndimage.gaussian_filter(image, (0, s, s), order=(0, 0, 1)))
