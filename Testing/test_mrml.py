@@ -569,6 +569,22 @@ def test_a_second_run_gets_its_own_names(scene, case_files, tiny_weights) -> Non
         scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
 
 
+@pytest.mark.parametrize("ct_name", ["", "  "])
+def test_a_ct_without_a_name_gives_outputs_named_after_ct(scene, loaded, case_files, tiny_weights, tmp_path,
+                                                          ct_name) -> None:
+    """A CT node without a name (a script's AddNewNodeByClass) gives "CT synthetic MRI", not " synthetic MRI", on
+    both paths: the console's run_on_nodes and the panel's results loaded from the background run's folder."""
+    ct_node, _ = loaded
+    ct_node.SetName(ct_name)
+    outputs = mrml.run_on_nodes(scene, ct_node, None, weights=tiny_weights, device="cpu")
+    assert outputs["synthetic_mri"].GetName() == "CT synthetic MRI"
+    out = tmp_path / "run"
+    assert cli_main(["synthesize", "--ct", str(case_files[0]), "--out-dir", str(out),
+                     "--weights", str(tiny_weights), "--device", "cpu", "--quiet"]) == 0
+    loaded_back = mrml.add_outputs_from_folder(scene, out, ct_node.GetName(), ct_node)
+    assert loaded_back["synthetic_mri"].GetName() == "CT synthetic MRI (2)"
+
+
 # ------------------------------------------------------------------------------------------------
 # failures and cancel leave the scene as it was
 
@@ -649,6 +665,40 @@ def test_error_while_adding_nodes_removes_the_ones_added(scene, loaded, tiny_wei
     monkeypatch.setattr(mrml, "add_metrics_table", broken)
     with pytest.raises(MemoryError):
         mrml.run_on_nodes(scene, ct_node, mri_node, weights=tiny_weights, device="cpu", registration="none")
+    _assert_unchanged(scene, state, loaded, prints)
+
+
+@pytest.mark.parametrize("fails", ["volume voxels", "transform matrix", "table column"])
+def test_error_while_filling_a_node_removes_it_too(scene, loaded, tiny_weights, monkeypatch, fails) -> None:
+    """A failure after a node is in the scene but before it is filled (memory while its voxels are copied) removes
+    that node as well as the ones added before it: the helpers add each node to the scene first."""
+    ct_node, mri_node = loaded
+    state, prints = scene_state(scene), [input_fingerprint(n) for n in loaded]
+    calls: list = []
+
+    def fail_on(real, when):
+        def wrapped(*args, **kwargs):
+            calls.append(1)
+            if when(len(calls)):
+                raise MemoryError(f"no room ({fails})")
+            return real(*args, **kwargs)
+        return wrapped
+
+    slicer = mrml._slicer()
+    if fails == "volume voxels":  # the second volume (the synthetic MRI) fails while its voxels are copied
+        monkeypatch.setattr(slicer.util, "updateVolumeFromArray", fail_on(slicer.util.updateVolumeFromArray,
+                                                                          lambda n: n == 2))
+    elif fails == "transform matrix":  # _vtk_matrix is called once per volume, then for the transform node
+        real_add = mrml.add_transform_node
+
+        def add_transform(*args, **kwargs):
+            monkeypatch.setattr(mrml, "_vtk_matrix", fail_on(mrml._vtk_matrix, lambda n: True))
+            return real_add(*args, **kwargs)
+        monkeypatch.setattr(mrml, "add_transform_node", add_transform)
+    else:  # a column's description is set on the table node after it is in the scene; a number is refused there
+        monkeypatch.setattr(mrml, "TABLE_COLUMNS", mrml.TABLE_COLUMNS[:-1] + (mrml.TABLE_COLUMNS[-1][:3] + (5,),))
+    with pytest.raises((MemoryError, TypeError)):
+        mrml.run_on_nodes(scene, ct_node, mri_node, weights=tiny_weights, device="cpu", registration="rigid")
     _assert_unchanged(scene, state, loaded, prints)
 
 

@@ -27,9 +27,10 @@ are filed in a subject-hierarchy folder beside the CT; a bare MRML scene without
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -244,24 +245,37 @@ def image_from_volume_node(node, what: str = "volume") -> sitk.Image:
 # SimpleITK image / transform / metrics -> new nodes
 
 
+@contextlib.contextmanager
+def _new_node(scene, class_name: str, name: str) -> Iterator:
+    """A new node of ``class_name`` for the caller to fill, removed again (with its display and storage nodes)
+    if filling it fails: it is in the scene from its creation on, so a failure while its voxels are copied
+    (memory) would otherwise leave a half-made node that no caller knows of."""
+    node = scene.AddNewNodeByClass(class_name, name)
+    try:
+        yield node
+    except BaseException:
+        _remove_nodes(scene, [node])
+        raise
+
+
 def add_volume_node(scene, image: sitk.Image, name: str, role: Optional[str] = None):
-    """Add a new scalar volume node holding ``image`` (voxels copied, geometry converted to RAS)."""
+    """Add a new scalar volume node holding ``image`` (voxels copied, geometry converted to RAS); all or nothing."""
     slicer = _slicer()
     image = image if image.GetDimension() == 3 else sitk.JoinSeries(image)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise CTMRIError(f"cannot make a scalar volume from a {image.GetNumberOfComponentsPerPixel()}-component image")
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    # spacing, origin and directions set one by one (as Slicer's readers do): exact, no matrix round trip
-    directions = np.eye(4)
-    directions[:3, :3] = FLIP[:3, :3] @ np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
-    node.SetIJKToRASDirectionMatrix(_vtk_matrix(directions))
-    node.SetSpacing(*image.GetSpacing())
-    origin = image.GetOrigin()
-    node.SetOrigin(-origin[0], -origin[1], origin[2])
-    slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(image))
-    node.CreateDefaultDisplayNodes()
-    if role:
-        node.SetAttribute(ROLE_ATTRIBUTE, role)
+    with _new_node(scene, "vtkMRMLScalarVolumeNode", name) as node:
+        # spacing, origin and directions set one by one (as Slicer's readers do): exact, no matrix round trip
+        directions = np.eye(4)
+        directions[:3, :3] = FLIP[:3, :3] @ np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+        node.SetIJKToRASDirectionMatrix(_vtk_matrix(directions))
+        node.SetSpacing(*image.GetSpacing())
+        origin = image.GetOrigin()
+        node.SetOrigin(-origin[0], -origin[1], origin[2])
+        slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(image))
+        node.CreateDefaultDisplayNodes()
+        if role:
+            node.SetAttribute(ROLE_ATTRIBUTE, role)
     return node
 
 
@@ -296,9 +310,9 @@ def add_transform_node(scene, transform: sitk.Transform, name: str):
     matrix in RAS, the convention Slicer uses for ITK transforms it reads from files.
     """
     matrix = ras_matrix_of_transform(transform)
-    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
-    node.SetMatrixTransformFromParent(_vtk_matrix(matrix))
-    node.SetAttribute(ROLE_ATTRIBUTE, "transform")
+    with _new_node(scene, "vtkMRMLLinearTransformNode", name) as node:
+        node.SetMatrixTransformFromParent(_vtk_matrix(matrix))
+        node.SetAttribute(ROLE_ATTRIBUTE, "transform")
     return node
 
 
@@ -345,18 +359,19 @@ def add_metrics_table(scene, summary: dict, name: str):
     for column in (scope, index, voxels, *numeric):
         table.AddColumn(column)
 
-    node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
-    node.SetAndObserveTable(table)
-    node.SetUseColumnTitleAsColumnHeader(True)
-    node.SetColumnDescription("Slice", "axial slice index in canonical (LPS) order, inferior to superior")
-    node.SetColumnDescription("Foreground voxels", "voxels where the reference MRI > 0")
-    for title, _, unit, description in columns:
-        node.SetColumnDescription(title, description)
-        if unit:
-            node.SetColumnUnitLabel(title, unit)
-    node.SetLocked(True)
-    node.SetAttribute(ROLE_ATTRIBUTE, "metrics")
-    node.SetAttribute(SUMMARY_ATTRIBUTE, json.dumps(summary))
+    summary_json = json.dumps(summary)
+    with _new_node(scene, "vtkMRMLTableNode", name) as node:
+        node.SetAndObserveTable(table)
+        node.SetUseColumnTitleAsColumnHeader(True)
+        node.SetColumnDescription("Slice", "axial slice index in canonical (LPS) order, inferior to superior")
+        node.SetColumnDescription("Foreground voxels", "voxels where the reference MRI > 0")
+        for title, _, unit, description in columns:
+            node.SetColumnDescription(title, description)
+            if unit:
+                node.SetColumnUnitLabel(title, unit)
+        node.SetLocked(True)
+        node.SetAttribute(ROLE_ATTRIBUTE, "metrics")
+        node.SetAttribute(SUMMARY_ATTRIBUTE, summary_json)
     return node
 
 
@@ -494,6 +509,7 @@ def add_result_nodes(
     after them, the same k for the whole run (:func:`_run_names`).
     """
     scene = _scene(scene)
+    base_name = output_base_name(base_name, ct_node)
     ct_display = ct_node.GetDisplayNode() if ct_node is not None and hasattr(ct_node, "GetDisplayNode") else None
     created: list = []
     outputs: dict = {}
@@ -532,6 +548,15 @@ def add_result_nodes(
         _remove_nodes(scene, created)
         raise
     return outputs
+
+
+def output_base_name(base_name: Optional[str], ct_node=None) -> str:
+    """What a run's outputs are named after: ``base_name``, else the CT node's name, else "CT" (a CT node
+    without a name, or one of spaces only, would give names like " synthetic MRI")."""
+    for candidate in (base_name, ct_node.GetName() if ct_node is not None else None):
+        if candidate and candidate.strip():
+            return candidate
+    return "CT"
 
 
 #: What each output of a run is called after "<base_name> " (the folder is "synthesis").
@@ -697,7 +722,7 @@ def run_on_nodes(
         uncertainty=getattr(result, "uncertainty", None),
         transform=result.transform,
         summary=result.summary(),
-        base_name=base_name or ct_node.GetName() or "CT",
+        base_name=base_name,
         ct_node=ct_node,
     )
 
