@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from CTtoMRISynthesisLib.errors import CTMRIError
+from CTtoMRISynthesisLib.intensity import check_finite
 from CTtoMRISynthesisLib.volumes import as_scalar_3d, read_volume
 
 
@@ -130,6 +131,47 @@ def test_truncated_nii_gz(mr: sitk.Image, tmp_path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CTMRIError, match="cannot read"):
         read_volume(path)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz", ".nrrd"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_is_refused_in_every_format(mr: sitk.Image, tmp_path: Path, suffix: str, bad: float) -> None:
+    """NaN/Inf voxels are refused in NIfTI too, whose ITK reader hands them over as 0 (in a CT: water); the same
+    floats without them (float64 this time) are read as stored."""
+    array = sitk.GetArrayFromImage(mr).astype(np.float32)
+    array[3, 10:20, 5] = bad
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(mr)
+    path = tmp_path / f"ct{suffix}"
+    sitk.WriteImage(image, str(path))
+    if suffix != ".nrrd":
+        assert np.isfinite(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).all(), "ITK no longer hides them"
+    with pytest.raises(CTMRIError, match="NaN or infinite"):
+        check_finite(sitk.GetArrayViewFromImage(read_volume(path, "CT")), "CT")  # (.nrrd: the pipeline's check)
+    array[3, 10:20, 5] = 0.0
+    clean = sitk.GetImageFromArray(array.astype(np.float64))
+    clean.CopyInformation(mr)
+    sitk.WriteImage(clean, str(path))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_volume(path)), array)
+
+
+def test_nan_in_a_big_endian_nifti_is_refused(tmp_path: Path) -> None:
+    """A NIfTI-1 written big-endian (as old SPM/Analyze tools did) is read with its own byte order."""
+    array = np.arange(4 * 5 * 6, dtype=">f4").reshape(4, 5, 6)
+    array[1, 2, 3] = np.nan
+    header = bytearray(352)
+    header[0:4] = (348).to_bytes(4, "big")
+    header[40:56] = np.array([3, 6, 5, 4, 1, 1, 1, 1], ">i2").tobytes()
+    header[70:74] = np.array([16, 32], ">i2").tobytes()  # FLOAT32, 32 bits
+    header[76:108] = np.array([1, 1, 1, 1, 0, 0, 0, 0], ">f4").tobytes()  # pixdim
+    header[108:112] = np.array([352], ">f4").tobytes()  # vox_offset
+    header[112:116] = np.array([1], ">f4").tobytes()  # scl_slope
+    header[344:348] = b"n+1\0"
+    path = tmp_path / "big.nii"
+    path.write_bytes(bytes(header) + array.tobytes())
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(path)))[1, 2, 3] == 0, "ITK reads it, NaN as 0"
+    with pytest.raises(CTMRIError, match="NaN or infinite"):
+        read_volume(path, "CT")
 
 
 def _rgb_png(grey: np.ndarray, path: Path, tint: bool = False, alpha: np.ndarray | None = None) -> Path:

@@ -35,6 +35,8 @@ def read_volume(path: str | Path, what: str = "image") -> sitk.Image:
             _check_gzip_complete(path, what)
         if path.suffix.lower() == ".nii":
             _check_nifti_complete(path, what)
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            _check_nifti_finite(path, what)
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
@@ -64,31 +66,65 @@ def _check_gzip_complete(path: Path, what: str) -> None:
         ) from exc
 
 
+def _nifti_header(header: bytes) -> Optional[dict]:
+    """The fields of a NIfTI-1 or NIfTI-2 header (either byte order) that locate its voxels; None if not one."""
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:  # NIfTI-1
+            dims = struct.unpack(endian + "8h", header[40:56])
+            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
+            offset = struct.unpack(endian + "f", header[108:112])[0]
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:  # NIfTI-2
+            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
+            dims = struct.unpack(endian + "8q", header[16:80])
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+            break
+    else:
+        return None  # not a NIfTI header SimpleITK would accept either: its reader will say so
+    rank = int(dims[0])
+    if not 1 <= rank <= 7 or bitpix <= 0 or not offset == offset:
+        return None
+    voxels = 1
+    for n in dims[1 : rank + 1]:
+        voxels *= max(int(n), 1)
+    return {"endian": endian, "datatype": int(datatype), "offset": int(offset), "voxels": voxels,
+            "bytes": voxels * int(bitpix) // 8}
+
+
+#: NIfTI datatype codes of the floating-point voxel types that can hold NaN or Inf (FLOAT32, FLOAT64)
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _check_nifti_finite(path: Path, what: str) -> None:
+    """ITK's NIfTI reader turns NaN and Inf voxels into 0 (in a CT, water) without a word, so the check every
+    other format gets after reading cannot see them: look at the stored floats themselves, in chunks."""
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    with opener(path, "rb") as stream:
+        header = _nifti_header(stream.read(540))
+        if header is None or header["datatype"] not in _NIFTI_FLOATS:
+            return
+        dtype = np.dtype(header["endian"] + _NIFTI_FLOATS[header["datatype"]])
+        stream.seek(header["offset"])
+        left, chunk = header["bytes"], (1 << 24) // dtype.itemsize * dtype.itemsize
+        while left > 0:
+            data = stream.read(min(chunk, left))
+            if not data:
+                return  # cut short: the completeness checks say so
+            left -= len(data)
+            values = np.frombuffer(data[: len(data) // dtype.itemsize * dtype.itemsize], dtype)
+            if not np.isfinite(values).all():
+                raise CTMRIError(f"the {what} image {path.name} contains NaN or infinite values (which the NIfTI "
+                                 "reader would silently turn into 0); fix or mask them and retry")
+
+
 def _check_nifti_complete(path: Path, what: str) -> None:
     """ITK reads an uncompressed .nii cut short without complaint (the missing voxels come back as
     zeros or garbage): check that the file holds all the voxels its header promises."""
     with open(path, "rb") as stream:
-        header = stream.read(540)
-    for endian in "<>":
-        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:  # NIfTI-1
-            dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
-            offset = struct.unpack(endian + "f", header[108:112])[0]
-            break
-        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:  # NIfTI-2
-            dims = struct.unpack(endian + "8q", header[16:80])
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
-            offset = struct.unpack(endian + "q", header[168:176])[0]
-            break
-    else:
-        return  # not a NIfTI header SimpleITK would accept either: its reader will say so
-    rank = int(dims[0])
-    if not 1 <= rank <= 7 or bitpix <= 0:
+        header = _nifti_header(stream.read(540))
+    if header is None:
         return
-    voxels = 1
-    for n in dims[1 : rank + 1]:
-        voxels *= max(int(n), 1)
-    expected = int(offset) + voxels * int(bitpix) // 8
+    expected = header["offset"] + header["bytes"]
     actual = path.stat().st_size
     if actual < expected:
         raise CTMRIError(
