@@ -138,6 +138,50 @@ def test_constant_and_nan_inputs_are_refused(case41, model) -> None:
         synthesize(nan, None, model=model)
 
 
+def test_a_label_map_or_mask_is_refused_as_the_ct_or_the_mri(case41, model, tmp_path: Path, capsys) -> None:
+    """A segmentation given as the CT or the MRI is refused before any work, saying what it looks like: a 0/255
+    head mask (read as an 8-bit CT it is all bone and gave no warning at all), the phantom's tissue labels, and the
+    same as floats. evaluate refuses one as the reference but scores a prediction with few values (a baseline)."""
+    import phantoms
+    from CTtoMRISynthesisLib.cli import main as cli_main
+
+    ct, mri = case41
+    mask = sitk.Cast(sitk.BinaryThreshold(ct, 11, 255, 255, 0), sitk.sitkUInt8)
+    mask.CopyInformation(ct)
+    labels = sitk.GetImageFromArray(phantoms.labels_on(ct).astype(np.float32))
+    labels.CopyInformation(ct)
+    for segmentation in (mask, labels):
+        with pytest.raises(CTMRIError, match=r"only \d+ distinct values .*label map or mask.*give the CT scan"):
+            synthesize(segmentation, None, model=model)
+        with pytest.raises(CTMRIError, match=r"the MRI holds only \d+ distinct values .*give the MRI image"):
+            synthesize(ct, segmentation, model=model)
+    sitk.WriteImage(mask, str(tmp_path / "mask.nrrd"))
+    sitk.WriteImage(mri, str(tmp_path / "mri.nrrd"))
+    assert cli_main(["evaluate", "--pred", str(tmp_path / "mri.nrrd"), "--ref", str(tmp_path / "mask.nrrd")]) == 2
+    assert "reference MRI holds only 2 distinct values (0, 255)" in capsys.readouterr().err
+    head_mean = sitk.Cast(mask, sitk.sitkFloat32) * (100.0 / 255.0)  # the constant-in-the-head baseline: 0 and 100
+    sitk.WriteImage(head_mean, str(tmp_path / "baseline.nrrd"))
+    assert cli_main(["evaluate", "--pred", str(tmp_path / "baseline.nrrd"), "--ref", str(tmp_path / "mri.nrrd")]) == 0
+
+
+def test_no_real_image_here_is_taken_for_a_label_map(data_dir: Path) -> None:
+    """Every real CT and MRI here, as a single slice (the fewest values), has more distinct values than a label
+    map may: the threshold was set against these (the fewest, 39, is a Harvard slice)."""
+    from CTtoMRISynthesisLib.pipeline import LABEL_MAP_MAX_VALUES, check_not_label_map
+    from CTtoMRISynthesisLib.volumes import read_volume
+
+    from CTtoMRISynthesisLib.dicom import read_input
+
+    # the Harvard CT and MRI slices, the other hospital's CT, T1 and FLAIR slices, the RIRE and Visible Human volumes
+    files = [p for p in sorted(data_dir.rglob("*")) if p.suffix.lower() in (".png", ".mha", ".mhd", ".nrrd")]
+    images = [read_volume(p) for p in files]
+    images += [read_input(data_dir / "real_hu_head_ct_dicom" / "DICOM", "CT", n)[0] for n in ("2", "3")]
+    fewest = min(np.unique(sitk.GetArrayViewFromImage(image)).size for image in images)
+    assert len(images) >= 2 * 147 + 3 * 97 + 3 + 2 and fewest > 2 * LABEL_MAP_MAX_VALUES, (len(images), fewest)
+    for image in images:
+        check_not_label_map(image, "CT")
+
+
 def test_an_mri_too_small_to_score_is_refused_before_any_work(case41, model) -> None:
     """An 8 × 8 MRI (a thumbnail, a localiser) cannot be scored (the SSIM window is 11 × 11): refused at the
     start, in the user's terms, not after registration and synthesis with the metrics' array wording."""

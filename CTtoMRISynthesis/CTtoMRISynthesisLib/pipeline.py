@@ -212,6 +212,30 @@ def check_image(image: sitk.Image, what: str) -> sitk.Image:
     return image
 
 
+#: a label map or mask (a segmentation) holds a handful of whole-number values, a head CT or MRI many more: the
+#: real images here have 983–2661 (3D), 203–256 (the other hospital's 8-bit slices) and, the fewest, 39 (one
+#: Harvard slice, an atlas quantised to few grey levels; test_real_data checks them all). An image with no more
+#: distinct values than this is refused
+LABEL_MAP_MAX_VALUES = 16
+#: voxels looked at first, evenly strided, so that a real image (hundreds of values in any sample) costs milliseconds
+_LABEL_SAMPLE = 1_000_000
+
+
+def check_not_label_map(image: sitk.Image, what: str) -> sitk.Image:
+    """The image, unless it holds at most ``LABEL_MAP_MAX_VALUES`` distinct whole numbers: a label map or mask
+    given as the CT or MRI, which would otherwise be read as an 8-bit CT (a 0/255 mask: all bone) or an MRI."""
+    flat = sitk.GetArrayViewFromImage(image).reshape(-1)
+    if np.unique(flat[:: max(1, flat.size // _LABEL_SAMPLE)]).size > LABEL_MAP_MAX_VALUES:
+        return image
+    values = np.unique(flat)  # only for the rare image whose sample has few values
+    if values.size > LABEL_MAP_MAX_VALUES or not np.array_equal(values, np.round(values)):
+        return image
+    shown = ", ".join(f"{v:g}" for v in values[:8]) + (", …" if values.size > 8 else "")
+    kind = "CT scan itself (in Hounsfield units or a windowed export)" if what == "CT" else f"{what} image itself"
+    raise CTMRIError(f"the {what} holds only {values.size} distinct values ({shown}): a label map or mask (a "
+                     f"segmentation), not a {'CT' if what == 'CT' else 'MRI'}; give the {kind}")
+
+
 #: the fewest voxels along each of a CT's two largest axes: a head CT slice has hundreds (the model works on
 #: 256 × 256); fewer is a thumbnail, an icon or a mistake, and the synthesis would be meaningless
 MIN_CT_SIDE = 16
@@ -275,8 +299,8 @@ def synthesize(
         raise CTMRIError(f"unknown registration {registration!r}; choose one of {', '.join(REGISTRATION_MODES)}")
     t_start = time.perf_counter()
     stages = _Stages(progress, cancel)
-    ct = _check_ct_size(check_image(ct, "CT"))
-    mri = _check_scorable(check_image(mri, "MRI")) if mri is not None else None
+    ct = _check_ct_size(check_not_label_map(check_image(ct, "CT"), "CT"))
+    mri = _check_scorable(check_not_label_map(check_image(mri, "MRI"), "MRI")) if mri is not None else None
     device = choose_device(device)
     if model is None:
         model = stages.run("load model", 0.0, 0.02, load_model, weights, device)
