@@ -138,30 +138,24 @@ def test_constant_and_nan_inputs_are_refused(case41, model) -> None:
         synthesize(nan, None, model=model)
 
 
-def test_a_label_map_or_mask_is_refused_as_the_ct_or_the_mri(case41, model, tmp_path: Path, capsys) -> None:
-    """A segmentation given as the CT or the MRI is refused before any work, saying what it looks like: a 0/255
-    head mask (read as an 8-bit CT it is all bone and gave no warning at all), the phantom's tissue labels, and the
-    same as floats. evaluate refuses one as the reference but scores a prediction with few values (a baseline)."""
+def test_a_label_map_or_mask_is_refused_as_the_ct(case41, model, tmp_path: Path, capsys) -> None:
+    """A segmentation given as the CT is refused before any work, saying what it looks like: a 0/255 head mask
+    (read as an 8-bit CT it is all bone and gave no warning at all) and the phantom's tissue labels (as floats).
+    A noise-free HU phantom of a few tissues (negative values) is still a CT."""
     import phantoms
-    from CTtoMRISynthesisLib.cli import main as cli_main
+    from CTtoMRISynthesisLib.pipeline import check_not_label_map
 
     ct, mri = case41
     mask = sitk.Cast(sitk.BinaryThreshold(ct, 11, 255, 255, 0), sitk.sitkUInt8)
     mask.CopyInformation(ct)
     labels = sitk.GetImageFromArray(phantoms.labels_on(ct).astype(np.float32))
     labels.CopyInformation(ct)
-    for segmentation in (mask, labels):
-        with pytest.raises(CTMRIError, match=r"only \d+ distinct values .*label map or mask.*give the CT scan"):
-            synthesize(segmentation, None, model=model)
-        with pytest.raises(CTMRIError, match=r"the MRI holds only \d+ distinct values .*give the MRI image"):
-            synthesize(ct, segmentation, model=model)
-    sitk.WriteImage(mask, str(tmp_path / "mask.nrrd"))
-    sitk.WriteImage(mri, str(tmp_path / "mri.nrrd"))
-    assert cli_main(["evaluate", "--pred", str(tmp_path / "mri.nrrd"), "--ref", str(tmp_path / "mask.nrrd")]) == 2
-    assert "reference MRI holds only 2 distinct values (0, 255)" in capsys.readouterr().err
-    head_mean = sitk.Cast(mask, sitk.sitkFloat32) * (100.0 / 255.0)  # the constant-in-the-head baseline: 0 and 100
-    sitk.WriteImage(head_mean, str(tmp_path / "baseline.nrrd"))
-    assert cli_main(["evaluate", "--pred", str(tmp_path / "baseline.nrrd"), "--ref", str(tmp_path / "mri.nrrd")]) == 0
+    with pytest.raises(CTMRIError, match=r"the CT holds only 2 distinct values \(0, 255\): a label map or mask"):
+        synthesize(mask, mri, model=model)
+    with pytest.raises(CTMRIError, match=r"the CT holds only \d+ distinct values .*label map or mask.*give the CT scan"):
+        synthesize(labels, None, model=model)
+    tissues = sitk.GetImageFromArray(np.choose(phantoms.labels_on(ct) % 3, [-1000.0, 40.0, 1000.0]))
+    assert check_not_label_map(tissues) is tissues
 
 
 def test_no_real_image_here_is_taken_for_a_label_map(data_dir: Path) -> None:

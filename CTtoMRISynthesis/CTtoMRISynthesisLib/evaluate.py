@@ -54,15 +54,13 @@ def evaluate_files(pred: str, ref: str, pred_scale: str = "as-is", picture_spaci
     from .dicom import read_input
     from .intensity import minmax_255, normalise_mri
     from .metrics import to_jsonable
-    from .pipeline import check_image, check_not_label_map, evaluate_images
+    from .pipeline import check_image, evaluate_images
 
     if pred_scale not in PRED_SCALES:
         raise CTMRIError(f"--pred-scale {pred_scale}: choose one of {', '.join(PRED_SCALES)}")
     reference, ref_source = read_input(ref, "reference MRI", ref_series, picture_spacing)
     prediction, pred_source = read_input(pred, "prediction", pred_series, picture_spacing)
-    # (a prediction may be a baseline's with few values, e.g. a constant head; the reference must be an MRI)
-    reference = check_not_label_map(check_image(reference, "reference MRI"), "reference MRI")
-    prediction = check_image(prediction, "prediction")
+    reference, prediction = check_image(reference, "reference MRI"), check_image(prediction, "prediction")
     notes, warnings, inputs = _about_sources({"prediction": pred_source, "reference MRI": ref_source},
                                             picture_spacing)
     ref255 = geometry.array_on_grid(normalise_mri(sitk.GetArrayFromImage(reference)), reference)

@@ -221,19 +221,20 @@ LABEL_MAP_MAX_VALUES = 16
 _LABEL_SAMPLE = 1_000_000
 
 
-def check_not_label_map(image: sitk.Image, what: str) -> sitk.Image:
-    """The image, unless it holds at most ``LABEL_MAP_MAX_VALUES`` distinct whole numbers: a label map or mask
-    given as the CT or MRI, which would otherwise be read as an 8-bit CT (a 0/255 mask: all bone) or an MRI."""
+def check_not_label_map(image: sitk.Image, what: str = "CT") -> sitk.Image:
+    """The CT, unless it holds at most ``LABEL_MAP_MAX_VALUES`` distinct whole numbers, none negative: a label map
+    or mask given as the CT, which would otherwise be read as an 8-bit CT (a 0/255 mask: all bone, no warning).
+    (Negative values are HU: a noise-free CT phantom of a few tissues is not refused. The MRI is not checked: a
+    reference of few grey levels, such as a test phantom's, is scored as it is.)"""
     flat = sitk.GetArrayViewFromImage(image).reshape(-1)
     if np.unique(flat[:: max(1, flat.size // _LABEL_SAMPLE)]).size > LABEL_MAP_MAX_VALUES:
         return image
     values = np.unique(flat)  # only for the rare image whose sample has few values
-    if values.size > LABEL_MAP_MAX_VALUES or not np.array_equal(values, np.round(values)):
+    if values.size > LABEL_MAP_MAX_VALUES or values[0] < 0 or not np.array_equal(values, np.round(values)):
         return image
     shown = ", ".join(f"{v:g}" for v in values[:8]) + (", …" if values.size > 8 else "")
-    kind = "CT scan itself (in Hounsfield units or a windowed export)" if what == "CT" else f"{what} image itself"
     raise CTMRIError(f"the {what} holds only {values.size} distinct values ({shown}): a label map or mask (a "
-                     f"segmentation), not a {'CT' if what == 'CT' else 'MRI'}; give the {kind}")
+                     "segmentation), not a CT; give the CT scan itself (in Hounsfield units or a windowed export)")
 
 
 #: the fewest voxels along each of a CT's two largest axes: a head CT slice has hundreds (the model works on
@@ -300,7 +301,7 @@ def synthesize(
     t_start = time.perf_counter()
     stages = _Stages(progress, cancel)
     ct = _check_ct_size(check_not_label_map(check_image(ct, "CT"), "CT"))
-    mri = _check_scorable(check_not_label_map(check_image(mri, "MRI"), "MRI")) if mri is not None else None
+    mri = _check_scorable(check_image(mri, "MRI")) if mri is not None else None
     device = choose_device(device)
     if model is None:
         model = stages.run("load model", 0.0, 0.02, load_model, weights, device)
