@@ -14,6 +14,7 @@ import json
 import math
 import shutil
 import subprocess
+import re
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +218,65 @@ def test_a_file_cut_short_is_seen_from_the_headers(tmp_path: Path, capsys) -> No
     with pytest.raises(CTMRIError, match=r"1 of its files are cut short, e.g. s3_005.dcm lacks at least \d+ bytes.*"
                                          r"copy the series again completely"):
         dicom.choose_series(dicom.list_series(tmp_path), "CT", "3", folder=tmp_path)
+
+
+def _damage_vr(path: Path, tag: bytes, vr: bytes) -> None:
+    """Replace the value representation of the (explicit VR, little endian) element ``tag`` with an unknown one."""
+    data = path.read_bytes()
+    at = data.index(tag + vr)
+    path.write_bytes(data[: at + 4] + b"Q@" + data[at + 6:])
+
+
+@pytest.mark.parametrize("where", ["image tag", "file meta"])
+def test_a_damaged_slice_file_is_named_not_a_traceback(tmp_path: Path, capsys, where: str) -> None:
+    """One byte wrong in one slice file's header: pydicom decodes an element only when first used, so reading
+    went on and failed later with a traceback (exit 1), or, in the file meta, the slice was silently left out. The
+    file is named, with what to do, by `ctmri series` and by a run (exit 2)."""
+    from CTtoMRISynthesisLib import cli
+
+    write_series(tmp_path, axial(12, 8.0), number=2, thickness=8.0)
+    write_series(tmp_path, axial(24, 4.0), number=3, thickness=4.0)
+    damaged = sorted(tmp_path.glob("s3_*.dcm"))[23]  # the top slice: leaving it out would go unnoticed
+    if where == "image tag":
+        _damage_vr(damaged, b"\x28\x00\x10\x00", b"US")  # Rows
+        expected = r"1 of its 24 files are damaged, e.g. s3_023.dcm \(Rows: .*\); copy the series again"
+        assert cli.main(["series", str(tmp_path)]) == 0
+        printed = capsys.readouterr().out
+        assert "damaged files" in printed and "--ct " + str(tmp_path) + " takes series 2" in printed, printed
+        with pytest.raises(CTMRIError, match=expected):
+            dicom.choose_series(dicom.list_series(tmp_path), "CT", "3", folder=tmp_path)
+    else:
+        _damage_vr(damaged, b"\x02\x00\x10\x00", b"UI")  # TransferSyntaxUID
+        expected = r"1 file\(s\) in .* are marked as DICOM but cannot be read, e.g. s3_023.dcm \(.*\); copy the study"
+        assert cli.main(["series", str(tmp_path)]) == 2
+        assert re.search(expected, capsys.readouterr().err)
+    assert cli.main(["synthesize", "--ct", str(tmp_path), "--ct-series", "3", "--out-dir", str(tmp_path / "out")]) == 2
+    assert re.search(expected, capsys.readouterr().err) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("orientation", [(0, 0, 0, 0, 0, 0), (1, 0, 0, 1, 0, 0)])
+def test_a_series_with_a_degenerate_orientation_is_unreadable_not_a_crash(tmp_path: Path, orientation) -> None:
+    """ImageOrientationPatient all zeros, or two parallel directions: the geometry is unknown. It crashed the
+    listing of the whole study (a NaN slice step); now that series alone is unreadable and the rule takes another."""
+    write_series(tmp_path, axial(12, 8.0), number=2, thickness=8.0)
+    write_series(tmp_path, axial(24, 4.0), number=3, thickness=4.0, row=orientation[:3], col=orientation[3:])
+    series = by_number(dicom.list_series(tmp_path))
+    assert "not two perpendicular unit directions" in series[3].problem and "bad orientation tags" in series[3].notes
+    assert dicom.choose_series(list(series.values()), "CT", folder=tmp_path).series.number == 2
+
+
+def test_a_folder_of_damaged_or_fake_dicom_files_says_so(tmp_path: Path) -> None:
+    """A folder whose .dcm files are not DICOM, or whose DICOM-marked files have no readable image header, is not
+    'a folder holding no DICOM': the message says what was found and to copy it again."""
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "a.dcm").write_text("not a DICOM file")
+    with pytest.raises(CTMRIError, match=r"no readable DICOM series: 1 \.dcm file\(s\) are not DICOM at all, e\.g\. a\.dcm"):
+        dicom.read_input(tmp_path / "fake", "CT")
+    write_series(tmp_path / "cut", axial(3, 8.0), number=2)
+    for path in (tmp_path / "cut").iterdir():
+        path.write_bytes(path.read_bytes()[:300])  # the marker and part of the file meta, no image header
+    with pytest.raises(CTMRIError, match=r"no readable DICOM series: 3 file\(s\) marked as DICOM could not be read"):
+        dicom.read_input(tmp_path / "cut", "CT")
 
 
 def test_a_series_of_the_other_modality_is_refused_before_any_work(tmp_path: Path) -> None:

@@ -85,6 +85,7 @@ class SliceFile:
     thickness: Optional[float] = None
     image_type: Tuple[str, ...] = ()
     short_by: int = 0  # bytes an uncompressed file lacks of its pixels alone (cut short in copying); 0: not known short
+    damage: str = ""  # why a tag this reader needs could not be decoded (a damaged file); "": none
 
 
 @dataclass
@@ -168,15 +169,30 @@ def list_series(folder: str | Path, what: str = "image", empty_ok: bool = False)
     if not folder.is_dir():
         raise CTMRIError(f"{what} folder not found: {folder}; check the path")
     groups: Dict[str, Series] = {}
+    unreadable: List[Tuple[Path, str]] = []
     for path in _files_under(folder):
         header = _read_header(path)
+        if isinstance(header, _Unreadable):
+            unreadable.append((path, header.reason))
+            continue
         if header is None:
             continue
-        uid = str(header.get("SeriesInstanceUID", "") or "")
+        damage = _undecodable(header)
+        uid = str(header.get("SeriesInstanceUID", "") or "") if not damage.startswith("SeriesInstanceUID") else ""
+        if not uid:
+            continue  # (a damaged file of no known series: the no-series message counts it)
+        if damage:
+            groups.setdefault(uid, _damaged_series(uid)).files.append(SliceFile(path, None, None, None, damage=damage))
+            continue
         series = groups.get(uid)
-        if series is None:
-            series = groups[uid] = _new_series(uid, header)
+        if series is None or series.header is None:  # (a series first seen through a damaged file takes a good one's)
+            series = groups[uid] = _new_series(uid, header, series.files if series is not None else [])
         series.files.append(_slice_file(path, header))
+    if unreadable:  # its series cannot be known: a slice silently left out could be any series' end slice
+        path, reason = unreadable[0]
+        raise CTMRIError(f"{len(unreadable)} file(s) in {folder} are marked as DICOM but cannot be read, e.g. "
+                         f"{path.relative_to(folder)} ({reason}); copy the study again from its source, or move "
+                         "the damaged file(s) out of the folder")
     if not groups and empty_ok:
         return []
     if not groups:
@@ -185,6 +201,10 @@ def list_series(folder: str | Path, what: str = "image", empty_ok: bool = False)
         raise no_dicom_error(folder, what)
     listed = list(groups.values())
     for series in listed:
+        if series.header is None:  # only damaged files
+            series.problem = _damage_problem(series.files)
+            series.notes.append("damaged files")
+            continue
         # A series may carry an odd image (e.g. a reformat's reference image): describe it by most of its files.
         series.image_type = _most_common([f.image_type for f in series.files])
         series.thickness = _most_common([f.thickness for f in series.files])
@@ -207,21 +227,64 @@ def _files_under(folder: Path):
             yield Path(root) / name
 
 
+@dataclass
+class _Unreadable:
+    """What :func:`_read_header` gives for a file marked as DICOM whose header cannot be read."""
+
+    reason: str
+
+
+def _marked_as_dicom(path: Path) -> bool:
+    """Whether the file carries the DICOM marker ("DICM" after the 128-byte preamble)."""
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def _read_header(path: Path):
     """The file's pydicom header without pixels, or None when it is not a DICOM image."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     try:
         header = pydicom.dcmread(str(path), stop_before_pixels=True)
-    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError, KeyError):
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds (an unknown VR: NotImplementedError)
+        if _marked_as_dicom(path):  # a DICOM file that cannot be read: one of the study's slices, perhaps
+            return _Unreadable(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": "))
         return None
     if "Rows" not in header or "SeriesInstanceUID" not in header:
         return None  # DICOMDIR, structured reports, presentation states...
     return header
 
 
-def _new_series(uid: str, header) -> Series:
+#: the tags read from every file (pydicom decodes an element only when it is first used, so a damaged one is found
+#: here, where it can be said which file it is, not as a traceback later)
+_NEEDED_TAGS = ("SeriesInstanceUID", "SeriesNumber", "Modality", "ImageType", "SeriesDescription", "StudyInstanceUID",
+                "Rows", "Columns", "PixelSpacing", "SliceThickness", "ImagePositionPatient", "ImageOrientationPatient",
+                "InstanceNumber", "NumberOfFrames", "BitsAllocated", "SamplesPerPixel", "FrameOfReferenceUID",
+                "PositionReferenceIndicator", "PatientPosition")
+
+
+def _undecodable(header) -> str:
+    """"TAG: reason" for the first tag this reader needs that the file's header cannot decode, else ""."""
+    meta = getattr(header, "file_meta", None)
+    for where, keywords in ((meta, ("TransferSyntaxUID",)), (header, _NEEDED_TAGS + PATIENT_TAGS + STUDY_TAGS)):
+        for keyword in keywords if where is not None else ():
+            try:
+                where.get(keyword)
+            except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a damaged element
+                return f"{keyword}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+    return ""
+
+
+def _damaged_series(uid: str) -> Series:
+    """A series known so far only from damaged files (its good files, if any, fill it in)."""
+    return Series(uid=uid, number=None, modality="", image_type=(), description="", study_uid="", rows=0, columns=0,
+                  pixel_spacing=None, thickness=None, header=None)
+
+
+def _new_series(uid: str, header, files: Optional[List[SliceFile]] = None) -> Series:
     spacing = _floats(header.get("PixelSpacing"))
     return Series(
         uid=uid,
@@ -235,6 +298,7 @@ def _new_series(uid: str, header) -> Series:
         pixel_spacing=(spacing[0], spacing[1]) if spacing and len(spacing) == 2 and min(spacing) > 0 else None,
         thickness=_float(header.get("SliceThickness")),
         header=header,
+        files=list(files or []),
     )
 
 
@@ -305,9 +369,26 @@ def _int(value) -> Optional[int]:
 # ---------------------------------------------------------------------------------------- geometry
 
 
+def _damage_problem(files: List[SliceFile]) -> str:
+    damaged = [f for f in files if f.damage]
+    return (f"{len(damaged)} of its {len(files)} files are damaged, e.g. {damaged[0].path.name} ({damaged[0].damage}); "
+            "copy the series again")
+
+
+def _valid_orientation(orientation: Sequence[float]) -> bool:
+    """Two unit directions at right angles (to the rounding headers use); all zeros or parallel ones are not."""
+    row, col = np.array(orientation[:3], dtype=float), np.array(orientation[3:], dtype=float)
+    return (bool(np.isfinite(orientation).all()) and abs(np.linalg.norm(row) - 1) < 0.01
+            and abs(np.linalg.norm(col) - 1) < 0.01 and abs(float(np.dot(row, col))) < 0.01)
+
+
 def _analyse(series: Series) -> None:
     """Fill plane, sorted files, steps, uniformity, shear and (if any) the reason it cannot be read."""
     files = series.files
+    if any(f.damage for f in files):
+        series.problem = _damage_problem(files)
+        series.notes.append("damaged files")
+        return
     if "LOCALIZER" in series.image_type:
         series.plane = "localizer"
         series.problem = "it is a localizer (scout), not a volume"
@@ -323,6 +404,12 @@ def _analyse(series: Series) -> None:
     if any(f.position is None or f.orientation is None for f in files) or series.pixel_spacing is None:
         series.problem = "its images lack position, orientation or pixel spacing tags, so their geometry is unknown"
         series.notes.append("no geometry tags")
+        return
+    bad = next((f for f in files if not _valid_orientation(f.orientation)), None)
+    if bad is not None:
+        series.problem = (f"the ImageOrientationPatient of its images is not two perpendicular unit directions (e.g. "
+                          f"{bad.path.name}: {', '.join(f'{v:g}' for v in bad.orientation)}), so their geometry is unknown")
+        series.notes.append("bad orientation tags")
         return
     orientations = [_rounded(f.orientation) for f in files]
     if len(set(orientations)) > 1:

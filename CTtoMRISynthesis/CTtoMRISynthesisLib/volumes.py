@@ -147,7 +147,33 @@ def no_dicom_error(folder: Path, what: str) -> CTMRIError:
             "stack such a folder as one scan, see --picture-spacing), or give a volume file (.nrrd, .nii.gz) made from "
             "them with the scan's real spacing"
         )
+    damaged, named = _unreadable_dicom_files(Path(folder))
+    if damaged or named:
+        found = "; ".join(part for part in (
+            f"{len(damaged)} file(s) marked as DICOM could not be read, e.g. {damaged[0].name}" if damaged else "",
+            f"{len(named)} .dcm file(s) are not DICOM at all, e.g. {named[0].name}" if named else "") if part)
+        return CTMRIError(f"{what} folder {folder} holds no readable DICOM series: {found} (damaged or cut short in "
+                          "copying?); copy the series again from its source")
     return CTMRIError(f"{what} folder {folder} holds no DICOM series; give an image file or a DICOM folder")
+
+
+def _unreadable_dicom_files(folder: Path) -> tuple:
+    """Files under ``folder`` that carry the DICOM marker ("DICM" at byte 128) and files named ``*.dcm`` without
+    it: in a folder where no DICOM image could be read, these are what was meant to be read."""
+    damaged, named = [], []
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            path = Path(root) / name
+            try:
+                with open(path, "rb") as stream:
+                    marked = stream.read(132)[128:] == b"DICM"
+            except OSError:
+                continue
+            if marked:
+                damaged.append(path)
+            elif path.suffix.lower() == ".dcm":
+                named.append(path)
+    return damaged, named
 
 
 def _read_dicom_folder(folder: Path, what: str) -> sitk.Image:
