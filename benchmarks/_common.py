@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import platform
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -22,6 +24,13 @@ def machine() -> str:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu}; {torch.get_num_threads()} torch threads; {gpu}; torch {torch.__version__}"
+
+
+def require_data(data: Path, needs: str) -> None:
+    """Stop with one line saying what to do when the real data this benchmark measures on is not there."""
+    if not data.is_dir():
+        sys.exit(f"error: this benchmark measures on {needs} in the real data folder {data}, which is not there; "
+                 "set CTMRI_DATA to the data folder (see ../shared/data/README.md)")
 
 
 def best_time(fn: Callable[[], object], repeats: int = 3, sync: bool = False) -> float:

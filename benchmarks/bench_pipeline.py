@@ -100,8 +100,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_case(args.child, args.device, args.weights, args.batch_size[0])))
         return
-    from _common import machine, print_table
+    from _common import machine, print_table, require_data
 
+    require_data(DATA, "a Harvard CT/T2 pair and the Visible Human CT")
     # OpenMP threads that spin while idle can cost time on a shared machine; the children inherit this
     print(f"Machine: {machine()}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     print(f"Model: {args.weights or 'the shipped model'}")

@@ -20,7 +20,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_table  # noqa: E402
+from _common import machine, print_table, require_data  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Testing"))
 from phantoms import axis_angle_motion as rigid, displaced as moved, image_centre as centre  # noqa: E402
@@ -64,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=1, help="runs per setting (best time kept)")
     args = parser.parse_args()
+    require_data(DATA, "the RIRE T1 volume and a Harvard CT/T2 slice pair")
     print(f"Machine: {machine()}")
     rows = []
     for label, fixed, moving, truth in cases():
