@@ -402,8 +402,8 @@ def _check_final_overlap(overlap: float, min_overlap: float) -> None:
         raise CTMRIError(
             f"after registration only {overlap:.0%} of the MRI's head lies inside the CT (at least "
             f"{min_overlap:.0%} is needed). Check that the CT and the MRI show the same patient and region; if they "
-            "are already aligned, use registration 'none'; if the CT covers only part of the MRI on purpose, lower "
-            "the minimum overlap."
+            "are already aligned, use registration 'none'; if the CT covers only part of the MRI's head on purpose, "
+            "crop the MRI to the region the CT covers."
         )
 
 
