@@ -65,6 +65,14 @@ def test_synthesize_with_mri_writes_readable_outputs(case_files, tiny_weights: P
     evaluated = json.loads((tmp_path / "e.json").read_text())
     for key in ("mae", "ssim", "psnr", "mae_whole", "ssim_foreground"):
         assert evaluated[key] == pytest.approx(metrics[key], rel=1e-5)
+    # ... but never into the run's own record (its metrics.json, or the list of its files), which it replaced
+    for record in ("metrics.json", ".ctmri-manifest.json"):
+        kept = (out / record).read_bytes()
+        assert main(["evaluate", "--pred", str(out / "synthetic_mri.nrrd"), "--ref", str(mri),
+                     "--json", str(out / record)]) == 2
+        assert (out / record).read_bytes() == kept
+    assert (out / "evaluation.json").exists() is False and main([
+        "evaluate", "--pred", str(out / "synthetic_mri.nrrd"), "--ref", str(mri), "--json", str(out / "evaluation.json")]) == 0
 
 
 def test_synthesize_without_mri(case_files, tiny_weights: Path, tmp_path: Path) -> None:

@@ -20,8 +20,11 @@ def check_json_target(path: Optional[str]) -> Optional[Path]:
     """Refuse, before any work, a ``--json`` path that could not be written or would replace an image.
 
     The name must end in ``.json`` (so that a slip such as ``--json mri.nii.gz`` never overwrites the reference
-    MRI) and its folder must exist.
+    MRI), its folder must exist, and it must not be a file a ``synthesize`` run wrote (its ``metrics.json`` holds
+    the run's registration, model and times, and ``batch`` reads it to know the case is done).
     """
+    from .pipeline import is_run_output
+
     if path is None:
         return None
     target = Path(path)
@@ -32,6 +35,9 @@ def check_json_target(path: Optional[str]) -> Optional[Path]:
         raise CTMRIError(f"--json {path}: the folder {folder} does not exist; create it or choose another path")
     if target.is_dir():
         raise CTMRIError(f"--json {path} is a folder; give a file name ending in .json")
+    if is_run_output(target):
+        raise CTMRIError(f"--json {path} is the record a `ctmri synthesize` run wrote into {folder} (its registration, "
+                         "model and times); write the evaluation beside it under another name, e.g. evaluation.json")
     return target
 
 

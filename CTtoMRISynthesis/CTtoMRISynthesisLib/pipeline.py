@@ -74,6 +74,12 @@ def _our_files(out_dir: Path) -> set:
     return set()
 
 
+def is_run_output(path: str | Path) -> bool:
+    """Whether ``path`` is a file an earlier run wrote into its folder (or that run's list of them)."""
+    path = Path(path)
+    return (path.name == OUTPUT_MANIFEST and path.is_file()) or path.name in _our_files(path.parent)
+
+
 def _written_by_ctmri(metrics: Path) -> bool:
     """True for a ``metrics.json`` an earlier ctmri wrote (:meth:`SynthesisResult.summary` always has these keys)."""
     if not metrics.is_file() or metrics.is_symlink():
