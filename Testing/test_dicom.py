@@ -340,6 +340,25 @@ def test_series_option_on_a_file_is_refused(tmp_path: Path) -> None:
         dicom.read_input(path, "CT", "3")
 
 
+def test_one_file_of_a_series_or_a_localizer_file_is_refused(tmp_path: Path) -> None:
+    """One slice file given for a volume: read alone it was synthesized as a single slice without a word (one of
+    a 24-slice series), and a localizer file as a 'CT' of its own. Both are refused saying what to give; the same
+    slice copied into a folder of its own is read, as a file and as a folder."""
+    write_series(tmp_path / "study", axial(24, 4.0), number=3, thickness=4.0)
+    write_series(tmp_path / "study", [(-126.0, 0.0, 126.0)], number=1, row=(1, 0, 0), col=(0, 0, -1),
+                 image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), size=(64, 64))
+    one = sorted((tmp_path / "study").glob("s3_*.dcm"))[10]
+    with pytest.raises(CTMRIError, match=r"s3_010.dcm is one slice of a DICOM series of 24 files \(series 3\) in "
+                                         r".*give that folder to read the whole series"):
+        dicom.read_input(one, "CT")
+    with pytest.raises(CTMRIError, match=r"is a localizer \(scout\) image, not a slice of a volume"):
+        dicom.read_input(tmp_path / "study" / "s1_000.dcm", "CT")
+    (tmp_path / "alone").mkdir()
+    shutil.copy(one, tmp_path / "alone" / one.name)
+    for given in (tmp_path / "alone" / one.name, tmp_path / "alone"):
+        assert dicom.read_input(given, "CT")[0].GetSize() == (64, 64, 1)
+
+
 def test_folder_without_dicom(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(CTMRIError, match="holds no DICOM series; give an image file or a DICOM folder"):

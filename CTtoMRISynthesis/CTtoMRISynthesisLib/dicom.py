@@ -852,7 +852,40 @@ def read_input(path: str | Path, what: str, requested: Optional[str] = None,
             f"{_option(what, option, '--ct-series')} chooses a series in a DICOM folder, but the {what} {path} is a "
             f"file; give the DICOM folder, or {_leave_out(what, option)}"
         )
+    _check_lone_dicom_file(path, what)
     return read_volume(path, what), None
+
+
+def _check_lone_dicom_file(path: Path, what: str) -> None:
+    """Refuse one DICOM file given for a volume when it is a localizer, or one slice of a series whose other
+    slices lie beside it: read alone it would be synthesized as a single slice, with no word about the rest."""
+    header = _read_header(path) if path.is_file() else None
+    if header is None or isinstance(header, _Unreadable):
+        return  # not a DICOM image: the volume reader decides
+    if "LOCALIZER" in tuple(str(v).upper() for v in _values(header.get("ImageType"))):
+        raise CTMRIError(f"the {what} {path} is a localizer (scout) image, not a slice of a volume; give the folder "
+                         f"of the study instead (see `ctmri series {path.parent}`)")
+    uid = str(header.get("SeriesInstanceUID", ""))
+    siblings = sum(1 for other in path.parent.iterdir() if other != path and other.is_file()
+                   and _series_uid_of(other) == uid)
+    if siblings:
+        number = header.get("SeriesNumber")
+        raise CTMRIError(
+            f"the {what} {path.name} is one slice of a DICOM series of {siblings + 1} files"
+            f"{f' (series {number})' if number is not None else ''} in {path.parent}; give that folder to read the "
+            f"whole series (`ctmri series {path.parent}` lists what it holds), or, for this slice alone, copy it into "
+            "a folder of its own and give that")
+
+
+def _series_uid_of(path: Path) -> Optional[str]:
+    """A file's SeriesInstanceUID, read without the rest of its header; None when it is not DICOM."""
+    import pydicom
+
+    try:
+        return str(pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+                   .get("SeriesInstanceUID", ""))
+    except Exception:  # noqa: BLE001 - any file that is not readable DICOM is simply not a sibling
+        return None
 
 
 def about_source(source: Optional[object], what: str) -> Tuple[str, dict, List[str]]:
