@@ -102,6 +102,16 @@ def test_evaluate_json_never_replaces_an_image_and_fails_before_the_work(case_fi
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json"]  # no temporary file beside it
 
 
+def test_evaluate_warns_when_the_reference_is_a_ct(case_files, capsys) -> None:
+    """A CT file given as --ref was scored without a word (synthesize warns about the same slip); now warned, in
+    the output and the JSON's warnings, and the real MRI is not."""
+    ct, mri = case_files
+    for reference, warned in ((ct, True), (mri, False)):
+        assert main(["evaluate", "--pred", str(mri), "--ref", str(reference)]) == 0
+        err = capsys.readouterr().err
+        assert ("warning: the reference MRI looks like a CT (" in err) is warned, err
+
+
 def test_evaluate_refuses_a_prediction_that_misses_the_reference(case_files, tmp_path: Path, capsys) -> None:
     """Another patient's MRI, another space or a wrong spacing: the prediction's grid covers little of the
     reference's head. That used to be scored with zeros for the missing part, exit 0 (another patient's MRI

@@ -350,7 +350,12 @@ def test_real_cts_and_mris_are_told_apart(harvard_dir: Path, vh_dir: Path, rire_
     for case in HARVARD_CASES:
         assert ct_likeness(read_harvard_case(harvard_dir, case, "CT"))[0], case
         assert not ct_likeness(read_harvard_case(harvard_dir, case, "MRI"))[0], case
-    assert ct_likeness(sitk.GetArrayFromImage(sitk.ReadImage(str(vh_dir / "vm_head_ct.mha"))))[0]
+    hu = sitk.GetArrayFromImage(sitk.ReadImage(str(vh_dir / "vm_head_ct.mha"))).astype(np.float32)
+    assert ct_likeness(hu)[0]
+    # stored as 0..1: a windowed CT is still one (min-max restores it); a HU CT min-max scaled is said to be that
+    assert ct_likeness(read_harvard_case(harvard_dir, "41", "CT").astype(np.float32) / 255.0)[0]
+    normalised = ct_likeness((hu - hu.min()) / (hu.max() - hu.min()))
+    assert not normalised[0] and "Hounsfield units someone normalised to 0..1" in normalised[1], normalised
     t1 = sitk.GetArrayFromImage(sitk.ReadImage(str(rire_mr_path))).astype(np.float32)
     assert not ct_likeness(t1)[0]
     assert not ct_likeness(np.round(t1 * 0.55))[0]

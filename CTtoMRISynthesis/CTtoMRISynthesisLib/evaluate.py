@@ -58,7 +58,7 @@ def evaluate_files(pred: str, ref: str, pred_scale: str = "as-is", picture_spaci
 
     from . import geometry
     from .dicom import read_input
-    from .intensity import minmax_255, normalise_mri
+    from .intensity import ct_likeness, minmax_255, normalise_mri, reference_is_ct_warning
     from .metrics import to_jsonable
     from .pipeline import check_image, evaluate_images
 
@@ -69,6 +69,9 @@ def evaluate_files(pred: str, ref: str, pred_scale: str = "as-is", picture_spaci
     reference, prediction = check_image(reference, "reference MRI"), check_image(prediction, "prediction")
     notes, warnings, inputs = _about_sources({"prediction": pred_source, "reference MRI": ref_source},
                                             picture_spacing)
+    looks_like_ct, evidence = ct_likeness(sitk.GetArrayViewFromImage(reference))
+    if looks_like_ct:  # (synthesize says the same; a DICOM CT series as --ref is refused by its Modality)
+        warnings.append(reference_is_ct_warning(evidence))
     ref255 = geometry.array_on_grid(normalise_mri(sitk.GetArrayFromImage(reference)), reference)
     pred_array = sitk.GetArrayFromImage(prediction).astype("float32")
     if pred_scale == "minmax":

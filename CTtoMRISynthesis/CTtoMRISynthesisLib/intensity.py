@@ -100,12 +100,17 @@ def ct_likeness(array: np.ndarray) -> tuple[bool, str]:
     """
     kind = classify_ct(array)
     if kind == "windowed8bit":
-        head = int(np.count_nonzero(array > 10))
+        # a windowed CT stored as 0..1 (min-max scaled on the way) is read at that scale; min-max puts it back
+        top = 1.0 if 0.0 < float(array.max()) <= 1.0 else 255.0
+        head = int(np.count_nonzero(array > 10 * top / 255))
         if head == 0:
             return False, "nothing above the background"
-        saturated = np.count_nonzero(array >= 250) / head
+        saturated = np.count_nonzero(array >= 250 * top / 255) / head
         if saturated >= SATURATED_MIN_FRACTION:
             return True, f"{saturated:.0%} of the head is saturated white, like bone in a CT brain window"
+        if top == 1.0:
+            return False, (f"all values within 0..1 and only {saturated:.1%} of the head at the top, as in a CT in "
+                           "Hounsfield units someone normalised to 0..1, not a windowed one")
         return False, (
             f"only {saturated:.1%} of the head is saturated white, where a brain-windowed CT shows its bone "
             f"(>= {SATURATED_MIN_FRACTION:.0%})"
@@ -140,15 +145,19 @@ def modality_warnings(ct: np.ndarray, mri: np.ndarray | None = None) -> list[str
     warnings = []
     if not ct_ok:
         warnings.append(
-            f"the CT input does not look like a CT ({ct_evidence}); if it is an MRI, give the CT instead: "
-            "a synthetic MRI made from an MRI is meaningless"
+            f"the CT input does not look like a CT ({ct_evidence}); give the CT in Hounsfield units or as an 8-bit "
+            "brain-windowed export (if it is an MRI, the CT instead): a synthetic MRI made from anything else is "
+            "meaningless"
         )
     if mri_is_ct:
-        warnings.append(
-            f"the reference MRI looks like a CT ({mri_evidence}); check that it is the MRI: the difference map "
-            "and metrics are meaningless otherwise"
-        )
+        warnings.append(reference_is_ct_warning(mri_evidence))
     return warnings
+
+
+def reference_is_ct_warning(evidence: str) -> str:
+    """The warning for a reference MRI whose intensities look like a CT's (``ct_likeness``'s evidence)."""
+    return (f"the reference MRI looks like a CT ({evidence}); check that it is the MRI: the difference map "
+            "and metrics are meaningless otherwise")
 
 
 def normalise_ct(array: np.ndarray, window: CTWindow) -> tuple[np.ndarray, dict]:
