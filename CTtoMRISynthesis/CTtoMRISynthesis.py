@@ -287,7 +287,7 @@ class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return _("Failed: ") + str(run.error)
         outputs = {}
         try:
-            outputs = self.logic.loadBackgroundResults(run, ctNode)  # all or nothing
+            outputs = self.logic.loadBackgroundResults(run, ctNode, mriNode)  # all or nothing
             self.logic.storeOutputs(self._parameterNode, outputs)
         except Exception as exc:
             from CTtoMRISynthesisLib import mrml
@@ -346,11 +346,15 @@ class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.warningsLabel.visible = bool(text["warnings"])
 
     def onShowResults(self) -> None:
+        from CTtoMRISynthesisLib import mrml
+
         p = self._parameterNode
         if p and p.syntheticVolume:
             outputs = {"synthetic_mri": p.syntheticVolume, "difference": p.differenceVolume,
                        "uncertainty": p.uncertaintyVolume}
-            self.logic.showResults(outputs, p.mriVolume, p.ctVolume)
+            # the result's own CT and MRI, not whatever the boxes select now (a result of an older version: those)
+            ctNode, mriNode = mrml.run_inputs(p.syntheticVolume) or (p.ctVolume, p.mriVolume)
+            self.logic.showResults(outputs, mriNode, ctNode)
 
 
 #
@@ -560,11 +564,11 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
             raise
         return run
 
-    def loadBackgroundResults(self, run, ctNode) -> dict:
+    def loadBackgroundResults(self, run, ctNode, mriNode=None) -> dict:
         """Add the nodes of a finished background run (same nodes as :meth:`process`)."""
         from CTtoMRISynthesisLib import mrml
 
-        return mrml.add_outputs_from_folder(slicer.mrmlScene, run.out_dir, ctNode.GetName(), ctNode)
+        return mrml.add_outputs_from_folder(slicer.mrmlScene, run.out_dir, ctNode.GetName(), ctNode, mriNode)
 
     @staticmethod
     def storeOutputs(parameterNode, outputs: dict) -> None:

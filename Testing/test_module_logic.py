@@ -450,6 +450,32 @@ def test_loaded_results_and_warnings_in_their_own_label(widget, scene, case, tin
     assert widget.ui.warningsLabel.text == "" and not widget.ui.warningsLabel.visible
 
 
+def test_show_side_by_side_shows_the_results_own_inputs(widget, scene, case, tiny_weights, tmp_path,
+                                                        monkeypatch) -> None:
+    """*Show side by side* after the boxes were changed (another MRI chosen, or none) shows the result with the CT
+    and MRI it was made from, not with what the boxes select now; a synthetic MRI that does not record them (an
+    older version's) is shown with the selection, as before."""
+    from CTtoMRISynthesisLib import mrml
+    from CTtoMRISynthesisLib.pipeline import save_outputs, synthesize
+
+    ct, mri, other = _node(case[0], "CT28"), _node(case[1], "MR28"), _node(case[1], "another MRI")
+    save_outputs(synthesize(case[0], case[1], weights=tiny_weights, device="cpu", registration="none"),
+                 tmp_path / "made")
+    widget._run, widget._runInputs = _finished_run(tmp_path, tmp_path / "made"), (ct, mri)
+    widget.onPollWorker()
+    shown = []
+    monkeypatch.setattr(widget.logic, "showResults", lambda outputs, m, c: shown.append((m, c)))
+    p = widget._parameterNode
+    for selected in (other, None):
+        p.mriVolume = selected
+        widget.onShowResults()
+    assert shown == [(mri, ct), (mri, ct)]
+    p.syntheticVolume.RemoveAttribute(mrml.INPUTS_ATTRIBUTE)
+    p.mriVolume = other
+    widget.onShowResults()
+    assert shown[-1] == (other, p.ctVolume)
+
+
 def test_results_of_a_run_that_ends_elsewhere_leave_the_layout_alone(widget, scene, case, tiny_weights, tmp_path,
                                                                      monkeypatch) -> None:
     """The user went to another module while the run went on: the results are added, but the layout is not

@@ -569,6 +569,15 @@ def test_a_second_run_gets_its_own_names(scene, case_files, tiny_weights) -> Non
         scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
 
 
+def test_a_result_refers_to_the_nodes_it_was_made_from(scene, loaded, tiny_weights) -> None:
+    """The synthetic MRI refers (MRML node references) to its CT and reference MRI, or to the CT alone."""
+    ct_node, mri_node = loaded
+    with_mri = mrml.run_on_nodes(scene, ct_node, mri_node, weights=tiny_weights, device="cpu", registration="none")
+    assert mrml.run_inputs(with_mri["synthetic_mri"]) == (ct_node, mri_node)
+    alone = mrml.run_on_nodes(scene, ct_node, None, weights=tiny_weights, device="cpu")
+    assert mrml.run_inputs(alone["synthetic_mri"]) == (ct_node, None)
+
+
 @pytest.mark.parametrize("ct_name", ["", "  "])
 def test_a_ct_without_a_name_gives_outputs_named_after_ct(scene, loaded, case_files, tiny_weights, tmp_path,
                                                           ct_name) -> None:

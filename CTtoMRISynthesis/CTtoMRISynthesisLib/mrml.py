@@ -44,6 +44,9 @@ FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
 #: Attribute marking nodes this module made (value: the role), and the one holding metrics.json's content.
 ROLE_ATTRIBUTE = "CTtoMRISynthesis.role"
 SUMMARY_ATTRIBUTE = "CTtoMRISynthesis.summary"
+#: node reference roles, on a run's synthetic MRI, to the CT and the reference MRI it was made from (MRML references:
+#: kept in saved scenes, renumbered with the nodes); INPUTS_ATTRIBUTE says they were recorded (no MRI: no reference)
+INPUT_CT_ROLE, INPUT_MRI_ROLE, INPUTS_ATTRIBUTE = "CTtoMRISynthesisInputCT", "CTtoMRISynthesisInputMRI", "CTtoMRISynthesis.inputs"
 DIFFERENCE_COLOR_NAME = "CTtoMRISynthesis difference (blue-black-red)"
 UNCERTAINTY_COLOR_NAME = "CTtoMRISynthesis uncertainty (cubehelix)"
 
@@ -497,6 +500,7 @@ def add_result_nodes(
     uncertainty: Optional[sitk.Image] = None,
     transform: Optional[sitk.Transform] = None,
     ct_node=None,
+    mri_node=None,
 ) -> dict:
     """Add the output nodes of one synthesis; all or nothing.
 
@@ -506,7 +510,8 @@ def add_result_nodes(
     ``ct_node`` (the input CT, only read) gives the registered CT its window/level, and the outputs are
     gathered in a subject-hierarchy folder "<base_name> synthesis" beside it (in its patient/study),
     so they show up with the patient in the Data module. Names already taken (an earlier run) get " (k)"
-    after them, the same k for the whole run (:func:`_run_names`).
+    after them, the same k for the whole run (:func:`_run_names`). The synthetic MRI refers to ``ct_node`` and
+    ``mri_node`` (:func:`run_inputs`), so that its review can be shown again whatever the panel selects later.
     """
     scene = _scene(scene)
     base_name = output_base_name(base_name, ct_node)
@@ -526,6 +531,7 @@ def add_result_nodes(
         created.append(node)
         outputs["synthetic_mri"] = node
         node.SetAttribute(SUMMARY_ATTRIBUTE, summary_json)
+        _refer_to_inputs(scene, node, ct_node, mri_node)
         _set_window(node, 255.0, 127.5)  # the model's 0..255 scale
         if difference is not None:
             half = difference_window(difference)
@@ -548,6 +554,21 @@ def add_result_nodes(
         _remove_nodes(scene, created)
         raise
     return outputs
+
+
+def _refer_to_inputs(scene, synthetic, ct_node, mri_node) -> None:
+    for role, node in ((INPUT_CT_ROLE, ct_node), (INPUT_MRI_ROLE, mri_node)):
+        if node is not None and node.GetScene() is scene:
+            synthetic.SetNodeReferenceID(role, node.GetID())
+    synthetic.SetAttribute(INPUTS_ATTRIBUTE, "CT and MRI" if mri_node is not None else "CT")
+
+
+def run_inputs(synthetic) -> Optional[tuple]:
+    """(CT node, reference MRI node or None) a synthetic MRI node was made from, or None when it does not say (a
+    node of an older version): the review of a result shows its own inputs, not what the panel selects now."""
+    if synthetic is None or not synthetic.GetAttribute(INPUTS_ATTRIBUTE):
+        return None
+    return synthetic.GetNodeReference(INPUT_CT_ROLE), synthetic.GetNodeReference(INPUT_MRI_ROLE)
 
 
 def output_base_name(base_name: Optional[str], ct_node=None) -> str:
@@ -724,10 +745,11 @@ def run_on_nodes(
         summary=result.summary(),
         base_name=base_name,
         ct_node=ct_node,
+        mri_node=mri_node,
     )
 
 
-def add_outputs_from_folder(scene, folder, base_name: str, ct_node=None) -> dict:
+def add_outputs_from_folder(scene, folder, base_name: str, ct_node=None, mri_node=None) -> dict:
     """Add the output nodes from a folder written by ``pipeline.save_outputs`` (the background worker, the CLI).
 
     Same nodes, names and all-or-nothing rule as :func:`run_on_nodes`.
@@ -758,6 +780,7 @@ def add_outputs_from_folder(scene, folder, base_name: str, ct_node=None) -> dict
         summary=summary,
         base_name=base_name,
         ct_node=ct_node,
+        mri_node=mri_node,
     )
 
 
