@@ -243,6 +243,7 @@ def test_a_damaged_slice_file_is_named_not_a_traceback(tmp_path: Path, capsys, w
         assert cli.main(["series", str(tmp_path)]) == 0
         printed = capsys.readouterr().out
         assert "damaged files" in printed and "--ct " + str(tmp_path) + " takes series 2" in printed, printed
+        assert "3 (damaged files)" in printed, printed
         with pytest.raises(CTMRIError, match=expected):
             dicom.choose_series(dicom.list_series(tmp_path), "CT", "3", folder=tmp_path)
     else:
@@ -252,6 +253,12 @@ def test_a_damaged_slice_file_is_named_not_a_traceback(tmp_path: Path, capsys, w
         assert re.search(expected, capsys.readouterr().err)
     assert cli.main(["synthesize", "--ct", str(tmp_path), "--ct-series", "3", "--out-dir", str(tmp_path / "out")]) == 2
     assert re.search(expected, capsys.readouterr().err) and not (tmp_path / "out").exists()
+    if where == "image tag":
+        for other in sorted(tmp_path.glob("s3_*.dcm"))[:23]:  # every file of the series damaged: still listed
+            _damage_vr(other, b"\x28\x00\x10\x00", b"US")
+        assert cli.main(["series", str(tmp_path)]) == 0
+        printed = capsys.readouterr().out
+        assert "(damaged files)" in printed and "takes series 2" in printed, printed
 
 
 @pytest.mark.parametrize("orientation", [(0, 0, 0, 0, 0, 0), (1, 0, 0, 1, 0, 0)])

@@ -180,12 +180,12 @@ def list_series(folder: str | Path, what: str = "image", empty_ok: bool = False)
         damage = _undecodable(header)
         uid = str(header.get("SeriesInstanceUID", "") or "") if not damage.startswith("SeriesInstanceUID") else ""
         if not uid:
-            continue  # (a damaged file of no known series: the no-series message counts it)
+            continue  # its series unknown (a folder of only such files is said to hold damaged DICOM files)
         if damage:
             groups.setdefault(uid, _damaged_series(uid)).files.append(SliceFile(path, None, None, None, damage=damage))
             continue
         series = groups.get(uid)
-        if series is None or series.header is None:  # (a series first seen through a damaged file takes a good one's)
+        if series is None or all(f.damage for f in series.files):  # (a good file's header, not a damaged one's)
             series = groups[uid] = _new_series(uid, header, series.files if series is not None else [])
         series.files.append(_slice_file(path, header))
     if unreadable:  # its series cannot be known: a slice silently left out could be any series' end slice
@@ -201,7 +201,7 @@ def list_series(folder: str | Path, what: str = "image", empty_ok: bool = False)
         raise no_dicom_error(folder, what)
     listed = list(groups.values())
     for series in listed:
-        if series.header is None:  # only damaged files
+        if all(f.damage for f in series.files):  # only damaged files: nothing to describe it by
             series.problem = _damage_problem(series.files)
             series.notes.append("damaged files")
             continue
@@ -280,8 +280,10 @@ def _undecodable(header) -> str:
 
 def _damaged_series(uid: str) -> Series:
     """A series known so far only from damaged files (its good files, if any, fill it in)."""
+    from pydicom.dataset import Dataset
+
     return Series(uid=uid, number=None, modality="", image_type=(), description="", study_uid="", rows=0, columns=0,
-                  pixel_spacing=None, thickness=None, header=None)
+                  pixel_spacing=None, thickness=None, header=Dataset())
 
 
 def _new_series(uid: str, header, files: Optional[List[SliceFile]] = None) -> Series:
@@ -648,6 +650,8 @@ def choose_series(
 
 def _rejection(series: Series, modality: str) -> Optional[str]:
     """Why the rule does not take this series (None: it is a candidate)."""
+    if any(f.damage for f in series.files):
+        return "damaged files"
     if series.is_localizer:
         return "localizer"
     if series.is_reformat:
