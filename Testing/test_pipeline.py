@@ -173,7 +173,7 @@ def test_no_real_image_here_is_taken_for_a_label_map(data_dir: Path) -> None:
     fewest = min(np.unique(sitk.GetArrayViewFromImage(image)).size for image in images)
     assert len(images) >= 2 * 147 + 3 * 97 + 3 + 2 and fewest > 2 * LABEL_MAP_MAX_VALUES, (len(images), fewest)
     for image in images:
-        check_not_label_map(image, "CT")
+        check_not_label_map(image)
 
 
 def test_an_mri_too_small_to_score_is_refused_before_any_work(case41, model) -> None:

@@ -218,16 +218,16 @@ def check_image(image: sitk.Image, what: str) -> sitk.Image:
     return image
 
 
-#: a label map or mask (a segmentation) holds a handful of whole-number values, a head CT or MRI many more: the
-#: real images here have 983–2661 (3D), 203–256 (the other hospital's 8-bit slices) and, the fewest, 39 (one
-#: Harvard slice, an atlas quantised to few grey levels; test_real_data checks them all). An image with no more
-#: distinct values than this is refused
+#: a label map or mask (a segmentation) holds a handful of whole-number values, a head scan many more: the real
+#: images here have 983–2661 (3D), 203–256 (the other hospital's 8-bit slices) and, the fewest, 39 (one Harvard
+#: slice, an atlas quantised to few grey levels; test_pipeline's test_no_real_image_here_is_taken_for_a_label_map
+#: checks them all). A CT with no more distinct values than this is refused
 LABEL_MAP_MAX_VALUES = 16
 #: voxels looked at first, evenly strided, so that a real image (hundreds of values in any sample) costs milliseconds
 _LABEL_SAMPLE = 1_000_000
 
 
-def check_not_label_map(image: sitk.Image, what: str = "CT") -> sitk.Image:
+def check_not_label_map(image: sitk.Image) -> sitk.Image:
     """The CT, unless it holds at most ``LABEL_MAP_MAX_VALUES`` distinct whole numbers, none negative: a label map
     or mask given as the CT, which would otherwise be read as an 8-bit CT (a 0/255 mask: all bone, no warning).
     (Negative values are HU: a noise-free CT phantom of a few tissues is not refused. The MRI is not checked: a
@@ -239,7 +239,7 @@ def check_not_label_map(image: sitk.Image, what: str = "CT") -> sitk.Image:
     if values.size > LABEL_MAP_MAX_VALUES or values[0] < 0 or not np.array_equal(values, np.round(values)):
         return image
     shown = ", ".join(f"{v:g}" for v in values[:8]) + (", …" if values.size > 8 else "")
-    raise CTMRIError(f"the {what} holds only {values.size} distinct values ({shown}): a label map or mask (a "
+    raise CTMRIError(f"the CT holds only {values.size} distinct values ({shown}): a label map or mask (a "
                      "segmentation), not a CT; give the CT scan itself (in Hounsfield units or a windowed export)")
 
 
@@ -306,7 +306,7 @@ def synthesize(
         raise CTMRIError(f"unknown registration {registration!r}; choose one of {', '.join(REGISTRATION_MODES)}")
     t_start = time.perf_counter()
     stages = _Stages(progress, cancel)
-    ct = _check_ct_size(check_not_label_map(check_image(ct, "CT"), "CT"))
+    ct = _check_ct_size(check_not_label_map(check_image(ct, "CT")))
     mri = _check_scorable(check_image(mri, "MRI")) if mri is not None else None
     device = choose_device(device)
     if model is None:
