@@ -32,11 +32,11 @@ def read_volume(path: str | Path, what: str = "image") -> sitk.Image:
         if not os.access(path, os.R_OK):
             raise CTMRIError(f"cannot read {what} {path}: no permission to read it; check its permissions")
         if path.suffix == ".gz":
-            _check_gzip_complete(path, what)
+            _check_gzip_complete(path, what)  # (a .nii.gz's voxels are checked for NaN in the same pass)
         if path.suffix.lower() == ".nii":
             _check_nifti_complete(path, what)
-        if path.name.lower().endswith((".nii", ".nii.gz")):
-            _check_nifti_finite(path, what)
+            with open(path, "rb") as stream:
+                _check_nifti_finite(stream, path, what)
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
@@ -58,6 +58,8 @@ def _check_gzip_complete(path: Path, what: str) -> None:
     """ITK reads a truncated .gz without complaint (the missing voxels come back as zeros): check first."""
     try:
         with gzip.open(path, "rb") as stream:
+            if path.name.lower().endswith(".nii.gz"):
+                _check_nifti_finite(stream, path, what)
             while stream.read(1 << 24):
                 pass
     except (EOFError, OSError, zlib.error) as exc:
@@ -95,26 +97,25 @@ def _nifti_header(header: bytes) -> Optional[dict]:
 _NIFTI_FLOATS = {16: "f4", 64: "f8"}
 
 
-def _check_nifti_finite(path: Path, what: str) -> None:
+def _check_nifti_finite(stream, path: Path, what: str) -> None:
     """ITK's NIfTI reader turns NaN and Inf voxels into 0 (in a CT, water) without a word, so the check every
-    other format gets after reading cannot see them: look at the stored floats themselves, in chunks."""
-    opener = gzip.open if path.suffix.lower() == ".gz" else open
-    with opener(path, "rb") as stream:
-        header = _nifti_header(stream.read(540))
-        if header is None or header["datatype"] not in _NIFTI_FLOATS:
-            return
-        dtype = np.dtype(header["endian"] + _NIFTI_FLOATS[header["datatype"]])
-        stream.seek(header["offset"])
-        left, chunk = header["bytes"], (1 << 24) // dtype.itemsize * dtype.itemsize
-        while left > 0:
-            data = stream.read(min(chunk, left))
-            if not data:
-                return  # cut short: the completeness checks say so
-            left -= len(data)
-            values = np.frombuffer(data[: len(data) // dtype.itemsize * dtype.itemsize], dtype)
-            if not np.isfinite(values).all():
-                raise CTMRIError(f"the {what} image {path.name} contains NaN or infinite values (which the NIfTI "
-                                 "reader would silently turn into 0); fix or mask them and retry")
+    other format gets after reading cannot see them: look at the stored floats themselves, in chunks, from
+    ``stream`` (the file, or its decompressed stream, at its start)."""
+    header = _nifti_header(stream.read(540))
+    if header is None or header["datatype"] not in _NIFTI_FLOATS:
+        return
+    dtype = np.dtype(header["endian"] + _NIFTI_FLOATS[header["datatype"]])
+    stream.seek(header["offset"])
+    left, chunk = header["bytes"], (1 << 24) // dtype.itemsize * dtype.itemsize
+    while left > 0:
+        data = stream.read(min(chunk, left))
+        if not data:
+            return  # cut short: the completeness checks say so
+        left -= len(data)
+        values = np.frombuffer(data[: len(data) // dtype.itemsize * dtype.itemsize], dtype)
+        if not np.isfinite(values).all():
+            raise CTMRIError(f"the {what} image {path.name} contains NaN or infinite values (which the NIfTI "
+                             "reader would silently turn into 0); fix or mask them and retry")
 
 
 def _check_nifti_complete(path: Path, what: str) -> None:
