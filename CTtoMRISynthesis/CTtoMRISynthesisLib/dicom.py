@@ -178,7 +178,10 @@ def list_series(folder: str | Path, what: str = "image", empty_ok: bool = False)
         if header is None:
             continue
         damage = _undecodable(header)
-        uid = str(header.get("SeriesInstanceUID", "") or "") if not damage.startswith("SeriesInstanceUID") else ""
+        try:
+            uid = str(header.get("SeriesInstanceUID", "") or "")
+        except Exception:  # noqa: BLE001 - the UID itself damaged
+            uid = ""
         if not uid:
             continue  # its series unknown (a folder of only such files is said to hold damaged DICOM files)
         if damage:
@@ -234,24 +237,22 @@ class _Unreadable:
     reason: str
 
 
-def _marked_as_dicom(path: Path) -> bool:
-    """Whether the file carries the DICOM marker ("DICM" after the 128-byte preamble)."""
-    try:
-        with open(path, "rb") as stream:
-            return stream.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
+def _reason(exc: Exception) -> str:
+    """An exception as "Type: its first line", for a message naming what could not be read."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
 
 
 def _read_header(path: Path):
     """The file's pydicom header without pixels, or None when it is not a DICOM image."""
     import pydicom
 
+    from .volumes import marked_as_dicom
+
     try:
         header = pydicom.dcmread(str(path), stop_before_pixels=True)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds (an unknown VR: NotImplementedError)
-        if _marked_as_dicom(path):  # a DICOM file that cannot be read: one of the study's slices, perhaps
-            return _Unreadable(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": "))
+        if marked_as_dicom(path):  # a DICOM file that cannot be read: one of the study's slices, perhaps
+            return _Unreadable(_reason(exc))
         return None
     if "Rows" not in header or "SeriesInstanceUID" not in header:
         return None  # DICOMDIR, structured reports, presentation states...
@@ -274,7 +275,7 @@ def _undecodable(header) -> str:
             try:
                 where.get(keyword)
             except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a damaged element
-                return f"{keyword}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+                return f"{keyword}: {_reason(exc)}"
     return ""
 
 
@@ -286,13 +287,18 @@ def _damaged_series(uid: str) -> Series:
                   pixel_spacing=None, thickness=None, header=Dataset())
 
 
+def _image_type(header) -> Tuple[str, ...]:
+    """The ImageType values, upper case (``ORIGINAL``, ``PRIMARY``, ``AXIAL``, ``LOCALIZER``, …)."""
+    return tuple(str(v).upper() for v in _values(header.get("ImageType")))
+
+
 def _new_series(uid: str, header, files: Optional[List[SliceFile]] = None) -> Series:
     spacing = _floats(header.get("PixelSpacing"))
     return Series(
         uid=uid,
         number=_int(header.get("SeriesNumber")),
         modality=str(header.get("Modality", "") or ""),
-        image_type=tuple(str(v).upper() for v in _values(header.get("ImageType"))),
+        image_type=_image_type(header),
         description=str(header.get("SeriesDescription", "") or ""),
         study_uid=str(header.get("StudyInstanceUID", "") or ""),
         rows=int(header.Rows),
@@ -316,7 +322,7 @@ def _slice_file(path: Path, header) -> SliceFile:
         columns=int(header.get("Columns", 0) or 0),
         frames=_int(header.get("NumberOfFrames")) or 1,
         thickness=_float(header.get("SliceThickness")),
-        image_type=tuple(str(v).upper() for v in _values(header.get("ImageType"))),
+        image_type=_image_type(header),
         short_by=_bytes_missing(path, header),
     )
 
@@ -866,7 +872,7 @@ def _check_lone_dicom_file(path: Path, what: str) -> None:
     header = _read_header(path) if path.is_file() else None
     if header is None or isinstance(header, _Unreadable):
         return  # not a DICOM image: the volume reader decides
-    if "LOCALIZER" in tuple(str(v).upper() for v in _values(header.get("ImageType"))):
+    if "LOCALIZER" in _image_type(header):
         raise CTMRIError(f"the {what} {path} is a localizer (scout) image, not a slice of a volume; give the folder "
                          f"of the study instead (see `ctmri series {path.parent}`)")
     uid = str(header.get("SeriesInstanceUID", ""))

@@ -158,6 +158,15 @@ def no_dicom_error(folder: Path, what: str) -> CTMRIError:
     return CTMRIError(f"{what} folder {folder} holds no DICOM series; give an image file or a DICOM folder")
 
 
+def marked_as_dicom(path: Path) -> bool:
+    """Whether the file carries the DICOM marker ("DICM" after the 128-byte preamble)."""
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def _unreadable_dicom_files(folder: Path) -> tuple:
     """Files under ``folder`` that carry the DICOM marker ("DICM" at byte 128) and files named ``*.dcm`` without
     it: in a folder where no DICOM image could be read, these are what was meant to be read."""
@@ -165,12 +174,7 @@ def _unreadable_dicom_files(folder: Path) -> tuple:
     for root, _, names in os.walk(folder):
         for name in sorted(names):
             path = Path(root) / name
-            try:
-                with open(path, "rb") as stream:
-                    marked = stream.read(132)[128:] == b"DICM"
-            except OSError:
-                continue
-            if marked:
+            if marked_as_dicom(path):
                 damaged.append(path)
             elif path.suffix.lower() == ".dcm":
                 named.append(path)
