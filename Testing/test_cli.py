@@ -103,8 +103,8 @@ def test_evaluate_json_never_replaces_an_image_and_fails_before_the_work(case_fi
 
 
 def test_evaluate_warns_when_the_reference_is_a_ct(case_files, capsys) -> None:
-    """A CT file given as --ref was scored without a word (synthesize warns about the same slip); now warned, in
-    the output and the JSON's warnings, and the real MRI is not."""
+    """A CT file given as --ref was scored without a word (synthesize warns about the same slip); now warned on
+    the console, and the real MRI is not."""
     ct, mri = case_files
     for reference, warned in ((ct, True), (mri, False)):
         assert main(["evaluate", "--pred", str(mri), "--ref", str(reference)]) == 0
