@@ -16,7 +16,7 @@ import pytest
 import phantoms
 from CTtoMRISynthesisLib.ensemble import combine
 from CTtoMRISynthesisLib.errors import CTMRIError
-from CTtoMRISynthesisLib.weights import read_config, read_weights_file, save_state, sha256_of
+from CTtoMRISynthesisLib.weights import checksum_path, read_config, read_weights_file, save_state, sha256_of
 from CTtoMRISynthesisLib.weights import main as weights_main
 
 # Combining is numpy only and also runs in the Slicer-stack CI jobs (.ci/run); the rest needs PyTorch.
@@ -60,6 +60,13 @@ def test_the_ensemble_is_never_written_over_a_member_or_a_model_of_its_own(tmp_p
     combine(paths[:2], tmp_path / "ens.safetensors")
     combine(paths, tmp_path / "ens.safetensors")  # an ensemble's file: replaced
     assert read_config(tmp_path / "ens.safetensors")["model"]["members"] == 3
+    image = tmp_path / "ct.safetensors"  # any other file of the name given: refused, as it was
+    image.write_bytes(b"not a model")
+    assert weights_main(["ensemble", str(image), *map(str, paths)]) == 2
+    assert "exists and is not a ctmri model file" in capsys.readouterr().err
+    assert weights_main(["member", str(tmp_path / "ens.safetensors"), "1", str(image)]) == 2
+    assert "exists and is not a ctmri model file" in capsys.readouterr().err
+    assert image.read_bytes() == b"not a model" and not checksum_path(image).exists()
 
 
 @pytest.fixture(scope="module")

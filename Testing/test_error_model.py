@@ -357,6 +357,21 @@ def test_cli_fits_without_excluded_patients_and_still_scores_them(phantom_slices
     assert ensemble.read_bytes() == ensemble_bytes
 
 
+def test_out_replaces_only_a_model_file_and_is_checked_before_anything_is_read(tmp_path, capsys):
+    """``--out`` naming an existing file of another kind replaced it after minutes of fits: refused first."""
+    from CTtoMRISynthesisLib.error_model import main as error_model_main
+
+    notes = tmp_path / "notes.safetensors"
+    notes.write_text("my notes")
+    missing = str(tmp_path / "missing")  # nothing else is read before --out is checked
+    assert error_model_main(["--data", missing, "--from-cv", missing, "--weights", missing, "--out", str(notes)]) == 2
+    assert f"--out: {notes} exists and is not a ctmri model file" in capsys.readouterr().err
+    assert notes.read_text() == "my notes"
+    assert error_model_main(["--data", missing, "--from-cv", missing, "--weights", missing,
+                             "--out", str(tmp_path / "e.pt")]) == 2
+    assert "must end in .safetensors" in capsys.readouterr().err
+
+
 def test_shipped_model_has_an_error_model_with_its_cross_validated_record():
     """The shipped file's error model: the features this code computes, fit on the 7 Harvard T2 patients
     (patient 2, FLAIR/PD-like, excluded), with its leave-one-patient-out Spearman recorded for all 8 (the

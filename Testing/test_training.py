@@ -448,6 +448,26 @@ def test_train_never_trains_over_a_run_without_resume(phantom_slices, tmp_path, 
     assert ctmri(phantoms.tiny_train_args(phantom_slices, cv, "--cv", "loo", "--only-folds", "1", max_steps=1)) == 0
 
 
+@needs_torch
+def test_save_replaces_only_a_model_file_and_is_refused_with_cv(phantom_slices, tmp_path, capsys):
+    """``--save`` over an existing file that is not a model replaced it after training; with ``--cv`` it was
+    silently ignored. Both refused before anything is trained."""
+    import phantoms
+    from CTtoMRISynthesisLib.cli import main as ctmri
+
+    notes = tmp_path / "notes.safetensors"
+    notes.write_text("my notes")
+    assert ctmri(phantoms.tiny_train_args(phantom_slices, tmp_path / "run", "--save", str(notes), max_steps=1)) == 2
+    assert f"--save: {notes} exists and is not a ctmri model file" in capsys.readouterr().err
+    assert ctmri(phantoms.tiny_train_args(phantom_slices, tmp_path / "cv", "--cv", "loo", "--save",
+                                          str(tmp_path / "m.safetensors"), max_steps=1)) == 2
+    assert "with --cv there is one model per fold" in capsys.readouterr().err
+    assert ctmri(phantoms.tiny_train_args(phantom_slices, tmp_path / "run", "--save",
+                                          str(notes / "m.safetensors"), max_steps=1)) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert notes.read_text() == "my notes" and not (tmp_path / "run").exists() and not (tmp_path / "cv").exists()
+
+
 def test_exclude_from_training_removes_only_those_and_says_so():
     kept, rec = split.exclude(["2", "20", "28"], ["2"], {"mode": "fold 2", "train_cases": ["2", "20", "28"]})
     assert kept == ["20", "28"] and rec["train_cases"] == kept and rec["excluded_from_training"] == ["2"]

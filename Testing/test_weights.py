@@ -21,6 +21,7 @@ from CTtoMRISynthesisLib.errors import CTMRIError
 from CTtoMRISynthesisLib.weights import (
     FORMAT,
     SHIPPED_NAME,
+    check_model_target,
     checksum_path,
     copy_model,
     default_weights_path,
@@ -203,6 +204,30 @@ def test_copy_checks_the_source_and_writes_the_copy_with_its_checksum(tmp_path: 
     with pytest.raises(CTMRIError, match="does not match its recorded sha256"):
         copy_model(source, tmp_path / "bad.safetensors")
     assert not (tmp_path / "bad.safetensors").exists() and not checksum_path(tmp_path / "bad.safetensors").exists()
+
+
+def test_a_model_file_is_written_only_over_a_model_file(tmp_path: Path) -> None:
+    """``train --save``, ``weights ensemble``/``member`` and ``error_model --out`` replaced any file of the name
+    given (an image, a report, the checksum of another file) without a word: only a ctmri model file, or
+    nothing, may be replaced; a safetensors file of another tool is not one."""
+    check_model_target(tmp_path / "new.safetensors", "--save")  # nothing there: fine
+    model = tmp_path / "old.safetensors"
+    save_state(model, TENSORS, CONFIG)
+    check_model_target(model, "--save")  # a model file of ours: may be replaced
+    image = tmp_path / "ct.safetensors"
+    image.write_bytes(b"\x5c\x01\x00\x00" + bytes(400))  # e.g. a NIfTI header under a wrong name
+    foreign = _raw_safetensors(tmp_path / "other.safetensors", {"format": "pt"})
+    (tmp_path / "stray.safetensors.sha256").write_text("my notes\n")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "folder.safetensors").mkdir()
+    for target, said in ((image, "exists and is not a ctmri model file"), (foreign, "is not a ctmri model file"),
+                         (tmp_path / "stray.safetensors", "is not a sha256 record"),
+                         (tmp_path / "afile" / "m.safetensors", "is a file, not a folder"),
+                         (tmp_path / "folder.safetensors", "is a folder"),
+                         (tmp_path / "m.pt", "must end in .safetensors"),
+                         (model, "is the model file it is made from")):
+        with pytest.raises(CTMRIError, match=said):
+            check_model_target(target, "--save", source=model if target == model else None)
 
 
 def test_shipped_model_file_and_its_config_without_torch(monkeypatch) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .error_model import split_state
 from .errors import CTMRIError
-from .weights import check_not_an_input, read_config, read_weights_file, save_state
+from .weights import check_model_target, read_config, read_weights_file, save_state
 
 #: config sections that must be equal in every member: the same network applied the same way
 SHARED = ("model", "preprocessing")
@@ -93,22 +93,17 @@ def _check_target(out_path, member_paths: list) -> None:
     ``ensemble RUN1/model.safetensors RUN2/model.safetensors RUN3/model.safetensors`` (the ensemble's name
     forgotten) would replace RUN1's model, hours of training, with an ensemble of the other two."""
     out = Path(out_path)
-    if not out.exists():
-        return
-    if any(out.resolve() == Path(p).resolve() for p in member_paths):
+    if out.exists() and any(out.resolve() == Path(p).resolve() for p in member_paths):
         raise CTMRIError(f"{out} is one of the members; give the ensemble a file name of its own")
-    try:
-        single = not read_config(out, verify=False).get("ensemble")
-    except CTMRIError:  # not a model file we can read: an ordinary file the user named as the target
-        return
-    if single:
+    check_model_target(out, "the ensemble's file")  # no other kind of file is replaced
+    if out.exists() and not read_config(out, verify=False).get("ensemble"):
         raise CTMRIError(f"{out} is a model of its own, not an ensemble, and would be replaced: the ensemble's file name "
                          "comes first (ensemble OUT.safetensors MEMBER.safetensors …); give a new name, or move it away")
 
 
 def extract(ensemble_path, index: int, out_path) -> dict:
     """Write member ``index`` (1-based) of the ensemble ``ensemble_path`` as a model file of its own; return its config."""
-    check_not_an_input(out_path, ensemble_path, "the member's file")
+    check_model_target(out_path, "the member's file", source=ensemble_path)
     blob = read_weights_file(ensemble_path, framework="numpy")
     config = blob["config"]
     members = config.get("ensemble") or []

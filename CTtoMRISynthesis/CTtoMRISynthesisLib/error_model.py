@@ -309,9 +309,9 @@ def cv_samples(run_dirs: list, cases) -> list:
 
 def attach(weights_in, out, model: ErrorModel) -> str:
     """Write ``out``: the tensors and config of ``weights_in`` plus ``model``; return its sha256."""
-    from .weights import check_not_an_input, read_weights_file, save_state
+    from .weights import check_model_target, read_weights_file, save_state
 
-    check_not_an_input(out, weights_in, "--out")
+    check_model_target(out, "--out", source=weights_in)
     blob = read_weights_file(weights_in, framework="numpy")
     tensors, _ = split_state(blob["state_dict"])
     config = dict(blob["config"])
@@ -337,10 +337,10 @@ def main(argv: Optional[list] = None) -> int:
     from .intensity import CTWindow
     from .training.discovery import discover
     from .training.report import uncertainty_quality
-    from .weights import check_not_an_input, read_config
+    from .weights import check_model_target, read_config
 
     try:
-        check_not_an_input(args.out, args.weights, "--out")  # before the fits, not after them
+        check_model_target(args.out, "--out", source=args.weights)  # before the fits, not after them
         names = check_features(args.features)  # a misspelt name, before the CV runs are read
         window = CTWindow(**read_config(args.weights)["preprocessing"]["ct_window"])
         samples = cv_samples(args.from_cv, discover(args.data, window))

@@ -109,6 +109,55 @@ def check_not_an_input(target: str | Path, source: str | Path, flag: str = "the 
                          "give a new file name (then move it over the old one if that is what you want)")
 
 
+def check_model_target(target: str | Path, flag: str = "the target", source: str | Path | None = None) -> None:
+    """Refuse, before any work, a model file name whose writing would lose something or fail late.
+
+    Only a ctmri model file (or nothing) may be replaced: an existing file of another kind (an image, a
+    document, a checkpoint) is refused, as is ``source`` itself (:func:`check_not_an_input`), a folder, a name
+    not ending in ``.safetensors`` or one under a file. ``flag``: the option the messages name."""
+    target = Path(target)
+    if target.suffix != SUFFIX:
+        raise CTMRIError(f"{flag} {target}: a model file name must end in {SUFFIX}; choose e.g. "
+                         f"{target.with_suffix(SUFFIX).name}")
+    if source is not None:
+        check_not_an_input(target, source, flag)
+    if target.is_dir():
+        raise CTMRIError(f"{flag} {target} is a folder; give a file name ending in {SUFFIX}")
+    parent = next((p for p in target.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise CTMRIError(f"{flag} {target} cannot be written: {parent} is a file, not a folder; choose another name")
+    for path, what in ((target, "a ctmri model file"), (checksum_path(target), "a sha256 record")):
+        if (path.exists() or path.is_symlink()) and not (_is_model_file(path) if path == target else _is_checksum_file(path)):
+            raise CTMRIError(f"{flag}: {path} exists and is not {what}, and would be replaced; give a new file "
+                             "name, or move that file away first")
+
+
+def _is_model_file(path: Path) -> bool:
+    """Whether ``path`` is a file with a ctmri model header (only the header is read; not checksum-verified)."""
+    try:
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            size = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+            if not 2 <= size <= _MAX_HEADER:
+                return False
+            data = prefix + handle.read(size)
+        _config_from_header(_header(data, path), path)
+    except (OSError, CTMRIError):
+        return False
+    return True
+
+
+def _is_checksum_file(path: Path) -> bool:
+    """Whether ``path`` holds a sha256 record as :func:`save_state` writes it (small, a 64-hex-digit first word)."""
+    try:
+        if not path.is_file() or path.stat().st_size > 1000:
+            return False
+        words = path.read_text().split()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return bool(words) and re.fullmatch(r"[0-9a-fA-F]{64}", words[0]) is not None
+
+
 def save_state(path: str | Path, tensors: Mapping[str, Any], config: dict) -> str:
     """Write named tensors (torch tensors or numpy arrays) and ``config`` as a model file; return its sha256.
 
@@ -355,6 +404,7 @@ def convert_legacy(source: str | Path, target: str | Path) -> str:
         raise CTMRIError(f"the converted file's name must end in {SUFFIX}; choose e.g. {source.with_suffix(SUFFIX).name}")
     if target.exists():
         raise CTMRIError(f"{target} already exists; choose another name or remove it first")
+    check_model_target(target, "the converted file")  # its .sha256 name free, no file in the way
     data, _ = _read_checked_bytes(source, verify=True)
     if not _is_pickle(data):
         raise CTMRIError(f"{source.name} is not an old PyTorch model file, so there is nothing to convert; "

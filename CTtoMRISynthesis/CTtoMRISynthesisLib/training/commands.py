@@ -225,6 +225,16 @@ class _TrainJob:
         )
 
 
+def _check_save(args) -> None:
+    """``--save`` makes sense for a single run only, and may replace only a ctmri model file."""
+    from ..weights import check_model_target
+
+    if args.cv != "none":
+        raise CTMRIError("--save copies a single run's model; with --cv there is one model per fold (foldNN/"
+                         "model.safetensors): leave --save out, or train the model to ship without --cv")
+    check_model_target(args.save, "--save")
+
+
 def run_train(args) -> int:
     from . import split as splits
     from .discovery import discover
@@ -236,9 +246,8 @@ def run_train(args) -> int:
         settings = settings_from_args(args)
         check_batch_divides(settings.batch_size, dist_from_env())  # before the data is read, not after
         check_writable(args.out, "--out")
-        if args.save and Path(args.save).suffix != ".safetensors":  # before training, not after it
-            raise CTMRIError(f"--save {args.save}: a model file name must end in .safetensors; choose e.g. "
-                             f"{Path(args.save).with_suffix('.safetensors')}")
+        if args.save:  # before training, not after it
+            _check_save(args)
         out = Path(args.out)
         cases = discover(args.data, settings.window, settings.size, Path(args.cache) if args.cache else out / "cache",
                          args.case_rule)
