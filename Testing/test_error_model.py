@@ -9,6 +9,7 @@ Fitting data here are synthetic images (no licensed data); the shipped file's re
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -355,6 +356,50 @@ def test_cli_fits_without_excluded_patients_and_still_scores_them(phantom_slices
     assert error_model_main(args + ["--out", str(ensemble)]) == 2  # --out = --weights: refused before the fits
     assert "--out " + str(ensemble) + " is the model file it is made from" in capsys.readouterr().err
     assert ensemble.read_bytes() == ensemble_bytes
+
+
+@needs_torch
+def test_unfinished_repeated_or_mixed_cv_runs_are_refused_and_one_run_does_not_crash(phantom_slices, tmp_path, capsys):
+    """``report --from-cv`` took one fold of two as "Cross-validated results" (and ``--attach`` wrote it into the
+    model's config); ``error_model`` took the same run twice and a k-fold run with a leave-one-out one, and
+    crashed (TypeError) after its fits when the runs' predictions did not differ."""
+    import shutil
+
+    from CTtoMRISynthesisLib.cli import main as ctmri
+    from CTtoMRISynthesisLib.error_model import main as error_model_main
+
+    run = phantoms.tiny_cv_runs(phantom_slices, tmp_path, seeds=(0,))[0]
+    model_file = next(run.glob("fold*/model.safetensors"))
+    attached = tmp_path / "attach.safetensors"
+    shutil.copy(model_file, attached)
+    shutil.copy(str(model_file) + ".sha256", str(attached) + ".sha256")
+    before = attached.read_bytes()
+    half = tmp_path / "half"
+    assert ctmri(phantoms.tiny_train_args(phantom_slices, half, "--cv", "kfold", "--folds", "2", "--only-folds", "1")) == 0
+    capsys.readouterr()
+    assert ctmri(["report", "--data", str(phantom_slices), "--from-cv", str(half), "--out", str(tmp_path / "r"),
+                  "--attach", str(attached)]) == 2
+    assert f"{half} is an unfinished cross-validation: fold(s) [2] of 2 are not trained" in capsys.readouterr().err
+    assert attached.read_bytes() == before and not (tmp_path / "r" / "report.md").exists()
+    loo = tmp_path / "loo"
+    assert ctmri(phantoms.tiny_train_args(phantom_slices, loo, "--cv", "loo", "--only-folds", "1")) == 0
+    shutil.rmtree(loo / "fold01" / "ranks", ignore_errors=True)
+    base = ["--data", str(phantom_slices), "--weights", str(model_file), "--steps", "5"]
+    for runs, said in (([run, run], "named more than once"), ([run, loo], "unfinished cross-validation"),
+                       ([half], "unfinished cross-validation")):
+        capsys.readouterr()
+        assert error_model_main(base + ["--from-cv", *map(str, runs), "--out", str(tmp_path / "e.safetensors")]) == 2
+        assert said in capsys.readouterr().err
+    for k in range(2, 5):  # the leave-one-out run finished (4 patients): a complete run of another scheme
+        shutil.copytree(loo / "fold01", loo / f"fold{k:02d}")
+        record = json.loads((loo / f"fold{k:02d}" / "fold.json").read_text())
+        record["split"]["mode"] = f"leave-one-patient-out: fold {k} of 4"
+        (loo / f"fold{k:02d}" / "fold.json").write_text(json.dumps(record))
+        (loo / f"fold{k:02d}" / "model.safetensors").unlink()
+    assert error_model_main(base + ["--from-cv", str(run), str(loo), "--out", str(tmp_path / "e.safetensors")]) == 2
+    assert "different schemes" in capsys.readouterr().err
+    assert error_model_main(base + ["--from-cv", str(run), "--out", str(tmp_path / "e.safetensors")]) == 0
+    assert "members' SD n/a (a constant map)" in capsys.readouterr().out
 
 
 def test_out_replaces_only_a_model_file_and_is_checked_before_anything_is_read(tmp_path, capsys):

@@ -319,6 +319,12 @@ def attach(weights_in, out, model: ErrorModel) -> str:
     return save_state(out, {**tensors, **model.tensors()}, config)
 
 
+def _shown(rho: Optional[float]) -> str:
+    """A Spearman correlation for the console; "n/a" where the map is constant over the head (e.g. the SD of
+    runs whose predictions do not differ), which ranks nothing."""
+    return "n/a (a constant map)" if rho is None else f"{rho:.3f}"
+
+
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m CTtoMRISynthesisLib.error_model", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, nargs="+", help="the dataset folder(s) the CV runs were trained on")
@@ -336,12 +342,13 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     from .intensity import CTWindow
     from .training.discovery import discover
-    from .training.report import uncertainty_quality
+    from .training.report import check_finished_cv, uncertainty_quality
     from .weights import check_model_target, read_config
 
     try:
         check_model_target(args.out, "--out", source=args.weights)  # before the fits, not after them
         names = check_features(args.features)  # a misspelt name, before the CV runs are read
+        check_finished_cv(args.from_cv)
         window = CTWindow(**read_config(args.weights)["preprocessing"]["ct_window"])
         samples = cv_samples(args.from_cv, discover(args.data, window))
         excluded = args.exclude_from_training
@@ -354,9 +361,10 @@ def main(argv: Optional[list] = None) -> int:
         for s in samples:
             rho[s.case_id] = uncertainty_quality(s.real, s.mean, maps[s.case_id], s.head)["unc_spearman"]
             members = uncertainty_quality(s.real, s.mean, s.spread, s.head)["unc_spearman"]
-            print(f"patient {s.case_id}: Spearman(error model, |error|) {rho[s.case_id]:.3f}; members' SD {members:.3f}")
-        values = list(rho.values())
-        print(f"mean {np.mean(values):.3f}, lowest {min(values):.3f} (leave-one-patient-out)")
+            print(f"patient {s.case_id}: Spearman(error model, |error|) {_shown(rho[s.case_id])}; members' SD {_shown(members)}")
+        values = [v for v in rho.values() if v is not None]
+        print(f"mean {_shown(np.mean(values) if values else None)}, lowest {_shown(min(values, default=None))} "
+              "(leave-one-patient-out)")
         model = fit([s for s in samples if s.case_id not in excluded], names=names, steps=args.steps, seed=args.seed)
         if excluded:
             model.info["excluded_from_training"] = list(excluded)

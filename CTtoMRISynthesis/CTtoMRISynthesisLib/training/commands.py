@@ -381,10 +381,11 @@ def run_report(args) -> int:
         check_writable(args.out, "--out")  # before the work, not after it
         check_report_folder(Path(args.out))
         if args.from_cv:
-            from .report import fold_model
+            from .report import check_finished_cv, fold_model
             from ..weights import read_config
 
             runs = [Path(r) for r in args.from_cv]
+            check_finished_cv(runs)
             fold0 = [m for r in runs for m in map(fold_model, sorted(r.glob("fold*"))) if m.exists()]
             if not fold0 and not args.attach:
                 raise CTMRIError(f"{', '.join(args.from_cv)} hold no fold*/model.safetensors; run `ctmri train --cv loo` "

@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -489,6 +490,49 @@ def _rows_for(case, results: dict, held_out: bool) -> list[dict]:
         rows.append({"patient": case.case_id, "slices": case.slices, "held_out": held_out, "method": method,
                      **{k: m.get(k) for k in METRIC_KEYS + UNCERTAINTY_KEYS if k in m or k in METRIC_KEYS}})
     return rows
+
+
+_FOLD_MODE = re.compile(r"(?P<scheme>.+): fold \d+ of (?P<folds>\d+)$")
+
+
+def _fold_mode(fold_dir: Path) -> Optional[str]:
+    """A finished fold's split mode ("leave-one-patient-out: fold 2 of 8"): from its fold.json, else from its
+    model (trained, not yet evaluated); None while the fold is not trained."""
+    record = fold_dir / "fold.json"
+    if record.is_file():
+        return json.loads(record.read_text()).get("split", {}).get("mode")
+    return _read_split(fold_dir).get("mode") if fold_model(fold_dir).exists() else None
+
+
+def check_finished_cv(run_dirs: list) -> None:
+    """Refuse cross-validation runs that are unfinished, named twice, or of different schemes, before any work:
+    a report or an error model of some folds would read as that of every patient (the summary says
+    "cross-validated"), and a leave-one-out run mixed with a k-fold one is not one recipe's ensemble."""
+    runs = [Path(r) for r in run_dirs]
+    named_twice = sorted({str(r) for r in runs if sum(o.resolve() == r.resolve() for o in runs) > 1})
+    if named_twice:
+        raise CTMRIError(f"{', '.join(named_twice)} named more than once; name each cross-validation run once")
+    schemes = {}
+    for run in runs:
+        modes = {m for m in map(_fold_mode, sorted(run.glob("fold[0-9]*"))) if m}
+        parsed = {(m["scheme"], int(m["folds"])) for m in map(_FOLD_MODE.match, modes) if m}
+        if not parsed:
+            raise CTMRIError(f"{run} holds no finished fold (foldNN/ with its model or fold.json); train it with "
+                             f"`ctmri train --cv loo --out {run}` (add --resume to continue one)")
+        if len(parsed) > 1:
+            raise CTMRIError(f"{run} holds folds of different cross-validations ({', '.join(sorted(modes))}); "
+                             "one folder holds one cross-validation")
+        (scheme, folds), = parsed
+        missing = [k for k in range(1, folds + 1) if not _fold_mode(run / f"fold{k:02d}")]
+        if missing:
+            raise CTMRIError(f"{run} is an unfinished cross-validation: fold(s) {missing} of {folds} are not trained; "
+                             f"finish them (`ctmri train … --out {run} --cv … --resume`, the options it was started "
+                             "with) before a report or an error model of it")
+        schemes[run] = f"{scheme}, {folds} folds"
+    if len(set(schemes.values())) > 1:
+        raise CTMRIError("the runs are cross-validations of different schemes ("
+                         + "; ".join(f"{r}: {s}" for r, s in schemes.items())
+                         + "); an ensemble's runs are one recipe's, with the same scheme")
 
 
 def held_out_folds(run_dirs: list, case_id: str, cases, bone_threshold: float = 200.0) -> list:
