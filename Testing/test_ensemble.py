@@ -67,6 +67,9 @@ def test_the_ensemble_is_never_written_over_a_member_or_a_model_of_its_own(tmp_p
     assert weights_main(["member", str(tmp_path / "ens.safetensors"), "1", str(image)]) == 2
     assert "exists and is not a ctmri model file" in capsys.readouterr().err
     assert image.read_bytes() == b"not a model" and not checksum_path(image).exists()
+    assert weights_main(["ensemble", str(tmp_path / "e.safetensors"), str(paths[0]), "run9/model.safetensors"]) == 2
+    err = capsys.readouterr().err
+    assert "member model file(s) not found: run9/model.safetensors" in err and "--weights" not in err
 
 
 @pytest.fixture(scope="module")

@@ -415,6 +415,10 @@ def test_out_replaces_only_a_model_file_and_is_checked_before_anything_is_read(t
     assert error_model_main(["--data", missing, "--from-cv", missing, "--weights", missing,
                              "--out", str(tmp_path / "e.pt")]) == 2
     assert "must end in .safetensors" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: before anything is read
+        error_model_main(["--data", missing, "--from-cv", missing, "--weights", missing, "--out", str(notes),
+                          "--steps", "0"])
+    assert "--steps: 0: give at least 1" in capsys.readouterr().err
 
 
 def test_shipped_model_has_an_error_model_with_its_cross_validated_record():

@@ -128,6 +128,37 @@ def test_discover_refuses_unpaired_and_empty(tmp_path, phantom_slices):
         discovery.discover([empty], WINDOW)
 
 
+def test_discover_refuses_other_names_and_sizes_and_reads_16bit_pictures_as_their_8bit_values(tmp_path, phantom_slices):
+    """Three silent or ugly outcomes of the 2D layout: names without a 3-digit slice number were grouped by
+    their first two characters (``scanA.png`` and ``scanB.png``: one patient "sc"); one slice of another size
+    among many was a traceback from stacking; an 8-bit CT saved as 16-bit PNG (×257) was read as HU + 1024."""
+    def copy(names: dict, root: Path) -> Path:
+        for sub in ("CT", "MRI"):
+            (root / sub).mkdir(parents=True)
+            for new, old in names.items():
+                shutil.copyfile(phantom_slices / sub / old, root / sub / new)
+        return root
+
+    badly_named = copy({"scanA.png": "16005.png", "scanB.png": "28005.png"}, tmp_path / "names")
+    with pytest.raises(CTMRIError, match=r"slice 'scanA': a 2D slice file is named <case id><three-digit"):
+        discovery.discover([badly_named], WINDOW)
+    assert [c.case_id for c in discovery.discover([badly_named], WINDOW, case_rule="first2")] == ["sc"]
+    sized = copy({"16005.png": "16005.png", "16006.png": "16006.png"}, tmp_path / "sizes")
+    small = sitk.GetArrayFromImage(sitk.ReadImage(str(sized / "MRI" / "16006.png")))[:200, :180]
+    sitk.WriteImage(sitk.GetImageFromArray(small), str(sized / "MRI" / "16006.png"))
+    with pytest.raises(CTMRIError, match=r"16006.png is 180×200 pixels; the 2D layout needs 256×256"):
+        discovery.discover([sized], WINDOW)
+    wide = copy({"16005.png": "16005.png", "16006.png": "16006.png"}, tmp_path / "wide")
+    for png in (wide / "CT").iterdir():
+        eight = sitk.GetArrayFromImage(sitk.ReadImage(str(png)))
+        sitk.WriteImage(sitk.GetImageFromArray(eight.astype(np.uint16) * 257), str(png))
+    case = discovery.discover([wide], WINDOW)[0]
+    same = discovery.discover([copy({"16005.png": "16005.png", "16006.png": "16006.png"}, tmp_path / "8bit")], WINDOW)[0]
+    assert sitk.ReadImage(str(wide / "CT" / "16005.png")).GetPixelID() == sitk.sitkUInt16
+    np.testing.assert_allclose(case.ct, same.ct, atol=1e-3)
+    assert "saved as 16 bits" in case.info["ct"]
+
+
 def test_discover_3d_registers_and_caches(tmp_path):
     """A SynthRAD-style case of a phantom head: the MR (T2-like) on its own grid, the CT (in HU, with a head
     holder) on another grid covering the whole head, the head turned 6° and shifted ~9 mm. Discovery must
@@ -476,6 +507,20 @@ def test_exclude_from_training_removes_only_those_and_says_so():
         split.exclude(["2"], ["2"], {"mode": "fold 3"})
     with pytest.raises(CTMRIError, match=r"unknown patient id\(s\) \['7'\]"):
         split.check_known(["7"], ["2", "16"], "--exclude-from-training")
+
+
+@needs_torch
+def test_cv_whose_exclusions_empty_a_fold_is_refused_before_any_fold_trains(phantom_slices, tmp_path, capsys):
+    """``--cv loo --exclude-from-training 2 16 20``: the fold holding out 28 has nobody to train on; it failed
+    only when fold 4 came, after folds 1-3 had trained."""
+    import phantoms
+    from CTtoMRISynthesisLib.cli import main as ctmri
+
+    cv = tmp_path / "cv"
+    assert ctmri(phantoms.tiny_train_args(phantom_slices, cv, "--cv", "loo", "--exclude-from-training", "2", "16",
+                                          "20", max_steps=1)) == 2
+    assert "leaves no training patients in leave-one-patient-out: fold 4 of 4" in capsys.readouterr().err
+    assert not (cv / "fold01").exists()
 
 
 @needs_torch

@@ -78,6 +78,7 @@ def combine(member_paths: list, out_path) -> dict:
     """Write the ensemble of ``member_paths`` (each checked against its .sha256) to ``out_path``; return its config."""
     if len(member_paths) < 2:
         raise CTMRIError("an ensemble needs at least two member model files")
+    _check_found(member_paths, "member model file")
     _check_target(out_path, member_paths)
     blobs = [read_weights_file(p, framework="numpy") for p in member_paths]
     names = [Path(p).name for p in member_paths]
@@ -86,6 +87,13 @@ def combine(member_paths: list, out_path) -> dict:
                for key, value in split_state(b["state_dict"])[0].items()}
     save_state(out_path, tensors, config)
     return config
+
+
+def _check_found(paths: list, what: str) -> None:
+    """Name every missing input file at once (the generic message of a missing model speaks of --weights)."""
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise CTMRIError(f"{what}(s) not found: {', '.join(missing)}; check the path(s)")
 
 
 def _check_target(out_path, member_paths: list) -> None:
@@ -103,6 +111,7 @@ def _check_target(out_path, member_paths: list) -> None:
 
 def extract(ensemble_path, index: int, out_path) -> dict:
     """Write member ``index`` (1-based) of the ensemble ``ensemble_path`` as a model file of its own; return its config."""
+    _check_found([ensemble_path], "ensemble model file")
     check_model_target(out_path, "the member's file", source=ensemble_path)
     blob = read_weights_file(ensemble_path, framework="numpy")
     config = blob["config"]

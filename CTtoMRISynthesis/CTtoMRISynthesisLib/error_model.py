@@ -319,6 +319,17 @@ def attach(weights_in, out, model: ErrorModel) -> str:
     return save_state(out, {**tensors, **model.tensors()}, config)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (``--steps 0`` fit nothing, after reading every run)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give at least 1")
+    return value
+
+
 def _shown(rho: Optional[float]) -> str:
     """A Spearman correlation for the console; "n/a" where the map is constant over the head (e.g. the SD of
     runs whose predictions do not differ), which ranks nothing."""
@@ -331,7 +342,7 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--from-cv", required=True, nargs="+", help="finished `ctmri train --cv loo` run folders (the ensemble's recipe)")
     parser.add_argument("--weights", required=True, help="the model file to add the error model to (not modified)")
     parser.add_argument("--out", required=True, help="the model file to write (.safetensors, with its .sha256)")
-    parser.add_argument("--steps", type=int, default=3000, help="optimiser steps per fit (default 3000)")
+    parser.add_argument("--steps", type=_positive_int, default=3000, help="optimiser steps per fit (default 3000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--features", nargs="+", default=list(FEATURES), metavar="NAME",
                         help=f"the error model's inputs (default: {' '.join(FEATURES)}; also depth, depth_rel, ct, "

@@ -62,12 +62,24 @@ def classify_ct(array: np.ndarray) -> str:
     +1024 offset: a CT stored without its rescale intercept has air near 0, whatever its padding.
     """
     low, high = float(array.min()), float(array.max())
-    if low >= 0 and high <= 255:
+    if low >= 0 and (high <= 255 or _is_8bit_widened(array, high)):
         return "windowed8bit"
     # No negative value at all (padding aside) but bone-like highs: stored as HU + 1024 (missing intercept).
     if _lowest_but_padding(array, low) >= -10 and high > 1000:
         return "hu+1024"
     return "hu"
+
+
+def _is_8bit_widened(array: np.ndarray, high: float) -> bool:
+    """An 8-bit picture saved as 16 bits (a PNG or TIFF export: every value ×257, 255 → 65535), which would
+    otherwise read as HU + 1024. Min-max to 0..255 treats it as the 8-bit picture it is. A CT in HU + 1024
+    has all its values multiples of 257 by chance with a vanishing probability; a strided sample is tested
+    first, so a large HU volume costs almost nothing."""
+    if high > 65535 or high <= 255:
+        return False
+    flat = array.reshape(-1)
+    sample = flat[:: max(1, flat.size // 100_000)]
+    return bool(np.all(np.mod(sample, 257) == 0) and np.all(np.mod(flat, 257) == 0))
 
 
 def _lowest_but_padding(array: np.ndarray, low: float) -> float:
@@ -101,7 +113,8 @@ def ct_likeness(array: np.ndarray) -> tuple[bool, str]:
     kind = classify_ct(array)
     if kind == "windowed8bit":
         # a windowed CT stored as 0..1 (min-max scaled on the way) is read at that scale; min-max puts it back
-        top = 1.0 if 0.0 < float(array.max()) <= 1.0 else 255.0
+        high = float(array.max())
+        top = 1.0 if 0.0 < high <= 1.0 else 65535.0 if high > 255 else 255.0  # 65535: 8 bits saved as 16
         head = int(np.count_nonzero(array > 10 * top / 255))
         if head == 0:
             return False, "nothing above the background"
@@ -166,7 +179,8 @@ def normalise_ct(array: np.ndarray, window: CTWindow) -> tuple[np.ndarray, dict]
     kind = classify_ct(array)
     if kind == "windowed8bit":
         out = minmax_255(array, "CT")
-        info = {"ct_path": kind, "description": "8-bit windowed CT: per-volume min-max to 0..255"}
+        widened = " saved as 16 bits (×257)" if float(array.max()) > 255 else ""
+        info = {"ct_path": kind, "description": f"8-bit windowed CT{widened}: per-volume min-max to 0..255"}
     else:
         hu = array.astype(np.float32) - (HU_OFFSET if kind == "hu+1024" else 0.0)
         out = window.apply(hu)

@@ -286,8 +286,9 @@ def _run_cross_validation(job: _TrainJob, out: Path) -> int:
     unknown = sorted(chosen - set(range(1, len(folds) + 1)))
     if unknown:
         raise CTMRIError(f"--only-folds {unknown}: this cross-validation has folds 1..{len(folds)}; choose among them")
-    if not args.resume:  # every chosen fold, before the first trains
-        for k in sorted(chosen):
+    for k in sorted(chosen):  # every chosen fold, before the first trains
+        job.patients(folds[k - 1].train_cases, folds[k - 1].to_dict())  # some left after exclusions and drops
+        if not args.resume:
             check_run_free(out / f"fold{k:02d}")
     for k, fold in enumerate(folds, start=1):
         if k in chosen and not _run_fold(job, k, fold, len(folds), out / f"fold{k:02d}"):

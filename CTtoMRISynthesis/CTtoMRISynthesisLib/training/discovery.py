@@ -4,8 +4,10 @@ Layouts (a data argument may be any of them; several arguments are combined):
 
 (a) **2D slice folders**: ``DIR/CT/*.png`` and ``DIR/MRI/*.png`` with the same file names (the layout of
     the Harvard AANLIB pairs). A file name is ``<case><slice>``: the slice number is the last three
-    digits of the stem, the case id the rest (``16005`` → case ``16``, ``2004`` → case ``2``). The
-    slices of a case are stacked in slice-number order into a (z, H, W) volume.
+    digits of the stem, the case id the rest (``16005`` → case ``16``, ``2004`` → case ``2``); other names
+    are refused. The slices of a case are stacked in slice-number order into a (z, H, W) volume. A CT slice
+    saved as 16 bits is read as Hounsfield units + 1024, unless it is an 8-bit picture widened ×257
+    (:func:`intensity.classify_ct`).
 
     Why not "the first two characters": in the shared Harvard folder ``2004.png`` … ``2022.png`` and
     ``20005.png`` … ``20022.png`` share the prefix ``20`` but are two different patients (different
@@ -68,7 +70,10 @@ def case_id_of(stem: str, rule: str = "slice3") -> str:
         raise CTMRIError(f"unknown case-id rule {rule!r}; use 'slice3' or 'first2'")
     if len(stem) > 3 and stem[-3:].isdigit():
         return stem[:-3]
-    return stem[:2]
+    # Falling back to the first two characters merged different patients into one without a word.
+    raise CTMRIError(f"slice {stem!r}: a 2D slice file is named <case id><three-digit slice number> (16005.png: "
+                     "case 16, slice 5); rename the slices so, or pass --case-rule first2 if every patient's "
+                     "files start with two characters of their own")
 
 
 def _slice_key(stem: str) -> tuple:
@@ -88,6 +93,16 @@ def _read_slice(path: Path) -> np.ndarray:
     if array.ndim != 2:
         raise CTMRIError(f"slice {path} is not a 2D grey image (shape {array.shape})")
     return array.astype(np.float32)
+
+
+def _read_sized_slice(path: Path, size: int) -> np.ndarray:
+    """A slice of the 2D layout, which must be ``size``×``size`` (checked per file: one slice of another size
+    among many was a traceback from stacking them)."""
+    array = _read_slice(path)
+    if array.shape != (size, size):
+        raise CTMRIError(f"slice {path} is {array.shape[1]}×{array.shape[0]} pixels; the 2D layout needs "
+                         f"{size}×{size} slices, CT and MRI alike (resample it, or leave it out of both folders)")
+    return array
 
 
 def is_2d_layout(folder: Path) -> bool:
@@ -127,18 +142,13 @@ def discover_2d(
             f"e.g. {unpaired[:3]}; every CT slice needs the MRI slice of the same name"
         )
     groups: dict[str, list[str]] = {}
-    for name in names:
+    for name in sorted(names):  # the first badly named file is the same one on every run
         groups.setdefault(case_id_of(Path(name).stem, case_rule), []).append(name)
     cases = []
     for case_id in sorted(groups, key=lambda c: (len(c), c)):
         files = sorted(groups[case_id], key=lambda n: _slice_key(Path(n).stem))
-        ct = np.stack([_read_slice(ct_dir / n) for n in files])
-        mri = np.stack([_read_slice(mri_dir / n) for n in files])
-        if ct.shape[1:] != (size, size) or mri.shape != ct.shape:
-            raise CTMRIError(
-                f"case {case_id} in {folder}: slices are {ct.shape[1:]} (CT) / {mri.shape[1:]} (MRI); the 2D "
-                f"layout needs {size}×{size} slices, CT and MRI alike"
-            )
+        ct = np.stack([_read_sized_slice(ct_dir / n, size) for n in files])
+        mri = np.stack([_read_sized_slice(mri_dir / n, size) for n in files])
         ct255, ct_info = normalise_ct(ct, window)
         cases.append(
             Case(
