@@ -107,6 +107,20 @@ def test_set_target_rewrites_the_config_only(tmp_path) -> None:
         set_target(weights, 8.2683, max_blur=0.0)
 
 
+def test_set_refuses_an_unknown_excluded_patient_and_leaves_the_file(tmp_path, phantom_slices, capsys) -> None:
+    """``grain set --exclude-from-training 9`` (a typo for 2) counted every patient without a word."""
+    from conftest import REPO
+    from CTtoMRISynthesisLib.grain import main as grain_main
+
+    weights = tmp_path / "model.safetensors"
+    for suffix in ("", ".sha256"):
+        shutil.copy(REPO / "model_weights" / ("ctmri_unet.safetensors" + suffix), str(weights) + suffix)
+    before = weights.read_bytes()
+    assert grain_main(["set", str(weights), "--data", str(phantom_slices), "--exclude-from-training", "9"]) == 2
+    assert "--exclude-from-training: unknown patient id(s) ['9']" in capsys.readouterr().err
+    assert weights.read_bytes() == before
+
+
 def test_predict_volume_blurs_a_grainy_ct_says_so_and_masks_with_the_ct_as_given(tiny_weights, ct255) -> None:
     from CTtoMRISynthesisLib.synthesis import predict_volume
     from CTtoMRISynthesisLib.weights import load_model

@@ -151,17 +151,19 @@ def main(argv: Optional[list] = None) -> int:
     put.add_argument("weights")
     put.add_argument("--data", nargs="+", required=True, help="the training data folder(s), as given to ctmri train")
     put.add_argument("--exclude-from-training", nargs="*", default=[], metavar="ID")
-    put.add_argument("--case-rule", default="slice3")
+    put.add_argument("--case-rule", choices=["slice3", "first2"], default="slice3")
     put.add_argument("--max-blur", type=float, default=None, metavar="PX",
                      help="blur a grainier CT by at most PX pixels of the model grid (default: no cap)")
     args = parser.parse_args(argv)
     from .intensity import CTWindow
     from .training.discovery import discover
+    from .training.split import check_known
     from .weights import read_config
 
     try:
         window = read_config(args.weights)["preprocessing"]["ct_window"]
         cases = discover(args.data, CTWindow(window["level"], window["width"]), case_rule=args.case_rule)
+        check_known(args.exclude_from_training, [c.case_id for c in cases], "--exclude-from-training")  # a typo
         target = training_target(cases, args.exclude_from_training)
         set_target(args.weights, target, args.max_blur)
     except CTMRIError as exc:
