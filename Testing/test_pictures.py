@@ -48,7 +48,8 @@ def test_given_spacing_and_grey_rgba_screenshots(ct_stack, tmp_path: Path) -> No
 
 def test_16bit_hounsfield_pictures_keep_their_values(phantom_hu_ct, tmp_path: Path) -> None:
     """A CT exported as 16-bit PNGs of HU + 1024 (as some datasets are) stays 16-bit with its values, so the
-    pipeline takes its Hounsfield path, not the 8-bit windowed one."""
+    pipeline takes its Hounsfield path, not the 8-bit windowed one; an 8-bit CT saved as 16 bits (every value
+    ×257) takes the windowed path (it was read as HU + 1024)."""
     from CTtoMRISynthesisLib.intensity import classify_ct
 
     stored = sitk.GetArrayFromImage(phantom_hu_ct)
@@ -59,6 +60,10 @@ def test_16bit_hounsfield_pictures_keep_their_values(phantom_hu_ct, tmp_path: Pa
     assert array.dtype == np.uint16
     np.testing.assert_array_equal(array, stored)
     assert classify_ct(array) == "hu+1024"
+    widened = phantoms.write_pictures(tmp_path / "x257", (np.clip(stored, 0, 255) // 1).astype(np.uint16) * 257,
+                                      name="IM{}.png")  # an 8-bit export saved as 16 bits: 255 -> 65535
+    image, _ = pictures.read_pictures(widened, "CT")
+    assert sitk.GetArrayFromImage(image).max() > 255 and classify_ct(sitk.GetArrayFromImage(image)) == "windowed8bit"
 
 
 @pytest.mark.parametrize("spacing", [(0.0, 5.0), (1.0, float("nan")), (-1.0, 2.0)])
