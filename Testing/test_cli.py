@@ -144,6 +144,9 @@ def test_evaluate_warns_about_a_prediction_off_the_0_255_scale(case_files, tmp_p
     assert main(["evaluate", "--pred", str(tmp_path / "hu.nrrd"), "--ref", str(mri), "--pred-scale", "minmax"]) == 0
     assert main(["evaluate", "--pred", str(mri), "--ref", str(mri)]) == 0
     assert "warning" not in capsys.readouterr().err
+    sitk.WriteImage(image / 255.0, str(tmp_path / "unit.nrrd"))  # a network's 0..1 output: scored as near-black
+    assert main(["evaluate", "--pred", str(tmp_path / "unit.nrrd"), "--ref", str(mri)]) == 0
+    assert "as a 0..1 image, where the metrics assume 0..255" in capsys.readouterr().err
 
 
 def test_evaluate_pred_scale_minmax_scales_the_prediction(rire_mr_path: Path, capsys) -> None:

@@ -53,13 +53,40 @@ def test_hand_computed_mae_and_foreground():
     s0 = m["per_slice"][0]
     assert s0["index"] == 0 and s0["foreground_voxels"] == 16
     assert s0["mae"] == pytest.approx(10.0) and s0["mae_whole"] == pytest.approx(200 / 256)
-    assert set(m) == {"mae", "ssim", "psnr", "mae_whole", "ssim_foreground", "foreground_voxels", "per_slice"}
+    assert set(m) == {"mae", "ssim", "psnr", "mae_whole", "ssim_foreground", "foreground_voxels", "foreground",
+                      "per_slice"}
+    assert m["foreground"] == "reference > 0"
     assert set(s0) == {"index", "foreground_voxels", "mae", "ssim", "ssim_foreground", "mae_whole"}
 
 
-def test_foreground_mask_is_ref_positive():
-    ref = np.array([[0, 1, 255], [0, 0, 3]])
-    np.testing.assert_array_equal(foreground_mask(ref), [[False, True, True], [False, False, True]])
+def test_foreground_mask_is_ref_positive_when_the_background_is_zero():
+    ref = np.zeros((5, 5))
+    ref[1:4, 1:4] = [[0, 1, 255], [0, 0, 3], [9, 9, 9]]
+    np.testing.assert_array_equal(foreground_mask(ref), ref > 0)
+
+
+def test_a_noisy_background_is_not_foreground_and_a_slice_is_a_one_slice_volume():
+    """A scanner's MRI has noise, not zeros, around the head: ``ref > 0`` was then nearly the whole volume and the
+    "in-head" MAE the whole-volume one (halved on a real T2 with faint noise). Its head is found instead;
+    a reference whose background is exactly 0 keeps the paper's ``ref > 0``."""
+    rng = np.random.default_rng(3)
+    clean = _phantom((4, 64, 64))
+    clean = np.where(clean > 0, clean / 2 + 100, 0.0)  # tissue 120..210, well above the noise
+    noisy = clean + np.where(clean > 0, 0.0, rng.rayleigh(3.0, clean.shape))
+    syn = np.where(clean > 0, clean + 10.0, 0.0)
+    m = compute_metrics(noisy, syn)
+    head = clean > 0
+    assert m["foreground"] == "the reference's head (Otsu threshold, largest object, holes filled per slice)"
+    assert m["foreground_voxels"] == int(head.sum())
+    assert m["mae"] == pytest.approx(10.0, abs=1e-9)
+    assert compute_metrics(clean, syn)["mae"] == pytest.approx(10.0) and compute_metrics(clean, syn)["foreground"] == "reference > 0"
+    hole = clean.copy()
+    hole[:, 30:34, 30:34] = 0.0  # dark bone or air inside the head, no noise: the paper's rule, as before
+    assert foreground_mask(hole).sum() == int(head.sum()) - 4 * 16
+    one = compute_metrics(clean[0], syn[:1])  # a (y, x) reference against a (1, y, x) prediction
+    assert one["mae"] == pytest.approx(10.0)
+    with pytest.raises(CTMRIError, match="data type bool"):
+        compute_metrics(clean > 0, syn > 0)
 
 
 def test_psnr_hand_computed_and_matches_skimage():

@@ -528,7 +528,7 @@ def render_report(summary: Summary, about: dict) -> str:
         + (f", {len(summary.not_run)} without a result yet." if summary.not_run else "."), "",
     ]
     if summary.stats:
-        lines += ["## Metrics over the ok cases with an MRI (0..255 scale, foreground = MRI > 0)", "",
+        lines += ["## Metrics over the ok cases with an MRI (0..255 scale, foreground = MRI > 0, or its head where its background is noise)", "",
                   "| metric | mean | SD | min | max | n |", "|---|---|---|---|---|---|"]
         for metric, s in summary.stats.items():
             lines.append(f"| {metric} | {_fmt(s['mean'])} | {_fmt(s['sd'])} | {_fmt(s['min'])} | "

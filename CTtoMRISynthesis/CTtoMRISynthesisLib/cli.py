@@ -36,8 +36,11 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"CT intensities: {result.normalisation.get('description')}")
     if result.metrics is not None:
+        from .metrics import foreground_words
+
         m = result.metrics
-        print(f"MAE {m['mae']:.2f}  SSIM {m['ssim']:.4f}  PSNR {m['psnr']:.2f} dB  (0..255 scale, foreground = MRI > 0)")
+        print(f"MAE {m['mae']:.2f}  SSIM {m['ssim']:.4f}  PSNR {m['psnr']:.2f} dB  "
+              f"(0..255 scale, foreground = {foreground_words(m.get('foreground'))})")
     print(f"device {result.device}, {result.seconds:.1f} s; wrote {', '.join(p.name for p in paths.values())} to {args.out_dir}")
     return 0
 

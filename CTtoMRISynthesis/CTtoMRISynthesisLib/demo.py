@@ -88,8 +88,10 @@ def run_demo(out_dir: str | Path = "ctmri_demo_output", device: str = "auto", qu
               f"{reg.get('seconds', 0.0):.1f} s; {outcome}")
     m = result.metrics or {}
     if m:
-        print(f"MAE {m['mae']:.2f}  SSIM {m['ssim']:.4f}  PSNR {m['psnr']:.2f} dB  "
-              f"(0..255 scale, foreground = MRI > 0; in-head SSIM {m.get('ssim_foreground', float('nan')):.4f})")
+        from .metrics import foreground_words
+
+        print(f"MAE {m['mae']:.2f}  SSIM {m['ssim']:.4f}  PSNR {m['psnr']:.2f} dB  (0..255 scale, foreground = "
+              f"{foreground_words(m.get('foreground'))}; in-head SSIM {m.get('ssim_foreground', float('nan')):.4f})")
     print(f"device {result.device}, {result.seconds:.1f} s")
     print("note: the sample is the top 8 mm of the head (scalp and skull cap, almost no brain) and the MR has "
           "5-mm slices; the numbers show that the pipeline runs, not how well the model does on brain slices "

@@ -115,6 +115,9 @@ def _off_scale(pred_array) -> List[str]:
     if low < -0.5 or high > 255.5:
         return [f"the prediction's values run from {low:.4g} to {high:.4g}, outside the 0..255 scale the metrics "
                 "assume: give the synthetic MRI (0..255), or --pred-scale minmax for a prediction on another scale"]
+    if 0 < high <= 1.0:  # a network's 0..1 output: scored on 0..255 it is nearly black (MAE ~ the MRI's mean)
+        return [f"the prediction's values run from {low:.4g} to {high:.4g}, as a 0..1 image, where the metrics assume "
+                "0..255: give the synthetic MRI (0..255), or --pred-scale minmax for a prediction on another scale"]
     return []
 
 
@@ -125,7 +128,12 @@ def _head_covered(ref255, pred255) -> float:
 
     from .registration import overlap_fraction
 
-    head = sitk.Cast(ref255 > 0, sitk.sitkUInt8)
+    import numpy as np
+
+    from .metrics import foreground_mask
+
+    head = sitk.GetImageFromArray(foreground_mask(sitk.GetArrayViewFromImage(ref255)).astype(np.uint8))
+    head.CopyInformation(ref255)
     covered = overlap_fraction(head, pred255, sitk.Transform(3, sitk.sitkIdentity))
     if covered < MIN_COVERAGE:
         raise CTMRIError(

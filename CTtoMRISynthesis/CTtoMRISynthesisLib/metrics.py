@@ -3,8 +3,10 @@
 Conventions (see DESIGN.md):
 - Arrays are (z, y, x) on the 0..255 scale (float or int); z indexes axial slices. A 2D (y, x) array
   is treated as a single slice.
-- Foreground is ``ref > 0``: the paper (Dong et al. 2020) excludes the zero background from the MAE,
-  and the reference MRI background here is exactly 0.
+- Foreground (where ``mae`` and ``ssim_foreground`` look, and which slices count for ``ssim``): ``ref > 0``
+  when the reference's background is exactly 0, as in the training data (the paper, Dong et al. 2020,
+  excludes the zero background from the MAE); otherwise (a scanner's MRI, whose background is noise) the
+  reference's head: Otsu threshold, the largest object, holes filled per slice (:func:`foreground_mask`).
 - SSIM is Wang et al. 2004 as the paper uses it: 2D, per axial slice, Gaussian window sigma 1.5
   (an 11x11 window in scikit-image), population covariance, K1=0.01, K2=0.03, data range 255.
   It is computed by scikit-image, never re-implemented here.
@@ -13,7 +15,7 @@ Minimum slice size: scikit-image's Gaussian SSIM with sigma 1.5 uses an 11x11 wi
 smaller images, so every slice must be at least 11x11 in-plane. Shrinking the window for small slices
 would silently report a different metric, so a smaller slice is an error instead.
 
-Plain numpy + scikit-image only: no torch, no SimpleITK, so the CLI and the tests can import it cheaply.
+Plain numpy, SciPy and scikit-image only: no torch, no SimpleITK, so the CLI and the tests can import it cheaply.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ __all__ = [
     "SSIM_WINDOW",
     "MIN_INPLANE",
     "foreground_mask",
+    "foreground_rule",
+    "foreground_words",
     "compute_metrics",
     "bone_soft_tissue_mae",
     "summarize",
@@ -48,7 +52,7 @@ __all__ = [
 def _as_volume(array: Any, name: str) -> np.ndarray:
     """Return ``array`` as a float64 (z, y, x) volume, checking dimensionality and finiteness."""
     a = np.asarray(array)
-    if a.dtype.kind not in "biuf":
+    if a.dtype.kind not in "iuf":  # not bool: a mask is no image
         raise CTMRIError(
             f"{name} has data type {a.dtype}; pass a real-valued image array on the 0..255 scale."
         )
@@ -68,34 +72,82 @@ def _as_volume(array: Any, name: str) -> np.ndarray:
     return a
 
 
-def _check_pair(ref: Any, syn: Any, need_ssim: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Validate a reference/synthetic pair; return (ref, syn, foreground) as float64 volumes + mask."""
-    ref_shape, syn_shape = np.shape(ref), np.shape(syn)
-    if ref_shape != syn_shape:
-        raise CTMRIError(
-            f"reference shape {ref_shape} and synthetic shape {syn_shape} differ; resample the synthetic "
-            "MRI onto the reference MRI grid before computing metrics."
-        )
+def _check_pair(ref: Any, syn: Any, need_ssim: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """Validate a reference/synthetic pair; return (ref, syn, foreground, its rule) as float64 volumes + mask."""
     r = _as_volume(ref, "reference MRI")
     s = _as_volume(syn, "synthetic MRI")
+    if r.shape != s.shape:  # compared as volumes: a (y, x) slice is a (1, y, x) volume
+        raise CTMRIError(
+            f"reference shape {np.shape(ref)} and synthetic shape {np.shape(syn)} differ; resample the synthetic "
+            "MRI onto the reference MRI grid before computing metrics."
+        )
     if need_ssim and (r.shape[1] < MIN_INPLANE or r.shape[2] < MIN_INPLANE):
         raise CTMRIError(
             f"slices are {r.shape[1]}x{r.shape[2]} pixels in-plane, too small for the {SSIM_WINDOW}x{SSIM_WINDOW} "
             f"Gaussian SSIM window (sigma {SSIM_SIGMA}); the SSIM window cannot fit. Use slices of at least "
             f"{MIN_INPLANE}x{MIN_INPLANE} pixels, or check that the array axes are (z, y, x)."
         )
-    fg = foreground_mask(r)
+    fg, rule = _foreground(r)
     if not fg.any():
         raise CTMRIError(
             "the reference MRI has no foreground voxels (no value > 0); metrics are computed inside the head "
             "only. Check that the reference is the MRI, on the 0..255 scale, and not an empty or masked-out image."
         )
-    return r, s, fg
+    return r, s, fg, rule
+
+
+#: Where the metrics look, as recorded in ``metrics.json`` (``foreground``).
+FOREGROUND_NONZERO = "reference > 0"
+FOREGROUND_HEAD = "the reference's head (Otsu threshold, largest object, holes filled per slice)"
+#: Share of the slices' edge pixels (first and last row and column) that must be exactly 0 for ``ref > 0`` to mean
+#: "the head": the edges lie in the background, which is noise in a scanner's MRI and 0 in a masked one.
+ZERO_BACKGROUND_MIN = 0.9
+
+
+def foreground_words(rule: Optional[str]) -> str:
+    """The console's short name of a foreground rule (``metrics["foreground"]``; older results have none)."""
+    return "the MRI's head" if rule == FOREGROUND_HEAD else "MRI > 0"
 
 
 def foreground_mask(ref: Any) -> np.ndarray:
-    """Boolean mask of foreground voxels: ``ref > 0`` (the paper excludes the zero background)."""
-    return np.asarray(ref) > 0
+    """Boolean mask of foreground voxels (see :func:`foreground_rule`)."""
+    return _foreground(np.asarray(ref))[0]
+
+
+def foreground_rule(ref: Any) -> str:
+    """Which rule :func:`foreground_mask` takes for this reference: :data:`FOREGROUND_NONZERO` when the background
+    is exactly 0 (the training MRIs, a masked or skull-stripped MRI), else :data:`FOREGROUND_HEAD`. With a
+    noisy background ``ref > 0`` is nearly the whole volume: the "in-head" MAE became the whole-volume MAE."""
+    return _foreground(np.asarray(ref))[1]
+
+
+def _foreground(ref: np.ndarray) -> tuple[np.ndarray, str]:
+    volume = ref.reshape((1,) * (3 - ref.ndim) + ref.shape) if ref.ndim < 3 else ref
+    if min(volume.shape[1:]) < MIN_INPLANE:  # too small to have a background around the head (and for SSIM)
+        return ref > 0, FOREGROUND_NONZERO
+    border = np.concatenate([volume[:, 0].ravel(), volume[:, -1].ravel(), volume[:, :, 0].ravel(), volume[:, :, -1].ravel()])
+    if np.count_nonzero(border == 0) >= ZERO_BACKGROUND_MIN * border.size:
+        return ref > 0, FOREGROUND_NONZERO
+    head = _head(ref)
+    if not head.any():  # a constant image has no head to find
+        return ref > 0, FOREGROUND_NONZERO
+    return head, FOREGROUND_HEAD
+
+
+def _head(ref: np.ndarray) -> np.ndarray:
+    """The reference's head: above its Otsu threshold, the largest object, holes filled per slice (the rule
+    registration.foreground_mask applies to images, plus the largest object); empty for a constant image."""
+    from skimage.filters import threshold_otsu
+
+    from .intensity import in_plane_structure, largest_component
+
+    volume = ref if ref.ndim == 3 else ref.reshape((1,) * (3 - ref.ndim) + ref.shape)
+    if volume.size == 0 or float(volume.max()) == float(volume.min()):
+        return np.zeros(ref.shape, dtype=bool)
+    from scipy import ndimage
+
+    head = largest_component(volume > threshold_otsu(volume))
+    return ndimage.binary_fill_holes(head, structure=in_plane_structure()).reshape(ref.shape)
 
 
 def _ssim_slice(ref2d: np.ndarray, syn2d: np.ndarray) -> tuple[float, np.ndarray]:
@@ -123,11 +175,11 @@ def compute_metrics(ref: Any, syn: Any) -> dict[str, Any]:
     """Compare a synthetic MRI with the reference MRI, both (z, y, x) or (y, x) on the 0..255 scale.
 
     Returns a dict with keys ``mae``, ``ssim``, ``psnr``, ``mae_whole``, ``ssim_foreground``,
-    ``foreground_voxels`` and ``per_slice`` (one entry per slice, ``None`` where a slice has no
-    foreground). ``psnr`` is ``inf`` for identical images; pass the result through
+    ``foreground_voxels``, ``foreground`` (the rule that found them, :func:`foreground_rule`) and ``per_slice``
+    (one entry per slice, ``None`` where a slice has no foreground). ``psnr`` is ``inf`` for identical images; pass the result through
     :func:`to_jsonable` before writing JSON. Raises :class:`CTMRIError` for unusable input.
     """
-    r, s, fg = _check_pair(ref, syn, need_ssim=True)
+    r, s, fg, rule = _check_pair(ref, syn, need_ssim=True)
     absdiff = np.abs(r - s)
 
     # Per-slice sums in one vectorised pass; a 256x256x300 volume costs a few array ops, not a loop.
@@ -169,6 +221,7 @@ def compute_metrics(ref: Any, syn: Any) -> dict[str, Any]:
         "mae_whole": mae_whole,
         "ssim_foreground": ssim_fg_sum / n_fg,
         "foreground_voxels": n_fg,
+        "foreground": rule,
         "per_slice": per_slice,
     }
 
@@ -179,7 +232,7 @@ def bone_soft_tissue_mae(ref: Any, syn: Any, ct: Any, bone_threshold: float) -> 
     Returns ``mae_bone``, ``mae_soft_tissue`` (``None`` for a class with no voxels), ``bone_voxels``
     and ``soft_voxels``. ``ct`` must be on the same grid as ``ref``; the threshold is in the CT's units.
     """
-    r, s, fg = _check_pair(ref, syn, need_ssim=False)
+    r, s, fg, _ = _check_pair(ref, syn, need_ssim=False)
     ct_shape = np.shape(ct)
     if ct_shape != np.shape(ref):
         raise CTMRIError(

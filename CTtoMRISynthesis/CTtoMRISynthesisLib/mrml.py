@@ -54,7 +54,7 @@ OUTPUT_KEYS = ("ct_registered", "synthetic_mri", "difference", "uncertainty", "t
 
 # Table columns: (title, metrics.json key, unit, description)
 TABLE_COLUMNS = (
-    ("MAE", "mae", "0..255", "mean absolute error over foreground voxels (reference MRI > 0)"),
+    ("MAE", "mae", "0..255", "mean absolute error over foreground voxels (reference MRI > 0, or its head when its background is noise)"),
     ("SSIM", "ssim", "", "structural similarity (Wang 2004, Gaussian sigma 1.5), whole slice"),
     ("SSIM foreground", "ssim_foreground", "", "SSIM map averaged over foreground voxels"),
     ("PSNR", "psnr", "dB", "peak signal-to-noise ratio, data range 255 (volume only)"),
@@ -367,7 +367,7 @@ def add_metrics_table(scene, summary: dict, name: str):
         node.SetAndObserveTable(table)
         node.SetUseColumnTitleAsColumnHeader(True)
         node.SetColumnDescription("Slice", "axial slice index in canonical (LPS) order, inferior to superior")
-        node.SetColumnDescription("Foreground voxels", "voxels where the reference MRI > 0")
+        node.SetColumnDescription("Foreground voxels", "voxels where the reference MRI > 0 (its head when its background is noise)")
         for title, _, unit, description in columns:
             node.SetColumnDescription(title, description)
             if unit:
