@@ -128,6 +128,7 @@ class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._run = None  # worker.WorkerRun while a synthesis runs
+        self._starting = False  # while a run starts (packages may install: pip_install lets clicks through)
         self._runInputs = None
         self._timer = None
 
@@ -200,7 +201,9 @@ class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _updateButtons(self, caller=None, event=None) -> None:
         running = self._run is not None
-        if running:
+        if self._starting:
+            self.ui.applyButton.enabled = False
+        elif running:
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the synthesis; nothing is added to the scene.")
             self.ui.applyButton.enabled = True
@@ -228,6 +231,18 @@ class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._run is not None:
             self.onCancel()
             return
+        if self._starting:  # a second click while the first one installs packages: that run is starting already
+            return
+        self._starting = True
+        self._updateButtons()
+        try:
+            self._startRun()
+        finally:
+            self._starting = False
+            self._updateButtons()
+
+    def _startRun(self) -> None:
+        """Check the model, install what is missing (after asking), start the background run; errors are shown."""
         p = self._parameterNode
         try:
             # shows the error (details under "Show details"), then re-raises: caught below, so that a user's

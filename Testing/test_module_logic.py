@@ -525,6 +525,30 @@ def test_failed_and_cancelled_runs_say_so(widget, case, tmp_path) -> None:
     assert widget.ui.statusLabel.text == "Cancelled; nothing was added." and len(widget.shown) == 1
 
 
+def test_a_second_click_while_packages_install_starts_no_second_run(widget, monkeypatch) -> None:
+    """slicer.util.pip_install processes GUI events while it runs, so a second click on Synthesize reached
+    onApplyButton inside the first click's installation and started a second run; the first was then never
+    cancelled nor cleaned up. The button is disabled while a run starts and a click then does nothing."""
+    import contextlib
+
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(widget.logic, "weightsForRun", lambda shipped, path: None)
+    widget.ui.weightsPathLineEdit.currentPath = ""
+    p = widget._parameterNode
+    p.ctVolume, p.mriVolume, p.device, p.registration, p.allowDisjoint = "ct", None, "cpu", "rigid", False
+    started, enabled_while_installing = [], []
+
+    def install(askConfirmation, status=None):
+        enabled_while_installing.append(widget.ui.applyButton.enabled)
+        widget.onApplyButton()  # the click Qt delivers during the installation
+
+    monkeypatch.setattr(widget.logic, "setupPythonRequirements", install)
+    monkeypatch.setattr(widget.logic, "startBackgroundRun", lambda *a, **k: started.append("run") or "run")
+    widget.onApplyButton()
+    assert started == ["run"] and widget._run == "run" and enabled_while_installing == [False]
+    assert widget.ui.applyButton.enabled and widget.ui.applyButton.text == "Cancel"
+
+
 def test_a_run_that_cannot_start_says_why_without_raising(widget, scene, monkeypatch, tmp_path) -> None:
     """E.g. no model file chosen: the dialog (via tryWithErrorDisplay) and the status line; nothing raised."""
     import contextlib
