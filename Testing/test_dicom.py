@@ -63,8 +63,9 @@ def pixel_points(position, row, col, size, pixel) -> np.ndarray:
 def write_series(folder: Path, positions, *, number: int, row=(1, 0, 0), col=(0, 1, 0), size=(64, 64),
                  pixel=(4.0, 4.0), modality="CT", image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
                  thickness=None, study_uid=STUDY_UID, description="", instances=None, tilt=None,
-                 for_uid=FOR_UID) -> str:
-    """Write one series (one file per slice, CT stored as HU + 1024 with intercept −1024); its UID."""
+                 for_uid=FOR_UID, extra=None) -> str:
+    """Write one series (one file per slice, CT stored as HU + 1024 with intercept −1024); its UID. ``extra``:
+    attributes set last (another patient, a character set, …)."""
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = generate_uid()
     for k, position in enumerate(positions):
@@ -92,6 +93,8 @@ def write_series(folder: Path, positions, *, number: int, row=(1, 0, 0), col=(0,
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
         ds.PixelData = np.rint(hu + 1024).astype("<i2").tobytes()
+        for keyword, value in (extra or {}).items():
+            setattr(ds, keyword, value)
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -609,7 +612,8 @@ def test_every_output_volume_becomes_a_series_in_the_ct_study(study: Path, tmp_p
         assert list(first.ImageType)[:2] == ["DERIVED", "SECONDARY"]
         assert "not for diagnosis" in first.SeriesDescription
         if modality == "MR":
-            assert first.SeriesDescription.startswith("Synthetic MRI — not for diagnosis")
+            assert first.SeriesDescription.startswith("Synthetic MRI - not for diagnosis")
+        assert "SpecificCharacterSet" not in first and first.LossyImageCompression == "00"  # all ASCII; not lossy
         assert first.StudyInstanceUID == STUDY_UID and first.FrameOfReferenceUID == FOR_UID
         assert (str(first.PatientName), first.PatientID, first.PatientSex) == ("Phantom^Head", "PH001", "O")
         assert list(first.SoftwareVersions) == [f"ctmri {__version__}", SHA]
@@ -628,6 +632,44 @@ def test_every_output_volume_becomes_a_series_in_the_ct_study(study: Path, tmp_p
     assert len(all_uids) == len(set(all_uids))  # new and unique
     assert all(UID(u).is_valid for u in all_uids + [STUDY_UID, FOR_UID])
     assert choice.series.uid not in all_uids
+
+
+def test_what_the_ct_says_of_itself_is_carried_on(tmp_path: Path) -> None:
+    """Lossy compression, once in a source, must be said by every image derived from it (it was always "00");
+    a CT without StudyInstanceUID gave series without one (type 1); UTF-8 was declared for every file, for the
+    em dash of the descriptions alone, and is now declared only for a name that needs it."""
+    extra = {"SpecificCharacterSet": "ISO_IR 100", "PatientName": "Müller^Jürgen", "LossyImageCompression": "01",
+             "LossyImageCompressionRatio": "10", "LossyImageCompressionMethod": "ISO_10918_1"}
+    write_series(tmp_path / "ct", axial(6, 4.0), number=3, thickness=4.0, study_uid="", extra=extra)
+    _, choice = dicom.read_input(tmp_path / "ct", "CT")
+    result = oblique_result()
+    save_outputs(result, tmp_path / "out", extra_writer=dicom.dicom_writer(result, choice, choice))
+    _, datasets = read_back(tmp_path / "out" / "dicom" / "synthetic_mri")
+    first = datasets[0]
+    assert first.LossyImageCompression == "01" and float(first.LossyImageCompressionRatio) == 10.0
+    assert first.LossyImageCompressionMethod == "ISO_10918_1"
+    assert first.SpecificCharacterSet == "ISO_IR 192" and str(first.PatientName) == "Müller^Jürgen"
+    assert UID(first.StudyInstanceUID).is_valid and len({ds.StudyInstanceUID for ds in datasets}) == 1
+
+
+def test_a_ct_and_an_mri_of_two_patients_are_said_and_never_filed_together(study: Path, tmp_path: Path,
+                                                                          capsys) -> None:
+    """Another patient's MRI was taken without a word, and with --dicom its difference map was filed in the CT
+    patient's study under the CT's name."""
+    from CTtoMRISynthesisLib import cli
+
+    mr = tmp_path / "mr"
+    write_series(mr, axial(6, 4.0), number=5, modality="MR", study_uid=generate_uid(),
+                 extra={"PatientID": "OTHER-999", "PatientName": "Other^Patient"})
+    _, ct_choice = dicom.read_input(study, "CT")
+    _, mr_choice = dicom.read_input(mr, "MRI")
+    assert dicom.patient_mismatch(ct_choice, mr_choice) == ("the CT's and the MRI's DICOM headers name two patients "
+                                                            "(their PatientID differs)")
+    assert dicom.patient_mismatch(ct_choice, ct_choice) is None and dicom.patient_mismatch(ct_choice, None) is None
+    code = cli.main(["synthesize", "--ct", str(study), "--mri", str(mr), "--out-dir", str(tmp_path / "out"),
+                     "--dicom", "--quiet"])
+    assert code == 2 and "name two patients (their PatientID differs): --dicom would file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("ct_path, intercept, rescale_type", [("hu", 0, "HU"), ("hu+1024", -1024, "HU"),

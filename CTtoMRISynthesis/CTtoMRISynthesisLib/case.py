@@ -81,7 +81,7 @@ def _read_inputs(ct_path, mri_path, options: CaseOptions, notify: Optional[Calla
                  chosen_with: dict) -> tuple:
     """((CT image, its source), (MRI image or None, its source)): files, DICOM folders (a series chosen, said
     through ``notify``) or folders of pictures; two sources that cannot be registered are refused."""
-    from .dicom import read_input
+    from .dicom import patient_mismatch, read_input
     from .pictures import check_registration
 
     ct, ct_source = read_input(ct_path, "CT", options.ct_series, options.picture_spacing, chosen_with.get("CT"))
@@ -93,14 +93,22 @@ def _read_inputs(ct_path, mri_path, options: CaseOptions, notify: Optional[Calla
         notify(mri_source.message("MRI"))
     if mri is not None:
         check_registration([ct_source, mri_source], options.registration)
+    two_patients = patient_mismatch(ct_source, mri_source)
+    if two_patients and options.dicom:  # before any work: the DICOM outputs would be filed in the CT's study
+        raise CTMRIError(f"{two_patients}: --dicom would file outputs made from that MRI in the CT patient's study; "
+                         "check that both are this patient's scans, or run without --dicom")
     return (ct, ct_source), (mri, mri_source)
 
 
 def _record_sources(result: SynthesisResult, ct_source, mri_source, options: CaseOptions) -> None:
     """Which series or pictures were read (``ct_series``, ``mri_pictures``, …) and what the user must know
     about pictures (their assumed spacing; a --picture-spacing that was not used)."""
-    from .dicom import about_source, picture_spacing_unused
+    from .dicom import about_source, patient_mismatch, picture_spacing_unused
 
+    two_patients = patient_mismatch(ct_source, mri_source)
+    if two_patients:
+        result.warnings.append(f"{two_patients}: if they are, the difference map and the metrics compare two "
+                               "patients' images, not the synthesis with its truth")
     for what, source in (("ct", ct_source), ("mri", mri_source)):
         kind, provenance, warnings = about_source(source, what.upper())
         if kind:

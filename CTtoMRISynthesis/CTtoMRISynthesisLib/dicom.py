@@ -998,14 +998,15 @@ def describe_folder(folder: str | Path) -> str:
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
-NOT_FOR_DIAGNOSIS = "Synthetic MRI — not for diagnosis"
+#: ASCII only: a PACS without UTF-8 support showed the em dash of an earlier text as "â€”" in the safety words
+NOT_FOR_DIAGNOSIS = "Synthetic MRI - not for diagnosis"
 #: kind → (modality, SeriesDescription, series number). The registered CT holds CT values (HU), so it
 #: is written as a CT series: an MR label would give it MR window presets and hanging protocols.
 OUTPUT_SERIES = {
     "synthetic_mri": ("MR", NOT_FOR_DIAGNOSIS, 9001),
-    "difference": ("MR", f"{NOT_FOR_DIAGNOSIS} (difference MRI − sMRI)", 9002),
+    "difference": ("MR", f"{NOT_FOR_DIAGNOSIS} (difference MRI - sMRI)", 9002),
     "uncertainty": ("MR", f"{NOT_FOR_DIAGNOSIS} (uncertainty)", 9003),
-    "ct_registered": ("CT", "CT resampled onto the MRI grid — not for diagnosis", 9004),
+    "ct_registered": ("CT", "CT resampled onto the MRI grid - not for diagnosis", 9004),
 }
 PATIENT_TAGS = (
     "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
@@ -1028,6 +1029,21 @@ class OutputContext:
     #: the registered CT's values → (RescaleIntercept, RescaleType): HU as they are, HU + 1024 shifted
     #: back to HU, anything else (an 8-bit windowed CT) "US": never labelled HU when it is not
     ct_rescale: Tuple[float, str] = (0.0, "US")
+    #: (ratios, methods) when a source's pixels were lossy-compressed: a derived image must say so too
+    lossy: Optional[Tuple[list, list]] = None
+
+
+def patient_mismatch(ct_source, mri_source) -> Optional[str]:
+    """Why a CT and an MRI read from DICOM look like two patients' (PatientID, PatientName or PatientBirthDate
+    differing where both headers record it); None when they agree, or either is not DICOM."""
+    if not isinstance(ct_source, Choice) or not isinstance(mri_source, Choice):
+        return None
+    for keyword in ("PatientID", "PatientName", "PatientBirthDate"):
+        ct_value, mri_value = (" ".join(str(s.series.header.get(keyword, "") or "").replace("^", " ").upper().split())
+                               for s in (ct_source, mri_source))
+        if ct_value and mri_value and ct_value != mri_value:
+            return f"the CT's and the MRI's DICOM headers name two patients (their {keyword} differs)"
+    return None
 
 
 def output_context(result, ct_source: Optional[Choice], reference_source: Optional[Choice]) -> OutputContext:
@@ -1041,10 +1057,11 @@ def output_context(result, ct_source: Optional[Choice], reference_source: Option
 
     now = datetime.datetime.now()
     ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: the descriptions hold an em dash; copied names keep their letters
     for keyword in PATIENT_TAGS + STUDY_TAGS:
         if ct_source is not None and keyword in ct_source.series.header:
             setattr(ds, keyword, ct_source.series.header.data_element(keyword).value)
+    if ct_source is not None and not ds.get("StudyInstanceUID"):  # type 1: a CT without one gets a new study
+        ds.StudyInstanceUID = generate_uid()
     if ct_source is None:
         ds.StudyInstanceUID = generate_uid()
         ds.StudyDate, ds.StudyTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
@@ -1075,7 +1092,30 @@ def output_context(result, ct_source: Optional[Choice], reference_source: Option
     ct_rescale = {"hu": (0.0, "HU"), "hu+1024": (-1024.0, "HU")}.get(
         str((result.normalisation or {}).get("ct_path")), (0.0, "US")
     )
-    return OutputContext(common=ds, thickness=thickness, derivation=derivation, ct_rescale=ct_rescale)
+    texts = [str(e.value) for e in ds.iterall() if e.VR != "SQ"] + [derivation]
+    if not all(text.isascii() for text in texts):
+        ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8, only when a copied name (or the weights' file name) needs it
+    return OutputContext(common=ds, thickness=thickness, derivation=derivation, ct_rescale=ct_rescale,
+                         lossy=_lossy([s for s in {id(s): s for s in (ct_source, reference_source) if s is not None}.values()]))
+
+
+def _lossy(sources: list) -> Optional[Tuple[list, list]]:
+    """(ratios, methods) when a source series says its pixels were lossy-compressed (LossyImageCompression "01"):
+    once set the flag may never be reset in a derived image (PS3.3 C.7.6.1.1.5); None otherwise."""
+    ratios, methods, lossy = [], [], False
+    for source in sources:
+        header = source.series.header
+        if str(header.get("LossyImageCompression", "") or "").strip() == "01":
+            lossy = True
+            ratios += [str(v) for v in _as_list(header.get("LossyImageCompressionRatio"))]
+            methods += [str(v) for v in _as_list(header.get("LossyImageCompressionMethod"))]
+    return (ratios, methods) if lossy else None
+
+
+def _as_list(value) -> list:
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
 
 
 def write_image_series(image: sitk.Image, folder: Path, kind: str, context: OutputContext) -> int:
@@ -1129,7 +1169,11 @@ def _series_dataset(image: sitk.Image, kind: str, context: OutputContext, slope:
     ds.DerivationDescription = context.derivation
     ds.ImageComments = f"{description}. {context.derivation}"
     ds.BurnedInAnnotation = "NO"
-    ds.LossyImageCompression = "00"
+    ds.LossyImageCompression = "01" if context.lossy else "00"
+    if context.lossy and context.lossy[0]:
+        ds.LossyImageCompressionRatio = context.lossy[0]
+    if context.lossy and context.lossy[1]:
+        ds.LossyImageCompressionMethod = context.lossy[1]
     direction = np.array(image.GetDirection()).reshape(3, 3)
     sx, sy, sz = image.GetSpacing()
     ds.ImageOrientationPatient = [_ds(v) for v in list(direction[:, 0]) + list(direction[:, 1])]
