@@ -326,8 +326,8 @@ def _nan(value) -> float:
 def add_metrics_table(scene, summary: dict, name: str):
     """A new table node: one row for the whole volume, then one row per axial slice.
 
-    Columns: Scope ("volume" / "slice"), Slice (index in canonical axial order, inferior → superior;
-    empty for the volume row), Foreground voxels, then MAE, SSIM, SSIM foreground, PSNR, MAE whole
+    Columns: Scope ("volume" / "slice"), Slice (index in canonical axial order, inferior → superior, a number;
+    empty (NaN) for the volume row), Foreground voxels, then MAE, SSIM, SSIM foreground, PSNR, MAE whole
     (NaN where a value does not exist: slices without foreground, PSNR per slice), and Uncertainty mean
     when metrics.json has ``uncertainty_mean``. The node's ``CTtoMRISynthesis.summary`` attribute holds the
     whole metrics.json content.
@@ -336,15 +336,15 @@ def add_metrics_table(scene, summary: dict, name: str):
 
     columns = TABLE_COLUMNS + tuple(c for c in OPTIONAL_TABLE_COLUMNS if summary.get(c[1]) is not None)
     per_slice = summary.get("per_slice") or []
-    rows = [("volume", "", summary.get("foreground_voxels"), {k: summary.get(k) for _, k, _, _ in columns})]
+    rows = [("volume", None, summary.get("foreground_voxels"), {k: summary.get(k) for _, k, _, _ in columns})]
     for entry in per_slice:
         values = {k: entry.get(k) for _, k, _, _ in columns}
-        rows.append(("slice", str(entry["index"]), entry.get("foreground_voxels"), values))
+        rows.append(("slice", entry["index"], entry.get("foreground_voxels"), values))
 
     table = vtk.vtkTable()
     scope = vtk.vtkStringArray()
     scope.SetName("Scope")
-    index = vtk.vtkStringArray()
+    index = vtk.vtkDoubleArray()  # numeric (a text column sorted "10" before "2" and could not be plotted); NaN: none
     index.SetName("Slice")
     voxels = vtk.vtkIntArray()
     voxels.SetName("Foreground voxels")
@@ -355,7 +355,7 @@ def add_metrics_table(scene, summary: dict, name: str):
         numeric.append(column)
     for row_scope, row_index, row_voxels, values in rows:
         scope.InsertNextValue(row_scope)
-        index.InsertNextValue(row_index)
+        index.InsertNextValue(_nan(row_index))
         voxels.InsertNextValue(int(row_voxels or 0))
         for column, (_, key, _, _) in zip(numeric, columns):
             column.InsertNextValue(_nan(values[key]))
