@@ -128,26 +128,24 @@ def _foreground(ref: np.ndarray) -> tuple[np.ndarray, str]:
     border = np.concatenate([volume[:, 0].ravel(), volume[:, -1].ravel(), volume[:, :, 0].ravel(), volume[:, :, -1].ravel()])
     if np.count_nonzero(border == 0) >= ZERO_BACKGROUND_MIN * border.size:
         return ref > 0, FOREGROUND_NONZERO
-    head = _head(ref)
+    head = _head(volume)
     if not head.any():  # a constant image has no head to find
         return ref > 0, FOREGROUND_NONZERO
-    return head, FOREGROUND_HEAD
+    return head.reshape(ref.shape), FOREGROUND_HEAD
 
 
-def _head(ref: np.ndarray) -> np.ndarray:
-    """The reference's head: above its Otsu threshold, the largest object, holes filled per slice (the rule
-    registration.foreground_mask applies to images, plus the largest object); empty for a constant image."""
+def _head(volume: np.ndarray) -> np.ndarray:
+    """The head of a (z, y, x) reference: above its Otsu threshold, the largest object, holes filled per slice
+    (the rule registration.foreground_mask applies to images, plus the largest object); empty when constant."""
+    from scipy import ndimage
     from skimage.filters import threshold_otsu
 
     from .intensity import in_plane_structure, largest_component
 
-    volume = ref if ref.ndim == 3 else ref.reshape((1,) * (3 - ref.ndim) + ref.shape)
-    if volume.size == 0 or float(volume.max()) == float(volume.min()):
-        return np.zeros(ref.shape, dtype=bool)
-    from scipy import ndimage
-
+    if float(volume.max()) == float(volume.min()):
+        return np.zeros(volume.shape, dtype=bool)
     head = largest_component(volume > threshold_otsu(volume))
-    return ndimage.binary_fill_holes(head, structure=in_plane_structure()).reshape(ref.shape)
+    return ndimage.binary_fill_holes(head, structure=in_plane_structure())
 
 
 def _ssim_slice(ref2d: np.ndarray, syn2d: np.ndarray) -> tuple[float, np.ndarray]:
