@@ -703,6 +703,19 @@ def test_without_a_dicom_ct_the_series_go_into_a_new_study(tmp_path: Path) -> No
     assert UID(firsts[0].FrameOfReferenceUID).is_valid and firsts[0].PatientID == ""
 
 
+def test_a_ct_from_a_file_with_a_dicom_mri_goes_into_the_mri_patients_study(tmp_path: Path) -> None:
+    """The outputs lie on the MRI's grid and frame of reference; they were an anonymous new study beside it."""
+    mr_uid = generate_uid()
+    write_series(tmp_path / "mr", axial(6, 4.0), number=5, modality="MR", study_uid=mr_uid,
+                 extra={"PatientID": "MR-7", "PatientName": "Mr^Patient"})
+    _, mr_choice = dicom.read_input(tmp_path / "mr", "MRI")
+    result = oblique_result()
+    save_outputs(result, tmp_path / "out", extra_writer=dicom.dicom_writer(result, None, mr_choice))
+    first = read_back(tmp_path / "out" / "dicom" / "synthetic_mri")[1][0]
+    assert (first.StudyInstanceUID, first.PatientID, str(first.PatientName)) == (mr_uid, "MR-7", "Mr^Patient")
+    assert first.FrameOfReferenceUID == FOR_UID
+
+
 def test_left_handed_grid_is_written_in_physical_space(tmp_path: Path) -> None:
     # A grid whose slices run downwards (det −1): readers sort by position; the voxels stay where they are.
     array = np.random.default_rng(1).uniform(0, 255, (6, 20, 24))

@@ -1047,7 +1047,8 @@ def patient_mismatch(ct_source, mri_source) -> Optional[str]:
 
 
 def output_context(result, ct_source: Optional[Choice], reference_source: Optional[Choice]) -> OutputContext:
-    """The shared attributes: the CT's patient and study when the CT came from DICOM (else a new study),
+    """The shared attributes: the CT's patient and study when the CT came from DICOM (else the DICOM MRI's, else a
+    new study),
     and the reference grid's frame of reference (the MRI's when given, else the CT's) when it came from
     DICOM (else a new one)."""
     from pydicom.dataset import Dataset
@@ -1057,12 +1058,15 @@ def output_context(result, ct_source: Optional[Choice], reference_source: Option
 
     now = datetime.datetime.now()
     ds = Dataset()
+    # the CT's patient and study; a CT from a volume file has none, and then a DICOM MRI's are the patient's
+    # (it was an anonymous new study on the MRI's frame of reference)
+    patient = ct_source if ct_source is not None else reference_source
     for keyword in PATIENT_TAGS + STUDY_TAGS:
-        if ct_source is not None and keyword in ct_source.series.header:
-            setattr(ds, keyword, ct_source.series.header.data_element(keyword).value)
-    if ct_source is not None and not ds.get("StudyInstanceUID"):  # type 1: a CT without one gets a new study
+        if patient is not None and keyword in patient.series.header:
+            setattr(ds, keyword, patient.series.header.data_element(keyword).value)
+    if patient is not None and not ds.get("StudyInstanceUID"):  # type 1: a series without one gets a new study
         ds.StudyInstanceUID = generate_uid()
-    if ct_source is None:
+    if patient is None:
         ds.StudyInstanceUID = generate_uid()
         ds.StudyDate, ds.StudyTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
         ds.StudyDescription = NOT_FOR_DIAGNOSIS
