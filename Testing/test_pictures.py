@@ -102,6 +102,8 @@ def test_several_scans_in_one_folder_warned(ct_stack, tmp_path: Path) -> None:
         ("same-number", r"carry the same slice number"),
         ("damaged", r"cannot read CT picture .*damaged"),
         ("empty", r"holds no 2D pictures"),
+        ("unnumbered", r"CT_last\.png carries no slice number among files that do"),  # was stacked first
+        ("depths", r"the pictures differ in bit depth \(CT_PNG \(1\)\.png 8-bit unsigned integer, CT_PNG \(2\)\.png"),
     ],
 )
 def test_refusals(problem, expected, ct_stack, tmp_path: Path) -> None:
@@ -114,6 +116,10 @@ def test_refusals(problem, expected, ct_stack, tmp_path: Path) -> None:
         sitk.WriteImage(sitk.GetImageFromArray(ct_stack[1, :128]), str(folder / "CT_PNG (2).png"))
     elif problem == "same-number":
         sitk.WriteImage(sitk.GetImageFromArray(ct_stack[1]), str(folder / "MR_PNG (2).png"))
+    elif problem == "unnumbered":
+        sitk.WriteImage(sitk.GetImageFromArray(ct_stack[1]), str(folder / "CT_last.png"))
+    elif problem == "depths":  # one slice exported again as 16 bits (x257): it was stacked as a Hounsfield CT
+        sitk.WriteImage(sitk.GetImageFromArray(ct_stack[1].astype(np.uint16) * 257), str(folder / "CT_PNG (2).png"))
     elif problem == "damaged":
         (folder / "CT_PNG (2).png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     else:

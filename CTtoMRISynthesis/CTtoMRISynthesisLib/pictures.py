@@ -119,6 +119,10 @@ def _missing_numbers(files: Sequence[Path], shown: int = 8) -> Tuple[List[int], 
 def _check_one_scan(files: Sequence[Path], folder: Path, what: str) -> None:
     """Two files with the same numbers (``CT (1).png`` and ``MR (1).png``, or a .png and a .jpg of one slice)
     mean the folder holds more than one scan, or copies: stacking them would interleave them."""
+    unnumbered = [p.name for p in files if not number_key(p)[0]]
+    if unnumbered and len(unnumbered) < len(files):  # it was stacked first without a word
+        raise CTMRIError(f"{what} folder {folder}: {unnumbered[0]} carries no slice number among files that do, so "
+                         "its place in the stack is unknown; number it like the others, or move it out")
     seen: dict = {}
     for path in files:
         key = number_key(path)[0]
@@ -175,6 +179,12 @@ def read_pictures(folder: str | Path, what: str = "image",
         raise CTMRIError(f"{what} folder {folder}: the pictures differ in size ({files[0].name} "
                          f"{planes[0].GetSize()[0]}×{planes[0].GetSize()[1]}, {odd} another); one folder must hold "
                          "one scan's slices, all the same size")
+    types = {p.GetPixelID() for p in planes}
+    if len(types) != 1:  # np.stack would widen 8-bit slices to 16 bits: read as Hounsfield units, black
+        odd = next(f.name for f, p in zip(files, planes) if p.GetPixelID() != planes[0].GetPixelID())
+        raise CTMRIError(f"{what} folder {folder}: the pictures differ in bit depth ({files[0].name} "
+                         f"{planes[0].GetPixelIDTypeAsString()}, {odd} another); one scan's slices share one: export "
+                         "them again alike, or move the odd ones out")
     image = sitk.GetImageFromArray(np.stack([sitk.GetArrayFromImage(p) for p in planes]))
     in_plane, between = given or (ASSUMED_SPACING_MM, ASSUMED_SPACING_MM)
     image.SetSpacing((in_plane, in_plane, between))

@@ -482,6 +482,14 @@ def _optimise(
     shrink = [max(1, min(int(f), smallest // 2)) for f in settings.shrink_factors]
 
     initial = _initial_transform(fixed, moving, fixed_mask, transform, settings.initializer)
+    if frozen and frozen.get("translation") and settings.identity_usable:
+        # An MRI slab: the shift across it is frozen, so the centring must not make one up. Lining up the centres
+        # of an MRI of the top of the head and a whole-head CT moved the CT 36 mm, for good, and the safety net then
+        # kept the identity, in-plane motion and all. The scanner coordinates, which overlap, are kept instead.
+        shift = list(initial.GetTranslation())
+        for axis in frozen["translation"]:
+            shift[axis] = 0.0
+        initial.SetTranslation(tuple(shift))
     _center_on_head(initial, fixed_mask)
     # The metric looks at the head plus a margin of air: inside the head alone rotation is
     # sharper (a 6° turn of the CT/MR slice 2010 costs 19 % of MI there, 2 % over the whole
