@@ -34,7 +34,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "CTtoMRISynthesisLib.cli", *args], capture_output=True, text=True)
 
 
-def test_synthesize_with_mri_writes_readable_outputs(case_files, tiny_weights: Path, tmp_path: Path) -> None:
+def test_synthesize_with_mri_writes_readable_outputs(case_files, tiny_weights: Path, tmp_path: Path, capsys) -> None:
     ct, mri = case_files
     before = {p: p.read_bytes() for p in (ct, mri)}
     out = tmp_path / "out"
@@ -56,6 +56,8 @@ def test_synthesize_with_mri_writes_readable_outputs(case_files, tiny_weights: P
     for key in ("mae", "ssim", "psnr", "mae_whole", "ssim_foreground", "per_slice", "registration", "device", "seconds"):
         assert key in metrics
     assert metrics["device"] == "cpu" and metrics["registration"]["mode"] == "none"
+    # what the registration decided is printed, as the demo does (it was only inside metrics.json)
+    assert "registration: none, overlap 100% of the MRI head" in capsys.readouterr().out
     assert [row["index"] for row in metrics["per_slice"]] == list(range(17))
     assert {p: p.read_bytes() for p in (ct, mri)} == before, "inputs untouched"
 

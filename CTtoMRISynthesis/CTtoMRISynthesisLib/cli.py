@@ -35,6 +35,10 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"CT intensities: {result.normalisation.get('description')}")
+    if result.registration:
+        from .registration import summary_line
+
+        print(summary_line(result.registration))
     if result.metrics is not None:
         from .metrics import foreground_words
 

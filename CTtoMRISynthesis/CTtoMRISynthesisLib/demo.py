@@ -80,12 +80,10 @@ def run_demo(out_dir: str | Path = "ctmri_demo_output", device: str = "auto", qu
         print(f"warning: {warning}", file=sys.stderr)
     norm = result.normalisation
     print(f"CT intensities: {norm.get('ct_path')} — {norm.get('description')}")
-    reg = result.registration or {}
-    if reg:
-        # what the registration decided, without the optimiser's own wording (that stays in metrics.json)
-        outcome = str(reg.get("stop_condition", "")).split(" (optimiser:")[0]
-        print(f"registration: {reg.get('mode')}, overlap {reg.get('overlap', 0.0):.0%} of the MRI head, "
-              f"{reg.get('seconds', 0.0):.1f} s; {outcome}")
+    if result.registration:
+        from .registration import summary_line
+
+        print(summary_line(result.registration))
     m = result.metrics or {}
     if m:
         from .metrics import foreground_words

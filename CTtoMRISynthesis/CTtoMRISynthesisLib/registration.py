@@ -117,6 +117,15 @@ class RegistrationResult:
         }
 
 
+def summary_line(record: dict) -> str:
+    """The console's line for a registration (``RegistrationResult.to_dict()``, as in ``metrics.json``): what was
+    decided, without the optimiser's own wording (that stays in the JSON). ``ctmri synthesize`` printed none, so a
+    slab left unregistered ("kept the identity") was said only inside metrics.json."""
+    outcome = str(record.get("stop_condition", "")).split(" (optimiser:")[0]
+    return (f"registration: {record.get('mode')}, overlap {record.get('overlap', 0.0):.0%} of the MRI head, "
+            f"{record.get('seconds', 0.0):.1f} s; {outcome}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Public helpers
 # ----------------------------------------------------------------------------------------------
