@@ -1064,10 +1064,9 @@ def output_context(result, ct_source: Optional[Choice], reference_source: Option
     for keyword in PATIENT_TAGS + STUDY_TAGS:
         if patient is not None and keyword in patient.series.header:
             setattr(ds, keyword, patient.series.header.data_element(keyword).value)
-    if patient is not None and not ds.get("StudyInstanceUID"):  # type 1: a series without one gets a new study
+    if not ds.get("StudyInstanceUID"):  # type 1: a new study without DICOM input, or for a series lacking one
         ds.StudyInstanceUID = generate_uid()
     if patient is None:
-        ds.StudyInstanceUID = generate_uid()
         ds.StudyDate, ds.StudyTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
         ds.StudyDescription = NOT_FOR_DIAGNOSIS
         ds.StudyID = "CTMRI"
@@ -1100,7 +1099,8 @@ def output_context(result, ct_source: Optional[Choice], reference_source: Option
     if not all(text.isascii() for text in texts):
         ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8, only when a copied name (or the weights' file name) needs it
     return OutputContext(common=ds, thickness=thickness, derivation=derivation, ct_rescale=ct_rescale,
-                         lossy=_lossy([s for s in {id(s): s for s in (ct_source, reference_source) if s is not None}.values()]))
+                         lossy=_lossy([s for s in (ct_source, reference_source if reference_source is not ct_source else None)
+                                       if s is not None]))
 
 
 def _lossy(sources: list) -> Optional[Tuple[list, list]]:
@@ -1111,15 +1111,10 @@ def _lossy(sources: list) -> Optional[Tuple[list, list]]:
         header = source.series.header
         if str(header.get("LossyImageCompression", "") or "").strip() == "01":
             lossy = True
-            ratios += [str(v) for v in _as_list(header.get("LossyImageCompressionRatio"))]
-            methods += [str(v) for v in _as_list(header.get("LossyImageCompressionMethod"))]
+            for keyword, values in (("LossyImageCompressionRatio", ratios), ("LossyImageCompressionMethod", methods)):
+                value = header.get(keyword)
+                values += [str(v) for v in _values(None if value == "" else value)]
     return (ratios, methods) if lossy else None
-
-
-def _as_list(value) -> list:
-    if value is None or value == "":
-        return []
-    return list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
 
 
 def write_image_series(image: sitk.Image, folder: Path, kind: str, context: OutputContext) -> int:

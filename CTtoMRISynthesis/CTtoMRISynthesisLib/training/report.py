@@ -514,7 +514,8 @@ def check_finished_cv(run_dirs: list) -> None:
         raise CTMRIError(f"{', '.join(named_twice)} named more than once; name each cross-validation run once")
     schemes = {}
     for run in runs:
-        modes = {m for m in map(_fold_mode, sorted(run.glob("fold[0-9]*"))) if m}
+        by_fold = {fold.name: _fold_mode(fold) for fold in sorted(run.glob("fold[0-9]*"))}  # each read once
+        modes = {m for m in by_fold.values() if m}
         parsed = {(m["scheme"], int(m["folds"])) for m in map(_FOLD_MODE.match, modes) if m}
         if not parsed:
             raise CTMRIError(f"{run} holds no finished fold (foldNN/ with its model or fold.json); train it with "
@@ -523,7 +524,7 @@ def check_finished_cv(run_dirs: list) -> None:
             raise CTMRIError(f"{run} holds folds of different cross-validations ({', '.join(sorted(modes))}); "
                              "one folder holds one cross-validation")
         (scheme, folds), = parsed
-        missing = [k for k in range(1, folds + 1) if not _fold_mode(run / f"fold{k:02d}")]
+        missing = [k for k in range(1, folds + 1) if not by_fold.get(f"fold{k:02d}")]
         if missing:
             raise CTMRIError(f"{run} is an unfinished cross-validation: fold(s) {missing} of {folds} are not trained; "
                              f"finish them (`ctmri train … --out {run} --cv … --resume`, the options it was started "
