@@ -671,6 +671,41 @@ def test_lookup_table_baseline_on_known_mapping(cases):
     assert pred[case.ct <= 1].max() == 0.0  # 0 outside the head
 
 
+def test_grow_in_plane_is_a_diamond_within_each_slice():
+    from CTtoMRISynthesisLib.intensity import grow_in_plane
+
+    mask = np.zeros((3, 9, 9), dtype=bool)
+    mask[1, 4, 4] = True
+    grown = grow_in_plane(mask, 2)
+    assert not grown[0].any() and not grown[2].any()  # never across slices
+    yy, xx = np.nonzero(grown[1])
+    assert len(yy) == 13 and (np.abs(yy - 4) + np.abs(xx - 4)).max() == 2  # the 4-neighbourhood, twice
+    copy = grow_in_plane(mask, 0)
+    np.testing.assert_array_equal(copy, mask)
+    assert copy is not mask
+    with pytest.raises(ValueError, match="-1 pixels"):
+        grow_in_plane(mask, -1)
+
+
+def test_lookup_table_with_a_grown_mask_learns_and_scores_the_rim(cases):
+    """Compared with a model whose output mask is grown (model card, round 16), the table gets the same mask: it
+    is fitted on the rim too (the scalp, CT 0 in the brain window) and predicts there."""
+    from CTtoMRISynthesisLib.intensity import grow_in_plane, head_mask
+    from CTtoMRISynthesisLib.training.report import fit_lookup_table, predict_lookup_table
+
+    case = cases[1]
+    head = head_mask(case.ct)
+    rim = grow_in_plane(head, 2) & ~head
+    assert rim.any() and case.ct[rim].max() <= 10  # the rim is what the CT head mask leaves out
+    fake = discovery.Case("x", case.ct, np.where(rim, 200.0, np.where(head, 50.0, 0.0)).astype(np.float32), "test")
+    plain, grown = fit_lookup_table([fake]), fit_lookup_table([fake], grow_px=2)
+    low = int(np.rint(case.ct[rim]).min())
+    assert grown[low] > plain[low] + 50  # the rim's bright values enter the table only with the grown mask
+    assert predict_lookup_table(plain, case.ct)[rim].max() == 0.0
+    pred = predict_lookup_table(grown, case.ct, grow_px=2)
+    assert pred[rim].min() > 0 and pred[~grow_in_plane(head, 2)].max() == 0.0
+
+
 # ------------------------------------------------------------------------------- lookup-table residual
 @needs_torch
 def test_lookup_residual_model_adds_the_table_of_the_centre_slice():

@@ -35,7 +35,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import CTMRIError
-from ..intensity import head_mask
+from ..intensity import grow_in_plane, head_mask
 
 PAPER = {
     "method": "Dong et al. 2020 (paper, Table 1)",
@@ -73,16 +73,18 @@ AIM_UNC_SPEARMAN_MEAN, AIM_UNC_SPEARMAN_MIN = 0.3, 0.2
 
 
 # ------------------------------------------------------------------------------------------ baselines
-def fit_lookup_table(cases, threshold: float = 10.0, sigma: float = 0.0) -> np.ndarray:
+def fit_lookup_table(cases, threshold: float = 10.0, sigma: float = 0.0, grow_px: int = 0) -> np.ndarray:
     """Mean MRI per CT grey value (0..255) over the head voxels of ``cases``; unseen values interpolated.
 
     With ``sigma`` > 0 the CT is first blurred in-plane as the lookup-residual model does
-    (:func:`model.gaussian_blur`); the baseline rows use the plain CT.
+    (:func:`model.gaussian_blur`); the baseline rows use the plain CT. ``grow_px``: the head mask grown
+    in-plane by that many pixels (:func:`intensity.grow_in_plane`), to compare with a model whose output
+    mask is grown the same way.
     """
     sums = np.zeros(256)
     counts = np.zeros(256)
     for case in cases:
-        mask = head_mask(case.ct, threshold)
+        mask = _head(case.ct, threshold, grow_px)
         ct = _blurred(case.ct, sigma) if sigma > 0 else case.ct
         idx = np.clip(np.rint(ct[mask]), 0, 255).astype(np.int64)
         sums += np.bincount(idx, weights=case.mri[mask].astype(np.float64), minlength=256)
@@ -104,9 +106,15 @@ def _blurred(ct: np.ndarray, sigma: float) -> np.ndarray:
     return blurred[:, 0].numpy() * 255.0
 
 
-def predict_lookup_table(table: np.ndarray, ct: np.ndarray, threshold: float = 10.0) -> np.ndarray:
+def _head(ct: np.ndarray, threshold: float, grow_px: int) -> np.ndarray:
+    """The baselines' mask: the CT head mask, grown in-plane by ``grow_px`` pixels."""
+    mask = head_mask(ct, threshold)
+    return grow_in_plane(mask, grow_px) if grow_px else mask
+
+
+def predict_lookup_table(table: np.ndarray, ct: np.ndarray, threshold: float = 10.0, grow_px: int = 0) -> np.ndarray:
     out = table[np.clip(np.rint(ct), 0, 255).astype(np.int64)].astype(np.float32)
-    out[~head_mask(ct, threshold)] = 0.0
+    out[~_head(ct, threshold, grow_px)] = 0.0
     return out
 
 
