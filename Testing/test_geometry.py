@@ -91,3 +91,48 @@ def test_round_trip_through_model_grid_in_physical_space(head: sitk.Image, kind:
     points = np.array([head.TransformIndexToPhysicalPoint((int(i[p]), int(j[p]), int(k[p]))) for p in pick])
     if kind != "oblique":
         np.testing.assert_allclose(values_at_points(back, points), values_at_points(head, points), atol=1e-3)
+
+
+def coronal(image: sitk.Image, rows_mm: float = 0.5, slices: int = 10) -> sitk.Image:
+    """``image`` resampled onto coronal slices 20 mm apart, ``rows_mm`` apart from top to bottom in-plane."""
+    import phantoms
+
+    centre = image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()])
+    grid = phantoms.grid((256, int(round(100 / rows_mm)), slices), (1.0, rows_mm, 20.0), centre,
+                         direction=(1, 0, 0, 0, 0, 1, 0, -1, 0))  # i: left, j: inferior, k: posterior
+    return sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
+def test_model_grid_of_a_coronal_image_spreads_its_axial_rows_to_the_pixel_spacing(head: sitk.Image) -> None:
+    """A coronal CT's rows, 0.5 mm apart, are not run through the axial model one by one: the grid's slices lie
+    at its in-plane spacing (1 mm here), over the same top and bottom, and the round trip keeps the values."""
+    image = coronal(head)
+    grid = geometry.model_grid(image, 256)
+    canonical = geometry.canonical_axial(image)
+    assert canonical.GetSpacing()[2] == pytest.approx(0.5) and canonical.GetSize()[2] == 200
+    assert grid.GetSize() == (256, 256, 101)  # 99.5 mm in steps of at most 1 mm
+    assert grid.GetSpacing()[2] == pytest.approx(199 * 0.5 / 100) and grid.GetSpacing()[2] <= grid.GetSpacing()[0]
+    for k in (0, canonical.GetSize()[2] - 1):  # first and last rows kept
+        g = grid.TransformIndexToPhysicalPoint((0, 0, 0 if k == 0 else grid.GetSize()[2] - 1))
+        c = canonical.TransformIndexToPhysicalPoint((0, 0, k))
+        assert g[2] == pytest.approx(c[2], abs=1e-6)
+    back = geometry.resample(geometry.resample(image, grid), image, default_value=0.0)
+    a, b = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(back)
+    inside = a > 50
+    assert np.median(np.abs(a[inside] - b[inside])) < 0.02 * np.median(a[inside])
+
+
+def test_model_grid_keeps_the_slices_of_an_axial_image_however_thin(head: sitk.Image) -> None:
+    """Thin axial slices are the scanner's own: each is kept (only re-indexed coronal/sagittal rows are spread)."""
+    thin = sitk.Resample(head, [256, 256, 60], sitk.Transform(), sitk.sitkLinear, head.GetOrigin(),
+                         (1.25, 1.25, 0.5), head.GetDirection())
+    grid = geometry.model_grid(thin, 256)
+    assert grid.GetSize()[2] == 60 and grid.GetSpacing()[2] == pytest.approx(0.5)
+    assert geometry.model_grid(coronal(head, rows_mm=2.0), 256).GetSize()[2] == 50  # rows coarser than 1 mm: kept
+
+
+def test_axial_steps() -> None:
+    assert geometry.axial_steps(11, 0.5, 1.0) == (6, pytest.approx(1.0))
+    assert geometry.axial_steps(10, 0.5, 1.0) == (6, pytest.approx(0.9))
+    assert geometry.axial_steps(10, 2.0, 1.0) == (10, 2.0)
+    assert geometry.axial_steps(1, 0.5, 1.0) == (1, 0.5)

@@ -26,12 +26,19 @@ def model_grid(reference: sitk.Image, size: int) -> sitk.Image:
     The grid shares the canonical reference's direction and slice positions; in-plane it spans the
     larger of the two in-plane extents, centred on the reference. A reference that is already
     ``size``×``size`` with square pixels gives exactly its own grid (no interpolation at all).
+
+    A reference acquired in coronal or sagittal slices has, once re-indexed, "axial slices" one in-plane
+    pixel apart (a 512-pixel coronal CT: 512 axial slices 0.5 mm apart). Those are spread to about the grid's
+    in-plane spacing, first and last slice kept (:func:`axial_steps`): finer would only repeat the network
+    on rows that its own pixels cannot tell apart, at twice the time or more.
     """
     ref = canonical_axial(reference)
     nx, ny, nz = ref.GetSize()
     sx, sy, sz = ref.GetSpacing()
     fov = max(nx * sx, ny * sy)
     spacing = fov / size
+    if not _acquired_axial(reference):
+        nz, sz = axial_steps(nz, sz, spacing)
     direction = np.array(ref.GetDirection()).reshape(3, 3)
     # Centre of the reference's in-plane extent (voxel corners), in index units of the reference.
     centre_index = np.array([(nx - 1) / 2.0, (ny - 1) / 2.0, 0.0])
@@ -47,6 +54,21 @@ def model_grid(reference: sitk.Image, size: int) -> sitk.Image:
     else:
         grid.SetOrigin(tuple(float(v) for v in origin))
     return grid
+
+
+def _acquired_axial(image: sitk.Image) -> bool:
+    """Is the image's own slice axis (its third index) the one closest to superior-inferior?"""
+    direction = np.abs(np.array(image.GetDirection()).reshape(3, 3))
+    return int(np.argmax(direction[2])) == 2  # row 2: each index axis's component along z (superior)
+
+
+def axial_steps(nz: int, sz: float, step: float) -> tuple[int, float]:
+    """(number, spacing) of slices over the span of ``nz`` slices ``sz`` apart (the same first and last), the
+    fewest that are at most ``step`` apart; unchanged when the slices are at least ``step`` apart already."""
+    if nz <= 1 or sz >= step * (1 - 1e-6):
+        return nz, sz
+    n = int(np.ceil((nz - 1) * sz / step - 1e-6)) + 1
+    return n, (nz - 1) * sz / (n - 1)
 
 
 def resample(

@@ -141,6 +141,8 @@ class SynthesisResult:
     uncertainty_mean: Optional[float] = None  # mean of the uncertainty over the head, 0..255
     #: the reference MRI's CSF / brain tissue ratio, tissues from the registered CT (contrast.py); with an MRI
     reference_csf_over_brain: Optional[float] = None
+    #: the axial grid the network ran on: {"size": [x, y, slices], "spacing_mm": [x, y, slice step]}
+    model_grid: Optional[dict] = None
 
     def output_images(self) -> dict:
         """{kind: image} of every volume this result holds (synthetic MRI first), for writers of all kinds."""
@@ -166,6 +168,7 @@ class SynthesisResult:
             seconds=round(self.seconds, 3),
             stage_seconds={k: round(v, 3) for k, v in self.stage_seconds.items()},
             normalisation=self.normalisation,
+            model_grid=self.model_grid,
             weights=self.weights,
             warnings=list(self.warnings),
         )
@@ -362,6 +365,7 @@ def _synthesise_on_reference(result: SynthesisResult, ct: sitk.Image, reference:
                                              CTWindow(**prep["ct_window"]))
     ct255_image = geometry.array_on_grid(ct255, ct)
     grid = geometry.model_grid(reference, int(prep["size"]))
+    result.model_grid = {"size": list(grid.GetSize()), "spacing_mm": [round(v, 4) for v in grid.GetSpacing()]}
     ct_grid = stages.run("resample to model grid", 0.34, 0.36, geometry.resample, ct255_image, grid, result.transform,
                          default_value=0.0)
     run_info: dict = {}
