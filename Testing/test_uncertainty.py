@@ -182,6 +182,25 @@ def test_uncertainty_quality_tells_an_informative_map_from_a_random_one() -> Non
     assert flat["unc_spearman"] is None, "a constant map says nothing"
 
 
+def test_the_most_uncertain_tenth_is_a_tenth_whatever_the_ties() -> None:
+    """A map of a few levels ties at the 90th percentile: the voxels tied there share the places left in the tenth
+    (their mean error), so the "top 10 %" is never 5 % (everything above the cut) nor voxels picked by position."""
+    err = np.arange(100, dtype=np.float32)  # error = the voxel's index
+    unc = np.zeros(100, np.float32)
+    unc[80:90] = 1.0  # tied at the cut
+    unc[95:] = 2.0    # 5 voxels above it
+    q = uncertainty_quality(np.zeros((1, 1, 100), np.float32), err.reshape(1, 1, 100), unc.reshape(1, 1, 100),
+                            np.ones((1, 1, 100), bool))
+    top = (err[95:].sum() + 5 * err[80:90].mean()) / 10  # the 5 above, and 5 places at the tied voxels' mean
+    assert q["unc_err_top10"] == pytest.approx(top)
+    assert q["unc_err_rest"] == pytest.approx((err.sum() - 10 * top) / 90)
+    halves = np.repeat([0.0, 1.0], 50).astype(np.float32)  # half the voxels tied at the top: none picked by position
+    q = uncertainty_quality(np.zeros((1, 1, 100), np.float32), err[::-1].reshape(1, 1, 100).copy(),
+                            halves.reshape(1, 1, 100), np.ones((1, 1, 100), bool))
+    assert q["unc_err_top10"] == pytest.approx(err[:50].mean())  # the tied half's mean error (24.5), not 10 of them
+    assert q["unc_err_rest"] == pytest.approx((err.sum() - 10 * err[:50].mean()) / 90)
+
+
 def test_cv_folds_split_over_jobs_then_one_report_with_aims_and_uncertainty(phantom_slices: Path, tmp_path: Path) -> None:
     """--only-folds runs part of a cross-validation (one job of a cluster array); the job that completes the
     set writes the report, which states the issue's aims and checks the uncertainty map per held-out patient."""
