@@ -156,6 +156,15 @@ class CTtoMRISynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._stopRun(cancel=True)
         self.removeObservers()
 
+    def onReload(self) -> None:
+        """Developer mode's Reload: the library is read again too (Slicer re-reads only this file, so an edit
+        in CTtoMRISynthesisLib would otherwise need a restart). The background runs start fresh processes."""
+        import sys
+
+        for name in [n for n in sys.modules if n == "CTtoMRISynthesisLib" or n.startswith("CTtoMRISynthesisLib.")]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def enter(self) -> None:
         self.initializeParameterNode()
 

@@ -393,6 +393,29 @@ def widget(module, scene, monkeypatch):
     return w
 
 
+def test_reload_reads_the_library_again(widget, module, monkeypatch) -> None:
+    """Slicer's Reload re-reads the module file only: the widget drops the library's modules first, so that the
+    reloaded module imports them afresh (an edit in CTtoMRISynthesisLib is seen without restarting Slicer)."""
+    import CTtoMRISynthesisLib.metrics  # noqa: F401  (a submodule loaded, as after a run)
+
+    library = {n: m for n, m in sys.modules.items() if n.split(".")[0] == "CTtoMRISynthesisLib"}
+    seen: list = []
+
+    def base_reload(self) -> None:  # Slicer's own onReload (slicer.util.reloadScriptedModule) at that moment
+        seen.append(sorted(n for n in sys.modules if n.split(".")[0] == "CTtoMRISynthesisLib"))
+        import CTtoMRISynthesisLib.metrics as fresh
+        seen.append(fresh is not library["CTtoMRISynthesisLib.metrics"])
+
+    monkeypatch.setattr(module.ScriptedLoadableModuleWidget, "onReload", base_reload, raising=False)
+    try:
+        widget.onReload()
+    finally:  # the other tests keep the library objects they imported
+        for name in [n for n in sys.modules if n.split(".")[0] == "CTtoMRISynthesisLib"]:
+            del sys.modules[name]
+        sys.modules.update(library)
+    assert seen == [[], True]
+
+
 def _finished_run(tmp_path, outputs_from=None):
     """A WorkerRun whose process ended with status 0; its output folder as given (copied) or empty."""
     import shutil
