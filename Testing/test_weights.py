@@ -88,6 +88,9 @@ def test_missing_checksum_and_missing_file(tmp_path: Path) -> None:
     checksum_path(path).write_text("not a digest\n")
     with pytest.raises(CTMRIError, match="does not hold a sha256 digest"):
         read_config(path)
+    checksum_path(path).write_text("z" * 64 + "  m.safetensors\n")  # 64 characters, not hex digits
+    with pytest.raises(CTMRIError, match="does not hold a sha256 digest"):
+        read_config(path)
     with pytest.raises(CTMRIError, match="weights file not found"):
         read_config(tmp_path / "nope.safetensors")
 

@@ -152,10 +152,15 @@ def _is_checksum_file(path: Path) -> bool:
     try:
         if not path.is_file() or path.stat().st_size > 1000:
             return False
-        words = path.read_text().split()
+        return _digest_in(path.read_text()) is not None
     except (OSError, UnicodeDecodeError):
         return False
-    return bool(words) and re.fullmatch(r"[0-9a-fA-F]{64}", words[0]) is not None
+
+
+def _digest_in(text: str) -> Optional[str]:
+    """The sha256 digest a checksum file's text starts with (64 hex digits, lower-cased), else None."""
+    words = text.split()
+    return words[0].lower() if words and re.fullmatch(r"[0-9a-fA-F]{64}", words[0]) else None
 
 
 def save_state(path: str | Path, tensors: Mapping[str, Any], config: dict) -> str:
@@ -224,10 +229,10 @@ def _recorded_checksum(path: Path) -> str:
             f"no checksum file {sidecar.name} beside {path}: a model is only loaded when its sha256 is "
             "recorded; use the shipped weights or a file written by `ctmri train`"
         )
-    text = sidecar.read_text().split()
-    if not text or len(text[0]) != 64:
+    digest = _digest_in(sidecar.read_text())
+    if digest is None:
         raise CTMRIError(f"{sidecar} does not hold a sha256 digest; rewrite it or retrain")
-    return text[0].lower()
+    return digest
 
 
 def _read_checked_bytes(path: Path, verify: bool) -> tuple[bytes, str]:
