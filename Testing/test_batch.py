@@ -328,9 +328,10 @@ def test_resume_skips_complete_cases_and_redoes_changed_ones(cohort: Path, tmp_p
     capsys.readouterr()
     assert main(run + ["--batch-size", "2"]) == 0
     assert "0 to run" in capsys.readouterr().out
-    assert main(run + ["--allow-disjoint"]) == 0
-    assert "2 to run" in capsys.readouterr().out
+    assert main(run + ["--allow-disjoint"]) == 0  # a registration option: only the case with an MRI is redone
+    assert "1 already complete, 1 to run" in capsys.readouterr().out
     assert json.loads((out / "a" / "metrics.json").read_text())["made_from"]["options"]["allow_disjoint"] is True
+    assert "allow_disjoint" not in json.loads((out / "b" / "metrics.json").read_text())["made_from"]["options"]
 
     # Another model redoes all (its sha256 is in made_from; --weights itself is not an output option).
     assert main(run + ["--allow-disjoint", "--weights", str(tiny_weights)]) == 0
@@ -468,6 +469,50 @@ def test_jobs_2_gives_the_results_of_jobs_1(jobs1, cohort: Path, tmp_path: Path)
         np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(out2 / case / "synthetic_mri.nrrd"))),
                                    sitk.GetArrayFromImage(sitk.ReadImage(str(out1 / case / "synthetic_mri.nrrd"))),
                                    atol=1e-2)
+
+
+def test_the_console_line_of_a_case_with_metrics_keeps_its_warnings(capsys) -> None:
+    """A case whose reference is a CT got only "ok … MAE 102.70 SSIM 0.5173" on the console, its warning in the
+    summary alone, while its numbers enter the cohort's mean."""
+    reporter = batch._Reporter(total=1, bar=False)
+    reporter.case_done({"id": "p1", "status": "ok", "seconds": 1.2, "metrics": {"mae": 102.7, "ssim": 0.5173},
+                        "message": "the reference MRI looks like a CT"})
+    assert capsys.readouterr().out == "ok    p1  1.2 s  MAE 102.70 SSIM 0.5173; the reference MRI looks like a CT\n"
+
+
+def _children(pid: int) -> list:
+    """The process ids of ``pid``'s children (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through Linux /proc")
+def test_a_worker_killed_mid_batch_loses_no_case(cohort: Path, tmp_path: Path) -> None:
+    """A worker killed outright (the kernel's out-of-memory killer, a kill -9) broke the pool, and every case not
+    finished by then, started or not, was recorded as "the worker process died". Now the cases not started go on in
+    a new pool and those the dead worker may have held are run again one at a time: every case ends ok."""
+    rows = [(f"w{k}", str(cohort / "ct.nrrd"), str(cohort / "mri.nrrd")) for k in range(6)]
+    manifest = write_manifest(tmp_path / "cases.csv", rows)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "CTtoMRISynthesisLib.cli", "batch", "--manifest", str(manifest),
+               "--out-dir", str(out), "--jobs", "2", *FAST]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not list(out.glob(batch.STATE_DIR + "/w*.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)  # the first case has finished: both workers are up and busy
+    workers = [pid for pid in _children(proc.pid)
+               if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+    assert workers, "no worker process found"
+    os.kill(workers[0], signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout + stderr
+    assert "note: a worker process died" in stdout
+    rows = read_summary(out)
+    assert sorted(rows) == [f"w{k}" for k in range(6)] and {r["status"] for r in rows.values()} == {"ok"}, rows
+    assert not list(out.rglob(".partial-*"))
 
 
 @pytest.mark.slow

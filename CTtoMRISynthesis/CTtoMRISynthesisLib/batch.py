@@ -57,6 +57,7 @@ METRIC_COLUMNS = ("mae", "ssim", "psnr", "ssim_foreground", "mae_whole", "uncert
 ALWAYS_COLUMNS = ("id", "status", "message", "seconds")
 #: CaseOptions fields that change how a case is run, not what it produces: not part of ``made_from``.
 RUN_ONLY_OPTIONS = ("weights", "device", "batch_size")  # (weights: its sha256 is recorded instead)
+MRI_ONLY_OPTIONS = ("registration", "allow_disjoint")  # they change nothing for a case without an MRI
 #: what the user sets to choose a case's DICOM series, as a case's messages name it (synthesize: --ct-series …)
 SERIES_CHOSEN_WITH = {"CT": "the manifest's ct_series column", "MRI": "the manifest's mri_series column"}
 EXIT_OK, EXIT_CASES_FAILED = 0, 1
@@ -254,6 +255,9 @@ def input_fingerprint(path: Optional[Path], entry: str = "") -> Optional[dict]:
 def made_from(case: Case, options: "CaseOptions", weights_sha256: str) -> dict:
     """What a case's outputs depend on: inputs, the options that change outputs, the model."""
     chosen = {k: v for k, v in dataclasses.asdict(case.options(options)).items() if k not in RUN_ONLY_OPTIONS}
+    if case.mri is None:  # nothing is registered: a rerun with other registration options need not redo the case
+        for name in MRI_ONLY_OPTIONS:
+            chosen.pop(name, None)
     record = {"ct": input_fingerprint(case.ct, case.ct_entry), "mri": input_fingerprint(case.mri, case.mri_entry),
               "options": chosen, "weights_sha256": weights_sha256}
     return json.loads(json.dumps(record, default=str))  # as it will read back from JSON, for comparison
@@ -372,8 +376,9 @@ def worker_threads(jobs: int) -> int:
     return max(1, cores // max(1, jobs))
 
 
-def _init_worker(threads: int, weights: str, device: str, cancel_event) -> None:
-    """Runs once in each worker: ignore Ctrl-C (the parent decides), divide the threads, load the model."""
+def _init_worker(threads: int, weights: str, device: str, cancel_event, started) -> None:
+    """Runs once in each worker: ignore Ctrl-C (the parent decides), divide the threads, load the model.
+    ``started``: a queue each case's id is put on as it begins (which cases a dead worker may have held)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: _WORKER.__setitem__("stop", True))
     # Before torch/numpy load their thread pools (the worker imported only this module so far).
@@ -389,7 +394,7 @@ def _init_worker(threads: int, weights: str, device: str, cancel_event) -> None:
     torch.set_num_threads(threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     _WORKER.setdefault("stop", False)  # (a SIGTERM during start-up has set it already)
-    _WORKER.update(event=cancel_event, model=load_model(weights, choose_device(device)))
+    _WORKER.update(event=cancel_event, started=started, model=load_model(weights, choose_device(device)))
 
 
 def _runner() -> dict:
@@ -403,6 +408,7 @@ def _worker_cancelled() -> bool:
 
 
 def _run_in_worker(case: Case, out_dir: Path, options: "CaseOptions", expected: dict) -> dict:
+    _WORKER["started"].put(case.id)
     try:
         return process_case(case, out_dir, options, expected, model=_WORKER["model"], cancel=_worker_cancelled,
                             runner=_runner())
@@ -587,13 +593,24 @@ class _Reporter:
         metrics = record.get("metrics") or {}
         detail = (f"MAE {metrics['mae']:.2f} SSIM {metrics['ssim']:.4f}" if metrics.get("mae") is not None
                   and metrics.get("ssim") is not None else "")
-        line = f"{record['status']:5s} {record['id']}  {record.get('seconds') or 0:.1f} s  {detail or record.get('message', '')}"
+        # the warnings of a case with metrics too (a reference that is a CT, not T2-weighted): they say what the
+        # numbers are worth, and the summary's mean takes such a case in
+        said = "; ".join(part for part in (detail, record.get("message") or "") if part)
+        line = f"{record['status']:5s} {record['id']}  {record.get('seconds') or 0:.1f} s  {said}"
+        self._print(line.rstrip())
         if self.bar is not None:
-            self.bar.write(line.rstrip(), file=sys.stdout)
             self.bar.set_postfix_str(f"{self.failed} failed")
             self.bar.update(1)
+
+    def note(self, text: str) -> None:
+        """A line about the batch itself (not a case), e.g. a worker that died."""
+        self._print(f"note: {text}")
+
+    def _print(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
         else:
-            print(line.rstrip(), flush=True)
+            print(line, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -719,28 +736,63 @@ def _run_here(todo, out_dir, options, expected, weights, jobs, outcome, reporter
 
 
 def _run_pool(todo, out_dir, options, expected, weights, jobs, outcome, reporter) -> None:
-    """``--jobs N``: N spawned workers; Ctrl-C/SIGTERM set a shared event that cancels cases in progress."""
+    """``--jobs N``: N spawned workers; Ctrl-C/SIGTERM set a shared event that cancels cases in progress.
+
+    A worker that dies (killed, out of memory) breaks its pool, and every case not finished with it. The cases
+    not yet started go on in a new pool; those that were in progress are run again one at a time, each in a pool of
+    its own, so that a case which kills its worker by itself is found and recorded, and the others are not lost."""
+    from .weights import load_model
+
+    load_model(weights, "cpu")  # a bad weights file is one clear error here, not one per case in the workers
+    waiting, alone = list(todo), []
+    while waiting or alone:
+        if alone:
+            cases, width = [alone.pop(0)], 1
+        else:
+            cases, width, waiting = waiting, jobs, []
+        unfinished, started = _pool_pass(cases, out_dir, options, expected, weights, width, outcome, reporter)
+        if not unfinished:
+            continue
+        in_progress = [case for case in unfinished if case.id in started]
+        if width == 1 or not in_progress:  # died alone, or before any case began (its start-up): nothing to retry
+            for case in unfinished:
+                _record_died(case, out_dir, expected, outcome, reporter, alone=case in in_progress)
+            continue
+        reporter.note(f"a worker process died; {len(in_progress)} case(s) it may have been running "
+                      f"({', '.join(c.id for c in in_progress)}) are run again one at a time")
+        alone += in_progress
+        waiting += [case for case in unfinished if case.id not in started]
+
+
+def _pool_pass(cases, out_dir, options, expected, weights, jobs, outcome, reporter) -> tuple[list, set]:
+    """One pool of ``jobs`` workers over ``cases``: (cases left unfinished because a worker died, ids of the
+    cases that had begun by then)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
-    from .weights import load_model
-
-    load_model(weights, "cpu")  # a bad weights file is one clear error here, not one per case in the workers
     context = multiprocessing.get_context("spawn")
-    cancel_event = context.Event()
-    init = (worker_threads(jobs), str(weights), options.device, cancel_event)
+    cancel_event, started = context.Event(), context.SimpleQueue()
+    init = (worker_threads(jobs), str(weights), options.device, cancel_event, started)
     # The submits start the workers; with Ctrl-C ignored here at that moment, they start with it ignored
     # (an ignored signal stays ignored across exec, and Python then installs no handler): a Ctrl-C while
     # a worker imports torch would otherwise kill it and break the pool instead of stopping cleanly.
     with _signals_held():
         pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=init)
-        futures = {pool.submit(_run_in_worker, case, out_dir, options, expected[case.id]): case for case in todo}
+        futures = {pool.submit(_run_in_worker, case, out_dir, options, expected[case.id]): case for case in cases}
     taken: set = set()
+    unfinished: list = []
+    begun: set = set()
 
     def take(future) -> None:
+        while not started.empty():  # read as cases finish, so that the pipe behind the queue never fills
+            begun.add(started.get())
         taken.add(future)
-        record = _future_record(future, futures[future], out_dir, expected, BrokenProcessPool)
+        try:
+            record = future.result()
+        except BrokenProcessPool:
+            unfinished.append(futures[future])
+            return
         if record["status"] != "cancelled":
             outcome.ran.append(record)
             reporter.case_done(record)
@@ -765,17 +817,20 @@ def _run_pool(todo, out_dir, options, expected, weights, jobs, outcome, reporter
                         pass
         raise
     pool.shutdown(wait=True)
+    while not started.empty():
+        begun.add(started.get())
+    return unfinished, begun
 
 
-def _future_record(future, case: Case, out_dir: Path, expected: dict, broken: type) -> dict:
-    """A worker's record; a worker that died (killed, out of memory) is recorded as that case's error."""
-    try:
-        return future.result()
-    except broken:
-        record = {"id": case.id, "status": "error", "seconds": None, "made_from": expected[case.id],
-                  "message": "the worker process died (killed, or out of memory?); rerun to retry, with fewer --jobs"}
-        write_json_atomic(record_path(out_dir, case.id), record)
-        return record
+def _record_died(case: Case, out_dir: Path, expected: dict, outcome, reporter, alone: bool) -> None:
+    """A case whose worker died, recorded as its error."""
+    why = ("the worker process died while running this case alone (out of memory?); give the machine more memory "
+           "or run this case by itself" if alone else
+           "the worker process died before it began this case (killed, or out of memory?); rerun to retry, with fewer --jobs")
+    record = {"id": case.id, "status": "error", "seconds": None, "made_from": expected[case.id], "message": why}
+    write_json_atomic(record_path(out_dir, case.id), record)
+    outcome.ran.append(record)
+    reporter.case_done(record)
 
 
 class _signals_held:
