@@ -303,6 +303,10 @@ def test_a_series_of_the_other_modality_is_refused_before_any_work(tmp_path: Pat
     with pytest.raises(CTMRIError, match="--mri-series"):
         dicom.choose_series(dicom.list_series(tmp_path / "ct_only"), "MRI", folder=tmp_path / "ct_only")
     assert dicom.choose_series(dicom.list_series(tmp_path / "ct_only"), "CT").series.number == 2
+    # several CT series given as the MRI: said so at once, not "choose one with --mri-series" (which is refused next)
+    write_series(tmp_path / "ct_only", axial(10, 6.0), number=4, thickness=6.0)
+    with pytest.raises(CTMRIError, match=r"holds only CT series \(2, Modality CT\), no MR: give the MRI's own folder"):
+        dicom.choose_series(dicom.list_series(tmp_path / "ct_only"), "MRI", folder=tmp_path / "ct_only")
 
 
 def test_localizers_and_reformats_are_never_chosen(tmp_path: Path) -> None:
@@ -371,7 +375,7 @@ def test_one_file_of_a_series_or_a_localizer_file_is_refused(tmp_path: Path) -> 
 
 def test_folder_without_dicom(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(CTMRIError, match="holds no DICOM series; give an image file or a DICOM folder"):
+    with pytest.raises(CTMRIError, match="holds no DICOM series and no 2D pictures .* directly in it"):
         dicom.read_input(tmp_path, "CT")
 
 

@@ -137,7 +137,7 @@ def test_read_input_takes_picture_folders(ct_stack, tmp_path: Path) -> None:
         dicom.read_input(folder, "CT", "3")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(CTMRIError, match="holds no DICOM series; give an image file or a DICOM folder"):
+    with pytest.raises(CTMRIError, match="holds no DICOM series and no 2D pictures .* directly in it"):
         dicom.read_input(empty, "CT")
 
 
@@ -270,4 +270,4 @@ def test_series_describes_a_picture_folder(ct_stack, tmp_path: Path, capsys) -> 
     assert "numbers skip 4:" in out
     (tmp_path / "empty").mkdir()
     assert main(["series", str(tmp_path / "empty")]) == 2
-    assert "holds no DICOM series; give an image file or a DICOM folder" in capsys.readouterr().err
+    assert "holds no DICOM series and no 2D pictures (.png, .jpg, .tif, .bmp) directly in it" in capsys.readouterr().err

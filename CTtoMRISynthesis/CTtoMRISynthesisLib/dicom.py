@@ -627,6 +627,12 @@ def choose_series(
     modality = MODALITY_OF.get(what, what)
     rejected = {s.uid: _rejection(s, modality) for s in series}
     candidates = [s for s in series if rejected[s.uid] is None]
+    other = {"CT": "MR", "MR": "CT"}.get(modality)
+    if other is not None and all(s.modality == other for s in series):  # choosing one of them would be refused too
+        raise CTMRIError(
+            f"{what} folder {folder} holds only {other} series ({len(series)}, Modality {other}), no {modality}: "
+            f"give the {what}'s own folder (see `ctmri series {folder}`)"
+        )
     if not candidates:
         raise CTMRIError(
             f"{what} folder {folder} holds {len(series)} DICOM series and none is an original axial {modality} "

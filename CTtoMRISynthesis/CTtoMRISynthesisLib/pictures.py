@@ -217,7 +217,8 @@ def check_registration(sources: Sequence[Optional[PictureStack]], registration: 
         raise CTMRIError(
             f"the pictures in {assumed[0].folder} record no spacing, and registering CT and MRI needs their real "
             "sizes: give --picture-spacing IN_PLANE SLICE (mm), or --registration none if the CT and MRI pictures "
-            "are already aligned slice by slice (as in a paired 2D dataset)"
+            "are already aligned slice by slice (as in a paired 2D dataset); --registration similarity does not "
+            "replace the spacing (its one scale cannot correct a slice step that was made up)"
         )
 
 

@@ -155,7 +155,9 @@ def no_dicom_error(folder: Path, what: str) -> CTMRIError:
             f"{len(named)} .dcm file(s) are not DICOM at all, e.g. {named[0].name}" if named else "") if part)
         return CTMRIError(f"{what} folder {folder} holds no readable DICOM series: {found} (damaged or cut short in "
                           "copying?); copy the series again from its source")
-    return CTMRIError(f"{what} folder {folder} holds no DICOM series; give an image file or a DICOM folder")
+    return CTMRIError(f"{what} folder {folder} holds no DICOM series and no 2D pictures (.png, .jpg, .tif, .bmp) "
+                      "directly in it; give an image file, a DICOM folder, or the folder that holds the pictures "
+                      "themselves (subfolders are not searched for pictures)")
 
 
 def marked_as_dicom(path: Path) -> bool:
