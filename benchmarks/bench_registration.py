@@ -32,6 +32,7 @@ DATA = Path(os.environ.get("CTMRI_DATA", REPO.parent / "shared" / "data"))
 
 SETTINGS = {
     "default": {},
+    "no turn check (before stop 40)": {"turns_deg": ()},
     "no extra start angles": {"start_angles_deg": ()},
     "2 levels (4, 2)": {"shrink_factors": (4, 2), "smoothing_sigmas_mm": (2, 1)},
     "2 % sampling": {"sampling_percentage": 0.02, "min_samples": 5000},
@@ -58,6 +59,9 @@ def cases():
     moved_ct = sitk.Resample(ct, ct, motion.GetInverse(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     truth = sitk.CompositeTransform([motion, own])  # applied last-first: own, then the motion
     yield "Harvard CT→T2 slice (2D), 10° + 15 px", mri, moved_ct, truth
+    motion = rigid(centre(ct), (0, 0, 1), 180.0, (15 * math.cos(0.5), 15 * math.sin(0.5), 0))
+    turned_ct = sitk.Resample(ct, ct, motion.GetInverse(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    yield "Harvard CT→T2 slice (2D), 180° + 15 px", mri, turned_ct, sitk.CompositeTransform([motion, own])
 
 
 def main() -> None:

@@ -320,6 +320,7 @@ def synthesize(
             "register", 0.02, 0.3, _register, mri, ct, registration, allow_disjoint, stages.sub(0.02, 0.3), cancel
         )
         result.transform, result.registration = reg.transform, reg.to_dict()
+        result.warnings.extend(reg.warnings)
         result.ct_registered = stages.run("resample CT", 0.3, 0.32, geometry.resample, ct, mri, result.transform)
     ct_axial = _synthesise_on_reference(result, ct, mri if mri is not None else ct, model, stages, batch_size, cancel)
     if mri is not None:
