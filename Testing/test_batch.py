@@ -112,6 +112,7 @@ def test_manifest_separated_by_semicolons_as_european_spreadsheets_save_csv(tmp_
         ("id,mri\na,x.nrrd\n", "missing column.*ct"),
         ("id,ct,mr\na,x.nrrd,y.nrrd\n", "unknown column.*'mr'"),
         ("a,ct.nrrd,mri.nrrd\n", "unknown column"),  # no header line
+        ("id\tct\tmri\na\tx.nrrd\t\n", "separated by commas or semicolons, not tabs"),
         ("id,ct,mri\na,x.nrrd,\nA,y.nrrd,\n", "line 3: id 'A' already used on line 2"),
         ("id,ct,mri\n../up,x.nrrd,\n", "line 2: id '../up' is not a safe folder name"),
         ("id,ct,mri\na/b,x.nrrd,\n", "not a safe folder name"),

@@ -857,9 +857,9 @@ def test_batch_takes_each_cases_series_from_the_manifest(study: Path, tmp_path: 
         failed = {row["id"]: row for row in csv.DictReader(handle)}["none"]
     assert failed["status"] == "error" and "series 42 is not in" in failed["message"]
     assert "the manifest's ct_series column" in failed["message"] and "--ct-series" not in failed["message"]
-    with open(out / "summary.csv", newline="") as handle:  # the rule finds no MR series: advice in the same terms
+    with open(out / "summary.csv", newline="") as handle:  # a study of CT series only as the MRI: said at once
         failed = {row["id"]: row for row in csv.DictReader(handle)}["ct-as-mri"]["message"]
-    assert "choose one with the manifest's mri_series column (a series number or UID)" in failed, failed
+    assert "holds only CT series" in failed and "give the MRI's own folder" in failed, failed
     assert "--mri-series" not in failed
     with open(out / "summary.csv", newline="") as handle:  # a series asked of a file: the column is left empty
         failed = {row["id"]: row for row in csv.DictReader(handle)}["file"]["message"]

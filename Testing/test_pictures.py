@@ -98,12 +98,13 @@ def test_several_scans_in_one_folder_warned(ct_stack, tmp_path: Path) -> None:
     "problem, expected",
     [
         ("colour", r"CT picture CT_PNG \(2\)\.png has 3 components per voxel"),
-        ("size", r"the pictures differ in size"),
+        ("size", r"the pictures differ in size \(CT_PNG \(1\)\.png 256×256, CT_PNG \(2\)\.png 256×128\)"),
         ("same-number", r"carry the same slice number"),
         ("damaged", r"cannot read CT picture .*damaged"),
         ("empty", r"holds no 2D pictures"),
         ("unnumbered", r"CT_last\.png carries no slice number among files that do"),  # was stacked first
-        ("depths", r"the pictures differ in bit depth \(CT_PNG \(1\)\.png 8-bit unsigned integer, CT_PNG \(2\)\.png"),
+        ("depths", r"the pictures differ in bit depth \(CT_PNG \(1\)\.png 8-bit unsigned integer, CT_PNG \(2\)\.png "
+                   r"16-bit unsigned integer\)"),
     ],
 )
 def test_refusals(problem, expected, ct_stack, tmp_path: Path) -> None:
@@ -142,12 +143,15 @@ def test_read_input_takes_picture_folders(ct_stack, tmp_path: Path) -> None:
 
 
 def test_registration_needs_real_spacing() -> None:
-    assumed = pictures.PictureStack(Path("ct"), ["1.png"], (1.0, 1.0), spacing_given=False)
-    given = pictures.PictureStack(Path("ct"), ["1.png"], (0.5, 5.0), spacing_given=True)
+    assumed = pictures.PictureStack(Path("ct"), ["1.png", "2.png"], (1.0, 1.0), spacing_given=False)
+    given = pictures.PictureStack(Path("ct"), ["1.png", "2.png"], (0.5, 5.0), spacing_given=True)
     with pytest.raises(CTMRIError, match="record no spacing, and registering CT and MRI needs their real sizes"):
         pictures.check_registration([assumed, None], "rigid")
     pictures.check_registration([assumed, assumed], "none")
     pictures.check_registration([given, None], "similarity")
+    # one picture is registered in its plane, as the same picture given as a file is: its slice step plays no part
+    one = pictures.PictureStack(Path("ct"), ["1.png"], (1.0, 1.0), spacing_given=False)
+    pictures.check_registration([one, one], "rigid")
 
 
 def test_8bit_conversion_and_names() -> None:

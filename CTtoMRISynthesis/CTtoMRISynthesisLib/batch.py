@@ -153,7 +153,8 @@ def _header(path: Path, row: list) -> list:
     if unknown or missing or len(set(columns)) != len(columns):
         problem = (f"unknown column(s) {', '.join(map(repr, unknown))}" if unknown else
                    f"missing column(s) {', '.join(missing)}" if missing else "a repeated column")
-        raise CTMRIError(f"manifest {path}: {problem} in the header {','.join(row)!r}; "
+        tabs = " (columns are separated by commas or semicolons, not tabs)" if any("\t" in c for c in row) else ""
+        raise CTMRIError(f"manifest {path}: {problem} in the header {','.join(row)!r}{tabs}; "
                          "the first line must be id,ct,mri (mri optional; ct_series and mri_series may follow)")
     return columns
 

@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ct", type=given_path, required=True, help="CT volume: .nrrd, .nii(.gz), .mha/.mhd, .png, a DICOM folder "
                    "or a folder of 2D pictures (one slice each, stacked in the order of the numbers in their names)")
     p.add_argument("--mri", type=given_path, help="reference MRI of the same patient (enables registration and metrics)")
-    p.add_argument("--out-dir", type=given_path, required=True, help="folder for the outputs (created; files replaced)")
+    p.add_argument("--out-dir", type=given_path, required=True, help="folder for the outputs (created if missing; only files an earlier run wrote are replaced, a file of "
+                   "yours named like an output makes the run stop first)")
     p.add_argument("--weights", type=given_path, help="model file (default: the shipped model_weights/ctmri_unet.safetensors)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--registration", default="rigid", choices=["rigid", "similarity", "none"],

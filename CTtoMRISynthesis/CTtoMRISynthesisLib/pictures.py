@@ -175,15 +175,17 @@ def read_pictures(folder: str | Path, what: str = "image",
     planes = [read_picture(p, what) for p in files]
     sizes = {p.GetSize() for p in planes}
     if len(sizes) != 1:
-        odd = next(f.name for f, p in zip(files, planes) if p.GetSize() != planes[0].GetSize())
+        odd, other = next((f.name, p) for f, p in zip(files, planes) if p.GetSize() != planes[0].GetSize())
         raise CTMRIError(f"{what} folder {folder}: the pictures differ in size ({files[0].name} "
-                         f"{planes[0].GetSize()[0]}×{planes[0].GetSize()[1]}, {odd} another); one folder must hold "
+                         f"{planes[0].GetSize()[0]}×{planes[0].GetSize()[1]}, {odd} "
+                         f"{other.GetSize()[0]}×{other.GetSize()[1]}); one folder must hold "
                          "one scan's slices, all the same size")
     types = {p.GetPixelID() for p in planes}
     if len(types) != 1:  # np.stack would widen 8-bit slices to 16 bits: read as Hounsfield units, black
-        odd = next(f.name for f, p in zip(files, planes) if p.GetPixelID() != planes[0].GetPixelID())
+        odd, other = next((f.name, p) for f, p in zip(files, planes) if p.GetPixelID() != planes[0].GetPixelID())
         raise CTMRIError(f"{what} folder {folder}: the pictures differ in bit depth ({files[0].name} "
-                         f"{planes[0].GetPixelIDTypeAsString()}, {odd} another); one scan's slices share one: export "
+                         f"{planes[0].GetPixelIDTypeAsString()}, {odd} {other.GetPixelIDTypeAsString()}); one scan's "
+                         "slices share one: export "
                          "them again alike, or move the odd ones out")
     image = sitk.GetImageFromArray(np.stack([sitk.GetArrayFromImage(p) for p in planes]))
     in_plane, between = given or (ASSUMED_SPACING_MM, ASSUMED_SPACING_MM)
@@ -211,8 +213,10 @@ def describe_pictures(folder: str | Path) -> str:
 
 
 def check_registration(sources: Sequence[Optional[PictureStack]], registration: str) -> None:
-    """Registering to an MRI needs true sizes: refuse when a picture stack's spacing was only assumed."""
-    assumed = [s for s in sources if isinstance(s, PictureStack) and not s.spacing_given]
+    """Registering to an MRI needs true sizes: refuse when a picture stack's spacing was only assumed. One picture
+    is registered in its plane, where the made-up slice step plays no part: as a single picture file is, it is
+    registered (a folder holding one picture was refused where the picture itself was taken)."""
+    assumed = [s for s in sources if isinstance(s, PictureStack) and not s.spacing_given and len(s.files) > 1]
     if assumed and registration != "none":
         raise CTMRIError(
             f"the pictures in {assumed[0].folder} record no spacing, and registering CT and MRI needs their real "
