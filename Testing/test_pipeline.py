@@ -7,6 +7,7 @@ the real data (Harvard case 41, the Visible Human HU CT) where it is available.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -327,6 +328,32 @@ def test_save_outputs_all_or_nothing(case41, model, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temporary folder left behind"
     back = sitk.ReadImage(str(paths["synthetic_mri"]))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(result.synthetic_mri))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="whether a process lives is asked with signal 0 (POSIX)")
+def test_a_temporary_folder_left_by_a_killed_run_is_removed_by_the_next(case41, model, tmp_path: Path) -> None:
+    """kill -9 (or the out-of-memory killer) during the writing left ``.partial-*`` with half-written outputs for good
+    (a batch review found one beside a finished case). The next run into the folder removes such a folder when it is
+    this machine's and its process is gone; one of a live process, of another machine or of another name stays."""
+    import socket
+    import subprocess
+
+    ct, _ = case41
+    out = tmp_path / "out"
+    out.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    host = socket.gethostname()
+    stale = out / f".partial-{host}-{gone.pid}-abc123"
+    kept = [out / f".partial-{host}-{os.getpid()}-live1", out / f".partial-otherhost-{gone.pid}-x9",
+            out / ".partial-oldname"]
+    for folder in [stale, *kept]:
+        folder.mkdir()
+        (folder / "synthetic_mri.nrrd").write_bytes(b"half")
+    save_outputs(synthesize(ct, None, model=model), out)
+    assert not stale.exists()
+    assert all((folder / "synthetic_mri.nrrd").read_bytes() == b"half" for folder in kept)
+    assert (out / "synthetic_mri.nrrd").is_file()
 
 
 def test_save_outputs_replaces_only_the_files_a_run_listed(case41, model, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -553,7 +554,8 @@ def save_outputs(
     try:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
+            remove_stale_partials(out_dir)
+            tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(), dir=out_dir))
         except OSError as exc:
             raise CTMRIError(f"cannot create {out_dir}: {exc.strerror or exc}; choose a writable --out-dir") from exc
         written = _write_all(result, tmp, extra_writer)
@@ -575,6 +577,35 @@ def save_outputs(
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     return {kind: out_dir / name for kind, name in written.items()}
+
+
+def _partial_prefix() -> str:
+    """The temporary folder's name prefix: ``.partial-<host>-<pid>-``, so that a later run can tell a folder left by
+    a process killed outright (kill -9, the out-of-memory killer) from one still being written."""
+    return f".partial-{socket.gethostname()}-{os.getpid()}-"
+
+
+def remove_stale_partials(out_dir: Path) -> list:
+    """Remove the temporary folders that runs on this machine left behind when killed outright (their process is
+    gone); return their names. Only on POSIX, where signal 0 asks whether a process lives (on Windows os.kill
+    would end it). A folder of another machine, of a live process, or without that name is left alone."""
+    if os.name != "posix":
+        return []
+    removed = []
+    for folder in Path(out_dir).glob(".partial-*"):
+        parts = folder.name[len(".partial-"):].rsplit("-", 2)
+        if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit() or not folder.is_dir():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue  # alive (or not ours to signal): still being written
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder.name)
+    return removed
 
 
 def _write_all(result: SynthesisResult, tmp: Path, extra_writer: Optional[Callable[[Path], dict]]) -> dict:
