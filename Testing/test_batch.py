@@ -285,6 +285,10 @@ def test_cases_equal_synthesize_and_a_failure_is_recorded(jobs1, cohort: Path, t
 
     report = (out / "report.md").read_text()
     assert "| mae |" in report and "1 failed" in report and "| bad | error |" in report
+    # the mean uncertainty is over both ok cases, the scores over the one with an MRI: the heading says so
+    assert "uncertainty_mean over every case whose model gives one" in report and "with an MRI (" not in report
+    assert [line.split("|")[-2].strip() for line in report.splitlines()
+            if line.startswith(("| mae |", "| uncertainty_mean |"))] == ["1", "2"]
 
 
 def test_resume_skips_complete_cases_and_redoes_changed_ones(cohort: Path, tmp_path: Path, capsys, tiny_weights) -> None:

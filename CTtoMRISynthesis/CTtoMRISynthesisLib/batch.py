@@ -535,7 +535,9 @@ def render_report(summary: Summary, about: dict) -> str:
         + (f", {len(summary.not_run)} without a result yet." if summary.not_run else "."), "",
     ]
     if summary.stats:
-        lines += ["## Metrics over the ok cases with an MRI (0..255 scale, foreground = MRI > 0, or its head where its background is noise)", "",
+        lines += ["## Metrics over the ok cases (0..255 scale; the scores over those with an MRI, foreground = MRI > 0, or "
+                  "its head where its background is noise; uncertainty_mean over every case whose model gives one: n "
+                  "says how many)", "",
                   "| metric | mean | SD | min | max | n |", "|---|---|---|---|---|---|"]
         for metric, s in summary.stats.items():
             lines.append(f"| {metric} | {_fmt(s['mean'])} | {_fmt(s['sd'])} | {_fmt(s['min'])} | "
