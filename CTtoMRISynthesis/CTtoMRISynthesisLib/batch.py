@@ -787,9 +787,12 @@ def _pool_pass(cases, out_dir, options, expected, weights, jobs, outcome, report
     unfinished: list = []
     begun: set = set()
 
-    def take(future) -> None:
-        while not started.empty():  # read as cases finish, so that the pipe behind the queue never fills
+    def drain() -> None:  # read as cases finish, so that the pipe behind the queue never fills
+        while not started.empty():
             begun.add(started.get())
+
+    def take(future) -> None:
+        drain()
         taken.add(future)
         try:
             record = future.result()
@@ -820,8 +823,7 @@ def _pool_pass(cases, out_dir, options, expected, weights, jobs, outcome, report
                         pass
         raise
     pool.shutdown(wait=True)
-    while not started.empty():
-        begun.add(started.get())
+    drain()
     return unfinished, begun
 
 

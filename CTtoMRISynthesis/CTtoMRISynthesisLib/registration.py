@@ -545,16 +545,17 @@ def _optimise(
         rotation_axes = [np.eye(3)[a] for a in range(3) if a not in frozen["rotation"]]
     total = {"iterations": 0}
     pyramid = _Pyramid(space, shrink, parameter_scales, weights)
-    start = current
+    start = current  # the start as the descent saw it (head units; ``initial`` differs from it in the last bits)
     current, stop = pyramid.descend(current, settings, total, _start_rotations(current, settings.start_angles_deg, rotation_axes))
     current = _rescaled_transform(current, space.unit)
+    metric = None  # the optimum's MI over the head, when the turn check has measured it
     turn_axis = _turn_axis(current, rotation_axes)
     if turn_axis is not None and settings.turns_deg:
-        current, stop, warnings = _unless_a_turn_is_better(
+        current, stop, metric, warnings = _unless_a_turn_is_better(
             fixed, moving, metric_mask, current, _rescaled_transform(start, space.unit), stop, pyramid, turn_axis,
             settings, total)
         settings.warnings.extend(warnings)
-    return _unless_the_identity_is_as_good(fixed, moving, metric_mask, current, transform, settings, total, stop)
+    return _unless_the_identity_is_as_good(fixed, moving, metric_mask, current, transform, settings, total, stop, metric)
 
 
 @dataclass
@@ -597,8 +598,9 @@ def _turn_axis(transform: sitk.Transform, rotation_axes: Optional[list]) -> Opti
 
 
 def _unless_a_turn_is_better(fixed, moving, metric_mask, current, start, stop: str, pyramid: _Pyramid, axis: np.ndarray,
-                             settings: _Settings, total: dict) -> tuple[sitk.Transform, str, list]:
-    """The optimum, or a quarter turn of it when that is clearly better, and warnings: a CT turned by 90°, 180° or
+                             settings: _Settings, total: dict) -> tuple[sitk.Transform, str, float, list]:
+    """The optimum, or a quarter turn of it when that is clearly better; its stop condition, MI and warnings. ``start``:
+    the descent's physical starting transform (centred on the MRI head). A CT turned by 90°, 180° or
     270° in the axial plane against its MRI (pictures exported from another viewer, a wrong orientation header)
     lies beyond the ±10° starts, and the descent ended at a wrong optimum with no word (Harvard pairs turned by a
     quarter or half turn: 0 of 147 recovered, MAE 39–47 against 29; ``experiments/turned_ct.py``).
@@ -613,7 +615,7 @@ def _unless_a_turn_is_better(fixed, moving, metric_mask, current, start, stop: s
     bins = settings.histogram_bins
     found = _metric_at(fixed, moving, metric_mask, current, bins)
     if not math.isfinite(found):
-        return current, stop, []
+        return current, stop, found, []
     ct_centre = _head_centroid(foreground_mask(moving))
     better = []
     for degrees in settings.turns_deg:
@@ -627,7 +629,7 @@ def _unless_a_turn_is_better(fixed, moving, metric_mask, current, start, stop: s
             if value < found - settings.min_improvement * abs(found):
                 better.append((value, degrees, turned))
     if not better:
-        return current, stop, []
+        return current, stop, found, []
     _, degrees, turned = min(better, key=lambda item: item[0])
     quiet = dataclasses.replace(settings, progress=None)
     refined, refined_stop = pyramid.descend(_rescaled_transform(turned, 1.0 / pyramid.space.unit), quiet, total, [])
@@ -636,12 +638,12 @@ def _unless_a_turn_is_better(fixed, moving, metric_mask, current, start, stop: s
     gain = (found - value) / abs(found)
     if gain >= settings.turn_min_gain:
         return refined, (f"turned by {degrees:g}° in the axial plane: that optimum's MI {value:.4f} beats the first "
-                         f"one's {found:.4f}; check the CT's orientation against the MRI's (optimiser: {refined_stop})"), [
+                         f"one's {found:.4f}; check the CT's orientation against the MRI's (optimiser: {refined_stop})"), value, [
             f"the CT lay turned by {degrees:g}° in the axial plane against the MRI (mutual information {gain:.0%} better "
             "turned); it was registered turned: check the CT's orientation, and the registered CT over the MRI"]
     if gain < settings.min_improvement:
-        return current, stop, []
-    return current, stop, [
+        return current, stop, found, []
+    return current, stop, found, [
         f"the CT turned by {degrees:g}° in the axial plane matches the MRI about as well ({gain:.0%} better mutual "
         f"information, less than the {settings.turn_min_gain:.0%} a turn needs): the orientation was kept as given, "
         "but it is uncertain; look at the registered CT over the MRI"]
@@ -736,8 +738,9 @@ def _best_start(run: _Level, starts: list, settings: _Settings, total: dict, lev
 
 
 def _unless_the_identity_is_as_good(fixed, moving, metric_mask, current, transform, settings: _Settings, total: dict,
-                                    stop: str) -> tuple[sitk.Transform, float, int, str]:
-    """The optimum, or the identity when the optimum is not clearly better (the safety net)."""
+                                    stop: str, metric: Optional[float] = None) -> tuple[sitk.Transform, float, int, str]:
+    """The optimum, or the identity when the optimum is not clearly better (the safety net). ``metric``: the
+    optimum's MI over the head when it is known already (measured here otherwise)."""
     # Registering an already-aligned pair must not make it worse. Compare the metric
     # (all voxels of the metric mask, not the optimiser's sample) at the optimum and at the
     # identity (when that overlaps at all); move only on a clear gain. On the shipped 8-mm slab
@@ -745,7 +748,8 @@ def _unless_the_identity_is_as_good(fixed, moving, metric_mask, current, transfo
     # a 0.9 % gain, although MI varies by under 0.4 % between 0° and 4° there: the data do not
     # determine that turn. Real corrections gain far
     # more (the known 10° / 15 px CT/MR motion: 80-90 %; the 3D RIRE motion: 400 %).
-    metric = _metric_at(fixed, moving, metric_mask, current, settings.histogram_bins)
+    if metric is None:
+        metric = _metric_at(fixed, moving, metric_mask, current, settings.histogram_bins)
     if settings.identity_usable:
         identity = _new_transform(fixed.GetDimension(), transform.GetName())
         identity.SetCenter(current.GetCenter())
