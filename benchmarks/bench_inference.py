@@ -5,7 +5,7 @@ For the shipped model and for the paper's width (base 64), on every available de
 measured in the same run (fp32 matmul on CPU, fp16 matmul on GPU), the time for a 256-slice volume,
 and side-by-side variants: channels-last on/off, torch.compile, CPU threads, GPU fp32/fp16/bf16.
 
-    python benchmarks/bench_inference.py [--quick]
+    python benchmarks/bench_inference.py [--quick] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -103,9 +103,13 @@ def bench_device(device: str, quick: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer batch sizes, no torch.compile")
+    parser.add_argument("--device", choices=["cpu", "cuda"], action="append",
+                        help="benchmark only this device (repeatable; default: the CPU and CUDA if there is one)")
     args = parser.parse_args()
     print(f"Machine: {machine()}")
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if "cuda" in devices and not torch.cuda.is_available():
+        parser.error("--device cuda: this PyTorch sees no CUDA device")
     for device in devices:
         bench_device(device, args.quick)
 

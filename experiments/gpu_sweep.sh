@@ -11,7 +11,11 @@
 # so the call ends inside the device's 10-minute limit. TINY=1 runs the same plan in seconds on a CPU
 # (1 epoch of 1 step, base 4) to check the script before spending GPU time; ONLY='b8e60|bag1' runs only
 # those recipes. TRAIN_OPTS adds options to every training (the shipped recipe since round 5:
-# TRAIN_OPTS='--exclude-from-training 2').
+# TRAIN_OPTS='--exclude-from-training 2'; since round 10 also '--context 0 --aug-noise 0.045'). PREDS='b8e60 b32e60'
+# brings those runs' predictions back one file each (else two archives); REPORT_S caps each report's seconds.
+# SimpleITK is carried in .whl/: the wheel, or its files as a .tar.xz (half the size; made here by
+# `unzip -q simpleitk-*.whl -d D && tar cJf .whl/simpleitk.tar.xz -C D .`). Stop 41's call, its time and
+# what it gave: model_weights/report/evaluation/round17_width_gpu.txt.
 set -u
 T0=$(date +%s)
 OUT=${OUT:?set OUT to the folder that collects the results}
@@ -25,12 +29,16 @@ TINY=${TINY:-0}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$WORK/logs" "$OUT"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1
-if [ -d .whl ]; then  # SimpleITK is not on the GPU machine's image: carried as a wheel
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
+if [ -d .whl ]; then  # SimpleITK is not on the GPU machine's image: carried as a wheel, or as the wheel's
+  # files in a .tar.xz (about half the wheel's size: what travels to the machine is limited to 64 MiB)
+  mkdir -p /tmp/site
+  for w in .whl/*.whl; do [ -f "$w" ] || continue
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$w" || exit 3; done
+  for t in .whl/*.tar.xz; do [ -f "$t" ] || continue; tar xJf "$t" -C /tmp/site || exit 3; done
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD/CTtoMRISynthesis${PYTHONPATH:+:$PYTHONPATH}"
-{ nproc; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null; } | tee "$WORK/logs/machine.txt"
+{ nproc --all; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null; } | tee "$WORK/logs/machine.txt"
 $PY -c "import torch, SimpleITK, skimage, safetensors, scipy; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'SimpleITK', SimpleITK.Version_VersionString())" \
   | tee -a "$WORK/logs/machine.txt" || exit 4
 
@@ -74,6 +82,9 @@ run_job() {  # FOLD|final NAME EPOCHS BASE SEED DROP
 export -f run_job
 export T0 START_BY WORK DATA PY COMMON EXTRA
 
+if command -v nvidia-smi > /dev/null; then  # the GPU's load and memory through the training, every 10 s
+  nvidia-smi dmon -s um -d 10 > "$WORK/logs/dmon.txt" 2>&1 & dmon=$!
+fi
 ( xargs -P "$SLOTS" -L 1 bash -c 'run_job "$@"' _ < "$jobs_file" ) 2>&1 | tee "$WORK/logs/jobs.log" &
 pool=$!
 while kill -0 "$pool" 2>/dev/null; do
@@ -82,10 +93,13 @@ while kill -0 "$pool" 2>/dev/null; do
   fi
   sleep 5
 done
-wait
+wait "$pool"  # the pool only: a bare wait would also wait for nvidia-smi dmon, which never ends
 echo "training phase over at $(( $(date +%s) - T0 )) s"
+[ -n "${dmon:-}" ] && kill "$dmon" 2>/dev/null
+# the training records first, so that a call stopped later still brings back what was trained
+( cd "$WORK" && tar czf "$OUT/early.tgz" logs jobs.txt $(ls -d */fold0*/log.csv */fold0*/fold.json 2>/dev/null) )
 if [ "$TINY" != 1 ] && [ "${BENCH:-1}" = 1 ]; then  # the CUDA inference path, timed, beside the reports
-  ( timeout "${BENCH_S:-90}" $PY benchmarks/bench_inference.py --quick > "$WORK/logs/bench_inference.txt" 2>&1
+  ( timeout "${BENCH_S:-90}" $PY benchmarks/bench_inference.py --quick --device cuda > "$WORK/logs/bench_inference.txt" 2>&1
     timeout 60 $PY -m CTtoMRISynthesisLib.cli demo --out-dir "$WORK/demo" --device cuda > "$WORK/logs/demo_cuda.txt" 2>&1 ) &
   bench=$!
 fi
@@ -95,7 +109,7 @@ complete=(); pids=()
 for run in "$WORK"/*/; do
   run=${run%/}; [ "$(ls "$run"/fold0*/fold.json 2>/dev/null | wc -l)" = 8 ] || continue
   complete+=("$run")
-  $PY -m CTtoMRISynthesisLib.training report --data "$DATA" --from-cv "$run" --out "$run/report" > "$WORK/logs/report_$(basename "$run").log" 2>&1 &
+  timeout "${REPORT_S:-150}" $PY -m CTtoMRISynthesisLib.training report --data "$DATA" --from-cv "$run" --out "$run/report" > "$WORK/logs/report_$(basename "$run").log" 2>&1 &
   pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p"; done
@@ -104,7 +118,7 @@ has() { [ -f "$WORK/$1/report/summary.csv" ]; }
 ensemble() {  # NAME RUN...
   local name=$1; shift
   for r in "$@"; do has "$r" || return 0; done
-  $PY experiments/ensemble_cv.py $(printf "$WORK/%s " "$@") --data "$DATA" --json "$WORK/logs/ens_$name.json" \
+  timeout "${REPORT_S:-150}" $PY experiments/ensemble_cv.py $(printf "$WORK/%s " "$@") --data "$DATA" --json "$WORK/logs/ens_$name.json" \
     > "$WORK/logs/ens_$name.txt" 2>&1 && cat "$WORK/logs/ens_$name.txt"
 }
 pids=()
@@ -113,6 +127,9 @@ ensemble bag4_b8 bag1 bag2 bag3 bag4 b8e60 & pids+=($!)
 ensemble widths b8e60 b16e60 b32e60 & pids+=($!)
 ensemble b16 b16e60 & pids+=($!)
 ensemble b8 b8e60 & pids+=($!)
+ensemble b8seeds b8e60 b8e60s1 & pids+=($!)   # stop 41: two seeds of the shipped member's recipe
+ensemble wide b32e60 b64e60 & pids+=($!)
+ensemble b8_b32_b64 b8e60 b32e60 b64e60 & pids+=($!)
 for p in "${pids[@]}"; do wait "$p"; done
 
 [ -n "${bench:-}" ] && wait "$bench"
@@ -134,8 +151,10 @@ for run in sorted(p for p in work.iterdir() if p.is_dir() and list(p.glob("fold0
 EOF
 ( cd "$WORK" && for m in final_*/model.safetensors.sha256; do [ -f "$m" ] && echo "${m%%/*} $(cat "$m")"; done > logs/final_sha256.txt )
 cd "$WORK" && tar czf "$OUT/results.tgz" logs jobs.txt $(ls -d */report/*.md */report/*.csv */fold0*/log.csv */fold0*/fold.json final_*/log.csv 2>/dev/null)
-tar czf "$OUT/preds_a.tgz" $(ls preds/*.npz | grep -v /bag)
-tar czf "$OUT/preds_b.tgz" $(ls preds/bag*.npz 2>/dev/null) 2>/dev/null
+# one file per run (a file brings back at most 16 MiB; a run's predictions are about 5 MiB compressed)
+if [ -n "${PREDS:-}" ]; then for r in $PREDS; do [ -f "preds/$r.npz" ] && cp "preds/$r.npz" "$OUT/preds_$r.npz"; done
+else tar czf "$OUT/preds_a.tgz" $(ls preds/*.npz | grep -v /bag)
+  tar czf "$OUT/preds_b.tgz" $(ls preds/bag*.npz 2>/dev/null) 2>/dev/null; fi
 for m in final_*/model.safetensors; do [ -f "$m" ] && cp "$m" "$OUT/${m%%/*}.safetensors"; done
 cd "$OUT" && ls final_b8e60.safetensors final_bag*.safetensors >/dev/null 2>&1 && tar cf models_b8.tar final_b8e60.safetensors final_bag*.safetensors && rm -f final_b8e60.safetensors final_bag*.safetensors
 ls -la "$OUT"
