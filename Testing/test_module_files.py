@@ -230,9 +230,10 @@ def test_module_cmake_lists_every_python_file_and_resource() -> None:
         assert (MODULE / resource).is_file()
     # the shipped model is installed where weights.default_weights_path() looks in an installed extension
     assert "model_weights" in text and "Resources/model_weights" in text
-    from CTtoMRISynthesisLib import weights
+    from CTtoMRISynthesisLib import resources, weights
 
-    assert "Resources\" / \"model_weights\"" in Path(weights.__file__).read_text().replace("'", '"')
+    installed = MODULE.resolve() / "Resources" / "model_weights" / weights.SHIPPED_NAME
+    assert installed in resources.model_candidates(weights.SHIPPED_NAME)
 
 
 def test_extension_installs_the_shipped_model_file() -> None:

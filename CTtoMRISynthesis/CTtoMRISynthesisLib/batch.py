@@ -691,7 +691,7 @@ def _checked_before_any_case(manifest: str | Path, out_dir: Path, options: "Case
     """The checks that can refuse the whole batch (manifest, folders, the weights file there):
     (cases, weights path, its sha256). Nothing is written."""
     from .pipeline import check_writable
-    from .weights import default_weights_path, sha256_of
+    from .weights import default_weights_path, missing_weights_message, sha256_of
 
     cases = read_manifest(manifest)
     check_inputs_outside_outputs(cases, out_dir)
@@ -699,7 +699,7 @@ def _checked_before_any_case(manifest: str | Path, out_dir: Path, options: "Case
     check_summary_files_free(out_dir)
     weights = Path(options.weights) if options.weights else default_weights_path()
     if not weights.is_file():
-        raise CTMRIError(f"weights file not found: {weights}; pass --weights with a model file")
+        raise CTMRIError(missing_weights_message(weights))
     return cases, weights, sha256_of(weights)
 
 

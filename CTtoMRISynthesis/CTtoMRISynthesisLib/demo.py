@@ -9,14 +9,16 @@ outputs with :func:`pipeline.save_outputs` and prints the metrics. No network, n
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 from .errors import CTMRIError
+from .resources import first_present, not_installed, sample_candidates
 
-SAMPLE_DIR = Path(__file__).resolve().parent.parent / "Resources" / "SampleData"
 SAMPLE_FILES = {"ct": "ct.nrrd", "mri": "mri.nrrd"}
+SAMPLE_DIR = first_present(sample_candidates(), tuple(SAMPLE_FILES.values()))
 #: The sample's MR was aligned to the CT offline; rigid registration is still run (it stays within
 #: about 1–2 mm of that alignment on this sample) so that the demo shows the whole pipeline.
 DEMO_REGISTRATION = "rigid"
@@ -24,9 +26,12 @@ DEMO_REGISTRATION = "rigid"
 
 def sample_paths(folder: Optional[Path] = None) -> dict:
     """{'ct': path, 'mri': path} of the shipped sample; CTMRIError if a file is missing."""
+    default = folder is None
     folder = Path(folder) if folder is not None else SAMPLE_DIR
     paths = {kind: folder / name for kind, name in SAMPLE_FILES.items()}
     missing = [p.name for p in paths.values() if not p.is_file()]
+    if missing and default and not any(c.is_dir() for c in sample_candidates()):
+        raise CTMRIError(not_installed("the demo's sample case (ct.nrrd, mri.nrrd)", sample_candidates()))
     if missing:
         raise CTMRIError(
             f"the sample case is incomplete: {', '.join(missing)} not found in {folder}; restore it from the "
@@ -36,16 +41,18 @@ def sample_paths(folder: Optional[Path] = None) -> dict:
 
 
 def _weights_or_error() -> Path:
-    from .weights import default_weights_path
+    """The shipped model's path (or ``$CTMRI_WEIGHTS``); CTMRIError saying where it was looked for."""
+    from .resources import model_candidates, not_installed
+    from .weights import SHIPPED_NAME, default_weights_path
 
     path = default_weights_path()
-    if not path.is_file():
-        raise CTMRIError(
-            f"the model weights are missing: {path} does not exist. The demo uses the shipped model; "
-            "get model_weights/ctmri_unet.safetensors (and its .sha256) from the repository, train one with "
-            "`ctmri train` (see model_weights/README.md), or set CTMRI_WEIGHTS to a model file"
-        )
-    return path
+    if path.is_file():
+        return path
+    if os.environ.get("CTMRI_WEIGHTS"):
+        raise CTMRIError(f"the model weights are missing: CTMRI_WEIGHTS names {path}, which does not exist; set it "
+                         "to a model file, or unset it to use the shipped model")
+    raise CTMRIError(not_installed("the shipped model", model_candidates(SHIPPED_NAME)) + "; or set CTMRI_WEIGHTS "
+                     "to a model file (`ctmri train` makes one; see model_weights/README.md)")
 
 
 def run_demo(out_dir: str | Path = "ctmri_demo_output", device: str = "auto", quiet: Optional[bool] = None) -> int:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from .errors import CTMRIError, shortened
+from .resources import first_present, model_candidates, not_installed
 
 FORMAT = "ctmri-unet-v2"
 SHIPPED_NAME = "ctmri_unet.safetensors"
@@ -80,15 +81,16 @@ def default_weights_path() -> Path:
     env = os.environ.get("CTMRI_WEIGHTS")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent
-    candidates = [
-        here.parent.parent / "model_weights" / SHIPPED_NAME,  # source checkout / editable install
-        here.parent / "Resources" / "model_weights" / SHIPPED_NAME,  # installed Slicer extension
-    ]
-    for candidate in candidates:
-        if candidate.exists():
-            return candidate
-    return candidates[0]
+    return first_present(model_candidates(SHIPPED_NAME))
+
+
+def missing_weights_message(path: Path) -> str:
+    """Why ``path`` cannot be loaded, and what to do: the shipped model's places when it was the default."""
+    if not os.environ.get("CTMRI_WEIGHTS") and Path(path) in model_candidates(SHIPPED_NAME):
+        return (not_installed("the shipped model", model_candidates(SHIPPED_NAME))
+                + "; or pass --weights with a model file, or set CTMRI_WEIGHTS to one")
+    return f"weights file not found: {path}; pass --weights with an existing {SUFFIX} file " \
+           "(or leave it out to use the shipped model)"
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -238,8 +240,7 @@ def _recorded_checksum(path: Path) -> str:
 def _read_checked_bytes(path: Path, verify: bool) -> tuple[bytes, str]:
     """The file's bytes and their sha256, after comparing it with the recorded one (the same bytes get parsed)."""
     if not path.is_file():
-        raise CTMRIError(f"weights file not found: {path}; pass --weights with an existing {SUFFIX} file "
-                         "(or leave it out to use the shipped model)")
+        raise CTMRIError(missing_weights_message(path))
     data = path.read_bytes()
     actual = hashlib.sha256(data).hexdigest()
     if verify:
