@@ -75,6 +75,11 @@ def test_synthesize_with_mri_writes_readable_outputs(case_files, tiny_weights: P
         assert (out / record).read_bytes() == kept
     assert (out / "evaluation.json").exists() is False and main([
         "evaluate", "--pred", str(out / "synthetic_mri.nrrd"), "--ref", str(mri), "--json", str(out / "evaluation.json")]) == 0
+    # ... nor into a copy of that record elsewhere: it is the run's account (registration, model, times), not ours
+    (tmp_path / "run_record.json").write_bytes((out / "metrics.json").read_bytes())
+    assert main(["evaluate", "--pred", str(out / "synthetic_mri.nrrd"), "--ref", str(mri),
+                 "--json", str(tmp_path / "run_record.json")]) == 2
+    assert (tmp_path / "run_record.json").read_bytes() == (out / "metrics.json").read_bytes()
 
 
 def test_synthesize_without_mri(case_files, tiny_weights: Path, tmp_path: Path) -> None:
@@ -102,6 +107,30 @@ def test_evaluate_json_never_replaces_an_image_and_fails_before_the_work(case_fi
     assert "PSNR inf (identical)" in capsys.readouterr().out
     assert json.loads((tmp_path / "e.json").read_text())["psnr"] is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json"]  # no temporary file beside it
+
+
+def test_evaluate_json_replaces_only_an_earlier_evaluate_result(case_files, tmp_path: Path, capsys) -> None:
+    """``--json`` over a user's own ``.json`` (here their notes, a JSON of theirs with an ``mae`` key, a link to
+    an evaluation) used to overwrite it without a word; now refused before the work, in one line saying what to
+    do, the file as it was. An earlier ``evaluate`` result is still replaced, whole, as a rerun expects."""
+    ct, mri = case_files
+    theirs = {"notes.json": "my notes, not JSON\n", "mine.json": json.dumps({"mae": 12.5, "who": "me"}) + "\n"}
+    for name, text in theirs.items():
+        (tmp_path / name).write_text(text)
+    assert main(["evaluate", "--pred", str(mri), "--ref", str(mri), "--json", str(tmp_path / "e.json")]) == 0
+    (tmp_path / "link.json").symlink_to(tmp_path / "e.json")
+    evaluation = (tmp_path / "e.json").read_bytes()
+    capsys.readouterr()
+    for name in (*theirs, "link.json"):
+        assert main(["evaluate", "--pred", str(ct), "--ref", str(mri), "--json", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is not an earlier `ctmri evaluate` result" in err[0] and "choose another name" in err[0], err
+    assert {name: (tmp_path / name).read_text() for name in theirs} == theirs
+    assert (tmp_path / "link.json").is_symlink() and (tmp_path / "e.json").read_bytes() == evaluation
+    # an earlier result is replaced by the new one (the CT scored, not the MRI against itself), no temporary left
+    assert main(["evaluate", "--pred", str(ct), "--ref", str(mri), "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["mae"] > json.loads(evaluation)["mae"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json", "link.json", "mine.json", "notes.json"]
 
 
 def test_evaluate_warns_when_the_reference_is_a_ct(case_files, capsys) -> None:

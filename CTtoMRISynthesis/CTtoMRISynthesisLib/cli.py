@@ -61,7 +61,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     print(summary_line(metrics))
     if target is not None:
-        write_json(target, metrics)
+        write_json(check_json_target(args.json), metrics)  # again: a file of the user's may have appeared meanwhile
     return 0
 
 
@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "DICOM folder or a folder of pictures")
     p.add_argument("--pred-scale", default="as-is", choices=PRED_SCALES,
                    help="use the prediction's values as they are (default) or min-max scale them too")
-    p.add_argument("--json", type=given_path, help="also write the metrics to this JSON file")
+    p.add_argument("--json", type=given_path, help="also write the metrics to this JSON file (new, or an earlier "
+                   "`ctmri evaluate` result, which is replaced; any other existing file is refused)")
     p.add_argument("--ref-series", metavar="N|UID", help="series number or SeriesInstanceUID to take when --ref is a "
                    "DICOM folder with several series (default: chosen by the rule; see `ctmri series`)")
     p.add_argument("--pred-series", metavar="N|UID", help="the same for --pred (e.g. 9001, the synthetic MRI of "

@@ -21,7 +21,9 @@ def check_json_target(path: Optional[str]) -> Optional[Path]:
 
     The name must end in ``.json`` (so that a slip such as ``--json mri.nii.gz`` never overwrites the reference
     MRI), its folder must exist, and it must not be a file a ``synthesize`` run wrote (its ``metrics.json`` holds
-    the run's registration, model and times, and ``batch`` reads it to know the case is done).
+    the run's registration, model and times, and ``batch`` reads it to know the case is done). An existing file
+    is replaced only when it is an earlier ``evaluate`` result (:func:`is_evaluate_result`), as ``synthesize``
+    replaces only its own outputs: a ``.json`` of the user's was silently overwritten.
     """
     from .pipeline import is_run_output
 
@@ -38,7 +40,33 @@ def check_json_target(path: Optional[str]) -> Optional[Path]:
     if is_run_output(target):
         raise CTMRIError(f"--json {path} is the record a `ctmri synthesize` run wrote into {folder} (its registration, "
                          "model and times); write the evaluation beside it under another name, e.g. evaluation.json")
+    if (target.exists() or target.is_symlink()) and not is_evaluate_result(target):
+        raise CTMRIError(f"--json {path} exists and is not an earlier `ctmri evaluate` result (only those are "
+                         "replaced, so that no file of yours is lost): choose another name, or move it away")
     return target
+
+
+#: Keys every metrics record of ``evaluate`` has had since its first version (:func:`metrics.compute_metrics`).
+_RESULT_KEYS = frozenset({"mae", "ssim", "psnr", "mae_whole", "ssim_foreground", "foreground_voxels", "per_slice"})
+#: Keys of a ``synthesize`` run's ``metrics.json`` (:func:`pipeline._written_by_ctmri`), which holds the metrics
+#: too: a copy of that record elsewhere is the run's account (registration, model, times), not ours to replace.
+_RUN_RECORD_KEYS = frozenset({"stage_seconds", "normalisation", "weights"})
+
+
+def is_evaluate_result(path: Path) -> bool:
+    """Whether ``path`` is a file an earlier ``ctmri evaluate --json`` wrote, told by its content (a JSON object
+    with the metrics' keys and a per-slice list, none of a ``synthesize`` record's). A link is not: replacing
+    it would replace the link, and the name could be a user's way to the file."""
+    import json
+
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON: not a file we wrote
+        return False
+    return (isinstance(content, dict) and _RESULT_KEYS <= content.keys() and isinstance(content["per_slice"], list)
+            and not _RUN_RECORD_KEYS & content.keys())
 
 
 #: Least share of the reference MRI's head the prediction must cover to be scored (registration asks the same).
