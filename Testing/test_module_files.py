@@ -277,3 +277,18 @@ def test_readme_layout_names_every_module() -> None:
     named = set(re.findall(r"`([a-z_]+)/?`", layout))
     modules = {p.stem for p in LIB.glob("*.py") if p.stem != "__init__"} | {"training"}
     assert modules - named == set(), f"README's Layout does not name {sorted(modules - named)}"
+
+
+def test_readme_explains_its_development_words_before_using_them() -> None:
+    """"round 10", "stop 34", "issue 11's aims" name where a measurement comes from; a newcomer met them in the
+    install notes and the results with no word of what they are. One paragraph near the top explains them: every
+    use comes after it, and it says what each is and where it is recorded."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    start = readme.find("**Words used below.**")
+    assert 0 < start < readme.index("## Install"), "no explanation of the development words before the install notes"
+    glossary = readme[start:readme.index("\n\n", start)]
+    for word, explained in (("round", "*round*"), ("stop", "*stop*"), ("issue", "*issue 11*"), ("aim", "aim 1")):
+        first = re.search(rf"\b{word} \d", readme, re.IGNORECASE)
+        assert first is None or first.start() > start, f"README uses {first.group()!r} before explaining it"
+        assert explained in glossary, f"the explanation does not say what {word!r} is"
+    assert "model_weights/RECIPES.md" in glossary  # where the rounds are recorded
