@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -254,6 +255,22 @@ def test_shipped_model_file_and_its_config_without_torch(monkeypatch) -> None:
     # besides the members, only the error model (error_model.py): 10 → 32 → 32 → 1 and its standardisation
     others = {k: a.size for k, a in arrays.items() if not k.startswith("members.")}
     assert all(k.startswith("error_model.") for k in others) and sum(others.values()) == 1441 + 20
+
+
+def test_readme_names_the_patients_the_shipped_model_was_trained_on() -> None:
+    """Metrics of the shipped model on the Harvard pictures it was trained on are in-sample (optimistic), and no
+    warning can tell such pictures reliably (a file name is not the data; ``evaluate`` does not know the model):
+    the README says so near the quick start, naming exactly the training patients of the model file's config."""
+    config = read_config(SHIPPED)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    start = readme.find("**Scores on the training data are in-sample.**")
+    assert 0 < start < readme.index("### A folder of exported slices"), "no in-sample note in the quick start"
+    note = " ".join(readme[start:readme.index("\n\n", start)].split())
+    named = re.search(r"of patients ([0-9, and]+) \(", note)
+    assert named is not None, note
+    assert sorted(re.findall(r"\d+", named.group(1)), key=int) == sorted(config["split"]["train_cases"], key=int)
+    for case in config["split"]["excluded_from_training"]:
+        assert f"Patient {case} was not trained on" in note
 
 
 def _ours_row(markdown: str) -> str:
