@@ -20,7 +20,7 @@ import pytest
 from CTtoMRISynthesisLib import resources
 from CTtoMRISynthesisLib.demo import SAMPLE_FILES, sample_paths
 from CTtoMRISynthesisLib.errors import CTMRIError
-from CTtoMRISynthesisLib.weights import SHIPPED_NAME, checksum_path, default_weights_path, load_model
+from CTtoMRISynthesisLib.weights import SHIPPED_NAME, checksum_path, default_weights_path, read_config
 
 REPO = Path(__file__).resolve().parents[1]
 #: What the wheel is built from: the package, the metadata's files and the shipped data.
@@ -104,7 +104,7 @@ def test_missing_shipped_model_says_it_is_not_installed_and_where_it_looked(monk
     prefix = _installed_without_data(monkeypatch, tmp_path)
     path = default_weights_path()
     with pytest.raises(CTMRIError) as err:
-        load_model(path)
+        read_config(path)  # what the Slicer module reads first; load_model checks the file the same way
     message = str(err.value)
     assert "the shipped model is not installed here" in message
     assert str(prefix / "share" / "ctmri" / "model_weights" / SHIPPED_NAME) in message
@@ -114,7 +114,7 @@ def test_missing_shipped_model_says_it_is_not_installed_and_where_it_looked(monk
 
 def test_a_users_missing_weights_file_keeps_its_own_message(tmp_path):
     with pytest.raises(CTMRIError, match="weights file not found: .*gone.safetensors; pass --weights"):
-        load_model(tmp_path / "gone.safetensors")
+        read_config(tmp_path / "gone.safetensors")
 
 
 def test_shipped_files_found_under_the_prefix_share_folder(monkeypatch, tmp_path):
@@ -124,7 +124,7 @@ def test_shipped_files_found_under_the_prefix_share_folder(monkeypatch, tmp_path
     shutil.copy2(REPO / "model_weights" / SHIPPED_NAME, models)
     shutil.copy2(checksum_path(REPO / "model_weights" / SHIPPED_NAME), models)
     assert default_weights_path() == models / SHIPPED_NAME
-    assert load_model(default_weights_path()).config["model"]["members"] == 4
+    assert read_config(default_weights_path())["model"]["members"] == 4
     sample = prefix / "share" / "ctmri" / "SampleData"
     assert resources.first_present(resources.sample_candidates(), tuple(SAMPLE_FILES.values())) != sample
     shutil.copytree(REPO / "CTtoMRISynthesis" / "Resources" / "SampleData", sample)
