@@ -453,6 +453,32 @@ def test_shards_write_one_folder_and_merge_one_summary(cohort: Path, tmp_path: P
     assert "3 ok" in (out / "report.md").read_text() and "without a result" not in (out / "report.md").read_text()
 
 
+def test_another_manifest_into_the_same_folder_keeps_and_names_the_first_ones_cases(cohort: Path, tmp_path: Path,
+                                                                                    capsys) -> None:
+    out = tmp_path / "out"
+    first = write_manifest(tmp_path / "first.csv", [("a", str(cohort / "crop/ct.nrrd"), "")])
+    second = write_manifest(tmp_path / "second.csv", [("b", str(cohort / "crop/ct.nrrd"), "")])
+    assert main(["batch", "--manifest", str(first), "--out-dir", str(out), *FAST]) == 0
+    before = {p: p.stat().st_mtime_ns for p in (out / "a").iterdir()}
+    record = batch.record_path(out, "a").read_bytes()
+    capsys.readouterr()
+    assert main(["batch", "--manifest", str(second), "--out-dir", str(out), *FAST]) == 0
+    err = capsys.readouterr().err
+    # the second manifest's summary is its own, and says the first one's case is there
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["id"] for r in summary["cases"]] == ["b"] and summary["not_in_manifest"] == ["a"]
+    report = (out / "report.md").read_text()
+    assert "not in this manifest (1)" in report and "`a`" in report
+    assert "1 case(s)" in err and "not in this manifest (a)" in err
+    # and nothing of the first manifest's case was touched
+    assert {p: p.stat().st_mtime_ns for p in (out / "a").iterdir()} == before
+    assert batch.record_path(out, "a").read_bytes() == record
+    # run again with the first manifest: it summarises its case again, and names the second's
+    assert main(["batch", "--manifest", str(first), "--out-dir", str(out), *FAST]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["id"] for r in summary["cases"]] == ["a"] and summary["not_in_manifest"] == ["b"]
+
+
 def test_jobs_2_gives_the_results_of_jobs_1(jobs1, cohort: Path, tmp_path: Path) -> None:
     _, out1 = jobs1
     out2 = tmp_path / "out"

@@ -429,6 +429,8 @@ class Summary:
     columns: list
     not_run: list
     stats: dict = field(default_factory=dict)
+    # cases of another manifest run into the same folder: kept as they are, not summarised here
+    not_in_manifest: list = field(default_factory=list)
 
     def count(self, status: str) -> int:
         return sum(1 for row in self.rows if row["status"] == status)
@@ -484,7 +486,19 @@ def _build_summary(out_dir: Path, cases: Sequence, expected: dict, raw: dict) ->
     present = [m for m in METRIC_COLUMNS if m != "uncertainty_mean" or any(m in r for r in rows)]
     columns = list(ALWAYS_COLUMNS) + present
     rows = [{c: row.get(c) for c in columns} for row in rows]
-    return Summary(rows=rows, columns=columns, not_run=not_run, stats=_metric_stats(rows, present))
+    return Summary(rows=rows, columns=columns, not_run=not_run, stats=_metric_stats(rows, present),
+                   not_in_manifest=cases_not_in_manifest(out_dir, cases))
+
+
+def cases_not_in_manifest(out_dir: Path, cases: Sequence) -> list:
+    """Ids with a batch record in ``out_dir`` that this manifest does not list (another manifest was run into the
+    same folder). The summary is this manifest's, so it says they are there rather than dropping them unsaid."""
+    listed = {case.id for case in cases}
+    try:
+        records = sorted((out_dir / STATE_DIR).glob("*.json"))
+    except OSError:
+        return []
+    return [r.stem for r in records if r.stem not in listed and not r.name.startswith(".")]
 
 
 def _metric_stats(rows: list, metrics: Iterable[str]) -> dict:
@@ -512,6 +526,7 @@ def _write_summary(out_dir: Path, summary: Summary, about: dict) -> None:
         **about, "cases_in_manifest": len(summary.rows) + len(summary.not_run),
         "ok": summary.count("ok"), "error": summary.count("error"), "not_run": summary.not_run,
         "metric_stats": summary.stats, "columns": summary.columns, "cases": summary.rows,
+        "not_in_manifest": summary.not_in_manifest,
     })
     _write_text_atomic(out_dir / REPORT_MD, render_report(summary, about))
 
@@ -552,6 +567,11 @@ def render_report(summary: Summary, about: dict) -> str:
         lines += ["", f"## Without a result yet ({len(summary.not_run)})", "",
                   "Not run with these inputs, options and weights (another shard, interrupted, or not started): "
                   + ", ".join(f"`{i}`" for i in summary.not_run)]
+    if summary.not_in_manifest:
+        lines += ["", f"## In this folder but not in this manifest ({len(summary.not_in_manifest)})", "",
+                  "Cases another manifest ran into this folder, left as they are and not summarised here (run that "
+                  "manifest again to summarise them, or give each manifest its own --out-dir): "
+                  + ", ".join(f"`{i}`" for i in summary.not_in_manifest)]
     return "\n".join(lines) + "\n"
 
 
@@ -855,6 +875,12 @@ class _signals_held:
             signal.signal(sig, handler)
 
 
+def _listed(ids: Sequence, shown: int = 5) -> str:
+    """The first ``shown`` ids, and how many more."""
+    more = f", … {len(ids) - shown} more" if len(ids) > shown else ""
+    return ", ".join(ids[:shown]) + more
+
+
 def _print_end(out_dir: Path, outcome: BatchOutcome) -> None:
     summary = outcome.summary
     ran_ok = sum(1 for r in outcome.ran if r["status"] == "ok")
@@ -863,5 +889,8 @@ def _print_end(out_dir: Path, outcome: BatchOutcome) -> None:
         pending = f", {len(summary.not_run)} without a result yet" if summary.not_run else ""
         print(f"summary: {summary.count('ok')} ok, {summary.count('error')} failed{pending} -> "
               f"{out_dir / SUMMARY_CSV}, {SUMMARY_JSON}, {REPORT_MD}")
+        if summary.not_in_manifest:
+            print(f"note: {len(summary.not_in_manifest)} case(s) in {out_dir} are not in this manifest "
+                  f"({_listed(summary.not_in_manifest)}): left as they are, not in this summary", file=sys.stderr)
     if outcome.failed:
         print(f"failed: {', '.join(outcome.failed)} (messages in {out_dir / SUMMARY_CSV})", file=sys.stderr)
