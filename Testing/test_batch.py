@@ -479,6 +479,21 @@ def test_another_manifest_into_the_same_folder_keeps_and_names_the_first_ones_ca
     assert [r["id"] for r in summary["cases"]] == ["a"] and summary["not_in_manifest"] == ["b"]
 
 
+def test_a_long_error_is_kept_whole_in_the_summary_and_cut_on_the_console(cohort: Path, tmp_path: Path,
+                                                                          capsys) -> None:
+    deep = tmp_path.joinpath(*["a_folder_with_a_rather_long_name_as_exports_get"] * 8)
+    deep.mkdir(parents=True)
+    shutil.copy(cohort / "broken.nrrd", deep / "broken.nrrd")
+    manifest = write_manifest(tmp_path / "cases.csv", [("long", str(deep / "broken.nrrd"), "")])
+    out = tmp_path / "out"
+    assert main(["batch", "--manifest", str(manifest), "--out-dir", str(out), *FAST]) == 1
+    message = read_summary(out)["long"]["message"]
+    assert len(message) > batch.CONSOLE_LIMIT and not message.endswith("…"), message
+    assert json.loads(batch.record_path(out, "long").read_text())["message"] == message
+    line = next(li for li in capsys.readouterr().out.splitlines() if li.startswith("error long"))
+    assert line.endswith("… (whole message in summary.csv)") and len(line) < batch.CONSOLE_LIMIT + 40
+
+
 def test_jobs_2_gives_the_results_of_jobs_1(jobs1, cohort: Path, tmp_path: Path) -> None:
     _, out1 = jobs1
     out2 = tmp_path / "out"

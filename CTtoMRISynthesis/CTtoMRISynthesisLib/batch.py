@@ -308,9 +308,13 @@ def complete_record(out_dir: Path, case: Case, expected: dict) -> Optional[dict]
     return record
 
 
-def _one_line(text: str, limit: int = 400) -> str:
-    line = " ".join(str(text).split())
-    return shortened(line, limit)
+#: Longest case line on the console; the record and the summary keep the whole message, whose end often says
+#: what to do (a long path or a library's text before it could push that past any cut).
+CONSOLE_LIMIT = 400
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def _check_model_is_the_batchs(model, expected: dict) -> None:
@@ -619,8 +623,10 @@ class _Reporter:
         # the warnings of a case with metrics too (a reference that is a CT, not T2-weighted): they say what the
         # numbers are worth, and the summary's mean takes such a case in
         said = "; ".join(part for part in (detail, record.get("message") or "") if part)
-        line = f"{record['status']:5s} {record['id']}  {record.get('seconds') or 0:.1f} s  {said}"
-        self._print(line.rstrip())
+        line = f"{record['status']:5s} {record['id']}  {record.get('seconds') or 0:.1f} s  {said}".rstrip()
+        if len(line) > CONSOLE_LIMIT:
+            line = shortened(line, CONSOLE_LIMIT) + f" (whole message in {SUMMARY_CSV})"
+        self._print(line)
         if self.bar is not None:
             self.bar.set_postfix_str(f"{self.failed} failed")
             self.bar.update(1)
