@@ -848,7 +848,12 @@ def test_batch_takes_each_cases_series_from_the_manifest(study: Path, tmp_path: 
                         f"ct-as-mri,{study},{study},\nfile,{as_file},,3\n")
     out = tmp_path / "cohort"
     assert cli.main(["batch", "--manifest", str(manifest), "--out-dir", str(out), "--quiet"]) == 1
-    capsys.readouterr()
+    console = capsys.readouterr().out
+    # which series each case took is in the summary and on its console line, not only in its own folder
+    with open(out / "summary.csv", newline="") as handle:
+        taken = {row["id"]: row["series"] for row in csv.DictReader(handle)}
+    assert taken == {"rule": "CT 3", "thick": "CT 2", "none": "", "ct-as-mri": "", "file": ""}, taken
+    assert any(li.startswith("ok    thick") and "series CT 2" in li for li in console.splitlines()), console
     records = {case: json.loads((out / case / "metrics.json").read_text()) for case in ("rule", "thick")}
     assert records["rule"]["ct_series"]["number"] == 3 and records["thick"]["ct_series"]["number"] == 2
     assert records["thick"]["made_from"]["options"]["ct_series"] == "2"

@@ -317,6 +317,14 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def series_taken(provenance: dict) -> str:
+    """Which DICOM series a case read ("CT 3, MRI 5"; "" for files): a cohort's reviewer checks that every case
+    took the series meant (the rule takes the thinnest original axial one; the manifest's columns may override)."""
+    taken = [f"{what.upper()} {provenance[f'{what}_series'].get('number')}" for what in ("ct", "mri")
+             if isinstance(provenance.get(f"{what}_series"), dict)]
+    return ", ".join(taken)
+
+
 def _check_model_is_the_batchs(model, expected: dict) -> None:
     """The model loaded to run the cases is the weights file the batch hashed when it started (``made_from``
     names it); a file replaced in between would make every case's record name a model that did not run."""
@@ -358,7 +366,7 @@ def process_case(case: Case, out_dir: Path, options: "CaseOptions", expected: di
         summary = result.summary()
         record.update(status="ok", message="; ".join(_one_line(w) for w in result.warnings),
                       metrics={k: summary[k] for k in METRIC_COLUMNS if k in summary},
-                      files=sorted(p.name for p in paths.values()))
+                      series=series_taken(result.provenance), files=sorted(p.name for p in paths.values()))
     record.update(seconds=round(time.perf_counter() - start, 3), notes=notes, made_from=expected,
                   finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), host=socket.gethostname(), runner=runner or {})
     try:
@@ -484,11 +492,11 @@ def _build_summary(out_dir: Path, cases: Sequence, expected: dict, raw: dict) ->
             not_run.append(case.id)
             continue
         row = {"id": case.id, "status": record["status"], "message": record.get("message", ""),
-               "seconds": record.get("seconds")}
+               "seconds": record.get("seconds"), "series": record.get("series") or ""}
         row.update((record.get("metrics") or {}))
         rows.append(row)
     present = [m for m in METRIC_COLUMNS if m != "uncertainty_mean" or any(m in r for r in rows)]
-    columns = list(ALWAYS_COLUMNS) + present
+    columns = list(ALWAYS_COLUMNS) + (["series"] if any(row["series"] for row in rows) else []) + present
     rows = [{c: row.get(c) for c in columns} for row in rows]
     return Summary(rows=rows, columns=columns, not_run=not_run, stats=_metric_stats(rows, present),
                    not_in_manifest=cases_not_in_manifest(out_dir, cases))
@@ -622,7 +630,8 @@ class _Reporter:
                   and metrics.get("ssim") is not None else "")
         # the warnings of a case with metrics too (a reference that is a CT, not T2-weighted): they say what the
         # numbers are worth, and the summary's mean takes such a case in
-        said = "; ".join(part for part in (detail, record.get("message") or "") if part)
+        series = f"series {record['series']}" if record.get("series") else ""
+        said = "; ".join(part for part in (series, detail, record.get("message") or "") if part)
         line = f"{record['status']:5s} {record['id']}  {record.get('seconds') or 0:.1f} s  {said}".rstrip()
         if len(line) > CONSOLE_LIMIT:
             line = shortened(line, CONSOLE_LIMIT) + f" (whole message in {SUMMARY_CSV})"
