@@ -601,3 +601,18 @@ def test_stop_is_clean_leaving_only_complete_cases(cohort: Path, tmp_path: Path,
     for case in read_manifest(manifest):
         if case.id in finished:
             assert batch.complete_record(out, case, batch.made_from(case, options, sha)) is not None
+
+
+def test_mri_picture_spacing_is_part_of_made_from_only_when_it_matters(tmp_path: Path) -> None:
+    """Given, it changes a case with an MRI (redo it); not given, made_from is what it was before the option
+    existed, so that a cohort finished by an earlier version is not redone after an upgrade."""
+    from CTtoMRISynthesisLib.case import CaseOptions
+
+    (tmp_path / "ct.nrrd").write_bytes(b"x")
+    (tmp_path / "mri.nrrd").write_bytes(b"y")
+    paired = Case("a", tmp_path / "ct.nrrd", tmp_path / "mri.nrrd", 2)
+    alone = Case("b", tmp_path / "ct.nrrd", None, 3)
+    plain, own = CaseOptions(), CaseOptions(mri_picture_spacing=(1.8, 5.0))
+    assert "mri_picture_spacing" not in batch.made_from(paired, plain, "sha")["options"]
+    assert batch.made_from(paired, own, "sha")["options"]["mri_picture_spacing"] == [1.8, 5.0]
+    assert batch.made_from(alone, own, "sha") == batch.made_from(alone, plain, "sha")

@@ -241,6 +241,44 @@ def test_cli_paired_picture_folders(tiny_weights: Path, tmp_path: Path, capsys) 
     assert evaluated["ssim"] == pytest.approx(summary["ssim"], abs=0.01)
 
 
+def test_mri_pictures_with_their_own_pixel_size(tiny_weights: Path, tmp_path: Path, capsys) -> None:
+    """CT and MRI pictures exported at different pixel sizes (another viewer or field of view): --mri-picture-spacing
+    gives the MRI its own, so that registration sees both heads at their real size; with the CT's spacing for both
+    the MRI's head would be half its size. A spacing for an MRI that is not pictures is said to be unused."""
+    from CTtoMRISynthesisLib.cli import main
+
+    ct, mri = phantoms.slice_pair(seed=44, slices=6, first_z=-20.0)
+    half = mri.reshape(6, 128, 2, 128, 2).mean(axis=(2, 4)).round().astype(np.uint8)  # 2 × 2 pixels → 1
+    ct_dir, mri_dir = phantoms.write_pictures(tmp_path / "CT", ct), phantoms.write_pictures(tmp_path / "MRI", half)
+    common = ["--ct", str(ct_dir), "--mri", str(mri_dir), "--weights", str(tiny_weights), "--device", "cpu", "--quiet"]
+    out = tmp_path / "out"
+    assert main(["synthesize", *common, "--picture-spacing", "0.9", "5", "--mri-picture-spacing", "1.8", "5",
+                 "--out-dir", str(out)]) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert sitk.ReadImage(str(out / "synthetic_mri.nrrd")).GetSpacing() == pytest.approx((1.8, 1.8, 5.0))
+    assert summary["ct_pictures"]["spacing_assumed"] is False and summary["mri_pictures"]["spacing_assumed"] is False
+    # the heads lie on each other: the registration moved the CT by about the half pixel of the 2 × 2 means only
+    moved = np.linalg.norm(sitk.ReadTransform(str(out / "transform.tfm")).TransformPoint((0.0, 0.0, -7.5)) -
+                           np.array((0.0, 0.0, -7.5)))
+    assert moved < 2.0, moved
+    assert "not used" not in capsys.readouterr().err
+    # the same spacing for both: the MRI's head is read at half its size, and no rigid motion lays the heads on
+    # each other (refused, nothing written)
+    same = tmp_path / "same"
+    assert main(["synthesize", *common, "--picture-spacing", "0.9", "5", "--out-dir", str(same)]) == 2
+    assert "of the MRI's head lies inside the CT" in capsys.readouterr().err and not same.exists()
+    # an MRI that is not a folder of pictures: the option is said to be unused
+    nrrd = tmp_path / "mri.nrrd"
+    image = sitk.GetImageFromArray(half)
+    image.SetSpacing((1.8, 1.8, 5.0))
+    sitk.WriteImage(image, str(nrrd))
+    main(["synthesize", "--ct", str(ct_dir), "--mri", str(nrrd), "--weights", str(tiny_weights), "--device", "cpu",
+          "--quiet", "--picture-spacing", "0.9", "5", "--mri-picture-spacing", "1.8", "5", "--registration", "none",
+          "--out-dir", str(tmp_path / "file")])
+    assert "--mri-picture-spacing was given, but the MRI is not a folder of pictures: it was not used" in \
+        capsys.readouterr().err
+
+
 def test_batch_manifest_with_a_picture_folder(ct_stack, tiny_weights: Path, tmp_path: Path) -> None:
     """``ctmri batch`` takes picture folders like DICOM folders; --picture-spacing and --pictures are part of what
     a case is made from, so changing them redoes the case."""

@@ -57,7 +57,7 @@ METRIC_COLUMNS = ("mae", "ssim", "psnr", "ssim_foreground", "mae_whole", "uncert
 ALWAYS_COLUMNS = ("id", "status", "message", "seconds")
 #: CaseOptions fields that change how a case is run, not what it produces: not part of ``made_from``.
 RUN_ONLY_OPTIONS = ("weights", "device", "batch_size")  # (weights: its sha256 is recorded instead)
-MRI_ONLY_OPTIONS = ("registration", "allow_disjoint")  # they change nothing for a case without an MRI
+MRI_ONLY_OPTIONS = ("registration", "allow_disjoint", "mri_picture_spacing")  # they change nothing without an MRI
 #: what the user sets to choose a case's DICOM series, as a case's messages name it (synthesize: --ct-series …)
 SERIES_CHOSEN_WITH = {"CT": "the manifest's ct_series column", "MRI": "the manifest's mri_series column"}
 EXIT_OK, EXIT_CASES_FAILED = 0, 1
@@ -259,6 +259,8 @@ def made_from(case: Case, options: "CaseOptions", weights_sha256: str) -> dict:
     if case.mri is None:  # nothing is registered: a rerun with other registration options need not redo the case
         for name in MRI_ONLY_OPTIONS:
             chosen.pop(name, None)
+    if chosen.get("mri_picture_spacing") is None:  # absent from records made before the option: still current
+        chosen.pop("mri_picture_spacing", None)
     record = {"ct": input_fingerprint(case.ct, case.ct_entry), "mri": input_fingerprint(case.mri, case.mri_entry),
               "options": chosen, "weights_sha256": weights_sha256}
     return json.loads(json.dumps(record, default=str))  # as it will read back from JSON, for comparison

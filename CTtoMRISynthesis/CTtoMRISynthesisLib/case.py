@@ -29,6 +29,13 @@ class CaseOptions:
     ct_series: Optional[str] = None  # series number or UID when the CT is a DICOM folder (None: by the rule)
     mri_series: Optional[str] = None
     picture_spacing: Optional[Tuple[float, float]] = None  # (in-plane, between slices) mm of picture folders
+    # the MRI's, when its pictures have another pixel size than the CT's (two exports); None: picture_spacing
+    mri_picture_spacing: Optional[Tuple[float, float]] = None
+
+    @property
+    def mri_spacing(self) -> Optional[Tuple[float, float]]:
+        """The spacing an MRI given as a folder of pictures is read with."""
+        return self.mri_picture_spacing or self.picture_spacing
 
 
 def run_case(
@@ -87,7 +94,7 @@ def _read_inputs(ct_path, mri_path, options: CaseOptions, notify: Optional[Calla
     ct, ct_source = read_input(ct_path, "CT", options.ct_series, options.picture_spacing, chosen_with.get("CT"))
     if ct_source is not None and notify is not None:
         notify(ct_source.message("CT"))
-    mri, mri_source = (read_input(mri_path, "MRI", options.mri_series, options.picture_spacing, chosen_with.get("MRI"))
+    mri, mri_source = (read_input(mri_path, "MRI", options.mri_series, options.mri_spacing, chosen_with.get("MRI"))
                        if mri_path else (None, None))
     if mri_source is not None and notify is not None:
         notify(mri_source.message("MRI"))
@@ -114,7 +121,12 @@ def _record_sources(result: SynthesisResult, ct_source, mri_source, options: Cas
         if kind:
             result.provenance[f"{what}_{kind}"] = provenance  # ct_series, mri_pictures, …
         result.warnings.extend(warnings)
-    result.warnings.extend(picture_spacing_unused(options.picture_spacing, (ct_source, mri_source)))
+    # --picture-spacing is the CT's, and the MRI's unless --mri-picture-spacing gives that one
+    mri_own = options.mri_picture_spacing is not None
+    result.warnings.extend(picture_spacing_unused(options.picture_spacing, (ct_source,) if mri_own else
+                                                  (ct_source, mri_source)))
+    result.warnings.extend(picture_spacing_unused(options.mri_picture_spacing, (mri_source,), "--mri-picture-spacing",
+                                                  "the MRI is not a folder of pictures"))
 
 
 def _extra_writers(result: SynthesisResult, ct_source, reference_source, options: CaseOptions) -> list:

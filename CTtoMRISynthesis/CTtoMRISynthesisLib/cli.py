@@ -24,7 +24,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         weights=args.weights, device=args.device, registration=args.registration,
         allow_disjoint=args.allow_disjoint, batch_size=args.batch_size,
         dicom=args.dicom, ct_series=args.ct_series, mri_series=args.mri_series,
-        picture_spacing=args.picture_spacing, pictures=args.pictures,
+        picture_spacing=args.picture_spacing, mri_picture_spacing=args.mri_picture_spacing, pictures=args.pictures,
     )
     progress, close = progress_bar(sys.stderr.isatty() and not args.quiet)
     try:
@@ -126,6 +126,9 @@ def _add_batch_size(p: argparse.ArgumentParser) -> None:
 
 def _add_picture_options(p: argparse.ArgumentParser) -> None:
     _add_picture_spacing(p, "; needed to register such a CT to an MRI")
+    p.add_argument("--mri-picture-spacing", type=float, nargs=2, metavar=("IN_PLANE", "SLICE"),
+                   help="the same for an MRI given as a folder of pictures whose pixel size differs from the CT's "
+                        "(pictures exported from another viewer or field of view; default: --picture-spacing)")
     p.add_argument("--pictures", action="store_true",
                    help="also write the synthetic MRI, uncertainty and difference as 8-bit PNG slices "
                         "(OUT/pictures/<kind>/, named after the input pictures when the outputs lie on their grid)")

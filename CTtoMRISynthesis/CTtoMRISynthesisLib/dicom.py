@@ -916,12 +916,13 @@ def about_source(source: Optional[object], what: str) -> Tuple[str, dict, List[s
     return ("pictures" if pictures else "series"), source.provenance(), (source.warnings(what) if pictures else [])
 
 
-def picture_spacing_unused(picture_spacing: Optional[Sequence[float]], sources: Sequence[Optional[object]]) -> List[str]:
-    """The warning for a ``--picture-spacing`` given when no input is a folder of pictures (else none)."""
+def picture_spacing_unused(picture_spacing: Optional[Sequence[float]], sources: Sequence[Optional[object]],
+                           option: str = "--picture-spacing", why: str = "no input is a folder of pictures") -> List[str]:
+    """The warning for a spacing ``option`` given when none of ``sources`` is a folder of pictures (else none)."""
     from .pictures import PictureStack
 
     if picture_spacing and not any(isinstance(s, PictureStack) for s in sources):
-        return ["--picture-spacing was given, but no input is a folder of pictures: it was not used"]
+        return [f"{option} was given, but {why}: it was not used"]
     return []
 
 
