@@ -616,3 +616,10 @@ def test_mri_picture_spacing_is_part_of_made_from_only_when_it_matters(tmp_path:
     assert "mri_picture_spacing" not in batch.made_from(paired, plain, "sha")["options"]
     assert batch.made_from(paired, own, "sha")["options"]["mri_picture_spacing"] == [1.8, 5.0]
     assert batch.made_from(alone, own, "sha") == batch.made_from(alone, plain, "sha")
+
+
+def test_series_taken_names_a_series_without_a_number_by_its_uid() -> None:
+    assert batch.series_taken({"ct_series": {"number": 3, "uid": "1.2"}}) == "CT 3"
+    assert batch.series_taken({"ct_series": {"number": 3}, "mri_series": {"number": None, "uid": "1.2.3"}}) == \
+        "CT 3, MRI UID 1.2.3"
+    assert batch.series_taken({"ct_pictures": {"files": 6}}) == ""  # pictures and files: no series

@@ -322,8 +322,12 @@ def _one_line(text: str) -> str:
 def series_taken(provenance: dict) -> str:
     """Which DICOM series a case read ("CT 3, MRI 5"; "" for files): a cohort's reviewer checks that every case
     took the series meant (the rule takes the thinnest original axial one; the manifest's columns may override)."""
-    taken = [f"{what.upper()} {provenance[f'{what}_series'].get('number')}" for what in ("ct", "mri")
-             if isinstance(provenance.get(f"{what}_series"), dict)]
+    taken = []
+    for what in ("ct", "mri"):
+        series = provenance.get(f"{what}_series")
+        if isinstance(series, dict):  # a series without a number (it is optional in DICOM) by its UID
+            number = series.get("number")
+            taken.append(f"{what.upper()} {number if number is not None else 'UID ' + str(series.get('uid'))}")
     return ", ".join(taken)
 
 
