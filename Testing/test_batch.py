@@ -445,6 +445,7 @@ def test_shards_write_one_folder_and_merge_one_summary(cohort: Path, tmp_path: P
     assert main(run + ["--shard", "2/2"]) == 0
     first = json.loads((out / "summary.json").read_text())
     assert [r["id"] for r in first["cases"]] == ["b"] and first["not_run"] == ["a", "c"]
+    assert first["not_in_manifest"] == []  # another shard's cases are this manifest's: not named as foreign
     assert sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")) == ["b"]
     assert main(run + ["--shard", "1/2"]) == 0
     merged = read_summary(out)
