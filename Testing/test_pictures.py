@@ -275,7 +275,7 @@ def test_mri_pictures_with_their_own_pixel_size(tiny_weights: Path, tmp_path: Pa
     main(["synthesize", "--ct", str(ct_dir), "--mri", str(nrrd), "--weights", str(tiny_weights), "--device", "cpu",
           "--quiet", "--picture-spacing", "0.9", "5", "--mri-picture-spacing", "1.8", "5", "--registration", "none",
           "--out-dir", str(tmp_path / "file")])
-    assert "--mri-picture-spacing was given, but the MRI is not a folder of pictures: it was not used" in \
+    assert "--mri-picture-spacing was given, but no MRI given is a folder of pictures: it was not used" in \
         capsys.readouterr().err
 
 

@@ -126,7 +126,7 @@ def _record_sources(result: SynthesisResult, ct_source, mri_source, options: Cas
     result.warnings.extend(picture_spacing_unused(options.picture_spacing, (ct_source,) if mri_own else
                                                   (ct_source, mri_source)))
     result.warnings.extend(picture_spacing_unused(options.mri_picture_spacing, (mri_source,), "--mri-picture-spacing",
-                                                  "the MRI is not a folder of pictures"))
+                                                  "no MRI given is a folder of pictures"))
 
 
 def _extra_writers(result: SynthesisResult, ct_source, reference_source, options: CaseOptions) -> list:
