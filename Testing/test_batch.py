@@ -460,6 +460,7 @@ def test_another_manifest_into_the_same_folder_keeps_and_names_the_first_ones_ca
     first = write_manifest(tmp_path / "first.csv", [("a", str(cohort / "crop/ct.nrrd"), "")])
     second = write_manifest(tmp_path / "second.csv", [("b", str(cohort / "crop/ct.nrrd"), "")])
     assert main(["batch", "--manifest", str(first), "--out-dir", str(out), *FAST]) == 0
+    assert "batch: 1 case in " in capsys.readouterr().out  # not "1 cases"
     before = {p: p.stat().st_mtime_ns for p in (out / "a").iterdir()}
     record = batch.record_path(out, "a").read_bytes()
     capsys.readouterr()

@@ -701,8 +701,8 @@ def run_batch(manifest: str | Path, out_dir: str | Path, options: "CaseOptions",
     if todo:
         _check_the_run_can_start(weights, options)
     _make_cohort_folder(out_dir)
-    shard_note = f" (shard {index}/{count}: {len(mine)} cases)" if count > 1 else ""
-    print(f"batch: {len(cases)} cases in {manifest}{shard_note}; {len(outcome.skipped)} already complete, "
+    shard_note = f" (shard {index}/{count}: {_cases(len(mine))})" if count > 1 else ""
+    print(f"batch: {_cases(len(cases))} in {manifest}{shard_note}; {len(outcome.skipped)} already complete, "
           f"{len(todo)} to run with {min(jobs, max(1, len(todo)))} job(s)", flush=True)
 
     reporter = _Reporter(len(todo), sys.stderr.isatty() if progress is None else progress)
@@ -894,6 +894,10 @@ class _signals_held:
     def __exit__(self, *exc) -> None:
         for sig, handler in self.saved.items():
             signal.signal(sig, handler)
+
+
+def _cases(n: int) -> str:
+    return f"{n} case" if n == 1 else f"{n} cases"
 
 
 def _listed(ids: Sequence, shown: int = 5) -> str:
