@@ -188,11 +188,11 @@ def test_cli_picture_folder_gives_the_volume_files_synthetic_mri(ct_stack, tiny_
     assert any("record no spacing" in w for w in summary["warnings"])
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     # pictures out, read back with Pillow: named after the input pictures (the volume file's: slice_0001.png …),
-    # each the rounded 0..255 slice in the input's own orientation
+    # each the rounded 0..255 slice in the input's own orientation (the uncertainty doubled, for viewing)
     from PIL import Image
 
-    for kind in ("synthetic_mri", "uncertainty"):
-        volume = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a" / f"{kind}.nrrd")))
+    for kind, gain in (("synthetic_mri", 1), ("uncertainty", 2)):
+        volume = gain * sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a" / f"{kind}.nrrd"))).astype(np.float64)
         written = tmp_path / "a" / "pictures" / kind
         assert sorted(p.name for p in written.iterdir()) == sorted(p.name for p in folder.iterdir())
         for k in (0, 5, 11):
@@ -231,6 +231,11 @@ def test_cli_paired_picture_folders(tiny_weights: Path, tmp_path: Path, capsys) 
     plane = sitk.GetArrayFromImage(sitk.ReadImage(str(written / "MR_PNG (3).png")))
     expected = np.clip(np.round(128 + sitk.GetArrayFromImage(difference)[2].astype(np.float64) / 2), 0, 255)
     np.testing.assert_array_equal(plane, expected)
+    # the uncertainty doubled (at most 127.5 grey levels: twice fills the picture's range), for viewing
+    spread = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "uncertainty.nrrd")))[2].astype(np.float64)
+    shown = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "pictures" / "uncertainty" / "MR_PNG (3).png")))
+    assert spread.max() > 0
+    np.testing.assert_array_equal(shown, np.clip(np.round(2 * spread), 0, 255))
     assert sorted(p.name for p in (out / "pictures").iterdir()) == [".ctmri-output", "difference", "synthetic_mri",
                                                                    "uncertainty"]
     # evaluate on the two folders of pictures: the synthesis's own metrics, but for the 8-bit rounding

@@ -230,9 +230,11 @@ def check_registration(sources: Sequence[Optional[PictureStack]], registration: 
 
 #: ``OUT/pictures/<kind>/``: what ``--pictures`` writes (pipeline.OUTPUT_FOLDERS)
 PICTURES_FOLDER = "pictures"
-#: the output volumes written as pictures, and how each becomes 8 bits: synthetic MRI and uncertainty are on the
-#: 0..255 scale already (rounded); the signed difference is halved around mid-grey (128 = no difference)
-PICTURE_KINDS = {"synthetic_mri": (0.0, 1.0), "uncertainty": (0.0, 1.0), "difference": (128.0, 0.5)}
+#: the output volumes written as pictures, and how each becomes 8 bits, for viewing (the .nrrd files keep the values):
+#: the synthetic MRI is on the 0..255 scale already (rounded); the uncertainty, an expected error of at most 127.5
+#: grey levels (25-60 in a head), is doubled so that it does not open as a nearly black picture; the signed
+#: difference is halved around mid-grey (128 = no difference)
+PICTURE_KINDS = {"synthetic_mri": (0.0, 1.0), "uncertainty": (0.0, 2.0), "difference": (128.0, 0.5)}
 
 
 def as_8bit(array: np.ndarray, kind: str) -> np.ndarray:
