@@ -27,6 +27,7 @@ START_BY=${START_BY:-280}
 KILL_AT=${KILL_AT:-380}
 TINY=${TINY:-0}
 DEVICE=${DEVICE:-cuda}
+FOLDS=${FOLDS:-8}  # leave-one-patient-out folds per run: the Harvard data has 8 patients
 mkdir -p "$WORK/logs" "$OUT"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1
 if [ -d .whl ]; then  # SimpleITK is not on the GPU machine's image: carried as a wheel, or as the wheel's
@@ -63,7 +64,7 @@ jobs_file="$WORK/jobs.txt"
 : > "$jobs_file"
 while read -r name epochs base seed drop; do  # the all-patients model first, then the folds
   [ "$name" = b32e60 ] || [ "${FINALS:-1}" = 0 ] || echo "final $name $epochs $base $seed $drop" >> "$jobs_file"
-  for k in 1 2 3 4 5 6 7 8; do echo "$k $name $epochs $base $seed $drop" >> "$jobs_file"; done
+  for k in $(seq 1 "$FOLDS"); do echo "$k $name $epochs $base $seed $drop" >> "$jobs_file"; done
 done <<< "$(grep -E "^(${ONLY:-[a-z0-9]+}) " <<< "$RECIPES")"
 
 run_job() {  # FOLD|final NAME EPOCHS BASE SEED DROP
@@ -107,7 +108,7 @@ fi
 # reports of every complete cross-validation, side by side
 complete=(); pids=()
 for run in "$WORK"/*/; do
-  run=${run%/}; [ "$(ls "$run"/fold0*/fold.json 2>/dev/null | wc -l)" = 8 ] || continue
+  run=${run%/}; [ "$(ls "$run"/fold0*/fold.json 2>/dev/null | wc -l)" = "$FOLDS" ] || continue
   complete+=("$run")
   timeout "${REPORT_S:-150}" $PY -m CTtoMRISynthesisLib.training report --data "$DATA" --from-cv "$run" --out "$run/report" > "$WORK/logs/report_$(basename "$run").log" 2>&1 &
   pids+=($!)
