@@ -471,10 +471,13 @@ def test_another_manifest_into_the_same_folder_keeps_and_names_the_first_ones_ca
     assert [r["id"] for r in summary["cases"]] == ["b"] and summary["not_in_manifest"] == ["a"]
     report = (out / "report.md").read_text()
     assert "not in this manifest (1)" in report and "`a`" in report
-    assert "1 case(s)" in err and "not in this manifest (a)" in err
+    assert "note: 1 case in " in err and "not in this manifest (a)" in err
     # and nothing of the first manifest's case was touched
     assert {p: p.stat().st_mtime_ns for p in (out / "a").iterdir()} == before
     assert batch.record_path(out, "a").read_bytes() == record
+    # a stray file in the records folder is not a case; an id differing only in case is the same case
+    (out / batch.STATE_DIR / "notes by me.json").write_text("{}")
+    assert batch.cases_not_in_manifest(out, [Case("A", tmp_path / "x", None, 2), Case("b", tmp_path / "x", None, 3)]) == []
     # run again with the first manifest: it summarises its case again, and names the second's
     assert main(["batch", "--manifest", str(first), "--out-dir", str(out), *FAST]) == 0
     summary = json.loads((out / "summary.json").read_text())

@@ -9,6 +9,7 @@ The wheel is built from a copy of the files it needs, with the setuptools of the
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -74,19 +75,46 @@ def test_installed_wheel_finds_its_model_and_sample(wheel, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)  # its pip comes from ensurepip, offline
     python = venv / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
-                   check=True, capture_output=True, text=True)
-    probe = ("import json; from CTtoMRISynthesisLib import resources as r; "
-             f"print(json.dumps([str(r.first_present(r.model_candidates({SHIPPED_NAME!r}))), "
-             f"str(r.first_present(r.sample_candidates(), {tuple(SAMPLE_FILES.values())!r})), r.__file__]))")
-    # run outside the repository, with no PYTHONPATH, so only the installed copy can be imported
-    env = {"PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1"}
-    done = subprocess.run([str(python), "-c", probe], cwd=tmp_path, env=env, check=True, capture_output=True, text=True)
-    model, sample, module = (Path(p) for p in json.loads(done.stdout))
+    _pip_install(python, wheel)
+    model, sample, module = _installed_finds(python, tmp_path)
     assert venv.resolve() in module.resolve().parents, module
     assert model.is_file() and venv.resolve() in model.resolve().parents, model
     assert model.read_bytes() == (REPO / "model_weights" / SHIPPED_NAME).read_bytes()
     assert (sample / "ct.nrrd").is_file() and venv.resolve() in sample.resolve().parents, sample
+
+
+@pytest.mark.slow
+def test_a_wheel_installed_under_another_prefix_finds_its_data_there(wheel, tmp_path):
+    """pip's data folder is not always sys.prefix (Debian's system Python installs to /usr/local, pip --prefix
+    anywhere): the installation's own RECORD says where its share/ctmri went."""
+    venv, prefix = tmp_path / "venv", tmp_path / "elsewhere"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+    _pip_install(python, wheel, "--prefix", str(prefix))
+    (site_packages,) = prefix.glob("lib/python3*/site-packages")
+    model, sample, module = _installed_finds(python, tmp_path, pythonpath=site_packages)
+    assert prefix.resolve() in module.resolve().parents, module
+    assert model.is_file() and prefix.resolve() in model.resolve().parents, model
+    assert (sample / "ct.nrrd").is_file() and prefix.resolve() in sample.resolve().parents, sample
+
+
+def _pip_install(python: Path, wheel: Path, *extra: str) -> None:
+    """Install ``wheel`` with ``python``'s pip, offline, unaffected by the test run's own PYTHONPATH and pip
+    settings (an egg-info of the checkout on PYTHONPATH would make pip think the package is installed)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("PIP_")}
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--ignore-installed",
+                    *extra, str(wheel)], check=True, capture_output=True, text=True, env=env)
+
+
+def _installed_finds(python: Path, cwd: Path, pythonpath: Path | None = None) -> tuple:
+    """(model, sample folder, resources module file) as the installed package finds them, run outside the
+    repository so that only the installed copy can be imported."""
+    probe = ("import json; from CTtoMRISynthesisLib import resources as r; "
+             f"print(json.dumps([str(r.first_present(r.model_candidates({SHIPPED_NAME!r}))), "
+             f"str(r.first_present(r.sample_candidates(), {tuple(SAMPLE_FILES.values())!r})), r.__file__]))")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1", **({"PYTHONPATH": str(pythonpath)} if pythonpath else {})}
+    done = subprocess.run([str(python), "-c", probe], cwd=cwd, env=env, check=True, capture_output=True, text=True)
+    return tuple(Path(p) for p in json.loads(done.stdout))
 
 
 def _installed_without_data(monkeypatch, tmp_path: Path) -> Path:
@@ -130,3 +158,10 @@ def test_shipped_files_found_under_the_prefix_share_folder(monkeypatch, tmp_path
     shutil.copytree(REPO / "CTtoMRISynthesis" / "Resources" / "SampleData", sample)
     assert resources.first_present(resources.sample_candidates(), tuple(SAMPLE_FILES.values())) == sample
     assert sample_paths(sample)["ct"] == sample / "ct.nrrd"
+
+
+def test_a_missing_model_named_by_ctmri_weights_says_so(monkeypatch, tmp_path):
+    """With CTMRI_WEIGHTS set, leaving --weights out takes that file, not the shipped model: the advice says so."""
+    monkeypatch.setenv("CTMRI_WEIGHTS", str(tmp_path / "gone.safetensors"))
+    with pytest.raises(CTMRIError, match="named by CTMRI_WEIGHTS; set it to an existing .safetensors file, or unset"):
+        read_config(default_weights_path())

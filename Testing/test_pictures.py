@@ -282,6 +282,9 @@ def test_mri_pictures_with_their_own_pixel_size(tiny_weights: Path, tmp_path: Pa
           "--out-dir", str(tmp_path / "file")])
     assert "--mri-picture-spacing was given, but no MRI given is a folder of pictures: it was not used" in \
         capsys.readouterr().err
+    # a wrong one is refused by its own name
+    assert main(["synthesize", *common, "--mri-picture-spacing", "0", "5", "--out-dir", str(tmp_path / "bad")]) == 2
+    assert "--mri-picture-spacing takes two positive numbers" in capsys.readouterr().err
 
 
 def test_batch_manifest_with_a_picture_folder(ct_stack, tiny_weights: Path, tmp_path: Path) -> None:

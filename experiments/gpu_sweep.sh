@@ -98,7 +98,7 @@ wait "$pool"  # the pool only: a bare wait would also wait for nvidia-smi dmon, 
 echo "training phase over at $(( $(date +%s) - T0 )) s"
 [ -n "${dmon:-}" ] && kill "$dmon" 2>/dev/null
 # the training records first, so that a call stopped later still brings back what was trained
-( cd "$WORK" && tar czf "$OUT/early.tgz" logs jobs.txt $(ls -d */fold0*/log.csv */fold0*/fold.json 2>/dev/null) )
+( cd "$WORK" && tar czf "$OUT/early.tgz" logs jobs.txt $(ls -d */fold[0-9]*/log.csv */fold[0-9]*/fold.json 2>/dev/null) )
 if [ "$TINY" != 1 ] && [ "${BENCH:-1}" = 1 ]; then  # the CUDA inference path, timed, beside the reports
   ( timeout "${BENCH_S:-90}" $PY benchmarks/bench_inference.py --quick --device cuda > "$WORK/logs/bench_inference.txt" 2>&1
     timeout 60 $PY -m CTtoMRISynthesisLib.cli demo --out-dir "$WORK/demo" --device cuda > "$WORK/logs/demo_cuda.txt" 2>&1 ) &
@@ -108,7 +108,7 @@ fi
 # reports of every complete cross-validation, side by side
 complete=(); pids=()
 for run in "$WORK"/*/; do
-  run=${run%/}; [ "$(ls "$run"/fold0*/fold.json 2>/dev/null | wc -l)" = "$FOLDS" ] || continue
+  run=${run%/}; [ "$(ls "$run"/fold[0-9]*/fold.json 2>/dev/null | wc -l)" = "$FOLDS" ] || continue
   complete+=("$run")
   timeout "${REPORT_S:-150}" $PY -m CTtoMRISynthesisLib.training report --data "$DATA" --from-cv "$run" --out "$run/report" > "$WORK/logs/report_$(basename "$run").log" 2>&1 &
   pids+=($!)
@@ -140,9 +140,9 @@ $PY - "$WORK" <<'EOF'
 import sys, numpy as np
 from pathlib import Path
 work = Path(sys.argv[1]); (work / "preds").mkdir(exist_ok=True)
-for run in sorted(p for p in work.iterdir() if p.is_dir() and list(p.glob("fold0*/pred_*.npz"))):
+for run in sorted(p for p in work.iterdir() if p.is_dir() and list(p.glob("fold[0-9]*/pred_*.npz"))):
     arrays = {}
-    for f in sorted(run.glob("fold0*/pred_*.npz")):
+    for f in sorted(run.glob("fold[0-9]*/pred_*.npz")):
         with np.load(f) as b:
             cid = f.stem[len("pred_"):]
             arrays[f"syn_{cid}"] = np.clip(np.rint(b["syn"]), 0, 255).astype(np.uint8)
@@ -151,7 +151,7 @@ for run in sorted(p for p in work.iterdir() if p.is_dir() and list(p.glob("fold0
     np.savez_compressed(work / "preds" / f"{run.name}.npz", **arrays)
 EOF
 ( cd "$WORK" && for m in final_*/model.safetensors.sha256; do [ -f "$m" ] && echo "${m%%/*} $(cat "$m")"; done > logs/final_sha256.txt )
-cd "$WORK" && tar czf "$OUT/results.tgz" logs jobs.txt $(ls -d */report/*.md */report/*.csv */fold0*/log.csv */fold0*/fold.json final_*/log.csv 2>/dev/null)
+cd "$WORK" && tar czf "$OUT/results.tgz" logs jobs.txt $(ls -d */report/*.md */report/*.csv */fold[0-9]*/log.csv */fold[0-9]*/fold.json final_*/log.csv 2>/dev/null)
 # one file per run (a file brings back at most 16 MiB; a run's predictions are about 5 MiB compressed)
 if [ -n "${PREDS:-}" ]; then for r in $PREDS; do [ -f "preds/$r.npz" ] && cp "preds/$r.npz" "$OUT/preds_$r.npz"; done
 else tar czf "$OUT/preds_a.tgz" $(ls preds/*.npz | grep -v /bag)

@@ -511,12 +511,12 @@ def _build_summary(out_dir: Path, cases: Sequence, expected: dict, raw: dict) ->
 def cases_not_in_manifest(out_dir: Path, cases: Sequence) -> list:
     """Ids with a batch record in ``out_dir`` that this manifest does not list (another manifest was run into the
     same folder). The summary is this manifest's, so it says they are there rather than dropping them unsaid."""
-    listed = {case.id for case in cases}
+    listed = {case.id.lower() for case in cases}  # ids differing in case only are one folder on some disks
     try:
         records = sorted((out_dir / STATE_DIR).glob("*.json"))
     except OSError:
         return []
-    return [r.stem for r in records if r.stem not in listed and not r.name.startswith(".")]
+    return [r.stem for r in records if r.stem.lower() not in listed and _ID_PATTERN.fullmatch(r.stem)]
 
 
 def _metric_stats(rows: list, metrics: Iterable[str]) -> dict:
@@ -587,8 +587,8 @@ def render_report(summary: Summary, about: dict) -> str:
                   + ", ".join(f"`{i}`" for i in summary.not_run)]
     if summary.not_in_manifest:
         lines += ["", f"## In this folder but not in this manifest ({len(summary.not_in_manifest)})", "",
-                  "Cases another manifest ran into this folder, left as they are and not summarised here (run that "
-                  "manifest again to summarise them, or give each manifest its own --out-dir): "
+                  "Cases with results in this folder that this manifest does not list (another manifest's, or rows "
+                  "since removed), left as they are and not summarised here (give each manifest its own --out-dir): "
                   + ", ".join(f"`{i}`" for i in summary.not_in_manifest)]
     return "\n".join(lines) + "\n"
 
@@ -915,7 +915,7 @@ def _print_end(out_dir: Path, outcome: BatchOutcome) -> None:
         print(f"summary: {summary.count('ok')} ok, {summary.count('error')} failed{pending} -> "
               f"{out_dir / SUMMARY_CSV}, {SUMMARY_JSON}, {REPORT_MD}")
         if summary.not_in_manifest:
-            print(f"note: {len(summary.not_in_manifest)} case(s) in {out_dir} are not in this manifest "
+            print(f"note: {_cases(len(summary.not_in_manifest))} in {out_dir} not in this manifest "
                   f"({_listed(summary.not_in_manifest)}): left as they are, not in this summary", file=sys.stderr)
     if outcome.failed:
         print(f"failed: {', '.join(outcome.failed)} (messages in {out_dir / SUMMARY_CSV})", file=sys.stderr)

@@ -89,7 +89,9 @@ def _read_inputs(ct_path, mri_path, options: CaseOptions, notify: Optional[Calla
     """((CT image, its source), (MRI image or None, its source)): files, DICOM folders (a series chosen, said
     through ``notify``) or folders of pictures; two sources that cannot be registered are refused."""
     from .dicom import patient_mismatch, read_input
-    from .pictures import check_registration
+    from .pictures import check_registration, check_spacing
+
+    check_spacing(options.mri_picture_spacing, "--mri-picture-spacing")  # by its own name, before any reading
 
     ct, ct_source = read_input(ct_path, "CT", options.ct_series, options.picture_spacing, chosen_with.get("CT"))
     if ct_source is not None and notify is not None:
@@ -123,8 +125,12 @@ def _record_sources(result: SynthesisResult, ct_source, mri_source, options: Cas
         result.warnings.extend(warnings)
     # --picture-spacing is the CT's, and the MRI's unless --mri-picture-spacing gives that one
     mri_own = options.mri_picture_spacing is not None
-    result.warnings.extend(picture_spacing_unused(options.picture_spacing, (ct_source,) if mri_own else
-                                                  (ct_source, mri_source)))
+    if mri_own:
+        result.warnings.extend(picture_spacing_unused(options.picture_spacing, (ct_source,), "--picture-spacing",
+                                                      "the CT is not a folder of pictures (the MRI's spacing is "
+                                                      "--mri-picture-spacing)"))
+    else:
+        result.warnings.extend(picture_spacing_unused(options.picture_spacing, (ct_source, mri_source)))
     result.warnings.extend(picture_spacing_unused(options.mri_picture_spacing, (mri_source,), "--mri-picture-spacing",
                                                   "no MRI given is a folder of pictures"))
 

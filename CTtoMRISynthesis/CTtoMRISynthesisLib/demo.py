@@ -32,6 +32,9 @@ def sample_paths(folder: Optional[Path] = None) -> dict:
     missing = [p.name for p in paths.values() if not p.is_file()]
     if missing and default and not any(c.is_dir() for c in sample_candidates()):
         raise CTMRIError(not_installed("the demo's sample case (ct.nrrd, mri.nrrd)", sample_candidates()))
+    if missing and folder != sample_candidates()[0]:  # an installed copy (a wheel's share/ctmri): no git there
+        raise CTMRIError(f"the sample case is incomplete: {', '.join(missing)} not found in {folder}; reinstall the "
+                         "package from a checkout of the repository (pip install .)")
     if missing:
         raise CTMRIError(
             f"the sample case is incomplete: {', '.join(missing)} not found in {folder}; restore it from the "

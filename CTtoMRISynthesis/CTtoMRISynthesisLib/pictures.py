@@ -132,13 +132,13 @@ def _check_one_scan(files: Sequence[Path], folder: Path, what: str) -> None:
         seen.setdefault(key, path.name)
 
 
-def check_spacing(spacing: Optional[Sequence[float]]) -> Optional[Tuple[float, float]]:
-    """``--picture-spacing`` as (in-plane, between slices) mm; refuses what is not two positive finite numbers."""
+def check_spacing(spacing: Optional[Sequence[float]], option: str = "--picture-spacing") -> Optional[Tuple[float, float]]:
+    """``option`` as (in-plane, between slices) mm; refuses what is not two positive finite numbers."""
     if spacing is None:
         return None
     values = tuple(float(v) for v in spacing)
     if len(values) != 2 or not all(np.isfinite(v) and v > 0 for v in values):
-        raise CTMRIError(f"--picture-spacing takes two positive numbers, the pixel size and the slice step in mm "
+        raise CTMRIError(f"{option} takes two positive numbers, the pixel size and the slice step in mm "
                          f"(e.g. 0.45 5); got {' '.join(str(v) for v in spacing)}")
     return values
 

@@ -6,29 +6,56 @@ Three layouts carry them, looked at in this order:
   ``<repo>/CTtoMRISynthesis/Resources/SampleData/``;
 - the installed Slicer extension: CMake copies both beside the module, under ``Resources/``;
 - a wheel (``pip install .``): the package alone lands in ``site-packages``, so pyproject's
-  ``[tool.setuptools.data-files]`` installs the model and the sample under ``<prefix>/share/ctmri/``
-  (``sys.prefix`` for a virtual environment or system install, the user base for ``pip install --user``).
+  ``[tool.setuptools.data-files]`` installs the model and the sample under ``<prefix>/share/ctmri/``, the prefix
+  being where that installation put its data (read from its RECORD: a venv's, ``/usr/local`` on Debian's system
+  Python, the user base for ``pip install --user``, a ``--prefix`` given to pip).
 """
 
 from __future__ import annotations
 
-import site
-import sys
+import sysconfig
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SHARE = Path("share") / "ctmri"
+DISTRIBUTION = "ctmri-synthesis"  # pyproject's [project] name
 SAMPLE_FILES = ("ct.nrrd", "mri.nrrd")
 
 
 def data_prefixes() -> list:
-    """The prefixes under which a wheel's data files may have been installed (without duplicates)."""
-    prefixes = [Path(sys.prefix)]
+    """The prefixes under which pip put this installation's data files (``<prefix>/share/ctmri``), without
+    duplicates: read from the installation's own RECORD first (right for a venv, Debian's ``/usr/local``,
+    Homebrew, ``--prefix``, ``--root`` and ``--user`` alike), then the data path of the install scheme whose
+    site-packages holds this package. Another installation's files (an older ``pip install --user``, say) are
+    never taken for this one's."""
+    found = _recorded_prefixes()
+    for scheme in sysconfig.get_scheme_names():
+        try:
+            paths = sysconfig.get_paths(scheme)
+            if Path(paths["purelib"]).resolve() == PACKAGE_DIR.parent:
+                found.append(Path(paths["data"]))
+        except Exception:  # a scheme this platform cannot expand
+            continue
+    return list(dict.fromkeys(found))
+
+
+def _recorded_prefixes() -> list:
+    """The prefix of the ``share/ctmri`` files listed in this package's RECORD (only if that record is this copy's)."""
     try:
-        prefixes.append(Path(site.getuserbase()))
-    except Exception:  # an embedded Python (Slicer's) may not define a user base
+        from importlib.metadata import distribution
+
+        dist = distribution(DISTRIBUTION)
+        if Path(dist.locate_file(f"{PACKAGE_DIR.name}/__init__.py")).resolve().parent != PACKAGE_DIR:
+            return []  # another copy of the package (e.g. an older install beside this checkout)
+        for entry in dist.files or ():
+            path = Path(dist.locate_file(entry)).resolve()
+            if SHARE.as_posix() in path.as_posix():
+                while path.name != SHARE.name:
+                    path = path.parent
+                return [path.parent.parent]
+    except Exception:  # not installed by pip (a checkout, Slicer's module paths) or a record we cannot read
         pass
-    return list(dict.fromkeys(prefixes))
+    return []
 
 
 def model_candidates(name: str) -> list:
@@ -49,12 +76,12 @@ def sample_candidates() -> list:
 
 
 def first_present(candidates: list, wanted: tuple = ()) -> Path:
-    """The first candidate that exists (a folder: holding every file in ``wanted``); else the first one,
-    so that an error message names where the file belongs."""
+    """The first candidate that exists (a folder: holding every file in ``wanted``); else the first that exists
+    at all (an incomplete copy, which an error message should name); else the first one."""
     for candidate in candidates:
         if candidate.exists() and all((candidate / name).is_file() for name in wanted):
             return candidate
-    return candidates[0]
+    return next((c for c in candidates if c.exists()), candidates[0])
 
 
 def not_installed(what: str, candidates: list) -> str:

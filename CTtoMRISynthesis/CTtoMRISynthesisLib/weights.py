@@ -86,7 +86,11 @@ def default_weights_path() -> Path:
 
 def missing_weights_message(path: Path) -> str:
     """Why ``path`` cannot be loaded, and what to do: the shipped model's places when it was the default."""
-    if not os.environ.get("CTMRI_WEIGHTS") and Path(path) in model_candidates(SHIPPED_NAME):
+    env = os.environ.get("CTMRI_WEIGHTS")
+    if env and Path(path) == Path(env):  # leaving --weights out takes this variable, not the shipped model
+        return (f"weights file not found: {path}, named by CTMRI_WEIGHTS; set it to an existing {SUFFIX} file, "
+                "or unset it to use the shipped model")
+    if not env and Path(path) in model_candidates(SHIPPED_NAME):
         return (not_installed("the shipped model", model_candidates(SHIPPED_NAME))
                 + "; or pass --weights with a model file, or set CTMRI_WEIGHTS to one")
     return f"weights file not found: {path}; pass --weights with an existing {SUFFIX} file " \
