@@ -165,3 +165,15 @@ def test_a_missing_model_named_by_ctmri_weights_says_so(monkeypatch, tmp_path):
     monkeypatch.setenv("CTMRI_WEIGHTS", str(tmp_path / "gone.safetensors"))
     with pytest.raises(CTMRIError, match="named by CTMRI_WEIGHTS; set it to an existing .safetensors file, or unset"):
         read_config(default_weights_path())
+
+
+def test_the_demo_without_a_shipped_model_offers_only_what_it_takes(monkeypatch, tmp_path):
+    """The demo has no --weights: its advice names where the model was looked for and CTMRI_WEIGHTS only."""
+    from CTtoMRISynthesisLib import demo
+
+    _installed_without_data(monkeypatch, tmp_path)
+    with pytest.raises(CTMRIError) as err:
+        demo._weights_or_error()
+    message = str(err.value)
+    assert "the shipped model is not installed here" in message and "set CTMRI_WEIGHTS to a model file" in message
+    assert "--weights" not in message

@@ -9,7 +9,6 @@ outputs with :func:`pipeline.save_outputs` and prints the metrics. No network, n
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -45,17 +44,13 @@ def sample_paths(folder: Optional[Path] = None) -> dict:
 
 def _weights_or_error() -> Path:
     """The shipped model's path (or ``$CTMRI_WEIGHTS``); CTMRIError saying where it was looked for."""
-    from .resources import model_candidates, not_installed
-    from .weights import SHIPPED_NAME, default_weights_path
+    from .weights import default_weights_path, missing_weights_message
 
     path = default_weights_path()
-    if path.is_file():
-        return path
-    if os.environ.get("CTMRI_WEIGHTS"):
-        raise CTMRIError(f"the model weights are missing: CTMRI_WEIGHTS names {path}, which does not exist; set it "
-                         "to a model file, or unset it to use the shipped model")
-    raise CTMRIError(not_installed("the shipped model", model_candidates(SHIPPED_NAME)) + "; or set CTMRI_WEIGHTS "
-                     "to a model file (`ctmri train` makes one; see model_weights/README.md)")
+    if not path.is_file():  # the demo has no --weights: the variable is its only other way to a model
+        raise CTMRIError(missing_weights_message(path, instead="set CTMRI_WEIGHTS to a model file (`ctmri train` "
+                                                 "makes one; see model_weights/README.md)"))
+    return path
 
 
 def run_demo(out_dir: str | Path = "ctmri_demo_output", device: str = "auto", quiet: Optional[bool] = None) -> int:

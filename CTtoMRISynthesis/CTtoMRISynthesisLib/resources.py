@@ -13,6 +13,7 @@ Three layouts carry them, looked at in this order:
 
 from __future__ import annotations
 
+import functools
 import sysconfig
 from pathlib import Path
 
@@ -22,7 +23,8 @@ DISTRIBUTION = "ctmri-synthesis"  # pyproject's [project] name
 SAMPLE_FILES = ("ct.nrrd", "mri.nrrd")
 
 
-def data_prefixes() -> list:
+@functools.lru_cache(maxsize=None)  # an installation does not move while it runs; its RECORD is read once
+def data_prefixes() -> tuple:
     """The prefixes under which pip put this installation's data files (``<prefix>/share/ctmri``), without
     duplicates: read from the installation's own RECORD first (right for a venv, Debian's ``/usr/local``,
     Homebrew, ``--prefix``, ``--root`` and ``--user`` alike), then the data path of the install scheme whose
@@ -36,7 +38,7 @@ def data_prefixes() -> list:
                 found.append(Path(paths["data"]))
         except Exception:  # a scheme this platform cannot expand
             continue
-    return list(dict.fromkeys(found))
+    return tuple(dict.fromkeys(found))  # a tuple: the cached value cannot be changed by a caller
 
 
 def _recorded_prefixes() -> list:
@@ -47,9 +49,9 @@ def _recorded_prefixes() -> list:
         dist = distribution(DISTRIBUTION)
         if Path(dist.locate_file(f"{PACKAGE_DIR.name}/__init__.py")).resolve().parent != PACKAGE_DIR:
             return []  # another copy of the package (e.g. an older install beside this checkout)
-        for entry in dist.files or ():
-            path = Path(dist.locate_file(entry)).resolve()
-            if SHARE.as_posix() in path.as_posix():
+        for entry in dist.files or ():  # RECORD paths are relative to site-packages: ../../../share/ctmri/…
+            if SHARE.as_posix() in entry.as_posix():
+                path = Path(dist.locate_file(entry)).resolve()
                 while path.name != SHARE.name:
                     path = path.parent
                 return [path.parent.parent]

@@ -84,15 +84,17 @@ def default_weights_path() -> Path:
     return first_present(model_candidates(SHIPPED_NAME))
 
 
-def missing_weights_message(path: Path) -> str:
-    """Why ``path`` cannot be loaded, and what to do: the shipped model's places when it was the default."""
+def missing_weights_message(path: Path, instead: str = "pass --weights with a model file, or set CTMRI_WEIGHTS "
+                            "to one") -> str:
+    """Why ``path`` cannot be loaded, and what to do: the shipped model's places when it was the default
+    (``instead``: the other ways to give a model, as the caller offers them)."""
     env = os.environ.get("CTMRI_WEIGHTS")
     if env and Path(path) == Path(env):  # leaving --weights out takes this variable, not the shipped model
         return (f"weights file not found: {path}, named by CTMRI_WEIGHTS; set it to an existing {SUFFIX} file, "
                 "or unset it to use the shipped model")
-    if not env and Path(path) in model_candidates(SHIPPED_NAME):
-        return (not_installed("the shipped model", model_candidates(SHIPPED_NAME))
-                + "; or pass --weights with a model file, or set CTMRI_WEIGHTS to one")
+    candidates = model_candidates(SHIPPED_NAME)
+    if not env and Path(path) in candidates:
+        return not_installed("the shipped model", candidates) + f"; or {instead}"
     return f"weights file not found: {path}; pass --weights with an existing {SUFFIX} file " \
            "(or leave it out to use the shipped model)"
 
