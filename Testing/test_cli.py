@@ -82,13 +82,28 @@ def test_synthesize_with_mri_writes_readable_outputs(case_files, tiny_weights: P
     assert (tmp_path / "run_record.json").read_bytes() == (out / "metrics.json").read_bytes()
 
 
-def test_synthesize_without_mri(case_files, tiny_weights: Path, tmp_path: Path) -> None:
+def test_synthesize_without_mri(case_files, tiny_weights: Path, tmp_path: Path, capsys) -> None:
     ct, _ = case_files
     out = tmp_path / "out"
     assert main(["synthesize", "--ct", str(ct), "--out-dir", str(out), "--weights", str(tiny_weights), "--quiet"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
         ".ctmri-manifest.json", "metrics.json", "synthetic_mri.nrrd", "uncertainty.nrrd"]
     assert "mae" not in json.loads((out / "metrics.json").read_text())
+    assert capsys.readouterr().err == "", "--quiet prints no progress"
+
+
+def test_synthesize_into_a_log_prints_progress_lines(case_files, tiny_weights: Path, tmp_path: Path) -> None:
+    """Run by a script or a scheduler (stderr not a terminal), synthesize printed no progress at all: a long case
+    looked hung in its log. It now prints plain lines, a few a stage, from start to done."""
+    ct, _ = case_files
+    done = run_cli("synthesize", "--ct", str(ct), "--out-dir", str(tmp_path / "out"), "--weights", str(tiny_weights),
+                   "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if " % " in line]
+    assert "\r" not in done.stderr and 5 <= len(lines) <= 40, done.stderr
+    assert "% synthesise" in done.stderr and lines[-1].endswith("100 % done")
+    percents = [int(line.split(" s ", 1)[1].split("%")[0]) for line in lines]
+    assert percents == sorted(percents), "the percentages only grow"
 
 
 def test_evaluate_json_never_replaces_an_image_and_fails_before_the_work(case_files, tmp_path: Path, capsys) -> None:
@@ -365,3 +380,21 @@ def test_disjoint_ct_and_mri_are_refused_unless_allowed(case_files, tiny_weights
     offset = np.asarray(sitk.ReadTransform(str(tmp_path / "out" / "transform.tfm")).TransformPoint(far.TransformContinuousIndexToPhysicalPoint((128, 128, 8))))
     expected = np.asarray(far.TransformContinuousIndexToPhysicalPoint((128, 128, 8))) - (1000.0, 0.0, 0.0)
     assert np.linalg.norm(offset - expected) < 5.0
+
+
+def test_progress_lines_stay_few_on_a_long_case() -> None:
+    """A 300-slice case reports each batch of slices; the log gets a line per tenth, not one per batch."""
+    import io
+
+    from CTtoMRISynthesisLib.progress import progress_for
+
+    stream = io.StringIO()  # not a terminal
+    progress, close = progress_for(False, stream)
+    progress(0.0, "load model")
+    for stop in range(2, 301, 2):
+        progress(0.2 + 0.7 * stop / 300, f"synthesised {stop}/300 slices")
+    progress(1.0, "done")
+    close()
+    lines = stream.getvalue().splitlines()
+    assert 8 <= len(lines) <= 12 and lines[0].endswith("0 % load model") and lines[-1].endswith("100 % done"), lines
+    assert progress_for(True, io.StringIO())[0] is None

@@ -18,7 +18,7 @@ EXIT_CANCELLED = 130
 def cmd_synthesize(args: argparse.Namespace) -> int:
     from .case import CaseOptions, run_case
     from .pipeline import sigterm_as_interrupt
-    from .progress import progress_bar
+    from .progress import progress_for
 
     options = CaseOptions(
         weights=args.weights, device=args.device, registration=args.registration,
@@ -26,7 +26,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         dicom=args.dicom, ct_series=args.ct_series, mri_series=args.mri_series,
         picture_spacing=args.picture_spacing, mri_picture_spacing=args.mri_picture_spacing, pictures=args.pictures,
     )
-    progress, close = progress_bar(sys.stderr.isatty() and not args.quiet)
+    progress, close = progress_for(args.quiet)
     try:
         with sigterm_as_interrupt():  # a kill or a scheduler's stop takes Ctrl-C's path: nothing half-made, exit 130
             result, paths = run_case(args.ct, args.mri, args.out_dir, options, progress=progress, notify=print)
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dicom", action="store_true", help="also write every output volume as a DICOM series "
                    "(OUT/dicom/<kind>/, one file per slice; in the CT's study when the CT is DICOM)")
     _add_picture_options(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress (a bar on a terminal, else plain lines)")
     p.set_defaults(func=cmd_synthesize)
 
     p = sub.add_parser("series", help="list the DICOM series of a folder and which one --ct/--mri would take (or how "

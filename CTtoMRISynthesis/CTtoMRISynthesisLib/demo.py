@@ -53,14 +53,14 @@ def _weights_or_error() -> Path:
     return path
 
 
-def run_demo(out_dir: str | Path = "ctmri_demo_output", device: str = "auto", quiet: Optional[bool] = None) -> int:
+def run_demo(out_dir: str | Path = "ctmri_demo_output", device: str = "auto", quiet: bool = False) -> int:
     """Run the sample through :func:`pipeline.synthesize`, write the outputs to ``out_dir``, print a summary.
 
     Returns 0. Errors a user can cause (missing weights or sample, unwritable folder, unavailable
     device) raise :class:`CTMRIError`, which the CLI prints as one ``error:`` line.
     """
     from .pipeline import save_outputs, synthesize
-    from .progress import progress_bar
+    from .progress import progress_for
     from .volumes import read_volume
 
     paths = sample_paths()
@@ -72,9 +72,7 @@ def run_demo(out_dir: str | Path = "ctmri_demo_output", device: str = "auto", qu
           f"from {SAMPLE_DIR}")
     print(f"weights: {weights}")
 
-    if quiet is None:
-        quiet = not sys.stderr.isatty()
-    progress, close = progress_bar(not quiet)
+    progress, close = progress_for(quiet)
     try:
         result = synthesize(ct, mri, weights=weights, device=device, registration=DEMO_REGISTRATION, progress=progress)
     finally:

@@ -1,4 +1,5 @@
-"""Terminal progress bars for the command-line tools (``ctmri synthesize``, ``demo``, ``batch``).
+"""Progress for the command-line tools (``ctmri synthesize``, ``demo``, ``batch``): a bar on a terminal,
+plain lines in a log file or a scheduler's output (where a bar's carriage returns are unreadable).
 
 Kept apart from ``cli.py`` so that library modules (``demo``, ``case``, ``batch``) can show progress
 without importing the argument parser (which imports them).
@@ -6,7 +7,9 @@ without importing the argument parser (which imports them).
 
 from __future__ import annotations
 
+import re
 import sys
+import time
 from typing import Callable, Optional, Tuple
 
 ProgressFn = Optional[Callable[[float, str], None]]
@@ -26,3 +29,33 @@ def progress_bar(enabled: bool) -> Tuple[ProgressFn, Callable[[], None]]:
         bar.refresh()
 
     return progress, bar.close
+
+
+def progress_lines(stream=None, step: float = 0.1) -> Tuple[ProgressFn, Callable[[], None]]:
+    """``progress(fraction, message)`` printing one line (``"  12 s  40 % register"``) when a stage is first
+    seen or the total passes the next ``step``: a log gets a line or two a stage, not one per batch of slices."""
+    start = time.monotonic()
+    seen: set = set()
+    state = {"next": 0.0}
+
+    def progress(fraction: float, message: str) -> None:
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        stage = re.sub(r"[\d.]+", "#", message)  # "synthesised 12/256 slices" and "… 24/256 …" are one stage
+        if stage in seen and fraction < state["next"]:
+            return
+        seen.add(stage)
+        state["next"] = (int(fraction / step + 1e-9) + 1) * step
+        print(f"{time.monotonic() - start:5.0f} s {int(100 * fraction):3d} % {message}", file=stream or sys.stderr,
+              flush=True)
+
+    return progress, lambda: None
+
+
+def progress_for(quiet: bool, stream=None) -> Tuple[ProgressFn, Callable[[], None]]:
+    """Nothing when ``quiet``; a bar when ``stream`` (stderr by default) is a terminal; plain lines otherwise."""
+    stream = stream or sys.stderr
+    if quiet:
+        return None, lambda: None
+    if stream.isatty():
+        return progress_bar(True)
+    return progress_lines(stream)
