@@ -12,9 +12,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 import subprocess
-import re
 from pathlib import Path
 
 import numpy as np
@@ -371,6 +371,26 @@ def test_one_file_of_a_series_or_a_localizer_file_is_refused(tmp_path: Path) -> 
     shutil.copy(one, tmp_path / "alone" / one.name)
     for given in (tmp_path / "alone" / one.name, tmp_path / "alone"):
         assert dicom.read_input(given, "CT")[0].GetSize() == (64, 64, 1)
+
+
+def test_a_dicomdir_file_is_refused_naming_its_folder(tmp_path: Path) -> None:
+    """The DICOMDIR of a CD or PACS export is what a clinician picks first; it holds no image, and was refused
+    as 'not an image SimpleITK can read, or the file is damaged … copy it again'. It is now named for what it
+    is, with its folder to give instead, which reads the study (also under another file name)."""
+    from pydicom.fileset import FileSet
+
+    write_series(tmp_path / "export", axial(6, 4.0), number=3, thickness=4.0)
+    media = FileSet()
+    for f in sorted((tmp_path / "export").glob("*.dcm")):
+        media.add(str(f))
+    media.write(str(tmp_path / "cd"))
+    index = tmp_path / "cd" / "DICOMDIR"
+    renamed = shutil.copy(index, tmp_path / "index.dcm")
+    for given in (index, Path(renamed)):
+        with pytest.raises(CTMRIError, match=rf"the CT {re.escape(str(given))} is a DICOMDIR, the index of a DICOM "
+                                             rf"study, not an image; give its folder {re.escape(str(given.parent))}"):
+            dicom.read_input(given, "CT")
+    assert dicom.read_input(tmp_path / "cd", "CT")[0].GetSize() == (64, 64, 6)
 
 
 def test_folder_without_dicom(tmp_path: Path) -> None:

@@ -872,9 +872,31 @@ def read_input(path: str | Path, what: str, requested: Optional[str] = None,
     return read_volume(path, what), None
 
 
+#: the SOP class of a DICOMDIR (Media Storage Directory Storage)
+_DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+
+
+def _is_dicomdir(path: Path) -> bool:
+    """Whether a file is a DICOMDIR: named so (the standard's file name) or of its SOP class."""
+    if not path.is_file():
+        return False
+    if path.name.upper() == "DICOMDIR":
+        return True
+    import pydicom
+
+    try:
+        meta = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
+    except Exception:  # noqa: BLE001 - not DICOM at all: the volume reader decides
+        return False
+    return str(getattr(meta, "MediaStorageSOPClassUID", "")) == _DICOMDIR_CLASS
+
+
 def _check_lone_dicom_file(path: Path, what: str) -> None:
     """Refuse one DICOM file given for a volume when it is a localizer, or one slice of a series whose other
     slices lie beside it: read alone it would be synthesized as a single slice, with no word about the rest."""
+    if _is_dicomdir(path):  # what a clinician picks first on a CD or a PACS export; it holds no image
+        raise CTMRIError(f"the {what} {path} is a DICOMDIR, the index of a DICOM study, not an image; give its folder "
+                         f"{path.parent} instead (`ctmri series {path.parent}` lists the series in it)")
     header = _read_header(path) if path.is_file() else None
     if header is None or isinstance(header, _Unreadable):
         return  # not a DICOM image: the volume reader decides
