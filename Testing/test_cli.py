@@ -398,3 +398,10 @@ def test_progress_lines_stay_few_on_a_long_case() -> None:
     lines = stream.getvalue().splitlines()
     assert 8 <= len(lines) <= 12 and lines[0].endswith("0 % load model") and lines[-1].endswith("100 % done"), lines
     assert progress_for(True, io.StringIO())[0] is None
+
+
+def test_version_is_the_one_dicom_outputs_record() -> None:
+    from CTtoMRISynthesisLib import __version__
+
+    done = run_cli("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"ctmri {__version__}", done.stdout + done.stderr

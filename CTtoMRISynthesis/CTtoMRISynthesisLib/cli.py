@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctmri", description="Synthesise a brain MRI from a head CT with a U-Net (CTtoMRISynthesis)."
     )
+    from . import __version__
+
+    # the version the DICOM outputs record (SoftwareVersions), to be quoted with a result
+    parser.add_argument("--version", action="version", version=f"ctmri {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synthesize", help="CT (+ optional MRI) → synthetic MRI, difference map, metrics")

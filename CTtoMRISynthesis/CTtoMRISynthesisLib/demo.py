@@ -94,8 +94,8 @@ def run_demo(out_dir: str | Path = "ctmri_demo_output", device: str = "auto", qu
         print(f"MAE {m['mae']:.2f}  SSIM {m['ssim']:.4f}  PSNR {m['psnr']:.2f} dB  (0..255 scale, foreground = "
               f"{foreground_words(m.get('foreground'))}; in-head SSIM {m.get('ssim_foreground', float('nan')):.4f})")
     print(f"device {result.device}, {result.seconds:.1f} s")
-    print("note: the sample is the top 8 mm of the head (scalp and skull cap, almost no brain) and the MR has "
-          "5-mm slices; the numbers show that the pipeline runs, not how well the model does on brain slices "
+    print("note: the sample is the top 8 mm of the head (scalp and skull cap, almost no brain) and the MR was "
+          "resampled from 5-mm slices; the numbers show that the pipeline runs, not how well the model does on brain slices "
           "(see model_weights/README.md for that)")
     print(f"wrote {', '.join(p.name for p in written.values())} to {out_dir.resolve()}")
     return 0
