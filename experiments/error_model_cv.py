@@ -184,8 +184,10 @@ def main() -> int:
           + f"; error-model seed {args.seed}")
     print("| map | " + " | ".join(ids) + " | mean | lowest |")
     print("|---" * (len(ids) + 3) + "|")
-    for name, values in table.items():
-        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {np.mean(values):.3f} | {min(values):.3f} |")
+    for name, values in table.items():  # None: a constant map (e.g. members that agree everywhere) ranks nothing
+        known = [v for v in values if v is not None]
+        summary = f"{np.mean(known):.3f} | {min(known):.3f}" if known else "– | –"
+        print(f"| {name} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in values) + f" | {summary} |")
     return 0
 
 

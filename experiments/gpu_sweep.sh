@@ -13,6 +13,8 @@
 # those recipes. TRAIN_OPTS adds options to every training (the shipped recipe since round 5:
 # TRAIN_OPTS='--exclude-from-training 2'; since round 10 also '--context 0 --aug-noise 0.045'). PREDS='b8e60 b32e60'
 # brings those runs' predictions back one file each (else two archives); REPORT_S caps each report's seconds.
+# ERRMODEL='m4:b8e60,bag1,bag2,bag3' also runs experiments/error_model_cv.py on those ensembles (ERRMODEL_SEEDS,
+# ERRMODEL_SETS comma-separated), and REPORTS='b8e60' limits the per-run reports to the runs that regex matches.
 # SimpleITK is carried in .whl/: the wheel, or its files as a .tar.xz (half the size; made here by
 # `unzip -q simpleitk-*.whl -d D && tar cJf .whl/simpleitk.tar.xz -C D .`). Stop 41's call, its time and
 # what it gave: model_weights/report/evaluation/round17_width_gpu.txt.
@@ -105,17 +107,35 @@ if [ "$TINY" != 1 ] && [ "${BENCH:-1}" = 1 ]; then  # the CUDA inference path, t
   bench=$!
 fi
 
-# reports of every complete cross-validation, side by side
+complete_run() { [ "$(ls "$WORK/$1"/fold[0-9]*/fold.json 2>/dev/null | wc -l)" = "$FOLDS" ]; }
+# the error model's nested cross-validation (experiments/error_model_cv.py, issue 11's aim 4) of each ensemble
+# in ERRMODEL ('NAME:RUN,RUN,... ...'), once per seed in ERRMODEL_SEEDS, beside the reports below
+epids=(); IFS=, read -ra esets <<< "${ERRMODEL_SETS:-shipped}"  # comma-separated: set names hold spaces
+for spec in ${ERRMODEL:-}; do
+  name=${spec%%:*}; runs=${spec#*:}; ok=1
+  for r in ${runs//,/ }; do complete_run "$r" || ok=0; done
+  [ "$ok" = 1 ] || { echo "error model $name: not every run is complete"; continue; }
+  for seed in ${ERRMODEL_SEEDS:-0}; do
+    OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 timeout "${ERRMODEL_S:-240}" $PY experiments/error_model_cv.py \
+      $(printf "$WORK/%s " ${runs//,/ }) --data "$DATA" --exclude-from-training ${ERRMODEL_EXCLUDE:-2} \
+      --sets "${esets[@]}" --no-ceiling --seed "$seed" $( [ "$TINY" = 1 ] && echo --steps 2 ) \
+      > "$WORK/logs/errmodel_${name}_s$seed.txt" 2>&1 &
+    epids+=($!)
+  done
+done
+
+# reports of every complete cross-validation (those matching REPORTS, a regex), side by side
 complete=(); pids=()
 for run in "$WORK"/*/; do
-  run=${run%/}; [ "$(ls "$run"/fold[0-9]*/fold.json 2>/dev/null | wc -l)" = "$FOLDS" ] || continue
+  run=${run%/}; complete_run "$(basename "$run")" || continue
   complete+=("$run")
+  [[ "$(basename "$run")" =~ ^(${REPORTS:-.*})$ ]] || continue
   timeout "${REPORT_S:-150}" $PY -m CTtoMRISynthesisLib.training report --data "$DATA" --from-cv "$run" --out "$run/report" > "$WORK/logs/report_$(basename "$run").log" 2>&1 &
   pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p"; done
 echo "complete: ${complete[*]:-none}"
-has() { [ -f "$WORK/$1/report/summary.csv" ]; }
+has() { complete_run "$1"; }
 ensemble() {  # NAME RUN...
   local name=$1; shift
   for r in "$@"; do has "$r" || return 0; done
@@ -130,8 +150,12 @@ ensemble b16 b16e60 & pids+=($!)
 ensemble b8 b8e60 & pids+=($!)
 ensemble b8seeds b8e60 b8e60s1 & pids+=($!)   # stop 41: two seeds of the shipped member's recipe
 ensemble wide b32e60 b64e60 & pids+=($!)
+ensemble members4 b8e60 bag1 bag2 bag3 & pids+=($!)  # stop 42: the shipped ensemble's recipe, and with 4 more bags
+ensemble members8 b8e60 bag1 bag2 bag3 bag4 bag5 bag6 bag7 & pids+=($!)
 ensemble b8_b32_b64 b8e60 b32e60 b64e60 & pids+=($!)
 for p in "${pids[@]}"; do wait "$p"; done
+for p in "${epids[@]}"; do wait "$p"; done
+for f in "$WORK"/logs/errmodel_*.txt; do [ -f "$f" ] && { echo "### $(basename "$f")"; tail -7 "$f"; }; done
 
 [ -n "${bench:-}" ] && wait "$bench"
 
