@@ -89,13 +89,17 @@ def main() -> None:
     from _common import machine, print_table
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"Machine: {machine()}; {cores} usable cores")
+    print(f"Machine: {machine()}; {cores} usable cores", flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         manifest = make_cohort(args.cohort, args.cases, tmp)
         for jobs in args.jobs:
             results.append(run(manifest, tmp / f"out_jobs{jobs}", jobs, args.registration, args.device))
+            r = results[-1]  # each run's line as soon as it ends: a run stopped by a time limit still leaves these
+            print(f"--jobs {jobs}: {r['cases']} cases, {r['failed']} failed, {r['wall']:.1f} s "
+                  f"({60 * r['cases'] / r['wall']:.1f} cases/min), load {r['load_before']} -> {r['load_after']}",
+                  flush=True)
     base = results[0]["wall"]
     rows = [[r["jobs"], r["cases"], r["failed"], r["wall"], 60 * r["cases"] / r["wall"], base / r["wall"],
              r["case_mean"], r["load_before"], r["load_after"]] for r in results]
