@@ -1,4 +1,4 @@
-"""DICOM studies in and derived DICOM series out (dicom.py, `ctmri series`, `synthesize --dicom`).
+"""DICOM studies in and derived DICOM series out (dicom.py and dicom_out.py, `ctmri series`, `synthesize --dicom`).
 
 Most tests build small DICOM studies with pydicom in ``tmp_path``: an analytic head phantom in HU
 (scalp, skull, brain, two unequal ventricles) sampled at each slice's true physical pixel centres, so
@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, generate_uid
 
 from conftest import data_root, require
-from CTtoMRISynthesisLib import __version__, dicom
+from CTtoMRISynthesisLib import __version__, dicom, dicom_out
 from CTtoMRISynthesisLib.errors import CTMRIError
 from CTtoMRISynthesisLib.pipeline import SynthesisResult, save_outputs
 
@@ -71,7 +71,7 @@ def write_series(folder: Path, positions, *, number: int, row=(1, 0, 0), col=(0,
     for k, position in enumerate(positions):
         hu = head_hu(pixel_points(position, row, col, size, pixel))
         ds = Dataset()
-        ds.SOPClassUID = dicom.CT_IMAGE_STORAGE if modality == "CT" else dicom.MR_IMAGE_STORAGE
+        ds.SOPClassUID = dicom_out.CT_IMAGE_STORAGE if modality == "CT" else dicom_out.MR_IMAGE_STORAGE
         ds.SOPInstanceUID = generate_uid()
         ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Phantom^Head", "PH001", "", "O"
         ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime, ds.StudyID = study_uid, "20240101", "120000", "1"
@@ -81,8 +81,8 @@ def write_series(folder: Path, positions, *, number: int, row=(1, 0, 0), col=(0,
         ds.FrameOfReferenceUID, ds.PositionReferenceIndicator, ds.PatientPosition = for_uid, "", "HFS"
         ds.ImageType = list(image_type)
         ds.InstanceNumber = instances[k] if instances is not None else k + 1
-        ds.ImagePositionPatient = [dicom._ds(v) for v in position]
-        ds.ImageOrientationPatient = [dicom._ds(v) for v in tuple(row) + tuple(col)]
+        ds.ImagePositionPatient = [dicom_out._ds(v) for v in position]
+        ds.ImageOrientationPatient = [dicom_out._ds(v) for v in tuple(row) + tuple(col)]
         ds.PixelSpacing = [float(pixel[0]), float(pixel[1])]
         if thickness is not None:
             ds.SliceThickness = thickness
@@ -98,8 +98,8 @@ def write_series(folder: Path, positions, *, number: int, row=(1, 0, 0), col=(0,
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.file_meta.TransferSyntaxUID = dicom.EXPLICIT_VR_LITTLE_ENDIAN
-        dicom._save(ds, folder / f"s{number}_{k:03d}.dcm")
+        ds.file_meta.TransferSyntaxUID = dicom_out.EXPLICIT_VR_LITTLE_ENDIAN
+        dicom_out._save(ds, folder / f"s{number}_{k:03d}.dcm")
     return series_uid
 
 
@@ -617,7 +617,7 @@ def test_every_output_volume_becomes_a_series_in_the_ct_study(study: Path, tmp_p
     _, choice = dicom.read_input(study, "CT")
     result = oblique_result()
     out = tmp_path / "out"
-    paths = save_outputs(result, out, extra_writer=dicom.dicom_writer(result, choice, choice))
+    paths = save_outputs(result, out, extra_writer=dicom_out.dicom_writer(result, choice, choice))
     assert paths["dicom"] == out / "dicom"
     assert sorted(p.name for p in (out / "dicom").iterdir()) == sorted([*result.output_images(), ".ctmri-output"])
     all_uids = []
@@ -632,7 +632,7 @@ def test_every_output_volume_becomes_a_series_in_the_ct_study(study: Path, tmp_p
         first = datasets[0]
         modality = "CT" if kind == "ct_registered" else "MR"
         assert first.Modality == modality
-        assert first.SOPClassUID == (dicom.CT_IMAGE_STORAGE if modality == "CT" else dicom.MR_IMAGE_STORAGE)
+        assert first.SOPClassUID == (dicom_out.CT_IMAGE_STORAGE if modality == "CT" else dicom_out.MR_IMAGE_STORAGE)
         assert list(first.ImageType)[:2] == ["DERIVED", "SECONDARY"]
         assert "not for diagnosis" in first.SeriesDescription
         if modality == "MR":
@@ -667,7 +667,7 @@ def test_what_the_ct_says_of_itself_is_carried_on(tmp_path: Path) -> None:
     write_series(tmp_path / "ct", axial(6, 4.0), number=3, thickness=4.0, study_uid="", extra=extra)
     _, choice = dicom.read_input(tmp_path / "ct", "CT")
     result = oblique_result()
-    save_outputs(result, tmp_path / "out", extra_writer=dicom.dicom_writer(result, choice, choice))
+    save_outputs(result, tmp_path / "out", extra_writer=dicom_out.dicom_writer(result, choice, choice))
     _, datasets = read_back(tmp_path / "out" / "dicom" / "synthetic_mri")
     first = datasets[0]
     assert first.LossyImageCompression == "01" and float(first.LossyImageCompressionRatio) == 10.0
@@ -702,7 +702,7 @@ def test_registered_ct_is_labelled_hu_only_when_it_is(tmp_path: Path, ct_path, i
     result = oblique_result()
     result.normalisation = {"ct_path": ct_path}
     out = tmp_path / "out"
-    save_outputs(result, out, extra_writer=dicom.dicom_writer(result))
+    save_outputs(result, out, extra_writer=dicom_out.dicom_writer(result))
     written, datasets = read_back(out / "dicom" / "ct_registered")
     assert (float(datasets[0].RescaleIntercept), datasets[0].RescaleType) == (intercept, rescale_type)
     nrrd = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "ct_registered.nrrd")))
@@ -719,7 +719,7 @@ def test_registered_ct_is_labelled_hu_only_when_it_is(tmp_path: Path, ct_path, i
 def test_without_a_dicom_ct_the_series_go_into_a_new_study(tmp_path: Path) -> None:
     result = oblique_result()
     out = tmp_path / "out"
-    save_outputs(result, out, extra_writer=dicom.dicom_writer(result, None, None))
+    save_outputs(result, out, extra_writer=dicom_out.dicom_writer(result, None, None))
     firsts = [read_back(out / "dicom" / kind)[1][0] for kind in result.output_images()]
     assert len({ds.StudyInstanceUID for ds in firsts}) == 1  # one new study for all
     assert len({ds.FrameOfReferenceUID for ds in firsts}) == 1
@@ -734,7 +734,7 @@ def test_a_ct_from_a_file_with_a_dicom_mri_goes_into_the_mri_patients_study(tmp_
                  extra={"PatientID": "MR-7", "PatientName": "Mr^Patient"})
     _, mr_choice = dicom.read_input(tmp_path / "mr", "MRI")
     result = oblique_result()
-    save_outputs(result, tmp_path / "out", extra_writer=dicom.dicom_writer(result, None, mr_choice))
+    save_outputs(result, tmp_path / "out", extra_writer=dicom_out.dicom_writer(result, None, mr_choice))
     first = read_back(tmp_path / "out" / "dicom" / "synthetic_mri")[1][0]
     assert (first.StudyInstanceUID, first.PatientID, str(first.PatientName)) == (mr_uid, "MR-7", "Mr^Patient")
     assert first.FrameOfReferenceUID == FOR_UID
@@ -746,7 +746,7 @@ def test_left_handed_grid_is_written_in_physical_space(tmp_path: Path) -> None:
     image = grid_image(array, (1.0, 1.5, 2.5), (10.0, -5.0, 30.0), (1, 0, 0, 0, 1, 0, 0, 0, -1))
     result = SynthesisResult(synthetic_mri=image, weights={})
     out = tmp_path / "out"
-    save_outputs(result, out, extra_writer=dicom.dicom_writer(result))
+    save_outputs(result, out, extra_writer=dicom_out.dicom_writer(result))
     written, datasets = read_back(out / "dicom" / "synthetic_mri")
     assert datasets[0].SoftwareVersions == f"ctmri {__version__}"  # one value: no checksum claimed
     back = sitk.Resample(written, image, sitk.Transform(), sitk.sitkNearestNeighbor, -1.0)
@@ -758,9 +758,9 @@ def test_dicom_outputs_are_all_or_nothing(tmp_path: Path, monkeypatch) -> None:
 
     result = oblique_result()
     out = tmp_path / "out"
-    save_outputs(result, out, extra_writer=dicom.dicom_writer(result))  # an earlier, complete run
+    save_outputs(result, out, extra_writer=dicom_out.dicom_writer(result))  # an earlier, complete run
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    real_save, calls = dicom._save, []
+    real_save, calls = dicom_out._save, []
 
     def disk_full_at_the_tenth_file(ds, path):
         calls.append(path)
@@ -768,9 +768,9 @@ def test_dicom_outputs_are_all_or_nothing(tmp_path: Path, monkeypatch) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(ds, path)
 
-    monkeypatch.setattr(dicom, "_save", disk_full_at_the_tenth_file)
+    monkeypatch.setattr(dicom_out, "_save", disk_full_at_the_tenth_file)
     with pytest.raises(CTMRIError, match="No space left on device; free disk space"):
-        save_outputs(result, out, extra_writer=dicom.dicom_writer(result))
+        save_outputs(result, out, extra_writer=dicom_out.dicom_writer(result))
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # the earlier run untouched, no partial series, no temporary folder
     monkeypatch.undo()
@@ -791,12 +791,12 @@ def test_a_dicom_folder_of_the_users_in_out_dir_is_never_touched(tmp_path: Path)
     assert (users / "IM0001.dcm").read_bytes() == b"the user's scan" and (out / "synthetic_mri.nrrd").exists()
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(CTMRIError, match=r"dicom exists and was not written by ctmri .*choose another --out-dir"):
-        save_outputs(result, out, extra_writer=dicom.dicom_writer(result))
+        save_outputs(result, out, extra_writer=dicom_out.dicom_writer(result))
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     ours = tmp_path / "other"
-    save_outputs(result, ours, extra_writer=dicom.dicom_writer(result))
+    save_outputs(result, ours, extra_writer=dicom_out.dicom_writer(result))
     assert (ours / "dicom" / ".ctmri-output").is_file()
-    save_outputs(result, ours, extra_writer=dicom.dicom_writer(result))  # ours: replaced
+    save_outputs(result, ours, extra_writer=dicom_out.dicom_writer(result))  # ours: replaced
     save_outputs(result, ours)  # ours: removed by a run without DICOM output
     assert not (ours / "dicom").exists()
 
@@ -824,7 +824,7 @@ def test_validator_accepts_the_written_files(tmp_path: Path) -> None:
         pytest.skip("dciodvfy not installed (apt-get install dicom3tools)")
     result = oblique_result()
     out = tmp_path / "out"
-    save_outputs(result, out, extra_writer=dicom.dicom_writer(result))
+    save_outputs(result, out, extra_writer=dicom_out.dicom_writer(result))
     for kind in result.output_images():
         path = sorted((out / "dicom" / kind).iterdir())[0]
         report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True).stderr
@@ -1018,8 +1018,8 @@ def test_real_study_with_tilt_tags_is_resampled(real_study: Path, tmp_path: Path
         ds = pydicom.dcmread(str(path))
         pixel = float(ds.PixelSpacing[0])
         x, y, z = (float(v) for v in ds.ImagePositionPatient)
-        ds.ImagePositionPatient = [dicom._ds(x), dicom._ds(y + k * pixel), dicom._ds(z)]
-        ds.GantryDetectorTilt = dicom._ds(math.degrees(math.atan(pixel / 2.5)))
+        ds.ImagePositionPatient = [dicom_out._ds(x), dicom_out._ds(y + k * pixel), dicom_out._ds(z)]
+        ds.GantryDetectorTilt = dicom_out._ds(math.degrees(math.atan(pixel / 2.5)))
         ds.save_as(str(tmp_path / "ct" / path.name))
         originals.append(path)
     image, choice = dicom.read_input(tmp_path / "ct", "CT")

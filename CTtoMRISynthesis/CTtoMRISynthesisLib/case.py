@@ -24,7 +24,7 @@ class CaseOptions:
     registration: str = "rigid"
     allow_disjoint: bool = False
     batch_size: Optional[int] = None
-    dicom: bool = False  # also write OUT/dicom/<kind>/ series (dicom.py)
+    dicom: bool = False  # also write OUT/dicom/<kind>/ series (dicom_out.py)
     pictures: bool = False  # also write OUT/pictures/<kind>/ 8-bit PNG slices (pictures.py)
     ct_series: Optional[str] = None  # series number or UID when the CT is a DICOM folder (None: by the rule)
     mri_series: Optional[str] = None
@@ -138,7 +138,8 @@ def _record_sources(result: SynthesisResult, ct_source, mri_source, options: Cas
 def _extra_writers(result: SynthesisResult, ct_source, reference_source, options: CaseOptions) -> list:
     """The writers of ``dicom/`` and ``pictures/`` when asked. Only a DICOM source has headers (patient,
     study, frame of reference) for the DICOM outputs to inherit."""
-    from .dicom import Choice, dicom_writer
+    from .dicom import Choice
+    from .dicom_out import dicom_writer
     from .pictures import picture_writer
 
     writers = []
