@@ -893,10 +893,14 @@ def _is_dicomdir(path: Path) -> bool:
         return False
     if path.name.upper() == "DICOMDIR":
         return True
+    import warnings
+
     import pydicom
 
     try:
-        meta = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
+        with warnings.catch_warnings():  # pydicom 2.x warns about its DicomDir class on reading one
+            warnings.simplefilter("ignore")
+            meta = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
     except Exception:  # noqa: BLE001 - not DICOM at all: the volume reader decides
         return False
     return str(getattr(meta, "MediaStorageSOPClassUID", "")) == _DICOMDIR_CLASS
