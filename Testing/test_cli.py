@@ -405,3 +405,16 @@ def test_version_is_the_one_dicom_outputs_record() -> None:
 
     done = run_cli("--version")
     assert done.returncode == 0 and done.stdout.strip() == f"ctmri {__version__}", done.stdout + done.stderr
+
+
+def test_a_closed_progress_pipe_does_not_stop_the_run(case_files, tiny_weights: Path, tmp_path: Path) -> None:
+    """`ctmri synthesize … 2>&1 | head -2`: once the reader has gone, writing a progress line failed (a broken pipe)
+    and the run stopped with no outputs. The lines end there; the run goes on and writes its outputs."""
+    ct, _ = case_files
+    out = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "-m", "CTtoMRISynthesisLib.cli", "synthesize", "--ct", str(ct),
+                              "--out-dir", str(out), "--weights", str(tiny_weights), "--device", "cpu"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child.stderr.close()  # the reader is gone before the first line
+    assert child.wait(timeout=600) == 0
+    assert (out / "synthetic_mri.nrrd").is_file() and (out / "metrics.json").is_file()

@@ -391,6 +391,8 @@ def test_a_dicomdir_file_is_refused_naming_its_folder(tmp_path: Path) -> None:
                                              rf"study, not an image; give its folder {re.escape(str(given.parent))}"):
             dicom.read_input(given, "CT")
     assert dicom.read_input(tmp_path / "cd", "CT")[0].GetSize() == (64, 64, 6)
+    with pytest.raises(CTMRIError, match=rf"^{re.escape(str(index))} is a DICOMDIR, .* give its folder"):
+        dicom.describe_folder(index)  # `ctmri series cd/DICOMDIR` said "is a file, not a folder"
 
 
 def test_folder_without_dicom(tmp_path: Path) -> None:

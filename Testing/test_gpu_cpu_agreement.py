@@ -36,5 +36,6 @@ def test_cuda_on_a_machine_without_one_says_so() -> None:
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
-    done = run("--device", "cuda")
-    assert done.returncode == 2 and "this machine has no CUDA GPU: run it where there is one" in done.stderr
+    for args in (("--device", "cuda"), ("--device", "cpu", "--against", "cuda")):  # either side, before any work
+        done = run(*args)
+        assert done.returncode == 2 and "this machine has no CUDA GPU: run it where there is one" in done.stderr, args

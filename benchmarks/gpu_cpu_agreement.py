@@ -64,10 +64,11 @@ def main() -> int:
     from CTtoMRISynthesisLib.training.discovery import discover
     from CTtoMRISynthesisLib.weights import default_weights_path, load_model
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"error: --device {args.device}, but this machine has no CUDA GPU: run it where there is one",
-              file=sys.stderr)
-        return 2
+    for flag, device in (("--device", args.device), ("--against", args.against)):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            print(f"error: {flag} {device}, but this machine has no CUDA GPU: run it where there is one",
+                  file=sys.stderr)
+            return 2
     devices = (args.device, args.against)
     loaded = {device: load_model(default_weights_path(), device=device) for device in devices}
     cases = [c for c in discover([args.data], CTWindow(45, 120)) if not args.cases or c.case_id in args.cases]
@@ -86,8 +87,9 @@ def main() -> int:
     for device in devices:
         mae = np.mean([r[f"MAE {device}"] for r in rows])
         ssim = np.mean([r[f"SSIM in head {device}"] for r in rows])
-        rho = np.mean([r[f"Spearman {device}"] for r in rows if r[f"Spearman {device}"] is not None])
-        print(f"{device}: mean MAE {mae:.3f}, SSIM in head {ssim:.4f}, uncertainty Spearman {rho:.4f}, "
+        known = [r[f"Spearman {device}"] for r in rows if r[f"Spearman {device}"] is not None]
+        rho = f"{np.mean(known):.4f}" if known else "–"  # None: a constant map (a model without a spread)
+        print(f"{device}: mean MAE {mae:.3f}, SSIM in head {ssim:.4f}, uncertainty Spearman {rho}, "
               f"{sum(r[f's {device}'] for r in rows):.1f} s for {sum(r['slices'] for r in rows)} slices")
     worst = max(r["syn max |Δ|"] for r in rows)
     print(f"largest |{args.device} − {args.against}| of the synthetic MRI in any head: {worst:.3f} grey levels")

@@ -155,7 +155,7 @@ ensemble members8 b8e60 bag1 bag2 bag3 bag4 bag5 bag6 bag7 & pids+=($!)
 ensemble b8_b32_b64 b8e60 b32e60 b64e60 & pids+=($!)
 for p in "${pids[@]}"; do wait "$p"; done
 for p in "${epids[@]}"; do wait "$p"; done
-for f in "$WORK"/logs/errmodel_*.txt; do [ -f "$f" ] && { echo "### $(basename "$f")"; tail -7 "$f"; }; done
+for f in "$WORK"/logs/errmodel_*.txt; do [ -f "$f" ] && { echo "### $(basename "$f")"; sed -n '/ runs: /,$p' "$f"; }; done
 
 [ -n "${bench:-}" ] && wait "$bench"
 

@@ -89,7 +89,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(args.out_dir, device=args.device)
+    return run_demo(args.out_dir, device=args.device, quiet=args.quiet)
 
 
 def _add_picture_spacing(p: argparse.ArgumentParser, why: str = "") -> None:
@@ -227,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the whole pipeline on the sample case shipped in the repository")
     p.add_argument("--out-dir", type=given_path, default="ctmri_demo_output", help="where to write the outputs")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--quiet", action="store_true", help="no progress (a bar on a terminal, else plain lines)")
     p.set_defaults(func=cmd_demo)
     return parser
 

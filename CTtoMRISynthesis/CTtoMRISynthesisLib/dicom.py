@@ -162,6 +162,8 @@ def list_series(folder: str | Path, what: str = "image", empty_ok: bool = False)
     Raises CTMRIError when the folder holds no DICOM image at all, unless ``empty_ok`` (then []).
     """
     folder = Path(folder)
+    if _is_dicomdir(folder):
+        raise CTMRIError(_dicomdir_message(folder, what))
     if folder.exists() and not folder.is_dir():
         raise CTMRIError(f"{folder} is a file, not a folder: give the folder that holds the {what} series")
     if not folder.is_dir():
@@ -906,12 +908,17 @@ def _is_dicomdir(path: Path) -> bool:
     return str(getattr(meta, "MediaStorageSOPClassUID", "")) == _DICOMDIR_CLASS
 
 
+def _dicomdir_message(path: Path, what: str) -> str:
+    given = path if what == "DICOM" else f"the {what} {path}"  # `ctmri series` reads "DICOM", not a CT or an MRI
+    return (f"{given} is a DICOMDIR, the index of a DICOM study, not an image; give its folder "
+            f"{path.parent} instead (`ctmri series {path.parent}` lists the series in it)")
+
+
 def _check_lone_dicom_file(path: Path, what: str) -> None:
     """Refuse one DICOM file given for a volume when it is a localizer, or one slice of a series whose other
     slices lie beside it: read alone it would be synthesized as a single slice, with no word about the rest."""
     if _is_dicomdir(path):  # what a clinician picks first on a CD or a PACS export; it holds no image
-        raise CTMRIError(f"the {what} {path} is a DICOMDIR, the index of a DICOM study, not an image; give its folder "
-                         f"{path.parent} instead (`ctmri series {path.parent}` lists the series in it)")
+        raise CTMRIError(_dicomdir_message(path, what))
     header = _read_header(path) if path.is_file() else None
     if header is None or isinstance(header, _Unreadable):
         return  # not a DICOM image: the volume reader decides

@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .dicom import PATIENT_TAGS, STUDY_TAGS, Choice, multi_values
+
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
