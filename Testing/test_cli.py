@@ -386,7 +386,7 @@ def test_progress_lines_stay_few_on_a_long_case() -> None:
     """A 300-slice case reports each batch of slices; the log gets a line per tenth, not one per batch."""
     import io
 
-    from CTtoMRISynthesisLib.progress import progress_for
+    from CTtoMRISynthesisLib.progress import progress_for, progress_lines
 
     stream = io.StringIO()  # not a terminal
     progress, close = progress_for(False, stream)
@@ -398,6 +398,12 @@ def test_progress_lines_stay_few_on_a_long_case() -> None:
     lines = stream.getvalue().splitlines()
     assert 8 <= len(lines) <= 12 and lines[0].endswith("0 % load model") and lines[-1].endswith("100 % done"), lines
     assert progress_for(True, io.StringIO())[0] is None
+    # a slow stage still shows life: with no quiet time allowed, every call is a line
+    stream = io.StringIO()
+    chatty, _ = progress_lines(stream, quiet_s=0.0)
+    for stop in range(2, 21, 2):
+        chatty(0.5, f"synthesised {stop}/20 slices")
+    assert len(stream.getvalue().splitlines()) == 10
 
 
 def test_version_is_the_one_dicom_outputs_record() -> None:

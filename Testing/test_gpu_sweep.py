@@ -53,11 +53,15 @@ def test_sweep_ends_and_brings_back_what_it_trained(phantom_slices: Path, tmp_pa
     env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "TINY": "1", "DEVICE": "cpu",
            "SLOTS": "2", "FOLDS": "4", "FINALS": "0", "BENCH": "0", "OUT": str(out), "WORK": str(tmp_path / "work"),
            "DATA": str(phantom_slices), "PY": sys.executable, "PREDS": "b8e60", "RECIPES": "b8e60 1 4 0 0",
-           "TRAIN_OPTS": "--context 0"}
+           "TRAIN_OPTS": "--context 0", "ERRMODEL": "m:b8e60 gone:b8e60,bag9", "ERRMODEL_SETS": "shipped,spread only"}
     done = subprocess.run(["bash", "experiments/gpu_sweep.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0 and "all over at" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     assert "complete: " in done.stdout and "b8e60" in done.stdout.split("complete: ", 1)[1].splitlines()[0]
+    # the error model's nested scoring ran on the complete run, its whole table shown; an ensemble naming a run
+    # that is not there is said to be incomplete, not attempted
+    assert "### errmodel_m_s0.txt" in done.stdout and "| map | 2 | 16 | 20 | 28 | mean | lowest |" in done.stdout
+    assert "| spread only |" in done.stdout and "error model gone: not every run is complete" in done.stdout
     # the GPU logger ran and was stopped with the training, not waited for
     assert _gone(int((fake / "dmon.pid").read_text())), "the dmon logger was left running"
     # what comes back: the training records as soon as training ends, the reports, one predictions file per run
