@@ -242,14 +242,25 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
 
 
-def _read_header(path: Path):
-    """The file's pydicom header without pixels, or None when it is not a DICOM image."""
+def _dcmread(path: Path, **options):
+    """``pydicom.dcmread`` without pydicom 2.x's notices on reading a DICOMDIR (its DicomDir class is deprecated),
+    which a study from a CD or a PACS export holds beside its images: noise in Slicer's console, nothing to act on."""
+    import warnings
+
     import pydicom
 
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*'DicomDir' class is deprecated")
+        warnings.filterwarnings("ignore", message=".*'Media Storage Directory Storage'")
+        return pydicom.dcmread(str(path), **options)
+
+
+def _read_header(path: Path):
+    """The file's pydicom header without pixels, or None when it is not a DICOM image."""
     from .volumes import marked_as_dicom
 
     try:
-        header = pydicom.dcmread(str(path), stop_before_pixels=True)
+        header = _dcmread(path, stop_before_pixels=True)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds (an unknown VR: NotImplementedError)
         if marked_as_dicom(path):  # a DICOM file that cannot be read: one of the study's slices, perhaps
             return _Unreadable(_reason(exc))
@@ -895,14 +906,8 @@ def _is_dicomdir(path: Path) -> bool:
         return False
     if path.name.upper() == "DICOMDIR":
         return True
-    import warnings
-
-    import pydicom
-
     try:
-        with warnings.catch_warnings():  # pydicom 2.x warns about its DicomDir class on reading one
-            warnings.simplefilter("ignore")
-            meta = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
+        meta = _dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
     except Exception:  # noqa: BLE001 - not DICOM at all: the volume reader decides
         return False
     return str(getattr(meta, "MediaStorageSOPClassUID", "")) == _DICOMDIR_CLASS
@@ -939,10 +944,8 @@ def _check_lone_dicom_file(path: Path, what: str) -> None:
 
 def _series_uid_of(path: Path) -> Optional[str]:
     """A file's SeriesInstanceUID, read without the rest of its header; None when it is not DICOM."""
-    import pydicom
-
     try:
-        return str(pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        return str(_dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
                    .get("SeriesInstanceUID", ""))
     except Exception:  # noqa: BLE001 - any file that is not readable DICOM is simply not a sibling
         return None
