@@ -135,10 +135,9 @@ for run in "$WORK"/*/; do
 done
 for p in "${pids[@]}"; do wait "$p"; done
 echo "complete: ${complete[*]:-none}"
-has() { complete_run "$1"; }
 ensemble() {  # NAME RUN...
   local name=$1; shift
-  for r in "$@"; do has "$r" || return 0; done
+  for r in "$@"; do complete_run "$r" || return 0; done
   timeout "${REPORT_S:-150}" $PY experiments/ensemble_cv.py $(printf "$WORK/%s " "$@") --data "$DATA" --json "$WORK/logs/ens_$name.json" \
     > "$WORK/logs/ens_$name.txt" 2>&1 && cat "$WORK/logs/ens_$name.txt"
 }

@@ -37,6 +37,7 @@ def progress_lines(stream=None, step: float = 0.1, quiet_s: float = 15.0) -> Tup
     seen, the total passes the next ``step``, or ``quiet_s`` seconds passed since the last line: a log gets a
     line or two a stage, not one per batch of slices, and never looks hung for long. A stream that can no longer
     be written (a closed pipe: ``ctmri synthesize … | head``) ends the lines, never the run."""
+    stream = stream or sys.stderr
     start = time.monotonic()
     seen: set = set()
     state = {"next": 0.0, "last": start, "broken": False}
@@ -51,7 +52,7 @@ def progress_lines(stream=None, step: float = 0.1, quiet_s: float = 15.0) -> Tup
         seen.add(stage)
         state["next"], state["last"] = (int(fraction / step + 1e-9) + 1) * step, now
         try:
-            print(f"{now - start:5.0f} s {int(100 * fraction):3d} % {message}", file=stream or sys.stderr, flush=True)
+            print(f"{now - start:5.0f} s {int(100 * fraction):3d} % {message}", file=stream, flush=True)
         except (OSError, ValueError):  # a closed pipe or file: the run goes on without its lines
             state["broken"] = True
 
