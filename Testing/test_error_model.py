@@ -122,6 +122,23 @@ def test_inference_is_zero_outside_the_head_nonnegative_and_capped():
     assert np.allclose(out[s.head], model.expected_error(features(s.mean, s.spread, s.head)))
 
 
+def test_threads_and_row_blocks_do_not_change_the_map(monkeypatch):
+    """The map is computed in slabs (several at once with ``threads``) and the perceptron in blocks of rows (for
+    memory); neither changes a voxel. Three slabs and blocks of 1,000 rows against one slab, one thread, one block;
+    a slab's failure in a thread reaches the caller."""
+    import CTtoMRISynthesisLib.error_model as em
+
+    model = _tiny_error_model()
+    s = _sample(3, z=5, n=64)
+    whole = model.predict(s.mean, s.spread, s.head)
+    monkeypatch.setattr(em, "SLAB", 2)  # 3 slabs of the 5 slices
+    monkeypatch.setattr(em, "ROWS", 1000)  # 3,136 head voxels a slice: blocks that end mid-slice
+    for threads in (1, 3, 8):
+        np.testing.assert_array_equal(model.predict(s.mean, s.spread, s.head, threads=threads), whole)
+    with pytest.raises(CTMRIError, match="must be one"):
+        model.predict(s.mean, s.spread, s.head[:, :, :-1], threads=3)
+
+
 def test_file_round_trip_needs_no_torch_and_refuses_broken_error_models(tmp_path):
     """The error model's tensors and config go into a model file beside the network's and come back equal;
     a file whose error model does not fit its features, or tensors without config, is refused clearly."""

@@ -396,7 +396,7 @@ def widget(module, scene, monkeypatch):
 def test_reload_reads_the_library_again(widget, module, monkeypatch) -> None:
     """Slicer's Reload re-reads the module file only: the widget drops the library's modules first, so that the
     reloaded module imports them afresh (an edit in CTtoMRISynthesisLib is seen without restarting Slicer)."""
-    import CTtoMRISynthesisLib.metrics  # noqa: F401  (a submodule loaded, as after a run)
+    importlib.import_module("CTtoMRISynthesisLib.metrics")  # a submodule loaded, as after a run
 
     library = {n: m for n, m in sys.modules.items() if n.split(".")[0] == "CTtoMRISynthesisLib"}
     seen: list = []

@@ -687,6 +687,70 @@ def test_grow_in_plane_is_a_diamond_within_each_slice():
         grow_in_plane(mask, -1)
 
 
+def test_window_in_place_is_the_expression_it_replaced():
+    """CTWindow.apply on float32 (the pipeline's path, in place for memory) gives bit for bit the float32 expression
+    it replaced; other dtypes keep their float64 path; normalise_ct never changes the user's array."""
+    from CTtoMRISynthesisLib.intensity import CTWindow, normalise_ct
+
+    rng = np.random.default_rng(1)
+    hu = rng.uniform(-1100, 2000, (3, 17, 19)).astype(np.float32)
+    hu[0, 0, :3] = (-15.0, 105.0, 45.0)  # the window's ends and level
+    for window in (CTWindow(45.0, 120.0), CTWindow(40.0, 80.0), CTWindow(47.3, 97.1)):
+        low = window.level - window.width / 2.0
+        want = (np.clip((hu - low) / window.width, 0.0, 1.0) * 255.0).astype(np.float32)
+        got = window.apply(hu)
+        assert got.dtype == np.float32 and got is not hu
+        np.testing.assert_array_equal(got, want)
+        as_int = hu.astype(np.int16)
+        np.testing.assert_array_equal(window.apply(as_int),
+                                      (np.clip((as_int - low) / window.width, 0.0, 1.0) * 255.0).astype(np.float32))
+    assert tuple(CTWindow(45.0, 120.0).apply(hu)[0, 0, :3]) == (0.0, 255.0, 127.5)
+    offset = (hu + 1024.0).clip(0, None)
+    before = offset.copy()
+    out, info = normalise_ct(offset, CTWindow(45.0, 120.0))
+    assert info["ct_path"] == "hu+1024"
+    np.testing.assert_array_equal(offset, before)  # the input is not changed
+    np.testing.assert_array_equal(out, CTWindow(45.0, 120.0).apply(before - 1024.0))
+
+
+def test_fill_holes_in_plane_is_scipys_fill_per_slice():
+    """The head mask's hole filling (one labelling of the background) gives exactly what scipy's
+    binary_fill_holes gives with the in-plane structure, which it replaced for speed: on random masks (many holes,
+    some touching the edge or a slice's corner)."""
+    from scipy import ndimage
+
+    from CTtoMRISynthesisLib.intensity import fill_holes_in_plane, in_plane_structure
+
+    rng = np.random.default_rng(0)
+    ring = np.zeros((2, 7, 7), dtype=bool)
+    ring[:, 1:6, 1:6] = True
+    ring[:, 2:5, 2:5] = False  # a hole in each slice
+    ring[1, 3, 1] = False  # the second slice's hole opened to the slice's edge: not a hole any more
+    filled = fill_holes_in_plane(ring)
+    assert filled[0, 3, 3] and not filled[1, 3, 3] and not filled[1, 0, 0]
+    masks = [ring, rng.random((5, 40, 33)) < 0.55, rng.random((1, 9, 64)) < 0.7, np.ones((2, 4, 4), bool),
+             np.zeros((2, 4, 4), bool), rng.random((3, 1, 12)) < 0.5]
+    for mask in masks:
+        want = ndimage.binary_fill_holes(mask, structure=in_plane_structure())
+        np.testing.assert_array_equal(fill_holes_in_plane(mask), want)
+    assert fill_holes_in_plane(np.zeros((0, 4, 4), bool)).shape == (0, 4, 4)
+    with pytest.raises(ValueError, match="z, y, x"):
+        fill_holes_in_plane(np.zeros((4, 4), bool))
+
+
+def test_head_mask_fills_the_phantom_heads_as_before(cases):
+    """head_mask on the phantom CTs: the largest object with its in-plane holes filled, as scipy's fill made it."""
+    from scipy import ndimage
+
+    from CTtoMRISynthesisLib.intensity import head_mask, in_plane_structure, largest_component
+
+    for case in cases:
+        want = ndimage.binary_fill_holes(largest_component(case.ct > 10.0), structure=in_plane_structure())
+        got = head_mask(case.ct)
+        np.testing.assert_array_equal(got, want)
+        assert (got & ~(case.ct > 10.0)).any()  # something was filled (the brain window's dark CSF, fat)
+
+
 def test_lookup_table_with_a_grown_mask_learns_and_scores_the_rim(cases):
     """Compared with a model whose output mask is grown (model card, round 16), the table gets the same mask: it
     is fitted on the rim too (the scalp, CT 0 in the brain window) and predicts there."""

@@ -145,6 +145,11 @@ def test_largest_component_and_head_mask() -> None:
     head = head_mask(ct)
     assert head[1, 5:8, 5:8].all() and not head[:, 15:18].any()
     assert not largest_component(np.zeros((2, 4, 4), bool)).any()
+    flipped = mask[:, ::-1]  # the holder now comes first in scan order (label 1), the head second
+    np.testing.assert_array_equal(largest_component(flipped), kept[:, ::-1])
+    speck = mask.copy()
+    speck[0, 0, 0] = True  # a third, one-voxel object labelled first
+    np.testing.assert_array_equal(largest_component(speck), kept)
 
 
 def test_scanner_augmentation_is_seeded_keeps_air_and_changes_the_ct(phantom_slices: Path) -> None:

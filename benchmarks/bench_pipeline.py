@@ -88,6 +88,15 @@ def run_case(case: str, device: str, weights: str | None = None, batch_size: int
         }
 
 
+def case_line(result: dict) -> str:
+    """One line for a finished case: its total, its slowest stage and its peak memory."""
+    slowest = max(result["stages"], key=result["stages"].get)
+    gpu = f", GPU max allocated {result['gpu_peak_mb']:.0f} MB" if result["gpu_peak_mb"] else ""
+    return (f"{result['case']} {'×'.join(map(str, result['size']))} ({result['device']}): "
+            f"{result['total']:.2f} s, slowest stage {slowest} {result['stages'][slowest]:.2f} s, "
+            f"peak RSS {result['peak_rss_mb']:.0f} MB{gpu}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=["small", "volume256", "large"])
@@ -114,6 +123,7 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, "--child", case, "--device", args.device, *weights,
                                   *batch_args], capture_output=True, text=True, check=True)
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(case_line(results[-1]), flush=True)  # a run stopped by a time limit still leaves this
     stages = list(dict.fromkeys(s for r in results for s in r["stages"]))
     rows = [[s] + [r["stages"].get(s, 0.0) for r in results] for s in stages]
     rows.append(["**total (s)**"] + [r["total"] for r in results])

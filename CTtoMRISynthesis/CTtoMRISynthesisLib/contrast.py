@@ -25,7 +25,7 @@ from typing import Optional
 
 import numpy as np
 
-from .intensity import head_mask, in_plane_structure
+from .intensity import fill_holes_in_plane, head_mask, in_plane_structure
 
 #: Below this CSF / brain ratio the reference MRI is said not to look T2-weighted (see the module docstring).
 T2_MIN_RATIO = 1.1
@@ -37,7 +37,7 @@ def intracranial(bone: np.ndarray, head: np.ndarray, erosion_px: int) -> np.ndar
     """Inside the skull (``bone`` filled per axial slice, minus the bone, within ``head``), eroded in-plane."""
     from scipy import ndimage
 
-    inside = ndimage.binary_fill_holes(bone, structure=in_plane_structure()) & ~bone & head
+    inside = fill_holes_in_plane(bone) & ~bone & head
     return ndimage.binary_erosion(inside, in_plane_structure(), iterations=max(1, erosion_px))
 
 

@@ -50,6 +50,8 @@ PREFIX = "error_model."
 FEATURES = ("spread", "spread_blur1", "spread_blur2", "spread_blur4", "grad1", "grad2", "grad4",
             "local_sd3", "local_sd7", "intensity")
 SLAB = 16  # slices per feature block: bounds the memory of the feature stack (16 × 256² × 10 × 4 B = 42 MB)
+ROWS = 1 << 16  # voxels through the perceptron at a time
+MAX_THREADS = 4  # slabs computed at once: about 0.1 GB each at the peak of a 256 × 256 slab
 MAX_ERROR = 127.5  # the same cap as synthesis.MAX_SPREAD: an error map on 0..255 beyond half the range says nothing more
 
 
@@ -161,25 +163,44 @@ class ErrorModel:
     info: dict = field(default_factory=dict)
 
     def expected_error(self, x: np.ndarray) -> np.ndarray:
-        """Predicted |real − synthetic| (grey levels, 0..MAX_ERROR) for rows of features."""
-        h = (x - self.feature_mean) / self.feature_sd
-        for i, (w, b) in enumerate(self.layers):
-            h = h @ w + b
-            if i < len(self.layers) - 1:
-                np.maximum(h, 0.0, out=h)
-        return np.clip(h[:, 0] * self.scale, 0.0, MAX_ERROR).astype(np.float32)
+        """Predicted |real − synthetic| (grey levels, 0..MAX_ERROR) for rows of features, ROWS at a time (the
+        hidden layers of a whole slab's million rows would take 0.25 GB)."""
+        out = np.empty(len(x), dtype=np.float32)
+        for start in range(0, len(x), ROWS):
+            h = (x[start:start + ROWS] - self.feature_mean) / self.feature_sd
+            for i, (w, b) in enumerate(self.layers):
+                h = h @ w + b
+                if i < len(self.layers) - 1:
+                    np.maximum(h, 0.0, out=h)
+            out[start:start + ROWS] = np.clip(h[:, 0] * self.scale, 0.0, MAX_ERROR)
+        return out
 
-    def predict(self, mean: np.ndarray, spread: np.ndarray, head: np.ndarray, ct: Optional[np.ndarray] = None) -> np.ndarray:
+    def predict(self, mean: np.ndarray, spread: np.ndarray, head: np.ndarray, ct: Optional[np.ndarray] = None,
+                threads: int = 1) -> np.ndarray:
         """The (z, H, W) map of predicted error: 0 outside ``head``; slab by slab to keep memory small.
-        ``ct``: the CT on the same grid (0..255), needed only by a model with CT features."""
+        ``ct``: the CT on the same grid (0..255), needed only by a model with CT features. ``threads`` slabs at a
+        time (at most MAX_THREADS): SciPy's filters, most of the time, release the GIL; each slab is computed
+        alone, so the map does not depend on the count."""
         out = np.zeros(mean.shape, dtype=np.float32)
-        for start in range(0, mean.shape[0], SLAB):
+
+        def slab(start: int) -> None:
             part = slice(start, start + SLAB)
             h = np.asarray(head[part], dtype=bool)
             if h.any():
                 block = out[part]
                 block[h] = self.expected_error(features(mean[part], spread[part], h, self.names,
                                                         None if ct is None else ct[part]))
+
+        starts = range(0, mean.shape[0], SLAB)
+        threads = max(1, min(int(threads), MAX_THREADS, len(starts)))
+        if threads == 1:
+            for start in starts:
+                slab(start)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(slab, starts))  # list(): a slab's exception is raised here
         return out
 
     def tensors(self) -> dict:
@@ -193,11 +214,11 @@ class ErrorModel:
         return {"features": list(self.names), "scale": self.scale, "layers": len(self.layers), **self.info}
 
 
-def apply(model: Optional[ErrorModel], prediction, ct: Optional[np.ndarray] = None):
+def apply(model: Optional[ErrorModel], prediction, ct: Optional[np.ndarray] = None, threads: int = 1):
     """A :class:`synthesis.Prediction` with its spread replaced by ``model``'s error map (unchanged without one);
-    ``ct`` is the CT the prediction was made from, on its grid (0..255)."""
+    ``ct`` is the CT the prediction was made from, on its grid (0..255); ``threads`` as in :meth:`ErrorModel.predict`."""
     if model is not None:
-        prediction.spread = model.predict(prediction.mean, prediction.spread, prediction.head, ct)
+        prediction.spread = model.predict(prediction.mean, prediction.spread, prediction.head, ct, threads=threads)
     return prediction
 
 

@@ -27,7 +27,15 @@ class CTWindow:
 
     def apply(self, hu: np.ndarray) -> np.ndarray:
         low = self.level - self.width / 2.0
-        return (np.clip((hu - low) / self.width, 0.0, 1.0) * 255.0).astype(np.float32)
+        if hu.dtype != np.float32:  # (integers and float64 are computed in float64, then stored as float32)
+            return (np.clip((hu - low) / self.width, 0.0, 1.0) * 255.0).astype(np.float32)
+        # the same float32 arithmetic in one array: on a 512 × 512 × 300 CT the expression above makes four
+        # 0.3-GB temporaries (1.3 s on 2 cores)
+        out = hu - low
+        out /= self.width
+        np.clip(out, 0.0, 1.0, out=out)
+        out *= 255.0
+        return out
 
 
 def check_finite(array: np.ndarray, what: str) -> None:
@@ -182,7 +190,9 @@ def normalise_ct(array: np.ndarray, window: CTWindow) -> tuple[np.ndarray, dict]
         widened = " saved as 16 bits (×257)" if float(array.max()) > 255 else ""
         info = {"ct_path": kind, "description": f"8-bit windowed CT{widened}: per-volume min-max to 0..255"}
     else:
-        hu = array.astype(np.float32) - (HU_OFFSET if kind == "hu+1024" else 0.0)
+        hu = array.astype(np.float32)  # a copy: the user's array is never changed
+        if kind == "hu+1024":
+            hu -= HU_OFFSET
         out = window.apply(hu)
         info = {
             "ct_path": kind,
@@ -248,10 +258,7 @@ def head_mask(ct255: np.ndarray, threshold: float = 10.0) -> np.ndarray:
     (face-connected): head holders, tables, pillows and the scan-field edge are separate objects in a
     clinical CT, and nothing is to be synthesised on them.
     """
-    from scipy import ndimage
-
-    mask = largest_component(ct255 > threshold)
-    return ndimage.binary_fill_holes(mask, structure=in_plane_structure())  # holes within each axial slice only
+    return fill_holes_in_plane(largest_component(ct255 > threshold))
 
 
 def grow_in_plane(mask: np.ndarray, pixels: int) -> np.ndarray:
@@ -271,12 +278,34 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest face-connected object of a boolean volume (all False when there is none)."""
     from scipy import ndimage
 
+    mask = np.asarray(mask, dtype=bool)
     labels, count = ndimage.label(mask)
     if count <= 1:
-        return mask.astype(bool, copy=True)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+        return mask.copy()
+    # counted over the object voxels only: bincount widens its input to int64, and over the whole volume that
+    # copy (630 MB for a 512 × 512 × 300 CT) took 1.3 of the 1.8 s on 2 cores
+    sizes = np.bincount(labels[mask], minlength=count + 1)
+    return labels == int(np.argmax(sizes[1:])) + 1
+
+
+def fill_holes_in_plane(mask: np.ndarray) -> np.ndarray:
+    """``mask`` (z, y, x) with the holes of each axial slice filled: what
+    ``ndimage.binary_fill_holes(mask, structure=in_plane_structure())`` gives, in one labelling of the background
+    instead of a dilation repeated until nothing moves (4 s against 0.7 s on a 512 × 512 × 300 CT on 2 cores).
+    A hole is a background object (4-connected within its slice) that does not touch the slice's edge."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 3:
+        raise ValueError(f"fill_holes_in_plane takes a (z, y, x) mask, got shape {mask.shape}")
+    if not mask.size:
+        return mask.copy()
+    labels, count = ndimage.label(~mask, structure=in_plane_structure())
+    reaches_edge = np.zeros(count + 1, dtype=bool)
+    for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+        reaches_edge[edge] = True
+    reaches_edge[0] = True  # label 0 is the mask itself
+    return mask | ~reaches_edge[labels]
 
 
 def in_plane_structure() -> np.ndarray:

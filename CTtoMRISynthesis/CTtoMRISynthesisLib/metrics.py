@@ -137,15 +137,14 @@ def _foreground(ref: np.ndarray) -> tuple[np.ndarray, str]:
 def _head(volume: np.ndarray) -> np.ndarray:
     """The head of a (z, y, x) reference: above its Otsu threshold, the largest object, holes filled per slice
     (the rule registration.foreground_mask applies to images, plus the largest object); empty when constant."""
-    from scipy import ndimage
     from skimage.filters import threshold_otsu
 
-    from .intensity import in_plane_structure, largest_component
+    from .intensity import fill_holes_in_plane, largest_component
 
     if float(volume.max()) == float(volume.min()):
         return np.zeros(volume.shape, dtype=bool)
     head = largest_component(volume > threshold_otsu(volume))
-    return ndimage.binary_fill_holes(head, structure=in_plane_structure())
+    return fill_holes_in_plane(head)
 
 
 def _ssim_slice(ref2d: np.ndarray, syn2d: np.ndarray) -> tuple[float, np.ndarray]:

@@ -378,7 +378,8 @@ def _synthesise_on_reference(result: SynthesisResult, ct: sitk.Image, reference:
         cancel=cancel, info=run_info,
     )
     if model.error_model is not None:  # the uncertainty map (error_model.py), its own stage to be timed
-        prediction = stages.run("error map", 0.88, 0.9, apply_error_model, model.error_model, prediction, grid_ct)
+        prediction = stages.run("error map", 0.88, 0.9, apply_error_model, model.error_model, prediction, grid_ct,
+                                threads=_cpu_threads())
     result.warnings.extend(run_info.get("warnings", []))
     # what was done to the CT before the network beyond the window (grain matching, brain-median standardisation)
     result.normalisation.update({k: v for k, v in run_info.items() if k.startswith(("ct_grain", "ct_standardise"))})
@@ -432,6 +433,14 @@ def _to_reference(prediction, grid: sitk.Image, reference: sitk.Image, ct255: si
             image = geometry.array_on_grid(values, reference)
         images.append(image)
     return images[0], images[1], head, canonical
+
+
+def _cpu_threads() -> int:
+    """The CPU threads this process may use: PyTorch's setting, which a batch worker sets to its share of the
+    cores and Slicer leaves at the machine's count."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _mean_in_head(uncertainty: sitk.Image, head: Optional[np.ndarray]) -> Optional[float]:

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The product's speed on a lent GPU machine, in one call: the end-to-end pipeline (bench_pipeline.py) and
+# cohorts (`ctmri batch`, bench_batch.py) on CUDA, and batch on the machine's CPUs for comparison.
+#
+#   OUT=/some/dir CTMRI_DATA=.devdata bash benchmarks/gpu_benchmarks.sh
+#
+# Each step has its own time limit (STEP_S seconds; PIPELINE_S for the pipeline) and writes its table to
+# OUT as soon as it ends, so a step that overruns costs only its own limit and the others still report.
+# DEVICE=cpu and STEPS='pipeline batch_cuda2' (any subset, in order) let it be checked here on a CPU first.
+# SimpleITK and pydicom, which the GPU machine's image lacks, travel in .whl/ as in experiments/gpu_sweep.sh.
+set -u
+OUT=${OUT:?set OUT to the folder that collects the results}
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+STEP_S=${STEP_S:-150}
+PIPELINE_S=${PIPELINE_S:-120}
+STEPS=${STEPS:-"pipeline batch_cuda2 batch_cuda1 batch_cpu"}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ] && [ "$DEVICE" != cpu ]; then  # the wheels' files, unpacked once into /tmp/site
+  mkdir -p /tmp/site
+  for w in .whl/*.whl; do [ -f "$w" ] || continue
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$w" || exit 3; done
+  for t in .whl/*.tar.xz; do [ -f "$t" ] || continue; tar xJf "$t" -C /tmp/site || exit 3; done
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/CTtoMRISynthesis${PYTHONPATH:+:$PYTHONPATH}"
+{ date -u; nproc --all; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+  $PY -c "import torch, SimpleITK; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'SimpleITK', SimpleITK.Version_VersionString())"
+} 2>&1 | tee "$OUT/machine.txt"
+
+step() {  # NAME LIMIT COMMAND...: run it under its limit, its output into OUT/NAME.txt, its time after
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "== $name: $* (limit ${limit} s)" | tee "$OUT/$name.txt"
+  timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/$name.txt"
+}
+
+for s in $STEPS; do
+  case $s in
+    pipeline) step pipeline "$PIPELINE_S" $PY benchmarks/bench_pipeline.py --cases small volume256 large --device "$DEVICE" ;;
+    batch_cuda2) step batch_cuda2 "$STEP_S" $PY benchmarks/bench_batch.py --cohort harvard --cases 8 --jobs 2 --device "$DEVICE" ;;
+    batch_cuda1) step batch_cuda1 "$STEP_S" $PY benchmarks/bench_batch.py --cohort harvard --cases 8 --jobs 1 --device "$DEVICE" ;;
+    batch_cpu) step batch_cpu "$STEP_S" $PY benchmarks/bench_batch.py --cohort harvard --cases 8 --jobs 4 8 --device cpu ;;
+    *) echo "unknown step $s" >&2; exit 2 ;;
+  esac
+done
