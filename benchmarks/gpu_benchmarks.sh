@@ -6,7 +6,8 @@
 #
 # Each step has its own time limit (STEP_S seconds; PIPELINE_S for the pipeline) and writes its table to
 # OUT as soon as it ends, so a step that overruns costs only its own limit and the others still report.
-# DEVICE=cpu and STEPS='pipeline batch_cuda2' (any subset, in order) let it be checked here on a CPU first.
+# STEPS lists what runs, in order: pipeline, and batch_DEVICE_JOBS (batch_cuda_2, batch_cpu_4,8: `ctmri batch` over the
+# 8 Harvard patients with those --jobs). DEVICE=cpu runs the cuda steps on the CPU, to check the script here first.
 # SimpleITK and pydicom, which the GPU machine's image lacks, travel in .whl/ as in experiments/gpu_sweep.sh.
 set -u
 OUT=${OUT:?set OUT to the folder that collects the results}
@@ -14,7 +15,7 @@ PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
 STEP_S=${STEP_S:-150}
 PIPELINE_S=${PIPELINE_S:-120}
-STEPS=${STEPS:-"pipeline batch_cuda2 batch_cuda1 batch_cpu"}
+STEPS=${STEPS:-"pipeline batch_cuda_2 batch_cuda_1 batch_cpu_4,8"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if [ -d .whl ] && [ "$DEVICE" != cpu ]; then  # the wheels' files, unpacked once into /tmp/site
@@ -41,9 +42,10 @@ step() {  # NAME LIMIT COMMAND...: run it under its limit, its output into OUT/N
 for s in $STEPS; do
   case $s in
     pipeline) step pipeline "$PIPELINE_S" $PY benchmarks/bench_pipeline.py --cases small volume256 large --device "$DEVICE" ;;
-    batch_cuda2) step batch_cuda2 "$STEP_S" $PY benchmarks/bench_batch.py --cohort harvard --cases 8 --jobs 2 --device "$DEVICE" ;;
-    batch_cuda1) step batch_cuda1 "$STEP_S" $PY benchmarks/bench_batch.py --cohort harvard --cases 8 --jobs 1 --device "$DEVICE" ;;
-    batch_cpu) step batch_cpu "$STEP_S" $PY benchmarks/bench_batch.py --cohort harvard --cases 8 --jobs 4 8 --device cpu ;;
+    batch_*_*)  # batch_DEVICE_JOBS[,JOBS...]: the 8 Harvard patients through `ctmri batch`; cuda means $DEVICE
+      dev=${s#batch_}; dev=${dev%_*}; [ "$dev" = cuda ] && dev=$DEVICE
+      jobs=${s##*_}
+      step "${s//,/-}" "$STEP_S" $PY benchmarks/bench_batch.py --cohort harvard --cases 8 --jobs ${jobs//,/ } --device "$dev" ;;
     *) echo "unknown step $s" >&2; exit 2 ;;
   esac
 done
