@@ -8,7 +8,7 @@
 # OUT as soon as it ends, so a step that overruns costs only its own limit and the others still report.
 # STEPS lists what runs, in order: pipeline, and batch_DEVICE_JOBS (batch_cuda_2, batch_cpu_4,8: `ctmri batch` over the
 # 8 Harvard patients with those --jobs). DEVICE=cpu runs the cuda steps on the CPU, to check the script here first.
-# SimpleITK and pydicom, which the GPU machine's image lacks, travel in .whl/ as in experiments/gpu_sweep.sh.
+# SimpleITK and pydicom, which the GPU machine's image lacks, travel in .whl/ (experiments/device_site.sh).
 set -u
 OUT=${OUT:?set OUT to the folder that collects the results}
 PY=${PY:-python3}
@@ -18,14 +18,11 @@ PIPELINE_S=${PIPELINE_S:-120}
 STEPS=${STEPS:-"pipeline batch_cuda_2 batch_cuda_1 batch_cpu_4,8"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if [ -d .whl ] && [ "$DEVICE" != cpu ]; then  # the wheels' files, unpacked once into /tmp/site
-  mkdir -p /tmp/site
-  for w in .whl/*.whl; do [ -f "$w" ] || continue
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$w" || exit 3; done
-  for t in .whl/*.tar.xz; do [ -f "$t" ] || continue; tar xJf "$t" -C /tmp/site || exit 3; done
-  export PYTHONPATH=/tmp/site
+if [ "$DEVICE" = cpu ]; then  # a check on this machine, which has its own packages
+  export PYTHONPATH="$PWD/CTtoMRISynthesis${PYTHONPATH:+:$PYTHONPATH}"
+else
+  . experiments/device_site.sh && use_device_site "$PY" || exit 3  # SimpleITK and pydicom carried in .whl/
 fi
-export PYTHONPATH="$PWD/CTtoMRISynthesis${PYTHONPATH:+:$PYTHONPATH}"
 { date -u; nproc --all; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   $PY -c "import torch, SimpleITK; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'SimpleITK', SimpleITK.Version_VersionString())"
 } 2>&1 | tee "$OUT/machine.txt"

@@ -15,8 +15,7 @@
 # brings those runs' predictions back one file each (else two archives); REPORT_S caps each report's seconds.
 # ERRMODEL='m4:b8e60,bag1,bag2,bag3' also runs experiments/error_model_cv.py on those ensembles (ERRMODEL_SEEDS,
 # ERRMODEL_SETS comma-separated), and REPORTS='b8e60' limits the per-run reports to the runs that regex matches.
-# SimpleITK is carried in .whl/: the wheel, or its files as a .tar.xz (half the size; made here by
-# `unzip -q simpleitk-*.whl -d D && tar cJf .whl/simpleitk.tar.xz -C D .`). Stop 41's call, its time and
+# SimpleITK is carried in .whl/ (experiments/device_site.sh). Stop 41's call, its time and
 # what it gave: model_weights/report/evaluation/round17_width_gpu.txt.
 set -u
 T0=$(date +%s)
@@ -32,15 +31,8 @@ DEVICE=${DEVICE:-cuda}
 FOLDS=${FOLDS:-8}  # leave-one-patient-out folds per run: the Harvard data has 8 patients
 mkdir -p "$WORK/logs" "$OUT"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1
-if [ -d .whl ]; then  # SimpleITK is not on the GPU machine's image: carried as a wheel, or as the wheel's
-  # files in a .tar.xz (about half the wheel's size: what travels to the machine is limited to 64 MiB)
-  mkdir -p /tmp/site
-  for w in .whl/*.whl; do [ -f "$w" ] || continue
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$w" || exit 3; done
-  for t in .whl/*.tar.xz; do [ -f "$t" ] || continue; tar xJf "$t" -C /tmp/site || exit 3; done
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD/CTtoMRISynthesis${PYTHONPATH:+:$PYTHONPATH}"
+. experiments/device_site.sh  # SimpleITK and pydicom carried in .whl/, and the library, on PYTHONPATH
+use_device_site "$PY" || exit 3
 { nproc --all; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null; } | tee "$WORK/logs/machine.txt"
 $PY -c "import torch, SimpleITK, skimage, safetensors, scipy; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'SimpleITK', SimpleITK.Version_VersionString())" \
   | tee -a "$WORK/logs/machine.txt" || exit 4
