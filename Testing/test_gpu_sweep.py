@@ -53,7 +53,8 @@ def test_sweep_ends_and_brings_back_what_it_trained(phantom_slices: Path, tmp_pa
     env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "TINY": "1", "DEVICE": "cpu",
            "SLOTS": "2", "FOLDS": "4", "FINALS": "0", "BENCH": "0", "OUT": str(out), "WORK": str(tmp_path / "work"),
            "DATA": str(phantom_slices), "PY": sys.executable, "PREDS": "b8e60", "RECIPES": "b8e60 1 4 0 0",
-           "TRAIN_OPTS": "--context 0", "ERRMODEL": "m:b8e60 gone:b8e60,bag9", "ERRMODEL_SETS": "shipped,spread only"}
+           "TRAIN_OPTS": "--context 0", "ERRMODEL": "m:b8e60 gone:b8e60,bag9", "ERRMODEL_SETS": "shipped,spread only",
+           "ENSEMBLES": "one:b8e60 gone2:b8e60,bag9"}
     done = subprocess.run(["bash", "experiments/gpu_sweep.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0 and "all over at" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
@@ -69,6 +70,9 @@ def test_sweep_ends_and_brings_back_what_it_trained(phantom_slices: Path, tmp_pa
         assert sum(n.endswith("/fold.json") for n in early.getnames()) == 4
     with tarfile.open(out / "results.tgz") as results:
         assert "b8e60/report/summary.csv" in results.getnames()
+        # the ensembles named in ENSEMBLES: the complete one scored, the one naming a missing run skipped
+        assert "logs/ens_one.txt" in results.getnames() and "logs/ens_gone2.txt" not in results.getnames()
+    assert "mean: MAE" in done.stdout
     with np.load(out / "preds_b8e60.npz") as preds:
         assert sorted(k for k in preds.files if k.startswith("syn_")) == ["syn_16", "syn_2", "syn_20", "syn_28"]
         assert preds["syn_2"].dtype == np.uint8 and preds["syn_2"].shape == (6, 256, 256)

@@ -15,6 +15,7 @@
 # brings those runs' predictions back one file each (else two archives); REPORT_S caps each report's seconds.
 # ERRMODEL='m4:b8e60,bag1,bag2,bag3' also runs experiments/error_model_cv.py on those ensembles (ERRMODEL_SEEDS,
 # ERRMODEL_SETS comma-separated), and REPORTS='b8e60' limits the per-run reports to the runs that regex matches.
+# ENSEMBLES='two:b8e60,b8e60s1 one:b8e60' names the ensembles scored by experiments/ensemble_cv.py (else a fixed list).
 # SimpleITK is carried in .whl/ (experiments/device_site.sh). Stop 41's call, its time and
 # what it gave: model_weights/report/evaluation/round17_width_gpu.txt.
 set -u
@@ -133,17 +134,16 @@ ensemble() {  # NAME RUN...
   timeout "${REPORT_S:-150}" $PY experiments/ensemble_cv.py $(printf "$WORK/%s " "$@") --data "$DATA" --json "$WORK/logs/ens_$name.json" \
     > "$WORK/logs/ens_$name.txt" 2>&1 && cat "$WORK/logs/ens_$name.txt"
 }
+# NAME:RUN,RUN,... each; ENSEMBLES in the environment replaces the list (an ensemble whose runs are not all
+# complete is skipped, so the list may name runs a call did not train)
+ENSEMBLES=${ENSEMBLES:-"bag4:bag1,bag2,bag3,bag4 bag4_b8:bag1,bag2,bag3,bag4,b8e60 widths:b8e60,b16e60,b32e60
+ b16:b16e60 b8:b8e60 b8seeds:b8e60,b8e60s1 wide:b32e60,b64e60 members4:b8e60,bag1,bag2,bag3
+ members8:b8e60,bag1,bag2,bag3,bag4,bag5,bag6,bag7 b8_b32_b64:b8e60,b32e60,b64e60"}
 pids=()
-ensemble bag4 bag1 bag2 bag3 bag4 & pids+=($!)
-ensemble bag4_b8 bag1 bag2 bag3 bag4 b8e60 & pids+=($!)
-ensemble widths b8e60 b16e60 b32e60 & pids+=($!)
-ensemble b16 b16e60 & pids+=($!)
-ensemble b8 b8e60 & pids+=($!)
-ensemble b8seeds b8e60 b8e60s1 & pids+=($!)   # stop 41: two seeds of the shipped member's recipe
-ensemble wide b32e60 b64e60 & pids+=($!)
-ensemble members4 b8e60 bag1 bag2 bag3 & pids+=($!)  # stop 42: the shipped ensemble's recipe, and with 4 more bags
-ensemble members8 b8e60 bag1 bag2 bag3 bag4 bag5 bag6 bag7 & pids+=($!)
-ensemble b8_b32_b64 b8e60 b32e60 b64e60 & pids+=($!)
+for spec in $ENSEMBLES; do
+  runs=${spec#*:}
+  ensemble "${spec%%:*}" ${runs//,/ } & pids+=($!)
+done
 for p in "${pids[@]}"; do wait "$p"; done
 for p in "${epids[@]}"; do wait "$p"; done
 for f in "$WORK"/logs/errmodel_*.txt; do [ -f "$f" ] && { echo "### $(basename "$f")"; sed -n '/ runs: /,$p' "$f"; }; done
