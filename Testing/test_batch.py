@@ -344,6 +344,15 @@ def test_resume_skips_complete_cases_and_redoes_changed_ones(cohort: Path, tmp_p
     record = json.loads((out / "a" / "metrics.json").read_text())
     assert record["weights"]["sha256"] == record["made_from"]["weights_sha256"] == sha256_of(tiny_weights)
 
+    # A changed input that now fails: the case is an error, its folder keeps the earlier run's files untouched, and
+    # the message says whose files they are (else they pass for this run's).
+    (work / "ct_crop.nrrd").write_bytes(b"NRRD0004\nthis is not an image\n")
+    kept = mtimes(out / "b")
+    assert main(run + ["--allow-disjoint", "--weights", str(tiny_weights)]) == 1
+    row = read_summary(out)["b"]
+    assert row["status"] == "error" and "the files in b/ are an earlier run's, kept as they were" in row["message"]
+    assert mtimes(out / "b") == kept
+
 
 def test_dicom_outputs_like_synthesize_and_resumed(cohort: Path, tmp_path: Path, capsys) -> None:
     """--dicom: each case folder also holds synthesize --dicom's series; a rerun keeps them as they are."""

@@ -135,6 +135,24 @@ def test_threads_and_row_blocks_do_not_change_the_map(monkeypatch):
     monkeypatch.setattr(em, "ROWS", 1000)  # 3,136 head voxels a slice: blocks that end mid-slice
     for threads in (1, 3, 8):
         np.testing.assert_array_equal(model.predict(s.mean, s.spread, s.head, threads=threads), whole)
+    # the slabs do run in several threads (each slab's features held up a little, so that one thread cannot take all)
+    import threading
+    import time
+
+    seen: set = set()
+    features_of = em.features
+
+    def slow_features(*args, **kwargs):
+        seen.add(threading.get_ident())
+        time.sleep(0.05)
+        return features_of(*args, **kwargs)
+
+    monkeypatch.setattr(em, "features", slow_features)
+    np.testing.assert_array_equal(model.predict(s.mean, s.spread, s.head, threads=3), whole)
+    assert len(seen) > 1
+    seen.clear()
+    model.predict(s.mean, s.spread, s.head)
+    assert seen == {threading.get_ident()}  # one thread by default: the caller's
     with pytest.raises(CTMRIError, match="must be one"):
         model.predict(s.mean, s.spread, s.head[:, :, :-1], threads=3)
 
@@ -228,7 +246,7 @@ def test_fit_uses_the_ct_and_the_depth_when_the_error_lies_there():
 
 
 @needs_torch
-def test_loaded_model_carries_its_error_model_into_synthesis(tmp_path):
+def test_loaded_model_carries_its_error_model_into_synthesis(tmp_path, monkeypatch):
     """load_model keeps the U-Net's tensors strict and builds the error model beside it; the pipeline then
     writes the error map as the uncertainty (its own timed stage), with the same synthetic MRI, and the
     report's prediction of a case applies it the same way."""
@@ -256,7 +274,14 @@ def test_loaded_model_carries_its_error_model_into_synthesis(tmp_path):
 
     image = sitk.GetImageFromArray(ct.astype(np.uint8))  # an 8-bit windowed CT
     image.SetSpacing((0.9, 0.9, 5.0))
+    import torch
+
+    asked: list = []
+    predict = type(loaded.error_model).predict
+    monkeypatch.setattr(type(loaded.error_model), "predict",
+                        lambda self, *a, threads=1, **k: asked.append(threads) or predict(self, *a, threads=threads, **k))
     a, b = synthesize(image, None, model=loaded, device="cpu"), synthesize(image, None, model=bare, device="cpu")
+    assert asked == [torch.get_num_threads()]  # the error map gets the CPU threads PyTorch was given
     assert "error map" in a.stage_seconds and "error map" not in b.stage_seconds
     assert np.array_equal(sitk.GetArrayFromImage(a.synthetic_mri), sitk.GetArrayFromImage(b.synthetic_mri))
     unc = sitk.GetArrayFromImage(a.uncertainty)

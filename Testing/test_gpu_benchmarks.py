@@ -2,8 +2,8 @@
 
 A step that overruns its limit must cost only that limit, leave its record (what ran, its exit status) and let the
 next steps run: stop 42 lost two calls to a benchmark that printed nothing before its limit. Here each step gets a
-1-s limit and a stand-in python that takes a minute, so every step is stopped; and an unknown step is refused before
-anything runs.
+1-s limit and a stand-in python that takes a minute, so every step is stopped; an unknown step anywhere in the list is
+refused before anything runs, and a machine whose python cannot import torch and SimpleITK stops before the steps.
 """
 
 from __future__ import annotations
@@ -21,20 +21,23 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux" or shutil.which("timeout
                                 reason="the script runs on Linux bash with coreutils' timeout")
 
 
-def _slow_python(folder: Path) -> Path:
-    """A stand-in for python: answers the script's version line at once, and runs every benchmark for 60 s (so
-    that each step meets its limit whatever this machine's speed or data)."""
-    folder.mkdir()
+def _slow_python(folder: Path, imports: bool = True) -> Path:
+    """A stand-in for python: answers the script's import check at once (or fails it, as a machine without
+    SimpleITK would), and runs every benchmark for 60 s (so that each step meets its limit whatever this machine's
+    speed or data)."""
+    folder.mkdir(parents=True)
     fake = folder / "python"
-    fake.write_text('#!/bin/sh\nif [ "$1" = -c ]; then echo "torch (stand-in)"; exit 0; fi\nexec sleep 60\n')
+    answer = 'echo "torch (stand-in) cuda False SimpleITK (stand-in)"; exit 0' if imports else \
+        'echo "ModuleNotFoundError: No module named SimpleITK"; exit 1'
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = -c ]; then {answer}; fi\nexec sleep 60\n')
     fake.chmod(0o755)
     return fake
 
 
-def _run(tmp_path: Path, steps: str) -> tuple[subprocess.CompletedProcess, Path]:
+def _run(tmp_path: Path, steps: str, imports: bool = True) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "DEVICE": "cpu", "STEP_S": "1", "PIPELINE_S": "1", "STEPS": steps,
-           "PY": str(_slow_python(tmp_path / "bin"))}
+           "PY": str(_slow_python(tmp_path / "bin", imports))}
     done = subprocess.run(["bash", "benchmarks/gpu_benchmarks.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     return done, out
@@ -52,7 +55,15 @@ def test_every_step_is_stopped_at_its_limit_recorded_and_the_next_one_runs(tmp_p
         assert f"== {name}: exit 124 after" in record.splitlines()[-1], record  # 124: stopped by its limit
 
 
-def test_an_unknown_step_is_refused(tmp_path: Path) -> None:
-    done, out = _run(tmp_path, "pipline")
-    assert done.returncode == 2 and "unknown step pipline" in done.stderr
-    assert not (out / "pipline.txt").exists()
+def test_an_unknown_step_is_refused_before_any_step_runs(tmp_path: Path) -> None:
+    for steps in ("pipline", "pipeline pipline batch_cpu_2", "pipeline batch_cpu_", "batch__2"):
+        done, out = _run(tmp_path / steps.replace(" ", "+"), steps)
+        bad = next(s for s in steps.split() if s not in ("pipeline", "batch_cpu_2"))
+        assert done.returncode == 2 and f"unknown step {bad} " in done.stderr, (steps, done.stderr)
+        assert not out.exists(), steps  # nothing ran, not even the first step
+
+
+def test_a_machine_without_simpleitk_stops_before_the_steps(tmp_path: Path) -> None:
+    done, out = _run(tmp_path, "pipeline", imports=False)
+    assert done.returncode == 4 and "does not import" in done.stderr
+    assert not (out / "pipeline.txt").exists()

@@ -1,4 +1,5 @@
-"""benchmarks/gpu_cpu_agreement.py, the record behind the README's "the GPU gives the CPU's synthetic MRI".
+"""benchmarks/gpu_cpu_agreement.py, the record behind "the GPU gives the CPU's synthetic MRI"
+(README, "Speed and memory"; benchmarks/README.md).
 
 Its GPU row needs a GPU (a lent one ran it); here it runs CPU against CPU, which must agree exactly and score each
 patient as the report does, and it refuses CUDA on a machine without one, saying where to run it.

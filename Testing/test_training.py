@@ -705,6 +705,10 @@ def test_window_in_place_is_the_expression_it_replaced():
         np.testing.assert_array_equal(window.apply(as_int),
                                       (np.clip((as_int - low) / window.width, 0.0, 1.0) * 255.0).astype(np.float32))
     assert tuple(CTWindow(45.0, 120.0).apply(hu)[0, 0, :3]) == (0.0, 255.0, 127.5)
+    # a window made of NumPy scalars (not JSON's or argparse's floats) and a single value still give float32
+    np.testing.assert_array_equal(CTWindow(np.float64(45.0), np.float64(120.0)).apply(hu), CTWindow(45.0, 120.0).apply(hu))
+    assert CTWindow(np.float64(45.0), np.float64(120.0)).apply(hu).dtype == np.float32
+    assert float(CTWindow(45.0, 120.0).apply(np.float32(45.0))) == 127.5
     offset = (hu + 1024.0).clip(0, None)
     before = offset.copy()
     out, info = normalise_ct(offset, CTWindow(45.0, 120.0))

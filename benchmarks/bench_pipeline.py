@@ -99,7 +99,8 @@ def case_line(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="+", default=["small", "volume256", "large"])
+    parser.add_argument("--cases", nargs="+", default=["small", "volume256", "large"],
+                        choices=["small", "volume256", "large"], help="which volumes to time (default: all three)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--weights", help="model file to time (default: the shipped model)")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[None], metavar="N",

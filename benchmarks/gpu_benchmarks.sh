@@ -16,6 +16,10 @@ DEVICE=${DEVICE:-cuda}
 STEP_S=${STEP_S:-150}
 PIPELINE_S=${PIPELINE_S:-120}
 STEPS=${STEPS:-"pipeline batch_cuda_2 batch_cuda_1 batch_cpu_4,8"}
+for s in $STEPS; do  # every step checked before any runs: a typo in the second must not cost the first's minutes
+  [[ $s == pipeline || $s =~ ^batch_(cuda|cpu|mps)_[0-9]+(,[0-9]+)*$ ]] || {
+    echo "unknown step $s (pipeline, or batch_DEVICE_JOBS such as batch_cuda_2 or batch_cpu_4,8)" >&2; exit 2; }
+done
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if [ "$DEVICE" = cpu ]; then  # a check on this machine, which has its own packages
@@ -26,6 +30,7 @@ fi
 { date -u; nproc --all; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   $PY -c "import torch, SimpleITK; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'SimpleITK', SimpleITK.Version_VersionString())"
 } 2>&1 | tee "$OUT/machine.txt"
+grep -q "^torch .* SimpleITK " "$OUT/machine.txt" || { echo "torch or SimpleITK does not import (see $OUT/machine.txt)" >&2; exit 4; }
 
 step() {  # NAME LIMIT COMMAND...: run it under its limit, its output into OUT/NAME.txt, its time after
   local name=$1 limit=$2; shift 2
@@ -39,10 +44,9 @@ step() {  # NAME LIMIT COMMAND...: run it under its limit, its output into OUT/N
 for s in $STEPS; do
   case $s in
     pipeline) step pipeline "$PIPELINE_S" $PY benchmarks/bench_pipeline.py --cases small volume256 large --device "$DEVICE" ;;
-    batch_*_*)  # batch_DEVICE_JOBS[,JOBS...]: the 8 Harvard patients through `ctmri batch`; cuda means $DEVICE
+    batch_*)  # batch_DEVICE_JOBS[,JOBS...]: the 8 Harvard patients through `ctmri batch`; cuda means $DEVICE
       dev=${s#batch_}; dev=${dev%_*}; [ "$dev" = cuda ] && dev=$DEVICE
       jobs=${s##*_}
       step "${s//,/-}" "$STEP_S" $PY benchmarks/bench_batch.py --cohort harvard --cases 8 --jobs ${jobs//,/ } --device "$dev" ;;
-    *) echo "unknown step $s" >&2; exit 2 ;;
   esac
 done

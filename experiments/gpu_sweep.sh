@@ -134,9 +134,9 @@ ensemble() {  # NAME RUN...
   timeout "${REPORT_S:-150}" $PY experiments/ensemble_cv.py $(printf "$WORK/%s " "$@") --data "$DATA" --json "$WORK/logs/ens_$name.json" \
     > "$WORK/logs/ens_$name.txt" 2>&1 && cat "$WORK/logs/ens_$name.txt"
 }
-# NAME:RUN,RUN,... each; ENSEMBLES in the environment replaces the list (an ensemble whose runs are not all
-# complete is skipped, so the list may name runs a call did not train)
-ENSEMBLES=${ENSEMBLES:-"bag4:bag1,bag2,bag3,bag4 bag4_b8:bag1,bag2,bag3,bag4,b8e60 widths:b8e60,b16e60,b32e60
+# NAME:RUN,RUN,... each; ENSEMBLES in the environment replaces the list, ENSEMBLES= (empty) scores none (an ensemble
+# whose runs are not all complete is skipped, so the list may name runs a call did not train)
+ENSEMBLES=${ENSEMBLES-"bag4:bag1,bag2,bag3,bag4 bag4_b8:bag1,bag2,bag3,bag4,b8e60 widths:b8e60,b16e60,b32e60
  b16:b16e60 b8:b8e60 b8seeds:b8e60,b8e60s1 wide:b32e60,b64e60 members4:b8e60,bag1,bag2,bag3
  members8:b8e60,bag1,bag2,bag3,bag4,bag5,bag6,bag7 b8_b32_b64:b8e60,b32e60,b64e60"}
 pids=()

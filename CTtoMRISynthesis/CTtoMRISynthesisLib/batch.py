@@ -373,6 +373,10 @@ def process_case(case: Case, out_dir: Path, options: "CaseOptions", expected: di
         record.update(status="ok", message="; ".join(_one_line(w) for w in result.warnings),
                       metrics={k: summary[k] for k in METRIC_COLUMNS if k in summary},
                       series=series_taken(result.provenance), files=sorted(p.name for p in paths.values()))
+    if record["status"] == "error" and (out_dir / case.id / "metrics.json").is_file():
+        # a failed run changes nothing in the case's folder: what is there is an earlier run's, said so here
+        record["message"] += (f" (the files in {case.id}/ are an earlier run's, kept as they were: its metrics.json "
+                              "says what made them)")
     record.update(seconds=round(time.perf_counter() - start, 3), notes=notes, made_from=expected,
                   finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), host=socket.gethostname(), runner=runner or {})
     try:

@@ -26,13 +26,16 @@ class CTWindow:
     width: float
 
     def apply(self, hu: np.ndarray) -> np.ndarray:
-        low = self.level - self.width / 2.0
-        if hu.dtype != np.float32:  # (integers and float64 are computed in float64, then stored as float32)
-            return (np.clip((hu - low) / self.width, 0.0, 1.0) * 255.0).astype(np.float32)
+        """``hu`` mapped onto 0..255, float32 (a new array: ``hu`` is not changed)."""
+        hu = np.asarray(hu)
+        width = float(self.width)  # Python floats, so that float32 input stays float32 arithmetic under NumPy 2
+        low = float(self.level) - width / 2.0
+        if hu.dtype != np.float32 or hu.ndim == 0:  # (integers and float64 are computed in float64)
+            return np.asarray((np.clip((hu - low) / width, 0.0, 1.0) * 255.0), dtype=np.float32)
         # the same float32 arithmetic in one array: on a 512 × 512 × 300 CT the expression above makes four
         # 0.3-GB temporaries (1.3 s on 2 cores)
         out = hu - low
-        out /= self.width
+        out /= width
         np.clip(out, 0.0, 1.0, out=out)
         out *= 255.0
         return out

@@ -55,7 +55,7 @@ def default_batch_size(device: str) -> int:
 
     On the CPU, small batches keep the activations in cache. bench_inference.py --quick, shipped ensemble, 2 cores:
     18.0 slices/s with batch 2 against 15.5 (batch 1), 12.3 (4) and 11.6 (16) on an AMD EPYC VM; on the Intel Xeon
-    VM of the README's table 22.1 (batch 1) against 17.7 (4). End to end, bench_pipeline.py --cases volume256
+    VM of benchmarks/README.md's tables 22.1 (batch 1) against 17.7 (4). End to end, bench_pipeline.py --cases volume256
     --batch-size 4 2 1 4 2 1 (EPYC): synthesis 28.2 / 31.2 s with batch 2, 30.6 / 31.9 with 1, 36.1 / 35.0 with 4.
     """
     return 64 if device == "cuda" else 2
