@@ -25,7 +25,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, generate_uid
 
 from conftest import data_root, require
-from CTtoMRISynthesisLib import __version__, dicom, dicom_out
+from CTtoMRISynthesisLib import dicom, dicom_out
+from CTtoMRISynthesisLib.version import version_string
 from CTtoMRISynthesisLib.errors import CTMRIError
 from CTtoMRISynthesisLib.pipeline import SynthesisResult, save_outputs
 
@@ -642,7 +643,7 @@ def test_every_output_volume_becomes_a_series_in_the_ct_study(study: Path, tmp_p
         assert "SpecificCharacterSet" not in first and first.LossyImageCompression == "00"  # all ASCII; not lossy
         assert first.StudyInstanceUID == STUDY_UID and first.FrameOfReferenceUID == FOR_UID
         assert (str(first.PatientName), first.PatientID, first.PatientSex) == ("Phantom^Head", "PH001", "O")
-        assert list(first.SoftwareVersions) == [f"ctmri {__version__}", SHA]
+        assert list(first.SoftwareVersions) == [f"ctmri {version_string()}", SHA]
         assert SHA in first.DerivationDescription and "Not for diagnosis" in first.DerivationDescription
         assert [float(v) for v in first.PixelSpacing] == [1.1, 0.8]  # between rows (y), between columns (x)
         assert float(first.SliceThickness) == 4.0  # the CT series' own thickness
@@ -750,7 +751,7 @@ def test_left_handed_grid_is_written_in_physical_space(tmp_path: Path) -> None:
     out = tmp_path / "out"
     save_outputs(result, out, extra_writer=dicom_out.dicom_writer(result))
     written, datasets = read_back(out / "dicom" / "synthetic_mri")
-    assert datasets[0].SoftwareVersions == f"ctmri {__version__}"  # one value: no checksum claimed
+    assert datasets[0].SoftwareVersions == f"ctmri {version_string()}"  # one value: no checksum claimed
     back = sitk.Resample(written, image, sitk.Transform(), sitk.sitkNearestNeighbor, -1.0)
     assert np.abs(sitk.GetArrayFromImage(back) - sitk.GetArrayFromImage(image)).max() <= 1 / 256 + 1e-5
 

@@ -97,6 +97,9 @@ def test_a_coronal_ct_is_synthesised_on_its_grid_from_axial_slices_at_the_pixel_
     result = synthesize(ct, None, model=model)
     assert geometry.same_grid(result.synthetic_mri, ct)
     grid = result.summary()["model_grid"]
+    from CTtoMRISynthesisLib.version import software
+
+    assert result.summary()["software"] == software()  # which code made it (version, and the commit in a checkout)
     rows = ct.GetSize()[1]
     assert grid["size"][2] == int(np.ceil((rows - 1) * 0.45 / grid["spacing_mm"][0] - 1e-6)) + 1 < rows
     assert grid["spacing_mm"][2] <= grid["spacing_mm"][0]

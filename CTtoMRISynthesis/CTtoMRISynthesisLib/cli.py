@@ -140,10 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctmri", description="Synthesise a brain MRI from a head CT with a U-Net (CTtoMRISynthesis)."
     )
-    from . import __version__
+    from .version import version_string
 
-    # the version the DICOM outputs record (SoftwareVersions), to be quoted with a result
-    parser.add_argument("--version", action="version", version=f"ctmri {__version__}")
+    # what metrics.json (software) and the DICOM outputs (SoftwareVersions) record, to be quoted with a result
+    parser.add_argument("--version", action="version", version=f"ctmri {version_string()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synthesize", help="CT (+ optional MRI) → synthetic MRI, difference map, metrics")

@@ -57,9 +57,10 @@ def output_context(result, ct_source: Optional[Choice], reference_source: Option
     from pydicom.dataset import Dataset
     from pydicom.uid import generate_uid
 
-    from . import __version__
+    from .version import version_string
 
     now = datetime.datetime.now()
+    version = version_string()
     ds = Dataset()
     # the CT's patient and study; a CT from a volume file has none, and then a DICOM MRI's are the patient's
     # (it was an anonymous new study on the MRI's frame of reference)
@@ -89,9 +90,9 @@ def output_context(result, ct_source: Optional[Choice], reference_source: Option
     sha = (result.weights or {}).get("sha256")
     ds.Manufacturer = "CTtoMRISynthesis (research software)"
     ds.ManufacturerModelName = "ctmri"
-    ds.SoftwareVersions = [f"ctmri {__version__}"] + ([str(sha)] if sha else [])  # LO: a sha256 is exactly 64
+    ds.SoftwareVersions = [f"ctmri {version}"] + ([str(sha)] if sha else [])  # LO: a sha256 is exactly 64
     derivation = (
-        f"Synthetic MRI predicted from CT by a U-Net (ctmri {__version__}; weights "
+        f"Synthetic MRI predicted from CT by a U-Net (ctmri {version}; weights "
         f"{(result.weights or {}).get('file') or 'unknown'}, sha256 {sha or 'unknown'}). Not for diagnosis."
     )
     thickness = reference_source.series.thickness if reference_source is not None else None

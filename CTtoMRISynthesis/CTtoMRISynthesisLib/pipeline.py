@@ -156,6 +156,7 @@ class SynthesisResult:
     def summary(self) -> dict:
         """The content of ``metrics.json``: metrics (when an MRI was given) and how they were made."""
         from .metrics import to_jsonable
+        from .version import software
 
         out: dict = {}
         if self.metrics is not None:
@@ -171,6 +172,7 @@ class SynthesisResult:
             normalisation=self.normalisation,
             model_grid=self.model_grid,
             weights=self.weights,
+            software=software(),
             warnings=list(self.warnings),
         )
         out.update(self.provenance)
