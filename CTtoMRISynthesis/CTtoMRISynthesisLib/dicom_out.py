@@ -90,7 +90,12 @@ def output_context(result, ct_source: Optional[Choice], reference_source: Option
     sha = (result.weights or {}).get("sha256")
     ds.Manufacturer = "CTtoMRISynthesis (research software)"
     ds.ManufacturerModelName = "ctmri"
-    ds.SoftwareVersions = [f"ctmri {version}"] + ([str(sha)] if sha else [])  # LO: a sha256 is exactly 64
+    versions = [f"ctmri {version}"] + ([str(sha)] if sha else [])
+    if sha and (sum(map(len, versions)) + len(versions) - 1) % 2:
+        # an odd length gets a pad space at its end, which would make the 64-character sha 65 long, beyond LO's limit
+        # (readers warn); a space after the first value is insignificant in LO and keeps the sha at 64
+        versions[0] += " "
+    ds.SoftwareVersions = versions  # LO: a sha256 is exactly 64
     derivation = (
         f"Synthetic MRI predicted from CT by a U-Net (ctmri {version}; weights "
         f"{(result.weights or {}).get('file') or 'unknown'}, sha256 {sha or 'unknown'}). Not for diagnosis."
