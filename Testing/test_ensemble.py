@@ -242,3 +242,32 @@ def test_the_shipped_models_first_member_predicts_as_a_model_of_its_own(tmp_path
     loaded = load_model(tmp_path / "member1.safetensors")
     assert type(loaded.net).__name__ == "UNet" and "members" not in config["model"]
     assert config["split"]["train_cases"] == read_config(default_weights_path())["ensemble"][0]["split"]["train_cases"]
+
+
+@needs_torch
+def test_for_inference_folds_the_batch_norms_on_a_copy_with_the_same_output():
+    """model.for_inference (what synthesis runs): every batch norm folded into its convolution, the output the
+    same to float rounding, on a copy: the network given keeps its batch norms, tensors and training mode (a
+    training run predicts its validation patients with it and trains on)."""
+    import torch
+
+    from CTtoMRISynthesisLib.model import UNet, UNetConfig, UNetEnsemble, for_inference
+
+    torch.manual_seed(0)
+    for net in (UNet(UNetConfig(base=4, levels=3)), UNetEnsemble(UNetConfig(base=4, levels=3), 2)):
+        for module in net.modules():  # batch norms that do something: learnt statistics and affine parameters
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.data.uniform_(0.5, 1.5)
+                module.bias.data.uniform_(-0.2, 0.2)
+        net.train()
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        folded = for_inference(net)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        assert not folded.training and net.training
+        assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+        x = torch.rand(3, 1, 32, 32)
+        with torch.inference_mode():
+            want, got = net.eval()(x), folded(x)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), float((got - want).abs().max())

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import best_time, flops_per_call, machine, matmul_peak_gflops, print_table  # noqa: E402
 
-from CTtoMRISynthesisLib.model import UNet, UNetConfig  # noqa: E402
+from CTtoMRISynthesisLib.model import UNet, UNetConfig, for_inference  # noqa: E402
 from CTtoMRISynthesisLib.weights import default_weights_path, load_model  # noqa: E402
 
 SIZE = 256
@@ -81,6 +81,8 @@ def bench_device(device: str, quick: bool) -> None:
                     ["batch", "slices/s", "GFLOP/s", "% of peak", "256-slice volume (s)"], rows)
         best = max(batches, key=lambda b: b if device == "cuda" else -abs(b - 16))
         variants = [["channels-last", throughput(net, device, best, channels_last=True, dtype=amp)],
+                    ["batch norms folded into the convolutions (what synthesis runs: model.for_inference)",
+                     throughput(for_inference(net), device, best, channels_last=True, dtype=amp)],
                     ["contiguous (NCHW)", throughput(net, device, best, channels_last=False, dtype=amp)]]
         if device == "cuda":
             variants += [["fp32", throughput(net, device, best, channels_last=True, dtype=None)],

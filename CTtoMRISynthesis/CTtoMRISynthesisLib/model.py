@@ -156,6 +156,34 @@ class UNetEnsemble(nn.Module):
         return torch.stack([member(x) for member in self.members]).mean(0)
 
 
+def for_inference(net: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``net`` with each batch norm folded into the convolution before it, for prediction.
+
+    In eval mode a batch norm is a per-channel affine map, so it can live in the convolution's weights and bias;
+    the copy gives the same output to float rounding (the demo's synthetic MRI moved by at most 1.3e-4 grey levels)
+    with one pass over each activation less (`bench_inference.py --quick`, 2 CPU cores: 11.7 → 13.4 slices/s for
+    the shipped ensemble at batch 16, one run). ``net`` itself is not changed (a training run goes on with it)."""
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(net).eval()
+    for block in folded.modules():
+        if not isinstance(block, nn.Sequential):
+            continue
+        layers, kept = list(block.children()), []
+        while layers:
+            layer = layers.pop(0)
+            if isinstance(layer, nn.Conv2d) and layers and isinstance(layers[0], nn.BatchNorm2d):
+                layer = fuse_conv_bn_eval(layer, layers.pop(0))
+            kept.append(layer)
+        for name in list(block._modules):
+            del block._modules[name]
+        for i, layer in enumerate(kept):
+            block.add_module(str(i), layer)
+    return folded
+
+
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """Blur (N, 1, H, W) images in-plane by a Gaussian of ``sigma`` pixels (separable, radius 3σ, edge
     replicated); ``sigma`` 0 returns them unchanged. The trainer fits the lookup table with this same blur."""

@@ -247,8 +247,11 @@ class _Batches:
     def __init__(self, net, device: str, batch_size: int, flip_tta: bool, notes: list):
         import torch
 
+        from .model import for_inference
+
         self.memory_format = torch.channels_last  # faster for convolutions on both CPU (oneDNN) and GPU
-        self.net = net.to(device=device, memory_format=self.memory_format).eval()
+        # batch norms folded into their convolutions, on a copy: the caller's network (a training run's) is unchanged
+        self.net = for_inference(net).to(device=device, memory_format=self.memory_format)
         self.device, self.batch_size, self.flip_tta, self.notes = device, batch_size, flip_tta, notes
 
     def run(self, inputs: np.ndarray, progress: Progress, cancel: Cancel) -> tuple[np.ndarray, np.ndarray]:
