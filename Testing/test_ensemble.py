@@ -271,3 +271,5 @@ def test_for_inference_folds_the_batch_norms_on_a_copy_with_the_same_output():
         with torch.inference_mode():
             want, got = net.eval()(x), folded(x)
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), float((got - want).abs().max())
+    wrapper = torch.nn.Sequential(UNet(UNetConfig(base=4, levels=3))).train()  # not one of ours: run as given
+    assert for_inference(wrapper) is wrapper and not wrapper.training

@@ -162,11 +162,15 @@ def for_inference(net: nn.Module) -> nn.Module:
     In eval mode a batch norm is a per-channel affine map, so it can live in the convolution's weights and bias;
     the copy gives the same output to float rounding (the demo's synthetic MRI moved by at most 1.3e-4 grey levels)
     with one pass over each activation less (`bench_inference.py --quick`, 2 CPU cores: 11.7 → 13.4 slices/s for
-    the shipped ensemble at batch 16, one run). ``net`` itself is not changed (a training run goes on with it)."""
+    the shipped ensemble at batch 16, one run). ``net`` itself is not changed (a training run goes on with it).
+    A network of another kind (a wrapper, e.g. the tests' out-of-memory simulator) is only put in eval mode and run
+    as given: what it holds is not known here."""
     import copy
 
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+    if not isinstance(net, (UNet, UNetEnsemble)):
+        return net.eval()
     folded = copy.deepcopy(net).eval()
     for block in folded.modules():
         if not isinstance(block, nn.Sequential):
