@@ -58,7 +58,9 @@ def soft_tissue(ct255: np.ndarray) -> np.ndarray:
     """Boolean (z, H, W): soft tissue well inside the head, slice by slice (see the module docstring)."""
     from scipy import ndimage
 
-    head = np.stack([ndimage.binary_fill_holes(s > 10.0) for s in ct255]) if ct255.size else ct255 > 10.0
+    from .intensity import fill_holes_in_plane
+
+    head = fill_holes_in_plane(ct255 > 10.0)
     inner = ndimage.binary_erosion(head, structure=np.ones((1, 31, 31), bool))
     smooth = _blur(ct255, 2.0)
     return inner & (smooth > 30.0) & (smooth < 180.0)

@@ -172,9 +172,8 @@ def for_inference(net: nn.Module) -> nn.Module:
     if not isinstance(net, (UNet, UNetEnsemble)):
         return net.eval()
     folded = copy.deepcopy(net).eval()
-    for block in folded.modules():
-        if not isinstance(block, nn.Sequential):
-            continue
+    # the blocks listed first: their children are replaced below, which must not happen under a walk of the tree
+    for block in [m for m in folded.modules() if isinstance(m, nn.Sequential)]:
         layers, kept = list(block.children()), []
         while layers:
             layer = layers.pop(0)
