@@ -486,12 +486,13 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
     # -- synchronous (console, tests) ------------------------------------------------------------
 
     def process(self, ctNode, mriNode=None, device: str = "auto", registration: str = "rigid", weightsPath=None,
-                progress=None, cancel=None, allowDisjoint: bool = False) -> dict:
+                progress=None, cancel=None, allowDisjoint: bool = False, askConfirmation: bool = True) -> dict:
         """Synthesize an MRI from ``ctNode`` and add the results as new nodes; synchronous.
 
         Does everything the "Synthesize MRI" button does, but in this thread (Slicer is busy until it
         returns), through ``CTtoMRISynthesisLib.mrml.run_on_nodes`` and the same pipeline as the
-        ``ctmri`` command. Missing packages are installed first (after asking).
+        ``ctmri`` command. Missing packages are installed first (after asking, unless ``askConfirmation`` is
+        False: a script run without anyone at the screen).
 
         :param ctNode: the CT volume node (only read).
         :param mriNode: optional reference MRI volume node (only read): enables registration,
@@ -503,13 +504,15 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
         :param weightsPath: a model file; None for the model shipped with the extension.
         :param progress: optional ``progress(fraction, step)`` callback; ``cancel``: optional callable
             returning True to stop (nothing is added then).
+        :param askConfirmation: False installs missing Python packages (PyTorch, scikit-image, safetensors)
+            without the confirmation dialog.
         :return: dict of the new nodes: "synthetic_mri", and with an MRI also "ct_registered",
             "difference", "transform" and "table"; "uncertainty" when the model estimates its spread.
             Raises ``CTMRIError`` (a message saying what to do) on bad input; the scene is then unchanged.
         """
         from CTtoMRISynthesisLib import mrml
 
-        self.setupPythonRequirements(askConfirmation=True)
+        self.setupPythonRequirements(askConfirmation=askConfirmation)
         outputs = mrml.run_on_nodes(
             slicer.mrmlScene, ctNode, mriNode, weights=self._weights(weightsPath), device=device,
             registration=registration, allow_disjoint=allowDisjoint, progress=progress, cancel=cancel,
@@ -570,7 +573,7 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
                            allowDisjoint: bool = False):
         """Write the inputs to a temporary folder and start the worker; returns its ``WorkerRun``."""
         from CTtoMRISynthesisLib import mrml
-        from CTtoMRISynthesisLib.worker import WorkerRun
+        from CTtoMRISynthesisLib.worker import WorkerRun, threads_beside_the_gui
 
         mrml.check_picture_spacing(ctNode, mriNode, registration)
         run = WorkerRun(slicer.app.temporaryPath)
@@ -581,7 +584,7 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
             run.start(
                 self.pythonExecutable(), has_mri=mriNode is not None, env=slicer.util.startupEnvironment(),
                 weights=self._weights(weightsPath), device=device, registration=registration,
-                allow_disjoint=allowDisjoint,
+                allow_disjoint=allowDisjoint, threads=threads_beside_the_gui(),
             )
         except Exception:
             run.cleanup()
@@ -630,10 +633,11 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
 
 
 class CTtoMRISynthesisTest(ScriptedLoadableModuleTest):
-    """In-Slicer self-test: runs the Logic on the sample case shipped in Resources/SampleData.
+    """In-Slicer self-test on the sample case shipped in Resources/SampleData.
 
-    The node-level code is tested in depth outside Slicer (Testing/test_mrml.py); this checks that
-    it works inside the application with the shipped model.
+    The node-level code is tested in depth outside Slicer (Testing/test_mrml.py); this checks, inside the
+    application, the review of a finished run (nodes, colour tables, table, views, layout; needs no PyTorch) and,
+    where PyTorch is installed, the Logic with the shipped model.
     """
 
     def setUp(self):
@@ -642,11 +646,13 @@ class CTtoMRISynthesisTest(ScriptedLoadableModuleTest):
     def runTest(self):
         from CTtoMRISynthesisLib import dependencies
 
+        self.setUp()
+        self.test_ReviewOfAFinishedRun()
         # A test never installs packages (the module would, after asking, and in testing mode Slicer answers OK
-        # by itself): without them it is skipped, saying what to do, rather than downloading PyTorch.
+        # by itself): without them the synthesis is skipped, saying what to do, rather than downloading PyTorch.
         missing = dependencies.not_installed()
         if missing:
-            self.delayDisplay("Skipped: not installed: " + ", ".join(missing)
+            self.delayDisplay("Synthesis skipped: not installed: " + ", ".join(missing)
                               + ". Click Synthesize MRI once (it asks before installing), then run the test again.")
             return
         self.setUp()
@@ -662,6 +668,45 @@ class CTtoMRISynthesisTest(ScriptedLoadableModuleTest):
         ctNode = slicer.util.loadVolume(os.path.join(folder, "ct.nrrd"), {"name": "SampleCT"})
         mriNode = slicer.util.loadVolume(os.path.join(folder, "mri.nrrd"), {"name": "SampleMRI"})
         return ctNode, mriNode
+
+    def test_ReviewOfAFinishedRun(self):
+        """A finished run's outputs loaded as the panel loads them, then the review shown: needs no PyTorch, since
+        the outputs are a stand-in written by the library (``review_check.py``: the sample MRI smoothed), not a
+        synthesis."""
+        import shutil
+        import tempfile
+        import types
+        from pathlib import Path
+
+        import numpy as np
+
+        from CTtoMRISynthesisLib import mrml, review, review_check
+        from CTtoMRISynthesisLib.outputs import save_outputs
+
+        self.delayDisplay("Loading the shipped sample case and a stand-in result")
+        ctNode, mriNode = self._sample()
+        mriBefore = slicer.util.arrayFromVolume(mriNode).copy()
+        folder = Path(tempfile.mkdtemp(prefix="CTtoMRISynthesis-selftest-", dir=slicer.app.temporaryPath))
+        try:
+            save_outputs(review_check.stand_in_result(mrml.image_from_volume_node(mriNode, "MRI")), folder / "out")
+            outputs = CTtoMRISynthesisLogic().loadBackgroundResults(types.SimpleNamespace(out_dir=folder / "out"),
+                                                                    ctNode, mriNode)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.assertEqual(outputs["synthetic_mri"].GetName(), "SampleCT synthetic MRI")
+        for key in ("difference", "uncertainty"):
+            self.assertIsNotNone(outputs[key].GetDisplayNode().GetColorNode(), key)
+        self.assertIn(review_check.NOT_A_SYNTHESIS, mrml.summary_of(outputs)["warnings"])
+        self.assertTrue(np.array_equal(mriBefore, slicer.util.arrayFromVolume(mriNode)))
+        CTtoMRISynthesisLogic.showResults(outputs, mriNode, ctNode)
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is not None:  # (a test run without the main window has none)
+            for entry in review.review_plan(outputs, mriNode, ctNode):
+                sliceWidget = layoutManager.sliceWidget(entry["view"])
+                self.assertIsNotNone(sliceWidget, entry["view"])
+                composite = sliceWidget.sliceLogic().GetSliceCompositeNode()
+                self.assertEqual(composite.GetBackgroundVolumeID(), entry["background"].GetID())
+        self.delayDisplay("Test passed")
 
     def test_ProcessWithReference(self):
         import numpy as np

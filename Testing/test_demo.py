@@ -14,7 +14,7 @@ from CTtoMRISynthesisLib import geometry
 from CTtoMRISynthesisLib.cli import main
 from CTtoMRISynthesisLib.demo import SAMPLE_DIR, run_demo, sample_paths
 from CTtoMRISynthesisLib.intensity import classify_ct
-from CTtoMRISynthesisLib.pipeline import OUTPUT_FILES, OUTPUT_MANIFEST
+from CTtoMRISynthesisLib.outputs import OUTPUT_FILES, OUTPUT_MANIFEST
 
 SAMPLE_BUDGET_BYTES = 1_500_000
 

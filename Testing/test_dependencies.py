@@ -7,6 +7,7 @@ Pythons can install: 2.8 is the newest for Python 3.9 (Slicer 5.6 / 5.8).
 from __future__ import annotations
 
 import ast
+import re
 import sys
 
 import pytest
@@ -129,8 +130,23 @@ def test_pip_arguments_hold_slicers_numpy_and_scipy() -> None:
 def test_not_installed_names_pytorch_too() -> None:
     absent = {"torch", "skimage"}
     found = dependencies.not_installed(find_spec=lambda name: None if name in absent else object())
-    assert found == ["torch", "scikit-image>=0.21"]
+    assert found == ["torch", "scikit-image>=0.21,<0.27"]
     assert dependencies.not_installed(find_spec=lambda name: object()) == []
+
+
+def test_the_packages_installed_in_slicer_are_the_tested_releases() -> None:
+    """Each pip requirement the module installs admits every release ``.ci/run`` tests the library with (its
+    Slicer jobs pin them) and stops before the next minor release after the newest of them."""
+    pinned: dict = {}
+    for name, version in re.findall(r"\b(scikit-image|safetensors)==([0-9.]+)", (REPO / ".ci" / "run").read_text()):
+        pinned.setdefault(name, set()).add(tuple(int(v) for v in version.split(".")))
+    requirements = {req.split(">=")[0]: req for _, req in dependencies.PIP_REQUIREMENTS if ">=" in req}
+    assert set(pinned) == set(requirements) - {"scipy"}
+    for name, versions in pinned.items():
+        low, high = (tuple(int(v) for v in bound.split(".")) for bound in
+                     re.fullmatch(rf"{name}>=([0-9.]+),<([0-9.]+)", requirements[name]).groups())
+        assert all(low <= v < high for v in versions), (name, versions)
+        assert high == (max(versions)[0], max(versions)[1] + 1), (name, high, max(versions))
 
 
 def test_a_failed_installation_says_what_to_check() -> None:

@@ -28,7 +28,8 @@ from conftest import data_root, require
 from CTtoMRISynthesisLib import dicom, dicom_out
 from CTtoMRISynthesisLib.version import version_string
 from CTtoMRISynthesisLib.errors import CTMRIError
-from CTtoMRISynthesisLib.pipeline import SynthesisResult, save_outputs
+from CTtoMRISynthesisLib.outputs import save_outputs
+from CTtoMRISynthesisLib.pipeline import SynthesisResult
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1000001"
 FOR_UID = "1.2.826.0.1.3680043.8.498.1000002"
@@ -822,6 +823,31 @@ def test_synthesize_never_deletes_the_study_it_reads_from_out_dir(study: Path, t
     assert {p.relative_to(patient): p.read_bytes() for p in patient.rglob("*") if p.is_file()} == after
 
 
+def test_a_deidentified_study_gets_no_real_dates(tmp_path: Path) -> None:
+    """A study whose dates were shifted or removed (PatientIdentityRemoved YES) gets derived series without
+    today's date (which would tell the shift), and dciodvfy still finds no error; another study gets today's."""
+    import datetime
+
+    result = oblique_result()
+    for deidentified in (True, False):
+        extra = {"PatientIdentityRemoved": "YES", "DeidentificationMethod": "Dates modified"} if deidentified else {}
+        write_series(tmp_path / f"ct{deidentified}", axial(6, 4.0), number=3, thickness=4.0, extra=extra)
+        _, choice = dicom.read_input(tmp_path / f"ct{deidentified}", "CT")
+        out = tmp_path / f"out{deidentified}"
+        save_outputs(result, out, extra_writer=dicom_out.dicom_writer(result, choice, choice))
+        first = pydicom.dcmread(sorted((out / "dicom" / "synthetic_mri").iterdir())[0])
+        dates = [first.get(k) for k in ("SeriesDate", "ContentDate", "InstanceCreationDate", "SeriesTime",
+                                         "ContentTime", "InstanceCreationTime")]
+        if deidentified:
+            assert dates == [None] * 6 and first.PatientIdentityRemoved == "YES" and first.StudyDate == "20240101"
+        else:
+            assert dates[0] == datetime.date.today().strftime("%Y%m%d") and all(dates)
+        if shutil.which("dciodvfy"):
+            report = subprocess.run(["dciodvfy", str(sorted((out / "dicom" / "synthetic_mri").iterdir())[0])],
+                                    capture_output=True, text=True).stderr
+            assert not [line for line in report.splitlines() if line.startswith("Error")], report
+
+
 def test_validator_accepts_the_written_files(tmp_path: Path) -> None:
     """dciodvfy (Debian's dicom3tools) finds no errors; its warnings are the Modality LUT in MR images."""
     if shutil.which("dciodvfy") is None:
@@ -988,6 +1014,25 @@ def real_series_files(real_study: Path, number: int) -> list:
     return [f.path for f in series.files]
 
 
+def test_a_reformat_with_a_stray_image_names_it_and_the_rest_reads(real_study: Path, tmp_path: Path) -> None:
+    """The real study's coronal and sagittal reformats each hold one image in another orientation (as scanners add
+    a reference image to a reformat): the series is refused naming that file, and the others, copied into a folder
+    of their own as the message says, read as a volume in their plane."""
+    listed = by_number(dicom.list_series(real_study))
+    for number, plane, count in ((601, "coronal", 110), (602, "sagittal", 88)):
+        problem = listed[number].problem
+        named = re.search(r"the 1 image in another orientation: (\S+)\. To read the other (\d+) \((\w+)\) as a "
+                          r"volume, copy them into a folder of their own without it", problem)
+        assert named and (int(named.group(2)), named.group(3)) == (count, plane), problem
+        folder = tmp_path / str(number)
+        folder.mkdir()
+        for f in listed[number].files:
+            if f.path.name != named.group(1):
+                shutil.copy(f.path, folder / f.path.name)
+        image, choice = dicom.read_input(folder, "CT")
+        assert (choice.series.plane, choice.series.slices, image.GetSize()[2]) == (plane, count, count)
+
+
 def test_real_study_listing_and_choice(real_study: Path) -> None:
     listed = by_number(dicom.list_series(real_study))
     assert sorted(listed) == [1, 2, 3, 601, 602]
@@ -1082,6 +1127,7 @@ def test_real_study_synthesize_dicom(real_study: Path, tmp_path: Path, capsys) -
     assert first.StudyInstanceUID == original.StudyInstanceUID
     assert first.FrameOfReferenceUID == original.FrameOfReferenceUID
     assert (first.PatientID, first.PatientIdentityRemoved) == (original.PatientID, "YES")
+    assert "SeriesDate" not in first and "ContentDate" not in first  # its dates were shifted: no real date beside them
     uids = [ds.SOPInstanceUID for ds in datasets] + [first.SeriesInstanceUID]
     assert len(set(uids)) == len(uids) and all(UID(u).is_valid for u in uids)
     if shutil.which("dciodvfy"):

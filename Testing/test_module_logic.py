@@ -138,6 +138,8 @@ def test_the_panel_model_choice(module, tiny_weights, monkeypatch) -> None:
 
 def test_background_run_then_load_gives_the_same_nodes(module, scene, case, tiny_weights, tmp_path, monkeypatch) -> None:
     """What the panel does: write inputs, run the worker process, poll it, load its outputs."""
+    from CTtoMRISynthesisLib import worker
+
     app = types.SimpleNamespace(temporaryPath=str(tmp_path))
     monkeypatch.setattr(slicer, "app", app, raising=False)
     monkeypatch.setattr(slicer.util, "startupEnvironment", lambda: dict(os.environ))
@@ -148,6 +150,8 @@ def test_background_run_then_load_gives_the_same_nodes(module, scene, case, tiny
 
     run = logic.startBackgroundRun(ct, mri, device="cpu", registration="none", weightsPath=tiny_weights)
     assert run.wait(timeout=300) == 0, (run.error, run.log[-10:])
+    # the run leaves one core to Slicer's window
+    assert run.proc.args[run.proc.args.index("--threads") + 1] == str(worker.threads_beside_the_gui())
     outputs = logic.loadBackgroundResults(run, ct)
     run.cleanup()
     assert not run.folder.exists()
@@ -297,6 +301,33 @@ def test_missing_torch_is_installed_with_the_real_minimum(module, monkeypatch) -
     assert calls == [{"askConfirmation": True, "torchVersionRequirement": ">=" + minimum}]
 
 
+def test_console_process_can_install_without_the_dialog(module, scene, case, tiny_weights, monkeypatch) -> None:
+    """``process(..., askConfirmation=False)`` (a script, nobody at the screen): PyTorch and the missing packages
+    are installed without a dialog; by default the dialog is shown."""
+    from CTtoMRISynthesisLib import dependencies
+
+    import torch
+
+    for ask in (False, True):
+        calls = _pytorch_utils(monkeypatch, None)
+        monkeypatch.setattr(sys.modules["PyTorchUtils"].PyTorchUtilsLogic, "torch",
+                            types.SimpleNamespace(__version__=torch.__version__))
+        missing = [["safetensors>=0.4"], []]
+        monkeypatch.setattr(dependencies, "missing_requirements", lambda *a, **k: missing.pop(0))
+        asked: list = []
+        monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: asked.append(a) or True,
+                            raising=False)
+        installed: list = []
+        monkeypatch.setattr(slicer.util, "pip_install", installed.append, raising=False)
+        ct = _node(case[0], "CT28")
+        kwargs = {} if ask else {"askConfirmation": False}
+        outputs = module.CTtoMRISynthesisLogic().process(ct, None, device="cpu", weightsPath=str(tiny_weights),
+                                                         **kwargs)
+        assert "synthetic_mri" in outputs
+        assert [c["askConfirmation"] for c in calls] == [ask]
+        assert bool(asked) is ask and installed and installed[0][0] == "safetensors>=0.4"
+
+
 def test_a_failed_package_installation_says_what_to_check(module, monkeypatch) -> None:
     """No internet or a proxy: pip's own error becomes an InstallError saying what to check; pip was given
     Slicer's NumPy and SciPy to keep, and the status line was told before the (blocking) installation."""
@@ -337,9 +368,10 @@ def test_a_failed_pytorch_installation_says_what_to_check(module, monkeypatch) -
     assert len(calls) == 1
 
 
-def test_the_self_test_skips_without_installing(module, monkeypatch) -> None:
+def test_the_self_test_skips_without_installing(module, scene, monkeypatch) -> None:
     """Slicer's test harness answers the install dialog with OK by itself: the self-test must not reach the
-    installation (a download of PyTorch on a build machine); it says what is missing and stops."""
+    installation (a download of PyTorch on a build machine); it checks the review, which needs no PyTorch, then
+    says what is missing and stops."""
     from CTtoMRISynthesisLib import dependencies
 
     monkeypatch.setattr(dependencies, "not_installed", lambda *a, **k: ["torch"])
@@ -348,9 +380,34 @@ def test_the_self_test_skips_without_installing(module, monkeypatch) -> None:
     test = module.CTtoMRISynthesisTest()
     said: list = []
     test.delayDisplay = said.append
+    test.test_ReviewOfAFinishedRun = lambda: said.append("review checked")
     test.runTest()
-    assert said == ["Skipped: not installed: torch. Click Synthesize MRI once (it asks before installing), then run "
-                    "the test again."]
+    assert said == ["review checked", "Synthesis skipped: not installed: torch. Click Synthesize MRI once (it asks "
+                    "before installing), then run the test again."]
+
+
+def test_the_self_tests_review_runs_on_real_nodes(module, scene, tmp_path, monkeypatch) -> None:
+    """The self-test's review of a finished run (what it checks in Slicer without PyTorch), on real MRML: the
+    sample loaded as nodes (Slicer's loadVolume needs the application: stood in for), the stand-in result written
+    and loaded as the panel loads a run, its nodes checked; the layout manager is absent here, so no views."""
+    from CTtoMRISynthesisLib import mrml
+
+    sample = MODULE_PY.parent / "Resources" / "SampleData"
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(temporaryPath=str(tmp_path), layoutManager=lambda: None),
+                        raising=False)
+    test = module.CTtoMRISynthesisTest()
+    test.delayDisplay = lambda text: None
+    test._sample = lambda: tuple(mrml.add_volume_node(scene, sitk.ReadImage(str(sample / f"{kind}.nrrd")), name)
+                                 for kind, name in (("ct", "SampleCT"), ("mri", "SampleMRI")))
+    test.assertEqual = lambda a, b, msg=None: None if a == b else pytest.fail(f"{a!r} != {b!r} {msg or ''}")
+    test.assertIsNotNone = lambda a, msg=None: None if a is not None else pytest.fail(f"None: {msg}")
+    test.assertIn = lambda a, b, msg=None: None if a in b else pytest.fail(f"{a!r} not in {b!r}")
+    test.assertTrue = lambda a, msg=None: None if a else pytest.fail(f"not true: {msg}")
+    before = scene.GetNumberOfNodes()
+    test.test_ReviewOfAFinishedRun()
+    names = {scene.GetNthNode(k).GetName() for k in range(scene.GetNumberOfNodes())}
+    assert {"SampleCT synthetic MRI", "SampleCT difference", "SampleCT uncertainty"} <= names
+    assert scene.GetNumberOfNodes() > before and list(tmp_path.iterdir()) == []  # its temporary folder removed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -451,7 +508,8 @@ def test_results_that_cannot_be_loaded_are_reported_not_raised(widget, scene, ca
 
 def test_loaded_results_and_warnings_in_their_own_label(widget, scene, case, tiny_weights, tmp_path) -> None:
     """A run's outputs are added; its warnings go to their own label, replaced (not appended) at each refresh."""
-    from CTtoMRISynthesisLib.pipeline import save_outputs, synthesize
+    from CTtoMRISynthesisLib.outputs import save_outputs
+    from CTtoMRISynthesisLib.pipeline import synthesize
 
     ct, mri = _node(case[0], "CT28"), _node(case[1], "MR28")
     result = synthesize(case[0], case[1], weights=tiny_weights, device="cpu", registration="none")
@@ -479,7 +537,8 @@ def test_show_side_by_side_shows_the_results_own_inputs(widget, scene, case, tin
     and MRI it was made from, not with what the boxes select now; a synthetic MRI that does not record them (an
     older version's) is shown with the selection, as before."""
     from CTtoMRISynthesisLib import mrml
-    from CTtoMRISynthesisLib.pipeline import save_outputs, synthesize
+    from CTtoMRISynthesisLib.outputs import save_outputs
+    from CTtoMRISynthesisLib.pipeline import synthesize
 
     ct, mri, other = _node(case[0], "CT28"), _node(case[1], "MR28"), _node(case[1], "another MRI")
     save_outputs(synthesize(case[0], case[1], weights=tiny_weights, device="cpu", registration="none"),
@@ -503,7 +562,8 @@ def test_results_of_a_run_that_ends_elsewhere_leave_the_layout_alone(widget, sce
                                                                      monkeypatch) -> None:
     """The user went to another module while the run went on: the results are added, but the layout is not
     switched under them; the status says how to show the results."""
-    from CTtoMRISynthesisLib.pipeline import save_outputs, synthesize
+    from CTtoMRISynthesisLib.outputs import save_outputs
+    from CTtoMRISynthesisLib.pipeline import synthesize
 
     ct = _node(case[0], "CT28")
     save_outputs(synthesize(case[0], None, weights=tiny_weights, device="cpu"), tmp_path / "made")

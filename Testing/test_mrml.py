@@ -1014,7 +1014,7 @@ def test_uncertainty_node_is_added_coloured_and_removed_with_the_outputs(scene, 
 
 def test_uncertainty_from_the_worker_folder(scene, case_files, result_with_uncertainty, tmp_path) -> None:
     """What the panel loads: save_outputs writes uncertainty.nrrd, add_outputs_from_folder adds the same node."""
-    from CTtoMRISynthesisLib.pipeline import OUTPUT_FILES, save_outputs
+    from CTtoMRISynthesisLib.outputs import OUTPUT_FILES, save_outputs
 
     save_outputs(result_with_uncertainty, tmp_path / "out")
     assert (tmp_path / "out" / OUTPUT_FILES["uncertainty"]).is_file()

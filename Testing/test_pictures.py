@@ -206,6 +206,31 @@ def test_cli_picture_folder_gives_the_volume_files_synthetic_mri(ct_stack, tiny_
     assert not (tmp_path / "a" / "pictures").exists()  # a run without --pictures leaves no stale pictures
 
 
+def test_dicom_outputs_need_the_pictures_real_size(ct_stack, tiny_weights: Path, tmp_path: Path, capsys) -> None:
+    """DICOM outputs carry the pixel size a viewer measures with: from pictures whose size was only assumed (a
+    folder without --picture-spacing, a single picture file) they are refused before any work, saying what to
+    give; with --picture-spacing the series carry that size (read back by pydicom)."""
+    import pydicom
+
+    from CTtoMRISynthesisLib.cli import main
+
+    folder = phantoms.write_pictures(tmp_path / "ct", ct_stack)
+    common = ["--weights", str(tiny_weights), "--device", "cpu", "--quiet", "--dicom"]
+    capsys.readouterr()
+    assert main(["synthesize", "--ct", str(folder), "--out-dir", str(tmp_path / "a"), *common]) == 2
+    said = capsys.readouterr().err
+    assert "record no pixel size" in said and "--picture-spacing IN_PLANE SLICE" in said, said
+    assert main(["synthesize", "--ct", str(folder / "CT_PNG (3).png"), "--out-dir", str(tmp_path / "b"), *common]) == 2
+    assert "put it in a folder of its own" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert main(["synthesize", "--ct", str(folder), "--picture-spacing", "0.45", "5", "--out-dir", str(tmp_path / "c"),
+                 *common]) == 0
+    first = pydicom.dcmread(sorted((tmp_path / "c" / "dicom" / "synthetic_mri").glob("*.dcm"))[0])
+    assert [float(v) for v in first.PixelSpacing] == [0.45, 0.45] and float(first.SpacingBetweenSlices) == 5.0
+    assert main(["synthesize", "--ct", str(folder), "--out-dir", str(tmp_path / "d"), "--weights", str(tiny_weights),
+                 "--device", "cpu", "--quiet"]) == 0  # without --dicom the assumed size is only warned about
+
+
 def test_cli_paired_picture_folders(tiny_weights: Path, tmp_path: Path, capsys) -> None:
     """A paired 2D dataset's CT and MRI folders: registering them with an assumed spacing is refused with what to
     do and nothing written; aligned as they are (--registration none) they are scored; a given spacing lands on

@@ -18,7 +18,8 @@ from conftest import REPO, read_harvard_case
 from CTtoMRISynthesisLib import geometry
 from CTtoMRISynthesisLib.errors import CancelledError, CTMRIError
 from CTtoMRISynthesisLib.metrics import compute_metrics
-from CTtoMRISynthesisLib.pipeline import OUTPUT_MANIFEST, save_outputs, synthesize
+from CTtoMRISynthesisLib.outputs import OUTPUT_MANIFEST, save_outputs
+from CTtoMRISynthesisLib.pipeline import synthesize
 from CTtoMRISynthesisLib.weights import load_model
 
 

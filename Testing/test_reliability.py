@@ -48,7 +48,7 @@ torch = pytest.importorskip("torch")
 
 import phantoms  # noqa: E402
 from conftest import new_scene  # noqa: E402
-from CTtoMRISynthesisLib import mrml, pipeline, synthesis  # noqa: E402
+from CTtoMRISynthesisLib import mrml, outputs, pipeline, synthesis  # noqa: E402
 from CTtoMRISynthesisLib import weights as weights_module  # noqa: E402
 from CTtoMRISynthesisLib.cli import main as cli_main  # noqa: E402
 from CTtoMRISynthesisLib.errors import CancelledError, CTMRIError  # noqa: E402
@@ -57,10 +57,10 @@ from CTtoMRISynthesisLib.weights import LoadedModel, checksum_path, load_model, 
 
 SPACING = (0.9, 0.9, 5.0)
 ORIGIN = (-115.0, -115.0, -40.0)
-# what a run leaves in --out-dir: its outputs and the list of them (pipeline.OUTPUT_MANIFEST)
+# what a run leaves in --out-dir: its outputs and the list of them (outputs.OUTPUT_MANIFEST)
 ALL_OUTPUTS = {"synthetic_mri.nrrd", "uncertainty.nrrd", "ct_registered.nrrd", "difference.nrrd", "transform.tfm",
-               "metrics.json", pipeline.OUTPUT_MANIFEST}
-CT_ONLY_OUTPUTS = {"synthetic_mri.nrrd", "uncertainty.nrrd", "metrics.json", pipeline.OUTPUT_MANIFEST}
+               "metrics.json", outputs.OUTPUT_MANIFEST}
+CT_ONLY_OUTPUTS = {"synthetic_mri.nrrd", "uncertainty.nrrd", "metrics.json", outputs.OUTPUT_MANIFEST}
 # an error message must say what to do: one of these verbs
 ADVICE = re.compile(r"\b(give|check|choose|copy|use|restore|retrain|fix|free|load|put|close|harden|resample|select|pass|update)\b", re.I)
 INT32_MIN, INT32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
@@ -966,7 +966,7 @@ def test_cancel_while_writing_outputs(data: Data, tmp_path: Path, capsys, monkey
     work.mkdir()
     argv = ["synthesize", "--ct", str(ct), "--mri", str(mri), "--out-dir", str(work / "out"), "--weights",
             str(data.weights), "--registration", "none", "--device", "cpu", "--quiet"]
-    real_write = pipeline.write_volume
+    real_write = outputs.write_volume
     calls = []
 
     def interrupted_write(img, path):
@@ -976,12 +976,12 @@ def test_cancel_while_writing_outputs(data: Data, tmp_path: Path, capsys, monkey
             raise KeyboardInterrupt
         real_write(img, path)
 
-    monkeypatch.setattr(pipeline, "write_volume", interrupted_write)
+    monkeypatch.setattr(outputs, "write_volume", interrupted_write)
     capsys.readouterr()
     assert cli_main(argv) == 130
     assert capsys.readouterr().err.strip() == "error: interrupted; no output was written"
     assert listing(work) == []
-    monkeypatch.setattr(pipeline, "write_volume", real_write)
+    monkeypatch.setattr(outputs, "write_volume", real_write)
 
     real_replace = os.replace
     renames = []
@@ -1326,7 +1326,7 @@ def test_users_files_named_like_outputs_are_never_touched(data: Data, tmp_path: 
     (out / "transform.tfm").write_text("the user's own transform\n")  # not in the run's list
     refused(out, "transform.tfm", "--mri", str(mri))
     (out / "transform.tfm").unlink()
-    (out / pipeline.OUTPUT_MANIFEST).unlink()  # as a version before the list left its folder
+    (out / outputs.OUTPUT_MANIFEST).unlink()  # as a version before the list left its folder
     assert cli_main(["synthesize", "--ct", str(ct), "--mri", str(mri), "--out-dir", str(out), *common]) == 0
     assert listing(out) == sorted(ALL_OUTPUTS)
     assert cli_main(["synthesize", "--ct", str(ct), "--out-dir", str(out), *common]) == 0

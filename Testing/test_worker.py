@@ -120,6 +120,29 @@ def test_kill_process_tree_also_kills_the_launchers_child(tmp_path) -> None:
         pytest.fail("the launcher's child survived")
 
 
+def test_threads_leave_one_core_to_slicer(monkeypatch) -> None:
+    """A run started from Slicer takes every core it may use but one (the window keeps one), at least one; the
+    cores are those this process may run on (a cpuset), not the machine's."""
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity to ask on this platform")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert worker.available_cores() == 4 and worker.threads_beside_the_gui() == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5})
+    assert worker.threads_beside_the_gui() == 1
+
+
+def test_worker_threads_option_limits_torch_itk_and_numpy() -> None:
+    """``--threads N``: PyTorch, ITK and the BLAS behind NumPy (told before they start) each get N threads."""
+    code = (
+        "import os, sys; sys.path.insert(0, sys.argv[1]); from CTtoMRISynthesisLib import worker; "
+        "worker._limit_threads(1); import torch, SimpleITK as s; "
+        "print(torch.get_num_threads(), s.ProcessObject.GetGlobalDefaultNumberOfThreads(), os.environ['OMP_NUM_THREADS'])"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(Path(worker.__file__).parents[1])],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "1", "1"]
+
+
 def test_worker_script_imports_only_the_standard_library() -> None:
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); import CTtoMRISynthesisLib.worker; "

@@ -62,7 +62,8 @@ def run_case(case: str, device: str, weights: str | None = None, batch_size: int
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         import torch
 
-        from CTtoMRISynthesisLib.pipeline import save_outputs, synthesize
+        from CTtoMRISynthesisLib.outputs import save_outputs
+        from CTtoMRISynthesisLib.pipeline import synthesize
         from CTtoMRISynthesisLib.volumes import read_volume
 
         t0 = time.perf_counter()

@@ -395,8 +395,9 @@ _WORKER: dict = {}
 
 def worker_threads(jobs: int) -> int:
     """Threads per worker so that ``jobs`` workers fill the cores this process may use (SLURM's cpuset too)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, jobs))
+    from .worker import available_cores
+
+    return max(1, available_cores() // max(1, jobs))
 
 
 def _init_worker(threads: int, weights: str, device: str, cancel_event, started) -> None:
@@ -735,7 +736,7 @@ def run_batch(manifest: str | Path, out_dir: str | Path, options: "CaseOptions",
 def _checked_before_any_case(manifest: str | Path, out_dir: Path, options: "CaseOptions") -> tuple[list, Path, str]:
     """The checks that can refuse the whole batch (manifest, folders, the weights file there):
     (cases, weights path, its sha256). Nothing is written."""
-    from .pipeline import check_writable
+    from .outputs import check_writable
     from .weights import default_weights_path, missing_weights_message, sha256_of
 
     cases = read_manifest(manifest)
@@ -768,7 +769,7 @@ def _make_cohort_folder(out_dir: Path) -> None:
 
 def _run_here(todo, out_dir, options, expected, weights, jobs, outcome, reporter) -> None:
     """``--jobs 1``: in this process, the model loaded once. SIGTERM stops like Ctrl-C."""
-    from .pipeline import sigterm_as_interrupt, stop_requested_while_saving
+    from .interrupts import sigterm_as_interrupt, stop_requested_while_saving
     from .synthesis import choose_device
     from .weights import load_model
 
@@ -848,7 +849,7 @@ def _pool_pass(cases, out_dir, options, expected, weights, jobs, outcome, report
             outcome.ran.append(record)
             reporter.case_done(record)
 
-    from .pipeline import sigterm_as_interrupt
+    from .interrupts import sigterm_as_interrupt
 
     try:
         with sigterm_as_interrupt():

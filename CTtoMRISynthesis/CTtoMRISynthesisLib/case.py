@@ -1,7 +1,7 @@
 """One case from files to an output folder: what ``ctmri synthesize`` does, callable from ``batch`` too.
 
 Reads the CT (and optional MRI), runs :func:`pipeline.synthesize`, writes the outputs with
-:func:`pipeline.save_outputs` and returns the run's summary (the content of ``metrics.json``).
+:func:`outputs.save_outputs` and returns the run's summary (the content of ``metrics.json``).
 Keeping this out of ``cli.py`` lets cohorts (``batch.py``) run exactly the same path per case.
 """
 
@@ -63,7 +63,8 @@ def run_case(
     ``dicom/`` / ``pictures/`` to the outputs. ``series_chosen_with`` ({"CT": …, "MRI": …}) names, in the
     messages, what the caller's user sets to choose a series (default: ``--ct-series`` / ``--mri-series``).
     """
-    from .pipeline import OUTPUT_FOLDERS, check_inputs_kept, check_out_dir, save_outputs, synthesize
+    from .outputs import OUTPUT_FOLDERS, check_inputs_kept, check_out_dir, save_outputs
+    from .pipeline import synthesize
 
     # before minutes of work, not after
     check_out_dir(out_dir, [OUTPUT_FOLDERS[k] for k in ("dicom", "pictures") if getattr(options, k)])
@@ -89,7 +90,7 @@ def _read_inputs(ct_path, mri_path, options: CaseOptions, notify: Optional[Calla
     """((CT image, its source), (MRI image or None, its source)): files, DICOM folders (a series chosen, said
     through ``notify``) or folders of pictures; two sources that cannot be registered are refused."""
     from .dicom import patient_mismatch, read_input
-    from .pictures import check_registration, check_spacing
+    from .pictures import check_dicom_output, check_registration, check_spacing
 
     check_spacing(options.mri_picture_spacing, "--mri-picture-spacing")  # by its own name, before any reading
 
@@ -102,6 +103,9 @@ def _read_inputs(ct_path, mri_path, options: CaseOptions, notify: Optional[Calla
         notify(mri_source.message("MRI"))
     if mri is not None:
         check_registration([ct_source, mri_source], options.registration)
+    if options.dicom:  # the outputs lie on the MRI's grid when there is one, else on the CT's
+        check_dicom_output(*((mri_source, mri_path, "MRI", "--mri-picture-spacing (or --picture-spacing)") if mri_path
+                             else (ct_source, ct_path, "CT", "--picture-spacing")))
     two_patients = patient_mismatch(ct_source, mri_source)
     if two_patients and options.dicom:  # before any work: the DICOM outputs would be filed in the CT's study
         raise CTMRIError(f"{two_patients}: --dicom would file outputs made from that MRI in the CT patient's study; "
@@ -152,7 +156,7 @@ def _extra_writers(result: SynthesisResult, ct_source, reference_source, options
 
 
 def _all_of(writers: list) -> Callable[[Path], dict]:
-    """One extra writer for :func:`pipeline.save_outputs` that runs each of ``writers`` in turn."""
+    """One extra writer for :func:`outputs.save_outputs` that runs each of ``writers`` in turn."""
 
     def write(tmp: Path) -> dict:
         written: dict = {}

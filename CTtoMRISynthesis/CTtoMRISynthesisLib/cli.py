@@ -17,7 +17,7 @@ EXIT_CANCELLED = 130
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
     from .case import CaseOptions, run_case
-    from .pipeline import sigterm_as_interrupt
+    from .interrupts import sigterm_as_interrupt
     from .progress import progress_for
 
     options = CaseOptions(

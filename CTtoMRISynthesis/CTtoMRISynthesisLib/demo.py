@@ -4,7 +4,7 @@ The sample (``CTtoMRISynthesis/Resources/SampleData/``: ``ct.nrrd`` + ``mri.nrrd
 Human Male: an 8-mm CT slab at the skull vertex (stored as HU + 1024, so the Hounsfield path of the CT
 normalisation runs) and the same subject's T1-like MR, aligned to it once by ``make_sample.py`` (see
 ``SOURCE.md`` there). The demo registers (rigid), synthesises with the shipped weights, writes the
-outputs with :func:`pipeline.save_outputs` and prints the metrics. No network, no shared data needed.
+outputs with :func:`outputs.save_outputs` and prints the metrics. No network, no shared data needed.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def run_demo(out_dir: str | Path = "ctmri_demo_output", device: str = "auto", qu
     Returns 0. Errors a user can cause (missing weights or sample, unwritable folder, unavailable
     device) raise :class:`CTMRIError`, which the CLI prints as one ``error:`` line.
     """
-    from .pipeline import save_outputs, synthesize
+    from .outputs import save_outputs
+    from .pipeline import synthesize
     from .progress import progress_for
     from .volumes import read_volume
 

@@ -27,11 +27,14 @@ MINIMUM_TORCH = "2.0"
 MINIMUM_TORCH_NUMPY2 = "2.4"
 
 #: Packages the library needs beyond what Slicer ships: (import name, pip requirement).
-#: scipy ships with Slicer (5.6: 1.11.3), so it is only installed where it is missing.
+#: scipy ships with Slicer (5.6: 1.11.3), so it is only installed where it is missing. The upper bounds are
+#: the first releases newer than those tested (``.ci/run`` runs the library with scikit-image 0.24 and 0.26,
+#: safetensors 0.7 and 0.8): a first use inside Slicer, where a broken install is hard to mend, gets a release
+#: that was tested, not the newest. A package already installed is used as it is (only its import is checked).
 PIP_REQUIREMENTS: Tuple[Tuple[str, str], ...] = (
-    ("skimage", "scikit-image>=0.21"),
+    ("skimage", "scikit-image>=0.21,<0.27"),
     ("scipy", "scipy"),
-    ("safetensors", "safetensors>=0.4"),
+    ("safetensors", "safetensors>=0.4,<0.9"),
 )
 
 NO_PYTORCH_EXTENSION = (

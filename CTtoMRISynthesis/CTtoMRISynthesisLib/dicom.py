@@ -414,6 +414,22 @@ def _valid_orientation(orientation: Sequence[float]) -> bool:
             and abs(np.linalg.norm(col) - 1) < 0.01 and abs(float(np.dot(row, col))) < 0.01)
 
 
+#: at most this many images in another orientation than the rest are named, so that the user can leave them out
+_STRAYS_NAMED = 3
+
+
+def _strays(files: Sequence, orientations: list, plane: str) -> str:
+    """When a few images lie in another orientation than all the others (a reformat series with its reference image,
+    as scanners write them), which they are and how to read the rest: ``""`` otherwise."""
+    usual = _most_common(orientations)
+    strays = [f.path.name for f, o in zip(files, orientations) if o != usual]
+    if len(strays) > _STRAYS_NAMED or len(strays) * 2 >= len(files):
+        return ""
+    return (f"; the {len(strays)} image{'s' if len(strays) > 1 else ''} in another orientation: {', '.join(strays)}. To "
+            f"read the other {len(files) - len(strays)} ({plane}) as a volume, copy them into a folder of their own "
+            f"without {'them' if len(strays) > 1 else 'it'} and give that folder")
+
+
 def _analyse(series: Series) -> None:
     """Fill plane, sorted files, steps, uniformity, shear and (if any) the reason it cannot be read."""
     files = series.files
@@ -450,6 +466,7 @@ def _analyse(series: Series) -> None:
         counts = ", ".join(f"{planes.count(p)} {p}" for p in sorted(set(planes), key=planes.count, reverse=True))
         series.problem = (
             f"its images lie in different orientations ({counts}: a localizer or several stacks in one series)"
+            + _strays(files, orientations, series.plane)
         )
         series.notes.append(f"mixed orientations ({counts})")
         return

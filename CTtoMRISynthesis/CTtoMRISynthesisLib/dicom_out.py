@@ -2,7 +2,7 @@
 registered CT), one file per slice (pydicom), in the CT's study when the CT came from DICOM.
 
 :func:`dicom_writer` is what ``ctmri synthesize --dicom`` (and ``batch --dicom``) hands to
-:func:`pipeline.save_outputs`, so the series are committed with the other outputs, all or nothing. Reading
+:func:`outputs.save_outputs`, so the series are committed with the other outputs, all or nothing. Reading
 DICOM (which series a folder holds, which one to take) is :mod:`dicom`.
 """
 
@@ -85,8 +85,11 @@ def output_context(result, ct_source: Optional[Choice], reference_source: Option
     )
     ds.PositionReferenceIndicator = str(reference.get("PositionReferenceIndicator", "") or "") if reference else ""
     ds.PatientPosition = str(reference.get("PatientPosition", "") or "") if reference else ""
-    ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
-    ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = now.strftime("%H%M%S")
+    if not _deidentified(patient):
+        ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
+        ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = now.strftime("%H%M%S")
+    # else none: a de-identified study's dates were removed or shifted, and today's date beside them would tell
+    # the shift (all three are optional here: Type 3, and Content Date/Time only for temporally related images)
     sha = (result.weights or {}).get("sha256")
     ds.Manufacturer = "CTtoMRISynthesis (research software)"
     ds.ManufacturerModelName = "ctmri"
@@ -110,6 +113,11 @@ def output_context(result, ct_source: Optional[Choice], reference_source: Option
     return OutputContext(common=ds, thickness=thickness, derivation=derivation, ct_rescale=ct_rescale,
                          lossy=_lossy([s for s in (ct_source, reference_source if reference_source is not ct_source else None)
                                        if s is not None]))
+
+
+def _deidentified(source: Optional[Choice]) -> bool:
+    """Whether the series the outputs join says it was de-identified (PatientIdentityRemoved YES)."""
+    return source is not None and str(source.series.header.get("PatientIdentityRemoved", "") or "").upper() == "YES"
 
 
 def _lossy(sources: list) -> Optional[Tuple[list, list]]:
@@ -246,7 +254,7 @@ def _save(ds, path: Path) -> None:
 def dicom_writer(
     result, ct_source: Optional[Choice] = None, reference_source: Optional[Choice] = None
 ) -> Callable[[Path], Dict[str, str]]:
-    """A writer for :func:`pipeline.save_outputs`: ``dicom/<kind>/`` series of every output volume.
+    """A writer for :func:`outputs.save_outputs`: ``dicom/<kind>/`` series of every output volume.
 
     Called with the run's temporary folder (so the series are committed with the other outputs, all
     or nothing); returns {"dicom": "dicom"}.

@@ -25,7 +25,7 @@ def check_json_target(path: Optional[str]) -> Optional[Path]:
     is replaced only when it is an earlier ``evaluate`` result (:func:`is_evaluate_result`), as ``synthesize``
     replaces only its own outputs: a ``.json`` of the user's was silently overwritten.
     """
-    from .pipeline import is_run_output
+    from .outputs import is_run_output
 
     if path is None:
         return None
@@ -48,7 +48,7 @@ def check_json_target(path: Optional[str]) -> Optional[Path]:
 
 #: Keys every metrics record of ``evaluate`` has had since its first version (:func:`metrics.compute_metrics`).
 _RESULT_KEYS = frozenset({"mae", "ssim", "psnr", "mae_whole", "ssim_foreground", "foreground_voxels", "per_slice"})
-#: Keys of a ``synthesize`` run's ``metrics.json`` (:func:`pipeline._written_by_ctmri`), which holds the metrics
+#: Keys of a ``synthesize`` run's ``metrics.json`` (:func:`outputs._written_by_ctmri`), which holds the metrics
 #: too: a copy of that record elsewhere is the run's account (registration, model, times), not ours to replace.
 _RUN_RECORD_KEYS = frozenset({"stage_seconds", "normalisation", "weights"})
 

@@ -16,6 +16,8 @@ smaller images, so every slice must be at least 11x11 in-plane. Shrinking the wi
 would silently report a different metric, so a smaller slice is an error instead.
 
 Plain numpy, SciPy and scikit-image only: no torch, no SimpleITK, so the CLI and the tests can import it cheaply.
+scikit-image is imported where SSIM and PSNR are computed: writing a result (``to_jsonable``) must work in a Slicer
+that has not installed it yet (the self-test's review, ``review_check.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import math
 from typing import Any, Iterable, Optional
 
 import numpy as np
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from .errors import CTMRIError
 
@@ -149,6 +150,8 @@ def _head(volume: np.ndarray) -> np.ndarray:
 
 def _ssim_slice(ref2d: np.ndarray, syn2d: np.ndarray) -> tuple[float, np.ndarray]:
     """Paper-parameter SSIM of one slice: (mean SSIM as scikit-image reports it, full SSIM map)."""
+    from skimage.metrics import structural_similarity
+
     mssim, smap = structural_similarity(
         ref2d,
         syn2d,
@@ -165,6 +168,8 @@ def _psnr(ref: np.ndarray, syn: np.ndarray) -> float:
     """PSNR over the whole volume; ``inf`` for identical images (without numpy's divide-by-zero warning)."""
     if np.array_equal(ref, syn):
         return float("inf")
+    from skimage.metrics import peak_signal_noise_ratio
+
     return float(peak_signal_noise_ratio(ref, syn, data_range=DATA_RANGE))
 
 

@@ -750,11 +750,11 @@ def run_on_nodes(
 
 
 def add_outputs_from_folder(scene, folder, base_name: str, ct_node=None, mri_node=None) -> dict:
-    """Add the output nodes from a folder written by ``pipeline.save_outputs`` (the background worker, the CLI).
+    """Add the output nodes from a folder written by ``outputs.save_outputs`` (the background worker, the CLI).
 
     Same nodes, names and all-or-nothing rule as :func:`run_on_nodes`.
     """
-    from .pipeline import OUTPUT_FILES
+    from .outputs import OUTPUT_FILES
     from .volumes import read_volume
 
     folder = Path(folder)

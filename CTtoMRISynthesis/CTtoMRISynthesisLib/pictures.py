@@ -226,9 +226,25 @@ def check_registration(sources: Sequence[Optional[PictureStack]], registration: 
         )
 
 
+def check_dicom_output(source: Optional[PictureStack], path: str | Path, what: str, flag: str) -> None:
+    """DICOM outputs carry their grid's pixel size, which a viewer measures lengths with: refuse to write them on
+    the grid of pictures whose size was only assumed (a folder without ``flag``, or a single picture file, whose
+    reader makes up 1 mm too). ``source``, ``path``: the input the outputs lie on (the MRI's, else the CT's)."""
+    single = source is None and Path(path).is_file() and Path(path).suffix.lower() in PICTURE_SUFFIXES
+    if not single and not (isinstance(source, PictureStack) and not source.spacing_given):
+        return
+    where = f"the {what} picture {path}" if single else f"the {what} pictures in {source.folder}"
+    how = (f"put it in a folder of its own and give {flag} IN_PLANE SLICE (mm)" if single
+           else f"give their real size with {flag} IN_PLANE SLICE (mm)")
+    raise CTMRIError(
+        f"{where} record no pixel size ({ASSUMED_SPACING_MM:g} mm would be assumed), and the DICOM outputs, which lie "
+        f"on its grid, would carry that made-up size: a viewer would measure lengths with it. To write DICOM, {how}; "
+        "or run without --dicom (the other outputs do not depend on it)")
+
+
 # ------------------------------------------------------------------------------------------- pictures out
 
-#: ``OUT/pictures/<kind>/``: what ``--pictures`` writes (pipeline.OUTPUT_FOLDERS)
+#: ``OUT/pictures/<kind>/``: what ``--pictures`` writes (outputs.OUTPUT_FOLDERS)
 PICTURES_FOLDER = "pictures"
 #: the output volumes written as pictures, and how each becomes 8 bits, for viewing (the .nrrd files keep the values):
 #: the synthetic MRI is on the 0..255 scale already (rounded); the uncertainty, an expected error of at most 127.5
@@ -252,7 +268,7 @@ def picture_names(slices: int, reference: Optional[object]) -> List[str]:
 
 
 def picture_writer(result, reference: Optional[object] = None):
-    """A writer for :func:`pipeline.save_outputs`: ``pictures/<kind>/`` 8-bit PNGs, one per slice of each output
+    """A writer for :func:`outputs.save_outputs`: ``pictures/<kind>/`` 8-bit PNGs, one per slice of each output
     volume in :data:`PICTURE_KINDS` (slice k of the volume as stored, rows and columns as in the volume, so a
     picture stack comes back in its own orientation). Returns {"pictures": "pictures"}."""
 

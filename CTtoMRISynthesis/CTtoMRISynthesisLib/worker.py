@@ -21,7 +21,7 @@ pipeline's own cancel check sees it too. If the process is still alive after a s
 process tree is killed: ``PythonSlicer`` is a launcher that runs the real interpreter as a child, so
 killing only the launcher would leave the work running. For that the worker is started in its own
 process group (POSIX) / with a new process group and ``taskkill /T``, run without a console window
-(Windows); ``psutil`` is used when it is installed. Outputs are written by ``pipeline.save_outputs``
+(Windows); ``psutil`` is used when it is installed. Outputs are written by ``outputs.save_outputs``
 (all or nothing) inside the run's temporary folder, which :meth:`WorkerRun.cleanup` removes: a cancel
 leaves no files behind.
 
@@ -79,8 +79,31 @@ def build_parser():
                         help="CT and MRI in unrelated scanner coordinates: start from aligned centres")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--cancel-file", help="the run stops as soon as this file exists")
-    parser.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for PyTorch, ITK and NumPy (default: their own choice, every core)")
     return parser
+
+
+def available_cores() -> int:
+    """The CPUs this process may run on (a SLURM allocation's or taskset's too; every CPU where that cannot be asked)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def threads_beside_the_gui() -> int:
+    """Threads for a run started from Slicer: every core this process may use but one, left to Slicer's window (a run
+    on all of them makes the views stutter while it works); at least one."""
+    return max(1, available_cores() - 1)
+
+
+def _limit_threads(threads: int) -> None:
+    """Before NumPy, SimpleITK and PyTorch start their thread pools: each gets ``threads``."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    import SimpleITK as sitk
+    import torch
+
+    torch.set_num_threads(threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -124,13 +147,12 @@ def _import_the_package_not_this_folder() -> None:
 
 def _synthesise(args, cancel_file: Optional[Path]) -> None:
     """Read the inputs, run the pipeline with progress lines and the cancel file, write the outputs."""
-    from CTtoMRISynthesisLib.pipeline import save_outputs, synthesize
+    if args.threads:
+        _limit_threads(args.threads)  # first: the imports below start NumPy's thread pool
+    from CTtoMRISynthesisLib.outputs import save_outputs
+    from CTtoMRISynthesisLib.pipeline import synthesize
     from CTtoMRISynthesisLib.volumes import read_volume
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     ct = read_volume(args.ct, "CT")
     mri = read_volume(args.mri, "MRI") if args.mri else None
     result = synthesize(

@@ -238,7 +238,7 @@ def _check_save(args) -> None:
 def run_train(args) -> int:
     from . import split as splits
     from .discovery import discover
-    from ..pipeline import check_writable
+    from ..outputs import check_writable
     from .loop import check_batch_divides, dist_from_env
     from .unpaired import check_not_paired
 
@@ -376,7 +376,7 @@ def run_report(args) -> int:
     from .report import check_report_folder, report_model, write_cv_report
     from .discovery import discover
     from ..intensity import CTWindow
-    from ..pipeline import check_writable
+    from ..outputs import check_writable
 
     try:
         check_writable(args.out, "--out")  # before the work, not after it
