@@ -133,6 +133,7 @@ def test_threads_leave_one_core_to_slicer(monkeypatch) -> None:
 
 def test_worker_threads_option_limits_torch_itk_and_numpy() -> None:
     """``--threads N``: PyTorch, ITK and the BLAS behind NumPy (told before they start) each get N threads."""
+    pytest.importorskip("torch")  # (the worker runs only where PyTorch is: Slicer's stacks here have none)
     code = (
         "import os, sys; sys.path.insert(0, sys.argv[1]); from CTtoMRISynthesisLib import worker; "
         "worker._limit_threads(1); import torch, SimpleITK as s; "
