@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from CTtoMRISynthesisLib.errors import CTMRIError
-from CTtoMRISynthesisLib.grain import CAP_KEY, KEY, grain, match_grain, set_target, training_target
+from CTtoMRISynthesisLib.grain import CAP_KEY, FILTER_KEY, KEY, grain, match_grain, set_target, training_target
 from CTtoMRISynthesisLib.weights import read_config, read_weights_file, sha256_of
 
 
@@ -70,6 +70,36 @@ def test_the_cap_limits_a_large_blur_and_leaves_a_smaller_one_exactly_as_it_was(
     assert loose_note == free_note and np.array_equal(loose, free)
 
 
+def _speckled(ct: np.ndarray, share: float, seed: int = 0) -> np.ndarray:
+    """The CT with isolated grains (single pixels ±40) on ``share`` of its head's pixels, as a noisy 8-bit export."""
+    rng = np.random.default_rng(seed)
+    hit = (ct > 10) & (rng.random(ct.shape) < share)
+    return np.clip(ct + hit * rng.choice([-40.0, 40.0], ct.shape), 0, 255).astype(np.float32)
+
+
+def test_the_median_brings_isolated_grains_down_to_the_target_and_leaves_a_quiet_ct(ct255) -> None:
+    """``method="median"`` (round 21): a CT grainier than the target moves towards its 3 × 3 median just enough
+    (the share interpolated, so it grows with the grain); one at or below the target is left exactly as it was;
+    the median, unlike the blur, leaves the phantom's edges where they were."""
+    from scipy import ndimage
+
+    quiet, note = match_grain(ct255, grain(ct255) + 0.5, method="median")
+    assert quiet is ct255 and note == {"ct_grain": grain(ct255), "ct_grain_target": grain(ct255) + 0.5,
+                                       "ct_grain_filter": "median", "ct_grain_median_share": 0.0}
+    target = grain(_speckled(ct255, 0.02))
+    noisy = _speckled(ct255, 0.06, seed=1)
+    out, note = match_grain(noisy, target, method="median")
+    assert 0.0 < note["ct_grain_median_share"] < 1.0 and note["ct_grain"] > target
+    assert grain(out) == pytest.approx(target, rel=0.15) and out.dtype == np.float32
+    noisier, noisier_note = match_grain(_speckled(ct255, 0.12, seed=1), target, method="median")
+    assert noisier_note["ct_grain_median_share"] > note["ct_grain_median_share"]
+    blurred, _ = match_grain(noisy, target)  # the Gaussian blur to the same grain
+    edges = ndimage.morphological_gradient(ct255, size=(1, 3, 3)) > 60  # the phantom's tissue boundaries
+    assert np.abs(out - ct255)[edges].mean() < np.abs(blurred - ct255)[edges].mean()
+    with pytest.raises(CTMRIError, match="unknown grain filter"):
+        match_grain(noisy, target, method="bilateral")
+
+
 def test_too_little_soft_tissue_means_no_estimate_and_no_change() -> None:
     tiny = np.zeros((3, 40, 40), np.float32)
     tiny[:, 10:30, 10:30] = 100.0
@@ -105,6 +135,12 @@ def test_set_target_rewrites_the_config_only(tmp_path) -> None:
     assert CAP_KEY not in read_config(weights)["preprocessing"]
     with pytest.raises(CTMRIError, match="max-blur"):
         set_target(weights, 8.2683, max_blur=0.0)
+    set_target(weights, 8.2683, method="median")  # the filter is recorded when it is not the blur, removed else
+    assert read_config(weights)["preprocessing"][FILTER_KEY] == "median"
+    with pytest.raises(CTMRIError, match="no blur to cap"):
+        set_target(weights, 8.2683, max_blur=1.0, method="median")
+    set_target(weights, 8.2683)
+    assert FILTER_KEY not in read_config(weights)["preprocessing"]
 
 
 def test_set_refuses_an_unknown_excluded_patient_and_leaves_the_file(tmp_path, phantom_slices, capsys) -> None:
@@ -132,6 +168,10 @@ def test_predict_volume_blurs_a_grainy_ct_says_so_and_masks_with_the_ct_as_given
     plain = predict_volume(net, noisy)
     assert info["ct_grain_blur_px"] > 0 and any("grainier" in w for w in info["warnings"])
     assert np.array_equal(matched.head, plain.head)  # the output mask comes from the CT as given
+    info = {}
+    median = predict_volume(net, noisy, ct_grain_target=grain(ct255[8:12]), ct_grain_filter="median", info=info)
+    assert info["ct_grain_median_share"] > 0 and any("3 × 3 median" in w for w in info["warnings"])
+    assert not np.array_equal(median.mean, plain.mean) and np.array_equal(median.head, plain.head)
     assert not np.allclose(matched.mean, plain.mean)
 
 

@@ -309,7 +309,8 @@ def main() -> int:
         print("|---|---|---|---|---|")
         for name, variant, note in grains:
             measured = "–" if note["ct_grain"] is None else f"{note['ct_grain']:.2f}"
-            blur = f"{note['ct_grain_blur_px']:g}" + (" (cap)" if note.get("ct_grain_blur_capped") else "")
+            blur = (f"median share {note['ct_grain_median_share']:g}" if "ct_grain_median_share" in note else
+                    f"{note['ct_grain_blur_px']:g}" + (" (cap)" if note.get("ct_grain_blur_capped") else ""))
             print(f"| {name} | {variant} | {measured} | {note['ct_grain_target']:.2f} | {blur} |")
     if args.lookup:
         lookup_rows(data, args.not_t2)

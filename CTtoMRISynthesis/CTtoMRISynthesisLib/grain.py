@@ -28,6 +28,11 @@ is the grain of the grainiest CT the model trained on, recorded in the weights c
 
 which rewrites the config only (same tensors; the .sha256 is rewritten). A model file without the key is
 applied as before. The training CTs themselves are never blurred: by construction none is above the target.
+
+``--filter median`` (``preprocessing.ct_grain_filter``, round 21, a probe) matches the grain with an in-plane
+3 × 3 median instead of the blur: a grainier CT becomes ``CT + a · (median(CT) − CT)``, with the share ``a`` in
+0..1 the smallest that brings its grain to the target (interpolated between :data:`SHARES`; 1, the full median, if
+none does). A median removes isolated grains and keeps edges and structures wider than its window.
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ MAX_SLICES = 32  # slices (evenly spread) the estimate looks at: in-plane only, 
 MIN_VOXELS = 2000  # fewer soft-tissue voxels than this: no estimate (a tiny or non-head image)
 KEY = "ct_grain_target"
 CAP_KEY = "ct_grain_max_blur_px"
+FILTER_KEY = "ct_grain_filter"
+FILTERS = ("gaussian", "median")
+SHARES = (0.25, 0.5, 0.75, 1.0)  # shares of the median tried, smallest first
+MEDIAN_SIZE = 3  # px, in-plane
 
 
 def _blur(ct: np.ndarray, sigma: float) -> np.ndarray:
@@ -86,18 +95,34 @@ def grain(ct255: np.ndarray) -> Optional[float]:
     return _band_sd(ct, soft_tissue(ct))
 
 
-def match_grain(ct255: np.ndarray, target: Optional[float],
-                max_blur: Optional[float] = None) -> tuple[np.ndarray, dict]:
-    """(the CT, blurred in-plane if it is grainier than ``target``, by at most ``max_blur`` px; what was measured
-    and done)."""
+def _median(ct: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.median_filter(ct.astype(np.float32), size=(1, MEDIAN_SIZE, MEDIAN_SIZE))
+
+
+def match_grain(ct255: np.ndarray, target: Optional[float], max_blur: Optional[float] = None,
+                method: str = "gaussian") -> tuple[np.ndarray, dict]:
+    """(the CT, brought down to ``target``'s grain if it is grainier: blurred in-plane, by at most ``max_blur`` px,
+    or with ``method="median"`` moved towards its 3 × 3 median; what was measured and done)."""
     if target is None:
         return ct255, {}
+    if method not in FILTERS:
+        raise CTMRIError(f"unknown grain filter {method!r} in the model file; this version knows {', '.join(FILTERS)}")
     sample = _sample(ct255)
     tissue = soft_tissue(sample)  # from the CT as given, so every blur is measured on the same voxels
     measured = _band_sd(sample, tissue)
     note = {"ct_grain": measured, "ct_grain_target": float(target), "ct_grain_blur_px": 0.0}
+    if method == "median":
+        note = {"ct_grain": measured, "ct_grain_target": float(target), "ct_grain_filter": "median",
+                "ct_grain_median_share": 0.0}
     if measured is None or measured <= target:
         return ct255, note
+    if method == "median":
+        share = _share_for(sample, tissue, measured, float(target))
+        note["ct_grain_median_share"] = share
+        ct = ct255.astype(np.float32)
+        return ct + np.float32(share) * (_median(ct) - ct), note
     chosen = _sigma_for(sample, tissue, measured, float(target))
     if max_blur is not None and chosen > max_blur:
         chosen = float(max_blur)
@@ -119,6 +144,20 @@ def _sigma_for(sample: np.ndarray, tissue: np.ndarray, measured: float, target: 
     return SIGMAS[-1]
 
 
+def _share_for(sample: np.ndarray, tissue: np.ndarray, measured: float, target: float) -> float:
+    """The share of the median that brings the grain to ``target``, interpolated between :data:`SHARES` (so that
+    the output changes smoothly with the CT's grain); 1 if even the full median does not."""
+    median = _median(sample)
+    previous = (0.0, measured)
+    for share in SHARES:
+        value = _band_sd(sample + np.float32(share) * (median - sample), tissue)
+        if value <= target:
+            s0, v0 = previous
+            return round(s0 + (v0 - target) / max(v0 - value, 1e-6) * (share - s0), 3)
+        previous = (share, value)
+    return SHARES[-1]
+
+
 def training_target(cases, exclude=()) -> float:
     """The grain of the grainiest CT among ``cases`` (training cases with ``.ct`` on the model grid)."""
     skip = set(exclude)
@@ -129,19 +168,24 @@ def training_target(cases, exclude=()) -> float:
     return max(values)
 
 
-def set_target(weights, target: float, max_blur: Optional[float] = None) -> dict:
-    """Write ``target`` (and the cap ``max_blur``, if given) into a model file's ``preprocessing`` (tensors
-    unchanged; file and .sha256 rewritten)."""
+def set_target(weights, target: float, max_blur: Optional[float] = None, method: str = "gaussian") -> dict:
+    """Write ``target`` (and the cap ``max_blur``, if given; the filter, if not the blur) into a model file's
+    ``preprocessing`` (tensors unchanged; file and .sha256 rewritten)."""
     from .weights import read_weights_file, save_state
 
     if max_blur is not None and not max_blur > 0:
         raise CTMRIError(f"--max-blur must be a positive number of pixels, not {max_blur}")
+    if max_blur is not None and method != "gaussian":
+        raise CTMRIError("--max-blur caps the blur; the median has no blur to cap: leave one of them out")
     blob = read_weights_file(weights, framework="numpy")
     config = blob["config"]
     config["preprocessing"][KEY] = round(float(target), 3)
     config["preprocessing"].pop(CAP_KEY, None)
+    config["preprocessing"].pop(FILTER_KEY, None)
     if max_blur is not None:
         config["preprocessing"][CAP_KEY] = round(float(max_blur), 3)
+    if method != "gaussian":
+        config["preprocessing"][FILTER_KEY] = method
     save_state(weights, blob["state_dict"], config)
     return config
 
@@ -156,6 +200,8 @@ def main(argv: Optional[list] = None) -> int:
     put.add_argument("--case-rule", choices=["slice3", "first2"], default="slice3")
     put.add_argument("--max-blur", type=float, default=None, metavar="PX",
                      help="blur a grainier CT by at most PX pixels of the model grid (default: no cap)")
+    put.add_argument("--filter", choices=FILTERS, default="gaussian",
+                     help="how a grainier CT is brought down: a Gaussian blur (default) or a share of its 3x3 median")
     args = parser.parse_args(argv)
     from .intensity import CTWindow
     from .training.discovery import discover
@@ -167,13 +213,14 @@ def main(argv: Optional[list] = None) -> int:
         cases = discover(args.data, CTWindow(window["level"], window["width"]), case_rule=args.case_rule)
         check_known(args.exclude_from_training, [c.case_id for c in cases], "--exclude-from-training")  # a typo
         target = training_target(cases, args.exclude_from_training)
-        set_target(args.weights, target, args.max_blur)
+        set_target(args.weights, target, args.max_blur, args.filter)
     except CTMRIError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{args.weights}: {KEY} = {target:.3f} (the grainiest of the {len(cases)} CTs in --data"
           + (f", less {', '.join(args.exclude_from_training)})" if args.exclude_from_training else ")")
-          + (f"; {CAP_KEY} = {args.max_blur:g}" if args.max_blur is not None else ""))
+          + (f"; {CAP_KEY} = {args.max_blur:g}" if args.max_blur is not None else "")
+          + (f"; {FILTER_KEY} = {args.filter}" if args.filter != "gaussian" else ""))
     return 0
 
 

@@ -106,6 +106,7 @@ def preprocessing_options(prep: dict) -> dict:
         "ct_standardise": prep.get("ct_standardise"),
         "ct_grain_target": prep.get("ct_grain_target"),
         "ct_grain_max_blur": prep.get("ct_grain_max_blur_px"),
+        "ct_grain_filter": prep.get("ct_grain_filter", "gaussian"),
         "flip_tta": bool(prep.get("flip_tta", False)),
     }
 
@@ -189,6 +190,7 @@ def predict_volume(
     ct_standardise: Optional[float] = None,
     ct_grain_target: Optional[float] = None,
     ct_grain_max_blur: Optional[float] = None,
+    ct_grain_filter: str = "gaussian",
     flip_tta: bool = False,
     device: str = "cpu",
     batch_size: int | None = None,
@@ -204,7 +206,8 @@ def predict_volume(
     finally used, ``info["warnings"]`` (list of messages). ``ct_standardise`` (from the weights config)
     maps the CT's brain median to that value first (:func:`intensity.standardise_ct`); before that,
     ``ct_grain_target`` blurs a CT grainier than the training CTs down to their grain
-    (:func:`grain.match_grain`; by at most ``ct_grain_max_blur`` px when given); the output mask is always
+    (:func:`grain.match_grain`; by at most ``ct_grain_max_blur`` px when given; ``ct_grain_filter="median"``: a
+    share of its 3 × 3 median instead); the output mask is always
     taken from the CT as given. A model file's error model, if any, is applied afterwards
     (:func:`error_model.apply`).
     """
@@ -212,7 +215,7 @@ def predict_volume(
         raise CTMRIError(f"expected a (z, H, W) CT array, got shape {ct255.shape}")
     info = {} if info is None else info
     info.setdefault("warnings", [])
-    network_ct = _as_trained(ct255, ct_grain_target, ct_grain_max_blur, ct_standardise, info)
+    network_ct = _as_trained(ct255, ct_grain_target, ct_grain_max_blur, ct_standardise, info, ct_grain_filter)
     runner = _Batches(net, device, max(1, int(batch_size or default_batch_size(device))), flip_tta, info["warnings"])
     out, spread = runner.run(stack_context(network_ct.astype(np.float32) / 255.0, context), progress, cancel)
     info["device"], info["batch_size"] = runner.device, runner.batch_size
@@ -223,12 +226,17 @@ def predict_volume(
 
 
 def _as_trained(ct255: np.ndarray, grain_target: Optional[float], grain_max_blur: Optional[float],
-                standardise: Optional[float], info: dict) -> np.ndarray:
+                standardise: Optional[float], info: dict, grain_filter: str = "gaussian") -> np.ndarray:
     """The CT as the model file asks the network to see it: its grain matched, then its brain median
     standardised (each only when the file records it); what was done goes into ``info``."""
     if grain_target is not None:
-        ct255, note = match_grain(ct255, grain_target, grain_max_blur)
+        ct255, note = match_grain(ct255, grain_target, grain_max_blur, grain_filter)
         info.update(note)
+        if note.get("ct_grain_median_share"):
+            info["warnings"].append(
+                f"the CT is grainier than the CTs the model was trained on (noise grain {note['ct_grain']:.1f} "
+                f"against at most {note['ct_grain_target']:.1f}): moved {note['ct_grain_median_share']:.0%} of the "
+                "way to its 3 × 3 median before synthesis")
         if note.get("ct_grain_blur_px"):
             info["warnings"].append(
                 f"the CT is grainier than the CTs the model was trained on (noise grain {note['ct_grain']:.1f} "
