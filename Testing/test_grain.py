@@ -195,3 +195,8 @@ def test_synthesize_records_the_grain_and_warns_when_it_blurs(tiny_weights, phan
     assert capped.summary()["normalisation"]["ct_grain_blur_px"] == 0.1
     assert capped.summary()["normalisation"]["ct_grain_blur_capped"] is True
     assert any("the most the model file allows" in w for w in capped.warnings)
+    set_target(weights, grain(clean), method="median")  # round 21: the model file's filter reaches the pipeline
+    median = synthesize(noisy, None, weights=weights, device="cpu")
+    note = median.summary()["normalisation"]
+    assert note["ct_grain_filter"] == "median" and note["ct_grain_median_share"] > 0 and "ct_grain_blur_px" not in note
+    assert any("3 × 3 median" in w for w in median.warnings)

@@ -229,6 +229,17 @@ def test_dicom_outputs_need_the_pictures_real_size(ct_stack, tiny_weights: Path,
     assert [float(v) for v in first.PixelSpacing] == [0.45, 0.45] and float(first.SpacingBetweenSlices) == 5.0
     assert main(["synthesize", "--ct", str(folder), "--out-dir", str(tmp_path / "d"), "--weights", str(tiny_weights),
                  "--device", "cpu", "--quiet"]) == 0  # without --dicom the assumed size is only warned about
+    # with an MRI the outputs lie on the MRI's grid: MRI pictures of assumed size are refused, a CT's are not
+    volume = sitk.GetImageFromArray(ct_stack)
+    sitk.WriteImage(volume, str(tmp_path / "ct.nrrd"))
+    mri = phantoms.write_pictures(tmp_path / "mri", ct_stack, name="MR ({}).png")
+    capsys.readouterr()
+    assert main(["synthesize", "--ct", str(tmp_path / "ct.nrrd"), "--mri", str(mri), "--registration", "none",
+                 "--out-dir", str(tmp_path / "e"), *common]) == 2
+    said = capsys.readouterr().err
+    assert "the MRI pictures in" in said and "--mri-picture-spacing" in said, said
+    assert main(["synthesize", "--ct", str(folder), "--mri", str(tmp_path / "ct.nrrd"), "--registration", "none",
+                 "--out-dir", str(tmp_path / "f"), *common]) == 0  # on the .nrrd's grid: its size is real
 
 
 def test_cli_paired_picture_folders(tiny_weights: Path, tmp_path: Path, capsys) -> None:

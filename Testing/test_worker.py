@@ -41,7 +41,7 @@ def _prepared(tmp_path: Path, ct: sitk.Image, mri: sitk.Image | None) -> WorkerR
 def test_worker_run_writes_outputs_and_reports_progress(case_images, tiny_weights, tmp_path) -> None:
     run = _prepared(tmp_path, *case_images)
     fractions, steps = [], []
-    run.start(sys.executable, has_mri=True, weights=tiny_weights, device="cpu", registration="rigid")
+    run.start(sys.executable, has_mri=True, weights=tiny_weights, device="cpu", registration="rigid", threads=1)
     deadline = time.monotonic() + 300
     while run.poll():
         fractions.append(run.fraction)
@@ -56,6 +56,7 @@ def test_worker_run_writes_outputs_and_reports_progress(case_images, tiny_weight
     assert any(s.startswith("register") for s in steps) and any(s.startswith("synthes") for s in steps)
     assert json.loads((run.out_dir / "metrics.json").read_text())["device"] == "cpu"
     assert any(line.startswith("DONE ") for line in run.log)
+    assert "threads: PyTorch 1, ITK 1" in run.log  # --threads applied in the worker
     run.cleanup()
     assert not run.folder.exists()
 
@@ -126,9 +127,31 @@ def test_threads_leave_one_core_to_slicer(monkeypatch) -> None:
     if not hasattr(os, "sched_getaffinity"):
         pytest.skip("no CPU affinity to ask on this platform")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(worker, "physical_cores", lambda: None)  # not known: the CPUs are counted
     assert worker.available_cores() == 4 and worker.threads_beside_the_gui() == 3
+    monkeypatch.setattr(worker, "physical_cores", lambda: 2)  # two cores with two hyperthreads each: one left free
+    assert worker.threads_beside_the_gui() == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5})
     assert worker.threads_beside_the_gui() == 1
+
+
+def test_physical_cores_count_hyperthreads_once(tmp_path, monkeypatch) -> None:
+    """On Linux the cores are read from the topology of the CPUs this process may use: two hyperthreads of one
+    core (the same sibling list) count once; on this machine the count is between 1 and the CPUs."""
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity to ask on this platform")
+    assert 1 <= worker.physical_cores() <= worker.available_cores()
+    real_read = Path.read_text
+    siblings = {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3"}
+
+    def topology(path, *args, **kwargs):
+        if "thread_siblings_list" in str(path):
+            return siblings[int(str(path).split("/cpu")[-1].split("/")[0])] + "\n"
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(Path, "read_text", topology)
+    assert worker.physical_cores() == 2 and worker.threads_beside_the_gui() == 1
 
 
 def test_worker_threads_option_limits_torch_itk_and_numpy() -> None:
@@ -141,7 +164,7 @@ def test_worker_threads_option_limits_torch_itk_and_numpy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code, str(Path(worker.__file__).parents[1])],
                          capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["1", "1", "1"]
+    assert out.stdout.splitlines() == ["threads: PyTorch 1, ITK 1", "1 1 1"]
 
 
 def test_worker_script_imports_only_the_standard_library() -> None:

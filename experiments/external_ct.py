@@ -305,11 +305,12 @@ def main() -> int:
         print("|---|---|---|")
         print(f"| real HU CT, {thin:g} mm slices against {thick:g} mm | {mae:.2f} | {100 * mae / max(mean, 1e-6):.1f} % |")
     if grains:  # a model with grain matching (grain.py): what each CT measured and how much it was blurred
-        print("\n| CT | variant | noise grain | target | blurred by (px) |")
+        median = any("ct_grain_median_share" in note for _, _, note in grains)
+        print(f"\n| CT | variant | noise grain | target | {'median share' if median else 'blurred by (px)'} |")
         print("|---|---|---|---|---|")
         for name, variant, note in grains:
             measured = "–" if note["ct_grain"] is None else f"{note['ct_grain']:.2f}"
-            blur = (f"median share {note['ct_grain_median_share']:g}" if "ct_grain_median_share" in note else
+            blur = (f"{note['ct_grain_median_share']:g}" if "ct_grain_median_share" in note else
                     f"{note['ct_grain_blur_px']:g}" + (" (cap)" if note.get("ct_grain_blur_capped") else ""))
             print(f"| {name} | {variant} | {measured} | {note['ct_grain_target']:.2f} | {blur} |")
     if args.lookup:

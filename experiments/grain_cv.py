@@ -7,7 +7,7 @@ training patients of the ensemble that fold belongs to; nested: the held-out pat
 and writes each copy's report. The copies then go through every measure of the
 model card like any run (``experiments/evaluate_ensemble.sh`` with ``CV`` = the copies).
 
-    python experiments/grain_cv.py RUN [RUN ...] --out DIR [--data DIR] [--exclude-from-training 2]
+    python experiments/grain_cv.py RUN [RUN ...] --out DIR [--data DIR] [--exclude-from-training 2] [--filter median]
 
 Numbers only (``DIR/<run>/foldNN/fold.json`` records each fold's target, measured grain and blur).
 """
@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "CTtoMRISynthesis"))
 
 
-def copy_fold(fold: Path, out: Path, cases: list, target_for) -> dict:
+def copy_fold(fold: Path, out: Path, cases: list, target_for, method: str = "gaussian") -> dict:
     """Link ``fold``'s model into ``out`` and save its held-out predictions made with grain matching, the
-    target ``target_for(held-out ids)``."""
-    from CTtoMRISynthesisLib.grain import KEY
+    target ``target_for(held-out ids)``, by the blur or (``method="median"``, round 21) the 3 × 3 median."""
+    from CTtoMRISynthesisLib.grain import FILTER_KEY, KEY
     from CTtoMRISynthesisLib.metrics import to_jsonable
     from CTtoMRISynthesisLib.training.report import evaluate, fold_model, predict_case
     from CTtoMRISynthesisLib.weights import load_model
@@ -42,6 +42,8 @@ def copy_fold(fold: Path, out: Path, cases: list, target_for) -> dict:
     split = loaded.config["split"]
     target = target_for(tuple(split["test_cases"]))
     loaded.config["preprocessing"][KEY] = target
+    if method != "gaussian":
+        loaded.config["preprocessing"][FILTER_KEY] = method
     record = {"split": split, "ct_grain_target": target, "cases": {}, "grain": {}}
     for cid in split["test_cases"]:
         case = next(c for c in cases if c.case_id == cid)
@@ -60,6 +62,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "harvard_aanlib_ct_mri_2d"))
     parser.add_argument("--exclude-from-training", nargs="*", default=["2"], metavar="ID")
+    parser.add_argument("--filter", choices=("gaussian", "median"), default="gaussian",
+                        help="how a grainier CT is brought down (grain.py): the blur, or a share of its 3x3 median")
     args = parser.parse_args()
 
     from CTtoMRISynthesisLib.grain import training_target
@@ -78,15 +82,16 @@ def main() -> int:
             targets[held_out] = training_target(rest, tuple(args.exclude_from_training))
         return targets[held_out]
 
-    print("| run | fold | held out | target | its grain | blur (px) |")
+    print(f"| run | fold | held out | target | its grain | {'median share' if args.filter == 'median' else 'blur (px)'} |")
     print("|---|---|---|---|---|---|")
     for run in args.runs:
         copy = args.out / run.name
         for fold in sorted(run.glob("fold*")):
-            record = copy_fold(fold, copy / fold.name, cases, target_for)
+            record = copy_fold(fold, copy / fold.name, cases, target_for, args.filter)
             for cid, note in record["grain"].items():
+                done = note.get("ct_grain_median_share", note.get("ct_grain_blur_px"))
                 print(f"| {run.name} | {fold.name} | {cid} | {record['ct_grain_target']:.2f} | {note['ct_grain']:.2f} | "
-                      f"{note['ct_grain_blur_px']:g} |", flush=True)
+                      f"{done:g} |", flush=True)
         write_cv_report(copy, cases, command=f"experiments/grain_cv.py {run}", out_dir=copy / "report")
     return 0
 

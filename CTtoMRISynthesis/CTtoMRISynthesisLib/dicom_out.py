@@ -116,8 +116,14 @@ def output_context(result, ct_source: Optional[Choice], reference_source: Option
 
 
 def _deidentified(source: Optional[Choice]) -> bool:
-    """Whether the series the outputs join says it was de-identified (PatientIdentityRemoved YES)."""
-    return source is not None and str(source.series.header.get("PatientIdentityRemoved", "") or "").upper() == "YES"
+    """Whether the series the outputs join says it was de-identified or its dates changed: PatientIdentityRemoved
+    YES, a DeidentificationMethod, or LongitudinalTemporalInformationModified MODIFIED / REMOVED."""
+    if source is None:
+        return False
+    header = source.series.header
+    return (str(header.get("PatientIdentityRemoved", "") or "").upper() == "YES"
+            or bool(str(header.get("DeidentificationMethod", "") or "").strip())
+            or str(header.get("LongitudinalTemporalInformationModified", "") or "").upper() in ("MODIFIED", "REMOVED"))
 
 
 def _lossy(sources: list) -> Optional[Tuple[list, list]]:

@@ -89,10 +89,29 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def physical_cores() -> Optional[int]:
+    """The physical cores among the CPUs this process may run on (hyperthreads of one core count once), as PyTorch
+    counts cores for its own default; None where that cannot be told (then the CPUs are counted)."""
+    if hasattr(os, "sched_getaffinity"):  # Linux: the topology files of the CPUs this process may use
+        siblings = set()
+        for cpu in os.sched_getaffinity(0):
+            try:
+                siblings.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+            except OSError:
+                return None
+        return len(siblings) or None
+    try:  # macOS, Windows: psutil where it is installed
+        import psutil
+    except ImportError:
+        return None
+    return psutil.cpu_count(logical=False)
+
+
 def threads_beside_the_gui() -> int:
-    """Threads for a run started from Slicer: every core this process may use but one, left to Slicer's window (a run
-    on all of them makes the views stutter while it works); at least one."""
-    return max(1, available_cores() - 1)
+    """Threads for a run started from Slicer: every physical core this process may use but one, left to Slicer's
+    window (a run on all of them makes the views stutter while it works; on hyperthreads it gains little and leaves
+    no core free); at least one."""
+    return max(1, min(available_cores(), physical_cores() or available_cores()) - 1)
 
 
 def _limit_threads(threads: int) -> None:
@@ -104,6 +123,8 @@ def _limit_threads(threads: int) -> None:
 
     torch.set_num_threads(threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    print(f"threads: PyTorch {torch.get_num_threads()}, ITK {sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()}",
+          flush=True)  # log text (the protocol's other lines name their kind first)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
