@@ -851,6 +851,24 @@ def test_a_deidentified_study_gets_no_real_dates(tmp_path: Path) -> None:
             assert not [line for line in report.splitlines() if line.startswith("Error")], report
 
 
+def test_series_numbers_keep_off_those_the_study_already_has(tmp_path: Path) -> None:
+    """An earlier run's series imported into the CT's study (9001, 9003): the new ones move up by 10 (9011…), and
+    by 20 when those are taken too; numbers of another study do not count."""
+    result = oblique_result()
+    write_series(tmp_path / "study", axial(6, 4.0), number=3, thickness=4.0)
+    write_series(tmp_path / "study", axial(6, 4.0), number=9002, thickness=4.0, study_uid="1.2.3.4.5")  # other study
+    numbers = []
+    for round_, taken in enumerate(((), (9001, 9003), (9014,))):
+        for number in taken:
+            write_series(tmp_path / "study", axial(6, 4.0), number=number, thickness=4.0, modality="MR")
+        _, choice = dicom.read_input(tmp_path / "study", "CT", "3")
+        out = tmp_path / f"out{round_}"
+        save_outputs(result, out, extra_writer=dicom_out.dicom_writer(result, choice, choice))
+        numbers.append(sorted(int(pydicom.dcmread(sorted((out / "dicom" / kind).iterdir())[0]).SeriesNumber)
+                              for kind in result.output_images()))
+    assert numbers == [[9001, 9002, 9003, 9004], [9011, 9012, 9013, 9014], [9021, 9022, 9023, 9024]]
+
+
 def test_validator_accepts_the_written_files(tmp_path: Path) -> None:
     """dciodvfy (Debian's dicom3tools) finds no errors; its warnings are the Modality LUT in MR images."""
     if shutil.which("dciodvfy") is None:

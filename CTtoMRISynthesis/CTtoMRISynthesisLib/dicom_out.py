@@ -33,6 +33,8 @@ OUTPUT_SERIES = {
     "ct_registered": ("CT", "CT resampled onto the MRI grid - not for diagnosis", 9004),
 }
 DICOM_FOLDER = "dicom"
+#: OUTPUT_SERIES's numbers move up by multiples of this until none repeats a series number of the study they join
+SERIES_NUMBER_STEP = 10
 
 
 @dataclass
@@ -47,6 +49,8 @@ class OutputContext:
     ct_rescale: Tuple[float, str] = (0.0, "US")
     #: (ratios, methods) when a source's pixels were lossy-compressed: a derived image must say so too
     lossy: Optional[Tuple[list, list]] = None
+    #: added to OUTPUT_SERIES's numbers (:func:`_series_offset`)
+    series_offset: int = 0
 
 
 def output_context(result, ct_source: Optional[Choice], reference_source: Optional[Choice]) -> OutputContext:
@@ -112,7 +116,26 @@ def output_context(result, ct_source: Optional[Choice], reference_source: Option
         ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8, only when a copied name (or the weights' file name) needs it
     return OutputContext(common=ds, thickness=thickness, derivation=derivation, ct_rescale=ct_rescale,
                          lossy=_lossy([s for s in (ct_source, reference_source if reference_source is not ct_source else None)
-                                       if s is not None]))
+                                       if s is not None]),
+                         series_offset=_series_offset((ct_source, reference_source), str(ds.StudyInstanceUID)))
+
+
+def _series_offset(sources, study_uid: str) -> int:
+    """0, or the smallest multiple of :data:`SERIES_NUMBER_STEP` that keeps OUTPUT_SERIES's numbers off every series
+    number the input folders show in the study the outputs join (say an earlier run's series, imported into it: two
+    series 9001 would look like one in a viewer's list)."""
+    taken = set()
+    for source in sources:
+        if source is None:
+            continue
+        for series in [source.series, *source.others]:
+            if series.study_uid == study_uid and series.number is not None:
+                taken.add(int(series.number))
+    numbers = [number for _, _, number in OUTPUT_SERIES.values()]
+    offset = 0
+    while any(number + offset in taken for number in numbers):
+        offset += SERIES_NUMBER_STEP
+    return offset
 
 
 def _deidentified(source: Optional[Choice]) -> bool:
@@ -182,7 +205,7 @@ def _series_dataset(image: sitk.Image, kind: str, context: OutputContext, slope:
     ds.update(context.common)
     ds.Modality = modality
     ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = number
+    ds.SeriesNumber = number + context.series_offset
     ds.SeriesDescription = description
     ds.ImageLaterality = "U"  # the head is unpaired (and with ImageLaterality, Laterality is not required)
     ds.BodyPartExamined = "HEAD"
