@@ -486,7 +486,8 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
     # -- synchronous (console, tests) ------------------------------------------------------------
 
     def process(self, ctNode, mriNode=None, device: str = "auto", registration: str = "rigid", weightsPath=None,
-                progress=None, cancel=None, allowDisjoint: bool = False, askConfirmation: bool = True) -> dict:
+                progress=None, cancel=None, allowDisjoint: bool = False, askConfirmation: bool = True,
+                showResults: bool = False) -> dict:
         """Synthesize an MRI from ``ctNode`` and add the results as new nodes; synchronous.
 
         Does everything the "Synthesize MRI" button does, but in this thread (Slicer is busy until it
@@ -506,6 +507,7 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
             returning True to stop (nothing is added then).
         :param askConfirmation: False installs missing Python packages (PyTorch, scikit-image, safetensors)
             without the confirmation dialog.
+        :param showResults: True also shows them side by side in the review's linked views, as the button does.
         :return: dict of the new nodes: "synthetic_mri", and with an MRI also "ct_registered",
             "difference", "transform" and "table"; "uncertainty" when the model estimates its spread.
             Raises ``CTMRIError`` (a message saying what to do) on bad input; the scene is then unchanged.
@@ -519,6 +521,8 @@ class CTtoMRISynthesisLogic(ScriptedLoadableModuleLogic):
         )
         summary = mrml.summary_of(outputs)
         logging.info(f"CT to MRI synthesis done in {summary.get('seconds')} s on {summary.get('device')}")
+        if showResults:
+            self.showResults(outputs, mriNode, ctNode)
         return outputs
 
     @staticmethod

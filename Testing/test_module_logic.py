@@ -91,6 +91,19 @@ def test_console_process_returns_the_output_nodes(module, scene, case, tiny_weig
     assert module.CTtoMRISynthesisLogic._weights(tiny_weights) == str(tiny_weights)
 
 
+def test_console_process_shows_the_results_only_when_asked(module, scene, case, tiny_weights, monkeypatch) -> None:
+    """``process(..., showResults=True)`` brings up the review as the button does; by default the layout is left."""
+    shown: list = []
+    monkeypatch.setattr(module.CTtoMRISynthesisLogic, "showResults",
+                        staticmethod(lambda outputs, mri=None, ct=None: shown.append((outputs["synthetic_mri"], mri, ct))))
+    ct, mri = _node(case[0], "CT28"), _node(case[1], "MR28")
+    logic = module.CTtoMRISynthesisLogic()
+    logic.process(ct, mri, device="cpu", registration="none", weightsPath=str(tiny_weights))
+    assert shown == []
+    outputs = logic.process(ct, mri, device="cpu", registration="none", weightsPath=str(tiny_weights), showResults=True)
+    assert shown == [(outputs["synthetic_mri"], mri, ct)]
+
+
 def test_console_process_refuses_disjoint_images_unless_allowed(module, scene, case, tiny_weights) -> None:
     from CTtoMRISynthesisLib import mrml
     from CTtoMRISynthesisLib.errors import CTMRIError
