@@ -171,3 +171,17 @@ def test_round15_recorded_verdict_is_what_the_rule_gives_on_the_recorded_tables(
     out = capsys.readouterr().out
     assert "Verdict: no set passes; the shipped error model stays." in out
     assert out.strip() in (folder / "round15_rule.txt").read_text()  # the recorded output is this output
+
+
+@needs_torch
+def test_bright_share_counts_brain_voxels_as_bright_as_the_csf_median() -> None:
+    """experiments/bright_spots.py: the share of brain-tissue voxels at least as bright as the median in CSF; nan
+    without either tissue."""
+    spots = load("bright_spots")
+    syn = np.array([[10.0, 20.0, 30.0, 40.0, 100.0, 120.0, 200.0]])
+    csf = np.array([[False, False, False, False, True, True, True]])
+    brain = ~csf
+    assert spots.bright_share(syn, csf, brain) == 0.0  # CSF median 120: no brain voxel reaches it
+    syn[0, 3] = 150.0
+    assert spots.bright_share(syn, csf, brain) == 0.25
+    assert np.isnan(spots.bright_share(syn, np.zeros_like(csf), brain))
