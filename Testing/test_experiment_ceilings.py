@@ -185,3 +185,17 @@ def test_bright_share_counts_brain_voxels_as_bright_as_the_csf_median() -> None:
     syn[0, 3] = 150.0
     assert spots.bright_share(syn, csf, brain) == 0.25
     assert np.isnan(spots.bright_share(syn, np.zeros_like(csf), brain))
+
+
+@needs_torch
+def test_fine_texture_rises_with_speckles_and_ignores_smooth_ramps() -> None:
+    """bright_spots.fine_texture: 0 on a smooth ramp (its own median), larger with isolated bright pixels."""
+    spots = load("bright_spots")
+    ramp = np.tile(np.linspace(50, 150, 64, dtype=np.float32), (3, 64, 1))
+    brain = np.ones(ramp.shape, bool)
+    assert spots.fine_texture(ramp, brain) < 0.1  # (only its border columns, where the median reflects)
+    speckled = ramp.copy()
+    rng = np.random.default_rng(0)
+    speckled[rng.random(ramp.shape) < 0.3] += 40.0
+    assert spots.fine_texture(speckled, brain) > 5.0
+    assert np.isnan(spots.fine_texture(ramp, np.zeros_like(brain)))

@@ -7,7 +7,9 @@ synthetic MRI is at least as bright as the median of the synthetic MRI in CSF. T
 ``external_ct.py``: on HU CT brain tissue is 25..45 HU and CSF 0..15 HU inside the skull; on 8-bit CT the strict
 masks of ``contrast.tissue_masks`` (inside the skull, the smoothed CT's 40th–90th percentile and its darkest 10 %).
 Sulci and partial volume count too, so a clean CT does not give 0: compare models on the same CT, and CTs with
-each other. Numbers only (the images have no open licence).
+each other. Second table, the speckles themselves: the synthetic MRI's fine texture in brain tissue, the mean
+absolute difference from its own 5 × 5 in-plane median, in grey levels (a robust SD would ignore sparse spots;
+compare models on one CT: the outputs' pixel sizes differ between CTs). Numbers only (the images have no open licence).
 
     python experiments/bright_spots.py [--weights FILE ...] [--data ../shared/data] [--reference]
 
@@ -36,6 +38,15 @@ def bright_share(syn: np.ndarray, csf: np.ndarray, brain: np.ndarray) -> float:
     return float((syn[brain] >= np.median(syn[csf])).mean())
 
 
+def fine_texture(syn: np.ndarray, brain: np.ndarray) -> float:
+    """Mean |``syn`` minus its 5 × 5 in-plane median| over ``brain`` (nan if empty): speckles raise it."""
+    from scipy import ndimage
+
+    if not brain.any():
+        return float("nan")
+    return float(np.abs(syn - ndimage.median_filter(syn, size=(1, 5, 5)))[brain].mean())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", nargs="+", default=[None], help="model files (default: the shipped model)")
@@ -47,10 +58,18 @@ def main() -> int:
     print("share of brain-tissue voxels at least as bright as the synthetic MRI's median in CSF (masks from the CT)\n")
     print("| CT | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
+    textures = []
     for name, image, masks, _variants in external_cts(args.data):
         csf, brain = (masks["csf_strict"], masks["brain_strict"]) if "csf_strict" in masks else (masks["csf"], masks["brain"])
-        shares = [bright_share(_syn(model, image), csf, brain) for model in models]
+        syntheses = [_syn(model, image) for model in models]
+        shares = [bright_share(syn, csf, brain) for syn in syntheses]
+        textures.append((name, [fine_texture(syn, brain) for syn in syntheses]))
         print(f"| {name} | " + " | ".join(f"{100 * s:.1f} %" for s in shares) + " |", flush=True)
+    print("\nfine texture in brain tissue: mean |synthetic MRI - its 5 x 5 median| (grey levels)\n")
+    print("| CT | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for name, values in textures:
+        print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
     if args.reference:
         reference_rows(args.data / "harvard_aanlib_ct_mri_2d")
     return 0
