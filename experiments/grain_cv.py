@@ -24,6 +24,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "CTtoMRISynthesis"))
 
+from CTtoMRISynthesisLib.grain import FILTERS  # noqa: E402
+
 
 def copy_fold(fold: Path, out: Path, cases: list, target_for, method: str = "gaussian") -> dict:
     """Link ``fold``'s model into ``out`` and save its held-out predictions made with grain matching, the
@@ -62,7 +64,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "harvard_aanlib_ct_mri_2d"))
     parser.add_argument("--exclude-from-training", nargs="*", default=["2"], metavar="ID")
-    parser.add_argument("--filter", choices=("gaussian", "median"), default="gaussian",
+    parser.add_argument("--filter", choices=FILTERS, default="gaussian",
                         help="how a grainier CT is brought down (grain.py): the blur, or a share of its 3x3 median")
     args = parser.parse_args()
 

@@ -112,10 +112,9 @@ def match_grain(ct255: np.ndarray, target: Optional[float], max_blur: Optional[f
     sample = _sample(ct255)
     tissue = soft_tissue(sample)  # from the CT as given, so every blur is measured on the same voxels
     measured = _band_sd(sample, tissue)
-    note = {"ct_grain": measured, "ct_grain_target": float(target), "ct_grain_blur_px": 0.0}
-    if method == "median":
-        note = {"ct_grain": measured, "ct_grain_target": float(target), "ct_grain_filter": "median",
-                "ct_grain_median_share": 0.0}
+    note = {"ct_grain": measured, "ct_grain_target": float(target)}
+    note.update({"ct_grain_filter": "median", "ct_grain_median_share": 0.0} if method == "median"
+                else {"ct_grain_blur_px": 0.0})
     if measured is None or measured <= target:
         return ct255, note
     if method == "median":
@@ -134,28 +133,29 @@ def match_grain(ct255: np.ndarray, target: Optional[float], max_blur: Optional[f
 def _sigma_for(sample: np.ndarray, tissue: np.ndarray, measured: float, target: float) -> float:
     """The blur that brings the grain to ``target``: interpolated between the two :data:`SIGMAS` around it,
     so that the blur, and the output, change smoothly with the CT's grain (the largest if none is enough)."""
-    previous = (0.0, measured)
-    for sigma in SIGMAS:
-        value = _band_sd(_blur(sample, sigma), tissue)
-        if value <= target:
-            s0, v0 = previous
-            return round(s0 + (v0 - target) / max(v0 - value, 1e-6) * (sigma - s0), 2)
-        previous = (sigma, value)
-    return SIGMAS[-1]
+    return _step_to_target(SIGMAS, lambda sigma: _band_sd(_blur(sample, sigma), tissue), measured, target, 2)
 
 
 def _share_for(sample: np.ndarray, tissue: np.ndarray, measured: float, target: float) -> float:
     """The share of the median that brings the grain to ``target``, interpolated between :data:`SHARES` (so that
     the output changes smoothly with the CT's grain); 1 if even the full median does not."""
     median = _median(sample)
+    return _step_to_target(SHARES, lambda share: _band_sd(sample + np.float32(share) * (median - sample), tissue),
+                           measured, target, 3)
+
+
+def _step_to_target(steps: tuple, grain_at, measured: float, target: float, digits: int) -> float:
+    """The smallest filter strength (0 = none, :data:`SIGMAS` or :data:`SHARES` tried in order, ``grain_at(step)``
+    the grain it leaves) that brings the grain from ``measured`` to ``target``, interpolated linearly between the
+    two steps around it and rounded to ``digits``; the last step if none is enough."""
     previous = (0.0, measured)
-    for share in SHARES:
-        value = _band_sd(sample + np.float32(share) * (median - sample), tissue)
+    for step in steps:
+        value = grain_at(step)
         if value <= target:
             s0, v0 = previous
-            return round(s0 + (v0 - target) / max(v0 - value, 1e-6) * (share - s0), 3)
-        previous = (share, value)
-    return SHARES[-1]
+            return round(s0 + (v0 - target) / max(v0 - value, 1e-6) * (step - s0), digits)
+        previous = (step, value)
+    return steps[-1]
 
 
 def training_target(cases, exclude=()) -> float:

@@ -233,15 +233,16 @@ def _as_trained(ct255: np.ndarray, grain_target: Optional[float], grain_max_blur
         ct255, note = match_grain(ct255, grain_target, grain_max_blur, grain_filter)
         info.update(note)
         if note.get("ct_grain_median_share"):
+            done = f"moved {note['ct_grain_median_share']:.0%} of the way to its 3 × 3 median before synthesis"
+        elif note.get("ct_grain_blur_px"):
+            done = (f"blurred in-plane by {note['ct_grain_blur_px']:g} px before synthesis"
+                    + (" (the most the model file allows)" if note.get("ct_grain_blur_capped") else ""))
+        else:
+            done = None
+        if done:
             info["warnings"].append(
                 f"the CT is grainier than the CTs the model was trained on (noise grain {note['ct_grain']:.1f} "
-                f"against at most {note['ct_grain_target']:.1f}): moved {note['ct_grain_median_share']:.0%} of the "
-                "way to its 3 × 3 median before synthesis")
-        if note.get("ct_grain_blur_px"):
-            info["warnings"].append(
-                f"the CT is grainier than the CTs the model was trained on (noise grain {note['ct_grain']:.1f} "
-                f"against at most {note['ct_grain_target']:.1f}): blurred in-plane by {note['ct_grain_blur_px']:g} px "
-                "before synthesis" + (" (the most the model file allows)" if note.get("ct_grain_blur_capped") else ""))
+                f"against at most {note['ct_grain_target']:.1f}): {done}")
     if standardise is not None:
         ct255, note = standardise_ct(ct255, standardise)
         info.update(note)
