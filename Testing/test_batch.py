@@ -6,6 +6,7 @@ and variants written to tmp_path (a cropped copy, a file that is not an image), 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -550,10 +551,15 @@ def _children(pid: int) -> list:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through Linux /proc")
-def test_a_worker_killed_mid_batch_loses_no_case(cohort: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("other_worker", ["running", "stuck"])
+def test_a_worker_killed_mid_batch_loses_no_case(cohort: Path, tmp_path: Path, other_worker: str) -> None:
     """A worker killed outright (the kernel's out-of-memory killer, a kill -9) broke the pool, and every case not
     finished by then, started or not, was recorded as "the worker process died". Now the cases not started go on in
-    a new pool and those the dead worker may have held are run again one at a time: every case ends ok."""
+    a new pool and those the dead worker may have held are run again one at a time: every case ends ok.
+
+    "stuck": the other worker cannot act on the pool's SIGTERM (stopped here; in a real run, blocked forever on a
+    queue lock the killed worker held when it died, which made a clean-clone CI run hang for 300 s): the batch
+    still ends, and that worker's case is run again too."""
     rows = [(f"w{k}", str(cohort / "ct.nrrd"), str(cohort / "mri.nrrd")) for k in range(6)]
     manifest = write_manifest(tmp_path / "cases.csv", rows)
     out = tmp_path / "out"
@@ -565,9 +571,17 @@ def test_a_worker_killed_mid_batch_loses_no_case(cohort: Path, tmp_path: Path) -
         time.sleep(0.05)  # the first case has finished: both workers are up and busy
     workers = [pid for pid in _children(proc.pid)
                if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
-    assert workers, "no worker process found"
+    assert len(workers) == 2, f"expected two worker processes, found {workers}"
+    if other_worker == "stuck":
+        os.kill(workers[1], signal.SIGSTOP)
     os.kill(workers[0], signal.SIGKILL)
-    stdout, stderr = proc.communicate(timeout=300)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        for pid in workers[1:]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # a hang's stopped worker must not outlive the test
+        proc.kill()
     assert proc.returncode == 0, stdout + stderr
     assert "note: a worker process died" in stdout
     rows = read_summary(out)

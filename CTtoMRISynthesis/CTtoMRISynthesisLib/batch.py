@@ -28,6 +28,7 @@ model once. Ctrl-C (or SIGTERM from a scheduler) stops cleanly: a case in progre
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -400,9 +401,11 @@ def worker_threads(jobs: int) -> int:
     return max(1, available_cores() // max(1, jobs))
 
 
-def _init_worker(threads: int, weights: str, device: str, cancel_event, started) -> None:
+def _init_worker(threads: int, weights: str, device: str, cancel_flag, started) -> None:
     """Runs once in each worker: ignore Ctrl-C (the parent decides), divide the threads, load the model.
-    ``started``: a queue each case's id is put on as it begins (which cases a dead worker may have held)."""
+    ``cancel_flag``: a shared byte the parent sets to stop the cases in progress; ``started``: the writing end of a
+    pipe each case's id is sent on as it begins (which cases a dead worker may have held). Neither takes a lock: a
+    worker killed while holding a lock shared with the others would leave them blocked on it forever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: _WORKER.__setitem__("stop", True))
     # Before torch/numpy load their thread pools (the worker imported only this module so far).
@@ -418,7 +421,7 @@ def _init_worker(threads: int, weights: str, device: str, cancel_event, started)
     torch.set_num_threads(threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     _WORKER.setdefault("stop", False)  # (a SIGTERM during start-up has set it already)
-    _WORKER.update(event=cancel_event, started=started, model=load_model(weights, choose_device(device)))
+    _WORKER.update(cancel=cancel_flag, started=started, model=load_model(weights, choose_device(device)))
 
 
 def _runner() -> dict:
@@ -428,11 +431,11 @@ def _runner() -> dict:
 
 
 def _worker_cancelled() -> bool:
-    return bool(_WORKER.get("stop")) or _WORKER["event"].is_set()
+    return bool(_WORKER.get("stop")) or bool(_WORKER["cancel"].value)
 
 
 def _run_in_worker(case: Case, out_dir: Path, options: "CaseOptions", expected: dict) -> dict:
-    _WORKER["started"].put(case.id)
+    _WORKER["started"].send(case.id)  # one write of a few bytes (< PIPE_BUF): whole, never interleaved
     try:
         return process_case(case, out_dir, options, expected, model=_WORKER["model"], cancel=_worker_cancelled,
                             runner=_runner())
@@ -821,8 +824,9 @@ def _pool_pass(cases, out_dir, options, expected, weights, jobs, outcome, report
     from concurrent.futures.process import BrokenProcessPool
 
     context = multiprocessing.get_context("spawn")
-    cancel_event, started = context.Event(), context.SimpleQueue()
-    init = (worker_threads(jobs), str(weights), options.device, cancel_event, started)
+    cancel_flag = context.RawValue("b", 0)
+    started, started_writer = context.Pipe(duplex=False)
+    init = (worker_threads(jobs), str(weights), options.device, cancel_flag, started_writer)
     # The submits start the workers; with Ctrl-C ignored here at that moment, they start with it ignored
     # (an ignored signal stays ignored across exec, and Python then installs no handler): a Ctrl-C while
     # a worker imports torch would otherwise kill it and break the pool instead of stopping cleanly.
@@ -834,8 +838,8 @@ def _pool_pass(cases, out_dir, options, expected, weights, jobs, outcome, report
     begun: set = set()
 
     def drain() -> None:  # read as cases finish, so that the pipe behind the queue never fills
-        while not started.empty():
-            begun.add(started.get())
+        while started.poll():
+            begun.add(started.recv())
 
     def take(future) -> None:
         drain()
@@ -844,6 +848,7 @@ def _pool_pass(cases, out_dir, options, expected, weights, jobs, outcome, report
             record = future.result()
         except BrokenProcessPool:
             unfinished.append(futures[future])
+            _end_the_other_workers(pool)
             return
         if record["status"] != "cancelled":
             outcome.ran.append(record)
@@ -858,7 +863,7 @@ def _pool_pass(cases, out_dir, options, expected, weights, jobs, outcome, report
     except BaseException:
         # Ctrl-C, SIGTERM, or an error that ends the batch: cases in progress stop at their next cancel
         # check and discard their outputs; cases not started are dropped.
-        cancel_event.set()
+        cancel_flag.value = 1
         with _signals_held():
             pool.shutdown(wait=True, cancel_futures=True)
             for future in futures:  # cases that finished while the others were stopping are kept
@@ -870,7 +875,19 @@ def _pool_pass(cases, out_dir, options, expected, weights, jobs, outcome, report
         raise
     pool.shutdown(wait=True)
     drain()
+    started.close()
+    started_writer.close()
     return unfinished, begun
+
+
+def _end_the_other_workers(pool) -> None:
+    """A worker died and broke the pool: kill the others now. The pool sends them SIGTERM and waits for them to
+    exit, but a worker turns SIGTERM into "stop at the next cancel check" (a scheduler's SIGTERM must not leave
+    half-written cases), and one blocked on a lock of the pool's queues that the dead worker held never gets there:
+    the pool, and the batch, waited forever. Their cases count as in progress and are run again one at a time."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):  # CPython 3.9-3.13 keep them here
+        with contextlib.suppress(OSError, ValueError):  # already ended, or already reaped
+            process.kill()
 
 
 def _record_died(case: Case, out_dir: Path, expected: dict, outcome, reporter, alone: bool) -> None:
