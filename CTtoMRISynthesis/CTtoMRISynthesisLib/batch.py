@@ -409,17 +409,13 @@ def _init_worker(threads: int, weights: str, device: str, cancel_flag, started) 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: _WORKER.__setitem__("stop", True))
     # Before torch/numpy load their thread pools (the worker imported only this module so far).
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[name] = str(threads)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads must not spin on shared cores
-    import SimpleITK as sitk
-    import torch
+    from .worker import limit_threads
 
+    limit_threads(threads)
     from .synthesis import choose_device
     from .weights import load_model
 
-    torch.set_num_threads(threads)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     _WORKER.setdefault("stop", False)  # (a SIGTERM during start-up has set it already)
     _WORKER.update(cancel=cancel_flag, started=started, model=load_model(weights, choose_device(device)))
 

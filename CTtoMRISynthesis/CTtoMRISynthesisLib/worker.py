@@ -114,8 +114,9 @@ def threads_beside_the_gui() -> int:
     return max(1, min(available_cores(), physical_cores() or available_cores()) - 1)
 
 
-def _limit_threads(threads: int) -> None:
-    """Before NumPy, SimpleITK and PyTorch start their thread pools: each gets ``threads``."""
+def limit_threads(threads: int) -> None:
+    """Before NumPy, SimpleITK and PyTorch start their thread pools: each gets ``threads`` (this worker's
+    ``--threads``; each ``ctmri batch --jobs`` worker's share of the cores)."""
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[name] = str(threads)
     import SimpleITK as sitk
@@ -123,8 +124,16 @@ def _limit_threads(threads: int) -> None:
 
     torch.set_num_threads(threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def _limit_threads(threads: int) -> None:
+    """:func:`limit_threads`, then say what was applied (log text: the protocol's other lines name their kind)."""
+    limit_threads(threads)
+    import SimpleITK as sitk
+    import torch
+
     print(f"threads: PyTorch {torch.get_num_threads()}, ITK {sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()}",
-          flush=True)  # log text (the protocol's other lines name their kind first)
+          flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
