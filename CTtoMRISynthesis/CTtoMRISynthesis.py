@@ -58,6 +58,7 @@ U.S. National Library of Medicine.
         # A scene saved while a review was shown asks for its layout when it is loaded in a new session, before
         # any synthesis has registered it: register them all once Slicer is up (not at each module entry).
         slicer.app.connect("startupCompleted()", registerReviewLayouts)
+        slicer.app.connect("startupCompleted()", registerSampleData)
 
 
 def registerReviewLayouts() -> None:
@@ -67,6 +68,24 @@ def registerReviewLayouts() -> None:
     layoutManager = slicer.app.layoutManager()
     if layoutManager is not None:  # no layout manager when Slicer runs without its main window
         review.register_review_layouts(layoutManager.layoutLogic().GetLayoutNode())
+
+
+def registerSampleData() -> None:
+    """List the shipped sample case (CT + MR) in the Sample Data module. Its files are read from this installation
+    and checked against their sha256 (CTtoMRISynthesisLib/demo.py): nothing is downloaded."""
+    import os
+
+    import SampleData
+    from CTtoMRISynthesisLib import demo
+    from CTtoMRISynthesisLib.errors import CTMRIError
+
+    try:
+        source = demo.slicer_sample_source()
+    except CTMRIError as exc:  # an incomplete installation: the module still works on the user's own images
+        logging.warning(f"CT to MRI Synthesis: the sample case is not listed in Sample Data: {exc}")
+        return
+    icon = os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources", "Icons", "CTtoMRISynthesis.png")
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(thumbnailFileName=icon, **source)
 
 
 #
@@ -665,12 +684,15 @@ class CTtoMRISynthesisTest(ScriptedLoadableModuleTest):
         self.test_ProcessWithoutReference()
 
     def _sample(self):
-        """The sample case shipped with the module (no download: the self-test must run offline)."""
-        import os
+        """The sample case shipped with the module, loaded as a user loads it: from the Sample Data module, which
+        reads it from this installation (no download: the self-test must run offline)."""
+        import SampleData
+        from CTtoMRISynthesisLib import demo
 
-        folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources", "SampleData")
-        ctNode = slicer.util.loadVolume(os.path.join(folder, "ct.nrrd"), {"name": "SampleCT"})
-        mriNode = slicer.util.loadVolume(os.path.join(folder, "mri.nrrd"), {"name": "SampleMRI"})
+        registerSampleData()  # as at startup (registering twice is a no-op); a test may run before startupCompleted
+        nodes = SampleData.SampleDataLogic().downloadSamples(demo.SLICER_SAMPLE_NAME)
+        self.assertEqual([n.GetName() for n in nodes if hasattr(n, "GetName")], ["SampleCT", "SampleMRI"], nodes)
+        ctNode, mriNode = nodes
         return ctNode, mriNode
 
     def test_ReviewOfAFinishedRun(self):

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from conftest import REPO, data_root
@@ -111,3 +112,43 @@ def test_demo_without_weights_says_so_in_one_error_line(tmp_path: Path, monkeypa
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert "weights" in lines[0] and str(missing) in lines[0]
     assert not out.exists(), "nothing is written when the model is missing"
+
+
+# registerCustomSampleDataSource's parameters in Slicer's SampleData.py (the same in 5.6, 5.8 and 5.10)
+SAMPLE_DATA_PARAMETERS = {"category", "sampleName", "uris", "fileNames", "nodeNames", "customDownloader",
+                          "thumbnailFileName", "loadFileType", "loadFiles", "loadFileProperties", "checksums"}
+
+
+def test_the_sample_is_listed_in_slicers_sample_data_from_its_own_files(tmp_path: Path) -> None:
+    """The module lists the shipped sample in Slicer's Sample Data module. Done here as Sample Data does it
+    (``SampleDataLogic.downloadFile``: urllib's ``urlretrieve`` of each address into its cache, then the checksum
+    of the copy): the addresses are the installation's own files, and the checksums are theirs."""
+    import hashlib
+    import urllib.request
+
+    from CTtoMRISynthesisLib import demo
+    from CTtoMRISynthesisLib.weights import sha256_of
+
+    source = demo.slicer_sample_source()
+    assert set(source) <= SAMPLE_DATA_PARAMETERS
+    assert source["nodeNames"] == ["SampleCT", "SampleMRI"] and source["sampleName"] == demo.SLICER_SAMPLE_NAME
+    assert all(len(source[key]) == 2 for key in ("uris", "fileNames", "loadFileType", "checksums"))
+    for uri, name, checksum in zip(source["uris"], source["fileNames"], source["checksums"]):
+        assert uri.startswith("file://"), "a file of this installation: nothing is downloaded"
+        copy = tmp_path / name
+        urllib.request.urlretrieve(uri, str(copy))
+        algo, digest = checksum.split(":")
+        assert hashlib.new(algo.lower(), copy.read_bytes()).hexdigest() == digest
+    for kind, path in sample_paths().items():  # a rebuilt sample must come with its new checksums
+        assert sha256_of(path) == demo.SAMPLE_SHA256[kind], f"update demo.SAMPLE_SHA256[{kind!r}]"
+
+
+def test_the_sample_is_not_listed_from_an_incomplete_installation(tmp_path: Path) -> None:
+    """A missing file is the usual clear error (the module then logs it and lists nothing) rather than a listed
+    sample that fails when clicked."""
+    from CTtoMRISynthesisLib import demo
+    from CTtoMRISynthesisLib.errors import CTMRIError
+
+    (tmp_path / "ct.nrrd").write_bytes((SAMPLE_DIR / "ct.nrrd").read_bytes())
+    with pytest.raises(CTMRIError, match="mri.nrrd not found"):
+        demo.slicer_sample_source(tmp_path)

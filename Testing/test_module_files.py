@@ -161,13 +161,15 @@ def test_module_file_has_no_heavy_imports_and_no_code_at_file_scope() -> None:
 
 
 def test_review_layouts_are_registered_at_startup() -> None:
-    """The module class connects Slicer's startupCompleted() to a function that registers every review layout
-    (test_mrml: a saved review is restored only then); not at file scope, not at each module entry."""
+    """The module class connects Slicer's startupCompleted() to the functions that register every review layout and
+    list the sample in Sample Data (test_mrml: a saved review is restored only then); not at file scope, not at
+    each module entry."""
     tree = module_tree()
     module_class = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CTtoMRISynthesis")
     init = next(n for n in module_class.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
     connects = [ast.unparse(c) for c in ast.walk(init) if isinstance(c, ast.Call) and ast.unparse(c.func) == "slicer.app.connect"]
-    assert connects == ["slicer.app.connect('startupCompleted()', registerReviewLayouts)"], connects
+    assert connects == ["slicer.app.connect('startupCompleted()', registerReviewLayouts)",
+                        "slicer.app.connect('startupCompleted()', registerSampleData)"], connects
     register = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "registerReviewLayouts")
     assert "review.register_review_layouts(layoutManager.layoutLogic().GetLayoutNode())" in ast.unparse(register)
 

@@ -18,6 +18,14 @@ from .resources import first_present, not_installed, sample_candidates
 
 SAMPLE_FILES = {"ct": "ct.nrrd", "mri": "mri.nrrd"}
 SAMPLE_DIR = first_present(sample_candidates(), tuple(SAMPLE_FILES.values()))
+#: sha256 of the shipped files: Slicer's Sample Data module checks the copy it loads against them (a test ties them
+#: to the files, so that a rebuilt sample cannot ship with stale checksums).
+SAMPLE_SHA256 = {"ct": "5daf80588253ea8fea89c92e039c6f23533220155c9dd1ebf73358fb320d153e",
+                 "mri": "dd8e765d06dbbfca3d3dda3cb4f48113b389e0de4d0e03bfdd31079106a71697"}
+#: The sample's name in Slicer's Sample Data module (``SampleData.SampleDataLogic().downloadSamples(...)``) and
+#: its nodes' names there.
+SLICER_SAMPLE_NAME = "CTtoMRISynthesisSample"
+SLICER_NODE_NAMES = {"ct": "SampleCT", "mri": "SampleMRI"}
 #: The sample's MR was aligned to the CT offline; rigid registration is still run (it stays within
 #: about 1–2 mm of that alignment on this sample) so that the demo shows the whole pipeline.
 DEMO_REGISTRATION = "rigid"
@@ -40,6 +48,25 @@ def sample_paths(folder: Optional[Path] = None) -> dict:
             "repository (git checkout -- CTtoMRISynthesis/Resources/SampleData) or rebuild it with make_sample.py there"
         )
     return paths
+
+
+def slicer_sample_source(folder: Optional[Path] = None) -> dict:
+    """Keyword arguments of Slicer's ``SampleData.SampleDataLogic.registerCustomSampleDataSource`` that list the
+    shipped sample (CT and MR) in the Sample Data module. The addresses are this installation's files
+    (``file://``): Sample Data copies them into its cache and checks their sha256, so nothing is downloaded and
+    a damaged copy is refused. CTMRIError if a file is missing (as :func:`sample_paths`)."""
+    paths = sample_paths(folder)
+    kinds = list(SAMPLE_FILES)
+    return {
+        "category": "CT to MRI Synthesis",
+        "sampleName": SLICER_SAMPLE_NAME,
+        "uris": [paths[kind].resolve().as_uri() for kind in kinds],
+        # names in Slicer's shared download cache: prefixed, so that no other sample's ct.nrrd is taken for ours
+        "fileNames": [f"CTtoMRISynthesis-sample-{SAMPLE_FILES[kind]}" for kind in kinds],
+        "nodeNames": [SLICER_NODE_NAMES[kind] for kind in kinds],
+        "loadFileType": ["VolumeFile"] * len(kinds),
+        "checksums": [f"SHA256:{SAMPLE_SHA256[kind]}" for kind in kinds],
+    }
 
 
 def _weights_or_error() -> Path:
