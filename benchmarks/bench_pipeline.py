@@ -4,8 +4,10 @@ Cases (each run in a fresh subprocess so that its peak RSS is its own):
   small    — Harvard case 20 (18 slices; CT + MRI, 256×256), with rigid registration
   large    — the Visible Human CT resampled to 512×512×300 (real values, anatomy stretched in z), no MRI
   volume256 — the same CT resampled to 256×256×256, no MRI (the 256-slice end-to-end target)
+  noisy256 — volume256 with white noise of 25 HU SD added (seeded): grainier than any training CT, so a model
+             with grain matching (grain.py) filters it, the slowest path of that step
 
-    python benchmarks/bench_pipeline.py [--cases small large volume256] [--device auto] [--weights FILE]
+    python benchmarks/bench_pipeline.py [--cases small large volume256 noisy256] [--device auto] [--weights FILE]
                                         [--batch-size N [N ...]]
 
 --weights times a candidate model file (default: the shipped model), e.g. before shipping it (aim 5);
@@ -49,6 +51,11 @@ def make_inputs(case: str, folder: Path) -> tuple[Path, Path | None]:
     size = (512, 512, 300) if case == "large" else (256, 256, 256)
     spacing = [ct.GetSize()[i] * ct.GetSpacing()[i] / size[i] for i in range(3)]
     big = sitk.Resample(ct, size, sitk.Transform(), sitk.sitkLinear, ct.GetOrigin(), spacing, ct.GetDirection(), 0.0, sitk.sitkInt16)
+    if case == "noisy256":
+        noise = np.random.default_rng(0).normal(0.0, 25.0, size[::-1])
+        noisy = sitk.GetImageFromArray(np.round(sitk.GetArrayFromImage(big) + noise).astype(np.int16))
+        noisy.CopyInformation(big)
+        big = noisy
     path = folder / "ct.nrrd"
     sitk.WriteImage(big, str(path), True)
     return path, None
@@ -86,6 +93,7 @@ def run_case(case: str, device: str, weights: str | None = None, batch_size: int
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_before_mb": rss_before / 1024,
             "gpu_peak_mb": gpu_peak,
+            "grain": {k: v for k, v in result.normalisation.items() if k.startswith("ct_grain")},
         }
 
 
@@ -93,15 +101,21 @@ def case_line(result: dict) -> str:
     """One line for a finished case: its total, its slowest stage and its peak memory."""
     slowest = max(result["stages"], key=result["stages"].get)
     gpu = f", GPU max allocated {result['gpu_peak_mb']:.0f} MB" if result["gpu_peak_mb"] else ""
+    grain = result.get("grain") or {}
+    done = grain.get("ct_grain_median_share", grain.get("ct_grain_blur_px"))
+    matched = (f", CT grain {grain['ct_grain']:.2f} (target {grain['ct_grain_target']:.2f}; "
+               f"{'median share' if 'ct_grain_median_share' in grain else 'blur px'} {done:g})"
+               if grain.get("ct_grain") is not None and done is not None else "")
     return (f"{result['case']} {'×'.join(map(str, result['size']))} ({result['device']}): "
             f"{result['total']:.2f} s, slowest stage {slowest} {result['stages'][slowest]:.2f} s, "
-            f"peak RSS {result['peak_rss_mb']:.0f} MB{gpu}")
+            f"peak RSS {result['peak_rss_mb']:.0f} MB{gpu}{matched}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=["small", "volume256", "large"],
-                        choices=["small", "volume256", "large"], help="which volumes to time (default: all three)")
+                        choices=["small", "volume256", "large", "noisy256"],
+                        help="which volumes to time (default: small, volume256, large)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--weights", help="model file to time (default: the shipped model)")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[None], metavar="N",

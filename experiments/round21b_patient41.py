@@ -64,7 +64,8 @@ def main() -> int:
     plain, median = score(args.plain, case, error_model), score(args.median, case, error_model)
     delta = {k: median[k] - plain[k] for k in ("mae", "ssim_foreground", "rho")}
 
-    print(f"patient {PATIENT}, four-member ensemble of fold 8 (CPU-trained), shipped error model of {args.weights.name}")
+    print(f"patient {PATIENT}, the {len(args.plain)}-member ensemble of fold 8 (CPU-trained), shipped error model of "
+          f"{args.weights.name}")
     print("| prediction | foreground MAE | SSIM in head | uncertainty Spearman |")
     print("|---|---|---|---|")
     for name, row in (("as shipped", plain), ("3 × 3 median", median)):
