@@ -200,3 +200,20 @@ def test_synthesize_records_the_grain_and_warns_when_it_blurs(tiny_weights, phan
     note = median.summary()["normalisation"]
     assert note["ct_grain_filter"] == "median" and note["ct_grain_median_share"] > 0 and "ct_grain_blur_px" not in note
     assert any("3 × 3 median" in w for w in median.warnings)
+
+
+def test_the_shipped_model_matches_grain_by_the_median_as_its_card_says() -> None:
+    """Round 21b shipped the 3 × 3 median grain matching: the shipped file's config carries it, with the target the
+    model card states, and (where the training data is here) that target is the grainiest T2 training CT's."""
+    from conftest import REPO, data_root, require
+    from CTtoMRISynthesisLib.weights import default_weights_path
+
+    pre = read_config(default_weights_path())["preprocessing"]
+    assert pre[FILTER_KEY] == "median" and CAP_KEY not in pre
+    card = (REPO / "model_weights" / "README.md").read_text()
+    assert f"`ct_grain_target` {pre[KEY]:.3f}" in card and "`ct_grain_filter` `median`" in card
+    harvard = require(data_root() / "harvard_aanlib_ct_mri_2d")
+    from CTtoMRISynthesisLib.intensity import CTWindow
+    from CTtoMRISynthesisLib.training.discovery import discover
+
+    assert pre[KEY] == pytest.approx(training_target(discover([str(harvard)], CTWindow(45, 120)), ("2",)), abs=1e-3)
