@@ -590,6 +590,38 @@ def test_a_worker_killed_mid_batch_loses_no_case(cohort: Path, tmp_path: Path, o
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through Linux /proc")
+def test_ctrl_c_then_a_dead_worker_still_ends_the_batch(cohort: Path, tmp_path: Path) -> None:
+    """Ctrl-C, then a worker dies while the batch is stopping, and the other cannot act on the pool's SIGTERM
+    (stopped here; in a real run, blocked on a lock the dead one held): the shutdown waited for it forever. Now the
+    batch kills it, stops as interrupted, and keeps no half-written case."""
+    rows = [(f"c{k}", str(cohort / "ct.nrrd"), str(cohort / "mri.nrrd")) for k in range(6)]
+    manifest = write_manifest(tmp_path / "cases.csv", rows)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "CTtoMRISynthesisLib.cli", "batch", "--manifest", str(manifest),
+               "--out-dir", str(out), "--jobs", "2", *FAST]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 180
+    while not list(out.glob(batch.STATE_DIR + "/c*.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    workers = [pid for pid in _children(proc.pid)
+               if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+    assert len(workers) == 2, f"expected two worker processes, found {workers}"
+    os.kill(workers[1], signal.SIGSTOP)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.1)  # the parent is stopping the batch when the other worker dies
+    os.kill(workers[0], signal.SIGKILL)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(workers[1], signal.SIGKILL)
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in stderr, stdout + stderr
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("jobs, stop", [("2", "ctrl-c"), ("1", "sigterm")])
 def test_stop_is_clean_leaving_only_complete_cases(cohort: Path, tmp_path: Path, jobs: str, stop: str) -> None:
     """Ctrl-C at a terminal (SIGINT to the whole process group) while two workers run cases, or a

@@ -4,7 +4,7 @@
 # run"). Output: model_weights/report/evaluation/readme_examples.txt.
 #
 #   bash experiments/readme_examples.sh > model_weights/report/evaluation/readme_examples.txt
-set -eu
+set -euo pipefail
 CTMRI=${CTMRI:-.venv/bin/ctmri}
 DATA=${DATA:-../shared/data}
 OUT=$(mktemp -d)

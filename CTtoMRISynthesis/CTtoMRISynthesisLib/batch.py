@@ -784,7 +784,7 @@ def _run_here(todo, out_dir, options, expected, weights, jobs, outcome, reporter
 
 
 def _run_pool(todo, out_dir, options, expected, weights, jobs, outcome, reporter) -> None:
-    """``--jobs N``: N spawned workers; Ctrl-C/SIGTERM set a shared event that cancels cases in progress.
+    """``--jobs N``: N spawned workers; Ctrl-C/SIGTERM set a shared flag that cancels cases in progress.
 
     A worker that dies (killed, out of memory) breaks its pool, and every case not finished with it. The cases
     not yet started go on in a new pool; those that were in progress are run again one at a time, each in a pool of
@@ -833,7 +833,7 @@ def _pool_pass(cases, out_dir, options, expected, weights, jobs, outcome, report
     unfinished: list = []
     begun: set = set()
 
-    def drain() -> None:  # read as cases finish, so that the pipe behind the queue never fills
+    def drain() -> None:  # read as cases begin and finish, so that the pipe never fills
         while started.poll():
             begun.add(started.recv())
 
@@ -853,27 +853,55 @@ def _pool_pass(cases, out_dir, options, expected, weights, jobs, outcome, report
     from .interrupts import sigterm_as_interrupt
 
     try:
-        with sigterm_as_interrupt():
-            for future in as_completed(futures):
-                take(future)
-    except BaseException:
-        # Ctrl-C, SIGTERM, or an error that ends the batch: cases in progress stop at their next cancel
-        # check and discard their outputs; cases not started are dropped.
-        cancel_flag.value = 1
-        with _signals_held():
-            pool.shutdown(wait=True, cancel_futures=True)
-            for future in futures:  # cases that finished while the others were stopping are kept
-                if future not in taken and future.done() and not future.cancelled():
-                    try:
-                        take(future)
-                    except Exception:  # noqa: BLE001 - the error that ended the batch is the one to report
-                        pass
-        raise
-    pool.shutdown(wait=True)
-    drain()
-    started.close()
-    started_writer.close()
+        try:
+            with sigterm_as_interrupt():
+                for future in as_completed(futures):
+                    take(future)
+        except BaseException:
+            # Ctrl-C, SIGTERM, or an error that ends the batch: cases in progress stop at their next cancel
+            # check and discard their outputs; cases not started are dropped.
+            cancel_flag.value = 1
+            with _signals_held(), _ended_if_it_breaks(pool):
+                pool.shutdown(wait=True, cancel_futures=True)
+                for future in futures:  # cases that finished while the others were stopping are kept
+                    if future not in taken and future.done() and not future.cancelled():
+                        try:
+                            take(future)
+                        except Exception:  # noqa: BLE001 - the error that ended the batch is the one to report
+                            pass
+            raise
+        with _ended_if_it_breaks(pool):
+            pool.shutdown(wait=True)
+        drain()
+    finally:
+        started.close()
+        started_writer.close()
     return unfinished, begun
+
+
+class _ended_if_it_breaks:
+    """While the pool shuts down: if a worker dies then (and the pool breaks), end the others as
+    :func:`take` does, since the shutdown waits for them (a watcher thread; the main thread is in the wait)."""
+
+    def __init__(self, pool) -> None:
+        import threading
+
+        self.pool, self.done = pool, threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self.done.wait(0.2):
+            if getattr(self.pool, "_broken", False):
+                _end_the_other_workers(self.pool)
+                return
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
 
 
 def _end_the_other_workers(pool) -> None:

@@ -9,6 +9,7 @@ outputs with :func:`outputs.save_outputs` and prints the metrics. No network, no
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -24,7 +25,7 @@ SAMPLE_SHA256 = {"ct": "5daf80588253ea8fea89c92e039c6f23533220155c9dd1ebf73358fb
                  "mri": "dd8e765d06dbbfca3d3dda3cb4f48113b389e0de4d0e03bfdd31079106a71697"}
 #: The sample's name in Slicer's Sample Data module (``SampleData.SampleDataLogic().downloadSamples(...)``) and
 #: its nodes' names there.
-SLICER_SAMPLE_NAME = "CTtoMRISynthesisSample"
+SLICER_SAMPLE_NAME = "Visible Human head CT + MR"  # also the button's label (no separate description there)
 SLICER_NODE_NAMES = {"ct": "SampleCT", "mri": "SampleMRI"}
 #: The sample's MR was aligned to the CT offline; rigid registration is still run (it stays within
 #: about 1–2 mm of that alignment on this sample) so that the demo shows the whole pipeline.
@@ -60,7 +61,9 @@ def slicer_sample_source(folder: Optional[Path] = None) -> dict:
     return {
         "category": "CT to MRI Synthesis",
         "sampleName": SLICER_SAMPLE_NAME,
-        "uris": [paths[kind].resolve().as_uri() for kind in kinds],
+        # abspath, not resolve(): on Windows resolve() turns a mapped network drive into \\server\share, whose
+        # file://server/... address urllib cannot open
+        "uris": [Path(os.path.abspath(paths[kind])).as_uri() for kind in kinds],
         # names in Slicer's shared download cache: prefixed, so that no other sample's ct.nrrd is taken for ours
         "fileNames": [f"CTtoMRISynthesis-sample-{SAMPLE_FILES[kind]}" for kind in kinds],
         "nodeNames": [SLICER_NODE_NAMES[kind] for kind in kinds],
