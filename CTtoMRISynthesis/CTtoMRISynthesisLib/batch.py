@@ -842,9 +842,8 @@ def _pool_pass(cases, out_dir, options, expected, weights, jobs, outcome, report
         taken.add(future)
         try:
             record = future.result()
-        except BrokenProcessPool:
+        except BrokenProcessPool:  # the watcher below ends the other workers
             unfinished.append(futures[future])
-            _end_the_other_workers(pool)
             return
         if record["status"] != "cancelled":
             outcome.ran.append(record)
@@ -852,7 +851,7 @@ def _pool_pass(cases, out_dir, options, expected, weights, jobs, outcome, report
 
     from .interrupts import sigterm_as_interrupt
 
-    try:
+    with contextlib.closing(started), contextlib.closing(started_writer), _ended_if_it_breaks(pool):
         try:
             with sigterm_as_interrupt():
                 for future in as_completed(futures):
@@ -861,7 +860,7 @@ def _pool_pass(cases, out_dir, options, expected, weights, jobs, outcome, report
             # Ctrl-C, SIGTERM, or an error that ends the batch: cases in progress stop at their next cancel
             # check and discard their outputs; cases not started are dropped.
             cancel_flag.value = 1
-            with _signals_held(), _ended_if_it_breaks(pool):
+            with _signals_held():
                 pool.shutdown(wait=True, cancel_futures=True)
                 for future in futures:  # cases that finished while the others were stopping are kept
                     if future not in taken and future.done() and not future.cancelled():
@@ -870,18 +869,14 @@ def _pool_pass(cases, out_dir, options, expected, weights, jobs, outcome, report
                         except Exception:  # noqa: BLE001 - the error that ended the batch is the one to report
                             pass
             raise
-        with _ended_if_it_breaks(pool):
-            pool.shutdown(wait=True)
+        pool.shutdown(wait=True)
         drain()
-    finally:
-        started.close()
-        started_writer.close()
     return unfinished, begun
 
 
 class _ended_if_it_breaks:
-    """While the pool shuts down: if a worker dies then (and the pool breaks), end the others as
-    :func:`take` does, since the shutdown waits for them (a watcher thread; the main thread is in the wait)."""
+    """For the pool's whole life: once a worker dies and breaks it, end the others (:func:`_end_the_other_workers`),
+    whether the main thread is reading results or waiting in a shutdown after Ctrl-C (a watcher thread)."""
 
     def __init__(self, pool) -> None:
         import threading
