@@ -159,12 +159,12 @@ def test_worker_threads_option_limits_torch_itk_and_numpy() -> None:
     pytest.importorskip("torch")  # (the worker runs only where PyTorch is: Slicer's stacks here have none)
     code = (
         "import os, sys; sys.path.insert(0, sys.argv[1]); from CTtoMRISynthesisLib import worker; "
-        "worker._limit_threads(1); import torch, SimpleITK as s; "
+        "print(worker.limit_threads(1)); import torch, SimpleITK as s; "
         "print(torch.get_num_threads(), s.ProcessObject.GetGlobalDefaultNumberOfThreads(), os.environ['OMP_NUM_THREADS'])"
     )
     out = subprocess.run([sys.executable, "-c", code, str(Path(worker.__file__).parents[1])],
                          capture_output=True, text=True, check=True)
-    assert out.stdout.splitlines() == ["threads: PyTorch 1, ITK 1", "1 1 1"]
+    assert out.stdout.splitlines() == ["PyTorch 1, ITK 1", "1 1 1"]
 
 
 def test_worker_script_imports_only_the_standard_library() -> None:

@@ -114,9 +114,9 @@ def threads_beside_the_gui() -> int:
     return max(1, min(available_cores(), physical_cores() or available_cores()) - 1)
 
 
-def limit_threads(threads: int) -> None:
+def limit_threads(threads: int) -> str:
     """Before NumPy, SimpleITK and PyTorch start their thread pools: each gets ``threads`` (this worker's
-    ``--threads``; each ``ctmri batch --jobs`` worker's share of the cores)."""
+    ``--threads``; each ``ctmri batch --jobs`` worker's share of the cores). Returns what the libraries now use."""
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[name] = str(threads)
     import SimpleITK as sitk
@@ -124,16 +124,7 @@ def limit_threads(threads: int) -> None:
 
     torch.set_num_threads(threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-
-
-def _limit_threads(threads: int) -> None:
-    """:func:`limit_threads`, then say what was applied (log text: the protocol's other lines name their kind)."""
-    limit_threads(threads)
-    import SimpleITK as sitk
-    import torch
-
-    print(f"threads: PyTorch {torch.get_num_threads()}, ITK {sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()}",
-          flush=True)
+    return f"PyTorch {torch.get_num_threads()}, ITK {sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -178,7 +169,8 @@ def _import_the_package_not_this_folder() -> None:
 def _synthesise(args, cancel_file: Optional[Path]) -> None:
     """Read the inputs, run the pipeline with progress lines and the cancel file, write the outputs."""
     if args.threads:
-        _limit_threads(args.threads)  # first: the imports below start NumPy's thread pool
+        # first: the imports below start NumPy's thread pool; log text (the protocol's other lines name their kind)
+        print(f"threads: {limit_threads(args.threads)}", flush=True)
     from CTtoMRISynthesisLib.outputs import save_outputs
     from CTtoMRISynthesisLib.pipeline import synthesize
     from CTtoMRISynthesisLib.volumes import read_volume
