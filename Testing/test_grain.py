@@ -157,6 +157,73 @@ def test_set_refuses_an_unknown_excluded_patient_and_leaves_the_file(tmp_path, p
     assert weights.read_bytes() == before
 
 
+def test_median35_is_the_median_wherever_the_3x3_is_enough(ct255) -> None:
+    """``method="median35"`` (round 22) only adds a step after the full 3 × 3 median: a CT the 3 × 3 median brings
+    to the target comes out bit for bit as with ``"median"`` (so the CTs round 21b judged keep its outputs)."""
+    target = grain(_speckled(ct255, 0.02))
+    noisy = _speckled(ct255, 0.06, seed=1)
+    three, three_note = match_grain(noisy, target, method="median")
+    ladder, ladder_note = match_grain(noisy, target, method="median35")
+    assert 0.0 < three_note["ct_grain_median_share"] < 1.0 and np.array_equal(ladder, three)
+    assert ladder_note == {**three_note, "ct_grain_filter": "median35", "ct_grain_median5_share": 0.0}
+    quiet, note = match_grain(ct255, grain(ct255) + 0.5, method="median35")
+    assert quiet is ct255 and note["ct_grain_median_share"] == note["ct_grain_median5_share"] == 0.0
+
+
+def test_median35_goes_on_to_the_5x5_median_where_the_full_3x3_is_not_enough(ct255) -> None:
+    """Coarse grains (~1.5 px, wider than a 3 × 3 window's reach) that the full 3 × 3 median leaves above the target:
+    ``median35`` moves on from the 3 × 3 median towards the 5 × 5 one, by a share that grows with the grain and
+    brings it near the target, where ``median`` stops at the full 3 × 3 median, grainier."""
+    from scipy import ndimage
+
+    noisy = _grainy(ct255, 20.0, seed=1)
+    full3 = ndimage.median_filter(noisy, size=(1, 3, 3))
+    full5 = ndimage.median_filter(noisy, size=(1, 5, 5))
+    assert grain(full5) < grain(full3)
+    target = (grain(full3) + 2 * grain(full5)) / 3  # beyond the 3 × 3 median, within reach of the 5 × 5 one
+    three, three_note = match_grain(noisy, target, method="median")
+    out, note = match_grain(noisy, target, method="median35")
+    assert three_note["ct_grain_median_share"] == 1.0 and np.allclose(three, full3)
+    assert note["ct_grain_median_share"] == 1.0 and 0.0 < note["ct_grain_median5_share"] <= 1.0
+    assert grain(out) == pytest.approx(target, rel=0.1) and grain(out) < grain(three)
+    share = note["ct_grain_median5_share"]
+    assert np.allclose(out, full3 + share * (full5 - full3), atol=1e-3)  # from the 3 × 3 median towards the 5 × 5
+    _, grainier = match_grain(_grainy(ct255, 30.0, seed=1), target, method="median35")
+    assert grainier["ct_grain_median5_share"] > share
+    _, beyond = match_grain(noisy, grain(full5) / 2, method="median35")  # out of reach: the full 5 × 5 median
+    assert beyond["ct_grain_median_share"] == beyond["ct_grain_median5_share"] == 1.0
+
+
+@pytest.mark.parametrize("threads", ["1", "3", "64"])
+def test_the_median_in_threads_is_the_median_of_one_call(ct255, monkeypatch, threads) -> None:
+    """Slabs of slices filtered side by side give exactly one call's numbers, for any number of threads (more
+    threads than slices too), and the thread count follows OMP_NUM_THREADS (a batch worker's share)."""
+    from scipy import ndimage
+
+    from CTtoMRISynthesisLib.grain import _median, _threads
+
+    noisy = _grainy(ct255[:20], 20.0)
+    monkeypatch.setenv("OMP_NUM_THREADS", threads)
+    assert _threads() == int(threads)
+    for size in (3, 5):
+        assert np.array_equal(_median(noisy, size), ndimage.median_filter(noisy, size=(1, size, size)))
+
+
+def test_describe_and_short_say_what_each_filter_did() -> None:
+    from CTtoMRISynthesisLib.grain import describe, short
+
+    base = {"ct_grain": 12.0, "ct_grain_target": 8.27}
+    assert describe({**base, "ct_grain_blur_px": 0.0}) is None and short({**base, "ct_grain_median_share": 0.0}) == "none"
+    assert describe({**base, "ct_grain_median_share": 0.27}) == "moved 27% of the way to its 3 × 3 median"
+    assert short({**base, "ct_grain_median_share": 0.27, "ct_grain_median5_share": 0.0}) == "median 3×3 0.27"
+    both = {**base, "ct_grain_median_share": 1.0, "ct_grain_median5_share": 0.4}
+    assert describe(both) == "moved the whole way to its 3 × 3 median and 40% of the way on to its 5 × 5 median"
+    assert short(both) == "median 3×3 1, 5×5 0.4"
+    capped = {**base, "ct_grain_blur_px": 0.5, "ct_grain_blur_capped": True}
+    assert describe(capped) == "blurred in-plane by 0.5 px (the most the model file allows)"
+    assert short(capped) == "blur 0.5 px (cap)"
+
+
 def test_predict_volume_blurs_a_grainy_ct_says_so_and_masks_with_the_ct_as_given(tiny_weights, ct255) -> None:
     from CTtoMRISynthesisLib.synthesis import predict_volume
     from CTtoMRISynthesisLib.weights import load_model
@@ -200,6 +267,11 @@ def test_synthesize_records_the_grain_and_warns_when_it_blurs(tiny_weights, phan
     note = median.summary()["normalisation"]
     assert note["ct_grain_filter"] == "median" and note["ct_grain_median_share"] > 0 and "ct_grain_blur_px" not in note
     assert any("3 × 3 median" in w for w in median.warnings)
+    set_target(weights, grain(clean), method="median35")  # round 22: the 5 × 5 step reaches the pipeline too
+    ladder = synthesize(noisy, None, weights=weights, device="cpu")
+    note = ladder.summary()["normalisation"]
+    assert note["ct_grain_filter"] == "median35" and note["ct_grain_median_share"] == 1.0
+    assert note["ct_grain_median5_share"] > 0 and any("5 × 5 median" in w for w in ladder.warnings)
 
 
 def test_the_shipped_model_matches_grain_by_the_median_as_its_card_says() -> None:

@@ -101,11 +101,11 @@ def case_line(result: dict) -> str:
     """One line for a finished case: its total, its slowest stage and its peak memory."""
     slowest = max(result["stages"], key=result["stages"].get)
     gpu = f", GPU max allocated {result['gpu_peak_mb']:.0f} MB" if result["gpu_peak_mb"] else ""
+    from CTtoMRISynthesisLib.grain import short as grain_short
+
     grain = result.get("grain") or {}
-    done = grain.get("ct_grain_median_share", grain.get("ct_grain_blur_px"))
-    matched = (f", CT grain {grain['ct_grain']:.2f} (target {grain['ct_grain_target']:.2f}; "
-               f"{'median share' if 'ct_grain_median_share' in grain else 'blur px'} {done:g})"
-               if grain.get("ct_grain") is not None and done is not None else "")
+    matched = (f", CT grain {grain['ct_grain']:.2f} (target {grain['ct_grain_target']:.2f}; {grain_short(grain)})"
+               if grain.get("ct_grain") is not None else "")
     return (f"{result['case']} {'×'.join(map(str, result['size']))} ({result['device']}): "
             f"{result['total']:.2f} s, slowest stage {slowest} {result['stages'][slowest]:.2f} s, "
             f"peak RSS {result['peak_rss_mb']:.0f} MB{gpu}{matched}")

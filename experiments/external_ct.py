@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "CTtoMRISynthesis"))
 
 from CTtoMRISynthesisLib.contrast import intracranial, ratio, tissue_masks  # noqa: E402
+from CTtoMRISynthesisLib.grain import short as grain_short  # noqa: E402
 from CTtoMRISynthesisLib.intensity import head_mask  # noqa: E402
 from CTtoMRISynthesisLib.pipeline import synthesize  # noqa: E402
 from CTtoMRISynthesisLib.weights import load_model  # noqa: E402
@@ -304,15 +305,12 @@ def main() -> int:
         print("\n| same scan, two reconstructions | MAE in head between the two outputs | share of its mean |")
         print("|---|---|---|")
         print(f"| real HU CT, {thin:g} mm slices against {thick:g} mm | {mae:.2f} | {100 * mae / max(mean, 1e-6):.1f} % |")
-    if grains:  # a model with grain matching (grain.py): what each CT measured and how much it was blurred
-        median = any("ct_grain_median_share" in note for _, _, note in grains)
-        print(f"\n| CT | variant | noise grain | target | {'median share' if median else 'blurred by (px)'} |")
+    if grains:  # a model with grain matching (grain.py): what each CT measured and what was done to it
+        print("\n| CT | variant | noise grain | target | done to the CT |")
         print("|---|---|---|---|---|")
         for name, variant, note in grains:
             measured = "–" if note["ct_grain"] is None else f"{note['ct_grain']:.2f}"
-            blur = (f"{note['ct_grain_median_share']:g}" if "ct_grain_median_share" in note else
-                    f"{note['ct_grain_blur_px']:g}" + (" (cap)" if note.get("ct_grain_blur_capped") else ""))
-            print(f"| {name} | {variant} | {measured} | {note['ct_grain_target']:.2f} | {blur} |")
+            print(f"| {name} | {variant} | {measured} | {note['ct_grain_target']:.2f} | {grain_short(note)} |")
     if args.lookup:
         lookup_rows(data, args.not_t2)
     return 0

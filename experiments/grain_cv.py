@@ -24,12 +24,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "CTtoMRISynthesis"))
 
-from CTtoMRISynthesisLib.grain import FILTERS  # noqa: E402
+from CTtoMRISynthesisLib.grain import FILTERS, short  # noqa: E402
 
 
 def copy_fold(fold: Path, out: Path, cases: list, target_for, method: str = "gaussian") -> dict:
     """Link ``fold``'s model into ``out`` and save its held-out predictions made with grain matching, the
-    target ``target_for(held-out ids)``, by the blur or (``method="median"``, round 21) the 3 × 3 median."""
+    target ``target_for(held-out ids)``, by the blur or (``method="median"``, round 21) the 3 × 3 median (``"median35"``: then the 5 × 5)."""
     from CTtoMRISynthesisLib.grain import FILTER_KEY, KEY
     from CTtoMRISynthesisLib.metrics import to_jsonable
     from CTtoMRISynthesisLib.training.report import evaluate, fold_model, predict_case
@@ -65,7 +65,8 @@ def main() -> int:
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "harvard_aanlib_ct_mri_2d"))
     parser.add_argument("--exclude-from-training", nargs="*", default=["2"], metavar="ID")
     parser.add_argument("--filter", choices=FILTERS, default="gaussian",
-                        help="how a grainier CT is brought down (grain.py): the blur, or a share of its 3x3 median")
+                        help="how a grainier CT is brought down (grain.py): the blur, a share of its 3x3 median, or "
+                             "that and then of its 5x5 median (median35)")
     args = parser.parse_args()
 
     from CTtoMRISynthesisLib.grain import training_target
@@ -84,16 +85,15 @@ def main() -> int:
             targets[held_out] = training_target(rest, tuple(args.exclude_from_training))
         return targets[held_out]
 
-    print(f"| run | fold | held out | target | its grain | {'median share' if args.filter == 'median' else 'blur (px)'} |")
+    print("| run | fold | held out | target | its grain | done to the CT |")
     print("|---|---|---|---|---|---|")
     for run in args.runs:
         copy = args.out / run.name
         for fold in sorted(run.glob("fold*")):
             record = copy_fold(fold, copy / fold.name, cases, target_for, args.filter)
             for cid, note in record["grain"].items():
-                done = note.get("ct_grain_median_share", note.get("ct_grain_blur_px"))
                 print(f"| {run.name} | {fold.name} | {cid} | {record['ct_grain_target']:.2f} | {note['ct_grain']:.2f} | "
-                      f"{done:g} |", flush=True)
+                      f"{short(note)} |", flush=True)
         write_cv_report(copy, cases, command=f"experiments/grain_cv.py {run}", out_dir=copy / "report")
     return 0
 

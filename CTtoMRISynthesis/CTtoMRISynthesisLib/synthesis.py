@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .errors import CancelledError, CTMRIError
+from .grain import describe as describe_grain
 from .grain import match_grain
 from .intensity import head_mask, standardise_ct
 
@@ -207,7 +208,7 @@ def predict_volume(
     maps the CT's brain median to that value first (:func:`intensity.standardise_ct`); before that,
     ``ct_grain_target`` blurs a CT grainier than the training CTs down to their grain
     (:func:`grain.match_grain`; by at most ``ct_grain_max_blur`` px when given; ``ct_grain_filter="median"``: a
-    share of its 3 × 3 median instead); the output mask is always
+    share of its 3 × 3 median instead; ``"median35"``: then of its 5 × 5 median where the 3 × 3 is not enough); the output mask is always
     taken from the CT as given. A model file's error model, if any, is applied afterwards
     (:func:`error_model.apply`).
     """
@@ -232,17 +233,11 @@ def _as_trained(ct255: np.ndarray, grain_target: Optional[float], grain_max_blur
     if grain_target is not None:
         ct255, note = match_grain(ct255, grain_target, grain_max_blur, grain_filter)
         info.update(note)
-        if note.get("ct_grain_median_share"):
-            done = f"moved {note['ct_grain_median_share']:.0%} of the way to its 3 × 3 median before synthesis"
-        elif note.get("ct_grain_blur_px"):
-            done = (f"blurred in-plane by {note['ct_grain_blur_px']:g} px before synthesis"
-                    + (" (the most the model file allows)" if note.get("ct_grain_blur_capped") else ""))
-        else:
-            done = None
+        done = describe_grain(note)
         if done:
             info["warnings"].append(
                 f"the CT is grainier than the CTs the model was trained on (noise grain {note['ct_grain']:.1f} "
-                f"against at most {note['ct_grain_target']:.1f}): {done}")
+                f"against at most {note['ct_grain_target']:.1f}): {done} before synthesis")
     if standardise is not None:
         ct255, note = standardise_ct(ct255, standardise)
         info.update(note)
