@@ -275,15 +275,15 @@ def test_synthesize_records_the_grain_and_warns_when_it_blurs(tiny_weights, phan
 
 
 def test_the_shipped_model_matches_grain_by_the_median_as_its_card_says() -> None:
-    """Round 21b shipped the 3 × 3 median grain matching: the shipped file's config carries it, with the target the
-    model card states, and (where the training data is here) that target is the grainiest T2 training CT's."""
+    """Round 22 ships the median grain matching (3 × 3, then 5 × 5): the shipped file's config carries it, with the
+    target the model card states, and (where the training data is here) that target is the grainiest T2 training CT's."""
     from conftest import REPO, data_root, require
     from CTtoMRISynthesisLib.weights import default_weights_path
 
     pre = read_config(default_weights_path())["preprocessing"]
-    assert pre[FILTER_KEY] == "median" and CAP_KEY not in pre
+    assert pre[FILTER_KEY] == "median35" and CAP_KEY not in pre
     card = (REPO / "model_weights" / "README.md").read_text()
-    assert f"`ct_grain_target` {pre[KEY]:.3f}" in card and "`ct_grain_filter` `median`" in card
+    assert f"`ct_grain_target` {pre[KEY]:.3f}" in card and "`ct_grain_filter` `median35`" in card
     harvard = require(data_root() / "harvard_aanlib_ct_mri_2d")
     from CTtoMRISynthesisLib.intensity import CTWindow
     from CTtoMRISynthesisLib.training.discovery import discover
