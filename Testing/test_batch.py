@@ -248,11 +248,36 @@ def test_concurrent_merges_end_with_every_record(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert sorted(read_summary(tmp_path)) == sorted(c.id for c in cases)
-    assert not list(tmp_path.glob(".*.tmp")), "no temporary files left"
+    assert not list(tmp_path.rglob(".partial-*")) and not list(tmp_path.rglob("*.tmp")), "no temporary files left"
 
 
 # --------------------------------------------------------------------------------------------------
 # Runs on the sample
+
+
+@pytest.mark.skipif(os.name != "posix", reason="whether a process lives is asked with signal 0 (POSIX)")
+def test_a_record_half_written_by_a_killed_run_is_removed_by_the_next_batch(cohort: Path, tmp_path: Path) -> None:
+    """A worker killed outright while writing its record (or a summary) left it under its temporary name for good.
+    The next batch into the folder removes such files when they are this machine's and their process is gone; one
+    of a live process or of another machine (a shard on another node of a shared disk) stays."""
+    import socket
+
+    manifest = write_manifest(tmp_path / "cases.csv", [("s1", str(cohort / "crop" / "ct.nrrd"), "")])
+    out = tmp_path / "out"
+    (out / batch.STATE_DIR).mkdir(parents=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    host = socket.gethostname()
+    stale = [out / batch.STATE_DIR / f".partial-{host}-{gone.pid}-1a2b3c4d.tmp", out / f".partial-{host}-{gone.pid}-9f.tmp"]
+    kept = [out / batch.STATE_DIR / f".partial-{host}-{os.getpid()}-live.tmp",
+            out / batch.STATE_DIR / f".partial-othernode-{gone.pid}-x9.tmp"]
+    for path in stale + kept:
+        path.write_text('{"id": "s1", "status": "o', encoding="utf-8")  # cut short
+    from CTtoMRISynthesisLib.case import CaseOptions
+
+    assert batch.run_batch(manifest, out, CaseOptions(registration="none", device="cpu"), progress=False).exit_code == 0
+    assert not any(path.exists() for path in stale) and all(path.exists() for path in kept)
+    assert read_summary(out)["s1"]["status"] == "ok"
 
 
 def test_cases_equal_synthesize_and_a_failure_is_recorded(jobs1, cohort: Path, tmp_path: Path) -> None:

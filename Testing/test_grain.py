@@ -194,19 +194,21 @@ def test_median35_goes_on_to_the_5x5_median_where_the_full_3x3_is_not_enough(ct2
     assert beyond["ct_grain_median_share"] == beyond["ct_grain_median5_share"] == 1.0
 
 
-@pytest.mark.parametrize("threads", ["1", "3", "64"])
-def test_the_median_in_threads_is_the_median_of_one_call(ct255, monkeypatch, threads) -> None:
+@pytest.mark.parametrize("threads, expected", [("1", 1), ("3", 3), ("64", 64), ("4,2", 4), ("0", 1)])
+def test_the_median_in_threads_is_the_median_of_one_call(ct255, monkeypatch, threads, expected) -> None:
     """Slabs of slices filtered side by side give exactly one call's numbers, for any number of threads (more
-    threads than slices too), and the thread count follows OMP_NUM_THREADS (a batch worker's share)."""
+    threads than slices too; none for an empty CT), and the thread count follows OMP_NUM_THREADS (a batch worker's
+    share; nested levels "4,2" give the first)."""
     from scipy import ndimage
 
     from CTtoMRISynthesisLib.grain import _median, _threads
 
     noisy = _grainy(ct255[:20], 20.0)
     monkeypatch.setenv("OMP_NUM_THREADS", threads)
-    assert _threads() == int(threads)
+    assert _threads() == expected
     for size in (3, 5):
         assert np.array_equal(_median(noisy, size), ndimage.median_filter(noisy, size=(1, size, size)))
+    assert _median(noisy[:0], 3).shape == (0, *noisy.shape[1:])
 
 
 def test_describe_and_short_say_what_each_filter_did() -> None:

@@ -277,7 +277,10 @@ def write_json_atomic(path: Path, data) -> None:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    from .outputs import partial_prefix
+
+    # named as save_outputs' temporary folders, so that the next batch removes one a killed worker left
+    tmp = path.with_name(f"{partial_prefix()}{uuid.uuid4().hex[:8]}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
@@ -722,6 +725,7 @@ def run_batch(manifest: str | Path, out_dir: str | Path, options: "CaseOptions",
     about = {"manifest": str(manifest), "weights": str(weights), "weights_sha256": weights_sha,
              "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "weights"}}
     with _signals_held():  # a second Ctrl-C must not cut the summary short
+        _remove_leftovers(out_dir)  # of a worker that died in this run
         outcome.summary = merge_summary(out_dir, cases, expected, about)
     _print_end(out_dir, outcome)
     if interrupted:
@@ -759,11 +763,22 @@ def _check_the_run_can_start(weights: Path, options: "CaseOptions") -> None:
 
 
 def _make_cohort_folder(out_dir: Path) -> None:
-    """``out_dir`` becomes a cohort folder (``STATE_DIR``), the mark that its summary files are the batch's."""
+    """``out_dir`` becomes a cohort folder (``STATE_DIR``), the mark that its summary files are the batch's; the
+    temporary files that a killed run of this machine left there are removed."""
     try:
         (out_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CTMRIError(f"cannot create {out_dir / STATE_DIR}: {exc.strerror or exc}; choose a writable --out-dir") from exc
+    _remove_leftovers(out_dir)
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Remove the records and summaries that a run of this machine killed outright (a worker, or a batch before
+    this one) left half-written under their temporary names (:func:`outputs.remove_stale_partials`)."""
+    from .outputs import remove_stale_partials
+
+    for folder in (out_dir, out_dir / STATE_DIR):
+        remove_stale_partials(folder)
 
 
 def _run_here(todo, out_dir, options, expected, weights, jobs, outcome, reporter) -> None:

@@ -6,7 +6,7 @@ small bright (CSF-like) spots, and the CSF/brain contrast drops. Measured on the
 :func:`grain`, those CTs are 1.3–1.6 × grainier than the grainiest training CT, while the real scanner's HU CT
 (through the 45/120 window) is within the training range.
 
-An option, not used by the shipped model: measured as round 11 (``model_weights/RECIPES.md``), it raised the
+The Gaussian blur (the default filter) is not used by the shipped model: measured as round 11 (``model_weights/RECIPES.md``), it raised the
 CSF contrast on all six of those CTs and changed nothing on the training patients or the HU CT, but a HU CT
 with added correlated noise, blurred by it, moved further from the clean CT's output than without it, which
 the shipping rule's robustness condition does not allow; capped at 1 px (round 12) it kept the CSF gain and
@@ -112,7 +112,7 @@ def _median(ct: np.ndarray, size: int) -> np.ndarray:
 
     ct = ct.astype(np.float32)
     out = np.empty_like(ct)
-    bounds = np.linspace(0, len(ct), min(_threads(), len(ct)) + 1).astype(int)
+    bounds = np.linspace(0, len(ct), max(1, min(_threads(), len(ct))) + 1).astype(int)  # ≥ 1 slab: an empty CT too
 
     def slab(start: int, stop: int) -> None:
         ndimage.median_filter(ct[start:stop], size=(1, size, size), output=out[start:stop])
@@ -127,8 +127,8 @@ def _threads() -> int:
     Slicer run's share of the cores, :func:`worker.limit_threads`), else every CPU it may use."""
     from .worker import available_cores
 
-    try:
-        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    try:  # "4,2" (nested levels, valid OpenMP) gives its first level
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0]))
     except ValueError:
         return available_cores()
 
@@ -136,7 +136,8 @@ def _threads() -> int:
 def match_grain(ct255: np.ndarray, target: Optional[float], max_blur: Optional[float] = None,
                 method: str = "gaussian") -> tuple[np.ndarray, dict]:
     """(the CT, brought down to ``target``'s grain if it is grainier: blurred in-plane, by at most ``max_blur`` px,
-    or with ``method="median"`` moved towards its 3 × 3 median; what was measured and done)."""
+    or with ``method="median"`` moved towards its 3 × 3 median, with ``"median35"`` then on towards its 5 × 5 median
+    where the full 3 × 3 is not enough; what was measured and done)."""
     if target is None:
         return ct255, {}
     if method not in FILTERS:

@@ -210,7 +210,7 @@ def save_outputs(
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_partials(out_dir)
-            tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(), dir=out_dir))
+            tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(), dir=out_dir))
         except OSError as exc:
             raise CTMRIError(f"cannot create {out_dir}: {exc.strerror or exc}; choose a writable --out-dir") from exc
         written = _write_all(result, tmp, extra_writer)
@@ -234,22 +234,23 @@ def save_outputs(
     return {kind: out_dir / name for kind, name in written.items()}
 
 
-def _partial_prefix() -> str:
-    """The temporary folder's name prefix: ``.partial-<host>-<pid>-``, so that a later run can tell a folder left by
-    a process killed outright (kill -9, the out-of-memory killer) from one still being written."""
+def partial_prefix() -> str:
+    """The name prefix of a temporary folder or file (the rest of the name without ``-``): ``.partial-<host>-<pid>-``,
+    so that a later run can tell one left by a process killed outright (kill -9, the out-of-memory killer) from one
+    still being written (``ctmri batch``'s records and summaries too, written beside their final names)."""
     return f".partial-{socket.gethostname()}-{os.getpid()}-"
 
 
 def remove_stale_partials(out_dir: Path) -> list:
-    """Remove the temporary folders that runs on this machine left behind when killed outright (their process is
-    gone); return their names. Only on POSIX, where signal 0 asks whether a process lives (on Windows os.kill
-    would end it). A folder of another machine, of a live process, or without that name is left alone."""
+    """Remove the temporary folders and files that runs on this machine left behind when killed outright (their
+    process is gone); return their names. Only on POSIX, where signal 0 asks whether a process lives (on Windows
+    os.kill would end it). One of another machine, of a live process, or without that name is left alone."""
     if os.name != "posix":
         return []
     removed = []
     for folder in Path(out_dir).glob(".partial-*"):
         parts = folder.name[len(".partial-"):].rsplit("-", 2)
-        if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit() or not folder.is_dir():
+        if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
             continue
         try:
             os.kill(int(parts[1]), 0)
@@ -258,7 +259,10 @@ def remove_stale_partials(out_dir: Path) -> list:
             pass
         except OSError:
             continue
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            folder.unlink(missing_ok=True)
         removed.append(folder.name)
     return removed
 

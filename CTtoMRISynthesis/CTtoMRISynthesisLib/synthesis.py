@@ -22,8 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .errors import CancelledError, CTMRIError
-from .grain import describe as describe_grain
-from .grain import match_grain
+from .grain import describe as describe_grain, match_grain
 from .intensity import head_mask, standardise_ct
 
 Progress = Optional[Callable[[float, str], None]]
@@ -208,8 +207,8 @@ def predict_volume(
     maps the CT's brain median to that value first (:func:`intensity.standardise_ct`); before that,
     ``ct_grain_target`` blurs a CT grainier than the training CTs down to their grain
     (:func:`grain.match_grain`; by at most ``ct_grain_max_blur`` px when given; ``ct_grain_filter="median"``: a
-    share of its 3 × 3 median instead; ``"median35"``: then of its 5 × 5 median where the 3 × 3 is not enough); the output mask is always
-    taken from the CT as given. A model file's error model, if any, is applied afterwards
+    share of its 3 × 3 median instead; ``"median35"``: then of its 5 × 5 median where the 3 × 3 is not enough);
+    the output mask is always taken from the CT as given. A model file's error model, if any, is applied afterwards
     (:func:`error_model.apply`).
     """
     if ct255.ndim != 3:
