@@ -44,7 +44,8 @@ def test_a_case_line_names_what_the_grain_matching_did() -> None:
               "stages": {"synthesise": 31.39, "write": 2.66}, "peak_rss_mb": 1451.0,
               "grain": {"ct_grain": 13.08, "ct_grain_target": 8.268, "ct_grain_filter": "median35",
                         "ct_grain_median_share": 1.0, "ct_grain_median5_share": 1.0}}
-    line = _bench().case_line(result)
+    bench = _bench()
+    line = bench.case_line(result)
     assert line == ("noisy256 256×256×256 (cpu): 42.25 s, slowest stage synthesise 31.39 s, peak RSS 1451 MB, "
                     "CT grain 13.08 (target 8.27; median 3×3 1, 5×5 1)")
-    assert "CT grain" not in _bench().case_line({**result, "grain": {}})
+    assert "CT grain" not in bench.case_line({**result, "grain": {}})

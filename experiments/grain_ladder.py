@@ -27,16 +27,12 @@ from CTtoMRISynthesisLib.intensity import CTWindow  # noqa: E402
 from CTtoMRISynthesisLib.training.unpaired import on_model_grid  # noqa: E402
 
 
-def _median(ct: np.ndarray, size: int) -> np.ndarray:
-    return ndimage.median_filter(ct, size=(1, size, size))
-
-
 def filters(ct: np.ndarray) -> dict:
     """{filter name: the filtered CT} for the filters of the table, from the (sampled) CT on the model grid."""
-    once = _median(ct, 3)
-    twice = _median(once, 3)
+    once = grain._median(ct, 3)
+    twice = grain._median(once, 3)
     return {"as given": ct, "3 × 3 median": once, "3 × 3 median twice": twice, "3 × 3 median three times":
-            _median(twice, 3), "5 × 5 median": _median(ct, 5),
+            grain._median(twice, 3), "5 × 5 median": grain._median(ct, 5),
             "3 × 3 median, then blur 0.5 px": ndimage.gaussian_filter(once, (0, 0.5, 0.5))}
 
 

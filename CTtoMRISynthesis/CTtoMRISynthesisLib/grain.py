@@ -43,7 +43,6 @@ then moved towards its 5 × 5 median by the smallest share that reaches the targ
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Optional
 
@@ -102,17 +101,17 @@ def grain(ct255: np.ndarray) -> Optional[float]:
     return _band_sd(ct, soft_tissue(ct))
 
 
-def _median(ct: np.ndarray, size: int) -> np.ndarray:
+def _median(ct: np.ndarray, size: int, threads: int = 1) -> np.ndarray:
     """The in-plane ``size`` × ``size`` median of every slice. Being in-plane, slabs of slices are filtered side by
-    side in threads (SciPy's filter releases the GIL), the same numbers as one call: a 5 × 5 median of a 256-slice
-    CT takes ~10 s on one core."""
+    side in ``threads`` threads (SciPy's filter releases the GIL), the same numbers as one call: a 5 × 5 median of a
+    256-slice CT takes ~10 s on one core."""
     from concurrent.futures import ThreadPoolExecutor
 
     from scipy import ndimage
 
     ct = ct.astype(np.float32)
     out = np.empty_like(ct)
-    bounds = np.linspace(0, len(ct), max(1, min(_threads(), len(ct))) + 1).astype(int)  # ≥ 1 slab: an empty CT too
+    bounds = np.linspace(0, len(ct), max(1, min(int(threads), len(ct))) + 1).astype(int)  # ≥ 1 slab: an empty CT too
 
     def slab(start: int, stop: int) -> None:
         ndimage.median_filter(ct[start:stop], size=(1, size, size), output=out[start:stop])
@@ -122,22 +121,11 @@ def _median(ct: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def _threads() -> int:
-    """The threads this process runs numerical work on: ``OMP_NUM_THREADS`` when set (a ``ctmri batch`` worker's or a
-    Slicer run's share of the cores, :func:`worker.limit_threads`), else every CPU it may use."""
-    from .worker import available_cores
-
-    try:  # "4,2" (nested levels, valid OpenMP) gives its first level
-        return max(1, int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0]))
-    except ValueError:
-        return available_cores()
-
-
 def match_grain(ct255: np.ndarray, target: Optional[float], max_blur: Optional[float] = None,
-                method: str = "gaussian") -> tuple[np.ndarray, dict]:
+                method: str = "gaussian", threads: int = 1) -> tuple[np.ndarray, dict]:
     """(the CT, brought down to ``target``'s grain if it is grainier: blurred in-plane, by at most ``max_blur`` px,
     or with ``method="median"`` moved towards its 3 × 3 median, with ``"median35"`` then on towards its 5 × 5 median
-    where the full 3 × 3 is not enough; what was measured and done)."""
+    where the full 3 × 3 is not enough; what was measured and done). ``threads``: for the medians."""
     if target is None:
         return ct255, {}
     if method not in FILTERS:
@@ -152,9 +140,9 @@ def match_grain(ct255: np.ndarray, target: Optional[float], max_blur: Optional[f
     if measured is None or measured <= target:
         return ct255, note
     if sizes:
-        shares = _shares_for(sample, tissue, measured, float(target), sizes)
+        shares = _shares_for(sample, tissue, measured, float(target), sizes, threads)
         note.update({SHARE_KEYS[size]: share for size, share in zip(sizes, shares)})
-        return _towards_medians(ct255.astype(np.float32), sizes[:len(shares)], shares[-1]), note
+        return _towards_medians(ct255.astype(np.float32), sizes[:len(shares)], shares[-1], threads), note
     chosen = _sigma_for(sample, tissue, measured, float(target))
     if max_blur is not None and chosen > max_blur:
         chosen = float(max_blur)
@@ -191,20 +179,21 @@ def _sigma_for(sample: np.ndarray, tissue: np.ndarray, measured: float, target: 
     return _step_to_target(SIGMAS, lambda sigma: _band_sd(_blur(sample, sigma), tissue), measured, target, 2)
 
 
-def _towards_medians(ct: np.ndarray, sizes: tuple, last_share: float) -> np.ndarray:
+def _towards_medians(ct: np.ndarray, sizes: tuple, last_share: float, threads: int = 1) -> np.ndarray:
     """``ct`` taken the whole way to the median of each of ``sizes`` but the last, then ``last_share`` of the way
     from there to the last one's median (every median is of ``ct`` itself, not of the previous step)."""
-    start = _median(ct, sizes[-2]) if len(sizes) > 1 else ct
-    return start + np.float32(last_share) * (_median(ct, sizes[-1]) - start)
+    start = _median(ct, sizes[-2], threads) if len(sizes) > 1 else ct
+    return start + np.float32(last_share) * (_median(ct, sizes[-1], threads) - start)
 
 
-def _shares_for(sample: np.ndarray, tissue: np.ndarray, measured: float, target: float, sizes: tuple) -> list:
+def _shares_for(sample: np.ndarray, tissue: np.ndarray, measured: float, target: float, sizes: tuple,
+                threads: int = 1) -> list:
     """The share of each median in turn (:data:`MEDIAN_SIZES`) that brings the grain to ``target``, interpolated
     between :data:`SHARES` (so that the output changes smoothly with the CT's grain): the next median is tried only
     when the full one before it is not enough; 1 for the last if even it is not."""
     shares, start, level = [], sample, measured
     for size in sizes:
-        median = _median(sample, size)
+        median = _median(sample, size, threads)
         shares.append(_step_to_target(
             SHARES, lambda share: _band_sd(start + np.float32(share) * (median - start), tissue), level, target, 3))
         start, level = median, _band_sd(median, tissue)

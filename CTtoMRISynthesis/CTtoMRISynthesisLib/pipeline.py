@@ -272,7 +272,7 @@ def _synthesise_on_reference(result: SynthesisResult, ct: sitk.Image, reference:
     model's grid, synthesised, and the synthetic MRI and its uncertainty brought onto ``reference``'s grid.
     Returns the normalised CT (0..255) on the reference grid in axial slices (canonical orientation)."""
     from .error_model import apply as apply_error_model
-    from .synthesis import gives_spread, predict_volume, preprocessing_options
+    from .synthesis import cpu_threads, gives_spread, predict_volume, preprocessing_options
 
     prep = model.config["preprocessing"]
     ct255, result.normalisation = stages.run("normalise", 0.32, 0.34, normalise_ct, sitk.GetArrayFromImage(ct),
@@ -291,7 +291,7 @@ def _synthesise_on_reference(result: SynthesisResult, ct: sitk.Image, reference:
     )
     if model.error_model is not None:  # the uncertainty map (error_model.py), its own stage to be timed
         prediction = stages.run("error map", 0.88, 0.9, apply_error_model, model.error_model, prediction, grid_ct,
-                                threads=_cpu_threads())
+                                threads=cpu_threads())
     result.warnings.extend(run_info.get("warnings", []))
     # what was done to the CT before the network beyond the window (grain matching, brain-median standardisation)
     result.normalisation.update({k: v for k, v in run_info.items() if k.startswith(("ct_grain", "ct_standardise"))})
@@ -345,14 +345,6 @@ def _to_reference(prediction, grid: sitk.Image, reference: sitk.Image, ct255: si
             image = geometry.array_on_grid(values, reference)
         images.append(image)
     return images[0], images[1], head, canonical
-
-
-def _cpu_threads() -> int:
-    """The CPU threads this process may use: PyTorch's setting, which a batch worker sets to its share of the
-    cores and Slicer leaves at the machine's count."""
-    import torch
-
-    return torch.get_num_threads()
 
 
 def _mean_in_head(uncertainty: sitk.Image, head: Optional[np.ndarray]) -> Optional[float]:

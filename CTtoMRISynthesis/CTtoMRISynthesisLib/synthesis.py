@@ -225,12 +225,20 @@ def predict_volume(
     return Prediction(mean=out, spread=spread, head=head)
 
 
+def cpu_threads() -> int:
+    """The CPU threads this process may use: PyTorch's setting, which a batch worker sets to its share of the
+    cores and Slicer leaves at the machine's count (the grain matching's medians and the error map use it)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _as_trained(ct255: np.ndarray, grain_target: Optional[float], grain_max_blur: Optional[float],
                 standardise: Optional[float], info: dict, grain_filter: str = "gaussian") -> np.ndarray:
     """The CT as the model file asks the network to see it: its grain matched, then its brain median
     standardised (each only when the file records it); what was done goes into ``info``."""
     if grain_target is not None:
-        ct255, note = match_grain(ct255, grain_target, grain_max_blur, grain_filter)
+        ct255, note = match_grain(ct255, grain_target, grain_max_blur, grain_filter, threads=cpu_threads())
         info.update(note)
         done = describe_grain(note)
         if done:
